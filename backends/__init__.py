@@ -1,0 +1,32 @@
+"""Backends that run qcompiler's fused quantized ops.
+
+``reference``: pure torch (CPU and GPU). Backends register under a name with
+``register_backend`` so that ``qcompiler.backend(..., target=name)`` can find them.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from qcompiler.errors import RecipeError
+
+__all__ = ["BACKENDS", "register_backend", "get_backend"]
+
+#: target name -> factory of a lowering table {op overload packet: implementation}.
+BACKENDS: dict[str, Callable[[], dict]] = {}
+
+
+def register_backend(name: str):
+    def deco(factory: Callable[[], dict]):
+        BACKENDS[name] = factory
+        return factory
+    return deco
+
+
+def get_backend(name: str) -> dict:
+    if name not in BACKENDS:
+        raise RecipeError(f"unknown target {name!r}; known: {sorted(BACKENDS)}")
+    return BACKENDS[name]()
+
+
+from . import reference  # noqa: E402,F401  (registers "reference")

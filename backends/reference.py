@@ -1,0 +1,79 @@
+"""Reference kernels in pure torch, used by the reference backend and as the tests' twin.
+
+Shapes: ``a_q`` [..., K] (flattened to M rows), ``w_q`` [N, K] (row-major, output channel
+first), ``a_scale`` 0-d (static) or [..., 1] (per token), ``w_scale`` 0-d or [N, 1],
+``bias`` [N] or None. Every GEMM accumulates in int32 (INT8) or float32 and returns
+[..., N] in ``out_dtype``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qcompiler import numerics
+
+from . import register_backend
+
+__all__ = ["int8_gemm_ref", "fp8_gemm_ref", "weight_only_gemm_ref"]
+
+
+def _rows(a: torch.Tensor) -> torch.Tensor:
+    return a.reshape(-1, a.shape[-1])
+
+
+def _row_scale(a_scale: torch.Tensor, m: int) -> torch.Tensor:
+    return a_scale.float().reshape(-1, 1) if a_scale.dim() else a_scale.float()
+
+
+def _epilogue(acc: torch.Tensor, a_scale, w_scale, bias, out_dtype, lead) -> torch.Tensor:
+    m = acc.shape[0]
+    out = acc.float() * _row_scale(a_scale, m) * w_scale.float().reshape(1, -1) if w_scale.dim() \
+        else acc.float() * _row_scale(a_scale, m) * w_scale.float()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype).reshape(*lead, -1)
+
+
+def int8_gemm_ref(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                  bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """``(a_q * a_scale) @ (w_q * w_scale).T + bias`` through ``torch._int_mm`` (exact int32)."""
+    lead = a_q.shape[:-1]
+    a2 = _rows(a_q)
+    if a2.device.type == "cuda" and a2.shape[0] <= 16:
+        # _int_mm on CUDA needs M > 16; pad rows (cheap at decode sizes).
+        pad = torch.zeros(17 - a2.shape[0], a2.shape[1], dtype=a2.dtype, device=a2.device)
+        acc = torch._int_mm(torch.cat([a2, pad]), w_q.t())[: a2.shape[0]]
+    else:
+        acc = torch._int_mm(a2, w_q.t())
+    return _epilogue(acc, a_scale, w_scale, bias, out_dtype, lead)
+
+
+def fp8_gemm_ref(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                 bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """``(a_q * a_scale) @ (w_q * w_scale).T + bias`` through ``torch._scaled_mm`` (fp32 accumulate)."""
+    lead = a_q.shape[:-1]
+    a2 = _rows(a_q)
+    m, n = a2.shape[0], w_q.shape[0]
+    sa, sw = a_scale.float(), w_scale.float()
+    if sa.dim() == 0 and sw.dim() == 0:
+        out = torch._scaled_mm(a2, w_q.t(), sa, sw, bias=None, out_dtype=torch.float32)
+    else:
+        sa = (sa.reshape(-1, 1) if sa.dim() else sa.expand(m, 1)).contiguous()
+        sw = (sw.reshape(1, -1) if sw.dim() else sw.expand(1, n)).contiguous()
+        out = torch._scaled_mm(a2, w_q.t(), sa, sw, bias=None, out_dtype=torch.float32)
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype).reshape(*lead, n)
+
+
+def weight_only_gemm_ref(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                         w_zero: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ dequantize(w_q, w_scale, w_zero).T + bias`` with the weight dequantized to x's dtype."""
+    w = numerics.dequantize(w_q, w_scale, w_zero, torch.float32).to(x.dtype)
+    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+@register_backend("reference")
+def _reference_table() -> dict:
+    # The custom ops' own kernels are these functions: nothing to rewrite.
+    return {}

@@ -1,0 +1,25 @@
+"""qcompiler's graph passes, one per module, and the default pipeline."""
+
+from __future__ import annotations
+
+from .annotate import Annotate
+from .calibrate import Calibrate
+from .outliers import OutlierAnalysis
+from .smoothquant import SmoothQuantFold
+from .fallback import FallbackRules, SensitivityFallback
+from .qdq import InsertQDQ
+from .fuse import FuseQuantizedGemm
+from .lower import Lower
+
+__all__ = ["Annotate", "Calibrate", "OutlierAnalysis", "SmoothQuantFold", "FallbackRules", "SensitivityFallback", "InsertQDQ",
+           "FuseQuantizedGemm", "Lower", "default_passes", "planning_passes"]
+
+
+def planning_passes() -> list:
+    """The analysis passes that decide, per linear, what to quantize and how."""
+    return [Annotate(), Calibrate(), OutlierAnalysis(), FallbackRules(), SmoothQuantFold(), SensitivityFallback()]
+
+
+def default_passes(target: str = "reference") -> list:
+    """The full pipeline: plan, insert Q/DQ, fuse into quantized GEMMs, lower to ``target``."""
+    return planning_passes() + [InsertQDQ(), FuseQuantizedGemm(), Lower(target)]

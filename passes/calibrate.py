@@ -1,0 +1,52 @@
+"""Calibration pass: fetch per-linear input statistics (computed once per model, cached by
+module path) into ``ctx.analyses["calibration"]``."""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import GraphModule
+
+from qcompiler.calibration import LayerStats
+from qcompiler.errors import CalibrationError
+from qcompiler.pipeline import PassContext, PassResult
+
+__all__ = ["Calibrate", "smoothed_stats"]
+
+
+class Calibrate:
+    """Read statistics from ``ctx.analyses["calibration_source"]`` (a zero-argument callable
+    returning ``{module path: LayerStats}``) for the linears of this graph."""
+
+    name = "calibrate"
+    requires = ("annotate",)
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        ctx.analyses.setdefault("smoothing", {})
+        if not ctx.recipe.needs_calibration:
+            ctx.analyses["calibration"] = {}
+            return PassResult(gm, False, {"layers_with_stats": 0})
+        source = ctx.analyses.get("calibration_source")
+        if source is None:
+            raise CalibrationError(f"recipe {ctx.recipe.name!r} needs calibration data: pass calibration=batches")
+        all_stats: dict[str, LayerStats] = source()
+        stats: dict[str, LayerStats] = {}
+        missing = 0
+        for fqn, d in ctx.layer_plan.items():
+            st = all_stats.get(fqn)
+            if st is not None and st.absmax.shape[0] == d.in_features:
+                stats[fqn] = st
+            else:
+                missing += 1
+        ctx.analyses["calibration"] = stats
+        return PassResult(gm, False, {"layers_with_stats": len(stats), "layers_without_stats": missing})
+
+
+def smoothed_stats(ctx: PassContext, fqn: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(per-channel |x| max, sampled rows) of a linear's input after its SmoothQuant scale."""
+    st = ctx.analyses.get("calibration", {}).get(fqn)
+    if st is None:
+        return None
+    s = ctx.analyses.get("smoothing", {}).get(fqn)
+    if s is None:
+        return st.absmax, st.samples
+    return st.absmax / s, st.samples / s

@@ -1,0 +1,111 @@
+"""Per-layer fallback: which linears stay in high precision, each with its reason.
+
+``FallbackRules`` applies the recipe's rules (op kinds, module-path globs) and the checks a
+layer must pass (calibration statistics where the recipe needs them, group-size fit).
+``SensitivityFallback`` measures each remaining linear's quantized-output SQNR on calibration
+rows (after smoothing) and keeps the worst below ``min_sqnr_db`` in float, up to
+``max_fraction`` of the quantizable linears; it also fixes static activation scales.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+
+import torch
+from torch.fx import GraphModule
+
+from qcompiler import layer_quant, numerics
+from qcompiler.pipeline import PassContext, PassResult
+from qcompiler.recipes import Granularity
+
+from .calibrate import smoothed_stats
+
+__all__ = ["FallbackRules", "SensitivityFallback", "rule_reason"]
+
+log = logging.getLogger(__name__)
+
+
+def rule_reason(ctx: PassContext, fqn: str) -> str:
+    """Why a rule keeps ``fqn`` in high precision ("" if none does)."""
+    d, fb = ctx.layer_plan[fqn], ctx.recipe.fallback
+    if d.op_kind in fb.keep_op_kinds:
+        return f"op kind {d.op_kind!r} is in fallback.keep_op_kinds"
+    for glob in fb.keep_modules:
+        if fnmatch.fnmatchcase(fqn, glob):
+            return f"module path matches fallback.keep_modules glob {glob!r}"
+    if ctx.recipe.needs_calibration and fqn not in ctx.analyses.get("calibration", {}):
+        return "no calibration statistics for this linear's input (module not reached, or its input is not the linear's)"
+    return ""
+
+
+class FallbackRules:
+    name = "fallback_rules"
+    requires = ("calibrate",)
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        spec = ctx.recipe.weight
+        kept = 0
+        for fqn, d in ctx.layer_plan.items():
+            reason = rule_reason(ctx, fqn)
+            if reason:
+                d.quantize, d.reason = False, reason
+                kept += 1
+                log.info("keeping %s in high precision: %s", fqn, reason)
+                continue
+            if spec.granularity is Granularity.PER_GROUP and d.in_features % spec.group_size:
+                groups = math.ceil(d.in_features / spec.group_size)
+                d.note = (f"K={d.in_features} not a multiple of group {spec.group_size}: {groups} groups, "
+                          f"the last zero-padded from {d.in_features - (groups - 1) * spec.group_size} columns")
+        return PassResult(gm, False, {"kept_by_rules": kept})
+
+
+class SensitivityFallback:
+    name = "sensitivity_fallback"
+    requires = ("fallback_rules", "smoothquant_fold")
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        recipe = ctx.recipe
+        weights = ctx.analyses["annotate"].weights
+        act = recipe.activation
+        measured: dict[str, float] = {}
+        for fqn, d in ctx.layer_plan.items():
+            if not d.quantize:
+                continue
+            qw = layer_quant.quantize_weight(weights[fqn].w, recipe.weight)
+            d.weight_format = qw.describe()
+            d.weight_bytes_q = qw.nbytes()
+            if act is not None:
+                d.act_format = f"{act.dtype.value} " + ("per-token dynamic" if act.dynamic else
+                                                         f"per-tensor static ({act.calibrator.value})")
+            st = smoothed_stats(ctx, fqn)
+            if st is None:
+                continue
+            absmax, samples = st
+            scale = None
+            if act is not None and not act.dynamic:
+                scale = layer_quant.static_act_scale(absmax, samples, act)
+                d.act_scale = float(scale)
+            w = weights[fqn].w.float()
+            y_ref = torch.nn.functional.linear(samples.float(), w)
+            y_q = layer_quant.simulate_linear(samples, w, None, recipe, scale, qw)
+            d.sqnr_db = numerics.sqnr_db(y_q, y_ref)
+            measured[fqn] = d.sqnr_db
+        threshold = recipe.fallback.min_sqnr_db
+        fell = 0
+        if threshold is not None:
+            quantizable = sum(d.quantize for d in ctx.layer_plan.values())
+            cap = math.floor(recipe.fallback.max_fraction * quantizable)
+            below = sorted((s, f) for f, s in measured.items() if s < threshold)
+            for i, (s, fqn) in enumerate(below):
+                d = ctx.layer_plan[fqn]
+                if i < cap:
+                    d.quantize = False
+                    d.reason = f"output SQNR {s:.1f} dB < fallback.min_sqnr_db {threshold:g} dB on calibration data"
+                    fell += 1
+                    log.warning("keeping %s in high precision: %s", fqn, d.reason)
+                else:
+                    d.note = (d.note + "; " if d.note else "") + \
+                        f"SQNR {s:.1f} dB below {threshold:g} dB but the fallback cap ({cap}) is reached"
+        return PassResult(gm, False, {"measured": len(measured), "kept_by_sensitivity": fell})

@@ -1,0 +1,117 @@
+"""Pattern fusion: rewrite fake-quant linears into quantized GEMM ops.
+
+One row per fusion in ``FUSIONS``: a matcher that reads the Q/DQ pattern around a
+``linear`` node and returns the fused op's arguments, or None.
+
+- ``linear(dq(q(x, s)), dq(w_q, w_s), b)`` with int8 / fp8 -> ``int8_gemm`` / ``fp8_gemm(x_q, s, w_q, w_s, b)``
+- the same with ``quantize_per_token`` (dynamic) -> the same GEMMs with per-row scales
+- ``linear(x, dq(w_q, w_s, w_z), b)`` (weight-only) -> ``weight_only_gemm(x, w_q, w_s, w_z, b)``
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.fx import GraphModule, Node
+
+from qcompiler.pipeline import PassContext, PassResult
+
+__all__ = ["Fusion", "FUSIONS", "FuseQuantizedGemm"]
+
+_ops = torch.ops.qcompiler
+_GEMM_FOR_DTYPE = {"int8": _ops.int8_gemm, "fp8_e4m3": _ops.fp8_gemm}
+
+
+@dataclass(frozen=True)
+class Fusion:
+    name: str
+    match: Callable[[Node], tuple | None]   # -> (fused op, args) or None
+
+
+def _is(node, target) -> bool:
+    return isinstance(node, Node) and node.op == "call_function" and node.target is target
+
+
+def _linear_operands(node: Node):
+    if not _is(node, torch.nn.functional.linear):
+        return None
+    x, w = node.args[0], node.args[1]
+    b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    if not _is(w, _ops.dequantize) or w.args[1].op != "get_attr":
+        return None
+    return x, w, b
+
+
+def _match_static(node: Node):
+    ops = _linear_operands(node)
+    if ops is None:
+        return None
+    x, w, b = ops
+    if not (_is(x, _ops.dequantize) and _is(x.args[0], _ops.quantize)) or x.args[2] is not None:
+        return None
+    x_q = x.args[0]
+    dtype = x_q.args[3]
+    w_q, w_s, w_z = w.args[0], w.args[1], w.args[2]
+    if dtype not in _GEMM_FOR_DTYPE or w_z is not None:
+        return None
+    return _GEMM_FOR_DTYPE[dtype], (x_q, x.args[1], w_q, w_s, b, w.args[3])
+
+
+def _match_per_token(node: Node):
+    ops = _linear_operands(node)
+    if ops is None:
+        return None
+    x, w, b = ops
+    if not _is(x, _ops.dequantize):
+        return None
+    x_q, x_s = x.args[0], x.args[1]
+    if not (_is(x_q, operator.getitem) and _is(x_s, operator.getitem) and x_q.args[0] is x_s.args[0]
+            and _is(x_q.args[0], _ops.quantize_per_token)):
+        return None
+    dtype = x_q.args[0].args[1]
+    if dtype not in _GEMM_FOR_DTYPE or w.args[2] is not None:
+        return None
+    return _GEMM_FOR_DTYPE[dtype], (x_q, x_s, w.args[0], w.args[1], b, w.args[3])
+
+
+def _match_weight_only(node: Node):
+    ops = _linear_operands(node)
+    if ops is None:
+        return None
+    x, w, b = ops
+    if _is(x, _ops.dequantize):
+        return None
+    return _ops.weight_only_gemm, (x, w.args[0], w.args[1], w.args[2], b)
+
+
+FUSIONS: tuple[Fusion, ...] = (
+    Fusion("static_act_gemm", _match_static),
+    Fusion("per_token_act_gemm", _match_per_token),
+    Fusion("weight_only_gemm", _match_weight_only),
+)
+
+
+class FuseQuantizedGemm:
+    name = "fuse"
+    requires = ("insert_qdq",)
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        counts = {f.name: 0 for f in FUSIONS}
+        for node in list(gm.graph.nodes):
+            for fusion in FUSIONS:
+                m = fusion.match(node)
+                if m is None:
+                    continue
+                op, args = m
+                with gm.graph.inserting_before(node):
+                    new = gm.graph.call_function(op, args)
+                new.meta = dict(node.meta)
+                node.replace_all_uses_with(new)
+                gm.graph.erase_node(node)
+                counts[fusion.name] += 1
+                break
+        gm.graph.eliminate_dead_code()
+        return PassResult(gm, sum(counts.values()) > 0, counts)

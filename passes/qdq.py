@@ -1,0 +1,86 @@
+"""Q/DQ insertion: turn each quantized linear into a fake-quant linear over qcompiler ops.
+
+Per quantized linear: the weight becomes constants ``w_q, w_scale[, w_zero]`` feeding
+``qcompiler::dequantize``; the input goes through ``qcompiler::quantize`` +
+``qcompiler::dequantize`` with its static scale, or ``qcompiler::quantize_per_token`` +
+``dequantize`` when dynamic; the node becomes ``linear(x_dq, w_dq, bias)``. Linears kept in
+float whose weights an earlier pass changed (SmoothQuant) get those weights as constants.
+The result runs as is (the fake-quant reference) and is what ONNX export reads.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch.fx import GraphModule, Node
+
+from qcompiler import layer_quant
+from qcompiler.pipeline import META_KEY, PassContext, PassResult
+
+from .annotate import linear_parts
+from .smoothquant import add_constant
+
+__all__ = ["InsertQDQ"]
+
+_ops = torch.ops.qcompiler
+
+
+class InsertQDQ:
+    name = "insert_qdq"
+    requires = ("sensitivity_fallback",)
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        ann = ctx.analyses["annotate"]
+        params = set(ann.param_fqn)
+        recipe, act = ctx.recipe, ctx.recipe.activation
+        counts = {"quantized_linears": 0, "float_linears_rewritten": 0}
+        qweights: dict[str, layer_quant.QuantizedWeight] = {}
+        for node in list(gm.graph.nodes):
+            info = node.meta.get(META_KEY)
+            if info is None or info.kind not in ("linear", "output_head"):
+                continue
+            fqn, parts = info.fqn, linear_parts(node, params)
+            d, lw = ctx.layer_plan[fqn], ann.weights[fqn]
+            out_dtype = node.meta["example_value"].dtype if "example_value" in node.meta else torch.float32
+            bias = parts.bias
+            if lw.modified and lw.bias is not None:
+                bias = add_constant(gm, f"{fqn}_bias", lw.bias.to(out_dtype), node)
+            if not d.quantize:
+                if lw.modified:
+                    w = add_constant(gm, f"{fqn}_weight", lw.w.to(ann.values[parts.weight.name].dtype), node)
+                    self._replace(gm, node, parts.x, w, bias)
+                    counts["float_linears_rewritten"] += 1
+                continue
+            if fqn not in qweights:
+                qweights[fqn] = layer_quant.quantize_weight(lw.w, recipe.weight)
+            qw = qweights[fqn]
+            with gm.graph.inserting_before(node):
+                w_q = add_constant(gm, f"{fqn}_w_q", qw.q, node)
+                w_scale = add_constant(gm, f"{fqn}_w_scale", qw.scale, node)
+                w_zero = add_constant(gm, f"{fqn}_w_zero", qw.zero, node) if qw.zero is not None else None
+                w_dq = gm.graph.call_function(_ops.dequantize, (w_q, w_scale, w_zero, out_dtype))
+                x = parts.x
+                if act is not None:
+                    if act.dynamic:
+                        qt = gm.graph.call_function(_ops.quantize_per_token, (x, act.dtype.value))
+                        x_q = gm.graph.call_function(operator.getitem, (qt, 0))
+                        x_s = gm.graph.call_function(operator.getitem, (qt, 1))
+                    else:
+                        x_s = add_constant(gm, f"{fqn}_act_scale", torch.tensor(d.act_scale, dtype=torch.float32), node)
+                        x_q = gm.graph.call_function(_ops.quantize, (x, x_s, None, act.dtype.value))
+                    x = gm.graph.call_function(_ops.dequantize, (x_q, x_s, None, out_dtype))
+            self._replace(gm, node, x, w_dq, bias)
+            counts["quantized_linears"] += 1
+        ctx.analyses["quantized_weights"] = qweights
+        gm.graph.eliminate_dead_code()
+        return PassResult(gm, sum(counts.values()) > 0, counts)
+
+    @staticmethod
+    def _replace(gm: GraphModule, node: Node, x: Node, w: Node, bias: Node | None) -> None:
+        """Replace ``node`` by ``linear(x, w, bias)`` with w in [N, K] layout."""
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(torch.nn.functional.linear, (x, w, bias))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)

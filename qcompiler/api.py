@@ -1,0 +1,174 @@
+"""Public entry points: ``backend`` (for torch.compile), ``quantize`` (eager), ``report``."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch.fx import GraphModule
+
+from . import recipes as _recipes
+from .calibration import CalibrationCache
+from .errors import CalibrationError, RecipeError
+from .pipeline import CompileReport, PassContext, PassManager
+from .recipes import Recipe
+
+__all__ = ["QCompilerBackend", "backend", "quantize", "report"]
+
+log = logging.getLogger(__name__)
+_REPORT_ATTR = "_qcompiler_report"
+
+
+def _as_recipe(recipe: Recipe | str) -> Recipe:
+    if isinstance(recipe, str):
+        return _recipes.get(recipe)
+    if not isinstance(recipe, Recipe):
+        raise RecipeError(f"recipe must be a qcompiler.Recipe or a preset name, got {type(recipe).__name__}")
+    return recipe
+
+
+def _frame_self() -> torch.nn.Module | None:
+    """The module whose forward Dynamo is compiling (the frame's ``self``), if any."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+        tx = InstructionTranslator.current_tx()
+    except Exception:   # not inside a Dynamo trace, or an internal API change
+        return None
+    root = getattr(getattr(tx, "output", None), "root_tx", None) or tx
+    obj = getattr(root, "f_locals", {}).get("self")
+    return obj if isinstance(obj, torch.nn.Module) else None
+
+
+class QCompilerBackend:
+    """A torch.compile backend that quantizes each captured graph with one recipe.
+
+    Calibration runs once, on the first graph that needs it, over the float model; its
+    statistics are keyed by module path, so later graphs (new shapes, graph breaks) reuse them.
+    """
+
+    def __init__(self, recipe: Recipe | str, calibration: Iterable | None = None, target: str = "reference",
+                 passes: Sequence = (), progress: bool = True):
+        from qcompiler.backends import get_backend
+        self.recipe = _as_recipe(recipe)
+        get_backend(target)
+        self.target = target
+        self.extra_passes = tuple(passes)
+        if self.recipe.needs_calibration and calibration is None:
+            raise CalibrationError(f"recipe {self.recipe.name!r} needs calibration data: pass calibration=batches "
+                                   "(an iterable of token-id tensors or dicts of model inputs)")
+        self.calibration = (CalibrationCache(calibration, self.recipe.samples_per_layer, progress=progress)
+                            if calibration is not None else None)
+        self.report = CompileReport(recipe=self.recipe.name, target=target)
+        self.root: torch.nn.Module | None = None
+        self._param_names: dict[int, list[str]] = {}
+        self.last_context: PassContext | None = None
+        self.graphs: list[GraphModule] = []   # every graph module this backend returned, in order
+
+    def _adopt_root(self, root: torch.nn.Module | None) -> None:
+        if root is None or self.root is not None:
+            return
+        self.root = root
+        for name, p in root.named_parameters(remove_duplicate=False):
+            self._param_names.setdefault(id(p), []).append(name)
+        for name, b in root.named_buffers(remove_duplicate=False):
+            self._param_names.setdefault(id(b), []).append(name)
+        root.__dict__[_REPORT_ATTR] = self.report   # read back by qcompiler.report(model)
+
+    def _stats(self):
+        if self.calibration is None:
+            raise CalibrationError(f"recipe {self.recipe.name!r} needs calibration data: pass calibration=batches")
+        if self.root is None:
+            raise CalibrationError("calibration needs the model: compile a module (torch.compile(model, ...)) "
+                                   "or use qcompiler.quantize(model, ...)")
+        stats = self.calibration.collect(self.root)
+        self.report.calibration_s = self.calibration.seconds
+        return stats
+
+    def passes(self) -> list:
+        from qcompiler.passes import default_passes
+        return default_passes(self.target) + list(self.extra_passes)
+
+    def run_passes(self, gm: GraphModule, example_inputs, passes: list) -> GraphModule:
+        self._adopt_root(_frame_self())
+        device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
+        ctx = PassContext(self.recipe, list(example_inputs), device,
+                          analyses={"param_names": self._param_names, "calibration_source": self._stats},
+                          report=self.report)
+        gm = PassManager(passes).run(gm, ctx)
+        self.report.layers.update(ctx.layer_plan)
+        self.report.graphs += 1
+        if not ctx.layer_plan:
+            msg = "graph has nothing quantizable (no linear with a parameter weight); it runs in float"
+            self.report.warnings.append(msg)
+            warnings.warn(msg, stacklevel=2)
+        self.last_context = ctx
+        self.graphs.append(gm)
+        return gm
+
+    def __call__(self, gm: GraphModule, example_inputs):
+        return self.run_passes(gm, example_inputs, self.passes())
+
+
+def backend(recipe: Recipe | str, calibration: Iterable | None = None, target: str = "reference",
+            passes: Sequence = (), progress: bool = True) -> QCompilerBackend:
+    """A ``torch.compile`` backend that quantizes with ``recipe`` (a ``Recipe`` or preset name).
+
+    Args:
+        recipe: the recipe or a preset name from ``qcompiler.recipes.names()``.
+        calibration: iterable of model inputs (token-id tensors or dicts of kwargs); needed by
+            static activations, SmoothQuant and sensitivity fallback.
+        target: the backend that runs the fused ops ("reference").
+        passes: extra passes appended to the pipeline (ordered by their ``requires``).
+        progress: show a progress bar while calibrating.
+    """
+    return QCompilerBackend(recipe, calibration, target, passes, progress)
+
+
+def quantize(model: torch.nn.Module, recipe: Recipe | str, calibration: Iterable | None = None,
+             example_input: torch.Tensor | dict | None = None, progress: bool = True) -> torch.nn.Module:
+    """Quantize ``model`` in place for eager use (no torch.compile needed to run it).
+
+    The graph is captured once to plan (same passes and numerics as ``backend``); then each
+    quantized linear module is replaced by a ``QuantizedLinear`` that calls the same fused ops.
+    Returns ``model``.
+    """
+    from .eager import apply_plan
+    qb = QCompilerBackend(recipe, calibration, "reference", progress=progress)
+    qb._adopt_root(model)
+    if example_input is None:
+        first = qb.calibration.batches[0] if qb.calibration is not None else None
+        example_input = first if first is not None else torch.zeros(1, 8, dtype=torch.long)
+    kwargs = example_input if isinstance(example_input, dict) else {
+        "input_ids": example_input if example_input.dim() == 2 else example_input.unsqueeze(0)}
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    contexts: list[PassContext] = []
+
+    def plan_backend(gm, example_inputs):
+        from qcompiler.passes import planning_passes, InsertQDQ
+        qb.run_passes(gm, example_inputs, planning_passes() + [InsertQDQ()])
+        contexts.append(qb.last_context)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=plan_backend, dynamic=False)
+    with torch.inference_mode():
+        compiled(**kwargs)
+    torch._dynamo.reset()
+    swapped = apply_plan(model, contexts, qb.report)
+    log.info("quantize: %d linear modules replaced", swapped)
+    return model
+
+
+def report(obj) -> CompileReport:
+    """The ``CompileReport`` of a compiled or quantized model (or of a ``QCompilerBackend``)."""
+    if isinstance(obj, QCompilerBackend):
+        return obj.report
+    mod = getattr(obj, "_orig_mod", obj)
+    rep = getattr(mod, "__dict__", {}).get(_REPORT_ATTR)
+    if rep is None:
+        raise ValueError("no qcompiler report on this object: quantize it with qcompiler.quantize, or compile it "
+                         "with backend=qcompiler.backend(...) and run it once")
+    return rep

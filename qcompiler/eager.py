@@ -1,0 +1,95 @@
+"""Eager execution of a quantization plan: ``QuantizedLinear`` modules that call the same
+fused ops as the compiled graph, swapped in for the planned linear modules."""
+
+from __future__ import annotations
+
+import torch
+
+from .layer_quant import QuantizedWeight
+from .pipeline import META_KEY, CompileReport, PassContext
+
+__all__ = ["QuantizedLinear", "apply_plan"]
+
+_ops = torch.ops.qcompiler
+
+
+class QuantizedLinear(torch.nn.Module):
+    """``y = op(x * inv_smooth) `` for one of qcompiler's fused GEMMs.
+
+    Buffers: ``w_q`` [N, K], ``w_scale``, optional ``w_zero``, ``bias`` [N], ``act_scale``
+    (static activations) and ``inv_smooth`` [K] (SmoothQuant scale not folded upstream).
+    """
+
+    def __init__(self, qweight: QuantizedWeight, bias: torch.Tensor | None, act_dtype: str | None,
+                 act_dynamic: bool, act_scale: float | None, inv_smooth: torch.Tensor | None, fqn: str = ""):
+        super().__init__()
+        self.in_features, self.out_features = qweight.shape[1], qweight.shape[0]
+        self.fqn, self.weight_format = fqn, qweight.describe()
+        self.act_dtype, self.act_dynamic = act_dtype, act_dynamic
+        self.register_buffer("w_q", qweight.q)
+        self.register_buffer("w_scale", qweight.scale)
+        self.register_buffer("w_zero", qweight.zero)
+        self.register_buffer("bias", bias)
+        self.register_buffer("act_scale", None if act_scale is None else torch.tensor(act_scale, dtype=torch.float32))
+        self.register_buffer("inv_smooth", inv_smooth)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out_dtype = x.dtype
+        if self.inv_smooth is not None:
+            x = x * self.inv_smooth
+        if self.act_dtype is None:
+            return _ops.weight_only_gemm(x, self.w_q, self.w_scale, self.w_zero,
+                                         None if self.bias is None else self.bias.to(out_dtype))
+        if self.act_dynamic:
+            x_q, x_s = _ops.quantize_per_token(x, self.act_dtype)
+        else:
+            x_q, x_s = _ops.quantize(x, self.act_scale, None, self.act_dtype), self.act_scale
+        gemm = _ops.int8_gemm if self.act_dtype == "int8" else _ops.fp8_gemm
+        return gemm(x_q, x_s, self.w_q, self.w_scale, self.bias, out_dtype)
+
+    def extra_repr(self) -> str:
+        act = "none" if self.act_dtype is None else f"{self.act_dtype} {'dynamic' if self.act_dynamic else 'static'}"
+        return f"{self.in_features} -> {self.out_features}, weight {self.weight_format}, activations {act}"
+
+
+def _is_plain_linear(module: torch.nn.Module, weight: torch.Tensor) -> bool:
+    params = dict(module.named_parameters(recurse=False))
+    return (not list(module.children()) and any(p is weight for p in params.values())
+            and set(params) <= {"weight", "bias"})
+
+
+def apply_plan(model: torch.nn.Module, contexts: list[PassContext], report: CompileReport) -> int:
+    """Swap planned linears for ``QuantizedLinear``; write changed float weights back. Returns swaps."""
+    swapped = 0
+    for ctx in contexts:
+        ann = ctx.analyses["annotate"]
+        act = ctx.recipe.activation
+        qweights: dict[str, QuantizedWeight] = ctx.analyses["quantized_weights"]
+        for fqn, d in ctx.layer_plan.items():
+            lw = ann.weights[fqn]
+            module = model.get_submodule(fqn)
+            weight = ann.values[ann.linear_weight[ann.linears[fqn][0]]]
+            s = ctx.analyses["smoothing"].get(fqn)
+            # Folds into a producer linear live in that linear's weights; norm folds and explicit
+            # scales are applied at this module's input in eager mode.
+            inv = (1.0 / s).float() if s is not None and not d.smoothing.startswith("linear:") else None
+            if d.quantize and not _is_plain_linear(module, weight):
+                d.quantize, d.reason = False, "module is not a plain linear; eager mode cannot swap it (use torch.compile)"
+                continue
+            if not d.quantize:
+                if lw.modified:
+                    new_w = lw.w * inv[None, :] if inv is not None else lw.w   # undo the input-side scale
+                    new_w = (new_w.t() if lw.transposed else new_w).to(weight.dtype)
+                    with torch.no_grad():
+                        module.weight.copy_(new_w)
+                        if lw.bias is not None:
+                            module.bias.copy_(lw.bias)
+                continue
+            parent_name, _, child = fqn.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            new = QuantizedLinear(qweights[fqn], None if lw.bias is None else lw.bias.detach().clone(),
+                                  None if act is None else act.dtype.value, bool(act and act.dynamic),
+                                  d.act_scale, inv, fqn)
+            setattr(parent, child, new)
+            swapped += 1
+    return swapped

@@ -1,0 +1,124 @@
+"""Per-layer quantization: quantized weight storage, static activation scales, and the
+float simulation of a quantized linear used by searches and sensitivity checks.
+
+Weight layout (``QuantizedWeight``): ``q`` [N, K] row-major (output channel first) in the
+storage dtype (int8 / uint8, fp8 e4m3, int4 / uint4 one value per byte); ``scale`` 0-d
+(per-tensor), [N, 1] (per-channel) or [N, ceil(K / group_size)] (per-group, ONNX
+``block_size`` along axis 1, the last group may be partial); ``zero`` like ``scale`` or None.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import numerics
+from .recipes import ActivationSpec, Calibrator, Granularity, QuantDtype, Recipe, WeightSpec
+
+__all__ = ["QuantizedWeight", "quantize_weight", "static_act_scale", "fake_quant_act", "simulate_linear",
+           "relative_error"]
+
+
+@dataclass
+class QuantizedWeight:
+    """A quantized [N, K] weight, its scales and zero-points (see the module docstring)."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    dtype: str
+    group_size: int | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
+    def dequantize(self, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return numerics.dequantize(self.q, self.scale, self.zero, out_dtype)
+
+    def nbytes(self) -> int:
+        """Bytes at rest: int4 counts half a byte per value (packed two per byte)."""
+        bits = 4 if self.dtype in ("int4", "uint4") else 8
+        total = math.ceil(self.q.numel() * bits / 8) + self.scale.numel() * self.scale.element_size()
+        if self.zero is not None:
+            total += math.ceil(self.zero.numel() * bits / 8)
+        return total
+
+    def describe(self) -> str:
+        if self.scale.dim() == 0:
+            gran = "per-tensor"
+        elif self.group_size:
+            gran = f"group {self.group_size}"
+        else:
+            gran = "per-channel"
+        return f"{self.dtype} {gran}" + (" asym" if self.zero is not None else "")
+
+
+def quantize_weight(w: torch.Tensor, spec: WeightSpec) -> QuantizedWeight:
+    """Round-to-nearest quantization of a [N, K] weight with ``spec``'s dtype and granularity."""
+    w = w.detach().float()
+    n, k = w.shape
+    dtype = spec.dtype.value
+    if spec.granularity is Granularity.PER_TENSOR:
+        lo, hi = w.amin(), w.amax()
+        absmax = w.abs().amax()
+    elif spec.granularity is Granularity.PER_CHANNEL:
+        lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+        absmax = w.abs().amax(1, keepdim=True)
+    else:
+        g = spec.group_size
+        groups = -(-k // g)
+        padded = torch.nn.functional.pad(w, (0, groups * g - k)).view(n, groups, g)
+        lo, hi = padded.amin(-1), padded.amax(-1)
+        absmax = padded.abs().amax(-1)
+    scale, zero = numerics.choose_scale(absmax, dtype, minimum=lo, maximum=hi, symmetric=spec.symmetric)
+    qdtype = dtype if spec.symmetric else {"int8": "uint8", "int4": "uint4"}[dtype]
+    q = numerics.quantize(w, scale, zero, qdtype)
+    return QuantizedWeight(q, scale, zero if zero is None else zero.to(numerics.STORAGE_DTYPE[qdtype]), qdtype,
+                           spec.group_size if spec.granularity is Granularity.PER_GROUP else None)
+
+
+def static_act_scale(absmax: torch.Tensor, samples: torch.Tensor, spec: ActivationSpec) -> torch.Tensor:
+    """A static per-tensor scale from per-channel |x| maxima and sampled rows, by ``spec.calibrator``."""
+    amax = absmax.float().max()
+    if spec.calibrator is Calibrator.PERCENTILE and spec.percentile < 100.0:
+        flat = samples.float().abs().flatten()
+        kth = max(1, min(flat.numel(), math.ceil(flat.numel() * spec.percentile / 100.0)))
+        amax = torch.minimum(amax, flat.kthvalue(kth).values)
+    elif spec.calibrator is Calibrator.MSE:
+        x = samples.float()
+        best, best_err = amax, None
+        for ratio in torch.linspace(0.2, 1.0, 41):
+            s, _ = numerics.choose_scale(amax * ratio, spec.dtype)
+            err = (numerics.fake_quantize(x, s, None, spec.dtype.value) - x).pow(2).mean()
+            if best_err is None or err < best_err:
+                best, best_err = amax * ratio, err
+        amax = best
+    scale, _ = numerics.choose_scale(amax, spec.dtype)
+    return scale
+
+
+def fake_quant_act(x: torch.Tensor, spec: ActivationSpec, scale: torch.Tensor | None) -> torch.Tensor:
+    """Quantize-dequantize activations as the compiled graph does (static or per-token)."""
+    if spec.dynamic:
+        q, s = numerics.quantize_per_token(x, spec.dtype.value)
+        return numerics.dequantize(q, s, None, x.dtype)
+    return numerics.fake_quantize(x, scale, None, spec.dtype.value)
+
+
+def simulate_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, recipe: Recipe,
+                    act_scale: torch.Tensor | None, qweight: QuantizedWeight | None = None) -> torch.Tensor:
+    """Float simulation of the quantized linear (fake-quant weight and activations)."""
+    qweight = qweight if qweight is not None else quantize_weight(w, recipe.weight)
+    wd = qweight.dequantize()
+    if recipe.activation is not None:
+        x = fake_quant_act(x.float(), recipe.activation, act_scale)
+    return torch.nn.functional.linear(x.float(), wd, None if bias is None else bias.float())
+
+
+def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """||y - ref|| / ||ref|| in float64."""
+    ref = ref.double()
+    return float((y.double() - ref).norm() / ref.norm().clamp(min=1e-30))

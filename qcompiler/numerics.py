@@ -1,0 +1,119 @@
+"""Quantization arithmetic, matching ONNX QuantizeLinear / DequantizeLinear.
+
+Integers: ``q = saturate(round_half_even(x / scale) + zero_point)``; FP8 E4M3:
+``q = saturate_cast(x / scale)`` (round half to even, +-448). Dequantize:
+``(q - zero_point) * scale``. Scales broadcast ONNX-style: a scale has the rank of ``x``
+(or is 0-d) and each of its dimensions is 1, equal to x's, or x's divided by a block size.
+All arithmetic is in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .recipes import QuantDtype
+
+__all__ = ["QRANGE", "STORAGE_DTYPE", "expand_blocks", "quantize", "dequantize", "choose_scale",
+           "quantize_per_token", "fake_quantize", "sqnr_db"]
+
+#: (qmin, qmax) of each quantized dtype; fp8 saturates at +-448.
+QRANGE: dict[str, tuple[float, float]] = {
+    "int8": (-128, 127), "uint8": (0, 255), "int4": (-8, 7), "uint4": (0, 15),
+    "fp8_e4m3": (-448.0, 448.0),
+}
+#: torch dtype each quantized dtype is held in (int4 unpacked, one value per int8).
+STORAGE_DTYPE: dict[str, torch.dtype] = {
+    "int8": torch.int8, "uint8": torch.uint8, "int4": torch.int8, "uint4": torch.uint8,
+    "fp8_e4m3": torch.float8_e4m3fn,
+}
+_TINY = 1e-12
+
+
+def _name(dtype) -> str:
+    return dtype.value if isinstance(dtype, QuantDtype) else str(dtype)
+
+
+def expand_blocks(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Broadcast ``scale`` to ``like``'s shape, repeating blocked dimensions (ONNX block_size)."""
+    if scale.dim() == 0:
+        return scale
+    if scale.dim() != like.dim():
+        raise ValueError(f"scale of shape {tuple(scale.shape)} must be 0-d or have the rank of "
+                         f"x {tuple(like.shape)}")
+    for d, (s, n) in enumerate(zip(scale.shape, like.shape)):
+        if s not in (1, n):
+            block = -(-n // s)
+            scale = scale.repeat_interleave(block, dim=d).narrow(d, 0, n)
+    return scale
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, dtype) -> torch.Tensor:
+    """Quantize ``x`` (QuantizeLinear semantics); returns the storage dtype of ``dtype``."""
+    name = _name(dtype)
+    qmin, qmax = QRANGE[name]
+    s = expand_blocks(scale.float(), x)
+    y = x.float() / s
+    if name == "fp8_e4m3":
+        return y.to(torch.float8_e4m3fn)  # rounds half to even and saturates to +-448
+    y = torch.round(y)
+    if zero_point is not None:
+        y = y + expand_blocks(zero_point.float(), x)
+    return y.clamp_(qmin, qmax).to(STORAGE_DTYPE[name])
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+               out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Dequantize ``q`` (DequantizeLinear semantics), computing in float32."""
+    y = q.float()
+    if zero_point is not None:
+        y = y - expand_blocks(zero_point.float(), q)
+    return (y * expand_blocks(scale.float(), q)).to(out_dtype)
+
+
+def choose_scale(absmax: torch.Tensor, dtype, *, minimum: torch.Tensor | None = None,
+                 maximum: torch.Tensor | None = None, symmetric: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale (and zero-point when asymmetric) covering ``absmax`` or ``[minimum, maximum]``.
+
+    Symmetric integers use ``absmax / qmax`` (127 for int8, 7 for int4); fp8 ``absmax / 448``.
+    Asymmetric integers map ``[min(minimum, 0), max(maximum, 0)]`` onto the unsigned range
+    with an integer zero-point.
+    """
+    name = _name(dtype)
+    if symmetric:
+        qmax = QRANGE[name][1]
+        return (absmax.float().clamp(min=_TINY) / qmax), None
+    uname = {"int8": "uint8", "int4": "uint4"}.get(name, name)
+    if uname not in ("uint8", "uint4"):
+        raise ValueError(f"asymmetric quantization needs an integer dtype, got {name!r}")
+    qmin, qmax = QRANGE[uname]
+    lo = minimum.float().clamp(max=0.0)
+    hi = maximum.float().clamp(min=0.0)
+    scale = ((hi - lo) / (qmax - qmin)).clamp(min=_TINY)
+    zero = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax)
+    return scale, zero
+
+
+def quantize_per_token(x: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric quantization with one scale per row of the last dimension.
+
+    Returns ``(x_q, scale)`` with ``scale`` of shape ``x.shape[:-1] + (1,)`` in float32.
+    """
+    absmax = x.detach().abs().amax(dim=-1, keepdim=True).float()
+    scale, _ = choose_scale(absmax, dtype)
+    return quantize(x, scale, None, dtype), scale
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, dtype) -> torch.Tensor:
+    """``dequantize(quantize(x))`` in x's dtype."""
+    return dequantize(quantize(x, scale, zero_point, dtype), scale, zero_point, x.dtype)
+
+
+def sqnr_db(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio of ``x`` against ``ref`` in dB (float64)."""
+    ref = ref.double()
+    noise = (x.double() - ref).pow(2).sum()
+    signal = ref.pow(2).sum()
+    if noise == 0:
+        return float("inf")
+    return float(10.0 * torch.log10(signal / noise))

@@ -1,0 +1,94 @@
+"""qcompiler's graph ops, declared once as ``torch.library`` custom ops with fake kernels.
+
+Graphs carry them as ordinary ops, so they trace, compile and export:
+
+- ``qcompiler::quantize(x, scale, zero_point, dtype)`` / ``qcompiler::dequantize(q, scale, zero_point, out_dtype)``
+- ``qcompiler::quantize_per_token(x, dtype) -> (x_q, scale)`` (dynamic, symmetric)
+- ``qcompiler::int8_gemm`` / ``qcompiler::fp8_gemm(a_q, a_scale, w_q, w_scale, bias, out_dtype)``
+- ``qcompiler::weight_only_gemm(x, w_q, w_scale, w_zero, bias)``
+
+The CPU/GPU kernels are the pure-torch references in ``qcompiler.backends.reference``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import numerics
+from .backends import reference as ref
+
+__all__ = ["quantize", "dequantize", "quantize_per_token", "int8_gemm", "fp8_gemm", "weight_only_gemm",
+           "GEMM_OPS", "QDQ_OPS"]
+
+_LIB = "qcompiler"
+
+
+@torch.library.custom_op(f"{_LIB}::quantize", mutates_args=())
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, dtype: str) -> torch.Tensor:
+    return numerics.quantize(x, scale, zero_point, dtype)
+
+
+@quantize.register_fake
+def _(x, scale, zero_point, dtype):
+    return torch.empty_like(x, dtype=numerics.STORAGE_DTYPE[dtype])
+
+
+@torch.library.custom_op(f"{_LIB}::dequantize", mutates_args=())
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+               out_dtype: torch.dtype) -> torch.Tensor:
+    return numerics.dequantize(q, scale, zero_point, out_dtype)
+
+
+@dequantize.register_fake
+def _(q, scale, zero_point, out_dtype):
+    return torch.empty_like(q, dtype=out_dtype)
+
+
+@torch.library.custom_op(f"{_LIB}::quantize_per_token", mutates_args=())
+def quantize_per_token(x: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return numerics.quantize_per_token(x, dtype)
+
+
+@quantize_per_token.register_fake
+def _(x, dtype):
+    return (torch.empty_like(x, dtype=numerics.STORAGE_DTYPE[dtype]),
+            x.new_empty((*x.shape[:-1], 1), dtype=torch.float32))
+
+
+def _gemm_fake(a_q, a_scale, w_q, w_scale, bias, out_dtype):
+    return a_q.new_empty((*a_q.shape[:-1], w_q.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op(f"{_LIB}::int8_gemm", mutates_args=())
+def int8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+              bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    return ref.int8_gemm_ref(a_q, a_scale, w_q, w_scale, bias, out_dtype)
+
+
+int8_gemm.register_fake(_gemm_fake)
+
+
+@torch.library.custom_op(f"{_LIB}::fp8_gemm", mutates_args=())
+def fp8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+             bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    return ref.fp8_gemm_ref(a_q, a_scale, w_q, w_scale, bias, out_dtype)
+
+
+fp8_gemm.register_fake(_gemm_fake)
+
+
+@torch.library.custom_op(f"{_LIB}::weight_only_gemm", mutates_args=())
+def weight_only_gemm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+    return ref.weight_only_gemm_ref(x, w_q, w_scale, w_zero, bias)
+
+
+@weight_only_gemm.register_fake
+def _(x, w_q, w_scale, w_zero, bias):
+    return x.new_empty((*x.shape[:-1], w_q.shape[0]))
+
+
+_ops = torch.ops.qcompiler
+#: Fused GEMM op packets, as they appear as node targets.
+GEMM_OPS = (_ops.int8_gemm, _ops.fp8_gemm, _ops.weight_only_gemm)
+QDQ_OPS = (_ops.quantize, _ops.dequantize, _ops.quantize_per_token)

@@ -1,0 +1,202 @@
+"""The pass contract, the pass manager, the per-compile context and the compile report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+
+import networkx as nx
+import torch
+from torch.fx import GraphModule
+
+from .errors import PassError
+from .recipes import Recipe
+
+__all__ = ["Pass", "PassResult", "PassContext", "PassManager", "LayerDecision", "CompileReport", "META_KEY"]
+
+log = logging.getLogger(__name__)
+
+#: The one ``node.meta`` key under which qcompiler keeps its annotation of a node.
+META_KEY = "qcompiler"
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """What a pass returns: the (possibly new) graph module, whether it changed, and counters."""
+
+    gm: GraphModule
+    modified: bool
+    stats: Mapping[str, int | float] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Pass(Protocol):
+    """A graph pass: ``run`` reads ``ctx``, rewrites ``gm`` and says what it changed.
+
+    ``requires`` names passes whose results must be in ``ctx`` before this one runs.
+    Passes keep no state between runs.
+    """
+
+    name: str
+    requires: tuple[str, ...]
+
+    def run(self, gm: GraphModule, ctx: "PassContext") -> PassResult: ...
+
+
+@dataclass
+class LayerDecision:
+    """What the pipeline decided for one linear, keyed by its module path (``fqn``)."""
+
+    fqn: str
+    op_kind: str
+    in_features: int
+    out_features: int
+    quantize: bool = True
+    reason: str = ""
+    weight_format: str = ""
+    act_format: str = ""
+    smoothing: str = ""          # where the SmoothQuant scale went: norm fqn, producer linear, "explicit"
+    alpha: float | None = None
+    act_scale: float | None = None
+    sqnr_db: float | None = None
+    outlier_ratio: float | None = None
+    weight_bytes_fp: int = 0
+    weight_bytes_q: int = 0
+    note: str = ""
+
+
+@dataclass
+class CompileReport:
+    """What was quantized, what fell back and why, per pass statistics and weight bytes."""
+
+    recipe: str = ""
+    target: str = "reference"
+    layers: dict[str, LayerDecision] = field(default_factory=dict)
+    passes: list[dict[str, Any]] = field(default_factory=list)
+    graphs: int = 0
+    calibration_s: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def quantized(self) -> list[LayerDecision]:
+        return [d for d in self.layers.values() if d.quantize]
+
+    @property
+    def fallbacks(self) -> list[LayerDecision]:
+        return [d for d in self.layers.values() if not d.quantize]
+
+    def weight_bytes(self) -> tuple[int, int]:
+        """Bytes of linear weights before and after (fallback layers count at full size)."""
+        before = sum(d.weight_bytes_fp for d in self.layers.values())
+        after = sum(d.weight_bytes_q if d.quantize else d.weight_bytes_fp for d in self.layers.values())
+        return before, after
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"recipe": self.recipe, "target": self.target, "graphs": self.graphs,
+                "calibration_s": self.calibration_s, "warnings": list(self.warnings),
+                "passes": list(self.passes), "layers": {k: asdict(v) for k, v in self.layers.items()}}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def summary(self, max_rows: int = 400) -> str:
+        before, after = self.weight_bytes()
+        q, fb = self.quantized, self.fallbacks
+        lines = [f"qcompiler report: recipe {self.recipe!r}, target {self.target!r}, {self.graphs} graph(s)",
+                 f"  linears: {len(q)} quantized, {len(fb)} kept in high precision",
+                 f"  linear weight bytes: {before / 1e6:.2f} MB -> {after / 1e6:.2f} MB"
+                 + (f" ({before / after:.2f}x smaller)" if after else "")]
+        if self.calibration_s:
+            lines.append(f"  calibration: {self.calibration_s:.1f} s")
+        for w in self.warnings:
+            lines.append(f"  warning: {w}")
+        if fb:
+            lines.append("  kept in high precision:")
+            lines += [f"    {d.fqn:<48} {d.reason}" for d in fb]
+        if q:
+            lines.append("  quantized:")
+            hdr = f"    {'module':<48} {'weight':<22} {'activation':<22} {'smoothing':<14} {'alpha':>5} {'sqnr dB':>8}"
+            lines.append(hdr)
+            for d in q[:max_rows]:
+                alpha = f"{d.alpha:.2f}" if d.alpha is not None else "-"
+                sq = f"{d.sqnr_db:.1f}" if d.sqnr_db is not None else "-"
+                lines.append(f"    {d.fqn:<48} {d.weight_format:<22} {d.act_format or 'none':<22} "
+                             f"{(d.smoothing or '-')[:14]:<14} {alpha:>5} {sq:>8}"
+                             + (f"  ({d.note})" if d.note else ""))
+        if self.passes:
+            lines.append("  passes:")
+            for p in self.passes:
+                stats = ", ".join(f"{k}={v}" for k, v in p["stats"].items())
+                lines.append(f"    {p['name']:<20} {p['wall_s'] * 1e3:8.1f} ms  {stats}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+@dataclass
+class PassContext:
+    """Everything a pass may read or fill, handed to every pass of one compile.
+
+    ``analyses`` holds results passes provide to later ones (e.g. ``"annotate"``,
+    ``"calibration"``, ``"outliers"``); ``layer_plan`` the per-linear decisions.
+    """
+
+    recipe: Recipe
+    example_inputs: Sequence[Any] = ()
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    analyses: dict[str, Any] = field(default_factory=dict)
+    layer_plan: dict[str, LayerDecision] = field(default_factory=dict)
+    report: CompileReport = field(default_factory=CompileReport)
+
+
+class PassManager:
+    """Orders passes by their ``requires``, runs them, lints and recompiles after each.
+
+    The given order is kept where ``requires`` allows; a missing requirement or a cycle is
+    an error at construction. A failing pass raises ``PassError`` naming it and the passes
+    before it; nothing runs after a failure.
+    """
+
+    def __init__(self, passes: Sequence[Pass]):
+        names = [p.name for p in passes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"pass names must be unique, got {names}")
+        graph = nx.DiGraph()
+        graph.add_nodes_from(range(len(passes)))
+        for i, p in enumerate(passes):
+            for req in p.requires:
+                if req not in names:
+                    raise ValueError(f"pass {p.name!r} requires {req!r}, which is not in the pipeline {names}")
+                graph.add_edge(names.index(req), i)
+        try:
+            order = list(nx.lexicographical_topological_sort(graph))
+        except nx.NetworkXUnfeasible:
+            raise ValueError(f"pass requirements form a cycle: {names}") from None
+        self.passes = [passes[i] for i in order]
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> GraphModule:
+        done: list[str] = []
+        for p in self.passes:
+            log.debug("pass %s: start", p.name)
+            t0 = time.perf_counter()
+            try:
+                result = p.run(gm, ctx)
+                gm = result.gm
+                if result.modified:
+                    gm.graph.lint()
+                    gm.recompile()
+            except PassError:
+                raise
+            except Exception as e:
+                raise PassError(p.name, tuple(done), e) from e
+            wall = time.perf_counter() - t0
+            ctx.report.passes.append({"name": p.name, "modified": result.modified,
+                                      "stats": dict(result.stats), "wall_s": wall})
+            log.info("pass %s: %s in %.3f s, %s", p.name, "modified" if result.modified else "unchanged",
+                     wall, dict(result.stats))
+            done.append(p.name)
+        return gm

@@ -1,0 +1,383 @@
+"""Recipes: frozen dataclasses that say what to quantize and how, with a JSON round trip.
+
+A ``Recipe`` holds one ``WeightSpec`` (every quantized linear's weights), an optional
+``ActivationSpec`` (absent: weight-only), an optional ``SmoothQuantSpec`` and a
+``FallbackSpec``. Presets are registered by name with ``@register_recipe`` and fetched
+with ``get(name)``; ``names()`` lists them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+from .errors import RecipeError
+
+__all__ = [
+    "QuantDtype", "Granularity", "Calibrator", "WeightSpec", "ActivationSpec",
+    "SmoothQuantSpec", "FallbackSpec", "Recipe", "register_recipe", "get", "names", "RECIPES",
+    "OP_KINDS",
+]
+
+
+class QuantDtype(str, enum.Enum):
+    INT8 = "int8"
+    INT4 = "int4"
+    FP8_E4M3 = "fp8_e4m3"
+
+
+class Granularity(str, enum.Enum):
+    PER_TENSOR = "per_tensor"
+    PER_CHANNEL = "per_channel"
+    PER_GROUP = "per_group"
+    PER_TOKEN = "per_token"
+
+
+class Calibrator(str, enum.Enum):
+    MINMAX = "minmax"
+    PERCENTILE = "percentile"
+    MSE = "mse"
+
+
+#: Op kinds that annotation assigns and fallback rules may name.
+OP_KINDS = ("linear", "output_head", "embedding", "norm", "matmul", "attention")
+
+
+def _choice(owner: str, name: str, value: Any, enum_type: type[enum.Enum], allowed=None):
+    allowed = tuple(allowed or enum_type)
+    try:
+        member = enum_type(value)
+    except ValueError:
+        member = None
+    if member is None or member not in allowed:
+        raise RecipeError(f"{owner}.{name}={value!r} is not supported; expected one of "
+                          f"{[a.value for a in allowed]}")
+    return member
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """How weights are quantized.
+
+    Args:
+        dtype: int8, int4 or fp8_e4m3.
+        granularity: per_tensor, per_channel (one scale per output channel) or per_group.
+        group_size: input channels per scale, with per_group only.
+        symmetric: zero-point 0 when True; integer zero-points otherwise (integer dtypes only).
+    """
+
+    dtype: QuantDtype = QuantDtype.INT8
+    granularity: Granularity = Granularity.PER_CHANNEL
+    group_size: int | None = None
+    symmetric: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "dtype", _choice("weight", "dtype", self.dtype, QuantDtype))
+        object.__setattr__(self, "granularity", _choice(
+            "weight", "granularity", self.granularity, Granularity,
+            (Granularity.PER_TENSOR, Granularity.PER_CHANNEL, Granularity.PER_GROUP)))
+        if self.granularity is Granularity.PER_GROUP:
+            if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size <= 0:
+                raise RecipeError(f"weight.group_size={self.group_size!r} must be a positive integer "
+                                  "with granularity='per_group'")
+        elif self.group_size is not None:
+            raise RecipeError(f"weight.group_size={self.group_size!r} is only valid with "
+                              f"granularity='per_group', not {self.granularity.value!r}")
+        if not self.symmetric and self.dtype is QuantDtype.FP8_E4M3:
+            raise RecipeError("weight.symmetric=False is not supported for dtype 'fp8_e4m3'; "
+                              "expected symmetric=True")
+
+
+@dataclass(frozen=True)
+class ActivationSpec:
+    """How the inputs of quantized linears are quantized.
+
+    Args:
+        dtype: int8 or fp8_e4m3.
+        granularity: per_tensor (static scale from calibration) or per_token (dynamic).
+        calibrator: how a static scale is chosen: minmax, percentile or mse.
+        percentile: the |x| percentile used by the percentile calibrator, in (0, 100].
+        symmetric: only symmetric activations are supported.
+    """
+
+    dtype: QuantDtype = QuantDtype.INT8
+    granularity: Granularity = Granularity.PER_TOKEN
+    calibrator: Calibrator = Calibrator.MINMAX
+    percentile: float = 99.99
+    symmetric: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "dtype", _choice(
+            "activation", "dtype", self.dtype, QuantDtype, (QuantDtype.INT8, QuantDtype.FP8_E4M3)))
+        object.__setattr__(self, "granularity", _choice(
+            "activation", "granularity", self.granularity, Granularity,
+            (Granularity.PER_TENSOR, Granularity.PER_TOKEN)))
+        object.__setattr__(self, "calibrator", _choice("activation", "calibrator", self.calibrator, Calibrator))
+        if not (0.0 < float(self.percentile) <= 100.0):
+            raise RecipeError(f"activation.percentile={self.percentile!r} must be in (0, 100]")
+        if not self.symmetric:
+            raise RecipeError("activation.symmetric=False is not supported; expected symmetric=True")
+
+    @property
+    def dynamic(self) -> bool:
+        return self.granularity is Granularity.PER_TOKEN
+
+
+@dataclass(frozen=True)
+class SmoothQuantSpec:
+    """SmoothQuant: move activation outliers into the weights, s_j = max|X_j|^a / max|W_j|^(1-a).
+
+    Args:
+        alpha: migration strength when not searching, in [0, 1].
+        search: choose alpha per layer group on calibration data (output error of the
+            quantized linears), from ``alpha_grid``.
+        alpha_grid: the candidates for the search.
+    """
+
+    alpha: float = 0.5
+    search: bool = False
+    alpha_grid: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(21))
+
+    def __post_init__(self):
+        if not (0.0 <= float(self.alpha) <= 1.0):
+            raise RecipeError(f"smoothquant.alpha={self.alpha!r} must be in [0, 1]")
+        grid = tuple(float(a) for a in self.alpha_grid)
+        if not grid or any(not 0.0 <= a <= 1.0 for a in grid):
+            raise RecipeError(f"smoothquant.alpha_grid={self.alpha_grid!r} must be a non-empty "
+                              "sequence of values in [0, 1]")
+        object.__setattr__(self, "alpha_grid", grid)
+
+
+@dataclass(frozen=True)
+class FallbackSpec:
+    """Which linears stay in high precision.
+
+    Args:
+        keep_op_kinds: op kinds never quantized (see ``OP_KINDS``); ``output_head`` is the
+            linear that produces the graph's output (the LM head), found from the graph.
+        keep_modules: ``fnmatch`` globs on module paths kept in high precision.
+        min_sqnr_db: a linear whose quantized output SQNR on calibration data is below this
+            stays high precision (worst first), up to ``max_fraction`` of the quantizable linears.
+        max_fraction: cap on the share of linears the sensitivity rule may keep in float.
+    """
+
+    keep_op_kinds: tuple[str, ...] = ("embedding", "norm", "output_head")
+    keep_modules: tuple[str, ...] = ()
+    min_sqnr_db: float | None = None
+    max_fraction: float = 0.1
+
+    def __post_init__(self):
+        kinds = tuple(self.keep_op_kinds)
+        bad = [k for k in kinds if k not in OP_KINDS]
+        if bad:
+            raise RecipeError(f"fallback.keep_op_kinds has {bad!r}; expected a subset of {list(OP_KINDS)}")
+        object.__setattr__(self, "keep_op_kinds", kinds)
+        object.__setattr__(self, "keep_modules", tuple(str(g) for g in self.keep_modules))
+        if not 0.0 <= float(self.max_fraction) <= 1.0:
+            raise RecipeError(f"fallback.max_fraction={self.max_fraction!r} must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A complete quantization recipe.
+
+    Args:
+        name: a label saved with artifacts and shown in reports.
+        weight: weight quantization.
+        activation: activation quantization; None means weight-only (e.g. W8A16).
+        smoothquant: SmoothQuant settings; needs ``activation``.
+        fallback: which linears stay high precision.
+        samples_per_layer: calibration rows kept per linear input for searches and SQNR.
+    """
+
+    VERSION: ClassVar[int] = 1
+
+    name: str = "custom"
+    weight: WeightSpec = field(default_factory=WeightSpec)
+    activation: ActivationSpec | None = None
+    smoothquant: SmoothQuantSpec | None = None
+    fallback: FallbackSpec = field(default_factory=FallbackSpec)
+    samples_per_layer: int = 1024
+
+    def __post_init__(self):
+        for name, typ in (("weight", WeightSpec), ("fallback", FallbackSpec)):
+            if not isinstance(getattr(self, name), typ):
+                raise RecipeError(f"recipe.{name} must be a {typ.__name__}, got {type(getattr(self, name)).__name__}")
+        if self.activation is not None and not isinstance(self.activation, ActivationSpec):
+            raise RecipeError(f"recipe.activation must be an ActivationSpec or None, got {type(self.activation).__name__}")
+        if self.smoothquant is not None:
+            if not isinstance(self.smoothquant, SmoothQuantSpec):
+                raise RecipeError("recipe.smoothquant must be a SmoothQuantSpec or None")
+            if self.activation is None:
+                raise RecipeError("recipe.smoothquant needs activation quantization; weight-only recipes "
+                                  "have nothing to smooth (set smoothquant=None)")
+        if self.activation is not None:
+            if self.weight.dtype is QuantDtype.INT4 and self.activation.dtype is QuantDtype.INT8:
+                raise RecipeError("weight.dtype='int4' with activation.dtype='int8' is not supported; "
+                                  "expected activation dtype 'fp8_e4m3' or no activation quantization")
+            if self.weight.dtype is QuantDtype.INT8 and self.activation.dtype is QuantDtype.FP8_E4M3:
+                raise RecipeError("weight.dtype='int8' with activation.dtype='fp8_e4m3' is not supported; "
+                                  "use weight dtype 'fp8_e4m3'")
+            if self.weight.dtype is QuantDtype.FP8_E4M3 and self.activation.dtype is QuantDtype.INT8:
+                raise RecipeError("weight.dtype='fp8_e4m3' with activation.dtype='int8' is not supported; "
+                                  "use activation dtype 'fp8_e4m3'")
+            if self.weight.granularity is Granularity.PER_GROUP and self.weight.dtype is not QuantDtype.INT4:
+                raise RecipeError("weight.granularity='per_group' with activation quantization needs "
+                                  "weight.dtype='int4'")
+        if not isinstance(self.samples_per_layer, int) or self.samples_per_layer < 16:
+            raise RecipeError(f"recipe.samples_per_layer={self.samples_per_layer!r} must be an integer >= 16")
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the recipe reads calibration statistics."""
+        static = self.activation is not None and not self.activation.dynamic
+        return static or self.smoothquant is not None or self.fallback.min_sqnr_db is not None
+
+    # -- serialization -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": type(self).__name__, "version": self.VERSION, "data": _to_plain(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Recipe":
+        if not isinstance(d, dict) or set(d) != {"type", "version", "data"}:
+            raise RecipeError("a recipe dict must have exactly the keys 'type', 'version' and 'data'")
+        if d["type"] != cls.__name__:
+            raise RecipeError(f"recipe type {d['type']!r} is unknown; expected {cls.__name__!r}")
+        if d["version"] != cls.VERSION:
+            raise RecipeError(f"recipe version {d['version']!r} does not match this qcompiler's "
+                              f"version {cls.VERSION}")
+        return _from_plain(cls, d["data"], "recipe")
+
+    def to_json(self, **kw) -> str:
+        return json.dumps(self.to_dict(), **({"indent": 2} | kw))
+
+    @classmethod
+    def from_json(cls, text: str) -> "Recipe":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise RecipeError(f"recipe JSON does not parse: {e}") from None
+        return cls.from_dict(d)
+
+    def replace(self, **changes) -> "Recipe":
+        return dataclasses.replace(self, **changes)
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, tuple):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _from_plain(cls: type, data: Any, where: str):
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where} must be an object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise RecipeError(f"{where} has unknown keys {unknown}; expected keys from {sorted(known)}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _convert(hints[name], value, f"{where}.{name}")
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise RecipeError(f"{where}: {e}") from None
+
+
+def _convert(hint: Any, value: Any, where: str):
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(args[0], value, where) if len(args) == 1 else value
+    if dataclasses.is_dataclass(hint):
+        return _from_plain(hint, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{where} must be a list, got {type(value).__name__}")
+        return tuple(value)
+    return value
+
+
+# -- presets ------------------------------------------------------------------------------
+RECIPES: dict[str, Callable[[], Recipe]] = {}
+
+
+def register_recipe(name: str):
+    """Register a zero-argument factory returning a ``Recipe`` under ``name``."""
+
+    def deco(factory: Callable[[], Recipe]):
+        if name in RECIPES:
+            raise RecipeError(f"recipe {name!r} is already registered")
+        RECIPES[name] = factory
+        return factory
+
+    return deco
+
+
+def get(name: str) -> Recipe:
+    """The preset called ``name``; ``RecipeError`` listing the known names otherwise."""
+    if name not in RECIPES:
+        raise RecipeError(f"unknown recipe {name!r}; known: {sorted(RECIPES)}")
+    return RECIPES[name]()
+
+
+def names() -> list[str]:
+    """Names of the registered presets."""
+    return sorted(RECIPES)
+
+
+_STATIC_INT8 = ActivationSpec(QuantDtype.INT8, Granularity.PER_TENSOR)
+_DYNAMIC_INT8 = ActivationSpec(QuantDtype.INT8, Granularity.PER_TOKEN)
+
+
+@register_recipe("w8a16")
+def _w8a16() -> Recipe:
+    return Recipe(name="w8a16", weight=WeightSpec(QuantDtype.INT8, Granularity.PER_CHANNEL))
+
+
+@register_recipe("w8a8-int8-naive")
+def _w8a8_naive() -> Recipe:
+    return Recipe(name="w8a8-int8-naive", weight=WeightSpec(), activation=_STATIC_INT8)
+
+
+@register_recipe("w8a8-int8-sq")
+def _w8a8_sq() -> Recipe:
+    return Recipe(
+        name="w8a8-int8-sq", weight=WeightSpec(),
+        activation=ActivationSpec(QuantDtype.INT8, Granularity.PER_TENSOR, Calibrator.PERCENTILE, 99.999),
+        smoothquant=SmoothQuantSpec(alpha=0.8, search=True),
+        fallback=FallbackSpec(min_sqnr_db=22.0, max_fraction=0.1))
+
+
+@register_recipe("w8a8-int8-sq-dynamic")
+def _w8a8_sq_dynamic() -> Recipe:
+    return Recipe(name="w8a8-int8-sq-dynamic", weight=WeightSpec(), activation=_DYNAMIC_INT8,
+                  smoothquant=SmoothQuantSpec(alpha=0.5, search=True),
+                  fallback=FallbackSpec(min_sqnr_db=25.0, max_fraction=0.1))
+
+
+@register_recipe("fp8")
+def _fp8() -> Recipe:
+    return Recipe(name="fp8", weight=WeightSpec(QuantDtype.FP8_E4M3, Granularity.PER_TENSOR),
+                  activation=ActivationSpec(QuantDtype.FP8_E4M3, Granularity.PER_TENSOR),
+                  fallback=FallbackSpec(min_sqnr_db=25.0, max_fraction=0.1))
+
+
+@register_recipe("fp8-dynamic")
+def _fp8_dynamic() -> Recipe:
+    return Recipe(name="fp8-dynamic", weight=WeightSpec(QuantDtype.FP8_E4M3, Granularity.PER_CHANNEL),
+                  activation=ActivationSpec(QuantDtype.FP8_E4M3, Granularity.PER_TOKEN),
+                  fallback=FallbackSpec(min_sqnr_db=25.0, max_fraction=0.1))
