@@ -82,16 +82,28 @@ class SensitivityFallback:
             st = smoothed_stats(ctx, fqn)
             if st is None:
                 continue
-            absmax, samples = st
-            scale = None
-            if act is not None and not act.dynamic:
-                scale = layer_quant.static_act_scale(absmax, samples, act)
-                d.act_scale = float(scale)
-            w = weights[fqn].w.float()
-            y_ref = torch.nn.functional.linear(samples.float(), w)
-            y_q = layer_quant.simulate_linear(samples, w, None, recipe, scale, qw)
-            d.sqnr_db = numerics.sqnr_db(y_q, y_ref)
+            memo = ctx.analyses.setdefault("memo", {})
+            key = ("sensitivity", fqn)
+            if key not in memo:
+                memo[key] = self._measure(st, weights[fqn].w, qw, recipe)
+            d.act_scale, d.sqnr_db = memo[key]
             measured[fqn] = d.sqnr_db
+        return self._apply_threshold(ctx, measured, gm)
+
+    @staticmethod
+    def _measure(st, w, qw, recipe) -> tuple[float | None, float]:
+        """(static activation scale or None, output SQNR in dB) on the calibration rows."""
+        absmax, samples = st
+        act, scale = recipe.activation, None
+        if act is not None and not act.dynamic:
+            scale = layer_quant.static_act_scale(absmax, samples, act)
+        y_ref = torch.nn.functional.linear(samples.float(), w.float())
+        y_q = layer_quant.simulate_linear(samples, w.float(), None, recipe, scale, qw)
+        return (None if scale is None else float(scale)), numerics.sqnr_db(y_q, y_ref)
+
+    @staticmethod
+    def _apply_threshold(ctx: PassContext, measured: dict[str, float], gm: GraphModule) -> PassResult:
+        recipe = ctx.recipe
         threshold = recipe.fallback.min_sqnr_db
         fell = 0
         if threshold is not None:

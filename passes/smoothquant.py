@@ -78,7 +78,11 @@ class SmoothQuantFold:
             ws = [ann.weights[f].w.float() for f in fqns]
             x_absmax, samples = stats[fqns[0]].absmax, stats[fqns[0]].samples
             w_absmax = torch.stack([w.abs().amax(0) for w in ws]).amax(0)
-            alpha = self._search(ctx, fqns, ws, x_absmax, samples, w_absmax) if spec.search else spec.alpha
+            memo = ctx.analyses.setdefault("memo", {})
+            key = ("smoothquant_alpha", tuple(fqns))
+            if spec.search and key not in memo:
+                memo[key] = self._search(ctx, fqns, ws, x_absmax, samples, w_absmax)
+            alpha = memo[key] if spec.search else spec.alpha
             s = smoothing_scale(x_absmax, w_absmax, alpha)
             where = self._fold(gm, ctx, x, nodes, s)
             counts["groups"] += 1

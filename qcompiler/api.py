@@ -58,13 +58,16 @@ class QCompilerBackend:
         if self.recipe.needs_calibration and calibration is None:
             raise CalibrationError(f"recipe {self.recipe.name!r} needs calibration data: pass calibration=batches "
                                    "(an iterable of token-id tensors or dicts of model inputs)")
-        self.calibration = (CalibrationCache(calibration, self.recipe.samples_per_layer, progress=progress)
-                            if calibration is not None else None)
+        if isinstance(calibration, CalibrationCache) or calibration is None:
+            self.calibration = calibration
+        else:
+            self.calibration = CalibrationCache(calibration, self.recipe.samples_per_layer, progress=progress)
         self.report = CompileReport(recipe=self.recipe.name, target=target)
         self.root: torch.nn.Module | None = None
         self._param_names: dict[int, list[str]] = {}
         self.last_context: PassContext | None = None
         self.graphs: list[GraphModule] = []   # every graph module this backend returned, in order
+        self._memo: dict = {}                  # per-layer search results, reused by later graphs
 
     def _adopt_root(self, root: torch.nn.Module | None) -> None:
         if root is None or self.root is not None:
@@ -94,7 +97,8 @@ class QCompilerBackend:
         self._adopt_root(_frame_self())
         device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
         ctx = PassContext(self.recipe, list(example_inputs), device,
-                          analyses={"param_names": self._param_names, "calibration_source": self._stats},
+                          analyses={"param_names": self._param_names, "calibration_source": self._stats,
+                                    "memo": self._memo},
                           report=self.report)
         gm = PassManager(passes).run(gm, ctx)
         self.report.layers.update(ctx.layer_plan)

@@ -1,0 +1,94 @@
+"""Model quality and speed: perplexity over eval windows, prefill throughput."""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+__all__ = ["perplexity", "prefill_tokens_per_s"]
+
+
+def _model_device(model: object) -> torch.device | None:
+    """The model's device when it exposes one (HF models and torch.compile wrappers do)."""
+    device = getattr(model, "device", None)
+    return device if isinstance(device, torch.device) else None
+
+
+def perplexity(
+    model: Callable[..., object],
+    windows: list[Tensor],
+    progress: bool = True,
+    desc: str = "perplexity",
+) -> float:
+    """Perplexity ``exp(sum NLL / n_predicted)`` of next-token predictions over ``windows``.
+
+    Args:
+        model: any callable ``model(input_ids=w)`` returning an object with ``.logits`` [1, T, V]
+            (a Hugging Face model, or one wrapped by ``torch.compile``).
+        windows: int64 tensors of shape [1, T], e.g. from ``eval_windows``; every position after the
+            first is scored (a leading BOS is only ever context, never a target).
+        progress: show a tqdm bar.
+        desc: label for the bar.
+    """
+    if not windows:
+        raise ValueError("perplexity: windows is empty")
+    total_nll = 0.0
+    total_predicted = 0
+    device = _model_device(model)
+    with torch.inference_mode():
+        for w in tqdm(windows, desc=desc, disable=not progress, unit="win"):
+            if w.ndim != 2 or w.shape[0] != 1 or w.shape[1] < 2:
+                raise ValueError(f"perplexity: each window must have shape [1, T>=2], got {tuple(w.shape)}")
+            logits = model(input_ids=w if device is None else w.to(device)).logits
+            logp = F.log_softmax(logits[0, :-1].to(torch.float64), dim=-1)
+            targets = w[0, 1:].to(logits.device)
+            total_nll -= logp.gather(-1, targets.unsqueeze(-1)).sum().item()
+            total_predicted += targets.numel()
+    ppl = math.exp(total_nll / total_predicted)
+    log.info("%s: %.4f over %d predicted tokens in %d windows", desc, ppl, total_predicted, len(windows))
+    return ppl
+
+
+def prefill_tokens_per_s(
+    model: Callable[..., object],
+    seq_len: int = 512,
+    *,
+    vocab_size: int,
+    repeats: int = 3,
+    warmup: int = 1,
+    seed: int = 0,
+) -> float:
+    """Prefill throughput: ``seq_len`` / median wall time of one forward on a random [1, seq_len] sequence."""
+    for arg, value, low in (("seq_len", seq_len, 1), ("vocab_size", vocab_size, 1), ("repeats", repeats, 1),
+                            ("warmup", warmup, 0)):
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"prefill_tokens_per_s: {arg} must be an int >= {low}, got {value!r}")
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, vocab_size, (1, seq_len), generator=gen)
+    device = _model_device(model)
+    if device is not None:
+        input_ids = input_ids.to(device)
+    sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda: None)
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            sync()
+            t0 = time.perf_counter()
+            model(input_ids=input_ids)
+            sync()
+            elapsed = time.perf_counter() - t0
+            if i >= warmup:
+                times.append(elapsed)
+    median = statistics.median(times)
+    log.info("prefill: %d tokens in %.4f s (median of %d)", seq_len, median, repeats)
+    return seq_len / median

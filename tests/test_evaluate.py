@@ -1,0 +1,100 @@
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from qcompiler.data import eval_windows, tokenize_text
+from qcompiler.evaluate import perplexity, prefill_tokens_per_s
+from qcompiler.models import load_model, shared_dir, text_path
+
+needs_shared = pytest.mark.skipif(shared_dir() is None, reason="../shared (models and text) not found; CI provides it")
+
+VOCAB = 16
+
+
+class UniformLM:
+    """Equal logits for every token: perplexity is exactly the vocabulary size."""
+
+    def __call__(self, input_ids):
+        return SimpleNamespace(logits=torch.zeros(*input_ids.shape, VOCAB))
+
+
+class OracleLM:
+    """Puts almost all mass on the true next token (its input shifted by one); counts calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, input_ids):
+        self.calls += 1
+        logits = torch.full((*input_ids.shape, VOCAB), -1e4)
+        nxt = torch.roll(input_ids, -1, dims=1)
+        logits.scatter_(-1, nxt.unsqueeze(-1), 0.0)
+        return SimpleNamespace(logits=logits)
+
+
+def test_perplexity_uniform_is_vocab_size():
+    windows = eval_windows(torch.randint(0, VOCAB, (200,)), None, 32, bos_id=1)
+    assert perplexity(UniformLM(), windows, progress=False) == pytest.approx(VOCAB, rel=1e-12)
+
+
+def test_perplexity_oracle_is_one_and_skips_bos_target():
+    model = OracleLM()
+    windows = eval_windows(torch.randint(2, VOCAB, (200,)), None, 32, bos_id=1)
+    assert perplexity(model, windows, progress=False) == pytest.approx(1.0)
+    assert model.calls == len(windows)
+
+
+def test_perplexity_counts_every_predicted_token():
+    # Two windows whose NLLs differ: ppl must weight them by their number of predicted tokens.
+    class HalfLM:
+        def __call__(self, input_ids):
+            # uniform over 2 of VOCAB tokens for every position: NLL log 2 when target in {0, 1}
+            logits = torch.full((*input_ids.shape, VOCAB), -1e4)
+            logits[..., :2] = 0.0
+            return SimpleNamespace(logits=logits)
+
+    windows = [torch.tensor([[0, 1, 0, 1]]), torch.tensor([[1, 0]])]
+    assert perplexity(HalfLM(), windows, progress=False) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("windows, match", [([], "empty"), ([torch.tensor([[3]])], "shape"),
+                                            ([torch.tensor([1, 2, 3])], "shape")])
+def test_perplexity_bad_windows(windows, match):
+    with pytest.raises(ValueError, match=match):
+        perplexity(UniformLM(), windows, progress=False)
+
+
+def test_prefill_tokens_per_s_positive():
+    tps = prefill_tokens_per_s(UniformLM(), 64, vocab_size=VOCAB, repeats=2, warmup=0)
+    assert tps > 0 and math.isfinite(tps)
+
+
+@pytest.mark.parametrize("kwargs, match", [({"seq_len": 0}, "seq_len"), ({"repeats": 0}, "repeats"),
+                                           ({"warmup": -1}, "warmup"), ({"vocab_size": 0}, "vocab_size")])
+def test_prefill_tokens_per_s_bad_args(kwargs, match):
+    args = {"seq_len": 8, "vocab_size": VOCAB} | kwargs
+    with pytest.raises(ValueError, match=match):
+        prefill_tokens_per_s(UniformLM(), **args)
+
+
+@pytest.fixture(scope="module")
+def stories():
+    model, tok = load_model("stories260K")
+    ids = tokenize_text(tok, text_path("tinystories").read_text(encoding="utf-8"))
+    return model, tok, ids
+
+
+@needs_shared
+def test_stories260k_perplexity_first_8_windows(stories):
+    model, tok, ids = stories
+    windows = eval_windows(ids, None, 512, bos_id=tok.bos_token_id)[:8]
+    ppl = perplexity(model, windows, progress=False)
+    assert ppl == pytest.approx(4.673, abs=0.01)  # measured: 4.6728 (fp32, CPU)
+
+
+@needs_shared
+def test_stories260k_prefill(stories):
+    model, _, _ = stories
+    assert prefill_tokens_per_s(model, 128, vocab_size=model.config.vocab_size, repeats=2) > 0
