@@ -58,8 +58,10 @@ def fp8_gemm_ref(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tensor, w_
     if sa.dim() == 0 and sw.dim() == 0:
         out = torch._scaled_mm(a2, w_q.t(), sa, sw, bias=None, out_dtype=torch.float32)
     else:
-        sa = (sa.reshape(-1, 1) if sa.dim() else sa.expand(m, 1)).contiguous()
-        sw = (sw.reshape(1, -1) if sw.dim() else sw.expand(1, n)).contiguous()
+        # repeat, not expand: an expanded [1, 1] has stride 0 and counts as contiguous, but
+        # _scaled_mm wants stride(1) == 1 (per-tensor activation scale at M=1 failed).
+        sa = (sa.reshape(-1, 1) if sa.dim() else sa.reshape(1, 1).repeat(m, 1)).contiguous()
+        sw = (sw.reshape(1, -1) if sw.dim() else sw.reshape(1, 1).repeat(1, n)).contiguous()
         out = torch._scaled_mm(a2, w_q.t(), sa, sw, bias=None, out_dtype=torch.float32)
     if bias is not None:
         out = out + bias.float()
@@ -67,9 +69,14 @@ def fp8_gemm_ref(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tensor, w_
 
 
 def weight_only_gemm_ref(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
-                         w_zero: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ dequantize(w_q, w_scale, w_zero).T + bias`` with the weight dequantized to x's dtype."""
-    w = numerics.dequantize(w_q, w_scale, w_zero, torch.float32).to(x.dtype)
+                         w_zero: torch.Tensor | None, bias: torch.Tensor | None,
+                         group_size: int | None = None) -> torch.Tensor:
+    """``x @ dequantize(w_q, w_scale, w_zero).T + bias`` with the weight dequantized to x's dtype.
+
+    ``group_size``: the per-group block along K (ONNX ``block_size``); needed when it does not
+    divide K, since the scale's shape alone does not determine it (see ``numerics.expand_blocks``).
+    """
+    w = numerics.dequantize(w_q, w_scale, w_zero, torch.float32, block_size=group_size).to(x.dtype)
     return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 

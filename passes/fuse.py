@@ -55,7 +55,7 @@ def _match_static(node: Node):
     x_q = x.args[0]
     dtype = x_q.args[3]
     w_q, w_s, w_z = w.args[0], w.args[1], w.args[2]
-    if dtype not in _GEMM_FOR_DTYPE or w_z is not None:
+    if dtype not in _GEMM_FOR_DTYPE or w_z is not None or (len(w.args) > 4 and w.args[4]):
         return None
     return _GEMM_FOR_DTYPE[dtype], (x_q, x.args[1], w_q, w_s, b, w.args[3])
 
@@ -84,7 +84,8 @@ def _match_weight_only(node: Node):
     x, w, b = ops
     if _is(x, _ops.dequantize):
         return None
-    return _ops.weight_only_gemm, (x, w.args[0], w.args[1], w.args[2], b)
+    block = w.args[4] if len(w.args) > 4 else 0
+    return _ops.weight_only_gemm, (x, w.args[0], w.args[1], w.args[2], b, block)
 
 
 FUSIONS: tuple[Fusion, ...] = (

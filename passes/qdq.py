@@ -59,7 +59,7 @@ class InsertQDQ:
                 w_q = add_constant(gm, f"{fqn}_w_q", qw.q, node)
                 w_scale = add_constant(gm, f"{fqn}_w_scale", qw.scale, node)
                 w_zero = add_constant(gm, f"{fqn}_w_zero", qw.zero, node) if qw.zero is not None else None
-                w_dq = gm.graph.call_function(_ops.dequantize, (w_q, w_scale, w_zero, out_dtype))
+                w_dq = gm.graph.call_function(_ops.dequantize, (w_q, w_scale, w_zero, out_dtype, qw.group_size or 0))
                 x = parts.x
                 if act is not None:
                     if act.dynamic:

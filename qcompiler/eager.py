@@ -25,6 +25,7 @@ class QuantizedLinear(torch.nn.Module):
         super().__init__()
         self.in_features, self.out_features = qweight.shape[1], qweight.shape[0]
         self.fqn, self.weight_format = fqn, qweight.describe()
+        self.weight_dtype, self.group_size = qweight.dtype, qweight.group_size or 0
         self.act_dtype, self.act_dynamic = act_dtype, act_dynamic
         self.register_buffer("w_q", qweight.q)
         self.register_buffer("w_scale", qweight.scale)
@@ -39,7 +40,7 @@ class QuantizedLinear(torch.nn.Module):
             x = x * self.inv_smooth
         if self.act_dtype is None:
             return _ops.weight_only_gemm(x, self.w_q, self.w_scale, self.w_zero,
-                                         None if self.bias is None else self.bias.to(out_dtype))
+                                         None if self.bias is None else self.bias.to(out_dtype), self.group_size)
         if self.act_dynamic:
             x_q, x_s = _ops.quantize_per_token(x, self.act_dtype)
         else:

@@ -36,7 +36,7 @@ class QuantizedWeight:
         return tuple(self.q.shape)
 
     def dequantize(self, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return numerics.dequantize(self.q, self.scale, self.zero, out_dtype)
+        return numerics.dequantize(self.q, self.scale, self.zero, out_dtype, block_size=self.group_size)
 
     def nbytes(self) -> int:
         """Bytes at rest: int4 counts half a byte per value (packed two per byte)."""
@@ -75,9 +75,9 @@ def quantize_weight(w: torch.Tensor, spec: WeightSpec) -> QuantizedWeight:
         absmax = padded.abs().amax(-1)
     scale, zero = numerics.choose_scale(absmax, dtype, minimum=lo, maximum=hi, symmetric=spec.symmetric)
     qdtype = dtype if spec.symmetric else {"int8": "uint8", "int4": "uint4"}[dtype]
-    q = numerics.quantize(w, scale, zero, qdtype)
-    return QuantizedWeight(q, scale, zero if zero is None else zero.to(numerics.STORAGE_DTYPE[qdtype]), qdtype,
-                           spec.group_size if spec.granularity is Granularity.PER_GROUP else None)
+    group = spec.group_size if spec.granularity is Granularity.PER_GROUP else None
+    q = numerics.quantize(w, scale, zero, qdtype, block_size=group)
+    return QuantizedWeight(q, scale, zero if zero is None else zero.to(numerics.STORAGE_DTYPE[qdtype]), qdtype, group)
 
 
 def static_act_scale(absmax: torch.Tensor, samples: torch.Tensor, spec: ActivationSpec) -> torch.Tensor:

@@ -33,8 +33,14 @@ def _name(dtype) -> str:
     return dtype.value if isinstance(dtype, QuantDtype) else str(dtype)
 
 
-def expand_blocks(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Broadcast ``scale`` to ``like``'s shape, repeating blocked dimensions (ONNX block_size)."""
+def expand_blocks(scale: torch.Tensor, like: torch.Tensor, block_size: int | None = None) -> torch.Tensor:
+    """Broadcast ``scale`` to ``like``'s shape, repeating blocked dimensions (ONNX block_size).
+
+    The scale's shape does not determine the block size when it does not divide the
+    dimension (K=100 with blocks of 32 or of 25 both give 4 scales): pass ``block_size`` to
+    get ONNX's layout (full blocks, the last one partial). Without it the block is taken as
+    ``ceil(n / s)``, which is ONNX's only when ``block_size == ceil(n / ceil(n / block_size))``.
+    """
     if scale.dim() == 0:
         return scale
     if scale.dim() != like.dim():
@@ -42,32 +48,38 @@ def expand_blocks(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
                          f"x {tuple(like.shape)}")
     for d, (s, n) in enumerate(zip(scale.shape, like.shape)):
         if s not in (1, n):
-            block = -(-n // s)
+            block = block_size if block_size is not None else -(-n // s)
+            if -(-n // block) != s:
+                raise ValueError(f"scale dimension {d} of size {s} does not match x's size {n} "
+                                 f"with block_size {block}")
             scale = scale.repeat_interleave(block, dim=d).narrow(d, 0, n)
     return scale
 
 
-def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, dtype) -> torch.Tensor:
-    """Quantize ``x`` (QuantizeLinear semantics); returns the storage dtype of ``dtype``."""
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, dtype, *,
+             block_size: int | None = None) -> torch.Tensor:
+    """Quantize ``x`` (QuantizeLinear semantics); returns the storage dtype of ``dtype``.
+
+    ``block_size``: ONNX's, for blocked scales (see ``expand_blocks``)."""
     name = _name(dtype)
     qmin, qmax = QRANGE[name]
-    s = expand_blocks(scale.float(), x)
+    s = expand_blocks(scale.float(), x, block_size)
     y = x.float() / s
     if name == "fp8_e4m3":
         return y.to(torch.float8_e4m3fn)  # rounds half to even and saturates to +-448
     y = torch.round(y)
     if zero_point is not None:
-        y = y + expand_blocks(zero_point.float(), x)
+        y = y + expand_blocks(zero_point.float(), x, block_size)
     return y.clamp_(qmin, qmax).to(STORAGE_DTYPE[name])
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
-               out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+               out_dtype: torch.dtype = torch.float32, *, block_size: int | None = None) -> torch.Tensor:
     """Dequantize ``q`` (DequantizeLinear semantics), computing in float32."""
     y = q.float()
     if zero_point is not None:
-        y = y - expand_blocks(zero_point.float(), q)
-    return (y * expand_blocks(scale.float(), q)).to(out_dtype)
+        y = y - expand_blocks(zero_point.float(), q, block_size)
+    return (y * expand_blocks(scale.float(), q, block_size)).to(out_dtype)
 
 
 def choose_scale(absmax: torch.Tensor, dtype, *, minimum: torch.Tensor | None = None,

@@ -2,10 +2,11 @@
 
 Graphs carry them as ordinary ops, so they trace, compile and export:
 
-- ``qcompiler::quantize(x, scale, zero_point, dtype)`` / ``qcompiler::dequantize(q, scale, zero_point, out_dtype)``
+- ``qcompiler::quantize(x, scale, zero_point, dtype, block_size=0)`` /
+  ``qcompiler::dequantize(q, scale, zero_point, out_dtype, block_size=0)`` (block_size: ONNX's, 0 = none)
 - ``qcompiler::quantize_per_token(x, dtype) -> (x_q, scale)`` (dynamic, symmetric)
 - ``qcompiler::int8_gemm`` / ``qcompiler::fp8_gemm(a_q, a_scale, w_q, w_scale, bias, out_dtype)``
-- ``qcompiler::weight_only_gemm(x, w_q, w_scale, w_zero, bias)``
+- ``qcompiler::weight_only_gemm(x, w_q, w_scale, w_zero, bias, group_size=0)``
 
 The CPU/GPU kernels are the pure-torch references in ``qcompiler.backends.reference``.
 """
@@ -24,23 +25,24 @@ _LIB = "qcompiler"
 
 
 @torch.library.custom_op(f"{_LIB}::quantize", mutates_args=())
-def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, dtype: str) -> torch.Tensor:
-    return numerics.quantize(x, scale, zero_point, dtype)
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, dtype: str,
+             block_size: int = 0) -> torch.Tensor:
+    return numerics.quantize(x, scale, zero_point, dtype, block_size=block_size or None)
 
 
 @quantize.register_fake
-def _(x, scale, zero_point, dtype):
+def _(x, scale, zero_point, dtype, block_size=0):
     return torch.empty_like(x, dtype=numerics.STORAGE_DTYPE[dtype])
 
 
 @torch.library.custom_op(f"{_LIB}::dequantize", mutates_args=())
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
-               out_dtype: torch.dtype) -> torch.Tensor:
-    return numerics.dequantize(q, scale, zero_point, out_dtype)
+               out_dtype: torch.dtype, block_size: int = 0) -> torch.Tensor:
+    return numerics.dequantize(q, scale, zero_point, out_dtype, block_size=block_size or None)
 
 
 @dequantize.register_fake
-def _(q, scale, zero_point, out_dtype):
+def _(q, scale, zero_point, out_dtype, block_size=0):
     return torch.empty_like(q, dtype=out_dtype)
 
 
@@ -79,12 +81,12 @@ fp8_gemm.register_fake(_gemm_fake)
 
 @torch.library.custom_op(f"{_LIB}::weight_only_gemm", mutates_args=())
 def weight_only_gemm(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None,
-                     bias: torch.Tensor | None) -> torch.Tensor:
-    return ref.weight_only_gemm_ref(x, w_q, w_scale, w_zero, bias)
+                     bias: torch.Tensor | None, group_size: int = 0) -> torch.Tensor:
+    return ref.weight_only_gemm_ref(x, w_q, w_scale, w_zero, bias, group_size or None)
 
 
 @weight_only_gemm.register_fake
-def _(x, w_q, w_scale, w_zero, bias):
+def _(x, w_q, w_scale, w_zero, bias, group_size=0):
     return x.new_empty((*x.shape[:-1], w_q.shape[0]))
 
 

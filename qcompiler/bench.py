@@ -1,0 +1,131 @@
+"""The FP32-vs-quantized table: perplexity, calibration and quantize time, weight bytes and
+CPU prefill speed per preset, under one protocol. Used by the CLI's main job and by
+``benchmarks/accuracy.py``."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import api, data, evaluate, models
+from .calibration import CalibrationCache
+
+__all__ = ["Protocol", "PROTOCOLS", "Row", "run_table", "format_table"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How a model is evaluated and calibrated."""
+
+    eval_text: str              # a key of models.TEXTS or a file path
+    eval_tokens: int | None     # first N tokens of the evaluation text (None: all)
+    context: int
+    bos: bool
+    calib_text: str
+    calib_samples: int = 128
+    calib_seq: int = 512
+    prefill_seq: int = 512
+
+
+PROTOCOLS = {
+    "smollm2-135m": Protocol("wikitext-test", 32768, 1024, False, "wikitext-valid"),
+    "stories260K": Protocol("tinystories", 20480, 512, True, "tinystories"),
+}
+
+
+@dataclass
+class Row:
+    name: str
+    ppl: float
+    delta_pct: float = 0.0
+    calib_s: float = 0.0
+    quantize_s: float = 0.0
+    weight_mb: float = 0.0
+    prefill_tok_s: float = 0.0
+    speedup: float = 1.0
+    quantized: int = 0
+    fallbacks: list[str] = field(default_factory=list)
+    decoder_linears: int = 0
+
+
+def _text(kind: str) -> str:
+    path = models.text_path(kind) if kind in models.TEXTS else Path(kind)
+    return Path(path).read_text(encoding="utf-8")
+
+
+def _model_bytes(model: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def run_table(model_name: str, presets: list[str], protocol: Protocol | None = None, *,
+              progress: bool = True, prefill: bool = True) -> tuple[list[Row], dict]:
+    """Evaluate FP32 and each preset on ``model_name``; returns rows and run facts."""
+    protocol = protocol or PROTOCOLS.get(model_name) or PROTOCOLS["smollm2-135m"]
+    model, tok = models.load_model(model_name)
+    bos_id = tok.bos_token_id if protocol.bos else None
+    eval_ids = data.tokenize_text(tok, _text(protocol.eval_text))
+    windows = data.eval_windows(eval_ids, protocol.eval_tokens, protocol.context, bos_id=bos_id)
+    calib_ids = data.tokenize_text(tok, _text(protocol.calib_text))
+    calib = data.calibration_batches(calib_ids, protocol.calib_samples, protocol.calib_seq, seed=0, bos_id=bos_id)
+    vocab = model.config.vocab_size
+    fp_bytes = _model_bytes(model)
+
+    facts = {"model": model_name, "torch": torch.__version__, "threads": torch.get_num_threads(),
+             "machine": platform.processor() or platform.machine(), "protocol": protocol,
+             "eval_windows": len(windows)}
+    fp_ppl = evaluate.perplexity(model, windows, progress=progress, desc="FP32")
+    fp_speed = evaluate.prefill_tokens_per_s(model, protocol.prefill_seq, vocab_size=vocab) if prefill else 0.0
+    rows = [Row("FP32", fp_ppl, weight_mb=fp_bytes / 1e6, prefill_tok_s=fp_speed)]
+
+    cache = CalibrationCache(calib, samples_per_layer=1024, progress=progress)
+    for name in presets:
+        torch._dynamo.reset()
+        qb = api.backend(name, calibration=cache, progress=progress)
+        compiled = torch.compile(model, backend=qb, dynamic=False)
+        t0 = time.perf_counter()
+        ppl = evaluate.perplexity(compiled, windows, progress=progress, desc=name)
+        eval_and_compile = time.perf_counter() - t0
+        rep = qb.report
+        quantize_s = sum(p["wall_s"] for p in rep.passes if p["name"] != "calibrate")
+        before, after = rep.weight_bytes()
+        speed = evaluate.prefill_tokens_per_s(compiled, protocol.prefill_seq, vocab_size=vocab) if prefill else 0.0
+        decoder = [d for d in rep.layers.values() if d.op_kind == "linear"]
+        rows.append(Row(name, ppl, 100.0 * (ppl / fp_ppl - 1.0), cache.seconds, quantize_s,
+                        (fp_bytes - before + after) / 1e6, speed, speed / fp_speed if fp_speed else 0.0,
+                        len(rep.quantized), [f"{d.fqn} ({d.reason})" for d in decoder if not d.quantize],
+                        len(decoder)))
+        log.info("%s: ppl %.3f, eval+compile %.1f s", name, ppl, eval_and_compile)
+    return rows, facts
+
+
+def format_table(rows: list[Row], facts: dict) -> str:
+    p = facts["protocol"]
+    head = (f"Model {facts['model']}; perplexity on the first {p.eval_tokens or 'all'} tokens of {p.eval_text} "
+            f"(context {p.context}, non-overlapping, {'BOS per window' if p.bos else 'no BOS'}, fp32 compute, "
+            f"{facts['eval_windows']} windows); calibration {p.calib_samples} x {p.calib_seq} tokens of "
+            f"{p.calib_text} at seeded random offsets; prefill = one {p.prefill_seq}-token sequence, "
+            f"{facts['threads']} threads, torch {facts['torch']}.")
+    lines = [head, "",
+             "| recipe | perplexity | Δ% vs FP32 | calibration s (shared) | quantize s | weight MB | "
+             "prefill tok/s | speedup | fallback decoder linears |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        fb = "-" if r.name == "FP32" else f"{len(r.fallbacks)}/{r.decoder_linears}"
+        lines.append(f"| {r.name} | {r.ppl:.3f} | {r.delta_pct:+.2f} | {r.calib_s:.1f} | {r.quantize_s:.1f} | "
+                     f"{r.weight_mb:.1f} | {r.prefill_tok_s:.0f} | {r.speedup:.2f}x | {fb} |")
+    for r in rows:
+        if r.fallbacks:
+            lines.append(f"\n{r.name} keeps in high precision: " + "; ".join(r.fallbacks))
+    return "\n".join(lines)
