@@ -21,16 +21,17 @@ def _rows(a: torch.Tensor) -> torch.Tensor:
     return a.reshape(-1, a.shape[-1])
 
 
-def _row_scale(a_scale: torch.Tensor, m: int) -> torch.Tensor:
-    return a_scale.float().reshape(-1, 1) if a_scale.dim() else a_scale.float()
-
-
-def _epilogue(acc: torch.Tensor, a_scale, w_scale, bias, out_dtype, lead) -> torch.Tensor:
-    m = acc.shape[0]
-    out = acc.float() * _row_scale(a_scale, m) * w_scale.float().reshape(1, -1) if w_scale.dim() \
-        else acc.float() * _row_scale(a_scale, m) * w_scale.float()
-    if bias is not None:
-        out = out + bias.float()
+def _epilogue(acc: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+              out_dtype: torch.dtype, lead) -> torch.Tensor:
+    """``acc * a_scale * w_scale + bias`` in float32 with as few passes over [M, N] as possible."""
+    w_row = w_scale.float().reshape(1, -1) if w_scale.dim() else w_scale.float().reshape(1, 1)
+    if a_scale.dim() == 0:
+        # static activations: one combined per-channel scale, a single pass over acc
+        combined = w_row * a_scale.float()
+        out = acc * combined if bias is None else torch.addcmul(bias.float(), acc, combined)
+    else:
+        out = acc * a_scale.float().reshape(-1, 1)
+        out = out.mul_(w_row) if bias is None else torch.addcmul(bias.float(), out, w_row)
     return out.to(out_dtype).reshape(*lead, -1)
 
 

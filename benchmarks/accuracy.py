@@ -1,0 +1,44 @@
+"""Accuracy and CPU-speed table for every preset against FP32, under the project protocol.
+
+Regenerate (2 CPU cores, ~25 min for SmolLM2, ~1 min for stories260K):
+
+    python benchmarks/accuracy.py --model smollm2-135m --out benchmarks/results_smollm2.md
+    python benchmarks/accuracy.py --model stories260K --out benchmarks/results_stories260K.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import sys
+from pathlib import Path
+
+import qcompiler
+from qcompiler.bench import PROTOCOLS, format_table, run_table
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m", choices=sorted(PROTOCOLS))
+    ap.add_argument("--presets", default=",".join(qcompiler.recipes.names()),
+                    help="comma-separated preset names (default: all)")
+    ap.add_argument("--out", type=Path, help="write the markdown table here")
+    ap.add_argument("--no-prefill", action="store_true", help="skip the prefill speed measurement")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    presets = [p for p in args.presets.split(",") if p]
+    for p in presets:
+        qcompiler.recipes.get(p)
+    rows, facts = run_table(args.model, presets, prefill=not args.no_prefill, progress=sys.stderr.isatty())
+    cmd = "python benchmarks/accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    text = (f"# {args.model}: accuracy and CPU speed per preset\n\nGenerated {datetime.date.today()} by `{cmd}`.\n\n"
+            + format_table(rows, facts) + "\n")
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""The ``qcompiler`` command line.
+
+    qcompiler                      the main job: fetch SmolLM2-135M, calibrate, quantize, evaluate, print the table
+    qcompiler run ...              the same with options
+    qcompiler quantize ...         quantize a model and save it (safetensors + recipe JSON)
+    qcompiler eval PATH|MODEL      perplexity of a saved quantized model (no recalibration) or of a float model
+    qcompiler recipes [NAME]       list the presets, or print one as JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from . import bench, data, evaluate, models, recipes
+
+__all__ = ["main"]
+
+DEFAULT_RECIPES = "w8a16,w8a8-int8-sq-dynamic,w8a8-int8-sq"
+
+
+def _add_model(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--model", default="smollm2-135m",
+                    help=f"model: one of {sorted(models.MODELS)} or a Hugging Face model folder (default: smollm2-135m)")
+
+
+def _add_protocol(ap: argparse.ArgumentParser, eval_tokens: int, calib_samples: int) -> None:
+    ap.add_argument("--eval-text", help="evaluation text file (default: WikiText-2 test, or TinyStories for stories260K)")
+    ap.add_argument("--eval-tokens", type=int, default=eval_tokens, help=f"first N tokens evaluated (default {eval_tokens})")
+    ap.add_argument("--context", type=int, help="evaluation window length (default: 1024; 512 for stories260K)")
+    ap.add_argument("--calib-text", help="calibration text file (default: WikiText-2 valid, or TinyStories)")
+    ap.add_argument("--calib-samples", type=int, default=calib_samples,
+                    help=f"calibration sequences of --calib-seq tokens (default {calib_samples})")
+    ap.add_argument("--calib-seq", type=int, default=512, help="calibration sequence length (default 512)")
+
+
+def _protocol(args) -> bench.Protocol:
+    base = bench.PROTOCOLS.get(args.model, bench.PROTOCOLS["smollm2-135m"])
+    for name in ("eval_tokens", "calib_samples", "calib_seq"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise SystemExit(f"qcompiler: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    return bench.Protocol(args.eval_text or base.eval_text, args.eval_tokens, args.context or base.context, base.bos,
+                          args.calib_text or base.calib_text, args.calib_samples, args.calib_seq)
+
+
+def _cmd_run(args) -> int:
+    names = [n for n in args.recipes.split(",") if n]
+    for n in names:
+        recipes.get(n)
+    protocol = _protocol(args)
+    rows, facts = bench.run_table(args.model, names, protocol, progress=not args.quiet, prefill=not args.no_prefill)
+    print(bench.format_table(rows, facts))
+    return 0
+
+
+def _calibration(args, tok, protocol: bench.Protocol) -> list[torch.Tensor]:
+    ids = data.tokenize_text(tok, bench._text(protocol.calib_text))
+    bos = tok.bos_token_id if protocol.bos else None
+    return data.calibration_batches(ids, protocol.calib_samples, protocol.calib_seq, seed=0, bos_id=bos)
+
+
+def _cmd_quantize(args) -> int:
+    from .api import quantize, report
+    from .serialization import save_quantized
+    recipe = recipes.Recipe.from_json(Path(args.recipe).read_text()) if args.recipe.endswith(".json") \
+        else recipes.get(args.recipe)
+    protocol = _protocol(args)
+    model, tok = models.load_model(args.model)
+    calib = _calibration(args, tok, protocol) if recipe.needs_calibration else None
+    quantize(model, recipe, calibration=calib, progress=not args.quiet)
+    rep = report(model)
+    weights = save_quantized(model, args.out, recipe, tokenizer=tok, report=rep, source=args.model)
+    print(rep.summary())
+    print(f"saved {weights}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from transformers import AutoTokenizer
+    from .serialization import WEIGHTS_FILE, load_quantized, saved_metadata
+    target = Path(args.target)
+    source = args.target
+    if (target / WEIGHTS_FILE).is_file():
+        source = saved_metadata(target).get("source", "")
+        model, recipe = load_quantized(target)
+        tok = AutoTokenizer.from_pretrained(str(target))
+        label = f"{target} ({recipe.name})"
+    else:
+        model, tok = models.load_model(args.target)
+        label = f"{args.target} (float)"
+    args.model = args.model or source
+    protocol = _protocol(args)
+    ids = data.tokenize_text(tok, bench._text(protocol.eval_text))
+    windows = data.eval_windows(ids, protocol.eval_tokens, protocol.context,
+                                bos_id=tok.bos_token_id if protocol.bos else None)
+    ppl = evaluate.perplexity(model, windows, progress=not args.quiet)
+    print(f"{label}: perplexity {ppl:.3f} on the first {protocol.eval_tokens} tokens of {protocol.eval_text} "
+          f"(context {protocol.context}, {len(windows)} windows)")
+    return 0
+
+
+def _cmd_recipes(args) -> int:
+    if args.name:
+        print(recipes.get(args.name).to_json())
+    else:
+        for n in recipes.names():
+            r = recipes.get(n)
+            act = "weight-only" if r.activation is None else \
+                f"{r.activation.dtype.value} {'per-token dynamic' if r.activation.dynamic else 'per-tensor static'}"
+            print(f"{n:<22} weights {r.weight.dtype.value} {r.weight.granularity.value:<12} activations {act}"
+                  + (", SmoothQuant" if r.smoothquant else ""))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="qcompiler", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-v", "--verbose", action="store_true", help="log each pass")
+    sub = ap.add_subparsers(dest="command")
+
+    run = sub.add_parser("run", help="calibrate, quantize and evaluate presets against FP32; print the table")
+    _add_model(run)
+    run.add_argument("--recipes", default=DEFAULT_RECIPES,
+                     help=f"comma-separated presets (default {DEFAULT_RECIPES}); known: {', '.join(recipes.names())}")
+    _add_protocol(run, eval_tokens=8192, calib_samples=32)
+    run.add_argument("--no-prefill", action="store_true", help="skip the prefill speed measurement")
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(func=_cmd_run)
+
+    q = sub.add_parser("quantize", help="quantize a model and save it as safetensors")
+    _add_model(q)
+    q.add_argument("--recipe", required=True, help=f"preset ({', '.join(recipes.names())}) or a recipe .json file")
+    q.add_argument("--out", required=True, type=Path, help="output folder")
+    _add_protocol(q, eval_tokens=8192, calib_samples=128)
+    q.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    q.set_defaults(func=_cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity of a saved quantized model folder, or of a float model by name")
+    e.add_argument("target", help="a folder written by `qcompiler quantize`, or a model name/folder")
+    e.add_argument("--model", default=None, help="which protocol defaults to use (smollm2-135m or stories260K)")
+    _add_protocol(e, eval_tokens=8192, calib_samples=128)
+    e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=_cmd_eval)
+
+    r = sub.add_parser("recipes", help="list the presets, or print one as JSON")
+    r.add_argument("name", nargs="?", help="a preset to print")
+    r.set_defaults(func=_cmd_recipes)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command is None:   # the main job on the embedded default model
+        args = ap.parse_args(["run"] + (["-v"] if args.verbose else []))
+    try:
+        return args.func(args)
+    except (recipes.RecipeError, FileNotFoundError, ValueError) as e:
+        print(f"qcompiler: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Q/DQ insertion then fusion: node counts and order, pt2e style."""
+
+from __future__ import annotations
+
+import operator
+
+import pytest
+import torch
+
+import qcompiler
+from qcompiler.passes import Annotate, Calibrate, FallbackRules, InsertQDQ, OutlierAnalysis, SensitivityFallback, \
+    SmoothQuantFold, FuseQuantizedGemm
+from tiny_models import tiny_model, token_batches
+
+ops = torch.ops.qcompiler
+
+
+def _run(preset: str, passes):
+    model = tiny_model("llama")
+    qb = qcompiler.backend(preset, calibration=token_batches(2, 16), progress=False)
+
+    def be(gm, example_inputs):
+        return qb.run_passes(gm, example_inputs, passes)
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=be)(token_batches(1, 8)[0])
+    gm = qb.graphs[-1]
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"], qb
+
+
+PLAN = [Annotate(), Calibrate(), OutlierAnalysis(), FallbackRules(), SmoothQuantFold(), SensitivityFallback()]
+
+
+@pytest.mark.parametrize("preset,act_q", [("w8a8-int8-naive", ops.quantize), ("w8a8-int8-sq-dynamic", ops.quantize_per_token),
+                                          ("w8a16", None)])
+def test_qdq_inserts_one_pattern_per_quantized_linear(preset, act_q):
+    targets, qb = _run(preset, PLAN + [InsertQDQ()])
+    n_q = len(qb.report.quantized)
+    assert targets.count(ops.dequantize) == n_q * (1 if act_q is None else 2)
+    if act_q is not None:
+        assert targets.count(act_q) == n_q
+    linears = [t for t in targets if t is torch.nn.functional.linear]
+    assert len(linears) == n_q + 1   # plus the float head, which keeps its original op
+    assert ops.int8_gemm not in targets
+
+
+@pytest.mark.parametrize("preset,gemm", [("w8a8-int8-naive", ops.int8_gemm), ("w8a8-int8-sq-dynamic", ops.int8_gemm),
+                                         ("fp8", ops.fp8_gemm), ("fp8-dynamic", ops.fp8_gemm),
+                                         ("w8a16", ops.weight_only_gemm)])
+def test_fusion_leaves_only_quantized_gemms(preset, gemm):
+    targets, qb = _run(preset, PLAN + [InsertQDQ(), FuseQuantizedGemm()])
+    n_q = len(qb.report.quantized)
+    assert targets.count(gemm) == n_q
+    assert ops.dequantize not in targets    # every DQ was absorbed into a GEMM
+    assert sum(t is torch.nn.functional.linear for t in targets) == 1   # the float head
+    # order: each activation quantize sits right before its GEMM's use
+    if gemm is not ops.weight_only_gemm:
+        q = ops.quantize_per_token if "dynamic" in preset else ops.quantize
+        assert targets.count(q) == n_q
+        first_q, first_gemm = targets.index(q), targets.index(gemm)
+        assert first_q < first_gemm
+    stats = next(p["stats"] for p in qb.report.passes if p["name"] == "fuse")
+    assert sum(stats.values()) == n_q
