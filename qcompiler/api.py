@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from collections.abc import Iterable, Sequence
 
@@ -39,6 +40,25 @@ def _frame_self() -> torch.nn.Module | None:
     root = getattr(getattr(tx, "output", None), "root_tx", None) or tx
     obj = getattr(root, "f_locals", {}).get("self")
     return obj if isinstance(obj, torch.nn.Module) else None
+
+
+def _locate_root() -> torch.nn.Module | None:
+    """The outermost module around the frame being compiled.
+
+    Dynamo may compile a submodule's frame (after a graph break, the rest of a forward runs
+    eagerly and inner frames are compiled on their own); the model is then a ``self`` further
+    up the Python stack, one that contains the compiled frame's module.
+    """
+    root = _frame_self()
+    frame = sys._getframe(1)
+    while frame is not None:
+        obj = frame.f_locals.get("self")
+        obj = getattr(obj, "_orig_mod", obj)   # torch.compile's OptimizedModule wrapper
+        if isinstance(obj, torch.nn.Module) and obj is not root and (
+                root is None or any(m is root for m in obj.modules())):
+            root = obj
+        frame = frame.f_back
+    return root
 
 
 class QCompilerBackend:
@@ -94,7 +114,8 @@ class QCompilerBackend:
         return default_passes(self.target) + list(self.extra_passes)
 
     def run_passes(self, gm: GraphModule, example_inputs, passes: list) -> GraphModule:
-        self._adopt_root(_frame_self())
+        if self.root is None:
+            self._adopt_root(_locate_root())
         device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
         ctx = PassContext(self.recipe, list(example_inputs), device,
                           analyses={"param_names": self._param_names, "calibration_source": self._stats,
@@ -103,8 +124,11 @@ class QCompilerBackend:
         gm = PassManager(passes).run(gm, ctx)
         self.report.layers.update(ctx.layer_plan)
         self.report.graphs += 1
-        if not ctx.layer_plan:
-            msg = "graph has nothing quantizable (no linear with a parameter weight); it runs in float"
+        log.info("graph %d: %d linears, %d quantized", self.report.graphs, len(ctx.layer_plan),
+                 sum(d.quantize for d in ctx.layer_plan.values()))
+        if not self.report.layers:
+            # nothing quantizable so far (a later graph of a graph break may still bring linears)
+            msg = f"graph {self.report.graphs} has nothing quantizable (no linear with a parameter weight); it runs in float"
             self.report.warnings.append(msg)
             warnings.warn(msg, stacklevel=2)
         self.last_context = ctx
@@ -140,6 +164,8 @@ def quantize(model: torch.nn.Module, recipe: Recipe | str, calibration: Iterable
     """
     from .eager import apply_plan
     qb = QCompilerBackend(recipe, calibration, "reference", progress=progress)
+    if qb.calibration is not None:
+        qb.calibration.check_vocabulary(model)
     qb._adopt_root(model)
     if example_input is None:
         first = qb.calibration.batches[0] if qb.calibration is not None else None

@@ -82,9 +82,22 @@ class CalibrationCache:
         self.stats: dict[str, LayerStats] | None = None
         self.seconds = 0.0
 
+    def check_vocabulary(self, model: torch.nn.Module) -> None:
+        """Refuse token ids outside the model's input embedding (clear error before any forward)."""
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        vocab = getattr(emb, "num_embeddings", None)
+        if vocab is None:
+            return
+        for i, b in enumerate(self.batches):
+            ids = b.get("input_ids") if isinstance(b, Mapping) else b
+            if isinstance(ids, torch.Tensor) and ids.numel() and (int(ids.max()) >= vocab or int(ids.min()) < 0):
+                raise CalibrationError(f"calibration batch {i}: token ids must be in [0, {vocab}) for this model, "
+                                       f"got values in [{int(ids.min())}, {int(ids.max())}]")
+
     def collect(self, model: torch.nn.Module) -> dict[str, LayerStats]:
         if self.stats is not None:
             return self.stats
+        self.check_vocabulary(model)
         t0 = time.perf_counter()
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         gen = torch.Generator().manual_seed(self.seed)
@@ -114,7 +127,9 @@ class CalibrationCache:
             if dims:
                 handles.append(module.register_forward_pre_hook(make_hook(path, dims), with_kwargs=True))
         try:
-            with torch.inference_mode():
+            # force_eager: the model's forward may itself be a torch.compile'd function whose
+            # compile called us; calibration must run the float model, not recurse into Dynamo.
+            with torch.inference_mode(), torch.compiler.set_stance("force_eager"):
                 for b in tqdm(self.batches, desc="calibrating", disable=not self.progress, leave=False):
                     if isinstance(b, Mapping):
                         model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()})

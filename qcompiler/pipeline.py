@@ -12,7 +12,7 @@ import networkx as nx
 import torch
 from torch.fx import GraphModule
 
-from .errors import PassError
+from .errors import CalibrationError, PassError, RecipeError
 from .recipes import Recipe
 
 __all__ = ["Pass", "PassResult", "PassContext", "PassManager", "LayerDecision", "CompileReport", "META_KEY"]
@@ -189,8 +189,8 @@ class PassManager:
                 if result.modified:
                     gm.graph.lint()
                     gm.recompile()
-            except PassError:
-                raise
+            except (PassError, RecipeError, CalibrationError):
+                raise   # user-input errors surface as themselves
             except Exception as e:
                 raise PassError(p.name, tuple(done), e) from e
             wall = time.perf_counter() - t0

@@ -60,6 +60,32 @@ def _choice(owner: str, name: str, value: Any, enum_type: type[enum.Enum], allow
     return member
 
 
+def _number(owner: str, name: str, value: Any, optional: bool = False) -> float | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RecipeError(f"{owner}.{name}={value!r} must be a number")
+    return float(value)
+
+
+def _sequence(owner: str, name: str, value: Any) -> tuple:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise RecipeError(f"{owner}.{name}={value!r} must be a sequence")
+    return tuple(value)
+
+
+def _strings(owner: str, name: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)          # one name, not a sequence of characters
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise RecipeError(f"{owner}.{name}={value!r} must be a sequence of strings") from None
+    if not all(isinstance(v, str) for v in items):
+        raise RecipeError(f"{owner}.{name}={value!r} must be a sequence of strings")
+    return items
+
+
 @dataclass(frozen=True)
 class WeightSpec:
     """How weights are quantized.
@@ -118,7 +144,7 @@ class ActivationSpec:
             "activation", "granularity", self.granularity, Granularity,
             (Granularity.PER_TENSOR, Granularity.PER_TOKEN)))
         object.__setattr__(self, "calibrator", _choice("activation", "calibrator", self.calibrator, Calibrator))
-        if not (0.0 < float(self.percentile) <= 100.0):
+        if not (0.0 < _number("activation", "percentile", self.percentile) <= 100.0):
             raise RecipeError(f"activation.percentile={self.percentile!r} must be in (0, 100]")
         if not self.symmetric:
             raise RecipeError("activation.symmetric=False is not supported; expected symmetric=True")
@@ -144,9 +170,9 @@ class SmoothQuantSpec:
     alpha_grid: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(21))
 
     def __post_init__(self):
-        if not (0.0 <= float(self.alpha) <= 1.0):
+        if not (0.0 <= _number("smoothquant", "alpha", self.alpha) <= 1.0):
             raise RecipeError(f"smoothquant.alpha={self.alpha!r} must be in [0, 1]")
-        grid = tuple(float(a) for a in self.alpha_grid)
+        grid = tuple(_number("smoothquant", "alpha_grid", a) for a in _sequence("smoothquant", "alpha_grid", self.alpha_grid))
         if not grid or any(not 0.0 <= a <= 1.0 for a in grid):
             raise RecipeError(f"smoothquant.alpha_grid={self.alpha_grid!r} must be a non-empty "
                               "sequence of values in [0, 1]")
@@ -172,13 +198,14 @@ class FallbackSpec:
     max_fraction: float = 0.1
 
     def __post_init__(self):
-        kinds = tuple(self.keep_op_kinds)
+        kinds = _strings("fallback", "keep_op_kinds", self.keep_op_kinds)
         bad = [k for k in kinds if k not in OP_KINDS]
         if bad:
             raise RecipeError(f"fallback.keep_op_kinds has {bad!r}; expected a subset of {list(OP_KINDS)}")
         object.__setattr__(self, "keep_op_kinds", kinds)
-        object.__setattr__(self, "keep_modules", tuple(str(g) for g in self.keep_modules))
-        if not 0.0 <= float(self.max_fraction) <= 1.0:
+        object.__setattr__(self, "keep_modules", _strings("fallback", "keep_modules", self.keep_modules))
+        _number("fallback", "min_sqnr_db", self.min_sqnr_db, optional=True)
+        if not 0.0 <= _number("fallback", "max_fraction", self.max_fraction) <= 1.0:
             raise RecipeError(f"fallback.max_fraction={self.max_fraction!r} must be in [0, 1]")
 
 
@@ -245,7 +272,8 @@ class Recipe:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Recipe":
         if not isinstance(d, dict) or set(d) != {"type", "version", "data"}:
-            raise RecipeError("a recipe dict must have exactly the keys 'type', 'version' and 'data'")
+            got = sorted(d) if isinstance(d, dict) else type(d).__name__
+            raise RecipeError(f"a recipe dict must have exactly the keys 'type', 'version' and 'data', got {got}")
         if d["type"] != cls.__name__:
             raise RecipeError(f"recipe type {d['type']!r} is unknown; expected {cls.__name__!r}")
         if d["version"] != cls.VERSION:

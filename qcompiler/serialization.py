@@ -33,7 +33,6 @@ def save_quantized(model: torch.nn.Module, path: str | Path, recipe: Recipe, *, 
                    report: CompileReport | None = None, source: str = "") -> Path:
     """Write ``model`` (after ``qcompiler.quantize``) to the folder ``path``; returns the weights file."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     layers = {}
     for fqn, m in model.named_modules():
         if isinstance(m, QuantizedLinear):
@@ -41,6 +40,7 @@ def save_quantized(model: torch.nn.Module, path: str | Path, recipe: Recipe, *, 
                            "act_dynamic": m.act_dynamic, "in_features": m.in_features, "out_features": m.out_features}
     if not layers:
         raise ValueError("save_quantized: the model has no QuantizedLinear; run qcompiler.quantize(model, ...) first")
+    path.mkdir(parents=True, exist_ok=True)
     meta = {"format": _FORMAT, "recipe": recipe.to_json(indent=None), "layers": json.dumps(layers),
             "source": source}
     weights = path / WEIGHTS_FILE

@@ -1,0 +1,46 @@
+"""A real trained checkpoint (stories260K): quantized perplexity stays close to float."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qcompiler
+from qcompiler import data, evaluate, models
+
+pytestmark = pytest.mark.skipif(models.shared_dir() is None,
+                                reason="../shared (models and text) not found; CI provides it")
+
+# Perplexity increase allowed on 8 windows of TinyStories (float is ~4.67 there).
+MAX_DELTA = {"w8a16": 0.005, "w8a8-int8-sq-dynamic": 0.02, "w8a8-int8-sq": 0.03, "fp8-dynamic": 0.04, "fp8": 0.04,
+             "w8a8-int8-naive": 0.06}
+
+
+@pytest.fixture(scope="module")
+def stories():
+    model, tok = models.load_model("stories260K")
+    ids = data.tokenize_text(tok, models.text_path("tinystories").read_text(encoding="utf-8"))
+    windows = data.eval_windows(ids, 8 * 511, 512, bos_id=tok.bos_token_id)
+    calib = data.calibration_batches(ids, 32, 256, seed=0, bos_id=tok.bos_token_id)
+    return model, windows, calib, evaluate.perplexity(model, windows, progress=False)
+
+
+@pytest.mark.parametrize("preset", sorted(MAX_DELTA))
+def test_preset_perplexity_close_to_float(stories, preset):
+    model, windows, calib, fp_ppl = stories
+    torch._dynamo.reset()
+    qb = qcompiler.backend(preset, calibration=calib, progress=False)
+    ppl = evaluate.perplexity(torch.compile(model, backend=qb, dynamic=False), windows, progress=False)
+    delta = ppl / fp_ppl - 1
+    assert 0 < abs(delta) < MAX_DELTA[preset], (preset, fp_ppl, ppl)
+    assert len(qb.report.quantized) == 35    # every decoder linear of the 5 layers
+
+
+def test_smoothquant_beats_naive_static(stories):
+    model, windows, calib, fp_ppl = stories
+    result = {}
+    for preset in ("w8a8-int8-naive", "w8a8-int8-sq"):
+        torch._dynamo.reset()
+        qb = qcompiler.backend(preset, calibration=calib, progress=False)
+        result[preset] = evaluate.perplexity(torch.compile(model, backend=qb, dynamic=False), windows, progress=False)
+    assert result["w8a8-int8-sq"] < result["w8a8-int8-naive"]
