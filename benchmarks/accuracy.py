@@ -24,13 +24,15 @@ def main(argv=None) -> int:
     ap.add_argument("--presets", default=",".join(qcompiler.recipes.names()),
                     help="comma-separated preset names (default: all)")
     ap.add_argument("--out", type=Path, help="write the markdown table here")
+    ap.add_argument("--no-peers", action="store_true", help="skip the torchao peer row")
     ap.add_argument("--no-prefill", action="store_true", help="skip the prefill speed measurement")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     presets = [p for p in args.presets.split(",") if p]
     for p in presets:
         qcompiler.recipes.get(p)
-    rows, facts = run_table(args.model, presets, prefill=not args.no_prefill, progress=sys.stderr.isatty())
+    rows, facts = run_table(args.model, presets, prefill=not args.no_prefill,
+                             progress=sys.stderr.isatty(), peers=not args.no_peers)
     cmd = "python benchmarks/accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv)
     text = (f"# {args.model}: accuracy and CPU speed per preset\n\nGenerated {datetime.date.today()} by `{cmd}`.\n\n"
             + format_table(rows, facts) + "\n")

@@ -84,7 +84,7 @@ def _model_bytes(model: torch.nn.Module) -> int:
 
 
 def run_table(model_name: str, presets: list[str], protocol: Protocol | None = None, *,
-              progress: bool = True, prefill: bool = True) -> tuple[list[Row], dict]:
+              progress: bool = True, prefill: bool = True, peers: bool = False) -> tuple[list[Row], dict]:
     """Evaluate FP32 and each preset on ``model_name``; returns rows and run facts."""
     protocol = protocol or PROTOCOLS.get(model_name) or PROTOCOLS["smollm2-135m"]
     model, tok = models.load_model(model_name)
@@ -121,7 +121,33 @@ def run_table(model_name: str, presets: list[str], protocol: Protocol | None = N
                         len(rep.quantized), [f"{d.fqn} ({d.reason})" for d in decoder if not d.quantize],
                         len(decoder)))
         log.info("%s: ppl %.3f, eval+compile %.1f s", name, ppl, eval_and_compile)
+    if peers:
+        rows += _torchao_rows(model, windows, fp_ppl, fp_bytes, fp_speed, protocol, progress, prefill, facts)
     return rows, facts
+
+
+def _torchao_rows(model, windows, fp_ppl, fp_bytes, fp_speed, protocol, progress, prefill, facts) -> list[Row]:
+    """torchao's int8 dynamic-activation / int8-weight config on the same model (output head kept float)."""
+    try:
+        import torchao
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    except Exception as e:   # not installed, or does not import beside this torch
+        facts["torchao"] = f"not available ({type(e).__name__}: {e})"
+        return []
+    import copy
+    peer = copy.deepcopy(model)
+    head = peer.get_output_embeddings()
+    t0 = time.perf_counter()
+    quantize_(peer, Int8DynamicActivationInt8WeightConfig(),
+              filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and m is not head)
+    quant_s = time.perf_counter() - t0
+    facts["torchao"] = torchao.__version__
+    ppl = evaluate.perplexity(peer, windows, progress=progress, desc="torchao")
+    speed = evaluate.prefill_tokens_per_s(peer, protocol.prefill_seq, vocab_size=model.config.vocab_size) \
+        if prefill else 0.0
+    n = sum(isinstance(m, torch.nn.Linear) for m in model.modules()) - 1
+    return [Row(f"torchao {torchao.__version__} int8 dyn-act/int8-weight (eager)", ppl, 100.0 * (ppl / fp_ppl - 1.0),
+                0.0, quant_s, _model_bytes(peer) / 1e6, speed, speed / fp_speed if fp_speed else 0.0, n, [], n)]
 
 
 def format_table(rows: list[Row], facts: dict) -> str:
@@ -140,6 +166,9 @@ def format_table(rows: list[Row], facts: dict) -> str:
         fb = "-" if r.name == "FP32" else f"{len(r.fallbacks)}/{r.decoder_linears}"
         lines.append(f"| {r.name} | {r.ppl:.3f} | {r.delta_pct:+.2f} | {r.calib_s:.1f} | {r.quantize_s:.1f} | "
                      f"{r.weight_mb:.1f} | {r.prefill_tok_s:.0f} | {r.speedup:.2f}x | {fb} |")
+    if "torchao" in facts:
+        lines.append(f"\ntorchao peer row: {facts['torchao']}; int8 per-token dynamic activations, int8 per-channel "
+                     "weights on every decoder nn.Linear (output head kept float), run eagerly.")
     for r in rows:
         if r.fallbacks:
             lines.append(f"\n{r.name} keeps in high precision: " + "; ".join(r.fallbacks))

@@ -73,11 +73,41 @@ def quantize_weight(w: torch.Tensor, spec: WeightSpec) -> QuantizedWeight:
         padded = torch.nn.functional.pad(w, (0, groups * g - k)).view(n, groups, g)
         lo, hi = padded.amin(-1), padded.amax(-1)
         absmax = padded.abs().amax(-1)
-    scale, zero = numerics.choose_scale(absmax, dtype, minimum=lo, maximum=hi, symmetric=spec.symmetric)
     qdtype = dtype if spec.symmetric else {"int8": "uint8", "int4": "uint4"}[dtype]
     group = spec.group_size if spec.granularity is Granularity.PER_GROUP else None
+    if spec.calibrator is Calibrator.MSE:
+        ratio = _mse_clip_ratio(w, absmax, lo, hi, spec, qdtype, group)
+        absmax, lo, hi = absmax * ratio, lo * ratio, hi * ratio
+    scale, zero = numerics.choose_scale(absmax, dtype, minimum=lo, maximum=hi, symmetric=spec.symmetric)
     q = numerics.quantize(w, scale, zero, qdtype, block_size=group)
     return QuantizedWeight(q, scale, zero if zero is None else zero.to(numerics.STORAGE_DTYPE[qdtype]), qdtype, group)
+
+
+def _mse_clip_ratio(w, absmax, lo, hi, spec: WeightSpec, qdtype: str, group: int | None,
+                    grid: int = 20, lowest: float = 0.7) -> torch.Tensor:
+    """Per scale entry, the ratio r in [lowest, 1] of the range whose quantization error is least."""
+    best_ratio = torch.ones_like(absmax)
+    best_err = None
+    for r in torch.linspace(1.0, lowest, grid + 1):
+        scale, zero = numerics.choose_scale(absmax * r, spec.dtype.value, minimum=lo * r, maximum=hi * r,
+                                            symmetric=spec.symmetric)
+        deq = numerics.fake_quantize(w, scale, zero, qdtype) if group is None else numerics.dequantize(
+            numerics.quantize(w, scale, zero, qdtype, block_size=group), scale, zero, block_size=group)
+        err = (deq - w).pow(2)
+        if scale.dim() == 0:
+            err = err.sum()
+        elif group is None:
+            err = err.sum(1, keepdim=True)
+        else:
+            k = w.shape[1]
+            err = torch.nn.functional.pad(err, (0, scale.shape[1] * group - k)).view(*scale.shape, group).sum(-1)
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_ratio = torch.where(better, r, best_ratio)
+    return best_ratio
 
 
 def static_act_scale(absmax: torch.Tensor, samples: torch.Tensor, spec: ActivationSpec) -> torch.Tensor:

@@ -95,12 +95,15 @@ class WeightSpec:
         granularity: per_tensor, per_channel (one scale per output channel) or per_group.
         group_size: input channels per scale, with per_group only.
         symmetric: zero-point 0 when True; integer zero-points otherwise (integer dtypes only).
+        calibrator: minmax (scale from each channel's / group's range) or mse (per channel or
+            group, the clipping ratio of the range that minimizes the weight's squared error).
     """
 
     dtype: QuantDtype = QuantDtype.INT8
     granularity: Granularity = Granularity.PER_CHANNEL
     group_size: int | None = None
     symmetric: bool = True
+    calibrator: Calibrator = Calibrator.MINMAX
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", _choice("weight", "dtype", self.dtype, QuantDtype))
@@ -114,6 +117,8 @@ class WeightSpec:
         elif self.group_size is not None:
             raise RecipeError(f"weight.group_size={self.group_size!r} is only valid with "
                               f"granularity='per_group', not {self.granularity.value!r}")
+        object.__setattr__(self, "calibrator", _choice("weight", "calibrator", self.calibrator, Calibrator,
+                                                       (Calibrator.MINMAX, Calibrator.MSE)))
         if not self.symmetric and self.dtype is QuantDtype.FP8_E4M3:
             raise RecipeError("weight.symmetric=False is not supported for dtype 'fp8_e4m3'; "
                               "expected symmetric=True")
