@@ -388,18 +388,18 @@ def _w8a8_naive() -> Recipe:
 
 @register_recipe("w8a8-int8-sq")
 def _w8a8_sq() -> Recipe:
-    return Recipe(
-        name="w8a8-int8-sq", weight=WeightSpec(),
-        activation=ActivationSpec(QuantDtype.INT8, Granularity.PER_TENSOR, Calibrator.PERCENTILE, 99.999),
-        smoothquant=SmoothQuantSpec(alpha=0.8, search=True),
-        fallback=FallbackSpec(min_sqnr_db=22.0, max_fraction=0.1))
+    # Fixed alpha: on SmolLM2 the per-group output-error search picks worse alphas for static
+    # per-tensor scales than 0.8 (see benchmarks/); the sensitivity rule keeps the worst 10%.
+    return Recipe(name="w8a8-int8-sq", weight=WeightSpec(), activation=_STATIC_INT8,
+                  smoothquant=SmoothQuantSpec(alpha=0.8),
+                  fallback=FallbackSpec(min_sqnr_db=40.0, max_fraction=0.1))
 
 
 @register_recipe("w8a8-int8-sq-dynamic")
 def _w8a8_sq_dynamic() -> Recipe:
     return Recipe(name="w8a8-int8-sq-dynamic", weight=WeightSpec(), activation=_DYNAMIC_INT8,
                   smoothquant=SmoothQuantSpec(alpha=0.5, search=True),
-                  fallback=FallbackSpec(min_sqnr_db=25.0, max_fraction=0.1))
+                  fallback=FallbackSpec(min_sqnr_db=40.0, max_fraction=0.1))
 
 
 @register_recipe("fp8")
