@@ -187,7 +187,7 @@ def quantize(model: torch.nn.Module, recipe: Recipe | str, calibration: Iterable
     with torch.inference_mode():
         compiled(**kwargs)
     torch._dynamo.reset()
-    swapped = apply_plan(model, contexts, qb.report)
+    swapped = apply_plan(model, contexts)
     log.info("quantize: %d linear modules replaced", swapped)
     return model
 

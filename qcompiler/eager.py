@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .layer_quant import QuantizedWeight
-from .pipeline import META_KEY, CompileReport, PassContext
+from .pipeline import PassContext
 
 __all__ = ["QuantizedLinear", "apply_plan"]
 
@@ -59,7 +59,7 @@ def _is_plain_linear(module: torch.nn.Module, weight: torch.Tensor) -> bool:
             and set(params) <= {"weight", "bias"})
 
 
-def apply_plan(model: torch.nn.Module, contexts: list[PassContext], report: CompileReport) -> int:
+def apply_plan(model: torch.nn.Module, contexts: list[PassContext]) -> int:
     """Swap planned linears for ``QuantizedLinear``; write changed float weights back. Returns swaps."""
     swapped = 0
     for ctx in contexts:
@@ -75,8 +75,8 @@ def apply_plan(model: torch.nn.Module, contexts: list[PassContext], report: Comp
             # scales are applied at this module's input in eager mode.
             inv = (1.0 / s).float() if s is not None and not d.smoothing.startswith("linear:") else None
             if d.quantize and not _is_plain_linear(module, weight):
+                # keep it in float (falls through: its float weights may still need the smoothing)
                 d.quantize, d.reason = False, "module is not a plain linear; eager mode cannot swap it (use torch.compile)"
-                continue
             if not d.quantize:
                 if lw.modified:
                     new_w = lw.w * inv[None, :] if inv is not None else lw.w   # undo the input-side scale

@@ -33,7 +33,10 @@ def test_preset_perplexity_close_to_float(stories, preset):
     ppl = evaluate.perplexity(torch.compile(model, backend=qb, dynamic=False), windows, progress=False)
     delta = ppl / fp_ppl - 1
     assert 0 < abs(delta) < MAX_DELTA[preset], (preset, fp_ppl, ppl)
-    assert len(qb.report.quantized) == 35    # every decoder linear of the 5 layers
+    decoder = [d for d in qb.report.layers.values() if d.op_kind == "linear"]
+    assert len(decoder) == 35                                        # 7 linears in each of 5 layers
+    assert len(qb.report.quantized) >= 0.9 * len(decoder)            # the sensitivity cap is 10%
+    assert all(d.reason for d in qb.report.fallbacks)
 
 
 def test_smoothquant_beats_naive_static(stories):

@@ -69,7 +69,7 @@ def test_to_dict_is_plain_json():
     assert set(d) == {"type", "version", "data"}
     assert d["type"] == "Recipe" and d["version"] == Recipe.VERSION
     assert d["data"]["weight"]["dtype"] == "int8"
-    assert d["data"]["activation"]["calibrator"] == "percentile"
+    assert d["data"]["activation"]["calibrator"] == "minmax"
     assert isinstance(d["data"]["smoothquant"]["alpha_grid"], list)
     json.dumps(d)   # no enums or tuples left
 

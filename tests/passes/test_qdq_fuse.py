@@ -41,7 +41,7 @@ def test_qdq_inserts_one_pattern_per_quantized_linear(preset, act_q):
     if act_q is not None:
         assert targets.count(act_q) == n_q
     linears = [t for t in targets if t is torch.nn.functional.linear]
-    assert len(linears) == n_q + 1   # plus the float head, which keeps its original op
+    assert len(linears) == len(qb.report.layers)   # quantized ones, plus the float head and any fallback
     assert ops.int8_gemm not in targets
 
 
@@ -53,7 +53,7 @@ def test_fusion_leaves_only_quantized_gemms(preset, gemm):
     n_q = len(qb.report.quantized)
     assert targets.count(gemm) == n_q
     assert ops.dequantize not in targets    # every DQ was absorbed into a GEMM
-    assert sum(t is torch.nn.functional.linear for t in targets) == 1   # the float head
+    assert sum(t is torch.nn.functional.linear for t in targets) == len(qb.report.fallbacks)   # float head, fallbacks
     # order: each activation quantize sits right before its GEMM's use
     if gemm is not ops.weight_only_gemm:
         q = ops.quantize_per_token if "dynamic" in preset else ops.quantize
