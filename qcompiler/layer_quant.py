@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from . import numerics
-from .recipes import ActivationSpec, Calibrator, Granularity, QuantDtype, Recipe, WeightSpec
+from .recipes import ActivationSpec, Calibrator, Granularity, Recipe, WeightSpec
 
 __all__ = ["QuantizedWeight", "quantize_weight", "static_act_scale", "fake_quant_act", "simulate_linear",
            "relative_error"]
