@@ -11,10 +11,12 @@ from __future__ import annotations
 import torch
 
 from qcompiler import numerics
+from qcompiler.packing import unpack_int4
 
 from . import register_backend
 
-__all__ = ["int8_gemm_ref", "fp8_gemm_ref", "weight_only_gemm_ref"]
+__all__ = ["int8_gemm_ref", "fp8_gemm_ref", "weight_only_gemm_ref", "dequantize_int4_ref", "int4_gemm_ref",
+           "w4a8_gemm_ref"]
 
 
 def _rows(a: torch.Tensor) -> torch.Tensor:
@@ -79,6 +81,30 @@ def weight_only_gemm_ref(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tens
     """
     w = numerics.dequantize(w_q, w_scale, w_zero, torch.float32, block_size=group_size).to(x.dtype)
     return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def dequantize_int4_ref(w_packed: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None,
+                        group_size: int, in_features: int, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Unpack (``qcompiler.packing`` layout) and dequantize an INT4 weight to [N, in_features]."""
+    q = unpack_int4(w_packed, in_features, signed=w_zero is None)
+    return numerics.dequantize(q, w_scale, w_zero, out_dtype, block_size=group_size or None)
+
+
+def int4_gemm_ref(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None,
+                  bias: torch.Tensor | None, group_size: int, in_features: int) -> torch.Tensor:
+    """W4A16: ``x @ dequantize_int4(w).T + bias`` in x's dtype."""
+    w = dequantize_int4_ref(w_packed, w_scale, w_zero, group_size, in_features, torch.float32).to(x.dtype)
+    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def w4a8_gemm_ref(a_q: torch.Tensor, a_scale: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
+                  w_zero: torch.Tensor | None, bias: torch.Tensor | None, group_size: int, in_features: int,
+                  out_dtype: torch.dtype) -> torch.Tensor:
+    """W4A8: ``(a_q * a_scale) @ dequantize_int4(w).T + bias``, float32 accumulate."""
+    a = a_q.float() * a_scale.float()
+    w = dequantize_int4_ref(w_packed, w_scale, w_zero, group_size, in_features, torch.float32)
+    out = torch.nn.functional.linear(a, w, None if bias is None else bias.float())
+    return out.to(out_dtype)
 
 
 @register_backend("reference")

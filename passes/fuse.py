@@ -6,6 +6,8 @@ One row per fusion in ``FUSIONS``: a matcher that reads the Q/DQ pattern around 
 - ``linear(dq(q(x, s)), dq(w_q, w_s), b)`` with int8 / fp8 -> ``int8_gemm`` / ``fp8_gemm(x_q, s, w_q, w_s, b)``
 - the same with ``quantize_per_token`` (dynamic) -> the same GEMMs with per-row scales
 - ``linear(x, dq(w_q, w_s, w_z), b)`` (weight-only) -> ``weight_only_gemm(x, w_q, w_s, w_z, b)``
+- ``linear(x, dequantize_int4(w_packed, ...), b)`` -> ``int4_gemm``; with an fp8 Q/DQ (static or
+  per-token) on x -> ``w4a8_gemm``
 """
 
 from __future__ import annotations
@@ -88,10 +90,45 @@ def _match_weight_only(node: Node):
     return _ops.weight_only_gemm, (x, w.args[0], w.args[1], w.args[2], b, block)
 
 
+def _int4_operands(node: Node):
+    if not _is(node, torch.nn.functional.linear):
+        return None
+    x, w = node.args[0], node.args[1]
+    b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    if not _is(w, _ops.dequantize_int4) or w.args[1].op != "get_attr":
+        return None
+    return x, w.args[:5], b   # (w_packed, w_scale, w_zero, group_size, in_features)
+
+
+def _match_int4_weight_only(node: Node):
+    ops = _int4_operands(node)
+    if ops is None or _is(ops[0], _ops.dequantize):
+        return None
+    x, (w_p, w_s, w_z, group, k), b = ops
+    return _ops.int4_gemm, (x, w_p, w_s, w_z, b, group, k)
+
+
+def _match_w4a8(node: Node):
+    ops = _int4_operands(node)
+    if ops is None or not _is(ops[0], _ops.dequantize):
+        return None
+    x, (w_p, w_s, w_z, group, k), b = ops
+    x_q, x_s = x.args[0], x.args[1]
+    if _is(x_q, operator.getitem):
+        if not (_is(x_s, operator.getitem) and x_q.args[0] is x_s.args[0] and _is(x_q.args[0], _ops.quantize_per_token)
+                and x_q.args[0].args[1] == "fp8_e4m3"):
+            return None
+    elif not (_is(x_q, _ops.quantize) and x_q.args[3] == "fp8_e4m3" and x.args[2] is None):
+        return None
+    return _ops.w4a8_gemm, (x_q, x_s, w_p, w_s, w_z, b, group, k, x.args[3])
+
+
 FUSIONS: tuple[Fusion, ...] = (
     Fusion("static_act_gemm", _match_static),
     Fusion("per_token_act_gemm", _match_per_token),
     Fusion("weight_only_gemm", _match_weight_only),
+    Fusion("int4_weight_only_gemm", _match_int4_weight_only),
+    Fusion("w4a8_gemm", _match_w4a8),
 )
 
 

@@ -1,7 +1,8 @@
 """Q/DQ insertion: turn each quantized linear into a fake-quant linear over qcompiler ops.
 
 Per quantized linear: the weight becomes constants ``w_q, w_scale[, w_zero]`` feeding
-``qcompiler::dequantize``; the input goes through ``qcompiler::quantize`` +
+``qcompiler::dequantize`` (INT4: packed bytes feeding ``qcompiler::dequantize_int4``); weights an
+algorithm pass already quantized (``ctx.analyses["weight_algorithm"]``) are used as they are; the input goes through ``qcompiler::quantize`` +
 ``qcompiler::dequantize`` with its static scale, or ``qcompiler::quantize_per_token`` +
 ``dequantize`` when dynamic; the node becomes ``linear(x_dq, w_dq, bias)``. Linears kept in
 float whose weights an earlier pass changed (SmoothQuant) get those weights as constants.
@@ -36,6 +37,8 @@ class InsertQDQ:
         recipe, act = ctx.recipe, ctx.recipe.activation
         counts = {"quantized_linears": 0, "float_linears_rewritten": 0}
         qweights: dict[str, layer_quant.QuantizedWeight] = {}
+        # weights an algorithm pass (GPTQ, AWQ clipping) already quantized, by module path
+        precomputed: dict[str, layer_quant.QuantizedWeight] = ctx.analyses.get("weight_algorithm", {})
         for node in list(gm.graph.nodes):
             info = node.meta.get(META_KEY)
             if info is None or info.kind not in ("linear", "output_head"):
@@ -53,13 +56,18 @@ class InsertQDQ:
                     counts["float_linears_rewritten"] += 1
                 continue
             if fqn not in qweights:
-                qweights[fqn] = layer_quant.quantize_weight(lw.w, recipe.weight)
+                qweights[fqn] = precomputed.get(fqn) or layer_quant.quantize_weight(lw.w, recipe.weight)
             qw = qweights[fqn]
             with gm.graph.inserting_before(node):
-                w_q = add_constant(gm, f"{fqn}_w_q", qw.q, node)
+                w_q = add_constant(gm, f"{fqn}_w_q", qw.storage(), node)
                 w_scale = add_constant(gm, f"{fqn}_w_scale", qw.scale, node)
                 w_zero = add_constant(gm, f"{fqn}_w_zero", qw.zero, node) if qw.zero is not None else None
-                w_dq = gm.graph.call_function(_ops.dequantize, (w_q, w_scale, w_zero, out_dtype, qw.group_size or 0))
+                if qw.is_int4:
+                    w_dq = gm.graph.call_function(_ops.dequantize_int4, (w_q, w_scale, w_zero, qw.group_size or 0,
+                                                                         qw.shape[1], out_dtype))
+                else:
+                    w_dq = gm.graph.call_function(_ops.dequantize, (w_q, w_scale, w_zero, out_dtype,
+                                                                    qw.group_size or 0))
                 x = parts.x
                 if act is not None:
                     if act.dynamic:

@@ -20,18 +20,47 @@ from tqdm.auto import tqdm
 
 from .errors import CalibrationError
 
-__all__ = ["LayerStats", "CalibrationCache", "validate_batches"]
+__all__ = ["LayerStats", "StatsAccumulator", "CalibrationCache", "validate_batches", "observe_linear_inputs",
+           "run_batches"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class LayerStats:
-    """Input statistics of one linear module: per-channel |x| max, sampled rows, tokens seen."""
+    """Input statistics of one linear module: per-channel |x| max, sampled rows, tokens seen,
+    per-channel mean |x| (AWQ) and, when asked for (GPTQ), the Hessian ``2/n * sum x^T x``."""
 
     absmax: torch.Tensor
     samples: torch.Tensor
     tokens: int
+    absmean: torch.Tensor | None = None
+    hessian: torch.Tensor | None = None
+
+
+class StatsAccumulator:
+    """Accumulates ``LayerStats`` for one module from batches of input rows [M, K]."""
+
+    def __init__(self, k: int, device, hessian: bool):
+        self.absmax = torch.zeros(k, device=device)
+        self.abssum = torch.zeros(k, device=device, dtype=torch.float64)
+        self.xtx = torch.zeros(k, k, device=device) if hessian else None
+        self.samples: list[torch.Tensor] = []
+        self.tokens = 0
+
+    def add(self, rows: torch.Tensor, sample_idx: torch.Tensor, xtx: torch.Tensor | None = None) -> None:
+        torch.maximum(self.absmax, rows.abs().amax(0), out=self.absmax)
+        self.abssum += rows.abs().sum(0, dtype=torch.float64)
+        if self.xtx is not None:
+            self.xtx += xtx if xtx is not None else rows.t() @ rows
+        self.samples.append(rows[sample_idx.to(rows.device)].cpu())
+        self.tokens += rows.shape[0]
+
+    def finish(self, max_samples: int) -> LayerStats:
+        n = max(self.tokens, 1)
+        return LayerStats(self.absmax.cpu(), torch.cat(self.samples)[:max_samples], self.tokens,
+                          (self.abssum / n).float().cpu(),
+                          None if self.xtx is None else (self.xtx * (2.0 / n)).cpu())
 
 
 def validate_batches(batches: Iterable) -> list:
@@ -74,8 +103,10 @@ def _first_float(args, kwargs) -> torch.Tensor | None:
 class CalibrationCache:
     """Collects ``LayerStats`` for a model once; later calls return the cached statistics."""
 
-    def __init__(self, batches: Iterable, samples_per_layer: int = 1024, seed: int = 0, progress: bool = True):
+    def __init__(self, batches: Iterable, samples_per_layer: int = 1024, seed: int = 0, progress: bool = True,
+                 hessian: bool = False):
         self.batches = validate_batches(batches)
+        self.hessian = hessian
         self.samples_per_layer = samples_per_layer
         self.seed = seed
         self.progress = progress
@@ -99,49 +130,76 @@ class CalibrationCache:
             return self.stats
         self.check_vocabulary(model)
         t0 = time.perf_counter()
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        gen = torch.Generator().manual_seed(self.seed)
-        per_batch = max(1, math.ceil(self.samples_per_layer / len(self.batches)))
-        acc: dict[str, dict] = {}
-        handles = []
-
-        def make_hook(path: str, dims: set[int]):
-            def hook(module, args, kwargs):
-                x = _first_float(args, kwargs)
-                if x is None or x.shape[-1] not in dims:
-                    return
-                rows = x.detach().reshape(-1, x.shape[-1]).float()
-                st = acc.setdefault(path, {"absmax": torch.zeros(rows.shape[1], device=rows.device),
-                                           "samples": [], "tokens": 0})
-                if st["absmax"].shape[0] != rows.shape[1]:
-                    return
-                torch.maximum(st["absmax"], rows.abs().amax(0), out=st["absmax"])
-                idx = torch.randperm(rows.shape[0], generator=gen)[:per_batch].to(rows.device)
-                st["samples"].append(rows[idx].cpu())
-                st["tokens"] += rows.shape[0]
-            return hook
-
-        for path, module in model.named_modules():
-            dims = {d for p in module.parameters(recurse=False)
-                    if p.dim() == 2 and p.is_floating_point() for d in p.shape}
-            if dims:
-                handles.append(module.register_forward_pre_hook(make_hook(path, dims), with_kwargs=True))
-        try:
-            # force_eager: the model's forward may itself be a torch.compile'd function whose
-            # compile called us; calibration must run the float model, not recurse into Dynamo.
-            with torch.inference_mode(), torch.compiler.set_stance("force_eager"):
-                for b in tqdm(self.batches, desc="calibrating", disable=not self.progress, leave=False):
-                    if isinstance(b, Mapping):
-                        model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()})
-                    else:
-                        ids = b if b.dim() == 2 else b.unsqueeze(0)
-                        model(input_ids=ids.to(device))
-        finally:
-            for h in handles:
-                h.remove()
-        self.stats = {path: LayerStats(st["absmax"].cpu(), torch.cat(st["samples"])[: self.samples_per_layer],
-                                       st["tokens"]) for path, st in acc.items()}
+        with observe_linear_inputs(model, self.samples_per_layer, len(self.batches), self.seed, self.hessian) as acc:
+            run_batches(model, self.batches, self.progress)
+        self.stats = {path: a.finish(self.samples_per_layer) for path, a in acc.items()}
         self.seconds = time.perf_counter() - t0
         log.info("calibration: %d batches, %d modules observed in %.1f s", len(self.batches), len(self.stats),
                  self.seconds)
         return self.stats
+
+
+def run_batches(model: torch.nn.Module, batches: list, progress: bool, desc: str = "calibrating") -> None:
+    """Run the float model over ``batches`` (token ids or kwargs dicts), outputs discarded."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    # force_eager: the model's forward may itself be a torch.compile'd function whose
+    # compile called us; calibration must run the float model, not recurse into Dynamo.
+    with torch.inference_mode(), torch.compiler.set_stance("force_eager"):
+        for b in tqdm(batches, desc=desc, disable=not progress, leave=False):
+            if isinstance(b, Mapping):
+                model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()})
+            else:
+                ids = b if b.dim() == 2 else b.unsqueeze(0)
+                model(input_ids=ids.to(device))
+
+
+class observe_linear_inputs:
+    """Context manager: forward pre-hooks on every module owning a 2-D float parameter (under
+    ``root``, paths prefixed by ``prefix``) that accumulate its first float input's statistics.
+    Yields ``{module path: StatsAccumulator}``. Inputs shared by several modules (q/k/v after one
+    norm) have their ``x^T x`` computed once per call."""
+
+    def __init__(self, root: torch.nn.Module, samples_per_layer: int, n_batches: int, seed: int = 0,
+                 hessian: bool = False, prefix: str = ""):
+        self.root, self.prefix, self.hessian = root, prefix, hessian
+        self.per_batch = max(1, math.ceil(samples_per_layer / max(n_batches, 1)))
+        self.gen = torch.Generator().manual_seed(seed)
+        self.acc: dict[str, StatsAccumulator] = {}
+        self.handles: list = []
+        self._shared: dict = {}
+
+    def _hook(self, path: str, dims: set[int]):
+        def hook(module, args, kwargs):
+            x = _first_float(args, kwargs)
+            if x is None or x.shape[-1] not in dims:
+                return
+            rows = x.detach().reshape(-1, x.shape[-1]).float()
+            st = self.acc.get(path)
+            if st is None:
+                st = self.acc[path] = StatsAccumulator(rows.shape[1], rows.device, self.hessian)
+            if st.absmax.shape[0] != rows.shape[1]:
+                return
+            xtx = None
+            if self.hessian:
+                key = (x.data_ptr(), tuple(x.shape), x._version)
+                if key not in self._shared:
+                    self._shared = {key: rows.t() @ rows}   # keep only the latest input
+                xtx = self._shared[key]
+            idx = torch.randperm(rows.shape[0], generator=self.gen)[: self.per_batch]
+            st.add(rows, idx, xtx)
+        return hook
+
+    def __enter__(self) -> dict[str, StatsAccumulator]:
+        for path, module in self.root.named_modules():
+            dims = {d for p in module.parameters(recurse=False)
+                    if p.dim() == 2 and p.is_floating_point() for d in p.shape}
+            if dims:
+                full = f"{self.prefix}.{path}" if self.prefix and path else (self.prefix or path)
+                self.handles.append(module.register_forward_pre_hook(self._hook(full, dims), with_kwargs=True))
+        return self.acc
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        self._shared = {}

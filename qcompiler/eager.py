@@ -16,7 +16,7 @@ _ops = torch.ops.qcompiler
 class QuantizedLinear(torch.nn.Module):
     """``y = op(x * inv_smooth) `` for one of qcompiler's fused GEMMs.
 
-    Buffers: ``w_q`` [N, K], ``w_scale``, optional ``w_zero``, ``bias`` [N], ``act_scale``
+    Buffers: ``w_q`` [N, K] (INT4: packed [N, ceil(K/2)] bytes), ``w_scale``, optional ``w_zero``, ``bias`` [N], ``act_scale``
     (static activations) and ``inv_smooth`` [K] (SmoothQuant scale not folded upstream).
     """
 
@@ -27,7 +27,7 @@ class QuantizedLinear(torch.nn.Module):
         self.fqn, self.weight_format = fqn, qweight.describe()
         self.weight_dtype, self.group_size = qweight.dtype, qweight.group_size or 0
         self.act_dtype, self.act_dynamic = act_dtype, act_dynamic
-        self.register_buffer("w_q", qweight.q)
+        self.register_buffer("w_q", qweight.storage())   # INT4: packed two per byte
         self.register_buffer("w_scale", qweight.scale)
         self.register_buffer("w_zero", qweight.zero)
         self.register_buffer("bias", bias)
@@ -38,6 +38,10 @@ class QuantizedLinear(torch.nn.Module):
         out_dtype = x.dtype
         if self.inv_smooth is not None:
             x = x * self.inv_smooth
+        int4 = self.weight_dtype in ("int4", "uint4")
+        bias = None if self.bias is None else self.bias.to(out_dtype)
+        if self.act_dtype is None and int4:
+            return _ops.int4_gemm(x, self.w_q, self.w_scale, self.w_zero, bias, self.group_size, self.in_features)
         if self.act_dtype is None:
             return _ops.weight_only_gemm(x, self.w_q, self.w_scale, self.w_zero,
                                          None if self.bias is None else self.bias.to(out_dtype), self.group_size)
@@ -45,6 +49,9 @@ class QuantizedLinear(torch.nn.Module):
             x_q, x_s = _ops.quantize_per_token(x, self.act_dtype)
         else:
             x_q, x_s = _ops.quantize(x, self.act_scale, None, self.act_dtype), self.act_scale
+        if int4:
+            return _ops.w4a8_gemm(x_q, x_s, self.w_q, self.w_scale, self.w_zero, self.bias, self.group_size,
+                                  self.in_features, out_dtype)
         gemm = _ops.int8_gemm if self.act_dtype == "int8" else _ops.fp8_gemm
         return gemm(x_q, x_s, self.w_q, self.w_scale, self.bias, out_dtype)
 

@@ -5,6 +5,8 @@ Weight layout (``QuantizedWeight``): ``q`` [N, K] row-major (output channel firs
 storage dtype (int8 / uint8, fp8 e4m3, int4 / uint4 one value per byte); ``scale`` 0-d
 (per-tensor), [N, 1] (per-channel) or [N, ceil(K / group_size)] (per-group, ONNX
 ``block_size`` along axis 1, the last group may be partial); ``zero`` like ``scale`` or None.
+INT4 is held unpacked here (one value per byte, for searches) and packed two per byte in
+graphs and files (``storage()``, layout in ``qcompiler.packing``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from . import numerics
+from .packing import pack_int4, unpack_int4
 from .recipes import ActivationSpec, Calibrator, Granularity, Recipe, WeightSpec
 
 __all__ = ["QuantizedWeight", "quantize_weight", "static_act_scale", "fake_quant_act", "simulate_linear",
@@ -37,6 +40,20 @@ class QuantizedWeight:
 
     def dequantize(self, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return numerics.dequantize(self.q, self.scale, self.zero, out_dtype, block_size=self.group_size)
+
+    @property
+    def is_int4(self) -> bool:
+        return self.dtype in ("int4", "uint4")
+
+    def storage(self) -> torch.Tensor:
+        """The tensor stored in graphs and files: ``q``, or for INT4 its packed bytes (``qcompiler.packing``)."""
+        return pack_int4(self.q) if self.is_int4 else self.q
+
+    @classmethod
+    def from_storage(cls, stored: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, dtype: str,
+                     group_size: int | None, in_features: int) -> "QuantizedWeight":
+        q = unpack_int4(stored, in_features, signed=dtype == "int4") if dtype in ("int4", "uint4") else stored
+        return cls(q, scale, zero, dtype, group_size)
 
     def nbytes(self) -> int:
         """Bytes at rest: int4 counts half a byte per value (packed two per byte)."""

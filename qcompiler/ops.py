@@ -7,6 +7,10 @@ Graphs carry them as ordinary ops, so they trace, compile and export:
 - ``qcompiler::quantize_per_token(x, dtype) -> (x_q, scale)`` (dynamic, symmetric)
 - ``qcompiler::int8_gemm`` / ``qcompiler::fp8_gemm(a_q, a_scale, w_q, w_scale, bias, out_dtype)``
 - ``qcompiler::weight_only_gemm(x, w_q, w_scale, w_zero, bias, group_size=0)``
+- packed INT4 (layout in ``qcompiler.packing``): ``qcompiler::dequantize_int4(w_packed, w_scale, w_zero,
+  group_size, in_features, out_dtype)``, ``qcompiler::int4_gemm(x, w_packed, w_scale, w_zero, bias,
+  group_size, in_features)`` (W4A16) and ``qcompiler::w4a8_gemm(a_q, a_scale, w_packed, w_scale, w_zero,
+  bias, group_size, in_features, out_dtype)`` (INT4 weights, FP8 activations)
 
 The CPU/GPU kernels are the pure-torch references in ``qcompiler.backends.reference``.
 """
@@ -19,7 +23,7 @@ from . import numerics
 from .backends import reference as ref
 
 __all__ = ["quantize", "dequantize", "quantize_per_token", "int8_gemm", "fp8_gemm", "weight_only_gemm",
-           "GEMM_OPS", "QDQ_OPS"]
+           "dequantize_int4", "int4_gemm", "w4a8_gemm", "GEMM_OPS", "QDQ_OPS"]
 
 _LIB = "qcompiler"
 
@@ -90,7 +94,41 @@ def _(x, w_q, w_scale, w_zero, bias, group_size=0):
     return x.new_empty((*x.shape[:-1], w_q.shape[0]))
 
 
+@torch.library.custom_op(f"{_LIB}::dequantize_int4", mutates_args=())
+def dequantize_int4(w_packed: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None, group_size: int,
+                    in_features: int, out_dtype: torch.dtype) -> torch.Tensor:
+    return ref.dequantize_int4_ref(w_packed, w_scale, w_zero, group_size, in_features, out_dtype)
+
+
+@dequantize_int4.register_fake
+def _(w_packed, w_scale, w_zero, group_size, in_features, out_dtype):
+    return w_packed.new_empty((w_packed.shape[0], in_features), dtype=out_dtype)
+
+
+@torch.library.custom_op(f"{_LIB}::int4_gemm", mutates_args=())
+def int4_gemm(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None,
+              bias: torch.Tensor | None, group_size: int, in_features: int) -> torch.Tensor:
+    return ref.int4_gemm_ref(x, w_packed, w_scale, w_zero, bias, group_size, in_features)
+
+
+@int4_gemm.register_fake
+def _(x, w_packed, w_scale, w_zero, bias, group_size, in_features):
+    return x.new_empty((*x.shape[:-1], w_packed.shape[0]))
+
+
+@torch.library.custom_op(f"{_LIB}::w4a8_gemm", mutates_args=())
+def w4a8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
+              w_zero: torch.Tensor | None, bias: torch.Tensor | None, group_size: int, in_features: int,
+              out_dtype: torch.dtype) -> torch.Tensor:
+    return ref.w4a8_gemm_ref(a_q, a_scale, w_packed, w_scale, w_zero, bias, group_size, in_features, out_dtype)
+
+
+@w4a8_gemm.register_fake
+def _(a_q, a_scale, w_packed, w_scale, w_zero, bias, group_size, in_features, out_dtype):
+    return a_q.new_empty((*a_q.shape[:-1], w_packed.shape[0]), dtype=out_dtype)
+
+
 _ops = torch.ops.qcompiler
 #: Fused GEMM op packets, as they appear as node targets.
-GEMM_OPS = (_ops.int8_gemm, _ops.fp8_gemm, _ops.weight_only_gemm)
-QDQ_OPS = (_ops.quantize, _ops.dequantize, _ops.quantize_per_token)
+GEMM_OPS = (_ops.int8_gemm, _ops.fp8_gemm, _ops.weight_only_gemm, _ops.int4_gemm, _ops.w4a8_gemm)
+QDQ_OPS = (_ops.quantize, _ops.dequantize, _ops.quantize_per_token, _ops.dequantize_int4)

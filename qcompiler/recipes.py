@@ -20,7 +20,7 @@ from .errors import RecipeError
 
 __all__ = [
     "QuantDtype", "Granularity", "Calibrator", "WeightSpec", "ActivationSpec",
-    "SmoothQuantSpec", "FallbackSpec", "Recipe", "register_recipe", "get", "names", "RECIPES",
+    "SmoothQuantSpec", "GPTQSpec", "AWQSpec", "FallbackSpec", "Recipe", "register_recipe", "get", "names", "RECIPES",
     "OP_KINDS",
 ]
 
@@ -184,6 +184,76 @@ class SmoothQuantSpec:
         object.__setattr__(self, "alpha_grid", grid)
 
 
+def _positive_int(owner: str, name: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise RecipeError(f"{owner}.{name}={value!r} must be a positive integer")
+    return value
+
+
+@dataclass(frozen=True)
+class GPTQSpec:
+    """GPTQ (Frantar et al., 2022): quantize columns in order, compensating each one's error
+    on the columns not yet quantized through the inverse Hessian of the layer's inputs.
+
+    Args:
+        block_size: columns per lazy batch update.
+        dampening: fraction of the mean Hessian diagonal added to it (raised automatically,
+            and reported, when the Hessian is not positive definite).
+        act_order: quantize columns in order of decreasing Hessian diagonal.
+        static_groups: group scales from the original weights up front (else each group's scale
+            is chosen when GPTQ reaches it, from the error-updated weights).
+        min_samples: fewest calibration tokens per linear for a usable Hessian.
+    """
+
+    block_size: int = 128
+    dampening: float = 0.01
+    act_order: bool = False
+    static_groups: bool = False
+    min_samples: int = 128
+
+    def __post_init__(self):
+        _positive_int("gptq", "block_size", self.block_size)
+        _positive_int("gptq", "min_samples", self.min_samples)
+        if not 0.0 < _number("gptq", "dampening", self.dampening) < 1.0:
+            raise RecipeError(f"gptq.dampening={self.dampening!r} must be in (0, 1)")
+        for name in ("act_order", "static_groups"):
+            if not isinstance(getattr(self, name), bool):
+                raise RecipeError(f"gptq.{name}={getattr(self, name)!r} must be true or false")
+
+
+@dataclass(frozen=True)
+class AWQSpec:
+    """AWQ (Lin et al., 2023): per input channel scales s = mean|X|^a (a searched on a grid,
+    minimizing the quantized output error of the linears sharing the input), folded into the
+    preceding op, then a per-group weight clipping search.
+
+    Args:
+        grid: number of alpha values tried in [0, 1).
+        duo_scaling: also divide by mean|W|^(1-a) (llm-compressor's variant).
+        clip_search: search per output channel and group the clipping range of the weights.
+        clip_grid: clipping ratios tried, from 1 down to ``1 - max_shrink``.
+        max_shrink: largest fraction of the range the clip search may cut.
+        samples: calibration rows per linear used by the searches.
+    """
+
+    grid: int = 20
+    duo_scaling: bool = False
+    clip_search: bool = True
+    clip_grid: int = 20
+    max_shrink: float = 0.5
+    samples: int = 1024
+
+    def __post_init__(self):
+        _positive_int("awq", "grid", self.grid)
+        _positive_int("awq", "clip_grid", self.clip_grid)
+        _positive_int("awq", "samples", self.samples)
+        if not 0.0 <= _number("awq", "max_shrink", self.max_shrink) < 1.0:
+            raise RecipeError(f"awq.max_shrink={self.max_shrink!r} must be in [0, 1)")
+        for name in ("duo_scaling", "clip_search"):
+            if not isinstance(getattr(self, name), bool):
+                raise RecipeError(f"awq.{name}={getattr(self, name)!r} must be true or false")
+
+
 @dataclass(frozen=True)
 class FallbackSpec:
     """Which linears stay in high precision.
@@ -223,8 +293,12 @@ class Recipe:
         weight: weight quantization.
         activation: activation quantization; None means weight-only (e.g. W8A16).
         smoothquant: SmoothQuant settings; needs ``activation``.
+        gptq: GPTQ weight quantization (integer weights); exclusive with ``awq``.
+        awq: AWQ scales and clipping (integer weights); exclusive with ``smoothquant`` and ``gptq``.
         fallback: which linears stay high precision.
         samples_per_layer: calibration rows kept per linear input for searches and SQNR.
+        layerwise: calibrate one decoder block at a time, each block fed the outputs of the
+            already-quantized blocks before it (GPTQ / AWQ; bounded calibration memory).
     """
 
     VERSION: ClassVar[int] = 1
@@ -235,6 +309,9 @@ class Recipe:
     smoothquant: SmoothQuantSpec | None = None
     fallback: FallbackSpec = field(default_factory=FallbackSpec)
     samples_per_layer: int = 1024
+    gptq: GPTQSpec | None = None
+    awq: AWQSpec | None = None
+    layerwise: bool = False
 
     def __post_init__(self):
         for name, typ in (("weight", WeightSpec), ("fallback", FallbackSpec)):
@@ -261,6 +338,25 @@ class Recipe:
             if self.weight.granularity is Granularity.PER_GROUP and self.weight.dtype is not QuantDtype.INT4:
                 raise RecipeError("weight.granularity='per_group' with activation quantization needs "
                                   "weight.dtype='int4'")
+        for name, typ in (("gptq", GPTQSpec), ("awq", AWQSpec)):
+            spec = getattr(self, name)
+            if spec is None:
+                continue
+            if not isinstance(spec, typ):
+                raise RecipeError(f"recipe.{name} must be a {typ.__name__} or None, got {type(spec).__name__}")
+            if self.weight.dtype is QuantDtype.FP8_E4M3:
+                raise RecipeError(f"recipe.{name} needs integer weights (int4 or int8), not weight.dtype='fp8_e4m3'")
+            if self.weight.granularity is Granularity.PER_TENSOR:
+                raise RecipeError(f"recipe.{name} needs per_channel or per_group weights, not per_tensor")
+        if self.gptq is not None and self.awq is not None:
+            raise RecipeError("recipe.gptq and recipe.awq are exclusive; choose one")
+        if self.awq is not None and self.smoothquant is not None:
+            raise RecipeError("recipe.awq and recipe.smoothquant both rescale input channels; choose one")
+        if not isinstance(self.layerwise, bool):
+            raise RecipeError(f"recipe.layerwise={self.layerwise!r} must be true or false")
+        if self.layerwise and self.gptq is None and self.awq is None:
+            raise RecipeError("recipe.layerwise=True needs recipe.gptq or recipe.awq (RTN and SmoothQuant "
+                              "do not propagate quantized outputs)")
         if not isinstance(self.samples_per_layer, int) or self.samples_per_layer < 16:
             raise RecipeError(f"recipe.samples_per_layer={self.samples_per_layer!r} must be an integer >= 16")
 
@@ -268,7 +364,8 @@ class Recipe:
     def needs_calibration(self) -> bool:
         """Whether the recipe reads calibration statistics."""
         static = self.activation is not None and not self.activation.dynamic
-        return static or self.smoothquant is not None or self.fallback.min_sqnr_db is not None
+        return (static or self.smoothquant is not None or self.fallback.min_sqnr_db is not None
+                or self.gptq is not None or self.awq is not None)
 
     # -- serialization -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -414,3 +511,33 @@ def _fp8_dynamic() -> Recipe:
     return Recipe(name="fp8-dynamic", weight=WeightSpec(QuantDtype.FP8_E4M3, Granularity.PER_CHANNEL),
                   activation=ActivationSpec(QuantDtype.FP8_E4M3, Granularity.PER_TOKEN),
                   fallback=FallbackSpec(min_sqnr_db=25.0, max_fraction=0.1))
+
+
+_INT4_G64 = WeightSpec(QuantDtype.INT4, Granularity.PER_GROUP, group_size=64, symmetric=True)
+_FP8_PER_TOKEN = ActivationSpec(QuantDtype.FP8_E4M3, Granularity.PER_TOKEN)
+
+
+@register_recipe("w4a16-rtn")
+def _w4a16_rtn() -> Recipe:
+    return Recipe(name="w4a16-rtn", weight=_INT4_G64)
+
+
+@register_recipe("w4a16-awq")
+def _w4a16_awq() -> Recipe:
+    return Recipe(name="w4a16-awq", weight=_INT4_G64, awq=AWQSpec(), layerwise=True)
+
+
+@register_recipe("w4a16-gptq")
+def _w4a16_gptq() -> Recipe:
+    return Recipe(name="w4a16-gptq", weight=_INT4_G64, gptq=GPTQSpec(), layerwise=True)
+
+
+@register_recipe("w4a8-awq")
+def _w4a8_awq() -> Recipe:
+    return Recipe(name="w4a8-awq", weight=_INT4_G64, activation=_FP8_PER_TOKEN, awq=AWQSpec(), layerwise=True)
+
+
+@register_recipe("w8a16-gptq")
+def _w8a16_gptq() -> Recipe:
+    return Recipe(name="w8a16-gptq", weight=WeightSpec(QuantDtype.INT8, Granularity.PER_CHANNEL), gptq=GPTQSpec(),
+                  layerwise=True)

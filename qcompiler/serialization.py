@@ -82,7 +82,8 @@ def load_quantized(path: str | Path) -> tuple[torch.nn.Module, Recipe]:
     model = AutoModelForCausalLM.from_config(config).eval()
     for fqn, spec in layers.items():
         t = lambda name: tensors.get(f"{fqn}.{name}")  # noqa: E731
-        qw = QuantizedWeight(t("w_q"), t("w_scale"), t("w_zero"), spec["weight_dtype"], spec["group_size"] or None)
+        qw = QuantizedWeight.from_storage(t("w_q"), t("w_scale"), t("w_zero"), spec["weight_dtype"],
+                                          spec["group_size"] or None, spec["in_features"])
         act_scale = t("act_scale")
         new = QuantizedLinear(qw, t("bias"), spec["act_dtype"], spec["act_dynamic"],
                               None if act_scale is None else float(act_scale), t("inv_smooth"), fqn)

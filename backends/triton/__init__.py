@@ -1,0 +1,1 @@
+"""Triton backend: fused quantized kernels (issue 5)."""

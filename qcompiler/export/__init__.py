@@ -1,0 +1,1 @@
+"""ONNX QDQ export for TensorRT (issue 6)."""
