@@ -7,17 +7,19 @@ from .calibrate import Calibrate
 from .outliers import OutlierAnalysis
 from .smoothquant import SmoothQuantFold
 from .fallback import FallbackRules, SensitivityFallback
+from .weight_algorithm import AWQFold, WeightAlgorithm
 from .qdq import InsertQDQ
 from .fuse import FuseQuantizedGemm
 from .lower import Lower
 
-__all__ = ["Annotate", "Calibrate", "OutlierAnalysis", "SmoothQuantFold", "FallbackRules", "SensitivityFallback", "InsertQDQ",
+__all__ = ["Annotate", "Calibrate", "OutlierAnalysis", "SmoothQuantFold", "FallbackRules", "SensitivityFallback", "AWQFold", "WeightAlgorithm", "InsertQDQ",
            "FuseQuantizedGemm", "Lower", "default_passes", "planning_passes"]
 
 
 def planning_passes() -> list:
     """The analysis passes that decide, per linear, what to quantize and how."""
-    return [Annotate(), Calibrate(), OutlierAnalysis(), FallbackRules(), SmoothQuantFold(), SensitivityFallback()]
+    return [Annotate(), Calibrate(), OutlierAnalysis(), FallbackRules(), SmoothQuantFold(), AWQFold(),
+            SensitivityFallback(), WeightAlgorithm()]
 
 
 def default_passes(target: str = "reference") -> list:

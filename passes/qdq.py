@@ -29,7 +29,7 @@ _ops = torch.ops.qcompiler
 
 class InsertQDQ:
     name = "insert_qdq"
-    requires = ("sensitivity_fallback",)
+    requires = ("weight_algorithm",)
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         ann = ctx.analyses["annotate"]

@@ -55,8 +55,7 @@ class SmoothQuantFold:
     requires = ("outliers", "fallback_rules")
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        spec = ctx.recipe.smoothquant
-        if spec is None:
+        if not self.enabled(ctx):
             return PassResult(gm, False, {})
         ann = ctx.analyses["annotate"]
         stats = ctx.analyses["calibration"]
@@ -76,14 +75,10 @@ class SmoothQuantFold:
                 counts["skipped"] += 1   # a module applied twice would need one scale for both inputs
                 continue
             ws = [ann.weights[f].w.float() for f in fqns]
-            x_absmax, samples = stats[fqns[0]].absmax, stats[fqns[0]].samples
-            w_absmax = torch.stack([w.abs().amax(0) for w in ws]).amax(0)
-            memo = ctx.analyses.setdefault("memo", {})
-            key = ("smoothquant_alpha", tuple(fqns))
-            if spec.search and key not in memo:
-                memo[key] = self._search(ctx, fqns, ws, x_absmax, samples, w_absmax)
-            alpha = memo[key] if spec.search else spec.alpha
-            s = smoothing_scale(x_absmax, w_absmax, alpha)
+            alpha, s = self.group_scale(ctx, fqns, ws, stats[fqns[0]])
+            if s is None:
+                counts["skipped"] += 1
+                continue
             where = self._fold(gm, ctx, x, nodes, s)
             counts["groups"] += 1
             counts[{"norm": "folded_into_norm", "linear": "folded_into_linear"}.get(where[0], "explicit")] += 1
@@ -94,6 +89,22 @@ class SmoothQuantFold:
                 d = ctx.layer_plan[f]
                 d.alpha, d.smoothing = alpha, where[1]
         return PassResult(gm, counts["groups"] > 0, counts)
+
+    def enabled(self, ctx: PassContext) -> bool:
+        return ctx.recipe.smoothquant is not None
+
+    def group_scale(self, ctx: PassContext, fqns: list[str], ws: list[torch.Tensor], st
+                    ) -> tuple[float | None, torch.Tensor | None]:
+        """(alpha, per-channel scale s) for the linears ``fqns`` sharing one input (s None: skip)."""
+        spec = ctx.recipe.smoothquant
+        x_absmax, samples = st.absmax, st.samples
+        w_absmax = torch.stack([w.abs().amax(0) for w in ws]).amax(0)
+        memo = ctx.analyses.setdefault("memo", {})
+        key = ("smoothquant_alpha", tuple(fqns))
+        if spec.search and key not in memo:
+            memo[key] = self._search(ctx, fqns, ws, x_absmax, samples, w_absmax)
+        alpha = memo[key] if spec.search else spec.alpha
+        return alpha, smoothing_scale(x_absmax, w_absmax, alpha)
 
     @staticmethod
     def _search(ctx, fqns, ws, x_absmax, samples, w_absmax) -> float:
@@ -144,6 +155,8 @@ class SmoothQuantFold:
                 ann.weights[pf] = LinearWeights(old.w.float() / s[:, None],
                                                 None if old.bias is None else old.bias.float() / s,
                                                 old.transposed, modified=True)
+                rows = ctx.analyses.setdefault("row_scaling", {})
+                rows[pf] = rows[pf] / s if pf in rows else 1.0 / s   # output rows multiplied by this
                 return "linear", "linear:" + pf
         inv = add_constant(gm, f"{nodes[0].meta[META_KEY].fqn}_inv_smooth", (1.0 / s).to(torch.float32), nodes[0])
         with gm.graph.inserting_before(nodes[0]):

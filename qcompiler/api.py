@@ -12,6 +12,7 @@ from torch.fx import GraphModule
 
 from . import recipes as _recipes
 from .calibration import CalibrationCache
+from .layerwise import LayerwiseCalibration
 from .errors import CalibrationError, RecipeError
 from .pipeline import CompileReport, PassContext, PassManager
 from .recipes import Recipe
@@ -78,10 +79,13 @@ class QCompilerBackend:
         if self.recipe.needs_calibration and calibration is None:
             raise CalibrationError(f"recipe {self.recipe.name!r} needs calibration data: pass calibration=batches "
                                    "(an iterable of token-id tensors or dicts of model inputs)")
-        if isinstance(calibration, CalibrationCache) or calibration is None:
+        if isinstance(calibration, (CalibrationCache, LayerwiseCalibration)) or calibration is None:
             self.calibration = calibration
+        elif self.recipe.layerwise:
+            self.calibration = LayerwiseCalibration(calibration, self.recipe, progress=progress)
         else:
-            self.calibration = CalibrationCache(calibration, self.recipe.samples_per_layer, progress=progress)
+            self.calibration = CalibrationCache(calibration, self.recipe.samples_per_layer, progress=progress,
+                                                hessian=self.recipe.gptq is not None)
         self.report = CompileReport(recipe=self.recipe.name, target=target)
         self.root: torch.nn.Module | None = None
         self._param_names: dict[int, list[str]] = {}
@@ -119,7 +123,8 @@ class QCompilerBackend:
         device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
         ctx = PassContext(self.recipe, list(example_inputs), device,
                           analyses={"param_names": self._param_names, "calibration_source": self._stats,
-                                    "memo": self._memo},
+                                    "memo": self._memo,
+                                    "layerwise_results": getattr(self.calibration, "results", {})},
                           report=self.report)
         gm = PassManager(passes).run(gm, ctx)
         self.report.layers.update(ctx.layer_plan)

@@ -160,8 +160,8 @@ class observe_linear_inputs:
     norm) have their ``x^T x`` computed once per call."""
 
     def __init__(self, root: torch.nn.Module, samples_per_layer: int, n_batches: int, seed: int = 0,
-                 hessian: bool = False, prefix: str = ""):
-        self.root, self.prefix, self.hessian = root, prefix, hessian
+                 hessian: bool = False, prefix: str = "", skip_prefix: str | None = None):
+        self.root, self.prefix, self.hessian, self.skip_prefix = root, prefix, hessian, skip_prefix
         self.per_batch = max(1, math.ceil(samples_per_layer / max(n_batches, 1)))
         self.gen = torch.Generator().manual_seed(seed)
         self.acc: dict[str, StatsAccumulator] = {}
@@ -181,10 +181,11 @@ class observe_linear_inputs:
                 return
             xtx = None
             if self.hessian:
-                key = (x.data_ptr(), tuple(x.shape), x._version)
-                if key not in self._shared:
-                    self._shared = {key: rows.t() @ rows}   # keep only the latest input
-                xtx = self._shared[key]
+                # the same tensor object as the previous hook's input (q/k/v): reuse its x^T x.
+                # Holding the tensor keeps its memory from being reused by another input.
+                if self._shared.get("x") is not x:
+                    self._shared = {"x": x, "xtx": rows.t() @ rows}
+                xtx = self._shared["xtx"]
             idx = torch.randperm(rows.shape[0], generator=self.gen)[: self.per_batch]
             st.add(rows, idx, xtx)
         return hook
@@ -193,7 +194,7 @@ class observe_linear_inputs:
         for path, module in self.root.named_modules():
             dims = {d for p in module.parameters(recurse=False)
                     if p.dim() == 2 and p.is_floating_point() for d in p.shape}
-            if dims:
+            if dims and not (self.skip_prefix and path.startswith(self.skip_prefix)):
                 full = f"{self.prefix}.{path}" if self.prefix and path else (self.prefix or path)
                 self.handles.append(module.register_forward_pre_hook(self._hook(full, dims), with_kwargs=True))
         return self.acc

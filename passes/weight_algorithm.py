@@ -1,0 +1,94 @@
+"""Weight algorithms in the graph: AWQ scale folding and GPTQ / AWQ-clipped weights.
+
+``AWQFold`` is SmoothQuant's folding with AWQ's scale (searched per group of linears sharing
+one input on calibration rows, or taken from layer-by-layer calibration); ``WeightAlgorithm``
+quantizes each planned linear's weight by GPTQ or AWQ clipping (``qcompiler.weight_algorithms``)
+into ``ctx.analyses["weight_algorithm"]``, which ``insert_qdq`` stores as is.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import GraphModule
+
+from qcompiler import weight_algorithms
+from qcompiler.layer_quant import QuantizedWeight
+from qcompiler.pipeline import PassContext, PassResult
+
+from .smoothquant import SmoothQuantFold
+
+__all__ = ["AWQFold", "WeightAlgorithm"]
+
+
+class AWQFold(SmoothQuantFold):
+    name = "awq_fold"
+    requires = ("smoothquant_fold",)
+
+    def enabled(self, ctx: PassContext) -> bool:
+        return ctx.recipe.awq is not None
+
+    def group_scale(self, ctx, fqns, ws, st):
+        layerwise = ctx.analyses.get("layerwise_results", {})
+        found = [layerwise.get(f) for f in fqns]
+        if all(r is not None and r.scale is not None for r in found) and \
+                all(torch.equal(r.scale, found[0].scale) for r in found):
+            return found[0].alpha, found[0].scale
+        memo = ctx.analyses.setdefault("memo", {})
+        key = ("awq_scale", tuple(fqns))
+        if key not in memo:
+            memo[key] = weight_algorithms.awq_group_scale(st, ws, ctx.recipe)
+        return memo[key]
+
+
+class WeightAlgorithm:
+    name = "weight_algorithm"
+    requires = ("sensitivity_fallback",)
+
+    def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        recipe = ctx.recipe
+        out: dict[str, QuantizedWeight] = ctx.analyses.setdefault("weight_algorithm", {})
+        if recipe.gptq is None and recipe.awq is None:
+            return PassResult(gm, False, {})
+        ann = ctx.analyses["annotate"]
+        stats = ctx.analyses.get("calibration", {})
+        layerwise = ctx.analyses.get("layerwise_results", {})
+        memo = ctx.analyses.setdefault("memo", {})
+        counts = {"from_layerwise": 0, "computed": 0}
+        for fqn, d in ctx.layer_plan.items():
+            if not d.quantize:
+                continue
+            s = ctx.analyses["smoothing"].get(fqn)
+            lw = layerwise.get(fqn)
+            if lw is not None and _same_scale(lw.scale, s):
+                qw = _rows_scaled(lw.qweight, ctx.analyses.get("row_scaling", {}).get(fqn))
+                note = lw.note + " (layer-by-layer)"
+                counts["from_layerwise"] += 1
+            else:
+                key = ("weight_algorithm", fqn)
+                if key not in memo:
+                    st = stats.get(fqn)
+                    memo[key] = weight_algorithms.quantize_linear(
+                        fqn, ann.weights[fqn].w, None if st is None else weight_algorithms.scaled_stats(st, s), recipe)
+                qw, note = memo[key]
+                counts["computed"] += 1
+            out[fqn] = qw
+            d.weight_format = qw.describe()
+            d.weight_bytes_q = qw.nbytes()
+            d.note = f"{d.note}; {note}" if d.note else note
+        return PassResult(gm, False, counts)
+
+
+def _same_scale(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a.shape == b.shape and torch.equal(a.float(), b.float())
+
+
+def _rows_scaled(qw: QuantizedWeight, r: torch.Tensor | None) -> QuantizedWeight:
+    """The weight with output row n multiplied by ``r[n]`` (a scale folded into this producer after
+    quantization): per-row and per-group scales absorb it, the integers do not change."""
+    if r is None:
+        return qw
+    if qw.scale.dim() == 0:
+        raise ValueError("a per-tensor weight scale cannot absorb per-row scaling")
+    return QuantizedWeight(qw.q, qw.scale * r.float()[:, None], qw.zero, qw.dtype, qw.group_size)

@@ -1,0 +1,286 @@
+"""Layer-by-layer calibration: one decoder block at a time, each fed the outputs of the blocks
+before it as already quantized (GPTQ's sequential mode, llm-compressor's sequential pipeline).
+
+The decoder blocks are found from the module tree, not from names: the ``ModuleList`` of
+same-typed children holding the most parameters. The float model runs once to capture the
+first block's inputs (and the statistics of linears outside the blocks); then for each block:
+
+1. run it on the captured inputs with hooks on its linears (input statistics, Hessians);
+2. quantize its linears (AWQ scale per group of linears sharing an input, then GPTQ / AWQ
+   clipping / RTN by ``qcompiler.weight_algorithms``), keeping each ``QuantizedWeight``;
+3. swap the block's weights for their dequantized values (and fake-quantize dynamic
+   activations) and run it again: its outputs are the next block's inputs;
+4. drop the block's Hessians.
+
+Calibration state alive at once is one block's Hessians and the captured activations, not
+every linear's (``peak_state_bytes`` measures it). The model's float weights are restored at
+the end; the graph passes take the kept weights by module path (``results``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from . import layer_quant, weight_algorithms
+from .calibration import LayerStats, StatsAccumulator, observe_linear_inputs, run_batches, validate_batches
+from .errors import CalibrationError
+from .layer_quant import QuantizedWeight
+from .recipes import Recipe
+
+__all__ = ["LayerwiseCalibration", "LayerResult", "find_decoder_blocks"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerResult:
+    """What layer-by-layer calibration decided for one linear."""
+
+    qweight: QuantizedWeight        # of ``W * scale`` (columns), rows as in the module
+    scale: torch.Tensor | None      # AWQ input scale (x / scale), or None
+    alpha: float | None
+    note: str
+
+
+def find_decoder_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """The repeated blocks: the ``ModuleList`` of same-typed children with the most parameters."""
+    best, best_params = None, 0
+    for path, m in model.named_modules():
+        if not isinstance(m, torch.nn.ModuleList) or len(m) < 1:
+            continue
+        if len({type(c) for c in m}) != 1:
+            continue
+        n = sum(p.numel() for p in m.parameters())
+        if n > best_params:
+            best, best_params = (path, m), n
+    if best is None:
+        raise CalibrationError("layer-by-layer calibration found no list of repeated blocks in the model "
+                               "(a torch.nn.ModuleList of same-typed modules); set recipe.layerwise=False")
+    return best
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _weight_orientation(module: torch.nn.Module, k: int) -> tuple[torch.nn.Parameter, bool] | None:
+    """The module's weight and whether it is stored [K, N] (GPT-2's Conv1D), checked numerically:
+    the module must compute ``x @ W.T + b`` (or ``x @ W + b``); anything else is not a plain linear."""
+    params = dict(module.named_parameters(recurse=False))
+    w, b = params.get("weight"), params.get("bias")
+    if w is None or w.dim() != 2 or list(module.children()) or set(params) - {"weight", "bias"}:
+        return None
+    probe = torch.randn(3, k, generator=torch.Generator().manual_seed(0)).to(w)
+    with torch.no_grad():
+        y = module(probe)
+        for transposed in (False, True):
+            if w.shape[1 - int(transposed)] != k:
+                continue
+            ref = probe @ (w if transposed else w.t())
+            if b is not None:
+                ref = ref + b
+            if y.shape == ref.shape and torch.allclose(y, ref, rtol=1e-4, atol=1e-5):
+                return w, transposed
+    return None
+
+
+class LayerwiseCalibration:
+    """Drop-in for ``CalibrationCache``: ``collect(model)`` returns per-linear ``LayerStats``
+    (block linears seeing quantized predecessors) and fills ``results`` with each block
+    linear's quantized weight."""
+
+    def __init__(self, batches: Iterable, recipe: Recipe, seed: int = 0, progress: bool = True):
+        self.batches = validate_batches(batches)
+        self.recipe = recipe
+        self.samples_per_layer = recipe.samples_per_layer
+        self.seed = seed
+        self.progress = progress
+        self.stats: dict[str, LayerStats] | None = None
+        self.results: dict[str, LayerResult] = {}
+        self.seconds = 0.0
+        self.peak_state_bytes = 0
+        self.blocks_path = ""
+
+    def check_vocabulary(self, model: torch.nn.Module) -> None:
+        from .calibration import CalibrationCache
+        CalibrationCache.check_vocabulary(self, model)   # same checks, same messages
+
+    def collect(self, model: torch.nn.Module) -> dict[str, LayerStats]:
+        if self.stats is not None:
+            return self.stats
+        self.check_vocabulary(model)
+        t0 = time.perf_counter()
+        self.blocks_path, blocks = find_decoder_blocks(model)
+        hessian = self.recipe.gptq is not None
+        inputs: list[tuple[tuple, dict]] = []
+
+        def capture(module, args, kwargs):
+            inputs.append((args, dict(kwargs)))
+
+        h = blocks[0].register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            with observe_linear_inputs(model, self.samples_per_layer, len(self.batches), self.seed, hessian,
+                                       skip_prefix=self.blocks_path + ".") as acc:
+                run_batches(_no_cache(model), self.batches, self.progress, desc="calibrating (outside blocks)")
+        finally:
+            h.remove()
+        block_prefix = self.blocks_path + "."
+        stats = {p: a.finish(self.samples_per_layer) for p, a in acc.items() if not p.startswith(block_prefix)}
+        act_bytes = sum(_tensor_bytes(x) for x in inputs)
+        originals: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        try:
+            for i, block in enumerate(tqdm(blocks, desc="layer-by-layer", disable=not self.progress, leave=False)):
+                prefix = f"{block_prefix}{i}"
+                block_stats, keys, state = self._observe(block, prefix, inputs, hessian)
+                self.peak_state_bytes = max(self.peak_state_bytes, state + act_bytes)
+                hooks = self._quantize_block(block, prefix, block_stats, keys, originals)
+                try:
+                    inputs = self._propagate(block, inputs)
+                finally:
+                    for hk in hooks:
+                        hk.remove()
+                for fqn, st in block_stats.items():
+                    st.hessian = None    # done with this block: keep the bounded part only
+                    stats[fqn] = st
+        finally:
+            with torch.no_grad():
+                for p, orig in originals:
+                    p.copy_(orig)
+        self.stats = stats
+        self.seconds = time.perf_counter() - t0
+        log.info("layer-by-layer calibration: %d blocks, %d linears quantized in %.1f s, peak state %.1f MB",
+                 len(blocks), len(self.results), self.seconds, self.peak_state_bytes / 1e6)
+        return stats
+
+    def _observe(self, block, prefix, inputs, hessian):
+        keys: dict[str, tuple] = {}
+        with observe_linear_inputs(block, self.samples_per_layer, len(inputs), self.seed, hessian, prefix) as acc:
+            first_inputs = _record_input_keys(block, prefix, keys)
+            try:
+                self._run_block(block, inputs)
+            finally:
+                for hk in first_inputs:
+                    hk.remove()
+            state = sum(_acc_bytes(a) for a in acc.values())
+            return {p: a.finish(self.samples_per_layer) for p, a in acc.items()}, keys, state
+
+    def _quantize_block(self, block, prefix, block_stats, keys, originals) -> list:
+        recipe = self.recipe
+        groups: dict[str, list[str]] = {}
+        modules = {}
+        for fqn, st in block_stats.items():
+            module = block.get_submodule(fqn[len(prefix) + 1:]) if fqn != prefix else block
+            found = _weight_orientation(module, st.absmax.shape[0])
+            if found is None or self._kept(fqn):
+                continue
+            modules[fqn] = (module, *found)
+            x = keys.get(fqn)
+            owner = next((f for f in groups if x is not None and keys.get(f) is x), fqn)
+            groups.setdefault(owner, []).append(fqn)
+        hooks = []
+        act = recipe.activation
+        for fqns in groups.values():
+            ws = [(m[1].t() if m[2] else m[1]).detach().float() for m in (modules[f] for f in fqns)]
+            st0 = block_stats[fqns[0]]
+            alpha, s = None, None
+            if recipe.awq is not None:
+                alpha, s = weight_algorithms.awq_group_scale(st0, ws, recipe)
+            for fqn, w in zip(fqns, ws):
+                st = weight_algorithms.scaled_stats(block_stats[fqn], s)
+                qw, note = weight_algorithms.quantize_linear(fqn, w if s is None else w * s[None, :], st, recipe)
+                self.results[fqn] = LayerResult(qw, s, alpha, note)
+                module, param, transposed = modules[fqn]
+                eff = qw.dequantize()
+                if s is not None:
+                    eff = eff / s[None, :]
+                originals.append((param, param.detach().clone()))
+                with torch.no_grad():
+                    param.copy_((eff.t() if transposed else eff).to(param.dtype))
+                if act is not None and act.dynamic:
+                    hooks.append(module.register_forward_pre_hook(_fake_quant_input(act, s)))
+        return hooks
+
+    def _kept(self, fqn: str) -> bool:
+        return any(fnmatch.fnmatchcase(fqn, g) for g in self.recipe.fallback.keep_modules)
+
+    def _run_block(self, block, inputs) -> list:
+        outs = []
+        with torch.inference_mode():
+            for args, kwargs in inputs:
+                outs.append(block(*args, **kwargs))
+        return outs
+
+    def _propagate(self, block, inputs):
+        outs = self._run_block(block, inputs)
+        new = []
+        for (args, kwargs), out in zip(inputs, outs):
+            hidden = out[0] if isinstance(out, (tuple, list)) else out
+            if args:
+                new.append(((hidden, *args[1:]), kwargs))
+            else:
+                new.append(((), {**kwargs, "hidden_states": hidden}))
+        return new
+
+
+def _fake_quant_input(act, s):
+    def hook(module, args):
+        x = args[0]
+        xs = x if s is None else x / s
+        y = layer_quant.fake_quant_act(xs.float(), act, None).to(x.dtype)
+        return (y if s is None else y * s, *args[1:])
+    return hook
+
+
+def _record_input_keys(block, prefix, keys) -> list:
+    """Pre-hooks noting, on the first call, which input tensor each linear reads (shared = one group)."""
+    hooks = []
+    for path, m in block.named_modules():
+        if any(p.dim() == 2 for p in m.parameters(recurse=False)):
+            fqn = f"{prefix}.{path}" if path else prefix
+
+            def hook(module, args, kwargs, fqn=fqn):
+                x = next((a for a in list(args) + list(kwargs.values())
+                          if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
+                if x is not None and fqn not in keys:
+                    keys[fqn] = x    # held until grouping: identity of the input tensor
+            hooks.append(m.register_forward_pre_hook(hook, with_kwargs=True))
+    return hooks
+
+
+class _no_cache(torch.nn.Module):
+    """Runs the model with ``use_cache=False`` when it takes that argument (block replays must not
+    append to a KV cache)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def parameters(self, recurse: bool = True):
+        return self.model.parameters(recurse)
+
+    def forward(self, **kwargs):
+        try:
+            return self.model(**kwargs, use_cache=False)
+        except TypeError:
+            return self.model(**kwargs)
+
+
+def _tensor_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (tuple, list)):
+        return sum(_tensor_bytes(o) for o in obj)
+    if isinstance(obj, Mapping):
+        return sum(_tensor_bytes(o) for o in obj.values())
+    return 0
+
+
+def _acc_bytes(a: StatsAccumulator) -> int:
+    return _tensor_bytes([a.absmax, a.abssum, a.xtx, a.samples])
