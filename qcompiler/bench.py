@@ -9,6 +9,7 @@ import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -83,9 +84,16 @@ def _model_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def run_table(model_name: str, presets: list[str], protocol: Protocol | None = None, *,
-              progress: bool = True, prefill: bool = True, peers: bool = False) -> tuple[list[Row], dict]:
-    """Evaluate FP32 and each preset on ``model_name``; returns rows and run facts."""
+def run_table(model_name: str, presets: list, protocol: Protocol | None = None, *,
+              progress: bool = True, prefill: bool = True, peers: bool = False,
+              extra_rows: list[Callable] = ()) -> tuple[list[Row], dict]:
+    """Evaluate FP32 and each preset on ``model_name``; returns rows and run facts.
+
+    ``presets`` holds preset names or ``Recipe`` objects (labelled by ``recipe.name``). Recipes
+    that need Hessians or layer-by-layer calibration calibrate on their own (timed in their
+    row); the others share one calibration pass. ``extra_rows``: callables
+    ``(model, windows, calib, fp_ppl, facts) -> list[Row]`` for peer tools.
+    """
     protocol = protocol or PROTOCOLS.get(model_name) or PROTOCOLS["smollm2-135m"]
     model, tok = models.load_model(model_name)
     bos_id = tok.bos_token_id if protocol.bos else None
@@ -104,9 +112,12 @@ def run_table(model_name: str, presets: list[str], protocol: Protocol | None = N
     rows = [Row("FP32", fp_ppl, weight_mb=fp_bytes / 1e6, prefill_tok_s=fp_speed)]
 
     cache = CalibrationCache(calib, samples_per_layer=1024, progress=progress)
-    for name in presets:
+    for preset in presets:
+        recipe = api._as_recipe(preset)
+        name = recipe.name
         torch._dynamo.reset()
-        qb = api.backend(name, calibration=cache, progress=progress)
+        own = recipe.layerwise or recipe.gptq is not None or recipe.samples_per_layer != 1024
+        qb = api.backend(recipe, calibration=calib if own else cache, progress=progress)
         compiled = torch.compile(model, backend=qb, dynamic=False)
         t0 = time.perf_counter()
         ppl = evaluate.perplexity(compiled, windows, progress=progress, desc=name)
@@ -116,11 +127,14 @@ def run_table(model_name: str, presets: list[str], protocol: Protocol | None = N
         before, after = rep.weight_bytes()
         speed = evaluate.prefill_tokens_per_s(compiled, protocol.prefill_seq, vocab_size=vocab) if prefill else 0.0
         decoder = [d for d in rep.layers.values() if d.op_kind == "linear"]
-        rows.append(Row(name, ppl, 100.0 * (ppl / fp_ppl - 1.0), cache.seconds, quantize_s,
+        rows.append(Row(name, ppl, 100.0 * (ppl / fp_ppl - 1.0), qb.calibration.seconds if qb.calibration else 0.0,
+                        quantize_s,
                         (fp_bytes - before + after) / 1e6, speed, speed / fp_speed if fp_speed else 0.0,
                         len(rep.quantized), [f"{d.fqn} ({d.reason})" for d in decoder if not d.quantize],
                         len(decoder)))
         log.info("%s: ppl %.3f, eval+compile %.1f s", name, ppl, eval_and_compile)
+    for extra in extra_rows:
+        rows += extra(model, windows, calib, fp_ppl, facts)
     if peers:
         rows += _torchao_rows(model, windows, fp_ppl, fp_bytes, fp_speed, protocol, progress, prefill, facts)
     return rows, facts
@@ -159,7 +173,7 @@ def format_table(rows: list[Row], facts: dict) -> str:
             f"{facts['threads']} threads, torch {facts['torch']}. On this machine torch._int_mm is "
             f"{facts['gemm_ratio']:.1f}x faster than an fp32 matmul at 512x576x1536 (the bound on INT8 speedups).")
     lines = [head, "",
-             "| recipe | perplexity | Δ% vs FP32 | calibration s (shared) | quantize s | weight MB | "
+             "| recipe | perplexity | Δ% vs FP32 | calibration s | quantize s | weight MB | "
              "prefill tok/s | speedup | fallback decoder linears |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

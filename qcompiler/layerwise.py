@@ -13,7 +13,7 @@ first block's inputs (and the statistics of linears outside the blocks); then fo
 4. drop the block's Hessians.
 
 Calibration state alive at once is one block's Hessians and the captured activations, not
-every linear's (``peak_state_bytes`` measures it). The model's float weights are restored at
+every linear's (``peak_state_bytes`` and ``activation_bytes`` measure them). The model's float weights are restored at
 the end; the graph passes take the kept weights by module path (``results``).
 """
 
@@ -105,7 +105,8 @@ class LayerwiseCalibration:
         self.stats: dict[str, LayerStats] | None = None
         self.results: dict[str, LayerResult] = {}
         self.seconds = 0.0
-        self.peak_state_bytes = 0
+        self.peak_state_bytes = 0      # largest one-block statistics (Hessians, samples) alive at once
+        self.activation_bytes = 0      # captured block inputs (replayed per block)
         self.blocks_path = ""
 
     def check_vocabulary(self, model: torch.nn.Module) -> None:
@@ -133,13 +134,13 @@ class LayerwiseCalibration:
             h.remove()
         block_prefix = self.blocks_path + "."
         stats = {p: a.finish(self.samples_per_layer) for p, a in acc.items() if not p.startswith(block_prefix)}
-        act_bytes = sum(_tensor_bytes(x) for x in inputs)
         originals: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
         try:
             for i, block in enumerate(tqdm(blocks, desc="layer-by-layer", disable=not self.progress, leave=False)):
                 prefix = f"{block_prefix}{i}"
                 block_stats, keys, state = self._observe(block, prefix, inputs, hessian)
-                self.peak_state_bytes = max(self.peak_state_bytes, state + act_bytes)
+                self.peak_state_bytes = max(self.peak_state_bytes, state)
+                self.activation_bytes = max(self.activation_bytes, _tensor_bytes(inputs))
                 hooks = self._quantize_block(block, prefix, block_stats, keys, originals)
                 try:
                     inputs = self._propagate(block, inputs)
@@ -155,8 +156,9 @@ class LayerwiseCalibration:
                     p.copy_(orig)
         self.stats = stats
         self.seconds = time.perf_counter() - t0
-        log.info("layer-by-layer calibration: %d blocks, %d linears quantized in %.1f s, peak state %.1f MB",
-                 len(blocks), len(self.results), self.seconds, self.peak_state_bytes / 1e6)
+        log.info("layer-by-layer calibration: %d blocks, %d linears quantized in %.1f s, peak state %.1f MB "
+                 "+ activations %.1f MB", len(blocks), len(self.results), self.seconds, self.peak_state_bytes / 1e6,
+                 self.activation_bytes / 1e6)
         return stats
 
     def _observe(self, block, prefix, inputs, hessian):
