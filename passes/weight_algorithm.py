@@ -36,7 +36,7 @@ class AWQFold(SmoothQuantFold):
         memo = ctx.analyses.setdefault("memo", {})
         key = ("awq_scale", tuple(fqns))
         if key not in memo:
-            memo[key] = weight_algorithms.awq_group_scale(st, ws, ctx.recipe)
+            memo[key] = weight_algorithms.awq_group_scale(st, ws, ctx.recipe, ",".join(fqns))
         return memo[key]
 
 

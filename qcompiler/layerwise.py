@@ -2,8 +2,8 @@
 before it as already quantized (GPTQ's sequential mode, llm-compressor's sequential pipeline).
 
 The decoder blocks are found from the module tree, not from names: the ``ModuleList`` of
-same-typed children holding the most parameters. The float model runs once to capture the
-first block's inputs (and the statistics of linears outside the blocks); then for each block:
+same-typed children holding the most parameters. The float model runs up to the first block
+to capture its inputs (and the statistics of linears before it); then for each block:
 
 1. run it on the captured inputs with hooks on its linears (input statistics, Hessians);
 2. quantize its linears (AWQ scale per group of linears sharing an input, then GPTQ / AWQ
@@ -124,16 +124,24 @@ class LayerwiseCalibration:
 
         def capture(module, args, kwargs):
             inputs.append((args, dict(kwargs)))
+            raise _StopForward   # nothing after the first block is needed yet
 
+        block_prefix = self.blocks_path + "."
         h = blocks[0].register_forward_pre_hook(capture, with_kwargs=True)
         try:
             with observe_linear_inputs(model, self.samples_per_layer, len(self.batches), self.seed, hessian,
-                                       skip_prefix=self.blocks_path + ".") as acc:
-                run_batches(_no_cache(model), self.batches, self.progress, desc="calibrating (outside blocks)")
+                                       skip_prefix=block_prefix) as acc:
+                for b in self.batches:
+                    try:
+                        run_batches(_no_cache(model), [b], False)
+                    except _StopForward:
+                        pass
         finally:
             h.remove()
-        block_prefix = self.blocks_path + "."
-        stats = {p: a.finish(self.samples_per_layer) for p, a in acc.items() if not p.startswith(block_prefix)}
+        if len(inputs) != len(self.batches):
+            raise CalibrationError(f"layer-by-layer calibration: the first block ran on {len(inputs)} of "
+                                   f"{len(self.batches)} batches")
+        stats = {p: a.finish(self.samples_per_layer) for p, a in acc.items()}
         originals: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
         try:
             for i, block in enumerate(tqdm(blocks, desc="layer-by-layer", disable=not self.progress, leave=False)):
@@ -154,6 +162,12 @@ class LayerwiseCalibration:
             with torch.no_grad():
                 for p, orig in originals:
                     p.copy_(orig)
+        if "output_head" not in self.recipe.fallback.keep_op_kinds:
+            # the output head is quantized: its inputs (after the last block) come from one float pass
+            with observe_linear_inputs(model, self.samples_per_layer, len(self.batches), self.seed, hessian,
+                                       skip_prefix=block_prefix) as acc:
+                run_batches(_no_cache(model), self.batches, self.progress, desc="calibrating (after blocks)")
+            stats.update({p: a.finish(self.samples_per_layer) for p, a in acc.items() if p not in stats})
         self.stats = stats
         self.seconds = time.perf_counter() - t0
         log.info("layer-by-layer calibration: %d blocks, %d linears quantized in %.1f s, peak state %.1f MB "
@@ -193,7 +207,7 @@ class LayerwiseCalibration:
             st0 = block_stats[fqns[0]]
             alpha, s = None, None
             if recipe.awq is not None:
-                alpha, s = weight_algorithms.awq_group_scale(st0, ws, recipe)
+                alpha, s = weight_algorithms.awq_group_scale(st0, ws, recipe, ",".join(fqns))
             for fqn, w in zip(fqns, ws):
                 st = weight_algorithms.scaled_stats(block_stats[fqn], s)
                 qw, note = weight_algorithms.quantize_linear(fqn, w if s is None else w * s[None, :], st, recipe)

@@ -29,14 +29,15 @@ def scaled_stats(st: LayerStats, s: torch.Tensor | None) -> LayerStats:
                       None if st.hessian is None else st.hessian / (s[:, None] * s[None, :]))
 
 
-def awq_group_scale(st: LayerStats, weights: list[torch.Tensor], recipe: Recipe) -> tuple[float, torch.Tensor]:
+def awq_group_scale(st: LayerStats, weights: list[torch.Tensor], recipe: Recipe, name: str = "?"
+                    ) -> tuple[float, torch.Tensor]:
     """(alpha, s): AWQ's scale for linears reading one input; weights become ``W * s``, input ``x / s``."""
     from . import awq as _awq
     spec = recipe.awq
     x = st.samples[: spec.samples].float()
     s, info = _awq.awq_search_scales(x, [w.float() for w in weights], recipe.weight, grid=spec.grid,
-                                     duo_scaling=spec.duo_scaling, x_mean=st.absmean)
-    return float(info.get("alpha", float("nan"))) if isinstance(info, dict) else float(info.alpha), s
+                                     duo_scaling=spec.duo_scaling, layer_name=name)
+    return info.alpha, s
 
 
 def quantize_linear(fqn: str, w: torch.Tensor, st: LayerStats | None, recipe: Recipe) -> tuple[QuantizedWeight, str]:
@@ -59,6 +60,7 @@ def quantize_linear(fqn: str, w: torch.Tensor, st: LayerStats | None, recipe: Re
         from . import awq as _awq
         spec = recipe.awq
         x = st.samples[: spec.samples].float()
-        qw = _awq.awq_quantize_clipped(x, w, recipe.weight, grid=spec.clip_grid, max_shrink=spec.max_shrink)
-        return qw, "awq clip search"
+        max_val = _awq.awq_search_clip(x, w, recipe.weight, grid=spec.clip_grid, max_shrink=spec.max_shrink,
+                                       layer_name=fqn)
+        return _awq.quantize_with_clip(w, max_val, recipe.weight), "awq scales + clip search"
     return quantize_weight(w, recipe.weight), "rtn"

@@ -2,7 +2,8 @@
 output replaced (forward hook) by ``linear(fq_act(x / s), fq_w(W * s), b)``.
 
 It reads only the plan (which linears, smoothing scale s, static activation scale) from the
-compile; the quantization math is written here again, from the definitions.
+compile; the quantization math is written here again, from the definitions. GPTQ / AWQ weights
+(``ctx.analyses["weight_algorithm"]``) are taken as computed: their algorithms have their own tests.
 """
 
 from __future__ import annotations
@@ -53,11 +54,21 @@ def reference_logits(model: torch.nn.Module, ctx, input_ids: torch.Tensor) -> to
         b = getattr(module, "bias", None)
         s = ctx.analyses["smoothing"].get(fqn, torch.ones(w.shape[1]))
 
-        def hook(mod, args, out, w=w, b=b, s=s, d=d):
+        wq = fq_weight(w * s, recipe.weight)
+        algo = ctx.analyses.get("weight_algorithm", {}).get(fqn)
+        if algo is not None:
+            # GPTQ / AWQ-clipped integers are the algorithm's (tested on their own in test_gptq/test_awq);
+            # here only their scales' plumbing: rows a later scale was folded into are undone, as above.
+            wq = algo.dequantize()
+            r = ctx.analyses.get("row_scaling", {}).get(fqn)
+            if r is not None:
+                wq = wq / r.float()[:, None]
+
+        def hook(mod, args, out, wq=wq, b=b, s=s, d=d):
             x = args[0].float() / s
             if recipe.activation is not None:
                 x = fq_act(x, recipe.activation, d.act_scale)
-            y = torch.nn.functional.linear(x, fq_weight(w * s, recipe.weight), None if b is None else b.float())
+            y = torch.nn.functional.linear(x, wq, None if b is None else b.float())
             return y.reshape(out.shape).to(out.dtype)
 
         handles.append(module.register_forward_hook(hook))

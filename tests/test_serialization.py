@@ -18,7 +18,7 @@ from qcompiler.recipes import Recipe
 from qcompiler.serialization import WEIGHTS_FILE, load_quantized, save_quantized, saved_metadata
 from tiny_models import VOCAB, tiny_model, token_batches
 
-PRESETS = ["w8a8-int8-sq", "fp8-dynamic", "w8a16"]
+PRESETS = ["w8a8-int8-sq", "fp8-dynamic", "w8a16", "w4a16-gptq", "w4a8-awq"]
 
 
 def _quantized_layers(model: torch.nn.Module) -> dict[str, QuantizedLinear]:
@@ -30,7 +30,7 @@ def _quantized_layers(model: torch.nn.Module) -> dict[str, QuantizedLinear]:
 def test_round_trip_is_bit_identical(arch, preset, tmp_path):
     model = tiny_model(arch)
     recipe = recipes.get(preset)
-    calib = token_batches(2, 16) if recipe.needs_calibration else None
+    calib = token_batches(4, 32) if recipe.needs_calibration else None
     qcompiler.quantize(model, recipe, calibration=calib, progress=False)
     rep = qcompiler.report(model)
     x = token_batches(2, 12, seed=7)

@@ -1,0 +1,132 @@
+"""INT4 accuracy table (issue 4): RTN, AWQ, GPTQ (W4A16), W4A8-AWQ and W8A16-GPTQ against FP32,
+each at group 64 symmetric (the headline) and group 32 asymmetric, with llm-compressor's GPTQ and
+AWQ at group 64 symmetric as peer rows evaluated by our evaluator under the same protocol, and
+the calibration memory of layer-by-layer vs whole-model calibration.
+
+Regenerate (2 CPU cores; ~60 min for SmolLM2 with peers, ~3 min for stories260K):
+
+    python benchmarks/int4.py --model smollm2-135m --out benchmarks/results_int4_smollm2.md
+    python benchmarks/int4.py --model stories260K --no-peers --out benchmarks/results_int4_stories260K.md
+
+The peer rows drive llm-compressor in its own virtual environment (benchmarks/peers/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import qcompiler
+from qcompiler import data, models
+from qcompiler.bench import PROTOCOLS, Row, _text, format_table, run_table
+from qcompiler.calibration import CalibrationCache
+from qcompiler.layerwise import LayerwiseCalibration
+from qcompiler.recipes import Granularity, QuantDtype, WeightSpec
+
+HEADLINE = ["w4a16-rtn", "w4a16-awq", "w4a16-gptq", "w4a8-awq"]
+G32_ASYM = WeightSpec(QuantDtype.INT4, Granularity.PER_GROUP, group_size=32, symmetric=False)
+
+
+def recipes_for(names: list[str], variants: bool) -> list:
+    out = []
+    for name in names:
+        r = qcompiler.recipes.get(name)
+        out.append(r.replace(name=f"{name} g64 sym"))
+        if variants:
+            out.append(r.replace(name=f"{name} g32 asym", weight=G32_ASYM))
+    out.append(qcompiler.recipes.get("w8a16-gptq"))
+    return out
+
+
+def calibration_memory(model_name: str) -> str:
+    """Calibration state of whole-model GPTQ statistics vs layer-by-layer, on the same batches."""
+    protocol = PROTOCOLS[model_name]
+    model, tok = models.load_model(model_name)
+    bos = tok.bos_token_id if protocol.bos else None
+    calib = data.calibration_batches(data.tokenize_text(tok, _text(protocol.calib_text)), protocol.calib_samples,
+                                     protocol.calib_seq, seed=0, bos_id=bos)
+    recipe = qcompiler.recipes.get("w4a16-gptq")
+    t0 = time.perf_counter()
+    whole = CalibrationCache(calib, recipe.samples_per_layer, progress=False, hessian=True).collect(model)
+    whole_s = time.perf_counter() - t0
+    whole_bytes = sum(s.hessian.numel() * 4 + s.samples.numel() * 4 + s.absmax.numel() * 12
+                      for s in whole.values() if s.hessian is not None)
+    del whole
+    lw = LayerwiseCalibration(calib, recipe, progress=False)
+    lw.collect(model)
+    return (f"Calibration state for `w4a16-gptq` on {model_name} ({len(calib)} x {protocol.calib_seq} tokens): "
+            f"whole-model statistics (every linear's Hessian and sampled rows alive at once) "
+            f"{whole_bytes / 1e6:.1f} MB ({whole_s:.0f} s to collect, GPTQ not included); layer-by-layer: "
+            f"{lw.peak_state_bytes / 1e6:.1f} MB of one block's statistics + {lw.activation_bytes / 1e6:.1f} MB "
+            f"of captured block inputs ({lw.seconds:.0f} s, GPTQ included). The model's weights "
+            f"({sum(p.numel() * 4 for p in model.parameters()) / 1e6:.0f} MB fp32) are resident in both.")
+
+
+def llmcompressor_rows(methods: list[str]):
+    def rows(model, windows, calib, fp_ppl, facts) -> list[Row]:
+        sys.path.insert(0, str(Path(__file__).parent / "peers"))
+        try:
+            from llmcompressor_peer import run_llmcompressor_peer   # noqa: E402
+        except ImportError as e:
+            facts["llmcompressor"] = f"not available: {e}"
+            return []
+        out = []
+        for method in methods:
+            try:
+                r = run_llmcompressor_peer(method, model=model, windows=windows, fp_ppl=fp_ppl)
+            except Exception as e:   # its venv failed to build or the tool failed: say so in the table
+                facts.setdefault("peer_errors", []).append(f"llm-compressor {method}: {type(e).__name__}: {e}")
+                continue
+            out.append(r)
+        return out
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m", choices=sorted(PROTOCOLS))
+    ap.add_argument("--methods", default=",".join(HEADLINE), help="comma-separated INT4 presets")
+    ap.add_argument("--no-variants", action="store_true", help="skip the group-32 asymmetric rows")
+    ap.add_argument("--no-peers", action="store_true", help="skip llm-compressor's rows")
+    ap.add_argument("--no-memory", action="store_true", help="skip the calibration-memory comparison")
+    ap.add_argument("--out", type=Path, help="write the markdown table here")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    names = [m for m in args.methods.split(",") if m]
+    extra = [] if args.no_peers else [llmcompressor_rows(["gptq", "awq"])]
+    rows, facts = run_table(args.model, recipes_for(names, not args.no_variants), prefill=False,
+                            progress=sys.stderr.isatty(), extra_rows=extra)
+    by_name = {r.name: r for r in rows}
+    lines = []
+    rtn = by_name.get("w4a16-rtn g64 sym")
+    if rtn is not None:
+        lines.append("\nTargets at group 64 symmetric (Δ_method ≤ 0.5 × Δ_RTN, and below llm-compressor's):")
+        for method in ("w4a16-awq", "w4a16-gptq"):
+            r = by_name.get(f"{method} g64 sym")
+            if r is not None:
+                ratio = r.delta_pct / rtn.delta_pct if rtn.delta_pct else float("nan")
+                lines.append(f"- {method}: Δ {r.delta_pct:+.2f}% = {ratio:.2f} × Δ_RTN ({rtn.delta_pct:+.2f}%)")
+    for r in rows:
+        if r.name.startswith("llm-compressor"):
+            lines.append(f"- peer {r.name}: Δ {r.delta_pct:+.2f}%")
+    for e in facts.get("peer_errors", []):
+        lines.append(f"- peer error: {e}")
+    if not args.no_memory:
+        lines.append("\n" + calibration_memory(args.model))
+    cmd = "python benchmarks/int4.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    text = (f"# {args.model}: INT4 weight quantization\n\nGenerated {datetime.date.today()} by `{cmd}` "
+            f"({torch.get_num_threads()} threads).\n\n" + format_table(rows, facts) + "\n" + "\n".join(lines) + "\n")
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
