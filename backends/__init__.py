@@ -30,3 +30,11 @@ def get_backend(name: str) -> dict:
 
 
 from . import reference  # noqa: E402,F401  (registers "reference")
+
+
+@register_backend("triton")
+def _triton_table() -> dict:
+    # Lazy: importing qcompiler.backends.triton does not import triton, and the kernels are
+    # defined only once the backend is asked for (after TRITON_INTERPRET can be read).
+    from .triton import lowering_table
+    return lowering_table()

@@ -10,10 +10,11 @@ from .fallback import FallbackRules, SensitivityFallback
 from .weight_algorithm import AWQFold, WeightAlgorithm
 from .qdq import InsertQDQ
 from .fuse import FuseQuantizedGemm
+from .fuse_norm_quant import FuseNormQuant
 from .lower import Lower
 
 __all__ = ["Annotate", "Calibrate", "OutlierAnalysis", "SmoothQuantFold", "FallbackRules", "SensitivityFallback", "AWQFold", "WeightAlgorithm", "InsertQDQ",
-           "FuseQuantizedGemm", "Lower", "default_passes", "planning_passes"]
+           "FuseQuantizedGemm", "FuseNormQuant", "Lower", "default_passes", "planning_passes"]
 
 
 def planning_passes() -> list:
@@ -23,5 +24,8 @@ def planning_passes() -> list:
 
 
 def default_passes(target: str = "reference") -> list:
-    """The full pipeline: plan, insert Q/DQ, fuse into quantized GEMMs, lower to ``target``."""
-    return planning_passes() + [InsertQDQ(), FuseQuantizedGemm(), Lower(target)]
+    """The full pipeline: plan, insert Q/DQ, fuse into quantized GEMMs, lower to ``target``.
+
+    For target "triton", per-token quantizers are also fused with the norm before them."""
+    fused = [FuseNormQuant()] if target == "triton" else []
+    return planning_passes() + [InsertQDQ(), FuseQuantizedGemm(), *fused, Lower(target)]

@@ -63,7 +63,8 @@ class FallbackRules:
 
 class SensitivityFallback:
     name = "sensitivity_fallback"
-    requires = ("fallback_rules", "smoothquant_fold", "awq_fold")
+    requires = ("fallback_rules", "smoothquant_fold")
+    after = ("awq_fold",)
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         recipe = ctx.recipe

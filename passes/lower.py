@@ -2,16 +2,28 @@
 
 A backend's table maps an op packet (``torch.ops.qcompiler.int8_gemm``) to a replacement
 callable with the same signature; ops not in the table keep their reference kernels.
+
+Per-op fallback: a replacement may expose ``unsupported(*args, **kwargs) -> str | None``
+(the Triton backend's ``TritonOp`` does). It is asked with the node's arguments as traced
+values (fake tensors from Dynamo, propagated through the nodes earlier passes added; real
+tensors for constants); an op it refuses keeps its reference kernel, and the report gets a
+warning naming the op, the layer and the reason (stats ``fallback_<op>``). A table may carry
+``notice`` (e.g. "no GPU and no interpreter"), copied once into the report's warnings.
 """
 
 from __future__ import annotations
 
-from torch.fx import GraphModule
+import logging
+
+import torch
+from torch.fx import GraphModule, Node
 
 from qcompiler.backends import get_backend
-from qcompiler.pipeline import PassContext, PassResult
+from qcompiler.pipeline import META_KEY, PassContext, PassResult
 
 __all__ = ["Lower"]
+
+log = logging.getLogger(__name__)
 
 
 class Lower:
@@ -24,11 +36,95 @@ class Lower:
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         table = get_backend(self.target)
+        notice = getattr(table, "notice", "")
+        if notice and notice not in ctx.report.warnings:
+            ctx.report.warnings.append(notice)
         counts: dict[str, int] = {}
+        values: dict[Node, object] | None = None
         for node in gm.graph.nodes:
-            if node.op == "call_function" and node.target in table:
-                node.target = table[node.target]
-                key = f"lowered_{getattr(node.target, '__name__', 'op')}"
-                counts[key] = counts.get(key, 0) + 1
+            if node.op != "call_function" or node.target not in table:
+                continue
+            impl = table[node.target]
+            op_name = getattr(node.target, "__name__", str(node.target)).split(".")[-1]
+            check = getattr(impl, "unsupported", None)
+            if check is not None:
+                if values is None:
+                    values = _traced_values(gm, ctx)
+                reason = _static_reason(check, node, gm, values)
+                if reason:
+                    fqn = _layer_of(node)
+                    msg = f"{self.target}: {op_name}{f' in {fqn}' if fqn else ''} runs the reference kernel: {reason}"
+                    if msg not in ctx.report.warnings:
+                        ctx.report.warnings.append(msg)
+                    log.warning(msg)
+                    key = f"fallback_{op_name}"
+                    counts[key] = counts.get(key, 0) + 1
+                    continue
+            node.target = impl
+            key = f"lowered_{getattr(impl, '__name__', 'op')}"
+            counts[key] = counts.get(key, 0) + 1
         ctx.report.target = self.target
-        return PassResult(gm, bool(counts), counts)
+        return PassResult(gm, any(k.startswith("lowered_") for k in counts), counts)
+
+
+def _layer_of(node: Node) -> str:
+    info = node.meta.get(META_KEY)
+    return getattr(info, "fqn", "") if info is not None else ""
+
+
+def _traced_values(gm: GraphModule, ctx: PassContext) -> dict[Node, object]:
+    """Fake values of every node, propagated from the compile's example inputs.
+
+    Dynamo's ``example_value`` covers the nodes it traced; nodes added by earlier passes have
+    none, so the whole graph is propagated once under a fresh fake mode (its ``meta["val"]``
+    entries are taken out again). If that fails, nodes with an ``example_value`` keep it and
+    the rest stay unknown (their ops are then checked at run time only).
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    values: dict[Node, object] = {}
+    saved = {n: n.meta["val"] for n in gm.graph.nodes if "val" in n.meta}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    try:
+        if len(placeholders) == len(ctx.example_inputs):
+            FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*ctx.example_inputs)
+            values = {n: n.meta["val"] for n in gm.graph.nodes if "val" in n.meta}
+    except Exception as e:   # a graph the fake mode cannot run
+        log.debug("lower: fake propagation failed (%s); using Dynamo's example values", e)
+        values = {}
+    finally:
+        for n in gm.graph.nodes:
+            n.meta.pop("val", None)
+            if n in saved:
+                n.meta["val"] = saved[n]
+    for n in gm.graph.nodes:
+        if n not in values and "example_value" in n.meta:
+            values[n] = n.meta["example_value"]
+    return values
+
+
+def _static_reason(check, node: Node, gm: GraphModule, values: dict[Node, object]) -> str | None:
+    """``check`` on the node's arguments as traced values; None when some value is unknown."""
+    missing = []
+
+    def value(a):
+        if not isinstance(a, Node):
+            return a
+        if a.op == "get_attr":
+            return getattr(gm, a.target)
+        if a in values:
+            return values[a]
+        missing.append(a.name)
+        return None
+
+    args = torch.fx.node.map_aggregate(node.args, value)
+    kwargs = torch.fx.node.map_aggregate(node.kwargs, value)
+    if missing:
+        log.debug("lower: no traced value for %s; %s is checked at run time only", missing, node.name)
+        return None
+    try:
+        return check(*args, **kwargs)
+    except Exception as e:   # a check that cannot read a fake value: decide at run time
+        log.debug("lower: static check of %s failed (%s); checked at run time only", node.name, e)
+        return None

@@ -29,7 +29,8 @@ _ops = torch.ops.qcompiler
 
 class InsertQDQ:
     name = "insert_qdq"
-    requires = ("weight_algorithm",)
+    requires = ("sensitivity_fallback",)
+    after = ("weight_algorithm",)
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         ann = ctx.analyses["annotate"]

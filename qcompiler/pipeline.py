@@ -157,7 +157,8 @@ class PassManager:
     """Orders passes by their ``requires``, runs them, lints and recompiles after each.
 
     The given order is kept where ``requires`` allows; a missing requirement or a cycle is
-    an error at construction. A failing pass raises ``PassError`` naming it and the passes
+    an error at construction. A pass may also name passes it must follow when they are present
+    (``after``), without requiring them. A failing pass raises ``PassError`` naming it and the passes
     before it; nothing runs after a failure.
     """
 
@@ -172,6 +173,9 @@ class PassManager:
                 if req not in names:
                     raise ValueError(f"pass {p.name!r} requires {req!r}, which is not in the pipeline {names}")
                 graph.add_edge(names.index(req), i)
+            for prior in getattr(p, "after", ()):   # soft order: only when that pass is present
+                if prior in names:
+                    graph.add_edge(names.index(prior), i)
         try:
             order = list(nx.lexicographical_topological_sort(graph))
         except nx.NetworkXUnfeasible:

@@ -1,0 +1,234 @@
+"""Tile configurations of the GEMM kernels: the autotune space, the defaults, the per-shape cache.
+
+A ``GemmConfig`` is one launch choice: tiles ``BLOCK_M x BLOCK_N x BLOCK_K``, ``GROUP_M``
+(programs that share a block of A rows, for L2 reuse), ``SPLIT_K`` (the K loop split over
+that many programs whose fp32 partials a second kernel sums: the small-M decode path),
+``num_warps`` and ``num_stages`` (software-pipelining depth).
+
+The space searched when autotuning is on (``QCOMPILER_TRITON_AUTOTUNE=1`` in the
+environment, read at each first call of a shape, or ``set_autotune(True)``), sized for
+Hopper (228 KB shared memory per SM, 132 SMs, wgmma tiles of 64 rows):
+
+- prefill (M > 16): BLOCK_M in {64, 128} x BLOCK_N in {128, 256} x BLOCK_K in {64, 128}
+  x (num_warps, num_stages) in {(4, 4), (8, 3)}, minus tiles whose pipelined operands
+  exceed the shared memory;
+- weight-only kernels at 16 < M <= 256 (still bound by reading the weight) also try narrow
+  tiles, BLOCK_N in {32, 64}, so that the grid covers the SMs without split-K partials;
+- decode (M <= 16): BLOCK_M = 16 x BLOCK_N in {64, 128} x BLOCK_K in {128, 256}
+  x SPLIT_K in {1, 2, 4, 8}, 4 warps, 4 stages, minus splits that leave a program fewer
+  than two K tiles.
+
+The defaults (``default_config``): decode takes 16 x 64 tiles (K tile 256 for INT4) and the
+split-K that gives about two programs per SM with at least four K tiles each (W8A8, which has
+no split-K, 16 x 32 tiles when 64-wide ones would not fill the SMs); weight-only
+kernels at 16 < M <= 256 take BLOCK_M = M rounded up (at most 128) and the widest BLOCK_N in
+{32, 64, 128} that still gives one program per SM; 8-bit GEMMs take 128 x 256 x 128 tiles,
+16-bit ones 128 x 128 x 64 (64-row tiles up to M = 64).
+
+Each candidate is timed with ``triton.testing.do_bench`` (median) and the best is cached per
+(kernel, M bucket, N, K, variant), M rounded up to a power of two (M = 100 and M = 128 share
+a choice). With autotuning off (the default, and always
+under the interpreter, where timing means nothing) ``default_config`` picks by shape,
+deterministically.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, replace
+from typing import Callable, Hashable
+
+__all__ = ["GemmConfig", "DECODE_MAX_M", "WEIGHT_ONLY_KINDS", "autotune_enabled", "set_autotune", "prefill_space",
+           "weight_only_space", "decode_space",
+           "default_config", "choose_config", "bencher", "cached_configs", "clear_cache"]
+
+log = logging.getLogger(__name__)
+
+#: Up to this many rows, GEMMs take the decode path (16-row tiles, split-K).
+DECODE_MAX_M = 16
+#: Kernels whose 16-bit or 8-bit activations meet a narrower weight (bound by weight reads longer).
+WEIGHT_ONLY_KINDS = ("weight_only", "int4", "w4a8")
+_SMEM_BYTES = 228 * 1024
+_NUM_SMS = 132
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def meta(self) -> dict:
+        """Keyword arguments of a kernel launch."""
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, GROUP_M=self.group_m,
+                    SPLIT_K=self.split_k, num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+_AUTOTUNE_OVERRIDE: list[bool] = []   # set_autotune's value, when called
+_CACHE: dict[Hashable, GemmConfig] = {}
+
+
+def set_autotune(enabled: bool | None) -> None:
+    """Turn autotuning on or off for this process (None: back to the environment variable)."""
+    _AUTOTUNE_OVERRIDE.clear()
+    if enabled is not None:
+        _AUTOTUNE_OVERRIDE.append(bool(enabled))
+
+
+def autotune_enabled() -> bool:
+    if _AUTOTUNE_OVERRIDE:
+        return _AUTOTUNE_OVERRIDE[0]
+    return os.environ.get("QCOMPILER_TRITON_AUTOTUNE", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _smem_ok(cfg: GemmConfig, a_bytes: float, b_bytes: float) -> bool:
+    need = cfg.num_stages * (cfg.block_m * cfg.block_k * a_bytes + cfg.block_n * cfg.block_k * b_bytes)
+    return need <= _SMEM_BYTES
+
+
+def prefill_space(a_bytes: float = 2, b_bytes: float = 2) -> list[GemmConfig]:
+    """Candidates for M > 16 (see the module docstring); ``*_bytes``: bytes per operand element."""
+    out = []
+    for bm in (64, 128):
+        for bn in (128, 256):
+            for bk in (64, 128):
+                for warps, stages in ((4, 4), (8, 3)):
+                    cfg = GemmConfig(bm, bn, bk, 8, 1, warps, stages)
+                    if _smem_ok(cfg, a_bytes, b_bytes):
+                        out.append(cfg)
+    return out
+
+
+def weight_only_space(m: int) -> list[GemmConfig]:
+    """Extra candidates for weight-only kernels at 16 < M <= 256: narrow N tiles."""
+    bm = min(128, max(32, 1 << math.ceil(math.log2(m))))
+    return [GemmConfig(bm, bn, bk, 8, 1, 4, stages) for bn in (32, 64) for bk in (64, 128) for stages in (3, 4)]
+
+
+def decode_space(k: int) -> list[GemmConfig]:
+    """Candidates for M <= 16 (see the module docstring)."""
+    out = []
+    for bn in (64, 128):
+        for bk in (128, 256):
+            for split in (1, 2, 4, 8):
+                if split > 1 and k < 2 * split * bk:
+                    continue
+                out.append(GemmConfig(16, bn, bk, 1, split, 4, 4))
+    return out
+
+
+def _pow2_at_most(x: int) -> int:
+    return 1 << max(0, int(math.floor(math.log2(max(1, x)))))
+
+
+def default_config(m: int, n: int, k: int, *, kind: str, interpreter: bool = False) -> GemmConfig:
+    """The deterministic choice when not autotuning.
+
+    ``kind``: ``"int8"`` / ``"fp8"`` (8-bit operands: wider K tiles), ``"weight_only"``,
+    ``"int4"`` or ``"w4a8"``. Under the interpreter the tiles are as large as the shape allows
+    (its cost is per program and per loop step, not per element), without split-K.
+    """
+    eight_bit = kind in ("int8", "fp8")
+    if interpreter:
+        bm = 16 if m <= 16 else 64
+        bn = 64 if n <= 64 else 128
+        bk = 64 if k <= 64 else 128
+        return GemmConfig(bm, bn, bk, 8, 1, 4, 1)
+    if m <= DECODE_MAX_M:
+        if kind not in WEIGHT_ONLY_KINDS:   # the W8A8 kernel has no split-K: narrower tiles instead
+            return GemmConfig(16, 32 if math.ceil(n / 64) < _NUM_SMS else 64, 128, 1, 1, 4, 4)
+        bn, bk = 64, (256 if kind in ("int4", "w4a8") else 128)
+        tiles = math.ceil(n / bn)
+        # Enough programs to cover the SMs twice, each with at least four K tiles.
+        split = min(_pow2_at_most(max(1, 2 * _NUM_SMS // tiles)), _pow2_at_most(max(1, k // (4 * bk))), 8)
+        return GemmConfig(16, bn, bk, 1, split, 4, 4)
+    if kind in WEIGHT_ONLY_KINDS and m <= 256:
+        bm = min(128, max(32, 1 << math.ceil(math.log2(m))))
+        bn = 128
+        while bn > 32 and math.ceil(m / bm) * math.ceil(n / bn) < _NUM_SMS:
+            bn //= 2
+        return GemmConfig(bm, bn, 128 if kind in ("int4", "w4a8") else 64, 8, 1, 4, 4)
+    if m <= 64:
+        return GemmConfig(64, 128, 128 if eight_bit else 64, 8, 1, 4, 4)
+    return GemmConfig(128, 256 if eight_bit else 128, 128 if eight_bit else 64, 8, 1, 8, 3)
+
+
+def _m_bucket(m: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1, m))))
+
+
+def choose_config(m: int, n: int, k: int, *, kind: str, variant: Hashable, interpreter: bool,
+                  bench: Callable[[GemmConfig], float] | None = None,
+                  valid: Callable[[GemmConfig], bool] = lambda cfg: True) -> GemmConfig:
+    """The config for this shape: cached, autotuned with ``bench`` when enabled, else the default.
+
+    ``bench(cfg)`` runs the kernel with ``cfg`` and returns milliseconds; ``valid`` drops
+    candidates a kernel cannot take (e.g. a K tile that straddles quantization groups).
+    """
+    key = (kind, variant, _m_bucket(m), n, k)
+    if key in _CACHE:
+        return _CACHE[key]
+    default = default_config(m, n, k, kind=kind, interpreter=interpreter)
+    if not valid(default):
+        default = _first_valid(default, valid)
+    if interpreter or bench is None or not autotune_enabled():
+        _CACHE[key] = default
+        return default
+    a_bytes, b_bytes = {"int8": (1, 1), "fp8": (1, 1), "w4a8": (1, 2), "int4": (2, 2)}.get(kind, (2, 2))
+    if m <= DECODE_MAX_M:
+        space = decode_space(k)
+    else:
+        space = prefill_space(a_bytes, b_bytes)
+        if kind in WEIGHT_ONLY_KINDS and m <= 256:
+            space = weight_only_space(m) + space
+    best, best_ms = default, float("inf")
+    for cfg in [c for c in space if valid(c)]:
+        try:
+            ms = bench(cfg)
+        except Exception as e:   # e.g. out of shared memory / registers for this tile
+            log.debug("autotune %s %s: %s failed: %s", kind, key, cfg, e)
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    log.info("autotune %s M=%d N=%d K=%d: %s (%.4f ms)", kind, m, n, k, best, best_ms)
+    _CACHE[key] = best
+    return best
+
+
+def bencher(launch: Callable[[GemmConfig], None]) -> Callable[[GemmConfig], float]:
+    """``bench`` for ``choose_config``: the median milliseconds of ``launch(cfg)`` (GPU only)."""
+    def bench(cfg: GemmConfig) -> float:
+        import triton.testing
+        return triton.testing.do_bench(lambda: launch(cfg), return_mode="median")
+    return bench
+
+
+def _first_valid(cfg: GemmConfig, valid: Callable[[GemmConfig], bool]) -> GemmConfig:
+    """Drop split-K, else shrink the K tile, until ``valid`` accepts the config."""
+    if cfg.split_k > 1 and valid(replace(cfg, split_k=1)):
+        return replace(cfg, split_k=1)
+    bk = cfg.block_k
+    while bk > 16:
+        bk //= 2
+        cand = replace(cfg, block_k=bk)
+        if valid(cand):
+            return cand
+    cand = replace(cfg, block_k=16, split_k=1)
+    if valid(cand):
+        return cand
+    raise ValueError(f"no tile configuration fits this shape (started from {cfg})")
+
+
+def cached_configs() -> dict:
+    """A copy of the per-shape cache: {(kind, variant, M bucket, N, K): GemmConfig}."""
+    return dict(_CACHE)
+
+
+def clear_cache() -> None:
+    _CACHE.clear()
