@@ -96,8 +96,10 @@ class LayerwiseCalibration:
     (block linears seeing quantized predecessors) and fills ``results`` with each block
     linear's quantized weight."""
 
-    def __init__(self, batches: Iterable, recipe: Recipe, seed: int = 0, progress: bool = True):
+    def __init__(self, batches: Iterable, recipe: Recipe, seed: int = 0, progress: bool = True,
+                 replay_batch: int = 8):
         self.batches = validate_batches(batches)
+        self.replay_batch = replay_batch   # captured inputs replayed per block in groups of this many
         self.recipe = recipe
         self.samples_per_layer = recipe.samples_per_layer
         self.seed = seed
@@ -142,6 +144,7 @@ class LayerwiseCalibration:
             raise CalibrationError(f"layer-by-layer calibration: the first block ran on {len(inputs)} of "
                                    f"{len(self.batches)} batches")
         stats = {p: a.finish(self.samples_per_layer) for p, a in acc.items()}
+        inputs = _merge_compatible(inputs, self.replay_batch)
         originals: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
         try:
             for i, block in enumerate(tqdm(blocks, desc="layer-by-layer", disable=not self.progress, leave=False)):
@@ -243,6 +246,56 @@ class LayerwiseCalibration:
             else:
                 new.append(((), {**kwargs, "hidden_states": hidden}))
         return new
+
+
+def _hidden(args, kwargs) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and torch.equal(a, b))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_same(a[n], b[n]) for n in a)
+    return a is b or (type(a) is type(b) and isinstance(a, (int, float, str, bool, type(None))) and a == b)
+
+
+def _merge_compatible(inputs: list, group: int) -> list:
+    """Concatenate along the batch dimension runs of captured block inputs whose other arguments
+    are identical (same positions, same masks: equal-length calibration sequences), so each block
+    replays in fewer, larger calls. Inputs that differ in anything else stay separate."""
+    merged: list = []
+    run: list = []
+
+    def flush():
+        if not run:
+            return
+        args, kwargs = run[0]
+        hidden = torch.cat([_hidden(a, k) for a, k in run], dim=0)
+        merged.append(((hidden, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": hidden}))
+        run.clear()
+
+    def rest(a, k):
+        return (a[1:] if a else a), {n: v for n, v in k.items() if n != "hidden_states"}
+
+    for a, k in inputs:
+        h = _hidden(a, k)
+        if run:
+            h0 = _hidden(*run[0])
+            ok = (len(run) < group and h.dim() >= 2 and h.shape[0] == 1 and h0.shape[1:] == h.shape[1:]
+                  and bool(a) == bool(run[0][0]) and _same(rest(a, k), rest(*run[0])))
+            if not ok:
+                flush()
+        if h.dim() >= 2 and h.shape[0] == 1:
+            run.append((a, k))
+        else:
+            flush()
+            merged.append((a, k))
+    flush()
+    return merged
 
 
 def _fake_quant_input(act, s):

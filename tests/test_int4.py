@@ -217,3 +217,17 @@ def test_recipe_refuses_bad_algorithm_combinations():
         GPTQSpec(dampening=0.0)
     with pytest.raises(RecipeError, match="choose one"):
         Recipe(weight=WeightSpec(), activation=ActivationSpec(), smoothquant=SmoothQuantSpec(), awq=AWQSpec())
+
+
+def test_layerwise_replays_equal_length_batches_merged_with_the_same_statistics():
+    model = tiny_model("llama")
+    calib = token_batches(6, 32)
+    recipe = recipes.get("w4a16-gptq")
+    merged = LayerwiseCalibration(calib, recipe, progress=False, replay_batch=4)
+    single = LayerwiseCalibration(calib, recipe, progress=False, replay_batch=1)
+    a, b = merged.collect(model), single.collect(model)
+    assert a.keys() == b.keys()
+    for f in a:
+        assert a[f].tokens == b[f].tokens
+        assert torch.allclose(a[f].absmax, b[f].absmax, rtol=1e-4, atol=1e-5), f
+        assert torch.allclose(a[f].absmean, b[f].absmean, rtol=1e-4, atol=1e-6), f
