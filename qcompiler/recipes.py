@@ -529,7 +529,9 @@ def _w4a16_awq() -> Recipe:
 
 @register_recipe("w4a16-gptq")
 def _w4a16_gptq() -> Recipe:
-    return Recipe(name="w4a16-gptq", weight=_INT4_G64, gptq=GPTQSpec(), layerwise=True)
+    # activation order with group scales fixed up front: llm-compressor's default actorder="static"
+    return Recipe(name="w4a16-gptq", weight=_INT4_G64, gptq=GPTQSpec(act_order=True, static_groups=True),
+                  layerwise=True)
 
 
 @register_recipe("w4a8-awq")
@@ -539,5 +541,5 @@ def _w4a8_awq() -> Recipe:
 
 @register_recipe("w8a16-gptq")
 def _w8a16_gptq() -> Recipe:
-    return Recipe(name="w8a16-gptq", weight=WeightSpec(QuantDtype.INT8, Granularity.PER_CHANNEL), gptq=GPTQSpec(),
-                  layerwise=True)
+    return Recipe(name="w8a16-gptq", weight=WeightSpec(QuantDtype.INT8, Granularity.PER_CHANNEL),
+                  gptq=GPTQSpec(act_order=True, static_groups=True), layerwise=True)
