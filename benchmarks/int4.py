@@ -69,21 +69,24 @@ def calibration_memory(model_name: str) -> str:
 
 
 def llmcompressor_rows(methods: list[str]):
+    """Peer rows: llm-compressor's GPTQ / AWQ (W4A16 g64 sym) in its own venv, evaluated here (benchmarks/peers/)."""
     def rows(model, windows, calib, fp_ppl, facts) -> list[Row]:
-        sys.path.insert(0, str(Path(__file__).parent / "peers"))
+        sys.path.insert(0, str(Path(__file__).parent))
         try:
-            from llmcompressor_peer import run_llmcompressor_peer   # noqa: E402
+            from peers.llmcompressor_peer import run_llmcompressor_peer
         except ImportError as e:
-            facts["llmcompressor"] = f"not available: {e}"
+            facts.setdefault("peer_errors", []).append(f"llm-compressor driver not importable: {e}")
             return []
         out = []
         for method in methods:
             try:
-                r = run_llmcompressor_peer(method, model=model, windows=windows, fp_ppl=fp_ppl)
-            except Exception as e:   # its venv failed to build or the tool failed: say so in the table
+                r = run_llmcompressor_peer(method, None, facts["protocol"], model=model, windows=windows,
+                                           fp_ppl=fp_ppl, progress=False, timeout_s=None)
+            except Exception as e:   # its venv failed to build or the tool failed: say so under the table
                 facts.setdefault("peer_errors", []).append(f"llm-compressor {method}: {type(e).__name__}: {e}")
                 continue
-            out.append(r)
+            out.append(r["row"])
+            facts.setdefault("peer_notes", []).append(r["note"])
         return out
     return rows
 
@@ -115,6 +118,8 @@ def main(argv=None) -> int:
     for r in rows:
         if r.name.startswith("llm-compressor"):
             lines.append(f"- peer {r.name}: Δ {r.delta_pct:+.2f}%")
+    for n in facts.get("peer_notes", []):
+        lines.append(f"- {n}")
     for e in facts.get("peer_errors", []):
         lines.append(f"- peer error: {e}")
     if not args.no_memory:
