@@ -9,7 +9,15 @@ from . import ops  # noqa: F401  (registers the qcompiler:: torch ops)
 from .api import backend, quantize, report
 from .pipeline import CompileReport, LayerDecision, PassContext, PassManager, PassResult
 
-__all__ = ["backend", "quantize", "report", "Recipe", "recipes", "errors", "RecipeError", "CalibrationError",
+
+def export_onnx(model, recipe, example_inputs, path, calibration=None, **kwargs):
+    """Write ``model`` quantized with ``recipe`` as an ONNX Q/DQ graph for TensorRT; see
+    ``qcompiler.export.export_onnx`` (imported on call: ``import qcompiler`` does not import onnx)."""
+    from .export import export_onnx as _export_onnx
+    return _export_onnx(model, recipe, example_inputs, path, calibration, **kwargs)
+
+
+__all__ = ["backend", "quantize", "report", "export_onnx", "Recipe", "recipes", "errors", "RecipeError", "CalibrationError",
            "PassError", "UnsupportedError", "CompileReport", "LayerDecision", "PassContext", "PassManager",
            "PassResult"]
 __version__ = "0.1.0"

@@ -5,6 +5,7 @@
     qcompiler quantize ...         quantize a model and save it (safetensors + recipe JSON)
     qcompiler eval PATH|MODEL      perplexity of a saved quantized model (no recalibration) or of a float model
     qcompiler recipes [NAME]       list the presets, or print one as JSON
+    qcompiler export-onnx ...      quantize a model and write it as an ONNX Q/DQ graph for TensorRT
 """
 
 from __future__ import annotations
@@ -116,6 +117,31 @@ def _cmd_recipes(args) -> int:
     return 0
 
 
+def _cmd_export_onnx(args) -> int:
+    from .errors import UnsupportedError
+    from .export import check_exportable, export_onnx
+    recipe = recipes.Recipe.from_json(Path(args.recipe).read_text()) if args.recipe.endswith(".json") \
+        else recipes.get(args.recipe)
+    try:
+        check_exportable(recipe)            # refuse before loading and calibrating
+        base = bench.PROTOCOLS.get(args.model, bench.PROTOCOLS["smollm2-135m"])
+        model, tok = models.load_model(args.model)
+        calib = None
+        if recipe.needs_calibration:
+            ids = data.tokenize_text(tok, bench._text(args.calib_text or base.calib_text))
+            calib = data.calibration_batches(ids, args.calib_samples, args.calib_seq, seed=0,
+                                             bos_id=tok.bos_token_id if base.bos else None)
+        ids = calib[0] if calib else torch.ones(1, 16, dtype=torch.long)
+        inputs = {"input_ids": ids} | ({"attention_mask": torch.ones_like(ids)} if args.attention_mask else {})
+        result = export_onnx(model, recipe, inputs, args.out, calib, opset=args.opset, progress=not args.quiet)
+    except UnsupportedError as e:
+        print(f"qcompiler: error: {e}", file=sys.stderr)
+        return 2
+    print(result.report.summary(max_rows=0) if args.quiet else result.report.summary())
+    print(result.describe())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="qcompiler", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -145,6 +171,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_protocol(e, eval_tokens=8192, calib_samples=128)
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=_cmd_eval)
+
+    x = sub.add_parser(
+        "export-onnx", help="quantize a model and write an ONNX Q/DQ graph for TensorRT (explicit quantization)",
+        description="Calibrate and quantize a model, then write it as ONNX with QuantizeLinear / DequantizeLinear "
+                    "where TensorRT's explicit quantization expects them: INT8 / FP8 weights stored quantized "
+                    "(per-channel on the output-channel axis), static per-tensor activation Q/DQ pairs in front of "
+                    "each quantized GEMM, INT4 weights as blocked DequantizeLinear (opset 21), zero-points 0, "
+                    "SmoothQuant folded, fallback layers in float, dynamic batch and sequence axes. The graph is "
+                    "checked against TensorRT's rules and onnx.checker before it is written. Recipes with dynamic "
+                    "(per-token) activations, asymmetric weights or INT8 weight-only are refused.")
+    _add_model(x)
+    x.add_argument("--recipe", default="w8a8-int8-sq",
+                   help=f"preset ({', '.join(recipes.names())}) or a recipe .json file (default w8a8-int8-sq)")
+    x.add_argument("--out", required=True, type=Path, help="the .onnx file to write")
+    x.add_argument("--opset", type=int, default=None,
+                   help="ONNX opset (default 19; 21 for INT4 weights; at least 18)")
+    x.add_argument("--attention-mask", action="store_true",
+                   help="give the graph an attention_mask input besides input_ids")
+    x.add_argument("--calib-text", help="calibration text file (default: WikiText-2 valid, or TinyStories)")
+    x.add_argument("--calib-samples", type=int, default=32,
+                   help="calibration sequences of --calib-seq tokens (default 32)")
+    x.add_argument("--calib-seq", type=int, default=512, help="calibration sequence length (default 512)")
+    x.add_argument("-q", "--quiet", action="store_true", help="no progress bars, short report")
+    x.set_defaults(func=_cmd_export_onnx)
 
     r = sub.add_parser("recipes", help="list the presets, or print one as JSON")
     r.add_argument("name", nargs="?", help="a preset to print")

@@ -1,1 +1,15 @@
-"""ONNX QDQ export for TensorRT (issue 6)."""
+"""ONNX Q/DQ export for TensorRT's explicit quantization.
+
+``export_onnx(model, recipe, example_inputs, path, calibration=batches)`` writes the graph;
+``check_tensorrt(onnx_model)`` checks a graph against ``RULES`` and names each offending node
+and rule. Importing this package imports onnx and onnxscript (``import qcompiler`` does not).
+"""
+
+from __future__ import annotations
+
+from .exporter import MIN_EXPORT_OPSET, OnnxExport, check_exportable, export_onnx, required_opset
+from .runtime import onnxruntime_session
+from .tensorrt_rules import RULES, QDQSummary, TensorRTLegalityError, Violation, check_tensorrt, tensorrt_violations
+
+__all__ = ["export_onnx", "OnnxExport", "check_tensorrt", "tensorrt_violations", "TensorRTLegalityError",
+           "Violation", "QDQSummary", "RULES", "required_opset", "check_exportable", "MIN_EXPORT_OPSET", "onnxruntime_session"]
