@@ -26,7 +26,7 @@ from qcompiler.backends.triton.lowering import TritonOp  # noqa: E402
 from qcompiler.ops import GEMM_OPS  # noqa: E402
 from qcompiler.recipes import ActivationSpec, Granularity, QuantDtype, Recipe, WeightSpec  # noqa: E402
 from numerics_util import rel_err  # noqa: E402
-from tiny_models import tiny_model, token_batches  # noqa: E402
+from tiny_models import ARCHS, tiny_model, token_batches  # noqa: E402
 
 kernels = pytest.mark.skipif(not availability().runs_kernels, reason=f"Triton kernels cannot run here: "
                                                                      f"{availability().reason}")
@@ -54,7 +54,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def models():
-    return {arch: tiny_model(arch).to(DEVICE) for arch in ("llama", "gpt2")}
+    return {arch: tiny_model(arch).to(DEVICE) for arch in ARCHS}
 
 
 def _run(model, recipe, target: str):
@@ -69,7 +69,7 @@ def _run(model, recipe, target: str):
 
 @kernels
 @pytest.mark.parametrize("recipe", list(RECIPES))
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_tiny_model_matches_reference_target(models, arch, recipe):
     out, qb = _run(models[arch], RECIPES[recipe], "triton")
     ref, ref_qb = _run(models[arch], RECIPES[recipe], "reference")
