@@ -7,10 +7,10 @@ fold SmoothQuant scales back into norms; put every quantized linear in Q/DQ form
 TensorRT's rules (``tensorrt_rules``) and ``onnx.checker`` (full check); write the file.
 
 What is written, per quantized linear: ``x -> QuantizeLinear -> DequantizeLinear -> MatMul``
-(static per-tensor scale, zero-point 0) and ``W_q [N, K] initializer -> DequantizeLinear
-(per-channel axis 0, or INT4 blocked along axis 1) -> Transpose -> MatMul``, then ``Add`` of the
-bias. Float layers (fallback, output head, norms, attention) stay float32. Batch and sequence
-axes are dynamic.
+(static per-tensor scale, zero-point 0, one pair per GEMM) with the weight an initializer behind a
+DequantizeLinear: INT8 / FP8 ``[K, N]`` per-channel on axis 1 straight into the MatMul, INT4
+``[N, K]`` blocked along axis 1 then ``Transpose``; then ``Add`` of the bias. Float layers
+(fallback, output head, norms, attention) stay float32. Batch and sequence axes are dynamic.
 """
 
 from __future__ import annotations
@@ -254,7 +254,7 @@ def export_onnx(model: torch.nn.Module, recipe: Recipe | str, example_inputs, pa
     if n_qdq == 0:
         log.warning("export_onnx: no linear was quantized; the graph is float")
     log.info("export_onnx: planned in %.1f s, %d quantized linears", time.perf_counter() - t0, n_qdq)
-    onnx_model = _torch_export(_Outputs(qmodel, tuple(inputs)), inputs, opset, dynamic)
+    onnx_model = _torch_export(_Outputs(qmodel, tuple(inputs)).eval(), inputs, opset, dynamic)
     finalize(onnx_model)
     summary = check_tensorrt(onnx_model)
     if onnx_model.ByteSize() <= _EXTERNAL_DATA_BYTES:
