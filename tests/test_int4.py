@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import ml_dtypes
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -15,7 +14,6 @@ from onnx import numpy_helper
 import qcompiler
 from qcompiler import recipes
 from qcompiler.calibration import CalibrationCache
-from qcompiler.errors import CalibrationError
 from qcompiler.layerwise import LayerwiseCalibration, find_decoder_blocks
 from qcompiler.packing import pack_int4, unpack_int4
 from qcompiler.recipes import FallbackSpec, GPTQSpec, Granularity, QuantDtype, Recipe, WeightSpec
