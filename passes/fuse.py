@@ -37,12 +37,13 @@ def _is(node, target) -> bool:
     return isinstance(node, Node) and node.op == "call_function" and node.target is target
 
 
-def _linear_operands(node: Node):
+def _linear_operands(node: Node, weight_op=_ops.dequantize):
+    """(x, weight dequantize node, bias) of ``linear(x, weight_op(constants...), b)``, or None."""
     if not _is(node, torch.nn.functional.linear):
         return None
     x, w = node.args[0], node.args[1]
     b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    if not _is(w, _ops.dequantize) or w.args[1].op != "get_attr":
+    if not _is(w, weight_op) or w.args[1].op != "get_attr":
         return None
     return x, w, b
 
@@ -91,12 +92,10 @@ def _match_weight_only(node: Node):
 
 
 def _int4_operands(node: Node):
-    if not _is(node, torch.nn.functional.linear):
+    ops = _linear_operands(node, _ops.dequantize_int4)
+    if ops is None:
         return None
-    x, w = node.args[0], node.args[1]
-    b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    if not _is(w, _ops.dequantize_int4) or w.args[1].op != "get_attr":
-        return None
+    x, w, b = ops
     return x, w.args[:5], b   # (w_packed, w_scale, w_zero, group_size, in_features)
 
 
