@@ -1,6 +1,7 @@
 """Backends that run qcompiler's fused quantized ops.
 
-``reference``: pure torch (CPU and GPU). Backends register under a name with
+``reference``: pure torch (CPU and GPU); ``inductor``: the same torch code compiled by
+TorchInductor (fused quantize / epilogue kernels); ``triton``: fused Triton kernels. Backends register under a name with
 ``register_backend`` so that ``qcompiler.backend(..., target=name)`` can find them.
 """
 
@@ -30,6 +31,7 @@ def get_backend(name: str) -> dict:
 
 
 from . import reference  # noqa: E402,F401  (registers "reference")
+from . import inductor  # noqa: E402,F401  (registers "inductor")
 
 
 @register_backend("triton")

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import qcompiler
+from qcompiler.backends import BACKENDS
 from qcompiler.bench import PROTOCOLS, format_table, run_table
 
 
@@ -26,13 +27,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, help="write the markdown table here")
     ap.add_argument("--no-peers", action="store_true", help="skip the torchao peer row")
     ap.add_argument("--no-prefill", action="store_true", help="skip the prefill speed measurement")
+    ap.add_argument("--target", default="reference", choices=sorted(BACKENDS),
+                    help="backend of the quantized rows (inductor: fused quantize / epilogue, adds an FP32 inductor row)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     presets = [p for p in args.presets.split(",") if p]
     for p in presets:
         qcompiler.recipes.get(p)
     rows, facts = run_table(args.model, presets, prefill=not args.no_prefill,
-                             progress=sys.stderr.isatty(), peers=not args.no_peers)
+                             progress=sys.stderr.isatty(), peers=not args.no_peers, target=args.target)
     cmd = "python benchmarks/accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv)
     text = (f"# {args.model}: accuracy and CPU speed per preset\n\nGenerated {datetime.date.today()} by `{cmd}`.\n\n"
             + format_table(rows, facts) + "\n")

@@ -141,7 +141,10 @@ class QCompilerBackend:
         return gm
 
     def __call__(self, gm: GraphModule, example_inputs):
-        return self.run_passes(gm, example_inputs, self.passes())
+        from qcompiler.backends import get_backend
+        gm = self.run_passes(gm, example_inputs, self.passes())
+        finish = getattr(get_backend(self.target), "compile_graph", None)
+        return gm if finish is None else finish(gm, example_inputs)
 
 
 def backend(recipe: Recipe | str, calibration: Iterable | None = None, target: str = "reference",
@@ -152,7 +155,8 @@ def backend(recipe: Recipe | str, calibration: Iterable | None = None, target: s
         recipe: the recipe or a preset name from ``qcompiler.recipes.names()``.
         calibration: iterable of model inputs (token-id tensors or dicts of kwargs); needed by
             static activations, SmoothQuant and sensitivity fallback.
-        target: the backend that runs the fused ops ("reference").
+        target: the backend that runs the fused ops: "reference" (torch ops, eager), "inductor"
+            (the same ops compiled by TorchInductor, with quantize / epilogue fused) or "triton".
         passes: extra passes appended to the pipeline (ordered by their ``requires``).
         progress: show a progress bar while calibrating.
     """

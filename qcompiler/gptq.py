@@ -199,7 +199,7 @@ def gptq_quantize(w: torch.Tensor, hessian: HessianAccumulator | torch.Tensor, s
         h = h[perm][:, perm]
     with _one_thread():
         u, used = _inverse_hessian_factor(h, dampening, max_dampening, layer_name)
-        result = _gptq_columns(w, u, spec, perm, block_size, static_groups)
+        result = _gptq_columns(w, u, spec, perm, block_size, static_groups, torch.diagonal(h).float())
     info = GPTQInfo(layer_name, int(n_samples), used, result.loss, int(dead.sum()),
                     time.perf_counter() - start)
     log.debug("gptq %s: %dx%d %s loss %.4g damp %g (%.2fs)", layer_name, n_out, k,
@@ -232,8 +232,11 @@ def _inverse_hessian_factor(h: torch.Tensor, dampening: float, max_dampening: fl
 
 
 def _gptq_columns(w: torch.Tensor, u: torch.Tensor, spec: WeightSpec, perm: torch.Tensor | None,
-                  block_size: int, static_groups: bool) -> _GPTQResult:
+                  block_size: int, static_groups: bool, h_diag: torch.Tensor) -> _GPTQResult:
     """The GPTQ sweep over (permuted) columns with lazy block updates; see the module docstring.
+
+    ``h_diag``: the (permuted) Hessian diagonal, each column's weight in the ``mse`` calibrator's
+    clipping search (the expected output error of a column's rounding error is ``H_ii e^2``).
 
     Works on ``w`` transposed ([K, N], a column is a contiguous row) in ``w``'s float dtype;
     each column is quantized with exactly ``numerics.quantize`` / ``dequantize``'s arithmetic.
@@ -246,7 +249,7 @@ def _gptq_columns(w: torch.Tensor, u: torch.Tensor, spec: WeightSpec, perm: torc
     if not lazy:
         # per-tensor / per-channel scales (as the reference) or static group scales: from the
         # original weight up front; exactly round-to-nearest's.
-        rtn = quantize_weight(w, spec)
+        rtn = quantize_weight(w, spec, h_diag if perm is None else h_diag[torch.argsort(perm)])
         scale, zero = rtn.scale.clone(), None if rtn.zero is None else rtn.zero.float()
         pending: list[torch.Tensor | None] = []
     else:
@@ -279,7 +282,7 @@ def _gptq_columns(w: torch.Tensor, u: torch.Tensor, spec: WeightSpec, perm: torc
                 j = group_at[col]
                 if lazy and pending[j] is not None:
                     cur = _current_columns(wt, w1, err1, u, i1, i, pending[j])
-                    qw = quantize_weight(cur.T, channel_spec)
+                    qw = quantize_weight(cur.T, channel_spec, h_diag[pending[j]])
                     scale_t[j] = qw.scale[:, 0]
                     if zero_t is not None:
                         zero_t[j] = qw.zero[:, 0].float()

@@ -73,8 +73,12 @@ class QuantizedWeight:
         return f"{self.dtype} {gran}" + (" asym" if self.zero is not None else "")
 
 
-def quantize_weight(w: torch.Tensor, spec: WeightSpec) -> QuantizedWeight:
-    """Round-to-nearest quantization of a [N, K] weight with ``spec``'s dtype and granularity."""
+def quantize_weight(w: torch.Tensor, spec: WeightSpec, importance: torch.Tensor | None = None) -> QuantizedWeight:
+    """Round-to-nearest quantization of a [N, K] weight with ``spec``'s dtype and granularity.
+
+    ``importance`` [K] (e.g. the diagonal of a layer's input Hessian) weights each input column's
+    squared error in the ``mse`` calibrator's clipping search; without it every column counts alike.
+    """
     w = w.detach().float()
     n, k = w.shape
     dtype = spec.dtype.value
@@ -93,7 +97,7 @@ def quantize_weight(w: torch.Tensor, spec: WeightSpec) -> QuantizedWeight:
     qdtype = dtype if spec.symmetric else {"int8": "uint8", "int4": "uint4"}[dtype]
     group = spec.group_size if spec.granularity is Granularity.PER_GROUP else None
     if spec.calibrator is Calibrator.MSE:
-        ratio = _mse_clip_ratio(w, absmax, lo, hi, spec, qdtype, group)
+        ratio = _mse_clip_ratio(w, absmax, lo, hi, spec, qdtype, group, importance)
         absmax, lo, hi = absmax * ratio, lo * ratio, hi * ratio
     scale, zero = numerics.choose_scale(absmax, dtype, minimum=lo, maximum=hi, symmetric=spec.symmetric)
     q = numerics.quantize(w, scale, zero, qdtype, block_size=group)
@@ -101,8 +105,11 @@ def quantize_weight(w: torch.Tensor, spec: WeightSpec) -> QuantizedWeight:
 
 
 def _mse_clip_ratio(w, absmax, lo, hi, spec: WeightSpec, qdtype: str, group: int | None,
-                    grid: int = 20, lowest: float = 0.7) -> torch.Tensor:
-    """Per scale entry, the ratio r in [lowest, 1] of the range whose quantization error is least."""
+                    importance: torch.Tensor | None = None, grid: int = 20, lowest: float = 0.7) -> torch.Tensor:
+    """Per scale entry, the ratio r in [lowest, 1] of the range whose (importance-weighted) squared
+    quantization error is least."""
+    if importance is not None and tuple(importance.shape) != (w.shape[1],):
+        raise ValueError(f"importance must have shape ({w.shape[1]},), got {tuple(importance.shape)}")
     best_ratio = torch.ones_like(absmax)
     best_err = None
     for r in torch.linspace(1.0, lowest, grid + 1):
@@ -111,6 +118,8 @@ def _mse_clip_ratio(w, absmax, lo, hi, spec: WeightSpec, qdtype: str, group: int
         deq = numerics.fake_quantize(w, scale, zero, qdtype) if group is None else numerics.dequantize(
             numerics.quantize(w, scale, zero, qdtype, block_size=group), scale, zero, block_size=group)
         err = (deq - w).pow(2)
+        if importance is not None:
+            err = err * importance.float()
         if scale.dim() == 0:
             err = err.sum()
         elif group is None:

@@ -52,7 +52,10 @@ def expand_blocks(scale: torch.Tensor, like: torch.Tensor, block_size: int | Non
             if -(-n // block) != s:
                 raise ValueError(f"scale dimension {d} of size {s} does not match x's size {n} "
                                  f"with block_size {block}")
-            scale = scale.repeat_interleave(block, dim=d).narrow(d, 0, n)
+            # a gather, not repeat_interleave + narrow: TorchInductor 2.13 miscompiles that
+            # (and expand + reshape + narrow) when the block does not divide n (K=96, block 64)
+            index = torch.arange(n, device=scale.device) // block
+            scale = scale.index_select(d, index)
     return scale
 
 

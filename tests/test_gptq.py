@@ -151,7 +151,7 @@ def test_stored_weight_dequantizes_to_exactly_what_gptq_used(spec, act_order, st
     perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else None
     hp = h if perm is None else h[perm][:, perm]
     u, _ = gptq._inverse_hessian_factor(hp, 0.01, 1.0, "t")
-    inner = gptq._gptq_columns(w.clone(), u, spec, perm, 32, static_groups)
+    inner = gptq._gptq_columns(w.clone(), u, spec, perm, 32, static_groups, torch.diagonal(hp).float())
     assert torch.equal(qw.dequantize(), inner.dequantized)
     # ... and GPTQ's objective recomputed from the stored weight equals the sweep's sum err^2.
     delta = (w.double() - qw.dequantize().double())
@@ -173,7 +173,8 @@ def test_blocked_gptq_matches_unblocked_obs_transcription(spec, act_order, stati
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hd)), upper=True)
     for block_size in (5, 32, 128):
         # the sweep in float64: the same arithmetic up to ~1e-16, hence the same roundings
-        inner = gptq._gptq_columns(w.double(), u, spec, perm, block_size, static_groups)
+        inner = gptq._gptq_columns(w.double(), u, spec, perm, block_size, static_groups,
+                                   torch.diagonal(h if perm is None else h[perm][:, perm]).float())
         assert torch.equal(inner.dequantized.double(), expected)
         # the float32 public path: equal but for rows where a value within float32 rounding
         # of a rounding tie went the other way (each such row then differs from there on)
@@ -245,3 +246,24 @@ def test_bad_arguments_are_refused():
         gptq.gptq_quantize(w, torch.eye(8), WeightSpec("int8"), n_samples=100)
     with pytest.raises(CalibrationError, match="NaN"):
         gptq.gptq_quantize(w, torch.full((16, 16), float("inf")), WeightSpec("int8"), n_samples=100)
+
+
+def test_mse_scales_are_weighted_by_the_hessian_diagonal():
+    """With a diagonal H there is no error to compensate: GPTQ with the mse calibrator equals
+    round-to-nearest whose clipping search weights each column's error by H_ii."""
+    torch.manual_seed(3)
+    spec = WeightSpec("int4", "per_group", 32, calibrator="mse")
+    w = torch.randn(24, 96)
+    d = torch.logspace(-3, 1, 96)[torch.randperm(96)]
+    qw, _ = gptq.gptq_quantize(w, torch.diag(d), spec, n_samples=1000, static_groups=True)
+    expected = quantize_weight(w, spec, importance=d)
+    assert torch.equal(qw.scale, expected.scale)
+    assert torch.equal(qw.dequantize(), expected.dequantize())
+
+    def weighted_err(q):
+        return float(((q.dequantize() - w).pow(2) * d).sum())
+    plain = quantize_weight(w, spec)   # unweighted mse search
+    minmax = quantize_weight(w, WeightSpec("int4", "per_group", 32))
+    assert weighted_err(expected) < weighted_err(plain) <= weighted_err(minmax)
+    with pytest.raises(ValueError, match="importance must have shape"):
+        quantize_weight(w, spec, importance=d[:10])

@@ -208,7 +208,9 @@ def test_recipe_refuses_bad_algorithm_combinations():
     with pytest.raises(RecipeError, match="exclusive"):
         Recipe(weight=WeightSpec(QuantDtype.INT4, Granularity.PER_GROUP, group_size=64), gptq=GPTQSpec(), awq=AWQSpec())
     with pytest.raises(RecipeError, match="fp8"):
-        Recipe(weight=WeightSpec(QuantDtype.FP8_E4M3, Granularity.PER_CHANNEL), gptq=GPTQSpec())
+        Recipe(weight=WeightSpec(QuantDtype.FP8_E4M3, Granularity.PER_CHANNEL), awq=AWQSpec())
+    # GPTQ's error compensation works for any weight grid, fp8 and per-tensor included
+    Recipe(weight=WeightSpec(QuantDtype.FP8_E4M3, Granularity.PER_TENSOR), gptq=GPTQSpec())
     with pytest.raises(RecipeError, match="layerwise"):
         Recipe(layerwise=True)
     with pytest.raises(RecipeError, match="gptq.dampening"):

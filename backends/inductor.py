@@ -1,0 +1,75 @@
+"""The ``inductor`` target: the reference kernels' torch code, compiled by TorchInductor.
+
+Lowering replaces each qcompiler op with the plain torch function behind its reference kernel,
+so the graph holds ordinary aten ops around ``torch._int_mm`` / ``torch._scaled_mm``; the
+backend then hands the graph to ``torch._inductor.compile_fx``. Inductor fuses the per-token
+quantization (absmax, divide, round, clamp, cast) into the norm before it and the int32 ->
+float epilogue (scales, bias) into the ops after it, which on a CPU is most of what separates
+an int8 GEMM's speed from a quantized model's. The numerics are the reference's (same torch
+operations; inductor's C++ / Triton code may reassociate float reductions, so float outputs
+agree to ~1e-6 relative, not bit for bit). Weights stay quantized: inductor is not run with
+freezing, so it does not constant-fold dequantized weights into float copies.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qcompiler import numerics
+
+from . import reference as ref
+from . import register_backend
+
+__all__ = ["InductorTable", "inductor_table"]
+
+
+def _quantize(x, scale, zero_point, dtype, block_size=0):
+    return numerics.quantize(x, scale, zero_point, dtype, block_size=block_size or None)
+
+
+def _dequantize(q, scale, zero_point, out_dtype, block_size=0):
+    return numerics.dequantize(q, scale, zero_point, out_dtype, block_size=block_size or None)
+
+
+def _weight_only_gemm(x, w_q, w_scale, w_zero, bias, group_size=0):
+    return ref.weight_only_gemm_ref(x, w_q, w_scale, w_zero, bias, group_size or None)
+
+
+#: op name -> the plain torch function with the custom op's signature and numerics
+_DECOMPOSITIONS = {
+    "quantize": _quantize,
+    "dequantize": _dequantize,
+    "quantize_per_token": numerics.quantize_per_token,
+    "int8_gemm": ref.int8_gemm_ref,
+    "fp8_gemm": ref.fp8_gemm_ref,
+    "weight_only_gemm": _weight_only_gemm,
+    "dequantize_int4": ref.dequantize_int4_ref,
+    "int4_gemm": ref.int4_gemm_ref,
+    "w4a8_gemm": ref.w4a8_gemm_ref,
+}
+
+
+class InductorTable(dict):
+    """{op packet: plain torch function}, plus ``compile_graph(gm, example_inputs)``, which the
+    backend calls on the lowered graph."""
+
+    notice: str = ""
+
+    @staticmethod
+    def compile_graph(gm: torch.fx.GraphModule, example_inputs):
+        from torch._inductor.compile_fx import compile_fx
+        # The passes added get_attr tensors (quantized weights, scales) that Dynamo's
+        # parameter-to-source map does not know; AOTAutograd asserts on that map only for
+        # graphs marked as Dynamo's, so hand it an unmarked copy (the guards stay Dynamo's).
+        plain = torch.fx.GraphModule(gm, gm.graph)
+        plain.meta = {k: v for k, v in gm.meta.items() if k != "dynamo_compile_id"}
+        return compile_fx(plain, example_inputs)
+
+
+@register_backend("inductor")
+def inductor_table() -> InductorTable:
+    ops = torch.ops.qcompiler
+    table = InductorTable()
+    for name, fn in _DECOMPOSITIONS.items():
+        table[getattr(ops, name)] = fn
+    return table
