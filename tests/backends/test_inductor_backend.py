@@ -18,12 +18,7 @@ from tiny_models import tiny_model, token_batches
 RECIPES = ["w8a8-int8-sq", "w8a8-int8-sq-dynamic", "w8a16", "w4a16-rtn"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(model, recipe, target):

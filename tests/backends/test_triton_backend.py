@@ -43,13 +43,7 @@ RECIPES = {"w8a8-int8-sq-dynamic": "w8a8-int8-sq-dynamic", "fp8-dynamic": "fp8-d
            "int4-g32": INT4_G32, "w4a8-g32": W4A8_G32}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny graphs: several OpenMP threads only contend on a shared CPU."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

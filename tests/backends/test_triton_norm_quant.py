@@ -103,13 +103,7 @@ def _compile(arch: str, preset: str, target: str, dtype: torch.dtype = F32):
     return out, qb
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny graphs: several OpenMP threads only contend on a shared CPU."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("arch,norm_kind", [("llama", "rms"), ("gpt2", "layer")])
