@@ -5,6 +5,7 @@ CPU prefill speed per preset, under one protocol. Used by the CLI's main job and
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -110,7 +111,7 @@ def run_table(model_name: str, presets: list, protocol: Protocol | None = None, 
 
     facts = {"gemm_ratio": _int_mm_vs_fp32(), "model": model_name, "torch": torch.__version__, "threads": torch.get_num_threads(),
              "machine": platform.processor() or platform.machine(), "protocol": protocol,
-             "eval_windows": len(windows)}
+             "eval_windows": len(windows), "load_start": _load()}
     fp_ppl = evaluate.perplexity(model, windows, progress=progress, desc="FP32")
     fp_speed = evaluate.prefill_tokens_per_s(model, protocol.prefill_seq, vocab_size=vocab) if prefill else 0.0
     rows = [Row("FP32", fp_ppl, weight_mb=fp_bytes / 1e6, prefill_tok_s=fp_speed)]
@@ -150,7 +151,16 @@ def run_table(model_name: str, presets: list, protocol: Protocol | None = None, 
         rows += extra(model, windows, calib, fp_ppl, facts)
     if peers:
         rows += _torchao_rows(model, windows, fp_ppl, fp_bytes, fp_speed, protocol, progress, prefill, facts)
+    facts["load_end"] = _load()
     return rows, facts
+
+
+def _load() -> float | None:
+    """The 1-minute load average (other work on the machine skews the speed columns)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
 
 
 def _torchao_rows(model, windows, fp_ppl, fp_bytes, fp_speed, protocol, progress, prefill, facts) -> list[Row]:
@@ -185,6 +195,10 @@ def format_table(rows: list[Row], facts: dict) -> str:
             f"{p.calib_text} at seeded random offsets; prefill = one {p.prefill_seq}-token sequence, "
             f"{facts['threads']} threads, torch {facts['torch']}. On this machine torch._int_mm is "
             f"{facts['gemm_ratio']:.1f}x faster than an fp32 matmul at 512x576x1536 (the bound on INT8 speedups).")
+    if facts.get("load_start") is not None and facts.get("load_end") is not None:
+        head += (f" Load average at start / end: {facts['load_start']:.1f} / {facts['load_end']:.1f} on "
+                 f"{os.cpu_count()} CPUs (above the CPU count, other processes shared the cores and the "
+                 f"speed columns are skewed).")
     if facts.get("target", "reference") != "reference":
         head += (f" Quantized rows run on target `{facts['target']}`"
                  + (" (the graph compiled by TorchInductor, quantize / epilogue ops fused); `FP32 (inductor)` is "
