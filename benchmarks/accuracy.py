@@ -4,6 +4,8 @@ Regenerate (2 CPU cores, ~25 min for SmolLM2, ~1 min for stories260K):
 
     python benchmarks/accuracy.py --model smollm2-135m --out benchmarks/results_smollm2.md
     python benchmarks/accuracy.py --model stories260K --out benchmarks/results_stories260K.md
+    python benchmarks/accuracy.py --model smollm2-135m --presets w8a8-int8-sq,w8a8-int8-sq-dynamic \
+        --no-peers --target inductor --out benchmarks/results_smollm2_inductor.md
 """
 
 from __future__ import annotations
