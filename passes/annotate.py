@@ -125,9 +125,9 @@ def _module_path_from_stack(node: Node) -> str:
     if not stack:
         return ""
     path = list(stack.values())[-1][0]
-    path = _STACK_INDEX.sub(r".\1", path)
-    path = re.sub(r"^L\['[^']+'\]\.?", "", path)
-    return path
+    # the root is L['self'], or L['args'][0] when a decorator passes the module positionally
+    path = re.sub(r"^L\['[^']+'\](?:\[\d+\])*\.?", "", path)
+    return _STACK_INDEX.sub(r".\1", path)
 
 
 def _param_fqn_from_source(node: Node) -> str | None:

@@ -63,3 +63,14 @@ def test_gpt2_conv1d_weights_are_read_transposed():
     assert lw.transposed
     assert torch.equal(lw.w, model.get_submodule(c_attn).weight.t())
     assert ctx.layer_plan[c_attn].in_features == model.config.n_embd
+
+
+@pytest.mark.parametrize("root", ["L['self']", "L['args'][0]", "L['fn']"])
+def test_module_path_from_stack_drops_the_dynamo_root(root):
+    """Dynamo names the root module L['self'], or L['args'][0] when a decorator on forward passes
+    it positionally (transformers 5.24); either way the path starts at the first child."""
+    from types import SimpleNamespace
+    from qcompiler.passes.annotate import _module_path_from_stack
+    node = SimpleNamespace(meta={"nn_module_stack": {
+        "a": (f"{root}.model", object), "b": (f"{root}.model.layers[3].input_layernorm", object)}})
+    assert _module_path_from_stack(node) == "model.layers.3.input_layernorm"
