@@ -192,7 +192,8 @@ def format_table(rows: list[Row], facts: dict) -> str:
     head = (f"Model {facts['model']}; perplexity on the first {p.eval_tokens or 'all'} tokens of {p.eval_text} "
             f"(context {p.context}, non-overlapping, {'BOS per window' if p.bos else 'no BOS'}, fp32 compute, "
             f"{facts['eval_windows']} windows); calibration {p.calib_samples} x {p.calib_seq} tokens of "
-            f"{p.calib_text} at seeded random offsets; prefill = one {p.prefill_seq}-token sequence, "
+            f"{p.calib_text} at seeded random offsets; prefill = one {p.prefill_seq}-token sequence run as "
+            f"generate() runs its prefill (KV cache built, logits of the last position only), "
             f"{facts['threads']} threads, torch {facts['torch']}. On this machine torch._int_mm is "
             f"{facts['gemm_ratio']:.1f}x faster than an fp32 matmul at 512x576x1536 (the bound on INT8 speedups).")
     if facts.get("load_start") is not None and facts.get("load_end") is not None:

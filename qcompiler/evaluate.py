@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import statistics
@@ -15,7 +16,7 @@ from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
-__all__ = ["perplexity", "prefill_tokens_per_s"]
+__all__ = ["perplexity", "prefill_tokens_per_s", "accepts_logits_to_keep"]
 
 
 def _model_device(model: object) -> torch.device | None:
@@ -59,6 +60,16 @@ def perplexity(
     return ppl
 
 
+def accepts_logits_to_keep(model: object) -> bool:
+    """Whether ``model``'s forward takes ``logits_to_keep`` (looked up through ``torch.compile``'s wrapper)."""
+    inner = getattr(model, "_orig_mod", model)
+    forward = getattr(inner, "forward", inner)
+    try:
+        return "logits_to_keep" in inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def prefill_tokens_per_s(
     model: Callable[..., object],
     seq_len: int = 512,
@@ -67,8 +78,13 @@ def prefill_tokens_per_s(
     repeats: int = 3,
     warmup: int = 1,
     seed: int = 0,
+    last_logits_only: bool = True,
 ) -> float:
-    """Prefill throughput: ``seq_len`` / median wall time of one forward on a random [1, seq_len] sequence."""
+    """Prefill throughput: ``seq_len`` / median wall time of one forward on a random [1, seq_len] sequence.
+
+    ``last_logits_only``: run the forward as ``generate()`` runs its prefill, scoring only the last
+    position (``logits_to_keep=1``, where the model's forward takes it); False scores every position.
+    """
     for arg, value, low in (("seq_len", seq_len, 1), ("vocab_size", vocab_size, 1), ("repeats", repeats, 1),
                             ("warmup", warmup, 0)):
         if not isinstance(value, int) or value < low:
@@ -78,17 +94,19 @@ def prefill_tokens_per_s(
     device = _model_device(model)
     if device is not None:
         input_ids = input_ids.to(device)
+    kwargs = {"logits_to_keep": 1} if last_logits_only and accepts_logits_to_keep(model) else {}
     sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda: None)
     times = []
     with torch.inference_mode():
         for i in range(warmup + repeats):
             sync()
             t0 = time.perf_counter()
-            model(input_ids=input_ids)
+            model(input_ids=input_ids, **kwargs)
             sync()
             elapsed = time.perf_counter() - t0
             if i >= warmup:
                 times.append(elapsed)
     median = statistics.median(times)
-    log.info("prefill: %d tokens in %.4f s (median of %d)", seq_len, median, repeats)
+    log.info("prefill: %d tokens in %.4f s (median of %d; %s)", seq_len, median, repeats,
+             "last position's logits" if kwargs else "every position's logits")
     return seq_len / median

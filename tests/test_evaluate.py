@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from qcompiler.data import eval_windows, tokenize_text
-from qcompiler.evaluate import perplexity, prefill_tokens_per_s
+from qcompiler.evaluate import accepts_logits_to_keep, perplexity, prefill_tokens_per_s
 from qcompiler.models import load_model, shared_dir, text_path
 
 needs_shared = pytest.mark.skipif(shared_dir() is None, reason="../shared (models and text) not found; CI provides it")
@@ -69,6 +69,32 @@ def test_perplexity_bad_windows(windows, match):
 def test_prefill_tokens_per_s_positive():
     tps = prefill_tokens_per_s(UniformLM(), 64, vocab_size=VOCAB, repeats=2, warmup=0)
     assert tps > 0 and math.isfinite(tps)
+
+
+class RecordingLM(torch.nn.Module):
+    """Records the ``logits_to_keep`` each forward got (None: not passed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, input_ids, logits_to_keep=None):
+        self.seen.append(logits_to_keep)
+        return SimpleNamespace(logits=torch.zeros(*input_ids.shape, VOCAB))
+
+
+def test_prefill_scores_only_the_last_position_like_generate():
+    model = RecordingLM()
+    prefill_tokens_per_s(model, 16, vocab_size=VOCAB, repeats=2, warmup=1)
+    assert model.seen == [1, 1, 1]
+    prefill_tokens_per_s(model, 16, vocab_size=VOCAB, repeats=1, warmup=0, last_logits_only=False)
+    assert model.seen[-1] is None
+
+
+def test_logits_to_keep_is_found_through_torch_compile():
+    model = RecordingLM()
+    assert accepts_logits_to_keep(model) and accepts_logits_to_keep(torch.compile(model))
+    assert not accepts_logits_to_keep(UniformLM())
 
 
 @pytest.mark.parametrize("kwargs, match", [({"seq_len": 0}, "seq_len"), ({"repeats": 0}, "repeats"),
