@@ -1,7 +1,8 @@
 """The ``inductor`` target: the reference kernels' torch code, compiled by TorchInductor.
 
 Lowering replaces each qcompiler op with the plain torch function behind its reference kernel,
-so the graph holds ordinary aten ops around ``torch._int_mm`` / ``torch._scaled_mm``; the
+so the graph holds ordinary aten ops around ``torch._int_mm`` (the FP8 GEMMs stay calls to
+their reference kernels, see ``OPAQUE_OPS``); the
 backend then hands the graph to ``torch._inductor.compile_fx``. Inductor fuses the per-token
 quantization (absmax, divide, round, clamp, cast) into the norm before it and the int32 ->
 float epilogue (scales, bias) into the ops after it, which on a CPU is most of what separates
@@ -20,7 +21,7 @@ from qcompiler import numerics
 from . import reference as ref
 from . import register_backend
 
-__all__ = ["InductorTable", "inductor_table"]
+__all__ = ["InductorTable", "inductor_table", "OPAQUE_OPS"]
 
 
 def _quantize(x, scale, zero_point, dtype, block_size=0):
@@ -41,12 +42,15 @@ _DECOMPOSITIONS = {
     "dequantize": _dequantize,
     "quantize_per_token": numerics.quantize_per_token,
     "int8_gemm": ref.int8_gemm_ref,
-    "fp8_gemm": ref.fp8_gemm_ref,
     "weight_only_gemm": _weight_only_gemm,
     "dequantize_int4": ref.dequantize_int4_ref,
     "int4_gemm": ref.int4_gemm_ref,
-    "w4a8_gemm": ref.w4a8_gemm_ref,
 }
+
+#: ops left in the graph as calls to their reference kernels (inductor runs them as extern
+#: kernels; the quantize ops around them are still decomposed and fused): TorchInductor 2.13's
+#: ``_scaled_mm`` lowering wants mat_b column-major and does not keep a transposed constant so.
+OPAQUE_OPS = ("fp8_gemm", "w4a8_gemm")
 
 
 class InductorTable(dict):

@@ -11,11 +11,12 @@ import pytest
 import torch
 
 import qcompiler
+from qcompiler.backends.inductor import OPAQUE_OPS
 from qcompiler.ops import GEMM_OPS, QDQ_OPS
 from numerics_util import rel_err
 from tiny_models import tiny_model, token_batches
 
-RECIPES = ["w8a8-int8-sq", "w8a8-int8-sq-dynamic", "w8a16", "w4a16-rtn"]
+RECIPES = ["w8a8-int8-sq", "w8a8-int8-sq-dynamic", "w8a16", "w4a16-rtn", "fp8", "fp8-dynamic"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -23,7 +24,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _run(model, recipe, target):
     torch._dynamo.reset()
-    qb = qcompiler.backend(recipe, calibration=token_batches(2, 16), target=target, progress=False)
+    qb = qcompiler.backend(recipe, calibration=token_batches(4, 32), target=target,
+                           progress=False)   # >= 128 rows: the fp8 presets run GPTQ
     compiled = torch.compile(model, backend=qb)
     with torch.no_grad():
         logits = compiled(token_batches(1, 12, seed=7)[0]).logits
@@ -38,16 +40,19 @@ def test_inductor_matches_reference(arch, recipe):
     ref, ref_qb = _run(model, recipe, "reference")
     assert rel_err(out, ref) <= 1e-4
     gm = qb.graphs[-1]
-    assert not [n for n in gm.graph.nodes if n.op == "call_function" and n.target in GEMM_OPS + QDQ_OPS]
+    opaque = tuple(getattr(torch.ops.qcompiler, name) for name in OPAQUE_OPS)
+    left = [n.target for n in gm.graph.nodes if n.op == "call_function" and n.target in GEMM_OPS + QDQ_OPS]
+    assert all(t in opaque for t in left)
     assert qb.report.target == "inductor"
     stats = next(p["stats"] for p in qb.report.passes if p["name"] == "lower")
     ref_gemms = [n for n in ref_qb.graphs[-1].graph.nodes if n.op == "call_function" and n.target in GEMM_OPS]
-    assert ref_gemms and sum(v for k, v in stats.items() if k.startswith("lowered_") and "gemm" in k) == len(ref_gemms)
-    # the lowered graph keeps the quantized weights (int8 / packed uint8), no float copies of them
+    lowered = sum(v for k, v in stats.items() if k.startswith("lowered_") and "gemm" in k)
+    assert ref_gemms and lowered + len(left) == len(ref_gemms)
+    # the lowered graph keeps the quantized weights (int8 / fp8 / packed uint8), no float copies of them
     before, after = qb.report.weight_bytes()
     assert after < before
     stored = [getattr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"]
-    assert any(t.dtype in (torch.int8, torch.uint8) for t in stored if isinstance(t, torch.Tensor))
+    assert any(t.dtype in (torch.int8, torch.uint8, torch.float8_e4m3fn) for t in stored if isinstance(t, torch.Tensor))
 
 
 def test_inductor_int8_activations_equal_reference():
