@@ -1,11 +1,17 @@
-"""Accuracy and CPU-speed table for every preset against FP32, under the project protocol.
+r"""Accuracy and CPU-speed table for every preset against FP32, under the project protocol.
 
-Regenerate (2 CPU cores, ~25 min for SmolLM2, ~1 min for stories260K):
+Regenerate (2 CPU cores, nothing else running: ~50 min for SmolLM2, ~2 min for stories260K):
 
-    python benchmarks/accuracy.py --model smollm2-135m --out benchmarks/results_smollm2.md
-    python benchmarks/accuracy.py --model stories260K --out benchmarks/results_stories260K.md
-    python benchmarks/accuracy.py --model smollm2-135m --presets w8a8-int8-sq,w8a8-int8-sq-dynamic \
-        --no-peers --target inductor --out benchmarks/results_smollm2_inductor.md
+    python benchmarks/accuracy.py --model smollm2-135m \
+        --presets fp8,fp8-dynamic,w8a16,w8a8-int8-naive,w8a8-int8-sq,w8a8-int8-sq-dynamic \
+        --target inductor --out benchmarks/results_smollm2.md
+    python benchmarks/accuracy.py --model stories260K \
+        --presets fp8,fp8-dynamic,w8a16,w8a8-int8-naive,w8a8-int8-sq,w8a8-int8-sq-dynamic \
+        --target inductor --out benchmarks/results_stories260K.md
+
+``--target inductor`` runs the quantized rows through TorchInductor (the quantize / epilogue ops
+fused around ``torch._int_mm``) and adds an ``FP32 (inductor)`` row; speedups are against eager
+FP32. The INT4 presets have their own table (``benchmarks/int4.py``).
 """
 
 from __future__ import annotations
@@ -21,11 +27,14 @@ from qcompiler.backends import BACKENDS
 from qcompiler.bench import PROTOCOLS, format_table, run_table
 
 
+CORE_PRESETS = "fp8,fp8-dynamic,w8a16,w8a8-int8-naive,w8a8-int8-sq,w8a8-int8-sq-dynamic"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m", choices=sorted(PROTOCOLS))
-    ap.add_argument("--presets", default=",".join(qcompiler.recipes.names()),
-                    help="comma-separated preset names (default: all)")
+    ap.add_argument("--presets", default=CORE_PRESETS,
+                    help=f"comma-separated preset names (default: {CORE_PRESETS}; INT4: benchmarks/int4.py)")
     ap.add_argument("--out", type=Path, help="write the markdown table here")
     ap.add_argument("--no-peers", action="store_true", help="skip the torchao peer row")
     ap.add_argument("--no-prefill", action="store_true", help="skip the prefill speed measurement")

@@ -14,6 +14,7 @@ from qcompiler.recipes import (
     ActivationSpec,
     Calibrator,
     FallbackSpec,
+    GPTQSpec,
     Granularity,
     QuantDtype,
     Recipe,
@@ -69,7 +70,7 @@ def test_to_dict_is_plain_json():
     assert set(d) == {"type", "version", "data"}
     assert d["type"] == "Recipe" and d["version"] == Recipe.VERSION
     assert d["data"]["weight"]["dtype"] == "int8"
-    assert d["data"]["activation"]["calibrator"] == "minmax"
+    assert d["data"]["activation"]["calibrator"] == "mse"
     assert isinstance(d["data"]["smoothquant"]["alpha_grid"], list)
     json.dumps(d)   # no enums or tuples left
 
@@ -218,6 +219,8 @@ BAD_SPECS = [
      lambda: Recipe(weight=WeightSpec("int8", "per_group", 32), activation=INT8_STATIC)),
     ("weight.granularity='per_group'",
      lambda: Recipe(weight=WeightSpec("fp8_e4m3", "per_group", 32), activation=FP8_DYNAMIC)),
+    ("recipe.layerwise=True with recipe.smoothquant",
+     lambda: Recipe(activation=INT8_STATIC, smoothquant=SmoothQuantSpec(), gptq=GPTQSpec(), layerwise=True)),
     ("recipe.samples_per_layer", lambda: Recipe(samples_per_layer=15)),
     ("recipe.samples_per_layer", lambda: Recipe(samples_per_layer=0)),
     ("recipe.samples_per_layer", lambda: Recipe(samples_per_layer=512.0)),
@@ -252,6 +255,7 @@ GOOD_SPECS = [
     lambda: Recipe(weight=WeightSpec("int8", "per_group", 64)),   # weight-only per-group int8 is fine
     lambda: Recipe(activation=INT8_STATIC, smoothquant=SmoothQuantSpec()),
     lambda: Recipe(samples_per_layer=16),
+    lambda: Recipe(activation=INT8_STATIC, smoothquant=SmoothQuantSpec(), gptq=GPTQSpec()),   # whole-model Hessians
 ]
 
 

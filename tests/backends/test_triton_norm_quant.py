@@ -95,7 +95,7 @@ def test_norm_quant_op_schema_and_fake():
 def _compile(arch: str, preset: str, target: str, dtype: torch.dtype = F32):
     torch._dynamo.reset()
     model = tiny_model(arch).to(DEVICE, dtype)
-    calib = [t.to(DEVICE) for t in token_batches(2, 16)]
+    calib = [t.to(DEVICE) for t in token_batches(4, 32)]   # >= 128 rows: the fp8 presets run GPTQ
     qb = qcompiler.backend(preset, calibration=calib, target=target, progress=False)
     compiled = torch.compile(model, backend=qb)
     with torch.no_grad():

@@ -16,7 +16,7 @@ ops = torch.ops.qcompiler
 
 def _run(preset: str, passes):
     model = tiny_model("llama")
-    qb = qcompiler.backend(preset, calibration=token_batches(2, 16), progress=False)
+    qb = qcompiler.backend(preset, calibration=token_batches(4, 32), progress=False)   # >= 128 rows for GPTQ presets
 
     def be(gm, example_inputs):
         return qb.run_passes(gm, example_inputs, passes)
