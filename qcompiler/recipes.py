@@ -495,7 +495,7 @@ def _w8a8_sq() -> Recipe:
     # 0.65 / 0.72 / 0.8). Static scales by the MSE calibrator: one outlier row no longer sets a
     # layer's range (SmolLM2, 8 test windows: +2.6% vs +3.4% with minmax). Only layers under
     # 20 dB stay in float (on SmolLM2 a few down_proj, one at 3 dB): each float layer costs
-    # prefill speed, and the static preset is the fast one.
+    # prefill speed, and the static preset is the fast one. Commands: benchmarks/recipe_sweep.py.
     return Recipe(name="w8a8-int8-sq", weight=WeightSpec(),
                   activation=ActivationSpec(QuantDtype.INT8, Granularity.PER_TENSOR, calibrator=Calibrator.MSE),
                   smoothquant=SmoothQuantSpec(alpha=0.8),

@@ -11,7 +11,7 @@ import qcompiler
 from qcompiler.calibration import CalibrationCache
 from qcompiler.ops import GEMM_OPS
 from numerics_util import rel_err
-from tiny_models import tiny_model, token_batches
+from tiny_models import calibration_batches, tiny_model, token_batches
 
 
 class CountingCache(CalibrationCache):
@@ -69,7 +69,7 @@ def test_recompile_for_a_new_shape_reuses_calibration_and_plan():
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma"])
 def test_eager_quantize_matches_the_compiled_graph(arch, preset):
     model = tiny_model(arch)
-    calib = token_batches(4, 32)   # >= 128 rows: the fp8 preset runs GPTQ
+    calib = calibration_batches()
     x = token_batches(1, 10, seed=9)[0]
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=qcompiler.backend(preset, calibration=calib, progress=False))

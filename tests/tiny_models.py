@@ -41,3 +41,8 @@ def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
 def token_batches(n: int, seq: int, seed: int = 1) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, VOCAB, (1, seq), generator=g) for _ in range(n)]
+
+
+def calibration_batches(seed: int = 1) -> list[torch.Tensor]:
+    """4 x 32 tokens: the 128 rows GPTQ needs at least (the fp8 presets run it)."""
+    return token_batches(4, 32, seed)

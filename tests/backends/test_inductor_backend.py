@@ -14,7 +14,7 @@ import qcompiler
 from qcompiler.backends.inductor import OPAQUE_OPS
 from qcompiler.ops import GEMM_OPS, QDQ_OPS
 from numerics_util import rel_err
-from tiny_models import tiny_model, token_batches
+from tiny_models import calibration_batches, tiny_model, token_batches
 
 RECIPES = ["w8a8-int8-sq", "w8a8-int8-sq-dynamic", "w8a16", "w4a16-rtn", "fp8", "fp8-dynamic"]
 
@@ -24,8 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _run(model, recipe, target):
     torch._dynamo.reset()
-    qb = qcompiler.backend(recipe, calibration=token_batches(4, 32), target=target,
-                           progress=False)   # >= 128 rows: the fp8 presets run GPTQ
+    qb = qcompiler.backend(recipe, calibration=calibration_batches(), target=target, progress=False)
     compiled = torch.compile(model, backend=qb)
     with torch.no_grad():
         logits = compiled(token_batches(1, 12, seed=7)[0]).logits
@@ -52,7 +51,8 @@ def test_inductor_matches_reference(arch, recipe):
     before, after = qb.report.weight_bytes()
     assert after < before
     stored = [getattr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"]
-    assert any(t.dtype in (torch.int8, torch.uint8, torch.float8_e4m3fn) for t in stored if isinstance(t, torch.Tensor))
+    quantized = (torch.int8, torch.uint8, torch.float8_e4m3fn)
+    assert any(t.dtype in quantized for t in stored if isinstance(t, torch.Tensor))
 
 
 def test_inductor_int8_activations_equal_reference():

@@ -26,7 +26,7 @@ from qcompiler.backends.triton.lowering import TritonOp  # noqa: E402
 from qcompiler.ops import GEMM_OPS  # noqa: E402
 from qcompiler.recipes import ActivationSpec, Granularity, QuantDtype, Recipe, WeightSpec  # noqa: E402
 from numerics_util import rel_err  # noqa: E402
-from tiny_models import ARCHS, tiny_model, token_batches  # noqa: E402
+from tiny_models import ARCHS, calibration_batches, tiny_model, token_batches  # noqa: E402
 
 kernels = pytest.mark.skipif(not availability().runs_kernels, reason=f"Triton kernels cannot run here: "
                                                                      f"{availability().reason}")
@@ -53,7 +53,7 @@ def models():
 
 def _run(model, recipe, target: str):
     torch._dynamo.reset()
-    calib = [t.to(DEVICE) for t in token_batches(4, 32)]   # >= 128 rows: the fp8 presets run GPTQ
+    calib = [t.to(DEVICE) for t in calibration_batches()]
     qb = qcompiler.backend(recipe, calibration=calib, target=target, progress=False)
     compiled = torch.compile(model, backend=qb)
     with torch.no_grad():

@@ -24,7 +24,7 @@ from qcompiler.backends.triton.availability import availability  # noqa: E402
 from qcompiler.backends.triton.fused_ops import norm_quantize_per_token_ref  # noqa: E402
 from qcompiler.ops import GEMM_OPS  # noqa: E402
 from numerics_util import rel_err  # noqa: E402
-from tiny_models import tiny_model, token_batches  # noqa: E402
+from tiny_models import calibration_batches, tiny_model, token_batches  # noqa: E402
 
 if not availability().runs_kernels:
     pytest.skip(f"Triton kernels cannot run here: {availability().reason}", allow_module_level=True)
@@ -95,7 +95,7 @@ def test_norm_quant_op_schema_and_fake():
 def _compile(arch: str, preset: str, target: str, dtype: torch.dtype = F32):
     torch._dynamo.reset()
     model = tiny_model(arch).to(DEVICE, dtype)
-    calib = [t.to(DEVICE) for t in token_batches(4, 32)]   # >= 128 rows: the fp8 presets run GPTQ
+    calib = [t.to(DEVICE) for t in calibration_batches()]
     qb = qcompiler.backend(preset, calibration=calib, target=target, progress=False)
     compiled = torch.compile(model, backend=qb)
     with torch.no_grad():

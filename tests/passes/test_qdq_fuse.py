@@ -9,14 +9,14 @@ import torch
 import qcompiler
 from qcompiler.passes import Annotate, Calibrate, FallbackRules, InsertQDQ, OutlierAnalysis, SensitivityFallback, \
     SmoothQuantFold, FuseQuantizedGemm
-from tiny_models import tiny_model, token_batches
+from tiny_models import calibration_batches, tiny_model, token_batches
 
 ops = torch.ops.qcompiler
 
 
 def _run(preset: str, passes):
     model = tiny_model("llama")
-    qb = qcompiler.backend(preset, calibration=token_batches(4, 32), progress=False)   # >= 128 rows for GPTQ presets
+    qb = qcompiler.backend(preset, calibration=calibration_batches(), progress=False)
 
     def be(gm, example_inputs):
         return qb.run_passes(gm, example_inputs, passes)

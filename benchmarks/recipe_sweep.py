@@ -1,0 +1,65 @@
+r"""Quick recipe sweep on SmolLM2: perplexity of recipe variants on a few windows, for choosing a
+preset's knobs (not the issue's protocol; benchmarks/accuracy.py is). Each variant is a Python
+expression over ``R`` (``qcompiler.recipes.get``), ``rep`` (``dataclasses.replace``) and the
+recipe classes. ``--eval valid`` scores wikitext-2 valid (held out from the test text) for choices.
+
+The choices behind the ``w8a8-int8-sq`` preset (2 cores, ~2 min a variant):
+
+    python benchmarks/recipe_sweep.py --eval test \
+        "minmax=R('w8a8-int8-sq').replace(activation=ActivationSpec('int8', 'per_tensor'), fallback=FallbackSpec(min_sqnr_db=40.0))" \
+        "mse=R('w8a8-int8-sq').replace(fallback=FallbackSpec(min_sqnr_db=40.0))"
+    python benchmarks/recipe_sweep.py --eval valid \
+        "a65=R('w8a8-int8-sq').replace(smoothquant=SmoothQuantSpec(alpha=0.65), fallback=FallbackSpec(min_sqnr_db=40.0))" \
+        "a72=R('w8a8-int8-sq').replace(smoothquant=SmoothQuantSpec(alpha=0.72), fallback=FallbackSpec(min_sqnr_db=40.0))" \
+        "a80=R('w8a8-int8-sq').replace(fallback=FallbackSpec(min_sqnr_db=40.0))" \
+        "fb20=R('w8a8-int8-sq')" "fb0=R('w8a8-int8-sq').replace(fallback=FallbackSpec())"
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+
+import torch
+
+from qcompiler import api, data, evaluate, models, recipes
+
+TEXTS = {"test": "wikitext-test", "valid": "wikitext-valid"}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("variants", nargs="+", help="label=expression, e.g. \"mse=R('w8a8-int8-sq')\"")
+    ap.add_argument("--eval", choices=sorted(TEXTS), default="valid", help="text scored (default valid)")
+    ap.add_argument("--windows", type=int, default=8, help="1024-token windows scored (default 8)")
+    ap.add_argument("--calib-samples", type=int, default=64, help="512-token calibration sequences (default 64)")
+    args = ap.parse_args(argv)
+    namespace = {**vars(recipes), "R": recipes.get, "rep": dataclasses.replace}   # the recipe classes too
+    variants = []
+    for v in args.variants:
+        label, sep, expr = v.partition("=")
+        if not sep:
+            ap.error(f"variant {v!r} is not label=expression")
+        variants.append((label, eval(expr, namespace)))   # noqa: S307 (a developer's own expressions)
+    model, tok = models.load_model("smollm2-135m")
+    eval_ids = data.tokenize_text(tok, models.text_path(TEXTS[args.eval]).read_text(encoding="utf-8"))
+    windows = data.eval_windows(eval_ids, 1024 * args.windows, 1024)
+    calib_ids = data.tokenize_text(tok, models.text_path("wikitext-valid").read_text(encoding="utf-8"))
+    calib = data.calibration_batches(calib_ids, args.calib_samples, 512, seed=0)
+    fp = evaluate.perplexity(model, windows, progress=False)
+    print(f"{args.eval}, {args.windows} windows, {args.calib_samples} x 512 calibration; FP32 {fp:.3f}", flush=True)
+    for label, recipe in variants:
+        torch._dynamo.reset()
+        t0 = time.perf_counter()
+        qb = api.backend(recipe, calibration=calib, progress=False)
+        ppl = evaluate.perplexity(torch.compile(model, backend=qb, dynamic=False), windows, progress=False)
+        fell = sum(1 for d in qb.report.layers.values() if d.op_kind == "linear" and not d.quantize)
+        print(f"{label:24s} ppl {ppl:.3f}  {100 * (ppl / fp - 1):+.2f}%  float linears {fell}  "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
