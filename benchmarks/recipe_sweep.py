@@ -13,6 +13,14 @@ The choices behind the ``w8a8-int8-sq`` preset (2 cores, ~2 min a variant):
         "a72=R('w8a8-int8-sq').replace(smoothquant=SmoothQuantSpec(alpha=0.72), fallback=FallbackSpec(min_sqnr_db=40.0))" \
         "a80=R('w8a8-int8-sq').replace(fallback=FallbackSpec(min_sqnr_db=40.0))" \
         "fb20=R('w8a8-int8-sq')" "fb0=R('w8a8-int8-sq').replace(fallback=FallbackSpec())"
+
+The choices behind the ``w8a16`` preset (sensitivity fallback at 36 dB; AWQ scales for int8 do less):
+
+    python benchmarks/recipe_sweep.py --eval valid --windows 16 \
+        "base=R('w8a16').replace(fallback=FallbackSpec())" "fb36=R('w8a16')" \
+        "fb38=R('w8a16').replace(fallback=FallbackSpec(min_sqnr_db=38.0))" \
+        "awq=R('w8a16').replace(awq=AWQSpec(), layerwise=True, fallback=FallbackSpec())" \
+        "awqfb38=R('w8a16').replace(awq=AWQSpec(), layerwise=True, fallback=FallbackSpec(min_sqnr_db=38.0))"
 """
 
 from __future__ import annotations

@@ -28,7 +28,11 @@ class Calibrate:
         source = ctx.analyses.get("calibration_source")
         if source is None:
             raise CalibrationError(f"recipe {ctx.recipe.name!r} needs calibration data: pass calibration=batches")
-        all_stats: dict[str, LayerStats] = source()
+        all_stats: dict[str, LayerStats] | None = source()
+        if all_stats is None:        # no calibration data, and the recipe can run without it
+            ctx.analyses["calibration"] = {}
+            ctx.analyses["no_calibration_data"] = True
+            return PassResult(gm, False, {"layers_with_stats": 0, "no_calibration_data": True})
         stats: dict[str, LayerStats] = {}
         missing = 0
         for fqn, d in ctx.layer_plan.items():

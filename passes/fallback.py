@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
+import warnings
 
 import torch
 from torch.fx import GraphModule
@@ -35,7 +36,7 @@ def rule_reason(ctx: PassContext, fqn: str) -> str:
     for glob in fb.keep_modules:
         if fnmatch.fnmatchcase(fqn, glob):
             return f"module path matches fallback.keep_modules glob {glob!r}"
-    if ctx.recipe.needs_calibration and fqn not in ctx.analyses.get("calibration", {}):
+    if ctx.recipe.requires_calibration and fqn not in ctx.analyses.get("calibration", {}):
         return "no calibration statistics for this linear's input (module not reached, or its input is not the linear's)"
     return ""
 
@@ -71,6 +72,13 @@ class SensitivityFallback:
         weights = ctx.analyses["annotate"].weights
         act = recipe.activation
         measured: dict[str, float] = {}
+        if recipe.fallback.min_sqnr_db is not None and ctx.analyses.get("no_calibration_data"):
+            msg = (f"recipe {recipe.name!r}: no calibration data, so the sensitivity fallback "
+                   f"(fallback.min_sqnr_db={recipe.fallback.min_sqnr_db:g}) measured no layer; pass "
+                   "calibration=batches to apply it")
+            if msg not in ctx.report.warnings:
+                ctx.report.warnings.append(msg)
+                warnings.warn(msg, stacklevel=2)
         for fqn, d in ctx.layer_plan.items():
             if not d.quantize:
                 continue
@@ -82,6 +90,9 @@ class SensitivityFallback:
                                                          f"per-tensor static ({act.calibrator.value})")
             st = smoothed_stats(ctx, fqn)
             if st is None:
+                if recipe.fallback.min_sqnr_db is not None and not ctx.analyses.get("no_calibration_data"):
+                    d.note = (d.note + "; " if d.note else "") + \
+                        "SQNR not measured: no calibration statistics for this linear's input"
                 continue
             memo = ctx.analyses.setdefault("memo", {})
             key = ("sensitivity", fqn)

@@ -76,7 +76,7 @@ class QCompilerBackend:
         get_backend(target)
         self.target = target
         self.extra_passes = tuple(passes)
-        if self.recipe.needs_calibration and calibration is None:
+        if self.recipe.requires_calibration and calibration is None:
             raise CalibrationError(f"recipe {self.recipe.name!r} needs calibration data: pass calibration=batches "
                                    "(an iterable of token-id tensors or dicts of model inputs)")
         if isinstance(calibration, (CalibrationCache, LayerwiseCalibration)) or calibration is None:
@@ -104,6 +104,8 @@ class QCompilerBackend:
         root.__dict__[_REPORT_ATTR] = self.report   # read back by qcompiler.report(model)
 
     def _stats(self):
+        if self.calibration is None and not self.recipe.requires_calibration:
+            return None     # only the sensitivity fallback reads statistics: it is skipped
         if self.calibration is None:
             raise CalibrationError(f"recipe {self.recipe.name!r} needs calibration data: pass calibration=batches")
         if self.root is None:
@@ -154,7 +156,8 @@ def backend(recipe: Recipe | str, calibration: Iterable | None = None, target: s
     Args:
         recipe: the recipe or a preset name from ``qcompiler.recipes.names()``.
         calibration: iterable of model inputs (token-id tensors or dicts of kwargs); needed by
-            static activations, SmoothQuant and sensitivity fallback.
+            static activations, SmoothQuant, GPTQ and AWQ (``recipe.requires_calibration``); read
+            by the sensitivity fallback, which is skipped with a warning without it.
         target: the backend that runs the fused ops: "reference" (torch ops, eager), "inductor"
             (the same ops compiled by TorchInductor, with quantize / epilogue fused) or "triton".
         passes: extra passes appended to the pipeline (ordered by their ``requires``).

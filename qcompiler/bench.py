@@ -198,8 +198,8 @@ def format_table(rows: list[Row], facts: dict) -> str:
             f"{facts['gemm_ratio']:.1f}x faster than an fp32 matmul at 512x576x1536 (the bound on INT8 speedups).")
     if facts.get("load_start") is not None and facts.get("load_end") is not None:
         head += (f" Load average at start / end: {facts['load_start']:.1f} / {facts['load_end']:.1f} on "
-                 f"{os.cpu_count()} CPUs (above the CPU count, other processes shared the cores and the "
-                 f"speed columns are skewed).")
+                 f"{os.cpu_count()} CPUs (the benchmark's own threads count; a load well above the CPU count "
+                 f"means other processes shared the cores and skewed the speed columns).")
     if facts.get("target", "reference") != "reference":
         head += (f" Quantized rows run on target `{facts['target']}`"
                  + (" (the graph compiled by TorchInductor, quantize / epilogue ops fused); `FP32 (inductor)` is "

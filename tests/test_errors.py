@@ -65,7 +65,7 @@ def test_unknown_target():
 
 
 # -- calibration -------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", [n for n in recipes.names() if recipes.get(n).needs_calibration])
+@pytest.mark.parametrize("name", [n for n in recipes.names() if recipes.get(n).requires_calibration])
 def test_recipe_needing_calibration_without_it(name, llama, snap):
     with pytest.raises(CalibrationError, match=f"recipe {name!r} needs calibration data"):
         qcompiler.backend(name)
@@ -76,6 +76,28 @@ def test_recipe_needing_calibration_without_it(name, llama, snap):
 def test_weight_only_needs_no_calibration():
     qb = qcompiler.backend("w8a16")
     assert qb.calibration is None
+
+
+def test_sensitivity_fallback_without_calibration_warns_and_quantizes_all():
+    """w8a16's sensitivity fallback reads calibration data; without it the rule is skipped, said
+    in a warning and in the report, and every decoder linear is quantized."""
+    llama = tiny_model("llama")
+    recipe = recipes.get("w8a16").replace(fallback=recipes.FallbackSpec(min_sqnr_db=1e3, max_fraction=1.0))
+    with pytest.warns(UserWarning, match=r"no calibration data, so the sensitivity fallback .* measured no layer"):
+        qcompiler.quantize(llama, recipe, progress=False)
+    rep = qcompiler.report(llama)
+    assert any("sensitivity fallback" in w for w in rep.warnings)
+    decoder = [d for d in rep.layers.values() if d.op_kind == "linear"]
+    assert decoder and all(d.quantize for d in decoder)
+
+
+def test_sensitivity_fallback_with_calibration_keeps_layers_in_float():
+    llama = tiny_model("llama")
+    recipe = recipes.get("w8a16").replace(fallback=recipes.FallbackSpec(min_sqnr_db=1e3, max_fraction=0.5))
+    qcompiler.quantize(llama, recipe, calibration=token_batches(2, 16), progress=False)
+    decoder = [d for d in qcompiler.report(llama).layers.values() if d.op_kind == "linear"]
+    kept = [d for d in decoder if not d.quantize]
+    assert len(kept) == len(decoder) // 2 and all("fallback.min_sqnr_db" in d.reason for d in kept)
 
 
 GOOD = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))

@@ -364,7 +364,10 @@ def test_replace_runs_the_checks():
 def test_needs_calibration_matches_the_preset(name):
     r = recipes.get(name)
     static = r.activation is not None and not r.activation.dynamic
-    assert r.needs_calibration == (static or r.smoothquant is not None or r.fallback.min_sqnr_db is not None
-                                   or r.gptq is not None or r.awq is not None)
-    if name == "w8a16":
-        assert not r.needs_calibration
+    required = static or r.smoothquant is not None or r.gptq is not None or r.awq is not None
+    assert r.requires_calibration == required
+    assert r.needs_calibration == (required or r.fallback.min_sqnr_db is not None)
+    if name == "w8a16":      # calibration only feeds its sensitivity fallback: it runs without data
+        assert r.needs_calibration and not r.requires_calibration
+    if name == "w8a8-int8-naive":
+        assert r.requires_calibration

@@ -126,7 +126,7 @@ _UNAVAILABLE_SCRIPT = textwrap.dedent("""
         warnings.simplefilter("always")
         for target in ("triton", "reference"):
             torch._dynamo.reset()
-            qb = qcompiler.backend("w8a16", target=target, progress=False)
+            qb = qcompiler.backend("w8a16", calibration=token_batches(2, 16), target=target, progress=False)
             compiled = torch.compile(model, backend=qb)
             with torch.no_grad():
                 outs[target] = [compiled(token_batches(1, n, seed=7)[0]).logits for n in (8, 12)]
