@@ -3,7 +3,8 @@ each at group 64 symmetric (the headline) and group 32 asymmetric, with llm-comp
 AWQ at group 64 symmetric as peer rows evaluated by our evaluator under the same protocol, and
 the calibration memory of layer-by-layer vs whole-model calibration.
 
-Regenerate (2 CPU cores; ~60 min for SmolLM2 with peers, ~3 min for stories260K):
+Regenerate (2 idle CPU cores: ~70 min for SmolLM2 with peers, plus ~52 min the first time
+llm-compressor's AWQ oneshot runs, which is then cached; ~3 min for stories260K):
 
     python benchmarks/int4.py --model smollm2-135m --out benchmarks/results_int4_smollm2.md
     python benchmarks/int4.py --model stories260K --no-peers --out benchmarks/results_int4_stories260K.md
@@ -99,7 +100,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-variants", action="store_true", help="skip the group-32 asymmetric rows")
     ap.add_argument("--no-peers", action="store_true", help="skip llm-compressor's rows")
     ap.add_argument("--peers", default="gptq,awq",
-                    help="llm-compressor methods to run as peer rows (AWQ's oneshot takes ~5.5 h on 2 CPU cores)")
+                    help="llm-compressor methods to run as peer rows (oneshots on 2 idle CPU cores: GPTQ ~6 min, "
+                         "AWQ ~52 min; cached and reused, see benchmarks/peers/README.md)")
     ap.add_argument("--no-memory", action="store_true", help="skip the calibration-memory comparison")
     ap.add_argument("--out", type=Path, help="write the markdown table here")
     args = ap.parse_args(argv)
@@ -130,9 +132,7 @@ def main(argv=None) -> int:
     for e in facts.get("peer_errors", []):
         lines.append(f"- peer error: {e}")
     for method in sorted({"gptq", "awq"} - set(peers)):
-        lines.append(f"- llm-compressor {method.upper()} was not run in this table (`--peers`)"
-                     + (": its oneshot needs ~5.5 h on 2 CPU cores at 128 x 512 (about 11 min per decoder layer, "
-                        "measured), see benchmarks/peers/README.md" if method == "awq" else "") + ".")
+        lines.append(f"- llm-compressor {method.upper()} was not run in this table (`--peers`).")
     if not args.no_memory:
         lines.append("\n" + calibration_memory(args.model))
     cmd = "python benchmarks/int4.py " + " ".join(sys.argv[1:] if argv is None else argv)

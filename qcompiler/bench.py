@@ -111,7 +111,7 @@ def run_table(model_name: str, presets: list, protocol: Protocol | None = None, 
 
     facts = {"gemm_ratio": _int_mm_vs_fp32(), "model": model_name, "torch": torch.__version__, "threads": torch.get_num_threads(),
              "machine": platform.processor() or platform.machine(), "protocol": protocol,
-             "eval_windows": len(windows), "load_start": _load()}
+             "eval_windows": len(windows), "load_start": _load(), "prefill": prefill}
     fp_ppl = evaluate.perplexity(model, windows, progress=progress, desc="FP32")
     fp_speed = evaluate.prefill_tokens_per_s(model, protocol.prefill_seq, vocab_size=vocab) if prefill else 0.0
     rows = [Row("FP32", fp_ppl, weight_mb=fp_bytes / 1e6, prefill_tok_s=fp_speed)]
@@ -188,31 +188,41 @@ def _torchao_rows(model, windows, fp_ppl, fp_bytes, fp_speed, protocol, progress
 
 
 def format_table(rows: list[Row], facts: dict) -> str:
+    """Markdown table of ``rows`` under a header stating the protocol; without prefill timing
+    (``run_table(prefill=False)``) the speed columns are left out rather than printed as zeros."""
     p = facts["protocol"]
+    timed = facts.get("prefill", True)
     head = (f"Model {facts['model']}; perplexity on the first {p.eval_tokens or 'all'} tokens of {p.eval_text} "
             f"(context {p.context}, non-overlapping, {'BOS per window' if p.bos else 'no BOS'}, fp32 compute, "
             f"{facts['eval_windows']} windows); calibration {p.calib_samples} x {p.calib_seq} tokens of "
-            f"{p.calib_text} at seeded random offsets; prefill = one {p.prefill_seq}-token sequence run as "
-            f"generate() runs its prefill (KV cache built, logits of the last position only), "
-            f"{facts['threads']} threads, torch {facts['torch']}. On this machine torch._int_mm is "
-            f"{facts['gemm_ratio']:.1f}x faster than an fp32 matmul at 512x576x1536 (the bound on INT8 speedups).")
+            f"{p.calib_text} at seeded random offsets; ")
+    if timed:
+        head += (f"prefill = one {p.prefill_seq}-token sequence run as generate() runs its prefill (KV cache "
+                 f"built, logits of the last position only), ")
+    else:
+        head += "prefill speed not measured in this table, "
+    head += (f"{facts['threads']} threads, torch {facts['torch']}. On this machine torch._int_mm is "
+             f"{facts['gemm_ratio']:.1f}x faster than an fp32 matmul at 512x576x1536 (the bound on INT8 speedups).")
     if facts.get("load_start") is not None and facts.get("load_end") is not None:
         head += (f" Load average at start / end: {facts['load_start']:.1f} / {facts['load_end']:.1f} on "
                  f"{os.cpu_count()} CPUs (the benchmark's own threads count; a load well above the CPU count "
-                 f"means other processes shared the cores and skewed the speed columns).")
+                 f"means other processes shared the cores and skewed the "
+                 f"{'speed and ' if timed else ''}calibration-time columns).")
     if facts.get("target", "reference") != "reference":
         head += (f" Quantized rows run on target `{facts['target']}`"
                  + (" (the graph compiled by TorchInductor, quantize / epilogue ops fused); `FP32 (inductor)` is "
                     "the float model through the same compiler, speedups are against eager FP32."
                     if facts["target"] == "inductor" else "."))
+    speed_head, speed_rule = ("prefill tok/s | speedup | ", "---|---|") if timed else ("", "")
     lines = [head, "",
-             "| recipe | perplexity | Δ% vs FP32 | calibration s | quantize s | weight MB | "
-             "prefill tok/s | speedup | fallback decoder linears |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"| recipe | perplexity | Δ% vs FP32 | calibration s | quantize s | weight MB | {speed_head}"
+             "fallback decoder linears |",
+             f"|---|---|---|---|---|---|{speed_rule}---|"]
     for r in rows:
         fb = "-" if r.name.startswith("FP32") else f"{len(r.fallbacks)}/{r.decoder_linears}"
+        speed = f"{r.prefill_tok_s:.0f} | {r.speedup:.2f}x | " if timed else ""
         lines.append(f"| {r.name} | {r.ppl:.3f} | {r.delta_pct:+.2f} | {r.calib_s:.1f} | {r.quantize_s:.1f} | "
-                     f"{r.weight_mb:.1f} | {r.prefill_tok_s:.0f} | {r.speedup:.2f}x | {fb} |")
+                     f"{r.weight_mb:.1f} | {speed}{fb} |")
     if "torchao" in facts:
         lines.append(f"\ntorchao peer row: {facts['torchao']}; int8 per-token dynamic activations, int8 per-channel "
                      "weights on every decoder nn.Linear (output head kept float), run eagerly.")

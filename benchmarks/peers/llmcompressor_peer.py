@@ -110,6 +110,14 @@ def _matches(meta: dict, method: str, calib_sha: str, group_size: int, ignored: 
             and meta.get("calibration_sha256") == calib_sha and meta.get("ignored") == ignored)
 
 
+def _load() -> float | None:
+    """The 1-minute load average: 2 cores shared with other jobs stretch the oneshot time several-fold."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
 def _progress(log_path: Path) -> str:
     """The last "(k/n): stage" the sequential pipeline printed, e.g. "(3/31): Calibrating"."""
     marks = re.findall(r"\((\d+)/(\d+)\): (\w+)", log_path.read_text(errors="replace"))
@@ -134,7 +142,8 @@ def run_oneshot(method: str, calib: torch.Tensor, out_dir: Path, *, venv: Path |
         meta = json.loads(meta_path.read_text())
         if _matches(meta, method, calib_sha, oneshot.GROUP_SIZE, oneshot.IGNORE):
             log.info("reusing %s (oneshot %.0f s)", result, meta["oneshot_seconds"])
-            return result, meta
+            written = datetime.datetime.fromtimestamp(meta_path.stat().st_mtime, datetime.timezone.utc)
+            return result, {**meta, "reused_from_cache": f"{written:%Y-%m-%d %H:%M} UTC"}
     python = ensure_venv(venv)
     result.mkdir(parents=True, exist_ok=True)
     meta_path.unlink(missing_ok=True)
@@ -245,7 +254,10 @@ def run_llmcompressor_peer(method: str, out_dir: Path | None = None, protocol: P
     note = (f"{label}: llm-compressor {meta['version']}, compressed-tensors {meta['compressed_tensors_version']}, "
             f"transformers {meta['transformers_version']} in its own venv; {'; '.join(meta['modifiers'])}; "
             f"{meta['calibration_samples']} x {meta['seq_len']} calibration tokens (this protocol's set); "
-            f"oneshot {meta['oneshot_seconds']:.0f} s on {meta['threads']} threads; weights dequantized "
+            f"oneshot {meta['oneshot_seconds']:.0f} s on {meta['threads']} threads"
+            + (f" (a cached oneshot written {meta['reused_from_cache']} with the same versions, scheme and "
+               "calibration tokens, reused)" if "reused_from_cache" in meta else "")
+            + "; weights dequantized "
             "to float and evaluated here; weight MB counts packed int4 + fp32 scales.")
     log.info("%s: ppl %.3f (%+.2f%%), oneshot %.0f s", label, ppl, row.delta_pct, meta["oneshot_seconds"])
     del peer
@@ -278,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     bos_id = tokenizer.bos_token_id if protocol.bos else None
     windows = data.eval_windows(data.tokenize_text(tokenizer, _text(protocol.eval_text)), protocol.eval_tokens,
                                 protocol.context, bos_id=bos_id)
-    command = "nice -n 5 python benchmarks/peers/llmcompressor_peer.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python benchmarks/peers/llmcompressor_peer.py " + " ".join(sys.argv[1:] if argv is None else argv)
     facts = {"model": MODEL, "protocol": dataclasses.asdict(protocol), "eval_windows": len(windows),
              "torch": torch.__version__}
     old = json.loads(args.json.read_text()) if args.update and args.json and args.json.is_file() else None
@@ -309,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         meta = {k: v for k, v in peer["meta"].items() if k != "quantized_linears"}
         meta["quantized_linears"] = len(peer["meta"]["quantized_linears"])
         results["rows"][method] = {"row": dataclasses.asdict(peer["row"]), "note": peer["note"],
-                                   "eval_seconds": peer["eval_seconds"], "meta": meta}
+                                   "eval_seconds": peer["eval_seconds"], "date": str(datetime.date.today()),
+                                   "load_average_1min_after": _load(), "meta": meta}
         print(f"{peer['row'].name}: ppl {peer['row'].ppl:.3f} ({peer['row'].delta_pct:+.2f}% vs FP32 {fp_ppl:.3f}), "
               f"oneshot {peer['meta']['oneshot_seconds']:.0f} s", flush=True)
         write()

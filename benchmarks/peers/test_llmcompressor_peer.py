@@ -86,7 +86,9 @@ def test_run_oneshot_reuses_a_matching_result_without_the_venv(tmp_path):
     meta = _meta(model, calibration_sha256=oneshot.tensor_sha256(calib), oneshot_seconds=1.0)
     (result / "meta.json").write_text(json.dumps(meta))
     got_dir, got = peer.run_oneshot("gptq", calib, tmp_path, venv=tmp_path / "no-venv")
-    assert got_dir == result and got == meta
+    assert got_dir == result
+    assert got.pop("reused_from_cache").endswith(" UTC")     # the reuse is stated in the row's note
+    assert got == meta
     with pytest.raises(ValueError, match="method"):
         peer.run_oneshot("rtn", calib, tmp_path)
 

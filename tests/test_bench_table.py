@@ -1,0 +1,26 @@
+"""The benchmark table's layout: speed columns only when prefill speed was measured."""
+
+from __future__ import annotations
+
+import pytest
+
+from qcompiler.bench import PROTOCOLS, Row, format_table
+
+
+def _facts(prefill: bool) -> dict:
+    return {"protocol": PROTOCOLS["stories260K"], "model": "stories260K", "eval_windows": 4, "threads": 2,
+            "torch": "x", "gemm_ratio": 2.0, "load_start": 0.5, "load_end": 0.7, "prefill": prefill}
+
+
+@pytest.mark.parametrize("prefill", [True, False])
+def test_speed_columns_follow_whether_prefill_was_timed(prefill):
+    rows = [Row("FP32", 10.0, prefill_tok_s=1000.0),
+            Row("w4a16-rtn", 11.0, 10.0, 0.0, 1.5, 2.0, 1500.0, 1.5, 3, [], 3)]
+    text = format_table(rows, _facts(prefill))
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    cells = [len(line.strip("|").split("|")) for line in table]
+    assert cells == [9 if prefill else 7] * len(table)
+    assert ("prefill tok/s" in table[0]) is prefill
+    assert ("1500 | 1.50x" in table[-1]) is prefill
+    assert ("prefill speed not measured" in text) is not prefill
+    assert "| w4a16-rtn | 11.000 | +10.00 |" in table[-1]
