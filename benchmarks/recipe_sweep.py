@@ -21,6 +21,14 @@ The choices behind the ``w8a16`` preset (sensitivity fallback at 36 dB; AWQ scal
         "fb38=R('w8a16').replace(fallback=FallbackSpec(min_sqnr_db=38.0))" \
         "awq=R('w8a16').replace(awq=AWQSpec(), layerwise=True, fallback=FallbackSpec())" \
         "awqfb38=R('w8a16').replace(awq=AWQSpec(), layerwise=True, fallback=FallbackSpec(min_sqnr_db=38.0))"
+
+Candidates for ``w4a16-awq`` (2026-12-01, not yet adopted: the INT4 table must be rerun with
+them): on valid, 16 windows, FP32 15.471, RTN +34.31%, the preset +18.08% (0.53x RTN), 4096
+search rows per linear +15.20% (0.44x, 303 s vs 268 s), duo scaling +16.44% (0.48x):
+
+    python benchmarks/recipe_sweep.py --eval valid --windows 16 "rtn=R('w4a16-rtn')" "base=R('w4a16-awq')" \
+        "s4k=R('w4a16-awq').replace(samples_per_layer=4096, awq=AWQSpec(samples=4096))" \
+        "duo=R('w4a16-awq').replace(awq=AWQSpec(duo_scaling=True))"
 """
 
 from __future__ import annotations
