@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qcompiler import data, evaluate, models
-from qcompiler.bench import PROTOCOLS, Protocol, Row
+from qcompiler.bench import PROTOCOLS, Protocol, Row, _load, _text
 
 __all__ = ["LLMCOMPRESSOR_VERSION", "COMPRESSED_TENSORS_VERSION", "METHODS", "default_venv", "default_out_dir",
            "ensure_venv", "calibration_ids", "run_oneshot", "load_peer_weights", "run_llmcompressor_peer"]
@@ -89,11 +89,6 @@ def _protocol(protocol: Protocol | str | None) -> Protocol:
     return protocol
 
 
-def _text(kind: str) -> str:
-    path = models.text_path(kind) if kind in models.TEXTS else Path(kind)
-    return Path(path).read_text(encoding="utf-8")
-
-
 def calibration_ids(tokenizer, protocol: Protocol) -> torch.Tensor:
     """The benchmark's calibration set as one int64 [samples, seq_len] tensor (same calls as ``run_table``)."""
     bos_id = tokenizer.bos_token_id if protocol.bos else None
@@ -108,14 +103,6 @@ def _matches(meta: dict, method: str, calib_sha: str, group_size: int, ignored: 
             and meta.get("compressed_tensors_version") == COMPRESSED_TENSORS_VERSION
             and meta.get("group_size") == group_size and meta.get("symmetric") is True
             and meta.get("calibration_sha256") == calib_sha and meta.get("ignored") == ignored)
-
-
-def _load() -> float | None:
-    """The 1-minute load average: 2 cores shared with other jobs stretch the oneshot time several-fold."""
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
 
 
 def _progress(log_path: Path) -> str:
