@@ -32,24 +32,20 @@ def _dequantize(q, scale, zero_point, out_dtype, block_size=0):
     return numerics.dequantize(q, scale, zero_point, out_dtype, block_size=block_size or None)
 
 
-def _weight_only_gemm(x, w_q, w_scale, w_zero, bias, group_size=0):
-    return ref.weight_only_gemm_ref(x, w_q, w_scale, w_zero, bias, group_size or None)
-
-
-#: op name -> the plain torch function with the custom op's signature and numerics
+#: op name -> the plain torch function with the custom op's signature and numerics. The fused
+#: GEMMs are not here: the Lower pass gives each the kernel chosen for the machine
+#: (``kernel_choice``), whose plain torch code inductor compiles the same way.
 _DECOMPOSITIONS = {
     "quantize": _quantize,
     "dequantize": _dequantize,
     "quantize_per_token": numerics.quantize_per_token,
-    "int8_gemm": ref.int8_gemm_ref,
-    "weight_only_gemm": _weight_only_gemm,
     "dequantize_int4": ref.dequantize_int4_ref,
-    "int4_gemm": ref.int4_gemm_ref,
 }
 
-#: ops left in the graph as calls to their reference kernels (inductor runs them as extern
-#: kernels; the quantize ops around them are still decomposed and fused): TorchInductor 2.13's
-#: ``_scaled_mm`` lowering wants mat_b column-major and does not keep a transposed constant so.
+#: ops a chosen kernel may leave in the graph as calls to their reference kernels (inductor runs
+#: them as extern kernels; the quantize ops around them are still decomposed and fused):
+#: TorchInductor 2.13's ``_scaled_mm`` lowering wants mat_b column-major and does not keep a
+#: transposed constant so.
 OPAQUE_OPS = ("fp8_gemm", "w4a8_gemm")
 
 

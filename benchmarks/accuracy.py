@@ -1,17 +1,23 @@
 r"""Accuracy and CPU-speed table for every preset against FP32, under the project protocol.
 
-Regenerate (2 CPU cores, nothing else running: ~50 min for SmolLM2, ~2 min for stories260K):
+Regenerate (2 CPU cores, nothing else running: ~60 min for SmolLM2, ~3 min for stories260K); with
+``--out benchmarks/`` the file is named by model and CPU class (``qcompiler.backends.machine``), e.g.
+``benchmarks/results_smollm2-135m_avx512-vnni.md``:
 
-    python benchmarks/accuracy.py --model smollm2-135m \
-        --presets fp8,fp8-dynamic,w8a16,w8a8-int8-naive,w8a8-int8-sq,w8a8-int8-sq-dynamic \
-        --target inductor --out benchmarks/results_smollm2.md
-    python benchmarks/accuracy.py --model stories260K \
-        --presets fp8,fp8-dynamic,w8a16,w8a8-int8-naive,w8a8-int8-sq,w8a8-int8-sq-dynamic \
-        --target inductor --out benchmarks/results_stories260K.md
+    python benchmarks/accuracy.py --model smollm2-135m --target inductor --out benchmarks/
+    python benchmarks/accuracy.py --model stories260K --target inductor --out benchmarks/
+
+The AVX2 class measured on an AVX-512 machine by limiting the ISA every library dispatches on
+(the file is named ``..._avx2-limited.md``; a real AVX2-only CPU also has other caches and clocks):
+
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 \
+        MKL_ENABLE_INSTRUCTIONS=AVX2 python benchmarks/accuracy.py --model smollm2-135m --target inductor \
+        --out benchmarks/
 
 ``--target inductor`` runs the quantized rows through TorchInductor (the quantize / epilogue ops
-fused around ``torch._int_mm``) and adds an ``FP32 (inductor)`` row; speedups are against eager
-FP32. The INT4 presets have their own table (``benchmarks/int4.py``).
+fused around the GEMM kernels chosen for the CPU) and adds an ``FP32 (inductor)`` row; speedups are
+against eager FP32. ``w4a16-rtn`` stands for the INT4 weight-only presets' speed (AWQ and GPTQ run
+the same kernels); their accuracy is in the INT4 table (``benchmarks/int4.py``).
 """
 
 from __future__ import annotations
@@ -23,11 +29,11 @@ import sys
 from pathlib import Path
 
 import qcompiler
-from qcompiler.backends import BACKENDS
+from qcompiler.backends import BACKENDS, machine
 from qcompiler.bench import PROTOCOLS, format_table, run_table
 
 
-CORE_PRESETS = "fp8,fp8-dynamic,w8a16,w8a8-int8-naive,w8a8-int8-sq,w8a8-int8-sq-dynamic"
+CORE_PRESETS = "fp8,fp8-dynamic,w8a16,w8a8-int8-naive,w8a8-int8-sq,w8a8-int8-sq-dynamic,w4a16-rtn"
 
 
 def main(argv=None) -> int:
@@ -35,7 +41,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="smollm2-135m", choices=sorted(PROTOCOLS))
     ap.add_argument("--presets", default=CORE_PRESETS,
                     help=f"comma-separated preset names (default: {CORE_PRESETS}; INT4: benchmarks/int4.py)")
-    ap.add_argument("--out", type=Path, help="write the markdown table here")
+    ap.add_argument("--out", type=Path, help="write the markdown table to this file, or (a folder) to "
+                    "<folder>/results_<model>_<CPU class>.md")
     ap.add_argument("--no-peers", action="store_true", help="skip the torchao peer row")
     ap.add_argument("--no-prefill", action="store_true", help="skip the prefill speed measurement")
     ap.add_argument("--target", default="reference", choices=sorted(BACKENDS),
@@ -48,11 +55,14 @@ def main(argv=None) -> int:
     rows, facts = run_table(args.model, presets, prefill=not args.no_prefill,
                              progress=sys.stderr.isatty(), peers=not args.no_peers, target=args.target)
     cmd = "python benchmarks/accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = (f"# {args.model}: accuracy and CPU speed per preset\n\nGenerated {datetime.date.today()} by `{cmd}`.\n\n"
-            + format_table(rows, facts) + "\n")
+    limits = "".join(f"{k}={v} " for k, v in machine.isa_limits().items())
+    text = (f"# {args.model}: accuracy and CPU speed per preset ({facts['machine_class']})\n\n"
+            f"Generated {datetime.date.today()} by `{limits}{cmd}`.\n\n" + format_table(rows, facts) + "\n")
     print(text)
     if args.out:
-        args.out.write_text(text)
+        out = args.out / f"results_{args.model}_{facts['machine_class']}.md" if args.out.is_dir() else args.out
+        out.write_text(text)
+        print(f"wrote {out}")
     return 0
 
 

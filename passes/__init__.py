@@ -23,9 +23,10 @@ def planning_passes() -> list:
             SensitivityFallback(), WeightAlgorithm()]
 
 
-def default_passes(target: str = "reference") -> list:
-    """The full pipeline: plan, insert Q/DQ, fuse into quantized GEMMs, lower to ``target``.
+def default_passes(target: str = "reference", kernels="auto") -> list:
+    """The full pipeline: plan, insert Q/DQ, fuse into quantized GEMMs, lower to ``target`` with
+    GEMM kernels chosen under the ``kernels`` policy (``qcompiler.backends.kernel_choice``).
 
     For target "triton", per-token quantizers are also fused with the norm before them."""
     fused = [FuseNormQuant()] if target == "triton" else []
-    return planning_passes() + [InsertQDQ(), FuseQuantizedGemm(), *fused, Lower(target)]
+    return planning_passes() + [InsertQDQ(), FuseQuantizedGemm(), *fused, Lower(target, kernels)]

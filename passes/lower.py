@@ -1,7 +1,10 @@
 """Lowering: map qcompiler's fused ops onto a backend's kernels.
 
 A backend's table maps an op packet (``torch.ops.qcompiler.int8_gemm``) to a replacement
-callable with the same signature; ops not in the table keep their reference kernels.
+callable with the same signature. Fused GEMMs the table does not take run the kernel that
+``qcompiler.backends.kernel_choice`` chooses for this machine under the ``kernels`` policy
+(probed numerics, a cached micro-benchmark); the report names each layer's kernel, the contract it
+keeps and why it was chosen. Other ops keep their reference kernels.
 
 Per-op fallback: a replacement may expose ``unsupported(*args, **kwargs) -> str | None``
 (the Triton backend's ``TritonOp`` does). It is asked with the node's arguments as traced
@@ -19,7 +22,11 @@ import torch
 from torch.fx import GraphModule, Node
 
 from qcompiler.backends import get_backend
+from qcompiler.backends.kernel_choice import KernelChooser, check_policy
+from qcompiler.ops import GEMM_OPS
 from qcompiler.pipeline import META_KEY, PassContext, PassResult
+
+from .smoothquant import add_constant
 
 __all__ = ["Lower"]
 
@@ -30,9 +37,10 @@ class Lower:
     name = "lower"
     requires = ("fuse",)
 
-    def __init__(self, target: str = "reference"):
-        self.target = target
-        get_backend(target)   # unknown targets fail at construction
+    def __init__(self, target: str = "reference", kernels="auto"):
+        self.target, self.kernels = target, kernels
+        get_backend(target)   # unknown targets and policies fail at construction
+        check_policy(kernels)
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         table = get_backend(self.target)
@@ -63,8 +71,51 @@ class Lower:
             node.target = impl
             key = f"lowered_{getattr(impl, '__name__', 'op')}"
             counts[key] = counts.get(key, 0) + 1
+        gemms = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in GEMM_OPS]
+        if gemms:
+            if values is None:
+                values = _traced_values(gm, ctx)
+            self._choose_kernels(gm, ctx, gemms, values, counts)
         ctx.report.target = self.target
-        return PassResult(gm, any(k.startswith("lowered_") for k in counts), counts)
+        return PassResult(gm, any(k.startswith(("lowered_", "kernel_")) for k in counts), counts)
+
+    def _choose_kernels(self, gm: GraphModule, ctx: PassContext, gemms: list[Node], values: dict, counts: dict) -> None:
+        """Point each fused GEMM at the kernel chosen for it; record the choice per layer."""
+        chooser = KernelChooser("inductor" if self.target == "inductor" else "reference", self.kernels)
+        replaced: set[str] = set()
+        for node in gemms:
+            op = node.target.__name__.split(".")[-1]
+            args = [_resolve(a, gm, values) for a in node.args]
+            kernel_w = args[2] if op in ("int8_gemm", "fp8_gemm", "w4a8_gemm") else args[1]
+            device = kernel_w.device if isinstance(kernel_w, torch.Tensor) else ctx.device
+            choice = chooser.choose(op, args, device)
+            kernel, fqn = choice.kernel, _layer_of(node)
+            if kernel.prepare is not None:
+                w_node = node.args[kernel.weight_arg]
+                prepared = add_constant(gm, f"{fqn or op}_{kernel.name}_weight",
+                                        kernel.prepare(getattr(gm, w_node.target)), node)
+                node.args = node.args[:kernel.weight_arg] + (prepared,) + node.args[kernel.weight_arg + 1:]
+                replaced.add(w_node.target)
+            if not (kernel.reference and chooser.target == "reference") and kernel.run is not node.target:
+                node.target = kernel.run
+                key = f"lowered_{kernel.run.__name__}"
+                counts[key] = counts.get(key, 0) + 1
+            key = f"kernel_{op}_{kernel.name}"
+            counts[key] = counts.get(key, 0) + 1
+            decision = ctx.layer_plan.get(fqn)
+            if decision is not None:
+                decision.kernel, decision.kernel_contract = kernel.name, choice.contract.value
+                decision.kernel_note = choice.reason
+            line = f"{op} -> {kernel.name} [{choice.contract.value}]: {choice.reason}"
+            if line not in ctx.report.kernel_choices:
+                ctx.report.kernel_choices.append(line)
+        if chooser.timed:
+            counts["kernel_benchmarks"] = chooser.timed
+            counts["kernel_benchmark_ms"] = round(1e3 * chooser.seconds, 1)
+        gm.graph.eliminate_dead_code()
+        used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+        for name in replaced - used:   # the plain weight the prepared one replaced
+            delattr(gm, name)
 
 
 def _layer_of(node: Node) -> str:
@@ -102,6 +153,15 @@ def _traced_values(gm: GraphModule, ctx: PassContext) -> dict[Node, object]:
         if n not in values and "example_value" in n.meta:
             values[n] = n.meta["example_value"]
     return values
+
+
+def _resolve(a, gm: GraphModule, values: dict[Node, object]):
+    """A node argument as a value: constants real, traced nodes fake, unknown nodes None."""
+    if not isinstance(a, Node):
+        return a
+    if a.op == "get_attr":
+        return getattr(gm, a.target)
+    return values.get(a)
 
 
 def _static_reason(check, node: Node, gm: GraphModule, values: dict[Node, object]) -> str | None:

@@ -8,6 +8,9 @@ into ``ctx.analyses["weight_algorithm"]``, which ``insert_qdq`` stores as is.
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
+
 import torch
 from torch.fx import GraphModule
 
@@ -49,6 +52,14 @@ class WeightAlgorithm:
         out: dict[str, QuantizedWeight] = ctx.analyses.setdefault("weight_algorithm", {})
         if recipe.gptq is None and recipe.awq is None:
             return PassResult(gm, False, {})
+        if ctx.analyses.get("no_calibration_data"):
+            # only optional GPTQ gets here without data (Recipe.requires_calibration): insert_qdq rounds to nearest
+            msg = (f"recipe {recipe.name!r}: no calibration data, so GPTQ (gptq.optional=True) was skipped and the "
+                   "weights are rounded to nearest; pass calibration=batches to run it")
+            if msg not in ctx.report.warnings:
+                ctx.report.warnings.append(msg)
+                warnings.warn(msg, stacklevel=2)
+            return PassResult(gm, False, {"skipped_no_calibration": 1})
         ann = ctx.analyses["annotate"]
         stats = ctx.analyses.get("calibration", {})
         layerwise = ctx.analyses.get("layerwise_results", {})
@@ -91,4 +102,4 @@ def _rows_scaled(qw: QuantizedWeight, r: torch.Tensor | None) -> QuantizedWeight
         return qw
     if qw.scale.dim() == 0:
         raise ValueError("a per-tensor weight scale cannot absorb per-row scaling")
-    return QuantizedWeight(qw.q, qw.scale * r.float()[:, None], qw.zero, qw.dtype, qw.group_size)
+    return dataclasses.replace(qw, scale=qw.scale * r.float()[:, None])

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import warnings
-from collections.abc import Iterable, Sequence
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch.fx import GraphModule
 
 from . import recipes as _recipes
-from .calibration import CalibrationCache
+from .calibration import CalibrationCache, calibration_rows
+from .gptq import too_few_rows_error
 from .layerwise import LayerwiseCalibration
-from .errors import CalibrationError, RecipeError
+from .errors import CalibrationError, RecipeError, UnsupportedError
 from .pipeline import CompileReport, PassContext, PassManager
 from .recipes import Recipe
 
@@ -62,22 +65,170 @@ def _locate_root() -> torch.nn.Module | None:
     return root
 
 
+# --- Dynamo's code cache -------------------------------------------------------------------------
+# Dynamo keeps compiled code per Python code object, one entry per (guards, backend), and stops
+# compiling a code object once it holds ``torch._dynamo.config.recompile_limit`` entries
+# (torch/_dynamo/cache_size.py ``exceeds_recompile_limit``); after that the function runs eagerly.
+# Every QCompilerBackend is a distinct backend (its graphs hold one model's quantized weights, so
+# Dynamo must not share them: BACKEND_MATCH in torch/_dynamo/guards.py), and all models of a class
+# share their forward's code object, so a sweep of backends over one class fills that limit.
+# qcompiler therefore drops the compiled code of a full code object it compiled, when other
+# qcompiler backends' entries are among those filling it, at points where no frame of it is being
+# compiled or run: when a backend is created and before each call of a model it compiled.
+_COMPILED_CODES: weakref.WeakSet = weakref.WeakSet()   # code objects a QCompilerBackend compiled
+
+
+def _owner(dynamo_backend) -> QCompilerBackend | None:
+    """The QCompilerBackend behind a Dynamo callback or cache entry backend, if it is one."""
+    from torch._dynamo.eval_frame import innermost_backend
+    fn = innermost_backend(dynamo_backend)
+    fn = getattr(fn, "compiler_fn", fn)   # torch.compile wraps backends in a _TorchCompileWrapper
+    return fn if isinstance(fn, QCompilerBackend) else None
+
+
+def _cache_entries(code) -> list:
+    try:
+        from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+        return _debug_get_cache_entry_list(code)
+    except (ImportError, RuntimeError, TypeError):   # another torch: no room making, no limit diagnosis
+        return []
+
+
+def _on_stack(code) -> bool:
+    """Whether a frame of ``code`` (or of Dynamo's rewrite of it, same name and line) is running."""
+    key = (code.co_filename, code.co_firstlineno, code.co_name)
+    frame = sys._getframe(1)
+    while frame is not None:
+        c = frame.f_code
+        if c is code or (c.co_filename, c.co_firstlineno, c.co_name) == key:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _make_room(codes, keep: QCompilerBackend | None = None) -> None:
+    """Reset Dynamo's cache of each code object in ``codes`` that has no room for one more compile
+    and holds entries of a QCompilerBackend other than ``keep``; models compiled for it recompile
+    on their next call (their backend keeps its calibration, so that is cheap)."""
+    if torch.compiler.is_compiling():
+        return
+    limit = torch._dynamo.config.recompile_limit
+    for code in list(codes):
+        entries = _cache_entries(code)
+        if len(entries) < limit or _on_stack(code):
+            continue
+        owners = {_owner(e.backend) for e in entries} - {None, keep}
+        if not owners:
+            continue    # full of other backends' entries, or of ``keep``'s own recompiles: Dynamo's call
+        from torch._C._dynamo.eval_frame import reset_code
+        from torch._dynamo.convert_frame import compile_lock
+        log.info("resetting Dynamo's cache for %s (%s:%d): %d entries reached recompile_limit %d, %d of them "
+                 "from other qcompiler backends", code.co_name, code.co_filename, code.co_firstlineno,
+                 len(entries), limit, sum(_owner(e.backend) in owners for e in entries))
+        with compile_lock:
+            reset_code(code)
+
+
+def _bypass_reason(codes) -> str:
+    """Why Dynamo most likely ran ``codes`` without the backend, for the warning."""
+    stance = getattr(getattr(torch._dynamo.eval_frame, "_stance", None), "stance", "default")
+    if stance != "default":
+        return f"Dynamo ran it eagerly under torch.compiler.set_stance({stance!r})"
+    if torch._dynamo.config.disable:
+        return "Dynamo ran it eagerly: torch._dynamo.config.disable is set"
+    limit = torch._dynamo.config.recompile_limit
+    for code in codes:
+        n = len(_cache_entries(code))
+        if n >= limit:
+            return (f"Dynamo hit torch._dynamo.config.recompile_limit ({limit}): {code.co_name} "
+                    f"({code.co_filename}:{code.co_firstlineno}) holds {n} compiled entries")
+    return "Dynamo ran it eagerly without calling the backend: a recompile limit or a disabled region"
+
+
+def _compiling_code():
+    """The code object of the frame Dynamo is compiling (whose cache entry the graph will be)."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+        tx = InstructionTranslator.current_tx()
+        return getattr(getattr(tx, "output", None), "root_tx", tx).f_code
+    except Exception:   # not inside a Dynamo trace, or an internal API change
+        return None
+
+
+def _compiled_backend(obj) -> QCompilerBackend | None:
+    """The QCompilerBackend of ``torch.compile(module, backend=...)`` or of a module whose forward
+    was replaced by ``torch.compile(module.forward, backend=...)``."""
+    ctx = getattr(obj, "dynamo_ctx", None)          # OptimizedModule
+    if ctx is not None:
+        return _owner(getattr(ctx, "callback", None))
+    fwd = getattr(obj, "__dict__", {}).get("forward")
+    if isinstance(fwd, _CountedEntry):
+        return fwd.backend
+    code = getattr(fwd, "__code__", None)
+    cells = dict(zip(code.co_freevars, fwd.__closure__ or ())) if code is not None else {}
+    return _owner(cells["callback"].cell_contents) if "callback" in cells else None   # Dynamo's compile_wrapper
+
+
+def _entry_code(obj):
+    """The code object Dynamo compiles first when the compiled ``obj`` is called."""
+    fwd = obj._orig_mod.forward if hasattr(obj, "dynamo_ctx") else obj.__dict__.get("forward")
+    fwd = getattr(fwd, "_torchdynamo_orig_callable", fwd)
+    return getattr(fwd, "__code__", None)
+
+
+class _CountedEntry:
+    """A compiled model's entry point (``OptimizedModule.forward`` or a compiled ``module.forward``),
+    wrapped at the backend's first compile.
+
+    It runs in plain Python before Dynamo sees the call, so it is a safe point to make room in
+    Dynamo's cache (``_make_room``); after the call it compares the backend's graph-run counter:
+    a call during which none of the backend's graphs ran was not quantized, which it records and
+    warns about. Cost per call: a cache-size lookup per code object and two integer reads.
+    """
+
+    def __init__(self, inner, backend: QCompilerBackend, name: str):
+        functools.update_wrapper(self, inner)   # keeps Dynamo's _torchdynamo_orig_callable & co.
+        self.inner, self.backend, self.name = inner, backend, name
+
+    def __call__(self, *args, **kwargs):
+        qb = self.backend
+        _make_room(qb._codes, keep=qb)
+        runs = qb.report.graph_runs
+        out = self.inner(*args, **kwargs)
+        if qb.report.graph_runs == runs:
+            qb._ran_without_backend(self.name, _bypass_reason(qb._codes), calls=1)
+        return out
+
+
 class QCompilerBackend:
     """A torch.compile backend that quantizes each captured graph with one recipe.
 
     Calibration runs once, on the first graph that needs it, over the float model; its
     statistics are keyed by module path, so later graphs (new shapes, graph breaks) reuse them.
+
+    Dynamo's cache: each backend is its own entry in Dynamo's per-function cache, which stops
+    compiling at ``torch._dynamo.config.recompile_limit`` entries (the function then runs in
+    float). Creating a backend, and each call of a model it compiled, first resets the cache of
+    every function a qcompiler backend compiled that is full and holds another qcompiler
+    backend's entries (``_make_room``); models on it recompile at their next call, quantized.
+    Detection: the returned graphs count their runs (``report.graph_runs``); at its first compile
+    the backend wraps the compiled model's entry point (``OptimizedModule.forward`` or a compiled
+    ``module.forward``) in a ``_CountedEntry``, which warns and counts ``report.bypassed_calls``
+    when a call ran none of them.
     """
 
     def __init__(self, recipe: Recipe | str, calibration: Iterable | None = None, target: str = "reference",
-                 passes: Sequence = (), progress: bool = True):
+                 passes: Sequence = (), progress: bool = True, kernels: str | Mapping[str, str] = "auto"):
         from qcompiler.backends import get_backend
+        from qcompiler.backends.kernel_choice import check_policy
         self.recipe = _as_recipe(recipe)
         get_backend(target)
-        self.target = target
+        check_policy(kernels)
+        self.target, self.kernels = target, kernels
         self.extra_passes = tuple(passes)
         if self.recipe.requires_calibration and calibration is None:
-            raise CalibrationError(f"recipe {self.recipe.name!r} needs calibration data: pass calibration=batches "
+            raise CalibrationError(f"recipe {self.recipe.name!r} needs calibration data for "
+                                   f"{' and '.join(self.recipe.calibration_required_by)}: pass calibration=batches "
                                    "(an iterable of token-id tensors or dicts of model inputs)")
         if isinstance(calibration, (CalibrationCache, LayerwiseCalibration)) or calibration is None:
             self.calibration = calibration
@@ -86,12 +237,19 @@ class QCompilerBackend:
         else:
             self.calibration = CalibrationCache(calibration, self.recipe.samples_per_layer, progress=progress,
                                                 hessian=self.recipe.gptq is not None)
+        if self.recipe.gptq is not None and self.calibration is not None:
+            rows = calibration_rows(self.calibration.batches)   # refuse before calibrating, not per layer
+            if rows is not None and rows < self.recipe.gptq.min_samples:
+                raise too_few_rows_error(self.recipe, rows, f"recipe {self.recipe.name!r}")
         self.report = CompileReport(recipe=self.recipe.name, target=target)
         self.root: torch.nn.Module | None = None
         self._param_names: dict[int, list[str]] = {}
         self.last_context: PassContext | None = None
         self.graphs: list[GraphModule] = []   # every graph module this backend returned, in order
         self._memo: dict = {}                  # per-layer search results, reused by later graphs
+        self._codes: weakref.WeakSet = weakref.WeakSet()   # code objects Dynamo compiled with this backend
+        self._entry_watched = False
+        _make_room(_COMPILED_CODES)            # room in Dynamo's cache for this backend's first compile
 
     def _adopt_root(self, root: torch.nn.Module | None) -> None:
         if root is None or self.root is not None:
@@ -105,7 +263,7 @@ class QCompilerBackend:
 
     def _stats(self):
         if self.calibration is None and not self.recipe.requires_calibration:
-            return None     # only the sensitivity fallback reads statistics: it is skipped
+            return None     # only optional readers (GPTQ with gptq.optional, sensitivity fallback): skipped
         if self.calibration is None:
             raise CalibrationError(f"recipe {self.recipe.name!r} needs calibration data: pass calibration=batches")
         if self.root is None:
@@ -117,7 +275,7 @@ class QCompilerBackend:
 
     def passes(self) -> list:
         from qcompiler.passes import default_passes
-        return default_passes(self.target) + list(self.extra_passes)
+        return default_passes(self.target, self.kernels) + list(self.extra_passes)
 
     def run_passes(self, gm: GraphModule, example_inputs, passes: list) -> GraphModule:
         if self.root is None:
@@ -144,13 +302,69 @@ class QCompilerBackend:
 
     def __call__(self, gm: GraphModule, example_inputs):
         from qcompiler.backends import get_backend
+        code = _compiling_code()
         gm = self.run_passes(gm, example_inputs, self.passes())
+        if code is not None:
+            self._codes.add(code)
+            _COMPILED_CODES.add(code)
+        self._watch_entry()
         finish = getattr(get_backend(self.target), "compile_graph", None)
-        return gm if finish is None else finish(gm, example_inputs)
+        compiled = gm if finish is None else finish(gm, example_inputs)
+        report = self.report
+        boxed = getattr(compiled, "_boxed_call", False)
+        # The graph holds this model's quantized weights as constants; Dynamo's guards do not check
+        # which parameters it is called with, so a backend shared between models (or a model whose
+        # weights were replaced) would silently mix them: compare the parameters at each call.
+        params = [(i, weakref.ref(t)) for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter)]
+        names = self._param_names
+
+        def run(*args):
+            inputs = args[0] if len(args) == 1 and isinstance(args[0], list) else args   # boxed or not
+            for i, ref in params:
+                if inputs[i] is not ref():
+                    name = names.get(id(ref()), ["?"])[0] if ref() is not None else "?"
+                    raise UnsupportedError(
+                        f"{self!r} quantized the weights of the model it compiled; it was called with a different "
+                        f"parameter in place of {name!r} (a backend shared between models, or weights replaced "
+                        "after compiling): create one qcompiler.backend per model, and compile again "
+                        "(torch._dynamo.reset()) after replacing weights")
+            report.graph_runs += 1
+            return compiled(*args)
+
+        if boxed:
+            run._boxed_call = True
+        return run
+
+    def _watch_entry(self) -> None:
+        """At the first compile, wrap the compiled model's entry point in a ``_CountedEntry``."""
+        if self._entry_watched:
+            return
+        self._entry_watched = True
+        from torch._dynamo.eval_frame import OptimizedModule
+        holder, frame = None, sys._getframe(1)
+        while frame is not None and holder is None:
+            obj = frame.f_locals.get("self")      # the OptimizedModule being called, further up the stack
+            if isinstance(obj, OptimizedModule) and _owner(obj.dynamo_ctx.callback) is self:
+                holder, name = obj, type(obj._orig_mod).__name__
+            frame = frame.f_back
+        if holder is None and self.root is not None and _compiled_backend(self.root) is self:
+            holder, name = self.root, type(self.root).__name__     # module.forward = torch.compile(module.forward)
+        if holder is not None and not isinstance(holder.forward, _CountedEntry):
+            holder.forward = _CountedEntry(holder.forward, self, name)
+
+    def _ran_without_backend(self, name: str, reason: str, calls: int = 0) -> None:
+        msg = f"{name} ran without qcompiler's backend ({reason}); outputs are not quantized"
+        self.report.bypassed_calls += calls
+        if msg not in self.report.warnings:
+            self.report.warnings.append(msg)
+        warnings.warn(msg, stacklevel=3)
+
+    def __repr__(self) -> str:    # shows in Dynamo's recompile messages
+        return f"qcompiler.backend({self.recipe.name!r}, target={self.target!r})"
 
 
 def backend(recipe: Recipe | str, calibration: Iterable | None = None, target: str = "reference",
-            passes: Sequence = (), progress: bool = True) -> QCompilerBackend:
+            passes: Sequence = (), progress: bool = True, kernels: str | Mapping[str, str] = "auto") -> QCompilerBackend:
     """A ``torch.compile`` backend that quantizes with ``recipe`` (a ``Recipe`` or preset name).
 
     Args:
@@ -162,20 +376,32 @@ def backend(recipe: Recipe | str, calibration: Iterable | None = None, target: s
             (the same ops compiled by TorchInductor, with quantize / epilogue fused) or "triton".
         passes: extra passes appended to the pipeline (ordered by their ``requires``).
         progress: show a progress bar while calibrating.
+        kernels: how each quantized GEMM's kernel is chosen on this machine (``qcompiler.backends.
+            kernel_choice``): "auto" (the fastest whose numerics are exact, float32 sums, or
+            int16-pair saturation on CPUs without VNNI, measured at build), "exact" (nothing
+            weaker than the op's reference kernel), "reference" (the reference kernels), or a
+            kernel name / ``{op: kernel name}``. The report names each layer's kernel and why.
+
+    Creating a backend may reset Dynamo's compiled code of functions other qcompiler backends
+    compiled, when that code has reached ``torch._dynamo.config.recompile_limit`` (see
+    ``QCompilerBackend``): their models recompile, still quantized, at their next call. A model
+    call that runs without this backend warns and counts in ``qcompiler.report(model)``.
     """
-    return QCompilerBackend(recipe, calibration, target, passes, progress)
+    return QCompilerBackend(recipe, calibration, target, passes, progress, kernels)
 
 
 def quantize(model: torch.nn.Module, recipe: Recipe | str, calibration: Iterable | None = None,
-             example_input: torch.Tensor | dict | None = None, progress: bool = True) -> torch.nn.Module:
+             example_input: torch.Tensor | dict | None = None, progress: bool = True,
+             kernels: str | Mapping[str, str] = "auto") -> torch.nn.Module:
     """Quantize ``model`` in place for eager use (no torch.compile needed to run it).
 
     The graph is captured once to plan (same passes and numerics as ``backend``); then each
-    quantized linear module is replaced by a ``QuantizedLinear`` that calls the same fused ops.
-    Returns ``model``.
+    quantized linear module is replaced by a ``QuantizedLinear`` that calls the same fused ops,
+    each on the kernel chosen for this machine under ``kernels`` (as in ``backend``), chosen at its
+    first call per row-count bucket. Returns ``model``.
     """
     from .eager import apply_plan
-    qb = QCompilerBackend(recipe, calibration, "reference", progress=progress)
+    qb = QCompilerBackend(recipe, calibration, "reference", progress=progress, kernels=kernels)
     if qb.calibration is not None:
         qb.calibration.check_vocabulary(model)
     qb._adopt_root(model)
@@ -199,15 +425,33 @@ def quantize(model: torch.nn.Module, recipe: Recipe | str, calibration: Iterable
     with torch.inference_mode():
         compiled(**kwargs)
     torch._dynamo.reset()
-    swapped = apply_plan(model, contexts)
+    swapped = apply_plan(model, contexts, kernels, qb.report)
     log.info("quantize: %d linear modules replaced", swapped)
     return model
 
 
 def report(obj) -> CompileReport:
-    """The ``CompileReport`` of a compiled or quantized model (or of a ``QCompilerBackend``)."""
+    """The ``CompileReport`` of a compiled or quantized model (or of a ``QCompilerBackend``).
+
+    For ``torch.compile(model, backend=qcompiler.backend(...))`` (or a compiled ``model.forward``)
+    it is the report of that backend. ``report.graph_runs`` counts runs of its quantized graphs and
+    ``report.bypassed_calls`` the calls during which none ran (Dynamo ran the model eagerly: e.g.
+    at ``torch._dynamo.config.recompile_limit``); those outputs are not quantized, and
+    ``report.warnings`` says why. A backend Dynamo never called is reported the same way when
+    Dynamo's cache for the model's forward is full; otherwise this raises ``ValueError``.
+    """
     if isinstance(obj, QCompilerBackend):
         return obj.report
+    qb = _compiled_backend(obj)
+    if qb is not None:
+        if qb.report.graphs == 0:
+            name = type(getattr(obj, "_orig_mod", obj)).__name__
+            code = _entry_code(obj)
+            if code is None or len(_cache_entries(code)) < torch._dynamo.config.recompile_limit:
+                raise ValueError(f"qcompiler's backend has not compiled a graph for this {name}: run it once. If it "
+                                 f"has run, its outputs are not quantized ({_bypass_reason(())})")
+            qb._ran_without_backend(name, _bypass_reason((code,)))
+        return qb.report
     mod = getattr(obj, "_orig_mod", obj)
     rep = getattr(mod, "__dict__", {}).get(_REPORT_ATTR)
     if rep is None:

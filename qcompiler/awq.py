@@ -38,7 +38,7 @@ import torch
 from . import numerics
 from .errors import CalibrationError, UnsupportedError
 from .gptq import _one_thread
-from .layer_quant import QuantizedWeight, quantize_weight
+from .layer_quant import QuantizedWeight, quantize_weight, weight_qdtype
 from .recipes import Granularity, WeightSpec
 
 __all__ = ["AWQScaleInfo", "awq_search_scales", "awq_search_clip", "quantize_with_clip"]
@@ -178,13 +178,13 @@ def _clipped_params(w: torch.Tensor, max_val: torch.Tensor, spec: WeightSpec, g:
     n, k = w.shape
     bound = numerics.expand_blocks(max_val, w, g)
     wc = torch.maximum(torch.minimum(w, bound), -bound)
-    qdtype = spec.dtype.value if spec.symmetric else {"int8": "uint8", "int4": "uint4"}[spec.dtype.value]
+    qdtype = weight_qdtype(spec)
     if spec.symmetric:
-        scale, zero = numerics.choose_scale(max_val, spec.dtype)
+        scale, zero = numerics.choose_scale(max_val, qdtype)
     else:
         groups = max_val.shape[1]
         padded = torch.nn.functional.pad(wc, (0, groups * g - k)).view(n, groups, g)
-        scale, zero = numerics.choose_scale(max_val, spec.dtype, minimum=padded.amin(-1),
+        scale, zero = numerics.choose_scale(max_val, qdtype, minimum=padded.amin(-1),
                                             maximum=padded.amax(-1), symmetric=False)
     return wc, scale, zero, qdtype
 
@@ -206,7 +206,7 @@ def quantize_with_clip(w: torch.Tensor, max_val: torch.Tensor, spec: WeightSpec)
     block = g if spec.granularity is Granularity.PER_GROUP else None
     q = numerics.quantize(wc, scale, zero, qdtype, block_size=g)
     return QuantizedWeight(q, scale, None if zero is None else zero.to(numerics.STORAGE_DTYPE[qdtype]),
-                           qdtype, block)
+                           numerics.storage_name(qdtype), block, spec.reduce_range)
 
 
 def awq_search_clip(x_samples: torch.Tensor, w: torch.Tensor, spec: WeightSpec, *, grid: int = 20,

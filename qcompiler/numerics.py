@@ -4,7 +4,8 @@ Integers: ``q = saturate(round_half_even(x / scale) + zero_point)``; FP8 E4M3:
 ``q = saturate_cast(x / scale)`` (round half to even, +-448). Dequantize:
 ``(q - zero_point) * scale``. Scales broadcast ONNX-style: a scale has the rank of ``x``
 (or is 0-d) and each of its dimensions is 1, equal to x's, or x's divided by a block size.
-All arithmetic is in float32.
+All arithmetic is in float32. ``int7`` / ``uint7`` are 7-bit ranges held (and stored) as int8 /
+uint8: reduced-range weights (``WeightSpec.reduce_range``).
 """
 
 from __future__ import annotations
@@ -13,24 +14,32 @@ import torch
 
 from .recipes import QuantDtype
 
-__all__ = ["QRANGE", "STORAGE_DTYPE", "expand_blocks", "quantize", "dequantize", "choose_scale",
+__all__ = ["QRANGE", "STORAGE_DTYPE", "storage_name", "expand_blocks", "quantize", "dequantize", "choose_scale",
            "quantize_per_token", "fake_quantize", "sqnr_db"]
 
 #: (qmin, qmax) of each quantized dtype; fp8 saturates at +-448.
 QRANGE: dict[str, tuple[float, float]] = {
     "int8": (-128, 127), "uint8": (0, 255), "int4": (-8, 7), "uint4": (0, 15),
-    "fp8_e4m3": (-448.0, 448.0),
+    "int7": (-64, 63), "uint7": (0, 127), "fp8_e4m3": (-448.0, 448.0),
 }
 #: torch dtype each quantized dtype is held in (int4 unpacked, one value per int8).
 STORAGE_DTYPE: dict[str, torch.dtype] = {
     "int8": torch.int8, "uint8": torch.uint8, "int4": torch.int8, "uint4": torch.uint8,
-    "fp8_e4m3": torch.float8_e4m3fn,
+    "int7": torch.int8, "uint7": torch.uint8, "fp8_e4m3": torch.float8_e4m3fn,
 }
+_STORED_AS = {"int7": "int8", "uint7": "uint8"}
 _TINY = 1e-12
 
 
 def _name(dtype) -> str:
     return dtype.value if isinstance(dtype, QuantDtype) else str(dtype)
+
+
+def storage_name(dtype) -> str:
+    """The format ``dtype``'s values are stored in, in graphs and files: int8 / uint8 for the 7-bit
+    ranges, the dtype itself otherwise."""
+    name = _name(dtype)
+    return _STORED_AS.get(name, name)
 
 
 def expand_blocks(scale: torch.Tensor, like: torch.Tensor, block_size: int | None = None) -> torch.Tensor:
@@ -90,7 +99,7 @@ def choose_scale(absmax: torch.Tensor, dtype, *, minimum: torch.Tensor | None = 
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale (and zero-point when asymmetric) covering ``absmax`` or ``[minimum, maximum]``.
 
-    Symmetric integers use ``absmax / qmax`` (127 for int8, 7 for int4); fp8 ``absmax / 448``.
+    Symmetric integers use ``absmax / qmax`` (127 for int8, 63 for int7, 7 for int4); fp8 ``absmax / 448``.
     Asymmetric integers map ``[min(minimum, 0), max(maximum, 0)]`` onto the unsigned range
     with an integer zero-point.
     """
@@ -98,8 +107,8 @@ def choose_scale(absmax: torch.Tensor, dtype, *, minimum: torch.Tensor | None = 
     if symmetric:
         qmax = QRANGE[name][1]
         return (absmax.float().clamp(min=_TINY) / qmax), None
-    uname = {"int8": "uint8", "int4": "uint4"}.get(name, name)
-    if uname not in ("uint8", "uint4"):
+    uname = {"int8": "uint8", "int7": "uint7", "int4": "uint4"}.get(name, name)
+    if uname not in ("uint8", "uint7", "uint4"):
         raise ValueError(f"asymmetric quantization needs an integer dtype, got {name!r}")
     qmin, qmax = QRANGE[uname]
     lo = minimum.float().clamp(max=0.0)

@@ -11,6 +11,8 @@ Graphs carry them as ordinary ops, so they trace, compile and export:
   group_size, in_features, out_dtype)``, ``qcompiler::int4_gemm(x, w_packed, w_scale, w_zero, bias,
   group_size, in_features)`` (W4A16) and ``qcompiler::w4a8_gemm(a_q, a_scale, w_packed, w_scale, w_zero,
   bias, group_size, in_features, out_dtype)`` (INT4 weights, FP8 activations)
+- ``qcompiler::onednn_int8_mm(a_q, w_packed, n)``: the int8 core of one CPU kernel choice
+  (``qcompiler.backends.gemm_kernels``)
 
 The CPU/GPU kernels are the pure-torch references in ``qcompiler.backends.reference``.
 """
@@ -23,7 +25,7 @@ from . import numerics
 from .backends import reference as ref
 
 __all__ = ["quantize", "dequantize", "quantize_per_token", "int8_gemm", "fp8_gemm", "weight_only_gemm",
-           "dequantize_int4", "int4_gemm", "w4a8_gemm", "GEMM_OPS", "QDQ_OPS"]
+           "dequantize_int4", "int4_gemm", "w4a8_gemm", "onednn_int8_mm", "GEMM_OPS", "QDQ_OPS"]
 
 _LIB = "qcompiler"
 
@@ -126,6 +128,31 @@ def w4a8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, w_packed: torch.Tensor, 
 @w4a8_gemm.register_fake
 def _(a_q, a_scale, w_packed, w_scale, w_zero, bias, group_size, in_features, out_dtype):
     return a_q.new_empty((*a_q.shape[:-1], w_packed.shape[0]), dtype=out_dtype)
+
+
+_ONEDNN_UNIT: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+@torch.library.custom_op(f"{_LIB}::onednn_int8_mm", mutates_args=())
+def onednn_int8_mm(a_q: torch.Tensor, w_packed: torch.Tensor, n: int) -> torch.Tensor:
+    """int8 [M, K] x oneDNN-prepacked int8 weight -> the int32 sums as float32 [M, N].
+
+    oneDNN's u8s8 int8 GEMM: ``a_q + 128`` (the sign bit flipped) as uint8 with zero-point 128,
+    unit scales. Exact where the CPU sums int8 products exactly (VNNI / AMX); without VNNI the
+    products are summed in int16 pairs that can saturate (``qcompiler.backends.gemm_kernels``).
+    """
+    unit = _ONEDNN_UNIT.get((n, a_q.device))
+    if unit is None:
+        unit = _ONEDNN_UNIT[(n, a_q.device)] = (torch.ones(n, device=a_q.device),
+                                                torch.zeros(n, dtype=torch.long, device=a_q.device))
+    a_u8 = a_q.view(torch.uint8) ^ 128
+    return torch.ops.onednn.qlinear_pointwise(a_u8, 1.0, 128, w_packed, unit[0], unit[1], None, 1.0, 0,
+                                              torch.float32, "none", [], "")
+
+
+@onednn_int8_mm.register_fake
+def _(a_q, w_packed, n):
+    return a_q.new_empty((a_q.shape[0], n), dtype=torch.float32)
 
 
 _ops = torch.ops.qcompiler

@@ -66,6 +66,9 @@ class LayerDecision:
     weight_bytes_fp: int = 0
     weight_bytes_q: int = 0
     note: str = ""
+    kernel: str = ""             # the GEMM kernel chosen for this machine (backends.kernel_choice)
+    kernel_contract: str = ""    # its numerics for this layer: exact, fp32, int16-pairs
+    kernel_note: str = ""        # why it was chosen
 
 
 @dataclass
@@ -77,8 +80,11 @@ class CompileReport:
     layers: dict[str, LayerDecision] = field(default_factory=dict)
     passes: list[dict[str, Any]] = field(default_factory=list)
     graphs: int = 0
+    graph_runs: int = 0          # times the compiled graphs ran (torch.compile backend only)
+    bypassed_calls: int = 0      # calls of the compiled model during which none of them ran: not quantized
     calibration_s: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    kernel_choices: list[str] = field(default_factory=list)   # "op -> kernel [contract]: why", one per distinct choice
 
     @property
     def quantized(self) -> list[LayerDecision]:
@@ -96,8 +102,10 @@ class CompileReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"recipe": self.recipe, "target": self.target, "graphs": self.graphs,
+                "graph_runs": self.graph_runs, "bypassed_calls": self.bypassed_calls,
                 "calibration_s": self.calibration_s, "warnings": list(self.warnings),
-                "passes": list(self.passes), "layers": {k: asdict(v) for k, v in self.layers.items()}}
+                "passes": list(self.passes), "kernel_choices": list(self.kernel_choices),
+                "layers": {k: asdict(v) for k, v in self.layers.items()}}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -109,6 +117,9 @@ class CompileReport:
                  f"  linears: {len(q)} quantized, {len(fb)} kept in high precision",
                  f"  linear weight bytes: {before / 1e6:.2f} MB -> {after / 1e6:.2f} MB"
                  + (f" ({before / after:.2f}x smaller)" if after else "")]
+        if self.graph_runs or self.bypassed_calls:
+            lines.append(f"  graph runs: {self.graph_runs}; calls that ran without the backend "
+                         f"(not quantized): {self.bypassed_calls}")
         if self.calibration_s:
             lines.append(f"  calibration: {self.calibration_s:.1f} s")
         for w in self.warnings:
@@ -118,14 +129,19 @@ class CompileReport:
             lines += [f"    {d.fqn:<48} {d.reason}" for d in fb]
         if q:
             lines.append("  quantized:")
-            hdr = f"    {'module':<48} {'weight':<22} {'activation':<22} {'smoothing':<14} {'alpha':>5} {'sqnr dB':>8}"
+            hdr = (f"    {'module':<48} {'weight':<22} {'activation':<22} {'smoothing':<14} {'alpha':>5} "
+                   f"{'sqnr dB':>8}  {'kernel [numerics]':<28}")
             lines.append(hdr)
             for d in q[:max_rows]:
                 alpha = f"{d.alpha:.2f}" if d.alpha is not None else "-"
                 sq = f"{d.sqnr_db:.1f}" if d.sqnr_db is not None else "-"
+                kernel = f"{d.kernel} [{d.kernel_contract}]" if d.kernel else "-"
                 lines.append(f"    {d.fqn:<48} {d.weight_format:<22} {d.act_format or 'none':<22} "
-                             f"{(d.smoothing or '-')[:14]:<14} {alpha:>5} {sq:>8}"
+                             f"{(d.smoothing or '-')[:14]:<14} {alpha:>5} {sq:>8}  {kernel:<28}"
                              + (f"  ({d.note})" if d.note else ""))
+        if self.kernel_choices:
+            lines.append("  kernels (chosen for this machine):")
+            lines += [f"    {c}" for c in self.kernel_choices]
         if self.passes:
             lines.append("  passes:")
             for p in self.passes:

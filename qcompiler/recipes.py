@@ -68,6 +68,12 @@ def _number(owner: str, name: str, value: Any, optional: bool = False) -> float 
     return float(value)
 
 
+def _bool(owner: str, name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise RecipeError(f"{owner}.{name}={value!r} must be a bool (true or false)")
+    return value
+
+
 def _sequence(owner: str, name: str, value: Any) -> tuple:
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
         raise RecipeError(f"{owner}.{name}={value!r} must be a sequence")
@@ -98,6 +104,12 @@ class WeightSpec:
         calibrator: minmax (scale from each channel's / group's range) or mse (per channel or
             group, the clipping ratio of the range that minimizes the weight's squared error;
             under GPTQ each input column's error is weighted by the Hessian diagonal H_ii).
+        reduce_range: int8 only: 7-bit weights, [-64, 63] with scale absmax / 63 (asymmetric:
+            [0, 127]), stored in 8 bits all the same (onnxruntime's ``reduce_range``). onnxruntime's
+            CPU int8 GEMM without VNNI (AVX2, AVX-512 without VNNI) sums pairs of u8 x s8
+            products in int16, which saturates for full-range weights; with 7-bit weights a
+            pair is at most 255 * 64 * 2 = 32640, so it is exact on every x86 CPU. TensorRT's
+            INT8 GEMM is exact either way; this costs one bit of weight precision.
     """
 
     dtype: QuantDtype = QuantDtype.INT8
@@ -105,6 +117,7 @@ class WeightSpec:
     group_size: int | None = None
     symmetric: bool = True
     calibrator: Calibrator = Calibrator.MINMAX
+    reduce_range: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", _choice("weight", "dtype", self.dtype, QuantDtype))
@@ -120,9 +133,12 @@ class WeightSpec:
                               f"granularity='per_group', not {self.granularity.value!r}")
         object.__setattr__(self, "calibrator", _choice("weight", "calibrator", self.calibrator, Calibrator,
                                                        (Calibrator.MINMAX, Calibrator.MSE)))
+        _bool("weight", "symmetric", self.symmetric)
         if not self.symmetric and self.dtype is QuantDtype.FP8_E4M3:
             raise RecipeError("weight.symmetric=False is not supported for dtype 'fp8_e4m3'; "
                               "expected symmetric=True")
+        if _bool("weight", "reduce_range", self.reduce_range) and self.dtype is not QuantDtype.INT8:
+            raise RecipeError(f"weight.reduce_range=True is only valid with dtype 'int8', not {self.dtype.value!r}")
 
 
 @dataclass(frozen=True)
@@ -152,7 +168,7 @@ class ActivationSpec:
         object.__setattr__(self, "calibrator", _choice("activation", "calibrator", self.calibrator, Calibrator))
         if not (0.0 < _number("activation", "percentile", self.percentile) <= 100.0):
             raise RecipeError(f"activation.percentile={self.percentile!r} must be in (0, 100]")
-        if not self.symmetric:
+        if not _bool("activation", "symmetric", self.symmetric):
             raise RecipeError("activation.symmetric=False is not supported; expected symmetric=True")
 
     @property
@@ -178,6 +194,7 @@ class SmoothQuantSpec:
     def __post_init__(self):
         if not (0.0 <= _number("smoothquant", "alpha", self.alpha) <= 1.0):
             raise RecipeError(f"smoothquant.alpha={self.alpha!r} must be in [0, 1]")
+        _bool("smoothquant", "search", self.search)
         grid = tuple(_number("smoothquant", "alpha_grid", a) for a in _sequence("smoothquant", "alpha_grid", self.alpha_grid))
         if not grid or any(not 0.0 <= a <= 1.0 for a in grid):
             raise RecipeError(f"smoothquant.alpha_grid={self.alpha_grid!r} must be a non-empty "
@@ -204,6 +221,10 @@ class GPTQSpec:
         static_groups: group scales from the original weights up front (else each group's scale
             is chosen when GPTQ reaches it, from the error-updated weights).
         min_samples: fewest calibration tokens per linear for a usable Hessian.
+        optional: GPTQ refines a format that runs without calibration (weights, and dynamic or
+            no activations, quantized by round-to-nearest): without calibration data it is
+            skipped, with a warning. Only valid when nothing else in the recipe needs calibration
+            (``Recipe.calibration_required_by``).
     """
 
     block_size: int = 128
@@ -211,15 +232,15 @@ class GPTQSpec:
     act_order: bool = False
     static_groups: bool = False
     min_samples: int = 128
+    optional: bool = False
 
     def __post_init__(self):
         _positive_int("gptq", "block_size", self.block_size)
         _positive_int("gptq", "min_samples", self.min_samples)
         if not 0.0 < _number("gptq", "dampening", self.dampening) < 1.0:
             raise RecipeError(f"gptq.dampening={self.dampening!r} must be in (0, 1)")
-        for name in ("act_order", "static_groups"):
-            if not isinstance(getattr(self, name), bool):
-                raise RecipeError(f"gptq.{name}={getattr(self, name)!r} must be true or false")
+        for name in ("act_order", "static_groups", "optional"):
+            _bool("gptq", name, getattr(self, name))
 
 
 @dataclass(frozen=True)
@@ -251,8 +272,7 @@ class AWQSpec:
         if not 0.0 <= _number("awq", "max_shrink", self.max_shrink) < 1.0:
             raise RecipeError(f"awq.max_shrink={self.max_shrink!r} must be in [0, 1)")
         for name in ("duo_scaling", "clip_search"):
-            if not isinstance(getattr(self, name), bool):
-                raise RecipeError(f"awq.{name}={getattr(self, name)!r} must be true or false")
+            _bool("awq", name, getattr(self, name))
 
 
 @dataclass(frozen=True)
@@ -353,8 +373,7 @@ class Recipe:
             raise RecipeError("recipe.gptq and recipe.awq are exclusive; choose one")
         if self.awq is not None and self.smoothquant is not None:
             raise RecipeError("recipe.awq and recipe.smoothquant both rescale input channels; choose one")
-        if not isinstance(self.layerwise, bool):
-            raise RecipeError(f"recipe.layerwise={self.layerwise!r} must be true or false")
+        _bool("recipe", "layerwise", self.layerwise)
         if self.layerwise and self.gptq is None and self.awq is None:
             raise RecipeError("recipe.layerwise=True needs recipe.gptq or recipe.awq (RTN and SmoothQuant "
                               "do not propagate quantized outputs)")
@@ -364,20 +383,42 @@ class Recipe:
                               "smoothed weights; set layerwise=False (GPTQ then uses whole-model Hessians)")
         if not isinstance(self.samples_per_layer, int) or self.samples_per_layer < 16:
             raise RecipeError(f"recipe.samples_per_layer={self.samples_per_layer!r} must be an integer >= 16")
+        if not isinstance(self.name, str):
+            raise RecipeError(f"recipe.name={self.name!r} must be a string")
+        if self.gptq is not None and self.gptq.optional:
+            others = [u for u in self.calibration_required_by if u != "GPTQ"]
+            if others:
+                raise RecipeError(f"recipe.gptq.optional=True: GPTQ can be optional only when the rest of the recipe "
+                                  f"runs without calibration data, but this recipe needs it for {' and '.join(others)}; "
+                                  "set gptq.optional=False")
+
+    @property
+    def calibration_required_by(self) -> tuple[str, ...]:
+        """What in the recipe cannot run without calibration data: static activation scales,
+        SmoothQuant, AWQ, and GPTQ unless ``gptq.optional``. Empty when the quantized format is
+        calibration-free (dynamic or no activation quantization, weights by round-to-nearest)."""
+        users = []
+        if self.activation is not None and not self.activation.dynamic:
+            users.append("static activation scales")
+        if self.smoothquant is not None:
+            users.append("SmoothQuant")
+        if self.awq is not None:
+            users.append("AWQ")
+        if self.gptq is not None and not self.gptq.optional:
+            users.append("GPTQ")
+        return tuple(users)
 
     @property
     def requires_calibration(self) -> bool:
-        """Whether the recipe cannot run without calibration data (static activation scales,
-        SmoothQuant, GPTQ, AWQ)."""
-        static = self.activation is not None and not self.activation.dynamic
-        return static or self.smoothquant is not None or self.gptq is not None or self.awq is not None
+        """Whether the recipe cannot run without calibration data (``calibration_required_by``)."""
+        return bool(self.calibration_required_by)
 
     @property
     def needs_calibration(self) -> bool:
-        """Whether the recipe reads calibration statistics: ``requires_calibration``, or the
-        sensitivity fallback (``fallback.min_sqnr_db``), which is skipped with a warning when
-        no calibration data is given."""
-        return self.requires_calibration or self.fallback.min_sqnr_db is not None
+        """Whether the recipe reads calibration statistics: ``requires_calibration``, optional GPTQ
+        (``gptq.optional``) or the sensitivity fallback (``fallback.min_sqnr_db``); the last two are
+        skipped with a warning when no calibration data is given."""
+        return self.requires_calibration or self.gptq is not None or self.fallback.min_sqnr_db is not None
 
     # -- serialization -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -438,6 +479,8 @@ def _from_plain(cls: type, data: Any, where: str):
 
 
 def _convert(hint: Any, value: Any, where: str):
+    """``value`` read from JSON as the field type ``hint``: nested specs built, lists made tuples,
+    and JSON's other types checked (no "false" or 0 for a bool, no 64.0, true or "64" for an int)."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -449,8 +492,34 @@ def _convert(hint: Any, value: Any, where: str):
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise RecipeError(f"{where} must be a list, got {type(value).__name__}")
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
         return tuple(value)
+    expected = _JSON_TYPES.get(hint)
+    if expected is not None:
+        kinds, label = expected
+        if isinstance(value, bool) is not (hint is bool) or not isinstance(value, kinds):
+            raise RecipeError(f"{where}={_as_json(value)} must be {label}, got {_json_type(value)}")
     return value
+
+
+# field type -> (JSON values accepted for it, what the message asks for); true / false only for a bool field
+_JSON_TYPES = {bool: (bool, "a bool (true or false)"), int: (int, "an integer"),
+               float: ((int, float), "a number"), str: (str, "a string")}
+
+
+def _json_type(value: Any) -> str:
+    names = {bool: "a bool", int: "an integer", float: "a float", str: "a string", list: "a list",
+             dict: "an object", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _as_json(value: Any) -> str:
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
 
 
 # -- presets ------------------------------------------------------------------------------
@@ -506,7 +575,7 @@ def _w8a8_sq() -> Recipe:
     # Fixed alpha: on SmolLM2 the per-group output-error search picks worse alphas for static
     # per-tensor scales than 0.8 (0.8 also had the lowest held-out wikitext-2 valid perplexity of
     # 0.65 / 0.72 / 0.8). Static scales by the MSE calibrator: one outlier row no longer sets a
-    # layer's range (SmolLM2, 8 test windows: +2.6% vs +3.4% with minmax). Only layers under
+    # layer's range (SmolLM2, held-out wikitext-2 valid: +1.34% vs +3.68% minmax, +2.53% percentile). Only layers under
     # 20 dB stay in float (on SmolLM2 a few down_proj, one at 3 dB): each float layer costs
     # prefill speed, and the static preset is the fast one. Commands: benchmarks/recipe_sweep.py.
     return Recipe(name="w8a8-int8-sq", weight=WeightSpec(),
@@ -534,10 +603,15 @@ def _fp8() -> Recipe:
 
 @register_recipe("fp8-dynamic")
 def _fp8_dynamic() -> Recipe:
+    # The format is calibration-free (llm-compressor's FP8_DYNAMIC: per-channel weights by
+    # round-to-nearest, per-token activation scales at run time), so GPTQ and the sensitivity
+    # fallback are refinements: without calibration data both are skipped with a warning.
+    # w4a16-gptq / w8a16-gptq keep GPTQ required: it is what they are named for, and their
+    # calibration-free formats are presets of their own (w4a16-rtn, w8a16).
     return Recipe(name="fp8-dynamic", weight=WeightSpec(QuantDtype.FP8_E4M3, Granularity.PER_CHANNEL),
                   activation=ActivationSpec(QuantDtype.FP8_E4M3, Granularity.PER_TOKEN),
                   fallback=FallbackSpec(min_sqnr_db=25.0, max_fraction=0.1),
-                  gptq=GPTQSpec(act_order=True), layerwise=True)
+                  gptq=GPTQSpec(act_order=True, optional=True), layerwise=True)
 
 
 _INT4_G64 = WeightSpec(QuantDtype.INT4, Granularity.PER_GROUP, group_size=64, symmetric=True)

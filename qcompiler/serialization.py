@@ -9,6 +9,7 @@ tensors: no calibration, no float checkpoint needed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 from .eager import QuantizedLinear
 from .layer_quant import QuantizedWeight
 from .pipeline import CompileReport
+from .errors import CheckpointError, RecipeError
 from .recipes import Recipe
 
 __all__ = ["save_quantized", "load_quantized", "saved_metadata", "WEIGHTS_FILE"]
@@ -57,41 +59,127 @@ def save_quantized(model: torch.nn.Module, path: str | Path, recipe: Recipe, *, 
 
 
 def saved_metadata(path: str | Path) -> dict[str, str]:
-    """The metadata of a saved model (format, recipe JSON, layers JSON, source model name)."""
-    with safetensors.safe_open(str(Path(path) / WEIGHTS_FILE), framework="pt") as f:
+    """The metadata of a saved model (format, recipe JSON, layers JSON, source model name); empty
+    for a safetensors file without metadata. ``CheckpointError`` when the file is not safetensors."""
+    weights = Path(path) / WEIGHTS_FILE
+    with _open_weights(weights) as f:
         return dict(f.metadata() or {})
 
 
 def load_quantized(path: str | Path) -> tuple[torch.nn.Module, Recipe]:
-    """Rebuild a model saved by ``save_quantized``; returns ``(model, recipe)``."""
+    """Rebuild a model saved by ``save_quantized``; returns ``(model, recipe)``.
+
+    Raises:
+        FileNotFoundError: ``path`` holds no ``model.safetensors``.
+        CheckpointError: the weights file is corrupt or not qcompiler's, its metadata lacks a key,
+            a layer lacks a tensor, or ``config.json`` is missing or unreadable.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} not found: expected a folder written by `qcompiler quantize`")
-    with safetensors.safe_open(str(weights), framework="pt") as f:
+    with _open_weights(weights) as f:
         meta = f.metadata() or {}
         if meta.get("format") != _FORMAT:
-            raise ValueError(f"{weights} is not a qcompiler file (format {meta.get('format')!r}, expected {_FORMAT!r})")
-        recipe = Recipe.from_json(meta["recipe"])
-        layers = json.loads(meta["layers"])
+            raise CheckpointError(f"{weights} is not a qcompiler file (format {meta.get('format')!r}, "
+                                  f"expected {_FORMAT!r}): save it with `qcompiler quantize` or save_quantized")
+        missing_keys = [k for k in _META_KEYS if k not in meta]
+        if missing_keys:
+            raise CheckpointError(f"{weights}: metadata lacks {missing_keys} (has {sorted(meta)})")
+        try:
+            recipe = Recipe.from_json(meta["recipe"])
+        except RecipeError as e:
+            raise CheckpointError(f"{weights}: metadata 'recipe' is not a valid recipe: {e}") from None
+        layers = _layer_specs(weights, meta["layers"])
         keys = set(f.keys())
         tensors = {k: f.get_tensor(k) for k in keys if k.rsplit(".", 1)[0] in layers}
-    config = AutoConfig.from_pretrained(str(path))
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{config_file} not found: the model's architecture is read from it "
+                              "(save_quantized writes it from model.config)")
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{config_file} is not a usable model config: {_one_line(e)}") from None
     model = AutoModelForCausalLM.from_config(config).eval()
     for fqn, spec in layers.items():
-        t = lambda name: tensors.get(f"{fqn}.{name}")  # noqa: E731
-        qw = QuantizedWeight.from_storage(t("w_q"), t("w_scale"), t("w_zero"), spec["weight_dtype"],
-                                          spec["group_size"] or None, spec["in_features"])
-        act_scale = t("act_scale")
-        new = QuantizedLinear(qw, t("bias"), spec["act_dtype"], spec["act_dynamic"],
-                              None if act_scale is None else float(act_scale), t("inv_smooth"), fqn)
+        new = _quantized_linear(weights, model, fqn, spec, tensors, recipe.weight.reduce_range)
         parent_name, _, child = fqn.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-    missing, unexpected = safetensors.torch.load_model(model, str(weights), strict=False)
+    try:
+        missing, unexpected = safetensors.torch.load_model(model, str(weights), strict=False)
+    except RuntimeError as e:   # a float tensor whose shape differs from the config's
+        raise CheckpointError(f"{weights} does not match the model rebuilt from {config_file}: {_one_line(e)}") from None
     missing = [k for k in missing if not k.endswith("inv_freq")]
     if missing or unexpected:
-        raise ValueError(f"{weights} does not match the model rebuilt from config.json: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+        raise CheckpointError(f"{weights} does not match the model rebuilt from {config_file}: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
     return model, recipe
+
+
+_META_KEYS = ("format", "recipe", "layers")
+_LAYER_KEYS = ("weight_dtype", "group_size", "act_dtype", "act_dynamic", "in_features", "out_features")
+
+
+@contextlib.contextmanager
+def _open_weights(weights: Path):
+    """``safetensors.safe_open`` that turns a corrupt or non-safetensors file into ``CheckpointError``."""
+    try:
+        f = safetensors.safe_open(str(weights), framework="pt")
+    except safetensors.SafetensorError as e:
+        raise CheckpointError(f"{weights} is not a readable safetensors file: {_one_line(e)}") from None
+    with f:
+        yield f
+
+
+def _layer_specs(weights: Path, text: str) -> dict[str, dict]:
+    try:
+        layers = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{weights}: metadata 'layers' is not JSON: {e}") from None
+    if not isinstance(layers, dict) or not layers:
+        raise CheckpointError(f"{weights}: metadata 'layers' must be a non-empty object of layer specs")
+    for fqn, spec in layers.items():
+        lacking = [k for k in _LAYER_KEYS if not isinstance(spec, dict) or k not in spec]
+        if lacking:
+            raise CheckpointError(f"{weights}: metadata of layer {fqn!r} lacks {lacking}")
+    return layers
+
+
+def _quantized_linear(weights: Path, model: torch.nn.Module, fqn: str, spec: dict, tensors: dict,
+                      reduce_range: bool = False) -> QuantizedLinear:
+    """The ``QuantizedLinear`` for layer ``fqn`` from its stored tensors; ``CheckpointError`` when a
+    tensor it needs is missing or its shape does not fit the module it replaces."""
+    try:
+        module = model.get_submodule(fqn)
+    except AttributeError:
+        raise CheckpointError(f"{weights}: layer {fqn!r} is not a module of the model built from config.json") from None
+    needed = ["w_q", "w_scale"]
+    if str(spec["weight_dtype"]).startswith("u"):    # uint8 / uint4: asymmetric, with zero-points
+        needed.append("w_zero")
+    if spec["act_dtype"] is not None and not spec["act_dynamic"]:
+        needed.append("act_scale")
+    if getattr(module, "bias", None) is not None:
+        needed.append("bias")
+    lacking = [f"{fqn}.{n}" for n in needed if f"{fqn}.{n}" not in tensors]
+    if lacking:
+        raise CheckpointError(f"{weights}: layer {fqn!r} lacks tensors {lacking}")
+    t = lambda name: tensors.get(f"{fqn}.{name}")  # noqa: E731
+    try:
+        qw = QuantizedWeight.from_storage(t("w_q"), t("w_scale"), t("w_zero"), spec["weight_dtype"],
+                                          spec["group_size"] or None, spec["in_features"])
+        qw.reduce_range = reduce_range   # 7-bit int8 weights (the recipe's WeightSpec.reduce_range)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{weights}: layer {fqn!r} has unreadable weight tensors: {_one_line(e)}") from None
+    if qw.shape != (spec["out_features"], spec["in_features"]):
+        raise CheckpointError(f"{weights}: layer {fqn!r} weight has shape {qw.shape}, expected "
+                              f"({spec['out_features']}, {spec['in_features']})")
+    act_scale = t("act_scale")
+    return QuantizedLinear(qw, t("bias"), spec["act_dtype"], spec["act_dynamic"],
+                           None if act_scale is None else float(act_scale), t("inv_smooth"), fqn)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())

@@ -49,6 +49,8 @@ def quantize_linear(fqn: str, w: torch.Tensor, st: LayerStats | None, recipe: Re
             raise CalibrationError(f"{fqn}: GPTQ needs the Hessian of this linear's inputs; no calibration "
                                    "statistics reached it")
         g = recipe.gptq
+        if st.tokens < g.min_samples:
+            raise _gptq.too_few_rows_error(recipe, st.tokens, fqn)
         qw, info = _gptq.gptq_quantize(w, st.hessian, recipe.weight, n_samples=st.tokens, block_size=g.block_size,
                                        dampening=g.dampening, act_order=g.act_order, static_groups=g.static_groups,
                                        min_samples=g.min_samples, layer_name=fqn)

@@ -1,4 +1,5 @@
-"""The benchmark table's layout: speed columns only when prefill speed was measured."""
+"""The benchmark table's layout: speed columns only when prefill speed was measured; the header names
+the CPU and its int8 kernels, each row the GEMM kernels it ran."""
 
 from __future__ import annotations
 
@@ -9,18 +10,22 @@ from qcompiler.bench import PROTOCOLS, Row, format_table
 
 def _facts(prefill: bool) -> dict:
     return {"protocol": PROTOCOLS["stories260K"], "model": "stories260K", "eval_windows": 4, "threads": 2,
-            "torch": "x", "gemm_ratio": 2.0, "load_start": 0.5, "load_end": 0.7, "prefill": prefill}
+            "torch": "x", "load_start": 0.5, "load_end": 0.7, "prefill": prefill,
+            "machine": "Some CPU (x86_64; avx2)", "machine_class": "avx2",
+            "kernel_line": "int8 GEMM kernels at 512x576x1536 against an fp32 matmul (4.00 ms): onednn-u8s8 1.53x "
+                           "(int16-pairs), int_mm 0.03x (exact)"}
 
 
 @pytest.mark.parametrize("prefill", [True, False])
 def test_speed_columns_follow_whether_prefill_was_timed(prefill):
     rows = [Row("FP32", 10.0, prefill_tok_s=1000.0),
-            Row("w4a16-rtn", 11.0, 10.0, 0.0, 1.5, 2.0, 1500.0, 1.5, 3, [], 3)]
+            Row("w4a16-rtn", 11.0, 10.0, 0.0, 1.5, 2.0, 1500.0, 1.5, 3, [], 3, "dequant [fp32] x3")]
     text = format_table(rows, _facts(prefill))
     table = [line for line in text.splitlines() if line.startswith("|")]
     cells = [len(line.strip("|").split("|")) for line in table]
-    assert cells == [9 if prefill else 7] * len(table)
+    assert cells == [10 if prefill else 8] * len(table)
     assert ("prefill tok/s" in table[0]) is prefill
     assert ("1500 | 1.50x" in table[-1]) is prefill
     assert ("prefill speed not measured" in text) is not prefill
-    assert "| w4a16-rtn | 11.000 | +10.00 |" in table[-1]
+    assert "| w4a16-rtn | 11.000 | +10.00 |" in table[-1] and table[-1].endswith("| dequant [fp32] x3 |")
+    assert "CPU: Some CPU (x86_64; avx2) (class `avx2`)" in text and "onednn-u8s8 1.53x (int16-pairs)" in text

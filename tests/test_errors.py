@@ -8,7 +8,8 @@ import torch
 
 import qcompiler
 from qcompiler import CalibrationError, PassError, RecipeError, recipes
-from tiny_models import tiny_model, token_batches
+from numerics_util import rel_err
+from tiny_models import calibration_batches, tiny_model, token_batches
 
 STATIC = "w8a8-int8-naive"   # static activations: needs calibration
 
@@ -73,6 +74,13 @@ def test_recipe_needing_calibration_without_it(name, llama, snap):
         qcompiler.quantize(llama, name)
 
 
+def test_missing_calibration_says_what_needs_it():
+    with pytest.raises(CalibrationError, match="recipe 'w4a16-gptq' needs calibration data for GPTQ: "):
+        qcompiler.backend("w4a16-gptq")
+    with pytest.raises(CalibrationError, match="needs calibration data for static activation scales and SmoothQuant"):
+        qcompiler.backend("w8a8-int8-sq")
+
+
 def test_weight_only_needs_no_calibration():
     qb = qcompiler.backend("w8a16")
     assert qb.calibration is None
@@ -98,6 +106,78 @@ def test_sensitivity_fallback_with_calibration_keeps_layers_in_float():
     decoder = [d for d in qcompiler.report(llama).layers.values() if d.op_kind == "linear"]
     kept = [d for d in decoder if not d.quantize]
     assert len(kept) == len(decoder) // 2 and all("fallback.min_sqnr_db" in d.reason for d in kept)
+
+
+# -- calibration-free formats: optional GPTQ -----------------------------------------------------
+SKIPPED = r"no calibration data, so GPTQ \(gptq.optional=True\) was skipped and the weights are rounded to nearest"
+
+
+def _rtn_twin(recipe: recipes.Recipe) -> recipes.Recipe:
+    """The same format without GPTQ and the sensitivity rule: what skipping them must give."""
+    return recipe.replace(gptq=None, layerwise=False, fallback=recipes.FallbackSpec())
+
+
+def test_fp8_dynamic_without_calibration_rounds_to_nearest_with_a_warning():
+    x = token_batches(1, 12, seed=3)[0]
+    twin = tiny_model("llama")
+    qcompiler.quantize(twin, _rtn_twin(recipes.get("fp8-dynamic")), progress=False)
+    model = tiny_model("llama")
+    with pytest.warns(UserWarning, match=SKIPPED):
+        qcompiler.quantize(model, "fp8-dynamic", progress=False)
+    rep = qcompiler.report(model)
+    assert any("GPTQ (gptq.optional=True) was skipped" in w for w in rep.warnings)
+    assert any("sensitivity fallback" in w for w in rep.warnings)
+    assert all("gptq" not in d.note for d in rep.quantized) and len(rep.quantized) == 14
+    with torch.inference_mode():
+        assert torch.equal(model(input_ids=x).logits, twin(input_ids=x).logits)
+
+
+def test_fp8_dynamic_without_calibration_under_torch_compile():
+    x = token_batches(1, 12, seed=3)[0]
+    twin = tiny_model("llama")
+    qcompiler.quantize(twin, _rtn_twin(recipes.get("fp8-dynamic")), progress=False)
+    torch._dynamo.reset()
+    compiled = torch.compile(tiny_model("llama"), backend=qcompiler.backend("fp8-dynamic", progress=False),
+                             dynamic=False)
+    try:
+        with pytest.warns(UserWarning, match=SKIPPED), torch.inference_mode():
+            out = compiled(input_ids=x).logits
+    finally:
+        torch._dynamo.reset()
+    rep = qcompiler.report(compiled)
+    assert sum("GPTQ (gptq.optional=True) was skipped" in w for w in rep.warnings) == 1
+    assert rep.quantized
+    with torch.inference_mode():
+        ref = twin(input_ids=x).logits
+    assert rel_err(out, ref) < 1e-5      # compiled graph vs eager modules: same ops, float rounding apart
+
+
+@pytest.mark.parametrize("name,optional", [("fp8-dynamic", True), ("w4a16-gptq", False), ("w8a16-gptq", False)])
+def test_too_little_calibration_for_gptq_says_rows_needed_and_got(name, optional, llama, snap):
+    few = token_batches(2, 8)       # 16 rows; GPTQ's minimum is 128
+    for make in (lambda: qcompiler.backend(name, calibration=few),
+                 lambda: qcompiler.quantize(llama, name, calibration=few, progress=False)):
+        with pytest.raises(CalibrationError, match=f"recipe {name!r}: GPTQ needs at least 128 calibration rows "
+                                                   r"\(tokens\) per linear, got 16") as info:
+            make()
+        assert ("run without calibration data" in str(info.value)) is optional
+        assert "gptq.min_samples" in str(info.value)
+
+
+def test_gptq_minimum_rows_accepted():
+    qb = qcompiler.backend("fp8-dynamic", calibration=calibration_batches(), progress=False)   # 4 x 32 = 128 rows
+    assert qb.calibration is not None
+
+
+def test_too_few_rows_reaching_one_layer_names_it():
+    """Rows are counted up front from the token ids; a linear that still sees fewer (an expert of a
+    mixture, say) is refused by name, with the same advice."""
+    from qcompiler.calibration import LayerStats
+    from qcompiler.weight_algorithms import quantize_linear
+    k = 64
+    st = LayerStats(torch.ones(k), torch.ones(4, k), tokens=40, hessian=torch.eye(k))
+    with pytest.raises(CalibrationError, match=r"experts.3.up: GPTQ needs at least 128 .* got 40;.*run without calibration"):
+        quantize_linear("experts.3.up", torch.randn(32, k), st, recipes.get("fp8-dynamic"))
 
 
 GOOD = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))

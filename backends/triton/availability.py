@@ -10,7 +10,7 @@ compile with ``target="triton"``.
 - ``interpreter``: triton imports and ``TRITON_INTERPRET=1``; kernels run on CPU tensors
   (slowly: this mode is for correctness tests).
 - ``unavailable``: otherwise. The backend says so once (a logged warning and a ``warnings``
-  warning) and every op runs its reference kernel; each compile's report repeats the notice.
+  warning) and every op runs the kernel chosen for the machine; each compile's report repeats the notice.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def notify_unavailable() -> str:
     avail = availability()
     if avail.runs_kernels:
         return ""
-    msg = f"triton backend: {avail.reason}; every op runs its reference kernel"
+    msg = f"triton backend: {avail.reason}; every op runs the kernel chosen for this machine (reference target)"
     log.warning(msg)
     warnings.warn(msg, RuntimeWarning, stacklevel=3)
     return msg

@@ -40,7 +40,7 @@ from .onnx_ops import translation_table
 from .qdq_form import fold_norm_smoothing, to_qdq_form
 from .tensorrt_rules import QDQSummary, check_tensorrt
 
-__all__ = ["OnnxExport", "export_onnx", "required_opset", "check_exportable", "MIN_EXPORT_OPSET"]
+__all__ = ["OnnxExport", "export_onnx", "required_opset", "check_exportable", "runtime_notes", "MIN_EXPORT_OPSET"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ class OnnxExport:
     quantized_weight_count: int = 0       # how many weights they hold
     smoothing_folded: tuple[str, ...] = ()
     smoothing_explicit: dict[str, str] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()           # how runtimes compute the graph (``runtime_notes``)
 
     @property
     def bytes_per_quantized_weight(self) -> float:
@@ -83,6 +84,7 @@ class OnnxExport:
             lines.append(f"  SmoothQuant / AWQ scales folded into {len(self.smoothing_folded)} norm(s)")
         for norm, why in self.smoothing_explicit.items():
             lines.append(f"  SmoothQuant / AWQ scale of {norm} kept as an explicit Mul: {why}")
+        lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
 
 
@@ -90,6 +92,27 @@ def required_opset(recipe: Recipe) -> int:
     """The lowest opset whose Q/DQ can carry ``recipe``: 13 (INT8), 19 (FP8), 21 (INT4)."""
     dtypes = {recipe.weight.dtype} | ({recipe.activation.dtype} if recipe.activation is not None else set())
     return 21 if QuantDtype.INT4 in dtypes else 19 if QuantDtype.FP8_E4M3 in dtypes else 13
+
+
+def runtime_notes(recipe: Recipe) -> tuple[str, ...]:
+    """What to expect from onnxruntime's CPU int8 GEMM for ``recipe``'s INT8 GEMMs (none for other
+    formats): exact with 7-bit weights on every x86 CPU; with full-range weights only with VNNI or
+    AMX, plus this machine's verdict (``runtime.check_int8_gemm``) when onnxruntime is installed."""
+    if recipe.weight.dtype is not QuantDtype.INT8 or recipe.activation is None:
+        return ()
+    if recipe.weight.reduce_range:
+        return ("INT8 weights are 7-bit ([-64, 63], weight.reduce_range): onnxruntime's CPU int8 GEMM computes them "
+                "exactly on every x86 CPU, with or without VNNI (a u8 x s8 product pair stays within int16); for "
+                "TensorRT this is an ordinary INT8 graph",)
+    note = ("onnxruntime's CPU int8 GEMM computes full-range INT8 weights exactly with VNNI (AVX512-VNNI, "
+            "AVX-VNNI) or AMX; on AVX2 CPUs without VNNI it sums u8 x s8 product pairs in int16 and saturates, so "
+            "its results differ from TensorRT's and the reference's. Weights with weight.reduce_range=True (7-bit, "
+            "`export-onnx --reduce-range`) are exact there too. TensorRT is not affected")
+    try:
+        from .runtime import check_int8_gemm
+        return (note, f"this machine: {check_int8_gemm().describe()}")
+    except ImportError:          # onnxruntime is not installed
+        return (note,)
 
 
 def check_exportable(recipe: Recipe) -> None:
@@ -263,4 +286,4 @@ def export_onnx(model: torch.nn.Module, recipe: Recipe | str, example_inputs, pa
     qbytes, qcount = _weight_storage(onnx_model)
     log.info("export_onnx: wrote %s (%.1f MB) in %.1f s", path, file_bytes / 1e6, time.perf_counter() - t0)
     return OnnxExport(path, opset, recipe.name, tuple(inputs), summary, report, file_bytes, qbytes, qcount,
-                      folds.folded, dict(folds.explicit))
+                      folds.folded, dict(folds.explicit), runtime_notes(recipe))

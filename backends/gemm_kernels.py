@@ -1,0 +1,212 @@
+"""The GEMM kernels a quantized layer can run on, beside each fused op's reference kernel.
+
+Each ``GemmKernel`` implements one fused op (``int8_gemm``, ``fp8_gemm``, ``weight_only_gemm``,
+``int4_gemm``, ``w4a8_gemm``) with the op's signature, except that ``prepare`` may turn the
+weight argument into a kernel-specific form once, at lowering (oneDNN's prepacked weight). The
+``run`` functions are plain torch code (plus extern custom ops), so the reference target runs
+them eagerly and the inductor target compiles them, fusing what surrounds the GEMM.
+
+Numerics contracts (``Contract``), checked per machine by ``probe`` and per layer by
+``layer_contract``:
+
+- ``exact``: integer products summed exactly in int32 (or float32 sums that provably never round):
+  the same output as the reference kernel, bit for bit.
+- ``fp32``: products summed in float32 (the reference contract of the float-activation and FP8
+  ops); two such kernels differ by summation order only, ``|err| <= K * 2**-24 * sum|a*w|``.
+- ``int16-pairs``: oneDNN's / fbgemm's u8s8 GEMM on CPUs without VNNI sums the products of
+  ``a + 128`` (uint8) and ``w`` (int8) in adjacent pairs along K with int16 saturation
+  (``vpmaddubsw``), exactly as ``int16_pair_reference`` models it. A layer whose every weight pair
+  has ``|w[2j]| + |w[2j+1]| <= 128`` cannot saturate, so it is exact; other layers carry the
+  bounded error, which the report states with the share of weight pairs that can saturate.
+
+Which kernel runs is decided by ``qcompiler.backends.kernel_choice``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import reference as ref
+
+__all__ = ["Contract", "GemmKernel", "KERNELS", "REFERENCE_CONTRACT", "kernels_for", "int16_pair_reference",
+           "layer_contract"]
+
+_ops = torch.ops.qcompiler
+
+
+class Contract(str, enum.Enum):
+    EXACT = "exact"
+    FP32 = "fp32"
+    INT16_PAIRS = "int16-pairs"
+
+    @property
+    def strength(self) -> int:
+        """Higher is stronger: exact > fp32 > int16-pairs."""
+        return {"exact": 2, "fp32": 1, "int16-pairs": 0}[self.value]
+
+
+#: what each op's reference kernel guarantees; ``kernels="exact"`` admits nothing weaker
+REFERENCE_CONTRACT: dict[str, Contract] = {
+    "int8_gemm": Contract.EXACT, "fp8_gemm": Contract.FP32, "weight_only_gemm": Contract.FP32,
+    "int4_gemm": Contract.FP32, "w4a8_gemm": Contract.FP32,
+}
+
+
+@dataclass(frozen=True)
+class GemmKernel:
+    """One implementation of a fused GEMM op.
+
+    ``run`` has the op's signature with argument ``weight_arg`` replaced by ``prepare(weight)``
+    when ``prepare`` is set. ``accepts(args) -> reason | None`` refuses argument forms the
+    kernel does not take (e.g. group scales); ``available(device) -> reason | None`` refuses
+    machines. ``reference``: this is the op's own reference kernel.
+    """
+
+    name: str
+    op: str
+    run: Callable
+    summary: str
+    devices: tuple[str, ...] = ("cpu",)
+    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None
+    weight_arg: int = 2
+    accepts: Callable[..., str | None] = field(default=lambda *args: None)
+    available: Callable[[torch.device], str | None] = field(default=lambda device: None)
+    reference: bool = False
+
+
+def _rows(a: torch.Tensor) -> torch.Tensor:
+    return a.reshape(-1, a.shape[-1])
+
+
+# ---- int8 x int8 ---------------------------------------------------------------------------
+
+def _onednn_available(device: torch.device) -> str | None:
+    if device.type != "cpu":
+        return "oneDNN's int8 linear runs on CPU only"
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.onednn, "qlinear_pointwise"):
+        return "this torch build has no oneDNN int8 linear (torch.ops.onednn.qlinear_pointwise)"
+    return None
+
+
+def _onednn_prepack(w_q: torch.Tensor) -> torch.Tensor:
+    return torch.ops.onednn.qlinear_prepack(w_q.contiguous(), None)
+
+
+def int8_gemm_onednn(a_q, a_scale, w_packed, w_scale, bias, out_dtype):
+    """``int8_gemm`` on oneDNN's u8s8 int8 linear; the reference's float32 epilogue."""
+    acc = _ops.onednn_int8_mm(_rows(a_q), w_packed, w_packed.shape[1])
+    return ref._epilogue(acc, a_scale, w_scale, bias, out_dtype, a_q.shape[:-1])
+
+
+def int8_gemm_fp32(a_q, a_scale, w_q, w_scale, bias, out_dtype):
+    """``int8_gemm`` as a float32 GEMM of the integer values (exact while no sum reaches 2**24)."""
+    acc = F.linear(_rows(a_q).float(), w_q.float())
+    return ref._epilogue(acc, a_scale, w_scale, bias, out_dtype, a_q.shape[:-1])
+
+
+def int16_pair_reference(a_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
+    """The int32 sums a u8s8 GEMM without VNNI returns: ``a + 128`` (uint8) times ``w`` summed
+    in adjacent pairs along K with int16 saturation, minus ``128 * sum(w)``. [M, K] x [N, K] -> [M, N] int64."""
+    u = a_q.to(torch.int64) + 128
+    w = w_q.to(torch.int64)
+    k = u.shape[-1]
+    if k % 2:
+        u, w = F.pad(u, (0, 1)), F.pad(w, (0, 1))
+    prod = u[:, None, :] * w[None, :, :]
+    pairs = (prod[..., 0::2] + prod[..., 1::2]).clamp_(-32768, 32767)
+    return pairs.sum(-1) - 128 * w.sum(-1)[None, :]
+
+
+def _int8_pairs_at_risk(w_q: torch.Tensor) -> float:
+    """Share of adjacent weight pairs (along K) with ``|w[2j]| + |w[2j+1]| > 128``: only these can
+    saturate an int16 pair sum, whatever the activations."""
+    w = w_q.to(torch.int32).abs()
+    if w.shape[-1] % 2:
+        w = F.pad(w, (0, 1))
+    pair = w[..., 0::2] + w[..., 1::2]
+    return float((pair > 128).float().mean())
+
+
+def _fp32_sums_exact(w_q: torch.Tensor, a_max: int = 128) -> bool:
+    """Every partial sum of int8 products stays below 2**24 in magnitude, so float32 sums are exact."""
+    return bool(a_max * w_q.to(torch.int64).abs().sum(-1).max() < 2 ** 24)
+
+
+def layer_contract(kernel: GemmKernel, machine: Contract, w_q: torch.Tensor) -> tuple[Contract, str]:
+    """The contract ``kernel`` keeps for one layer's weight, given what it keeps on this machine."""
+    if kernel.op == "int8_gemm" and machine is Contract.INT16_PAIRS:
+        risky = _int8_pairs_at_risk(w_q)
+        if risky == 0.0:
+            return Contract.EXACT, "no weight pair can reach int16 saturation"
+        return Contract.INT16_PAIRS, (f"{100 * risky:.2f}% of weight pairs can saturate an int16 pair sum "
+                                      "(this CPU has no VNNI)")
+    if kernel.name == "int8-fp32":
+        if _fp32_sums_exact(w_q):
+            return Contract.EXACT, "every float32 partial sum is an exact integer (< 2**24)"
+        return Contract.FP32, "float32 sums of int8 products may round above 2**24"
+    return machine, ""
+
+
+# ---- fp8 x fp8 -----------------------------------------------------------------------------
+
+def fp8_gemm_dequant(a_q, a_scale, w_q, w_scale, bias, out_dtype):
+    """``fp8_gemm`` as dequantize + float32 GEMM (what ``_scaled_mm`` computes, summation aside)."""
+    a = _rows(a_q).float() * (a_scale.float().reshape(-1, 1) if a_scale.dim() else a_scale.float())
+    w = w_q.float() * (w_scale.float().reshape(-1, 1) if w_scale.dim() else w_scale.float())
+    out = F.linear(a, w, None if bias is None else bias.float())
+    return out.to(out_dtype).reshape(*a_q.shape[:-1], w_q.shape[0])
+
+
+# ---- weight-only ---------------------------------------------------------------------------
+
+def weight_only_gemm_dequant(x, w_q, w_scale, w_zero, bias, group_size=0):
+    return ref.weight_only_gemm_ref(x, w_q, w_scale, w_zero, bias, group_size or None)
+
+
+def _int8pack_accepts(x, w_q, w_scale, w_zero, bias, group_size=0) -> str | None:
+    if w_q.dtype != torch.int8 or w_zero is not None or group_size or w_scale.dim() != 2 or w_scale.shape[1] != 1:
+        return "takes symmetric per-channel int8 weights only"
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"takes float activations, got {x.dtype}"
+    return None
+
+
+def weight_only_gemm_int8pack(x, w_q, w_scale, w_zero, bias, group_size=0):
+    """W8A16 on ``torch._weight_int8pack_mm``: ``(x @ w_q.T) * scale``, float32 accumulate."""
+    out = torch._weight_int8pack_mm(_rows(x), w_q, w_scale.reshape(-1).to(x.dtype))
+    if bias is not None:
+        out = out + bias.to(out.dtype)
+    return out.reshape(*x.shape[:-1], w_q.shape[0])
+
+
+_ANY = ("cpu", "cuda")
+
+KERNELS: tuple[GemmKernel, ...] = (
+    GemmKernel("int_mm", "int8_gemm", ref.int8_gemm_ref, "torch._int_mm (int8 x int8 -> int32)", _ANY,
+               reference=True),
+    GemmKernel("onednn-u8s8", "int8_gemm", int8_gemm_onednn,
+               "oneDNN int8 linear (u8s8, prepacked weight)", prepare=_onednn_prepack, available=_onednn_available),
+    GemmKernel("int8-fp32", "int8_gemm", int8_gemm_fp32, "float32 GEMM of the int8 values", _ANY),
+    GemmKernel("scaled_mm", "fp8_gemm", _ops.fp8_gemm, "torch._scaled_mm (fp8 x fp8, float32 accumulate)", _ANY,
+               reference=True),
+    GemmKernel("fp8-dequant", "fp8_gemm", fp8_gemm_dequant, "dequantize to float32 + float32 GEMM", _ANY),
+    GemmKernel("dequant", "weight_only_gemm", weight_only_gemm_dequant,
+               "dequantize the weight to the activation dtype + float GEMM", _ANY, weight_arg=1, reference=True),
+    GemmKernel("int8pack", "weight_only_gemm", weight_only_gemm_int8pack,
+               "torch._weight_int8pack_mm (int8 weight, scale after the sum)", _ANY, weight_arg=1,
+               accepts=_int8pack_accepts),
+    GemmKernel("dequant", "int4_gemm", ref.int4_gemm_ref, "unpack + dequantize the INT4 weight + float GEMM", _ANY,
+               weight_arg=1, reference=True),
+    GemmKernel("dequant", "w4a8_gemm", _ops.w4a8_gemm, "unpack + dequantize both operands + float32 GEMM", _ANY,
+               reference=True),
+)
+
+
+def kernels_for(op: str, device: torch.device) -> list[GemmKernel]:
+    """The kernels of ``op`` that run on ``device``'s type (reference first)."""
+    return [k for k in KERNELS if k.op == op and device.type in k.devices]

@@ -1,0 +1,264 @@
+"""GEMM kernel choice: every kernel keeps its numerics contract, the probes classify kernels,
+policies admit what they say, the micro-benchmark picks and caches, the report names the kernel.
+
+The int16-pair model is checked against oneDNN itself with its ISA limited to AVX2 (no VNNI) in a
+subprocess, which is how a CPU without VNNI runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import qcompiler
+from qcompiler.backends import gemm_kernels, kernel_choice, machine
+from qcompiler.backends.gemm_kernels import KERNELS, Contract, int16_pair_reference, layer_contract
+from qcompiler.backends.kernel_choice import KernelChooser, check_policy, probe
+from qcompiler.errors import RecipeError, UnsupportedError
+from numerics_util import rel_err
+from tiny_models import calibration_batches, tiny_model, token_batches
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CPU = torch.device("cpu")
+
+
+def _int8_args(m=7, k=96, n=40, per_token=True, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randint(-127, 128, (m, k), generator=g).to(torch.int8)
+    w = (torch.randn(n, k, generator=g) * 30).round().clamp(-127, 127).to(torch.int8)
+    sa = torch.rand(m, 1, generator=g) * 0.02 + 1e-3 if per_token else torch.tensor(0.013)
+    sw = torch.rand(n, 1, generator=g) * 0.01 + 1e-3
+    b = torch.randn(n, generator=g) if bias else None
+    return [a, sa, w, sw, b, torch.float32]
+
+
+def _run(kernel, args):
+    args = list(args)
+    if kernel.prepare:
+        args[kernel.weight_arg] = kernel.prepare(args[kernel.weight_arg])
+    return kernel.run(*args)
+
+
+def _usable(kernel):
+    contract, note = probe(kernel, CPU)
+    if contract is None:
+        pytest.skip(f"{kernel.name} does not run here: {note}")
+    return contract
+
+
+@pytest.mark.parametrize("per_token", [True, False])
+@pytest.mark.parametrize("name", ["onednn-u8s8", "int8-fp32"])
+def test_int8_kernels_equal_the_reference_kernel_where_exact(name, per_token):
+    kernel = next(k for k in KERNELS if k.op == "int8_gemm" and k.name == name)
+    machine_contract = _usable(kernel)
+    args = _int8_args(per_token=per_token)
+    contract, _ = layer_contract(kernel, machine_contract, args[2])
+    out = _run(kernel, args)
+    ref = gemm_kernels.ref.int8_gemm_ref(*args)
+    if contract is Contract.EXACT:
+        assert torch.equal(out, ref)
+    else:   # int16 pairs: the model reproduces it (the epilogue applied to the modelled sums)
+        acc = int16_pair_reference(args[0], args[2]).float()
+        assert torch.equal(out, gemm_kernels.ref._epilogue(acc, *args[1:2], args[3], args[4], args[5], (7,)))
+
+
+def test_int16_pair_model_saturates_where_vpmaddubsw_does():
+    a = torch.tensor([[127, 127, 0, 0]], dtype=torch.int8)        # as uint8: 255, 255, 128, 128
+    w = torch.tensor([[127, 127, 1, -1], [127, -127, 100, 100]], dtype=torch.int8)
+    got = int16_pair_reference(a, w)
+    # row 0: 255*127*2 = 64770 -> 32767; 128*1 - 128*1 = 0; minus 128 * sum(w) = 128 * 254
+    # row 1: 255*127 - 255*127 = 0; 128*200 = 25600 (no saturation); minus 128 * 200
+    assert got.tolist() == [[32767 + 0 - 128 * 254, 0 + 25600 - 128 * 200]]
+    exact = a.long() @ w.long().t()
+    assert exact.tolist() == [[2 * 127 * 127, 0]]
+
+
+def test_layer_contract_proves_exactness_per_layer():
+    onednn = next(k for k in KERNELS if k.name == "onednn-u8s8")
+    fp32 = next(k for k in KERNELS if k.name == "int8-fp32")
+    safe = torch.full((4, 64), 64, dtype=torch.int8)               # every pair sums to 128: cannot saturate
+    risky = safe.clone()
+    risky[0, 0:2] = 127
+    assert layer_contract(onednn, Contract.INT16_PAIRS, safe)[0] is Contract.EXACT
+    contract, note = layer_contract(onednn, Contract.INT16_PAIRS, risky)
+    assert contract is Contract.INT16_PAIRS and "0.78% of weight pairs" in note   # 1 of 128 pairs
+    assert layer_contract(onednn, Contract.EXACT, risky)[0] is Contract.EXACT
+    assert layer_contract(fp32, Contract.EXACT, safe)[0] is Contract.EXACT
+    big = torch.full((2, 1100), 127, dtype=torch.int8)             # 128 * 127 * 1100 > 2**24
+    assert layer_contract(fp32, Contract.EXACT, big)[0] is Contract.FP32
+
+
+def test_probe_classifies_exact_saturating_and_wrong_kernels():
+    base = next(k for k in KERNELS if k.name == "int8-fp32")
+
+    def saturating(a_q, a_scale, w_q, w_scale, bias, out_dtype):
+        acc = int16_pair_reference(a_q.reshape(-1, a_q.shape[-1]), w_q).float()
+        return gemm_kernels.ref._epilogue(acc, a_scale, w_scale, bias, out_dtype, a_q.shape[:-1])
+
+    def wrong(*args):
+        return base.run(*args) + 1.0
+
+    import dataclasses
+    assert probe(base, CPU)[0] is Contract.EXACT
+    assert probe(dataclasses.replace(base, name="test-saturating", run=saturating), CPU)[0] is Contract.INT16_PAIRS
+    contract, note = probe(dataclasses.replace(base, name="test-wrong", run=wrong), CPU)
+    assert contract is None and "wrong int8 sums" in note
+
+
+def test_onednn_without_vnni_is_the_int16_pair_model(tmp_path):
+    """oneDNN limited to AVX2 (as on a CPU without VNNI) returns exactly the modelled sums."""
+    if "avx2" not in machine.cpu_flags():
+        pytest.skip("needs an x86 CPU with AVX2")
+    if probe(next(k for k in KERNELS if k.name == "onednn-u8s8"), CPU)[0] is None:
+        pytest.skip("no oneDNN int8 linear in this torch build")
+    script = textwrap.dedent("""
+        import json, torch
+        from qcompiler.backends import gemm_kernels, kernel_choice
+        k = next(k for k in gemm_kernels.KERNELS if k.name == "onednn-u8s8")
+        contract, note = kernel_choice.probe(k, torch.device("cpu"))
+        g = torch.Generator().manual_seed(3)
+        a = torch.randint(-128, 128, (33, 200), generator=g).to(torch.int8)
+        w = torch.randint(-127, 128, (50, 200), generator=g).to(torch.int8)
+        acc = torch.ops.qcompiler.onednn_int8_mm(a, gemm_kernels._onednn_prepack(w), 50).double()
+        model = gemm_kernels.int16_pair_reference(a, w).double()
+        exact = a.double() @ w.double().t()
+        print(json.dumps({"contract": contract and contract.value, "model": torch.equal(acc, model),
+                          "exact": torch.equal(acc, exact)}))
+    """)
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", QCOMPILER_KERNEL_CACHE="0")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res == {"contract": "int16-pairs", "model": True, "exact": False}
+
+
+@pytest.mark.parametrize("name,op", [("fp8-dequant", "fp8_gemm"), ("int8pack", "weight_only_gemm")])
+def test_float_kernels_keep_float32_sums(name, op):
+    kernel = next(k for k in KERNELS if k.name == name and k.op == op)
+    assert _usable(kernel) is Contract.FP32
+    reference = next(k for k in KERNELS if k.op == op and k.reference)
+    g = torch.Generator().manual_seed(1)
+    if op == "fp8_gemm":
+        args = [torch.randn(2, 5, 96, generator=g).to(torch.float8_e4m3fn), torch.rand(2, 5, 1, generator=g) + 0.1,
+                torch.randn(33, 96, generator=g).to(torch.float8_e4m3fn), torch.rand(33, 1, generator=g) + 0.1,
+                torch.randn(33, generator=g), torch.float32]
+    else:
+        args = [torch.randn(2, 5, 96, generator=g), (torch.randn(33, 96, generator=g) * 40).round().clamp(
+            -127, 127).to(torch.int8), torch.rand(33, 1, generator=g) * 0.01, None, torch.randn(33, generator=g), 0]
+    out, ref = _run(kernel, args), _run(reference, args)
+    assert out.shape == ref.shape == (2, 5, 33)
+    assert rel_err(out, ref) <= 1e-6
+
+
+def test_policies_and_their_errors(monkeypatch):
+    check_policy("auto")
+    check_policy({"int8_gemm": "int8-fp32"})
+    with pytest.raises(RecipeError, match="neither a policy"):
+        check_policy("fastest")
+    with pytest.raises(RecipeError, match="int8_gemm has no kernel 'fp8-dequant'"):
+        check_policy({"int8_gemm": "fp8-dequant"})
+    with pytest.raises(RecipeError):
+        qcompiler.backend("w8a16", kernels="nope")
+    args = _int8_args()
+    onednn = next(k for k in KERNELS if k.name == "onednn-u8s8")
+    # pretend this machine saturates: "exact" refuses the kernel for a layer whose pairs can saturate
+    monkeypatch.setitem(kernel_choice._PROBES, ("int8_gemm", "onednn-u8s8", "cpu"),
+                        (Contract.INT16_PAIRS, "pretend: no VNNI"))
+    args[2][0, :2] = 127
+    auto = KernelChooser("reference", "onednn-u8s8").choose("int8_gemm", args, CPU)
+    assert auto.kernel is onednn and auto.contract is Contract.INT16_PAIRS
+    exact = KernelChooser("reference", "exact").choose("int8_gemm", args, CPU)
+    assert exact.contract is Contract.EXACT and exact.kernel is not onednn
+    # a kernel this machine cannot run is an error when asked for by name
+    monkeypatch.setitem(kernel_choice._PROBES, ("int8_gemm", "onednn-u8s8", "cpu"), (None, "pretend: missing"))
+    with pytest.raises(UnsupportedError, match="pretend: missing"):
+        KernelChooser("reference", "onednn-u8s8").choose("int8_gemm", args, CPU)
+    assert KernelChooser("reference", "auto").choose("int8_gemm", args, CPU).kernel is not onednn
+
+
+@pytest.mark.parametrize("target", ["reference", "inductor"])
+def test_benchmark_picks_a_kernel_caches_it_and_reports_it(target, monkeypatch, tmp_path):
+    monkeypatch.setattr(kernel_choice, "MIN_WORK", 0)
+    monkeypatch.setattr(kernel_choice, "_TIMINGS", {})
+    monkeypatch.setenv("QCOMPILER_CACHE", str(tmp_path))
+    monkeypatch.delenv("QCOMPILER_KERNEL_CACHE", raising=False)
+    model = tiny_model("llama")
+    torch._dynamo.reset()
+    # "exact": the comparison with the reference kernels below holds on CPUs without VNNI too
+    qb = qcompiler.backend("w8a8-int8-sq-dynamic", calibration=calibration_batches(), target=target, progress=False,
+                           kernels="exact")
+    x = token_batches(1, 12, seed=7)[0]
+    with torch.no_grad():
+        out = torch.compile(model, backend=qb)(x).logits
+    torch._dynamo.reset()
+    ref_qb = qcompiler.backend("w8a8-int8-sq-dynamic", calibration=calibration_batches(), target=target,
+                               progress=False, kernels="reference")
+    with torch.no_grad():
+        ref = torch.compile(model, backend=ref_qb)(x).logits
+    assert rel_err(out, ref) <= 1e-5
+    stats = next(p["stats"] for p in qb.report.passes if p["name"] == "lower")
+    assert stats["kernel_benchmarks"] > 0
+    assert any("fastest at 16x" in c and " ms" in c for c in qb.report.kernel_choices)
+    layer = qb.report.quantized[0]
+    assert layer.kernel and layer.kernel_contract and "fastest" in layer.kernel_note
+    assert layer.kernel in qb.report.summary()
+    cached = json.loads((tmp_path / "kernel_timings.json").read_text())
+    assert machine.fingerprint() in cached
+    # a new process (empty in-process cache) reads the timings from disk: nothing is timed again
+    monkeypatch.setattr(kernel_choice, "_TIMINGS", {})
+    torch._dynamo.reset()
+    again = qcompiler.backend("w8a8-int8-sq-dynamic", calibration=calibration_batches(), target=target,
+                              progress=False, kernels="exact")
+    with torch.no_grad():
+        torch.compile(model, backend=again)(x)
+    stats = next(p["stats"] for p in again.report.passes if p["name"] == "lower")
+    assert "kernel_benchmarks" not in stats
+    assert again.report.kernel_choices == qb.report.kernel_choices
+
+
+def test_eager_quantize_runs_and_reports_the_chosen_kernel():
+    model = tiny_model("llama")
+    x = token_batches(1, 12, seed=7)[0]
+    torch._dynamo.reset()
+    qb = qcompiler.backend("w8a8-int8-sq-dynamic", calibration=calibration_batches(), progress=False,
+                           kernels="onednn-u8s8" if probe(next(k for k in KERNELS if k.name == "onednn-u8s8"),
+                                                          CPU)[0] else "int8-fp32")
+    with torch.no_grad():
+        compiled = torch.compile(model, backend=qb)(x).logits
+    torch._dynamo.reset()
+    qcompiler.quantize(model, "w8a8-int8-sq-dynamic", calibration=calibration_batches(), progress=False,
+                       kernels=qb.kernels)
+    with torch.no_grad():
+        eager = model(x).logits
+    assert rel_err(eager, compiled) <= 1e-5
+    rep = qcompiler.report(model)
+    assert {d.kernel for d in rep.quantized} == {qb.kernels}
+    assert rep.kernel_choices
+    # prepacked weights are not copied: a copy chooses (and prepacks) again at its first call
+    import copy
+    with torch.no_grad():
+        assert torch.equal(copy.deepcopy(model)(x).logits, eager)
+
+
+def test_machine_class_names_the_isa_and_its_limits(monkeypatch):
+    for var in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS", "MKL_ENABLE_INSTRUCTIONS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(machine, "_cpuinfo", lambda: {"model name": "Some EPYC", "flags": "sse fma avx2"})
+    assert machine.machine_class() == "avx2" and machine.cpu_flags() == ("avx2",)
+    plain = machine.fingerprint()
+    monkeypatch.setattr(machine, "_cpuinfo", lambda: {"model name": "Some Xeon",
+                                                      "flags": "avx2 avx512f avx512_vnni amx_int8"})
+    assert machine.machine_class() == "amx"
+    monkeypatch.setattr(machine, "_cpuinfo", lambda: {"model name": "Some EPYC", "flags": "avx2 avx512f avx512_vnni"})
+    assert machine.machine_class() == "avx512-vnni"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert machine.machine_class() == "avx2-limited"
+    assert "ONEDNN_MAX_CPU_ISA=AVX2" in machine.describe() and "Some EPYC" in machine.describe()
+    assert machine.fingerprint() != plain     # timings measured under a limit are cached apart
