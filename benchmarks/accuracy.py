@@ -8,11 +8,16 @@ Regenerate (2 CPU cores, nothing else running: ~60 min for SmolLM2, ~3 min for s
     python benchmarks/accuracy.py --model stories260K --target inductor --out benchmarks/
 
 The AVX2 class measured on an AVX-512 machine by limiting the ISA every library dispatches on
-(the file is named ``..._avx2-limited.md``; a real AVX2-only CPU also has other caches and clocks):
+(the file is named ``..._avx2-limited.md``; a real AVX2-only CPU also has other caches and clocks,
+and its ``torch._int_mm`` is exact but slow where the limited one saturates like oneDNN). Give it an
+inductor cache of its own: TorchInductor 2.13 reuses kernels compiled without the limit, whose
+outputs were NaN here. The ``:exact`` and ``:7bit`` rows show what the int16-pair saturation costs:
 
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 \
-        MKL_ENABLE_INSTRUCTIONS=AVX2 python benchmarks/accuracy.py --model smollm2-135m --target inductor \
-        --out benchmarks/
+        MKL_ENABLE_INSTRUCTIONS=AVX2 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-avx2 \
+        python benchmarks/accuracy.py --model smollm2-135m --target inductor --out benchmarks/ \
+        --presets fp8,fp8-dynamic,w8a16,w8a8-int8-sq,w8a8-int8-sq-dynamic,w4a16-rtn,w8a8-int8-sq:exact,\
+w8a8-int8-sq-dynamic:exact,w8a8-int8-sq:7bit,w8a8-int8-sq-dynamic:7bit
 
 ``--target inductor`` runs the quantized rows through TorchInductor (the quantize / epilogue ops
 fused around the GEMM kernels chosen for the CPU) and adds an ``FP32 (inductor)`` row; speedups are
@@ -23,6 +28,7 @@ the same kernels); their accuracy is in the INT4 table (``benchmarks/int4.py``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import logging
 import sys
@@ -36,11 +42,25 @@ from qcompiler.bench import PROTOCOLS, format_table, run_table
 CORE_PRESETS = "fp8,fp8-dynamic,w8a16,w8a8-int8-naive,w8a8-int8-sq,w8a8-int8-sq-dynamic,w4a16-rtn"
 
 
+def _preset(text: str):
+    """``name``, ``name:exact`` (kernels="exact") or ``name:7bit`` (7-bit INT8 weights, reduce_range)."""
+    name, _, variant = text.partition(":")
+    recipe = qcompiler.recipes.get(name)
+    if variant == "exact":
+        return recipe, "exact"
+    if variant == "7bit":
+        return recipe.replace(name=f"{name}-7bit", weight=dataclasses.replace(recipe.weight, reduce_range=True))
+    if variant:
+        raise SystemExit(f"accuracy.py: unknown variant {variant!r} in {text!r} (exact, 7bit)")
+    return recipe
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m", choices=sorted(PROTOCOLS))
     ap.add_argument("--presets", default=CORE_PRESETS,
-                    help=f"comma-separated preset names (default: {CORE_PRESETS}; INT4: benchmarks/int4.py)")
+                    help=f"comma-separated preset names (default: {CORE_PRESETS}; INT4: benchmarks/int4.py); "
+                         "NAME:exact runs a preset with kernels='exact', NAME:7bit with 7-bit INT8 weights")
     ap.add_argument("--out", type=Path, help="write the markdown table to this file, or (a folder) to "
                     "<folder>/results_<model>_<CPU class>.md")
     ap.add_argument("--no-peers", action="store_true", help="skip the torchao peer row")
@@ -49,9 +69,7 @@ def main(argv=None) -> int:
                     help="backend of the quantized rows (inductor: fused quantize / epilogue, adds an FP32 inductor row)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    presets = [p for p in args.presets.split(",") if p]
-    for p in presets:
-        qcompiler.recipes.get(p)
+    presets = [_preset(p) for p in args.presets.split(",") if p]
     rows, facts = run_table(args.model, presets, prefill=not args.no_prefill,
                              progress=sys.stderr.isatty(), peers=not args.no_peers, target=args.target)
     cmd = "python benchmarks/accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv)

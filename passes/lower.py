@@ -109,6 +109,15 @@ class Lower:
             line = f"{op} -> {kernel.name} [{choice.contract.value}]: {choice.reason}"
             if line not in ctx.report.kernel_choices:
                 ctx.report.kernel_choices.append(line)
+        saturating = [d.fqn for d in ctx.layer_plan.values() if d.kernel_contract == "int16-pairs"]
+        if saturating:
+            msg = (f"{len(saturating)} int8 GEMMs run on a kernel that sums products in saturating int16 pairs on this "
+                   "CPU (no VNNI), the fastest here; it moves perplexity (see each layer's kernel note): "
+                   "kernels='exact' keeps exact int32 sums (slower here), WeightSpec(reduce_range=True) "
+                   "(7-bit weights) makes this kernel exact")
+            if msg not in ctx.report.warnings:
+                ctx.report.warnings.append(msg)
+                log.warning(msg)
         if chooser.timed:
             counts["kernel_benchmarks"] = chooser.timed
             counts["kernel_benchmark_ms"] = round(1e3 * chooser.seconds, 1)

@@ -119,7 +119,8 @@ def run_table(model_name: str, presets: list, protocol: Protocol | None = None, 
     inductor is measured too (row "FP32 (inductor)"), so that a speedup from fusing the
     float ops is not credited to quantization; the speedup column stays relative to eager FP32.
 
-    ``presets`` holds preset names or ``Recipe`` objects (labelled by ``recipe.name``). Recipes
+    ``presets`` holds preset names or ``Recipe`` objects (labelled by ``recipe.name``), or
+    ``(preset, kernels)`` pairs for a kernel policy other than "auto" (``qcompiler.backend``). Recipes
     that need Hessians or layer-by-layer calibration calibrate on their own (timed in their
     row); the others share one calibration pass. ``extra_rows``: callables
     ``(model, windows, calib, fp_ppl, facts) -> list[Row]`` for peer tools.
@@ -152,11 +153,13 @@ def run_table(model_name: str, presets: list, protocol: Protocol | None = None, 
 
     cache = CalibrationCache(calib, samples_per_layer=1024, progress=progress)
     for preset in presets:
+        preset, kernels = preset if isinstance(preset, tuple) else (preset, "auto")
         recipe = api._as_recipe(preset)
-        name = recipe.name
+        name = recipe.name + (f" (kernels={kernels})" if kernels != "auto" else "")
         torch._dynamo.reset()
         own = recipe.layerwise or recipe.gptq is not None or recipe.samples_per_layer != 1024
-        qb = api.backend(recipe, calibration=calib if own else cache, target=target, progress=progress)
+        qb = api.backend(recipe, calibration=calib if own else cache, target=target, progress=progress,
+                         kernels=kernels)
         compiled = torch.compile(model, backend=qb, dynamic=False)
         t0 = time.perf_counter()
         ppl = evaluate.perplexity(compiled, windows, progress=progress, desc=name)

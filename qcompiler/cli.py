@@ -61,7 +61,8 @@ def _cmd_run(args) -> int:
     for n in names:
         recipes.get(n)
     protocol = _protocol(args)
-    rows, facts = bench.run_table(args.model, names, protocol, progress=not args.quiet, prefill=not args.no_prefill)
+    rows, facts = bench.run_table(args.model, names, protocol, progress=not args.quiet, prefill=not args.no_prefill,
+                                  target=args.target)
     print(bench.format_table(rows, facts))
     return 0
 
@@ -176,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     # 8,192-token evaluation slice keeps the main job within 10 minutes
     _add_protocol(run, eval_tokens=8192, calib_samples=128)
     run.add_argument("--no-prefill", action="store_true", help="skip the prefill speed measurement")
+    run.add_argument("--target", choices=("reference", "inductor", "triton"), default="reference",
+                     help="backend of the quantized rows (default reference: eager, on the GEMM kernels chosen for "
+                          "this CPU; inductor fuses the quantize / epilogue ops too, but compiling takes minutes, and "
+                          "adds an FP32 row compiled the same way)")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     run.set_defaults(func=_cmd_run)
 

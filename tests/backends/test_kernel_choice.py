@@ -262,3 +262,18 @@ def test_machine_class_names_the_isa_and_its_limits(monkeypatch):
     assert machine.machine_class() == "avx2-limited"
     assert "ONEDNN_MAX_CPU_ISA=AVX2" in machine.describe() and "Some EPYC" in machine.describe()
     assert machine.fingerprint() != plain     # timings measured under a limit are cached apart
+
+
+def test_report_warns_when_gemms_can_saturate(monkeypatch):
+    """Layers left on an int16-pair kernel are named in the report with what avoids it."""
+    monkeypatch.setitem(kernel_choice._PROBES, ("int8_gemm", "onednn-u8s8", "cpu"),
+                        (Contract.INT16_PAIRS, "pretend: no VNNI"))
+    torch._dynamo.reset()
+    qb = qcompiler.backend("w8a8-int8-sq-dynamic", calibration=calibration_batches(), progress=False,
+                           kernels="onednn-u8s8")
+    with torch.no_grad():
+        torch.compile(tiny_model("llama"), backend=qb)(token_batches(1, 12, seed=7)[0])
+    risky = [d for d in qb.report.quantized if d.kernel_contract == "int16-pairs"]
+    assert risky and all("of weight pairs can saturate" in d.kernel_note for d in risky)
+    assert any(f"{len(risky)} int8 GEMMs run on a kernel that sums products in saturating int16 pairs" in w
+               and "reduce_range=True" in w for w in qb.report.warnings)
