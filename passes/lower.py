@@ -10,7 +10,9 @@ Per-op fallback: a replacement may expose ``unsupported(*args, **kwargs) -> str 
 (the Triton backend's ``TritonOp`` does). It is asked with the node's arguments as traced
 values (fake tensors from Dynamo, propagated through the nodes earlier passes added; real
 tensors for constants); an op it refuses keeps its reference kernel, and the report gets a
-warning naming the op, the layer and the reason (stats ``fallback_<op>``). A table may carry
+warning naming the op, the layer and the reason (stats ``fallback_<op>``); a replacement that
+exposes ``reporting(report)`` is installed bound to the compile report, so that arguments it
+refuses at run time land there too (``report.runtime_fallbacks``). A table may carry
 ``notice`` (e.g. "no GPU and no interpreter"), copied once into the report's warnings.
 """
 
@@ -68,7 +70,8 @@ class Lower:
                     key = f"fallback_{op_name}"
                     counts[key] = counts.get(key, 0) + 1
                     continue
-            node.target = impl
+            bind = getattr(impl, "reporting", None)   # records its run-time fallbacks in this report
+            node.target = bind(ctx.report) if bind is not None else impl
             key = f"lowered_{getattr(impl, '__name__', 'op')}"
             counts[key] = counts.get(key, 0) + 1
         gemms = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in GEMM_OPS]

@@ -85,6 +85,13 @@ class CompileReport:
     calibration_s: float = 0.0
     warnings: list[str] = field(default_factory=list)
     kernel_choices: list[str] = field(default_factory=list)   # "op -> kernel [contract]: why", one per distinct choice
+    runtime_fallbacks: dict[str, int] = field(default_factory=dict)   # "op ran ... : reason" -> calls
+
+    def note_runtime_fallback(self, what: str) -> None:
+        """Count a call in which a lowered kernel refused its arguments and another kernel ran."""
+        if what not in self.runtime_fallbacks:
+            self.warnings.append(what)
+        self.runtime_fallbacks[what] = self.runtime_fallbacks.get(what, 0) + 1
 
     @property
     def quantized(self) -> list[LayerDecision]:
@@ -105,6 +112,7 @@ class CompileReport:
                 "graph_runs": self.graph_runs, "bypassed_calls": self.bypassed_calls,
                 "calibration_s": self.calibration_s, "warnings": list(self.warnings),
                 "passes": list(self.passes), "kernel_choices": list(self.kernel_choices),
+                "runtime_fallbacks": dict(self.runtime_fallbacks),
                 "layers": {k: asdict(v) for k, v in self.layers.items()}}
 
     def to_json(self) -> str:
@@ -123,7 +131,8 @@ class CompileReport:
         if self.calibration_s:
             lines.append(f"  calibration: {self.calibration_s:.1f} s")
         for w in self.warnings:
-            lines.append(f"  warning: {w}")
+            calls = self.runtime_fallbacks.get(w)
+            lines.append(f"  warning: {w}" + (f" ({calls} call{'s' * (calls != 1)})" if calls else ""))
         if fb:
             lines.append("  kept in high precision:")
             lines += [f"    {d.fqn:<48} {d.reason}" for d in fb]

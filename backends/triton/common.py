@@ -22,8 +22,19 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["program_tile", "round_half_even", "round_to_e4m3", "round_to_bf16", "cast", "int4_tile", "splitk_reduce",
+__all__ = ["FP8_PARTIAL_DEPTH", "fp8_imprecise_acc", "program_tile", "round_half_even", "round_to_e4m3", "round_to_bf16", "cast", "int4_tile", "splitk_reduce",
            "TL_DTYPE"]
+
+#: Products an fp8 ``tl.dot`` may sum in the tensor cores' reduced-precision accumulator before
+#: adding them to the fp32 one: one sm_90 wgmma (K = 32). Triton's sm_90 default, 2**30, never
+#: promotes; 0 turns wgmma off altogether (checked on sm_90 PTX, tests/backends/test_triton_sm90.py).
+FP8_PARTIAL_DEPTH = 32
+
+
+def fp8_imprecise_acc(block_k: int) -> int:
+    """``max_num_imprecise_acc`` for an fp8 dot over a K tile of ``block_k`` (at most the tile)."""
+    return min(FP8_PARTIAL_DEPTH, block_k)
+
 
 #: torch dtype -> Triton dtype, for the constexpr rounding targets of the kernels.
 TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}

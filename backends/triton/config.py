@@ -7,16 +7,23 @@ that many programs whose fp32 partials a second kernel sums: the small-M decode 
 
 The space searched when autotuning is on (``QCOMPILER_TRITON_AUTOTUNE=1`` in the
 environment, read at each first call of a shape, or ``set_autotune(True)``), sized for
-Hopper (228 KB shared memory per SM, 132 SMs, wgmma tiles of 64 rows):
+Hopper (132 SMs, wgmma tiles of 64 rows):
 
-- prefill (M > 16): BLOCK_M in {64, 128} x BLOCK_N in {128, 256} x BLOCK_K in {64, 128}
-  x (num_warps, num_stages) in {(4, 4), (8, 3)}, minus tiles whose pipelined operands
-  exceed the shared memory;
+- prefill (M > 16): BLOCK_M in {64, 128} x BLOCK_N in {128, 256} x BLOCK_K in {32, 64, 128}
+  x (num_warps, num_stages) in {(4, 4), (8, 3)};
 - weight-only kernels at 16 < M <= 256 (still bound by reading the weight) also try narrow
   tiles, BLOCK_N in {32, 64}, so that the grid covers the SMs without split-K partials;
-- decode (M <= 16): BLOCK_M = 16 x BLOCK_N in {64, 128} x BLOCK_K in {128, 256}
+- decode (M <= 16): BLOCK_M = 16 x BLOCK_N in {64, 128} x BLOCK_K in {32, 64, 128, 256}
   x SPLIT_K in {1, 2, 4, 8}, 4 warps, 4 stages, minus splits that leave a program fewer
-  than two K tiles.
+  than two K tiles;
+
+each minus the tiles that break the device's bounds (``fits``): the pipelined operand tiles
+within the shared memory one block may hold (``SMEM_PER_BLOCK``: 227 KB on sm_90, 163 KB on
+sm_80, 99 KB on sm_89) and the fp32 / int32 accumulator within ``MAX_ACC_REGS`` registers per
+thread (half of the 255 a thread may hold, the rest for operands and addresses; a 128 x 256
+accumulator needs 8 warps). A kernel's ``valid`` then drops the K tiles its quantization groups
+cannot take (``fits_groups``: a K tile divides the group size, so that 32-, 64- and 128-wide
+groups all keep candidates).
 
 The defaults (``default_config``): decode takes 16 x 64 tiles (K tile 256 for INT4) and the
 split-K that gives about two programs per SM with at least four K tiles each (W8A8, which has
@@ -25,7 +32,9 @@ kernels at 16 < M <= 256 take BLOCK_M = M rounded up (at most 128) and the wides
 {32, 64, 128} that still gives one program per SM; 8-bit GEMMs take 128 x 256 x 128 tiles,
 16-bit ones 128 x 128 x 64 (64-row tiles up to M = 64).
 
-Each candidate is timed with ``triton.testing.do_bench`` (median) and the best is cached per
+Each candidate is timed with ``triton.testing.do_bench`` (median); a candidate that fails to
+compile or launch is logged as a warning with its error and kept in ``autotune_failures()``
+(never silently skipped), and when every candidate fails the shape raises. The best is cached per
 (kernel, M bucket, N, K, variant), M rounded up to a power of two (M = 100 and M = 128 share
 a choice). With autotuning off (the default, and always
 under the interpreter, where timing means nothing) ``default_config`` picks by shape,
@@ -40,9 +49,10 @@ import os
 from dataclasses import dataclass, replace
 from typing import Callable, Hashable
 
-__all__ = ["GemmConfig", "DECODE_MAX_M", "WEIGHT_ONLY_KINDS", "autotune_enabled", "set_autotune", "prefill_space",
-           "weight_only_space", "decode_space",
-           "default_config", "choose_config", "bencher", "cached_configs", "clear_cache"]
+__all__ = ["GemmConfig", "DECODE_MAX_M", "WEIGHT_ONLY_KINDS", "SMEM_PER_BLOCK", "MAX_ACC_REGS", "OPERAND_BYTES",
+           "autotune_enabled", "set_autotune", "prefill_space", "weight_only_space", "decode_space", "fits",
+           "fits_groups", "search_space", "default_config", "choose_config", "bencher", "cached_configs",
+           "clear_cache", "autotune_failures"]
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +60,13 @@ log = logging.getLogger(__name__)
 DECODE_MAX_M = 16
 #: Kernels whose 16-bit or 8-bit activations meet a narrower weight (bound by weight reads longer).
 WEIGHT_ONLY_KINDS = ("weight_only", "int4", "w4a8")
-_SMEM_BYTES = 228 * 1024
+#: Shared memory one thread block may hold, by compute capability (CUDA programming guide,
+#: "Technical Specifications per Compute Capability"); sm_90 when no GPU is present.
+SMEM_PER_BLOCK = {(9, 0): 227 * 1024, (8, 9): 99 * 1024, (8, 6): 99 * 1024, (8, 0): 163 * 1024}
+#: Accumulator registers (fp32 / int32) a thread may hold: half of the 255-register budget.
+MAX_ACC_REGS = 128
+#: Bytes per element of the two GEMM operands as tiles are loaded, per kernel kind.
+OPERAND_BYTES = {"int8": (1, 1), "fp8": (1, 1), "w4a8": (1, 2), "int4": (2, 2), "weight_only": (2, 2)}
 _NUM_SMS = 132
 
 
@@ -72,6 +88,7 @@ class GemmConfig:
 
 _AUTOTUNE_OVERRIDE: list[bool] = []   # set_autotune's value, when called
 _CACHE: dict[Hashable, GemmConfig] = {}
+_FAILURES: list[tuple[str, tuple[int, int, int], GemmConfig, str]] = []
 
 
 def set_autotune(enabled: bool | None) -> None:
@@ -87,40 +104,81 @@ def autotune_enabled() -> bool:
     return os.environ.get("QCOMPILER_TRITON_AUTOTUNE", "0").lower() in ("1", "true", "on", "yes")
 
 
-def _smem_ok(cfg: GemmConfig, a_bytes: float, b_bytes: float) -> bool:
-    need = cfg.num_stages * (cfg.block_m * cfg.block_k * a_bytes + cfg.block_n * cfg.block_k * b_bytes)
-    return need <= _SMEM_BYTES
+def _smem_limit(capability: tuple[int, int] | None) -> int:
+    if capability is None:
+        capability = _device_capability()
+    return SMEM_PER_BLOCK.get(tuple(capability), min(SMEM_PER_BLOCK.values()))
 
 
-def prefill_space(a_bytes: float = 2, b_bytes: float = 2) -> list[GemmConfig]:
+def _device_capability() -> tuple[int, int]:
+    try:
+        import torch
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_capability()
+    except Exception:   # no CUDA build / driver: size for Hopper
+        pass
+    return (9, 0)
+
+
+def fits(cfg: GemmConfig, a_bytes: float, b_bytes: float, capability: tuple[int, int] | None = None) -> bool:
+    """Whether a tile keeps within the shared memory of one block and the accumulator register bound."""
+    smem = cfg.num_stages * (cfg.block_m * cfg.block_k * a_bytes + cfg.block_n * cfg.block_k * b_bytes)
+    acc_regs = cfg.block_m * cfg.block_n // (32 * cfg.num_warps)
+    return smem <= _smem_limit(capability) and acc_regs <= MAX_ACC_REGS
+
+
+def fits_groups(cfg: GemmConfig, group_size: int) -> bool:
+    """Whether per-group scales load once per K tile: the tile divides the group (or groups are
+    not a multiple of 16, or absent, and the kernel gathers scales per column)."""
+    return group_size <= 0 or group_size % 16 != 0 or group_size % cfg.block_k == 0
+
+
+def prefill_space(a_bytes: float = 2, b_bytes: float = 2,
+                  capability: tuple[int, int] | None = None) -> list[GemmConfig]:
     """Candidates for M > 16 (see the module docstring); ``*_bytes``: bytes per operand element."""
     out = []
     for bm in (64, 128):
         for bn in (128, 256):
-            for bk in (64, 128):
+            for bk in (32, 64, 128):
                 for warps, stages in ((4, 4), (8, 3)):
                     cfg = GemmConfig(bm, bn, bk, 8, 1, warps, stages)
-                    if _smem_ok(cfg, a_bytes, b_bytes):
+                    if fits(cfg, a_bytes, b_bytes, capability):
                         out.append(cfg)
     return out
 
 
-def weight_only_space(m: int) -> list[GemmConfig]:
+def weight_only_space(m: int, a_bytes: float = 2, b_bytes: float = 2,
+                      capability: tuple[int, int] | None = None) -> list[GemmConfig]:
     """Extra candidates for weight-only kernels at 16 < M <= 256: narrow N tiles."""
     bm = min(128, max(32, 1 << math.ceil(math.log2(m))))
-    return [GemmConfig(bm, bn, bk, 8, 1, 4, stages) for bn in (32, 64) for bk in (64, 128) for stages in (3, 4)]
+    space = [GemmConfig(bm, bn, bk, 8, 1, 4, stages) for bn in (32, 64) for bk in (32, 64, 128) for stages in (3, 4)]
+    return [c for c in space if fits(c, a_bytes, b_bytes, capability)]
 
 
-def decode_space(k: int) -> list[GemmConfig]:
+def decode_space(k: int, a_bytes: float = 2, b_bytes: float = 2,
+                 capability: tuple[int, int] | None = None) -> list[GemmConfig]:
     """Candidates for M <= 16 (see the module docstring)."""
     out = []
     for bn in (64, 128):
-        for bk in (128, 256):
+        for bk in (32, 64, 128, 256):
             for split in (1, 2, 4, 8):
                 if split > 1 and k < 2 * split * bk:
                     continue
-                out.append(GemmConfig(16, bn, bk, 1, split, 4, 4))
+                cfg = GemmConfig(16, bn, bk, 1, split, 4, 4)
+                if fits(cfg, a_bytes, b_bytes, capability):
+                    out.append(cfg)
     return out
+
+
+def search_space(m: int, k: int, *, kind: str, capability: tuple[int, int] | None = None) -> list[GemmConfig]:
+    """The autotune candidates of one shape class (before a kernel's own ``valid``)."""
+    a_bytes, b_bytes = OPERAND_BYTES.get(kind, (2, 2))
+    if m <= DECODE_MAX_M:
+        return decode_space(k, a_bytes, b_bytes, capability)
+    space = prefill_space(a_bytes, b_bytes, capability)
+    if kind in WEIGHT_ONLY_KINDS and m <= 256:
+        space = weight_only_space(m, a_bytes, b_bytes, capability) + space
+    return space
 
 
 def _pow2_at_most(x: int) -> int:
@@ -180,23 +238,25 @@ def choose_config(m: int, n: int, k: int, *, kind: str, variant: Hashable, inter
     if interpreter or bench is None or not autotune_enabled():
         _CACHE[key] = default
         return default
-    a_bytes, b_bytes = {"int8": (1, 1), "fp8": (1, 1), "w4a8": (1, 2), "int4": (2, 2)}.get(kind, (2, 2))
-    if m <= DECODE_MAX_M:
-        space = decode_space(k)
-    else:
-        space = prefill_space(a_bytes, b_bytes)
-        if kind in WEIGHT_ONLY_KINDS and m <= 256:
-            space = weight_only_space(m) + space
-    best, best_ms = default, float("inf")
-    for cfg in [c for c in space if valid(c)]:
+    space = [c for c in search_space(m, k, kind=kind) if valid(c)]
+    if not space:
+        raise ValueError(f"autotune {kind} M={m} N={n} K={k}: no candidate tile fits this shape")
+    best, best_ms, failed = default, float("inf"), 0
+    for cfg in space:
         try:
             ms = bench(cfg)
-        except Exception as e:   # e.g. out of shared memory / registers for this tile
-            log.debug("autotune %s %s: %s failed: %s", kind, key, cfg, e)
+        except Exception as e:   # e.g. out of shared memory / registers for this tile: reported
+            failed += 1
+            _FAILURES.append((kind, (m, n, k), cfg, f"{type(e).__name__}: {e}"))
+            log.warning("autotune %s M=%d N=%d K=%d: %s failed: %s: %s", kind, m, n, k, cfg, type(e).__name__, e)
             continue
         if ms < best_ms:
             best, best_ms = cfg, ms
-    log.info("autotune %s M=%d N=%d K=%d: %s (%.4f ms)", kind, m, n, k, best, best_ms)
+    if failed == len(space):
+        raise RuntimeError(f"autotune {kind} M={m} N={n} K={k}: all {failed} candidates failed "
+                           f"(see autotune_failures()); the last: {_FAILURES[-1][3]}")
+    log.info("autotune %s M=%d N=%d K=%d: %s (%.4f ms; %d of %d candidates failed)", kind, m, n, k, best,
+             best_ms, failed, len(space))
     _CACHE[key] = best
     return best
 
@@ -230,5 +290,11 @@ def cached_configs() -> dict:
     return dict(_CACHE)
 
 
+def autotune_failures() -> list[tuple[str, tuple[int, int, int], GemmConfig, str]]:
+    """Every candidate that failed to compile or run while autotuning: (kind, (M, N, K), config, error)."""
+    return list(_FAILURES)
+
+
 def clear_cache() -> None:
     _CACHE.clear()
+    _FAILURES.clear()

@@ -7,10 +7,11 @@ float8_e4m3fn [..., K], ``a_scale`` float32 0-d or [..., 1], the weight in the
 
 Integer weights ``q - z`` lie in [-15, 15], which fp8 e4m3 holds exactly, so when a K tile
 lies inside one scale group (per-tensor, per-channel, or BLOCK_K dividing the group size) the
-tile is an fp8 x fp8 ``tl.dot`` — exact products, fp32 sums — scaled by the group's [N] scales
-after the dot. Other group sizes dequantize the tile to fp32 (``(q - z) * s`` per element)
-and take an fp32 dot. The activation scale is applied once, in the epilogue. Small M uses
-split-K as in ``gemm_weight_only``.
+tile is an fp8 x fp8 ``tl.dot`` — exact products, fp32 sums past each 32-deep wgmma partial
+(``IMPRECISE_ACC``; see ``gemm_w8a8``) — scaled by the group's [N] scales after the dot.
+Other group sizes dequantize the tile to fp32 (``(q - z) * s`` per element) and take an fp32
+dot. The activation scale is applied once, in the epilogue. Small M uses split-K as in
+``gemm_weight_only``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import triton.language as tl
 from . import config as cfgs
 from .availability import availability
 from .checks import check_w4a8_gemm
-from .common import cast, int4_tile, program_tile, splitk_reduce
+from .common import fp8_imprecise_acc, cast, int4_tile, program_tile, splitk_reduce
 from .gemm_weight_only import GROUP_ALIGNED, GROUP_GATHER, scale_layout
 
 __all__ = ["w4a8_gemm"]
@@ -40,7 +41,7 @@ def _w4a8_gemm_kernel(
     SIGNED: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_ZERO: tl.constexpr, A_PER_ROW: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFT_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, IMPRECISE_ACC: tl.constexpr,
 ):
     pid_m, pid_n = program_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
@@ -84,9 +85,9 @@ def _w4a8_gemm_kernel(
                 q = tl.where(k_ok[None, :], q - z, 0)
             w = q.to(tl.float32).to(tl.float8e4nv)           # exact: |q - z| <= 15
             if SCALE_MODE == 2:
-                acc += tl.dot(a, tl.trans(w)) * s
+                acc += tl.dot(a, tl.trans(w), max_num_imprecise_acc=IMPRECISE_ACC) * s
             else:
-                acc = tl.dot(a, tl.trans(w), acc)
+                acc = tl.dot(a, tl.trans(w), acc, max_num_imprecise_acc=IMPRECISE_ACC)
     if SCALE_MODE < 2:
         acc = acc * s
     if A_PER_ROW:
@@ -143,12 +144,14 @@ def w4a8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, w_packed: torch.Tensor, 
             m, n, k, w.shape[1], block, k_per_split,
             a2.stride(0), w.stride(0), stride_sn, dst.stride(-2), dst.stride(0) if split > 1 else 0,
             SIGNED=z is None, SCALE_MODE=tile_mode, HAS_ZERO=z is not None, A_PER_ROW=a_per_row,
-            HAS_BIAS=b is not None, SOFT_BF16=interp, **meta)
+            HAS_BIAS=b is not None, SOFT_BF16=interp,
+            IMPRECISE_ACC=fp8_imprecise_acc(cfg.block_k), **meta)
         if split > 1:
             splitk_reduce(dst, b, out, soft_bf16=interp)
 
     def valid(cfg: cfgs.GemmConfig) -> bool:
-        return mode != GROUP_ALIGNED or block % 16 != 0 or block % cfg.block_k == 0
+        # Keep group scales on the one-load-per-tile path whenever the group size allows it.
+        return cfgs.fits_groups(cfg, block if mode == GROUP_ALIGNED else 0)
 
     if config is None:
         config = cfgs.choose_config(m, n, k, kind="w4a8",

@@ -9,7 +9,13 @@
 - ``bias`` [N] float or None; the result [..., N] in ``out_dtype`` (fp32 / fp16 / bf16).
 
 The K loop accumulates in int32 (exact until |sum| >= 2**31, like ``torch._int_mm``) or fp32
-(fp8 products are exact in fp32); the epilogue runs in fp32 in the reference's order:
+(fp8 products are exact in fp32). On sm_90 an fp8 ``tl.dot`` would by default sum the whole K
+loop in the tensor cores' reduced-precision accumulator (Triton's ``max_num_imprecise_acc``
+default is 2**30 there); ``IMPRECISE_ACC = common.fp8_imprecise_acc(BLOCK_K)`` (32) promotes
+each wgmma's partial sum (32 products deep) into the fp32 accumulator, so only those 32-deep
+partials carry the reduced precision (DeepSeek-V3 measured about 14 mantissa bits: a partial of
+32 products is within about ``2**-13 * sum|a*w|`` of exact), and every longer sum is fp32. The
+epilogue runs in fp32 in the reference's order:
 ``acc * (s_w * s_a)`` for a static activation scale, ``(acc * s_a) * s_w`` per token, then
 ``+ bias``, then one cast. fp8 operands are loaded as uint8 and bitcast (the interpreter
 cannot mask-load fp8 with an integer fill).
@@ -24,7 +30,7 @@ import triton.language as tl
 from . import config as cfgs
 from .availability import availability
 from .checks import check_fp8_gemm, check_int8_gemm
-from .common import cast, program_tile
+from .common import fp8_imprecise_acc, cast, program_tile
 
 __all__ = ["int8_gemm", "fp8_gemm"]
 
@@ -40,7 +46,7 @@ def _w8a8_gemm_kernel(
     # meta-parameters
     IS_FP8: tl.constexpr, A_PER_ROW: tl.constexpr, W_PER_COL: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SPLIT_K: tl.constexpr, SOFT_BF16: tl.constexpr,
+    SPLIT_K: tl.constexpr, SOFT_BF16: tl.constexpr, IMPRECISE_ACC: tl.constexpr,
 ):
     pid_m, pid_n = program_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -62,7 +68,9 @@ def _w8a8_gemm_kernel(
         if IS_FP8:
             a = a.to(tl.float8e4nv, bitcast=True)
             w = w.to(tl.float8e4nv, bitcast=True)
-        acc = tl.dot(a, w, acc)
+            acc = tl.dot(a, w, acc, max_num_imprecise_acc=IMPRECISE_ACC)
+        else:
+            acc = tl.dot(a, w, acc)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     out = acc.to(tl.float32)
@@ -105,7 +113,7 @@ def _gemm(a_q, a_scale, w_q, w_scale, bias, out_dtype, *, is_fp8: bool, config: 
         _w8a8_gemm_kernel[grid](a2, sa, w, sw, b if b is not None else sw, out, m, n, k,
                                 a2.stride(0), w.stride(0), out.stride(0),
                                 IS_FP8=is_fp8, A_PER_ROW=a_per_row, W_PER_COL=w_per_col, HAS_BIAS=b is not None,
-                                SOFT_BF16=interp,
+                                SOFT_BF16=interp, IMPRECISE_ACC=fp8_imprecise_acc(cfg.block_k),
                                 **meta)
 
     if config is None:

@@ -164,7 +164,7 @@ def _launch_gemm(x, w, w_scale, w_zero, bias, *, packed: bool, group_size: int, 
 
     def valid(cfg: cfgs.GemmConfig) -> bool:
         # Keep group scales on the one-load-per-tile path whenever the group size allows it.
-        return mode != GROUP_ALIGNED or block % 16 != 0 or block % cfg.block_k == 0
+        return cfgs.fits_groups(cfg, block if mode == GROUP_ALIGNED else 0)
 
     if config is None:
         config = cfgs.choose_config(m, n, k, kind="int4" if packed else "weight_only",

@@ -2,7 +2,9 @@
 
 A ``TritonOp`` has the op's signature. Called, it runs the Triton launcher when
 ``checks.CHECKS[op]`` accepts the arguments, else the op's reference kernel (logging the
-reason once per op and reason). ``unsupported(*args)`` exposes the same check to the Lower
+reason once per op and reason). The Lower pass installs ``op.reporting(report)``, a copy that
+also records each such run-time fallback in that compile report (``runtime_fallbacks``: calls
+per "op: reason", and one warning per reason), so no fallback goes unreported. ``unsupported(*args)`` exposes the same check to the Lower
 pass, which runs it on the traced graph's fake tensors, keeps an op that fails it on its
 reference kernel and records why in the compile report.
 
@@ -12,6 +14,7 @@ When the kernels cannot run at all (no GPU, no interpreter, no triton: see
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib
 import logging
@@ -52,6 +55,13 @@ class TritonOp:
         self._check = CHECKS[name]
         self._kernel: Callable | None = None
         self._warned: set[str] = set()
+        self._report = None
+
+    def reporting(self, report) -> "TritonOp":
+        """This op, recording its run-time fallbacks in ``report`` (a ``CompileReport``)."""
+        op = copy.copy(self)
+        op._report = report
+        return op
 
     def unsupported(self, *args, **kwargs) -> str | None:
         """Why the Triton kernel cannot take these arguments (real or fake tensors), or None."""
@@ -70,6 +80,8 @@ class TritonOp:
         if reason not in self._warned:
             self._warned.add(reason)
             log.warning("triton backend: %s runs its reference kernel: %s", self.name, reason)
+        if self._report is not None:
+            self._report.note_runtime_fallback(f"triton: {self.name} ran its reference kernel at run time: {reason}")
         return self.reference(*args, **kwargs)
 
     def __repr__(self) -> str:

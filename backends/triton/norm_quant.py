@@ -45,17 +45,18 @@ def _norm_quant_kernel(
     col_ok = cols < K
     mask = (rows[:, None] < M) & col_ok[None, :]
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    kf = K * 1.0                 # fp32 K: the divisions below are IEEE round-to-nearest (div_rn)
     if NORM == 1:                                                       # RMSNorm
-        r = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / K + eps)
+        r = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(tl.sum(x * x, axis=1), kf) + eps))
         y = cast(x * r[:, None], NORM_DTYPE, SOFT_BF16).to(tl.float32)
         if HAS_W:
             w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
             y = cast(y * w[None, :], MUL_DTYPE, SOFT_BF16).to(tl.float32)
         y = cast(y, OUT_DTYPE, SOFT_BF16).to(tl.float32)
     elif NORM == 2:                                                     # LayerNorm
-        mean = tl.sum(x, axis=1) / K
+        mean = tl.div_rn(tl.sum(x, axis=1), kf)
         xc = tl.where(mask, x - mean[:, None], 0.0)
-        r = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / K + eps)
+        r = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(tl.sum(xc * xc, axis=1), kf) + eps))
         y = xc * r[:, None]
         if HAS_W:
             y = y * tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -69,11 +70,11 @@ def _norm_quant_kernel(
         y = y * tl.load(smooth_ptr + cols, mask=col_ok, other=0.0)[None, :]
     y = tl.where(mask, y, 0.0)
     if IS_FP8:
-        scale = tl.maximum(tl.max(tl.abs(y), axis=1), 1e-12) / 448.0
-        q = round_to_e4m3(y / scale[:, None]).to(tl.float8e4nv)
+        scale = tl.div_rn(tl.maximum(tl.max(tl.abs(y), axis=1), 1e-12), 448.0)
+        q = round_to_e4m3(tl.div_rn(y, scale[:, None])).to(tl.float8e4nv)
     else:
-        scale = tl.maximum(tl.max(tl.abs(y), axis=1), 1e-12) / 127.0
-        q = tl.clamp(round_half_even(y / scale[:, None]), -128.0, 127.0).to(tl.int8)
+        scale = tl.div_rn(tl.maximum(tl.max(tl.abs(y), axis=1), 1e-12), 127.0)
+        q = tl.clamp(round_half_even(tl.div_rn(y, scale[:, None])), -128.0, 127.0).to(tl.int8)
     tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], q, mask=mask)
     tl.store(scale_ptr + rows, scale, mask=rows < M)
 

@@ -112,6 +112,24 @@ def test_triton_op_falls_back_at_run_time(caplog):
     assert op.unsupported(x, w.view(torch.int8), s, None, None, 0) is None
 
 
+@kernels
+def test_run_time_fallback_lands_in_the_report():
+    """An op bound to a compile report counts each call that ran the reference kernel, by reason."""
+    from qcompiler.pipeline import CompileReport
+    report = CompileReport()
+    op = TritonOp("weight_only_gemm").reporting(report)
+    x = torch.randn(3, 16, device=DEVICE)
+    w = (torch.randn(8, 16, device=DEVICE) * 50).to(torch.float8_e4m3fn)
+    s = torch.rand(8, 1, device=DEVICE) + 0.1
+    for _ in range(3):
+        op(x, w, s, None, None, 0)
+    op(x, w.view(torch.int8), s, None, None, 0)                    # the kernel takes this one
+    (what, calls), = report.runtime_fallbacks.items()
+    assert calls == 3 and what.startswith("triton: weight_only_gemm ran its reference kernel at run time: w_q")
+    assert report.warnings == [what] and f"{what} (3 calls)" in report.summary()
+    assert report.to_dict()["runtime_fallbacks"] == {what: 3}
+
+
 _UNAVAILABLE_SCRIPT = textwrap.dedent("""
     import os, sys, warnings
     sys.path.insert(0, {tests!r})
@@ -171,14 +189,60 @@ def test_default_configs_follow_shape():
     assert interp.split_k == 1 and interp.block_k == 128
 
 
-def test_autotune_space_fits_hopper_shared_memory():
+def test_autotune_space_fits_hopper_shared_memory_and_registers():
     for a_bytes, b_bytes in ((1, 1), (2, 2)):
-        space = cfgs.prefill_space(a_bytes, b_bytes)
+        space = cfgs.prefill_space(a_bytes, b_bytes, capability=(9, 0))
         assert space and all(c.num_stages * (c.block_m * c.block_k * a_bytes + c.block_n * c.block_k * b_bytes)
-                             <= 228 * 1024 for c in space)
+                             <= 227 * 1024 for c in space)                     # per block, not per SM
+        assert all(c.block_m * c.block_n // (32 * c.num_warps) <= cfgs.MAX_ACC_REGS for c in space)
+    assert not any(c.block_m * c.block_n == 128 * 256 and c.num_warps == 4 for c in cfgs.prefill_space(1, 1))
     assert len(cfgs.prefill_space(1, 1)) > len(cfgs.prefill_space(2, 2))      # 8-bit tiles can be deeper
+    assert len(cfgs.prefill_space(2, 2, capability=(8, 9))) < len(cfgs.prefill_space(2, 2, capability=(9, 0)))
     assert all(c.block_m == 16 and (c.split_k == 1 or 2 * c.split_k * c.block_k <= 4096)
                for c in cfgs.decode_space(4096))
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8", "weight_only", "int4", "w4a8"])
+def test_autotune_space_has_valid_candidates_at_every_group_size_and_m(kind):
+    """Per-group kernels keep candidates (and a valid default) at groups 32 / 64 / 128 and at
+    M = 1 ... 8192: a K tile must divide the group, so the spaces carry 32-wide K tiles."""
+    groups = (0, 32, 64, 128) if kind in cfgs.WEIGHT_ONLY_KINDS else (0,)
+    for group in groups:
+        valid = lambda c, g=group: cfgs.fits_groups(c, g)                     # noqa: E731
+        for m in (1, 2, 8, 16, 17, 64, 128, 256, 257, 2048, 8192):
+            space = [c for c in cfgs.search_space(m, 4096, kind=kind) if valid(c)]
+            assert space, (kind, group, m)
+            assert all(not group or group % c.block_k == 0 for c in space)
+            cfgs.clear_cache()
+            chosen = cfgs.choose_config(m, 4096, 4096, kind=kind, variant=group, interpreter=False, valid=valid)
+            assert valid(chosen), (kind, group, m, chosen)
+
+
+def test_autotune_reports_failed_candidates_and_raises_when_all_fail(caplog):
+    cfgs.clear_cache()
+    try:
+        cfgs.set_autotune(True)
+
+        def flaky(cfg):
+            if cfg.block_k == 256:
+                raise RuntimeError("out of resource: shared memory")
+            return float(cfg.block_n)
+
+        with caplog.at_level("WARNING"):
+            best = cfgs.choose_config(1, 4096, 4096, kind="int4", variant="f", interpreter=False, bench=flaky)
+        failures = cfgs.autotune_failures()
+        assert best.block_k != 256 and failures and all(f[2].block_k == 256 for f in failures)
+        assert all("out of resource" in f[3] for f in failures)
+        assert sum("failed: RuntimeError: out of resource" in r.message for r in caplog.records) == len(failures)
+
+        def broken(cfg):
+            raise RuntimeError("ptxas error")
+
+        with pytest.raises(RuntimeError, match="all .* candidates failed"):
+            cfgs.choose_config(2, 4096, 4096, kind="int4", variant="b", interpreter=False, bench=broken)
+    finally:
+        cfgs.set_autotune(None)
+        cfgs.clear_cache()
 
 
 def test_autotune_times_each_candidate_once_and_caches(monkeypatch):
