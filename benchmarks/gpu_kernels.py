@@ -11,7 +11,7 @@ by the backend); torchao's modules quantize their input inside the call. Each ro
 time, TFLOP/s, GB/s (ideal bytes: weights, scales, activations, output) and the fraction of
 the peaks measured in the same run (bf16 / fp8 / int8 8192^3 matmuls, a device copy).
 
-End to end (``--part e2e``): a random-initialised Llama-3-8B-shaped model (bf16, 32 layers)
+End to end (``--part e2e``): a random-initialised Llama-3-8B-shaped (or ``--e2e-model SmolLM2-135M``) model
 per preset through ``qcompiler.backend(..., target="triton")`` against the bf16 model:
 prefill tokens/s (batch 1) and decode tokens/s at batch 1 (a static KV cache, the step
 captured in a CUDA graph when it can be), with the decode step's weight-bandwidth floor.
@@ -19,8 +19,10 @@ captured in a CUDA graph when it can be), with the decode step's weight-bandwidt
 On an H100 (through the device tool; torchao travels as a wheel in the git-ignored
 ``device_carry/``, see the README's "Triton backend" section):
 
-    python benchmarks/gpu_kernels.py --part kernels     # writes benchmarks/results_h100_kernels.md
-    python benchmarks/gpu_kernels.py --part e2e         # writes benchmarks/results_h100_e2e.md
+    python benchmarks/gpu_kernels.py --part kernels     # writes benchmarks/results_<gpu>_kernels.md
+    python benchmarks/gpu_kernels.py --part e2e         # writes benchmarks/results_<gpu>_e2e.md
+
+``benchmarks/gpu_check.py`` runs these with the compiled kernel tests in one device call.
 
 Without a GPU, ``--dry-run`` walks the same tables on CPU at reduced sizes (N, K
 and M > 128 divided by ``--shrink``; a 2-layer model) with the reference kernels, and prints them.
@@ -56,6 +58,12 @@ MODELS = {
     "Llama-3-8B": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                        num_hidden_layers=32, vocab_size=128256),
 }
+#: End-to-end shapes: the kernel table's models and SmolLM2-135M (the project's default model; its
+#: weights do not travel to a GPU machine, and speed does not depend on their values).
+E2E_MODELS = {**MODELS,
+              "SmolLM2-135M": dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                                   num_key_value_heads=3, num_hidden_layers=30, vocab_size=49152,
+                                   tie_word_embeddings=True)}
 M_VALUES = (1, 16, 128, 2048, 8192)
 GROUP = 128
 W4A8_G128 = Recipe(name="w4a8-g128", weight=WeightSpec(QuantDtype.INT4, Granularity.PER_GROUP, group_size=GROUP),
@@ -329,12 +337,13 @@ def target_table(rows: list[Row], env: Env) -> str:
 # ----------------------------------------------------------------------------- end to end
 
 
-def _e2e_model(env: Env):
+def _e2e_model(env: Env, name: str = "Llama-3-8B"):
     from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = dict(MODELS["Llama-3-8B"])
+    cfg = dict(E2E_MODELS[name])
     if not env.gpu:
-        cfg.update(hidden_size=4096 // env.shrink, intermediate_size=14336 // env.shrink, num_attention_heads=4,
-                   num_key_value_heads=1, num_hidden_layers=2, vocab_size=128256 // env.shrink)
+        cfg.update(hidden_size=max(64, cfg["hidden_size"] // env.shrink),
+                   intermediate_size=max(128, cfg["intermediate_size"] // env.shrink), num_attention_heads=4,
+                   num_key_value_heads=1, num_hidden_layers=2, vocab_size=max(512, cfg["vocab_size"] // env.shrink))
     config = LlamaConfig(**cfg, max_position_embeddings=4096)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(env.act_dtype)
@@ -374,8 +383,9 @@ def _decode_ms(env: Env, fwd, model, ctx: int) -> tuple[float, str]:
         return time_ms(env, step)[0], "cpu"
 
 
-def run_e2e(env: Env, prefill_len: int, ctx: int, presets: list[str]) -> tuple[list[dict], dict]:
-    model = _e2e_model(env)
+def run_e2e(env: Env, prefill_len: int, ctx: int, presets: list[str],
+            model_name: str = "Llama-3-8B") -> tuple[list[dict], dict]:
+    model = _e2e_model(env, model_name)
     vocab = model.config.vocab_size
     calib = [torch.randint(0, vocab, (1, 128 if env.gpu else 32), device=env.device) for _ in range(2)]
     ids = torch.randint(0, vocab, (1, prefill_len), device=env.device)
@@ -413,14 +423,14 @@ def run_e2e(env: Env, prefill_len: int, ctx: int, presets: list[str]) -> tuple[l
         gc.collect()
         if env.gpu:
             torch.cuda.empty_cache()
-    facts = {"layers": model.config.num_hidden_layers, "hidden": model.config.hidden_size,
+    facts = {"model": model_name, "layers": model.config.num_hidden_layers, "hidden": model.config.hidden_size,
              "prefill_len": prefill_len, "ctx": ctx, "target": target}
     return results, facts
 
 
 def e2e_table(results: list[dict], facts: dict) -> str:
     bf16 = next((r for r in results if r["preset"] == "bf16" and "prefill_ms" in r), None)
-    out = [f"## End to end: Llama-3-8B-shaped, random weights ({facts['layers']} layers, hidden {facts['hidden']}), "
+    out = [f"## End to end: {facts['model']}-shaped, random weights ({facts['layers']} layers, hidden {facts['hidden']}), "
            f"target {facts['target']!r}", "",
            f"Prefill: batch 1 x {facts['prefill_len']} tokens. Decode: batch 1 after {facts['ctx']} tokens; the floor "
            "is (linear weight bytes + KV cache bytes) / measured copy bandwidth.", "",
@@ -470,11 +480,13 @@ def main(argv=None) -> int:
     ap.add_argument("--no-torchao", action="store_true", help="skip torchao's modules")
     ap.add_argument("--autotune", action="store_true", help="autotune the Triton tiles per shape (slower start)")
     ap.add_argument("--presets", default=",".join(E2E_RECIPES), help=f"e2e presets, from {list(E2E_RECIPES)}")
+    ap.add_argument("--e2e-model", default="Llama-3-8B", choices=sorted(E2E_MODELS),
+                    help="shape of the random-weight end-to-end model")
     ap.add_argument("--prefill-len", type=int, default=2048)
     ap.add_argument("--decode-ctx", type=int, default=512)
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads for torch (dry run default 1: tiny ops only contend on a shared CPU)")
-    ap.add_argument("--out", type=Path, help="markdown output (default on a GPU: benchmarks/results_h100_<part>.md)")
+    ap.add_argument("--out", type=Path, help="markdown output (default on a GPU: benchmarks/results_<gpu>_<part>.md, e.g. h200)")
     args = ap.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
     for m in models:
@@ -505,11 +517,12 @@ def main(argv=None) -> int:
     if args.part in ("e2e", "all"):
         prefill = args.prefill_len if env.gpu else max(8, args.prefill_len // env.shrink)
         ctx = args.decode_ctx if env.gpu else max(8, args.decode_ctx // env.shrink)
-        results, facts = run_e2e(env, prefill, ctx, presets)
+        results, facts = run_e2e(env, prefill, ctx, presets, args.e2e_model)
         parts += [e2e_table(results, facts), ""]
     text = "\n".join(head + parts)
     print(text)
-    out = args.out or (HERE / f"results_h100_{'kernels' if args.part != 'e2e' else 'e2e'}.md" if env.gpu else None)
+    gpu_tag = torch.cuda.get_device_name().split()[-1].lower() if env.gpu else ""
+    out = args.out or (HERE / f"results_{gpu_tag}_{'kernels' if args.part != 'e2e' else 'e2e'}.md" if env.gpu else None)
     if out is not None:
         out.write_text(text)
         print(f"wrote {out}", file=sys.stderr)
