@@ -31,6 +31,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from qcompiler import numerics
+
 from . import reference as ref
 
 __all__ = ["Contract", "GemmKernel", "KERNELS", "REFERENCE_CONTRACT", "kernels_for", "int16_pair_reference",
@@ -61,8 +63,8 @@ REFERENCE_CONTRACT: dict[str, Contract] = {
 class GemmKernel:
     """One implementation of a fused GEMM op.
 
-    ``run`` has the op's signature with argument ``weight_arg`` replaced by ``prepare(weight)``
-    when ``prepare`` is set. ``accepts(args) -> reason | None`` refuses argument forms the
+    ``run`` has the op's signature with argument ``weight_arg`` replaced by ``prepare(weight,
+    args)`` (``args``: the op's arguments) when ``prepare`` is set. ``accepts(args) -> reason | None`` refuses argument forms the
     kernel does not take (e.g. group scales); ``available(device) -> reason | None`` refuses
     machines. ``reference``: this is the op's own reference kernel.
     """
@@ -72,7 +74,7 @@ class GemmKernel:
     run: Callable
     summary: str
     devices: tuple[str, ...] = ("cpu",)
-    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None
+    prepare: Callable[[torch.Tensor, list], torch.Tensor] | None = None
     weight_arg: int = 2
     accepts: Callable[..., str | None] = field(default=lambda *args: None)
     available: Callable[[torch.device], str | None] = field(default=lambda device: None)
@@ -93,7 +95,7 @@ def _onednn_available(device: torch.device) -> str | None:
     return None
 
 
-def _onednn_prepack(w_q: torch.Tensor) -> torch.Tensor:
+def _onednn_prepack(w_q: torch.Tensor, args=None) -> torch.Tensor:
     return torch.ops.onednn.qlinear_prepack(w_q.contiguous(), None)
 
 
@@ -184,6 +186,48 @@ def weight_only_gemm_int8pack(x, w_q, w_scale, w_zero, bias, group_size=0):
     return out.reshape(*x.shape[:-1], w_q.shape[0])
 
 
+# ---- INT4 weight-only -----------------------------------------------------------------------
+
+def _int4_group(args) -> tuple[int, int] | None:
+    """(group length, groups) of an ``int4_gemm``'s weight when every group is whole and even."""
+    w_scale, group_size, k = args[2], args[5], args[6]
+    g = group_size or k
+    if g % 2 or k % g or (w_scale.dim() == 2 and w_scale.shape[1] not in (1, k // g)):
+        return None
+    return g, k // g
+
+
+def _int4_groups_accepts(x, w_packed, w_scale, w_zero, bias, group_size, in_features) -> str | None:
+    if _int4_group((x, w_packed, w_scale, w_zero, bias, group_size, in_features)) is None:
+        return f"needs even groups that tile K (group {group_size or in_features}, K {in_features})"
+    return None
+
+
+def _int4_groups_prepack(w_packed: torch.Tensor, args) -> torch.Tensor:
+    """Repack the interleaved INT4 layout (columns 2j, 2j + 1 share byte j) group by group: byte
+    j of a group holds its column j in the low nibble and column j + g/2 in the high one, so a
+    group unpacks as two contiguous runs (no interleave, no per-column group index). Same bytes."""
+    g, groups = _int4_group(args)
+    n = w_packed.shape[0]
+    nib = torch.stack([w_packed & 0xF, w_packed >> 4], dim=-1).reshape(n, groups, g)
+    return (nib[..., : g // 2] | (nib[..., g // 2:] << 4)).contiguous()
+
+
+def int4_gemm_groups(x, w_groups, w_scale, w_zero, bias, group_size, in_features):
+    """W4A16 on the group-halves layout: the reference's dequantized weight bit for bit, then
+    the same float GEMM."""
+    n, groups, half = w_groups.shape
+    if w_zero is None:      # two's complement nibbles, sign-extended by arithmetic shifts
+        lo = ((w_groups << 4).view(torch.int8) >> 4).float()
+        hi = (w_groups.view(torch.int8) >> 4).float()
+    else:
+        z = w_zero.float().reshape(n, -1, 1)
+        lo, hi = (w_groups & 0xF).float() - z, (w_groups >> 4).float() - z
+    s = w_scale.float().reshape(n, -1, 1) if w_scale.dim() else w_scale.float()
+    w = torch.cat([lo * s, hi * s], dim=-1).reshape(n, in_features).to(x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
 _ANY = ("cpu", "cuda")
 
 KERNELS: tuple[GemmKernel, ...] = (
@@ -202,6 +246,10 @@ KERNELS: tuple[GemmKernel, ...] = (
                accepts=_int8pack_accepts),
     GemmKernel("dequant", "int4_gemm", ref.int4_gemm_ref, "unpack + dequantize the INT4 weight + float GEMM", _ANY,
                weight_arg=1, reference=True),
+    GemmKernel("int4-groups", "int4_gemm", int4_gemm_groups,
+               "INT4 repacked per group in two nibble halves (same bytes; unpacks without interleaving) + "
+               "dequantize + float GEMM", _ANY, prepare=_int4_groups_prepack, weight_arg=1,
+               accepts=_int4_groups_accepts),
     GemmKernel("dequant", "w4a8_gemm", _ops.w4a8_gemm, "unpack + dequantize both operands + float32 GEMM", _ANY,
                reference=True),
 )

@@ -97,7 +97,7 @@ def _probe_int8(kernel: GemmKernel, device: torch.device) -> tuple[Contract | No
     w[0], w[1], w[2, 0::2], w[2, 1::2] = 127, -127, 127, -127
     exact = (a.double() @ w.double().t())
     a_d, w_d = a.to(device), w.to(device)
-    w_arg = kernel.prepare(w_d) if kernel.prepare else w_d
+    w_arg = kernel.prepare(w_d, None) if kernel.prepare else w_d
     one = torch.tensor(1.0, device=device)
     out = kernel.run(a_d, one, w_arg, torch.ones(5, 1, device=device), None, torch.float32).double().cpu()
     if torch.equal(out, exact):
@@ -127,13 +127,22 @@ def _probe_float(kernel: GemmKernel, device: torch.device) -> tuple[Contract | N
         w = torch.randint(-127, 128, (n, k), generator=g).to(torch.int8)
         ref = x.double() @ (w.double() * w_scale.double()).t() + bias.double()
         args = [x, w, w_scale, None, bias, 0]
+    elif kernel.op == "int4_gemm":
+        from qcompiler.packing import pack_int4
+        x = torch.randn(6, k, generator=g)
+        q = torch.randint(0, 16, (n, k), generator=g).to(torch.uint8)
+        zero = torch.randint(0, 16, (n, k // 32), generator=g).to(torch.uint8)
+        scale = torch.rand(n, k // 32, generator=g) + 0.5
+        w_deq = (q.double() - zero.double().repeat_interleave(32, 1)) * scale.double().repeat_interleave(32, 1)
+        ref = x.double() @ w_deq.t() + bias.double()
+        args = [x, pack_int4(q), scale, zero, bias, 32, k]
     else:
         return REFERENCE_CONTRACT[kernel.op], "reference kernel"
     if kernel.accepts(*args):
         return None, f"probe arguments refused: {kernel.accepts(*args)}"
     args = [t.to(device) if isinstance(t, torch.Tensor) else t for t in args]
     if kernel.prepare:
-        args[kernel.weight_arg] = kernel.prepare(args[kernel.weight_arg])
+        args[kernel.weight_arg] = kernel.prepare(args[kernel.weight_arg], args)
     err = _rel(kernel.run(*args), ref)
     if err <= 1e-5:
         return Contract.FP32, f"float32 sums (probe relative error {err:.1e})"
@@ -363,7 +372,7 @@ class KernelChooser:
                     for i, a in zip(act_idx, inputs):
                         full[i] = a
                     if kernel.prepare:
-                        full[kernel.weight_arg] = kernel.prepare(full[kernel.weight_arg])
+                        full[kernel.weight_arg] = kernel.prepare(full[kernel.weight_arg], full)
                     try:
                         fns[name] = _callable(kernel, full, act_idx, self.target)
                         fns[name](*inputs)

@@ -105,7 +105,7 @@ class SensitivityFallback:
     @staticmethod
     def _measure(st, w, qw, recipe) -> tuple[float | None, float]:
         """(static activation scale or None, output SQNR in dB) on the calibration rows."""
-        absmax, samples = st
+        absmax, samples = (t.to(w.device) for t in st)   # calibration keeps them on the CPU
         act, scale = recipe.activation, None
         if act is not None and not act.dynamic:
             scale = layer_quant.static_act_scale(absmax, samples, act)

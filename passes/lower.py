@@ -96,7 +96,7 @@ class Lower:
             if kernel.prepare is not None:
                 w_node = node.args[kernel.weight_arg]
                 prepared = add_constant(gm, f"{fqn or op}_{kernel.name}_weight",
-                                        kernel.prepare(getattr(gm, w_node.target)), node)
+                                        kernel.prepare(getattr(gm, w_node.target), args), node)
                 node.args = node.args[:kernel.weight_arg] + (prepared,) + node.args[kernel.weight_arg + 1:]
                 replaced.add(w_node.target)
             if not (kernel.reference and chooser.target == "reference") and kernel.run is not node.target:

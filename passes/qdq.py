@@ -76,7 +76,10 @@ class InsertQDQ:
                         x_q = gm.graph.call_function(operator.getitem, (qt, 0))
                         x_s = gm.graph.call_function(operator.getitem, (qt, 1))
                     else:
-                        x_s = add_constant(gm, f"{fqn}_act_scale", torch.tensor(d.act_scale, dtype=torch.float32), node)
+                        # on the weight's device: a CPU scale beside CUDA operands would keep the
+                        # GEMM off every GPU kernel ("tensors on several devices")
+                        x_s = add_constant(gm, f"{fqn}_act_scale", torch.tensor(d.act_scale, dtype=torch.float32,
+                                                                                device=lw.w.device), node)
                         x_q = gm.graph.call_function(_ops.quantize, (x, x_s, None, act.dtype.value))
                     x = gm.graph.call_function(_ops.dequantize, (x_q, x_s, None, out_dtype))
             self._replace(gm, node, x, w_dq, bias)

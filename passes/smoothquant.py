@@ -97,8 +97,8 @@ class SmoothQuantFold:
                     ) -> tuple[float | None, torch.Tensor | None]:
         """(alpha, per-channel scale s) for the linears ``fqns`` sharing one input (s None: skip)."""
         spec = ctx.recipe.smoothquant
-        x_absmax, samples = st.absmax, st.samples
         w_absmax = torch.stack([w.abs().amax(0) for w in ws]).amax(0)
+        x_absmax, samples = st.absmax.to(w_absmax.device), st.samples.to(w_absmax.device)   # meet the weights
         memo = ctx.analyses.setdefault("memo", {})
         key = ("smoothquant_alpha", tuple(fqns))
         if spec.search and key not in memo:

@@ -127,7 +127,7 @@ def awq_search_scales(x_samples: torch.Tensor, weights: Sequence[torch.Tensor], 
         if w.dim() != 2 or w.shape[1] != k:
             raise ValueError(f"awq_search_scales: {layer_name}: every weight must be [N, {k}], got "
                              f"{[tuple(wi.shape) for wi in weights]}")
-    x = _rows(x_samples, k, f"{layer_name} (AWQ)")
+    x = _rows(x_samples, k, f"{layer_name} (AWQ)").to(weights[0].device)   # the samples meet the weights
     x_mean = x.abs().mean(0)
     x = _strided(x, max_rows)
     weights = [w.detach().float() for w in weights]
@@ -142,7 +142,7 @@ def awq_search_scales(x_samples: torch.Tensor, weights: Sequence[torch.Tensor], 
             reference = forward(x, weights).float()
         alphas = tuple(i / grid for i in range(grid))
         losses: list[float] = []
-        best, best_loss, best_scales = 0.0, float("inf"), torch.ones(k)
+        best, best_loss, best_scales = 0.0, float("inf"), torch.ones(k, device=x.device)
         for alpha in alphas:
             s = x_mean.pow(alpha)
             if w_mean is not None:
@@ -238,7 +238,7 @@ def awq_search_clip(x_samples: torch.Tensor, w: torch.Tensor, spec: WeightSpec, 
     g = _group_size(spec, k, f"awq_search_clip {layer_name}")
     groups = -(-k // g)
     w = w.detach().float()
-    x = _rows(x_samples, k, f"{layer_name} (AWQ clip)")
+    x = _rows(x_samples, k, f"{layer_name} (AWQ clip)").to(w.device)
     x = _strided(x, n_sample_tokens)
     # per group j the partial-output error is mean_t (x_tj dw_j^T)^2 = dw_j G_j dw_j^T / T with
     # G_j = x_j^T x_j: the diagonal blocks of the Gram matrix, [G, g, g]

@@ -79,7 +79,7 @@ class QuantizedLinear(torch.nn.Module):
             weight_arg = 2 if op in ("int8_gemm", "fp8_gemm", "w4a8_gemm") else 1
             choice = KernelChooser("reference", self.kernels).choose(op, list(args), args[weight_arg].device)
             kernel = choice.kernel
-            prepared = kernel.prepare(args[kernel.weight_arg]) if kernel.prepare else None
+            prepared = kernel.prepare(args[kernel.weight_arg], list(args)) if kernel.prepare else None
             self._chosen[key] = (choice, prepared)
             decision = self._report.layers.get(self.fqn) if self._report is not None else None
             if decision is not None:

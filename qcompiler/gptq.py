@@ -200,7 +200,8 @@ def gptq_quantize(w: torch.Tensor, hessian: HessianAccumulator | torch.Tensor, s
     if not torch.isfinite(h).all():
         raise CalibrationError(f"{layer_name}: GPTQ Hessian contains NaN or Inf")
 
-    h = h.detach().to(torch.float64).clone()
+    # The Hessian (accumulated where calibration keeps its statistics) meets the weight on its device.
+    h = h.detach().to(device=w.device, dtype=torch.float64).clone()
     w = w.detach().float().clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
@@ -265,9 +266,9 @@ def _gptq_columns(w: torch.Tensor, u: torch.Tensor, spec: WeightSpec, perm: torc
         pending: list[torch.Tensor | None] = []
     else:
         n_groups = -(-k // g)
-        scale = torch.empty(n_out, n_groups)
-        zero = None if spec.symmetric else torch.empty(n_out, n_groups)
-        position = torch.argsort(perm) if perm is not None else torch.arange(k)   # original column -> position
+        scale = torch.empty(n_out, n_groups, device=w.device)
+        zero = None if spec.symmetric else torch.empty(n_out, n_groups, device=w.device)
+        position = torch.argsort(perm) if perm is not None else torch.arange(k, device=w.device)   # column -> position
         pending = [position[j * g:(j + 1) * g].sort().values for j in range(n_groups)]
         channel_spec = replace(spec, granularity=Granularity.PER_CHANNEL, group_size=None)
     order = perm.tolist() if perm is not None else range(k)
@@ -278,8 +279,8 @@ def _gptq_columns(w: torch.Tensor, u: torch.Tensor, spec: WeightSpec, perm: torc
     zero_t = None if zero is None else (zero.T.contiguous() if zero.dim() else zero)
     quantize_column = _column_quantizer(qdtype)
 
-    q_all = torch.empty(k, n_out)
-    deq = torch.empty(k, n_out)
+    q_all = torch.empty(k, n_out, device=w.device)
+    deq = torch.empty(k, n_out, device=w.device)
     diag = torch.diagonal(u).tolist()
     loss = 0.0
     for i1 in range(0, k, block_size):

@@ -23,7 +23,7 @@ def scaled_stats(st: LayerStats, s: torch.Tensor | None) -> LayerStats:
     """Statistics of ``x / s`` from those of ``x`` (Hessian ``H / (s s^T)``)."""
     if s is None:
         return st
-    s = s.float()
+    s = s.float().to(st.absmax.device)     # statistics stay where calibration keeps them
     return LayerStats(st.absmax / s, st.samples / s, st.tokens,
                       None if st.absmean is None else st.absmean / s,
                       None if st.hessian is None else st.hessian / (s[:, None] * s[None, :]))

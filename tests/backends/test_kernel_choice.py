@@ -42,7 +42,7 @@ def _int8_args(m=7, k=96, n=40, per_token=True, bias=True, seed=0):
 def _run(kernel, args):
     args = list(args)
     if kernel.prepare:
-        args[kernel.weight_arg] = kernel.prepare(args[kernel.weight_arg])
+        args[kernel.weight_arg] = kernel.prepare(args[kernel.weight_arg], args)
     return kernel.run(*args)
 
 
@@ -155,6 +155,31 @@ def test_float_kernels_keep_float32_sums(name, op):
     out, ref = _run(kernel, args), _run(reference, args)
     assert out.shape == ref.shape == (2, 5, 33)
     assert rel_err(out, ref) <= 1e-6
+
+
+@pytest.mark.parametrize("group", [32, 64, 0])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4_group_halves_kernel_is_the_reference_bit_for_bit(group, symmetric):
+    """The repacked INT4 layout dequantizes to the reference's weight exactly (same bytes in memory)."""
+    from qcompiler.packing import pack_int4
+    kernel = next(k for k in KERNELS if k.name == "int4-groups")
+    reference = next(k for k in KERNELS if k.op == "int4_gemm" and k.reference)
+    assert _usable(kernel) is Contract.FP32
+    g = torch.Generator().manual_seed(2)
+    k, n = 192, 40
+    groups = k // group if group else 1
+    if symmetric:
+        q, zero = torch.randint(-8, 8, (n, k), generator=g).to(torch.int8), None
+    else:
+        q, zero = torch.randint(0, 16, (n, k), generator=g).to(torch.uint8), \
+            torch.randint(0, 16, (n, groups), generator=g).to(torch.uint8)
+    args = [torch.randn(3, 5, k, generator=g), pack_int4(q), torch.rand(n, groups, generator=g) + 0.01, zero,
+            torch.randn(n, generator=g), group, k]
+    packed = kernel.prepare(args[1], args)
+    assert packed.dtype == torch.uint8 and packed.numel() == args[1].numel()
+    assert torch.equal(_run(kernel, args), _run(reference, args))
+    odd = [args[0][..., :100], pack_int4(q[:, :100]), args[2][:, :4], None, None, 32, 100]   # K not whole groups
+    assert "needs even groups" in kernel.accepts(*odd)
 
 
 def test_policies_and_their_errors(monkeypatch):
