@@ -48,8 +48,10 @@ __all__ = ["Choice", "KernelChooser", "POLICIES", "probe", "check_policy", "MIN_
 log = logging.getLogger(__name__)
 
 POLICIES = ("auto", "exact", "reference")
-#: multiply-adds below which a GEMM is not timed (timer noise exceeds the differences)
-MIN_WORK = 1 << 22
+#: multiply-adds below which a GEMM is not timed (timer noise exceeds the differences; 1M is
+#: ~0.1 ms in float32 on 2 cores, where a kernel 10x slower than the rest, e.g. ``_int_mm`` without
+#: VNNI or ``_scaled_mm`` on a CPU, still shows)
+MIN_WORK = 1 << 20
 #: row counts the benchmark uses: the smallest bucket >= the graph's rows (the last one above)
 BUCKETS = (1, 16, 128, 512)
 #: the timing of the float model's linear at the same shape, the bar a quantized kernel has to clear

@@ -1,6 +1,6 @@
 r"""Accuracy and CPU-speed table for every preset against FP32, under the project protocol.
 
-Regenerate (2 CPU cores, nothing else running: ~60 min for SmolLM2, ~3 min for stories260K); with
+Regenerate (2 CPU cores, nothing else running: ~30 min for SmolLM2, ~3 min for stories260K); with
 ``--out benchmarks/`` the file is named by model and CPU class (``qcompiler.backends.machine``), e.g.
 ``benchmarks/results_smollm2-135m_avx512-vnni.md``:
 
@@ -11,13 +11,17 @@ The AVX2 class measured on an AVX-512 machine by limiting the ISA every library 
 (the file is named ``..._avx2-limited.md``; a real AVX2-only CPU also has other caches and clocks,
 and its ``torch._int_mm`` is exact but slow where the limited one saturates like oneDNN). Give it an
 inductor cache of its own: TorchInductor 2.13 reuses kernels compiled without the limit, whose
-outputs were NaN here. The ``:exact`` and ``:7bit`` rows show what the int16-pair saturation costs:
+outputs were NaN here. The ``:7bit`` rows show what the int16-pair saturation costs (7-bit weights
+make the same kernels exact; ``:exact`` runs ``kernels="exact"`` instead):
 
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 \
         MKL_ENABLE_INSTRUCTIONS=AVX2 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-avx2 \
-        python benchmarks/accuracy.py --model smollm2-135m --target inductor --out benchmarks/ \
-        --presets fp8,fp8-dynamic,w8a16,w8a8-int8-sq,w8a8-int8-sq-dynamic,w4a16-rtn,w8a8-int8-sq:exact,\
-w8a8-int8-sq-dynamic:exact,w8a8-int8-sq:7bit,w8a8-int8-sq-dynamic:7bit
+        python benchmarks/accuracy.py --model smollm2-135m --target inductor --out benchmarks/ --no-peers \
+        --presets fp8,fp8-dynamic,w8a16,w8a8-int8-sq,w8a8-int8-sq-dynamic,w4a16-rtn,w8a8-int8-sq:7bit,\
+w8a8-int8-sq-dynamic:7bit
+
+Nothing else may run meanwhile: two PyTorch processes on two cores stall each other's OpenMP
+barriers (a stories260K row measured 100x slow beside another job).
 
 ``--target inductor`` runs the quantized rows through TorchInductor (the quantize / epilogue ops
 fused around the GEMM kernels chosen for the CPU) and adds an ``FP32 (inductor)`` row; speedups are
