@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from qcompiler import numerics
+from qcompiler.packing import unpack_int4
 
 from . import reference as ref
 
@@ -208,8 +209,7 @@ def _int4_groups_prepack(w_packed: torch.Tensor, args) -> torch.Tensor:
     j of a group holds its column j in the low nibble and column j + g/2 in the high one, so a
     group unpacks as two contiguous runs (no interleave, no per-column group index). Same bytes."""
     g, groups = _int4_group(args)
-    n = w_packed.shape[0]
-    nib = torch.stack([w_packed & 0xF, w_packed >> 4], dim=-1).reshape(n, groups, g)
+    nib = unpack_int4(w_packed, g * groups, signed=False).reshape(w_packed.shape[0], groups, g)
     return (nib[..., : g // 2] | (nib[..., g // 2:] << 4)).contiguous()
 
 

@@ -18,9 +18,9 @@ from torch.utils._pytree import tree_flatten, tree_map
 __all__ = ["ShadowTensor", "shadow_devices", "on"]
 
 _CPU = torch.device("cpu")
+#: ops CUDA itself lets meet a CPU tensor (copies, CPU index tensors, reading a scalar out)
 _CROSS_DEVICE_OK = {"aten::copy_", "aten::_to_copy", "aten::index.Tensor", "aten::index_put_", "aten::index_put",
-                    "aten::_local_scalar_dense", "aten::_has_compatible_shallow_copy_type", "aten::lift_fresh",
-                    "aten::detach", "aten::alias"}
+                    "aten::_local_scalar_dense"}
 
 
 class ShadowTensor(torch.Tensor):
