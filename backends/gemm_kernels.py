@@ -37,7 +37,7 @@ from qcompiler.packing import unpack_int4
 from . import reference as ref
 
 __all__ = ["Contract", "GemmKernel", "KERNELS", "REFERENCE_CONTRACT", "kernels_for", "int16_pair_reference",
-           "layer_contract"]
+           "layer_contract", "onednn_float_available"]
 
 _ops = torch.ops.qcompiler
 
@@ -157,11 +157,43 @@ def layer_contract(kernel: GemmKernel, machine: Contract, w_q: torch.Tensor) -> 
 
 # ---- fp8 x fp8 -----------------------------------------------------------------------------
 
+def fp8_to_float_via_f16(q: torch.Tensor) -> torch.Tensor:
+    """float8_e4m3fn -> float32 through integer ops and one fp16 conversion: e4m3's bits shifted
+    into fp16's (exponent bias 15 vs 7, so the fp16 value is 2**-8 of it; subnormals map to
+    subnormals) and scaled back: the same value for every code, NaN for NaN. Compilers vectorize
+    this where a direct fp8 conversion is scalar (AVX2 has none)."""
+    u = q.view(torch.uint8).to(torch.int16)
+    mag = (u & 0x7F) << 7
+    mag = torch.where(mag == 0x7F << 7, 0x7E00, mag)      # e4m3fn's NaN (S.1111.111) -> fp16 NaN
+    h = ((u & 0x80) << 8 | mag).view(torch.float16)
+    return h.float() * 256.0
+
+
+def _fp8_operands(a_q, a_scale, w_q, w_scale, to_float=lambda q: q.float()) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 values of an ``fp8_gemm``'s operands (activation rows folded to 2-d)."""
+    a = to_float(_rows(a_q)) * (a_scale.float().reshape(-1, 1) if a_scale.dim() else a_scale.float())
+    w = to_float(w_q) * (w_scale.float().reshape(-1, 1) if w_scale.dim() else w_scale.float())
+    return a, w
+
+
 def fp8_gemm_dequant(a_q, a_scale, w_q, w_scale, bias, out_dtype):
     """``fp8_gemm`` as dequantize + float32 GEMM (what ``_scaled_mm`` computes, summation aside)."""
-    a = _rows(a_q).float() * (a_scale.float().reshape(-1, 1) if a_scale.dim() else a_scale.float())
-    w = w_q.float() * (w_scale.float().reshape(-1, 1) if w_scale.dim() else w_scale.float())
+    a, w = _fp8_operands(a_q, a_scale, w_q, w_scale)
     out = F.linear(a, w, None if bias is None else bias.float())
+    return out.to(out_dtype).reshape(*a_q.shape[:-1], w_q.shape[0])
+
+
+def fp8_gemm_dequant_onednn(a_q, a_scale, w_q, w_scale, bias, out_dtype):
+    """``fp8_gemm`` as dequantize + oneDNN's float32 GEMM."""
+    a, w = _fp8_operands(a_q, a_scale, w_q, w_scale)
+    out = _ops.onednn_linear(a, w, None if bias is None else bias.float())
+    return out.to(out_dtype).reshape(*a_q.shape[:-1], w_q.shape[0])
+
+
+def fp8_gemm_f16_onednn(a_q, a_scale, w_q, w_scale, bias, out_dtype):
+    """``fp8_gemm`` as dequantize through fp16 bits (``fp8_to_float_via_f16``) + oneDNN's float32 GEMM."""
+    a, w = _fp8_operands(a_q, a_scale, w_q, w_scale, fp8_to_float_via_f16)
+    out = _ops.onednn_linear(a, w, None if bias is None else bias.float())
     return out.to(out_dtype).reshape(*a_q.shape[:-1], w_q.shape[0])
 
 
@@ -169,6 +201,18 @@ def fp8_gemm_dequant(a_q, a_scale, w_q, w_scale, bias, out_dtype):
 
 def weight_only_gemm_dequant(x, w_q, w_scale, w_zero, bias, group_size=0):
     return ref.weight_only_gemm_ref(x, w_q, w_scale, w_zero, bias, group_size or None)
+
+
+def _onednn_float_accepts(x, *args) -> str | None:
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        return f"takes float32 / bfloat16 activations, got {x.dtype}"
+    return None
+
+
+def weight_only_gemm_dequant_onednn(x, w_q, w_scale, w_zero, bias, group_size=0):
+    """The reference's dequantized weight, then oneDNN's float GEMM."""
+    w = numerics.dequantize(w_q, w_scale, w_zero, torch.float32, block_size=group_size or None).to(x.dtype)
+    return _ops.onednn_linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
 def _int8pack_accepts(x, w_q, w_scale, w_zero, bias, group_size=0) -> str | None:
@@ -213,9 +257,8 @@ def _int4_groups_prepack(w_packed: torch.Tensor, args) -> torch.Tensor:
     return (nib[..., : g // 2] | (nib[..., g // 2:] << 4)).contiguous()
 
 
-def int4_gemm_groups(x, w_groups, w_scale, w_zero, bias, group_size, in_features):
-    """W4A16 on the group-halves layout: the reference's dequantized weight bit for bit, then
-    the same float GEMM."""
+def _int4_groups_weight(w_groups, w_scale, w_zero, in_features, dtype) -> torch.Tensor:
+    """The group-halves INT4 weight dequantized: the reference's weight bit for bit."""
     n, groups, half = w_groups.shape
     if w_zero is None:      # two's complement nibbles, sign-extended by arithmetic shifts
         lo = ((w_groups << 4).view(torch.int8) >> 4).float()
@@ -224,8 +267,32 @@ def int4_gemm_groups(x, w_groups, w_scale, w_zero, bias, group_size, in_features
         z = w_zero.float().reshape(n, -1, 1)
         lo, hi = (w_groups & 0xF).float() - z, (w_groups >> 4).float() - z
     s = w_scale.float().reshape(n, -1, 1) if w_scale.dim() else w_scale.float()
-    w = torch.cat([lo * s, hi * s], dim=-1).reshape(n, in_features).to(x.dtype)
+    return torch.cat([lo * s, hi * s], dim=-1).reshape(n, in_features).to(dtype)
+
+
+def int4_gemm_groups(x, w_groups, w_scale, w_zero, bias, group_size, in_features):
+    """W4A16 on the group-halves layout: the reference's dequantized weight bit for bit, then
+    the same float GEMM."""
+    w = _int4_groups_weight(w_groups, w_scale, w_zero, in_features, x.dtype)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def int4_gemm_groups_onednn(x, w_groups, w_scale, w_zero, bias, group_size, in_features):
+    """W4A16 on the group-halves layout, then oneDNN's float GEMM."""
+    w = _int4_groups_weight(w_groups, w_scale, w_zero, in_features, x.dtype)
+    return _ops.onednn_linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def _int4_groups_onednn_accepts(x, *args) -> str | None:
+    return _int4_groups_accepts(x, *args) or _onednn_float_accepts(x)
+
+
+def onednn_float_available(device: torch.device) -> str | None:
+    if device.type != "cpu":
+        return "oneDNN's float linear runs on CPU only"
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return "this torch build has no oneDNN float linear (torch.ops.mkldnn._linear_pointwise)"
+    return None
 
 
 _ANY = ("cpu", "cuda")
@@ -239,17 +306,29 @@ KERNELS: tuple[GemmKernel, ...] = (
     GemmKernel("scaled_mm", "fp8_gemm", _ops.fp8_gemm, "torch._scaled_mm (fp8 x fp8, float32 accumulate)", _ANY,
                reference=True),
     GemmKernel("fp8-dequant", "fp8_gemm", fp8_gemm_dequant, "dequantize to float32 + float32 GEMM", _ANY),
+    GemmKernel("fp8-dequant-onednn", "fp8_gemm", fp8_gemm_dequant_onednn,
+               "dequantize to float32 + oneDNN's float32 GEMM", available=onednn_float_available),
+    GemmKernel("fp8-f16-onednn", "fp8_gemm", fp8_gemm_f16_onednn,
+               "dequantize through fp16 bits (vectorizes without fp8 conversion instructions) + oneDNN's "
+               "float32 GEMM", available=onednn_float_available),
     GemmKernel("dequant", "weight_only_gemm", weight_only_gemm_dequant,
                "dequantize the weight to the activation dtype + float GEMM", _ANY, weight_arg=1, reference=True),
     GemmKernel("int8pack", "weight_only_gemm", weight_only_gemm_int8pack,
                "torch._weight_int8pack_mm (int8 weight, scale after the sum)", _ANY, weight_arg=1,
                accepts=_int8pack_accepts),
+    GemmKernel("dequant-onednn", "weight_only_gemm", weight_only_gemm_dequant_onednn,
+               "dequantize the weight + oneDNN's float GEMM", weight_arg=1, accepts=_onednn_float_accepts,
+               available=onednn_float_available),
     GemmKernel("dequant", "int4_gemm", ref.int4_gemm_ref, "unpack + dequantize the INT4 weight + float GEMM", _ANY,
                weight_arg=1, reference=True),
     GemmKernel("int4-groups", "int4_gemm", int4_gemm_groups,
                "INT4 repacked per group in two nibble halves (same bytes; unpacks without interleaving) + "
                "dequantize + float GEMM", _ANY, prepare=_int4_groups_prepack, weight_arg=1,
                accepts=_int4_groups_accepts),
+    GemmKernel("int4-groups-onednn", "int4_gemm", int4_gemm_groups_onednn,
+               "INT4 repacked per group in two nibble halves + dequantize + oneDNN's float GEMM",
+               prepare=_int4_groups_prepack, weight_arg=1, accepts=_int4_groups_onednn_accepts,
+               available=onednn_float_available),
     GemmKernel("dequant", "w4a8_gemm", _ops.w4a8_gemm, "unpack + dequantize both operands + float32 GEMM", _ANY,
                reference=True),
 )

@@ -56,6 +56,8 @@ MIN_WORK = 1 << 20
 BUCKETS = (1, 16, 128, 512)
 #: the timing of the float model's linear at the same shape, the bar a quantized kernel has to clear
 _FLOAT = "float32 linear"
+#: the same float linear on oneDNN's GEMM: what the float model alone would gain from that library
+_FLOAT_ONEDNN = "oneDNN float32 linear"
 #: activation arguments (synthesized for timing) per op
 _ACTIVATION_ARGS = {"int8_gemm": (0, 1), "fp8_gemm": (0, 1), "w4a8_gemm": (0, 1), "weight_only_gemm": (0,),
                     "int4_gemm": (0,)}
@@ -357,7 +359,8 @@ class KernelChooser:
                          for i, a in enumerate(args))
         key = f"{self.target}|{device.type}|{op}|M{m}|{forms}"
         timings = dict(_TIMINGS.get(key) or self._disk.get(key) or {})
-        missing = [name for name in [*by_name, _FLOAT] if name not in timings]
+        bars = [_FLOAT] + ([_FLOAT_ONEDNN] if any(name.endswith("-onednn") for name in by_name) else [])
+        missing = [name for name in [*by_name, *bars] if name not in timings]
         if missing:
             g = torch.Generator().manual_seed(0)
             inputs = [_synthetic(a, m, device, g) for a in acts]
@@ -368,6 +371,10 @@ class KernelChooser:
                     if name == _FLOAT:   # what the float model's linear costs at this shape
                         xf, wf = torch.randn(m, k_dim, device=device), torch.randn(n, k_dim, device=device)
                         fns[name] = lambda *acts, xf=xf, wf=wf: F.linear(xf, wf)
+                        continue
+                    if name == _FLOAT_ONEDNN:
+                        xf, wf = torch.randn(m, k_dim, device=device), torch.randn(n, k_dim, device=device)
+                        fns[name] = lambda *acts, xf=xf, wf=wf: torch.ops.qcompiler.onednn_linear(xf, wf, None)
                         continue
                     kernel = by_name[name][0]
                     full = list(args)
@@ -394,5 +401,9 @@ class KernelChooser:
         if timings[ranked[0]] > 1.05 * timings[_FLOAT]:
             slower = ("; no quantized kernel beats the float32 linear here: the weights stay quantized in memory "
                       "and this is the fastest correct path")
+        library = ""
+        if k.name.endswith("-onednn") and _FLOAT_ONEDNN in timings:
+            library = (f"; oneDNN's float32 linear alone {1e3 * timings[_FLOAT_ONEDNN]:.2f} ms: the gain over the "
+                       "float32 linear is oneDNN's GEMM, which the float model would get too")
         return Choice(k, contract, f"fastest at {m}x{n}x{k_dim} ({self.target}): {shown} (float32 linear "
-                      f"{1e3 * timings[_FLOAT]:.2f} ms){slower}; {note}")
+                      f"{1e3 * timings[_FLOAT]:.2f} ms){slower}{library}; {note}")

@@ -16,6 +16,7 @@ import torch
 
 from . import api, data, evaluate, models, texts
 from .backends import machine
+from .backends.gemm_kernels import onednn_float_available
 from .calibration import CalibrationCache
 
 __all__ = ["Protocol", "PROTOCOLS", "CLI_PROTOCOLS", "Row", "run_table", "format_table"]
@@ -139,17 +140,30 @@ def run_table(model_name: str, presets: list, protocol: Protocol | None = None, 
              "threads": torch.get_num_threads(), "machine": machine.describe(), "machine_class": machine.machine_class(),
              "protocol": protocol, "eval_windows": len(windows), "load_start": _load(), "prefill": prefill}
     fp_ppl = evaluate.perplexity(model, windows, progress=progress, desc="FP32")
-    fp_speed = evaluate.prefill_tokens_per_s(model, protocol.prefill_seq, vocab_size=vocab) if prefill else 0.0
+    fp_speed = evaluate.prefill_tokens_per_s(model, protocol.prefill_seq, vocab_size=vocab, repeats=5) \
+        if prefill else 0.0
+
+    def speed_of(runner) -> tuple[float, float]:
+        """(tokens/s, speedup over eager FP32), timed in alternation with the eager float model."""
+        if not prefill:
+            return 0.0, 0.0
+        return evaluate.paired_prefill(model, runner, protocol.prefill_seq, vocab_size=vocab)
+
     rows = [Row("FP32", fp_ppl, weight_mb=fp_bytes / 1e6, prefill_tok_s=fp_speed)]
     facts["target"] = target
-    if target == "inductor":
+    float_variants = [("FP32 (inductor)", lambda: torch.compile(model, backend="inductor", dynamic=False))] \
+        if target == "inductor" else []
+    if onednn_float_available(next(model.parameters()).device) is None:
+        float_variants.append(("FP32 (oneDNN GEMM, eager)",
+                               lambda: torch.compile(model, backend=_onednn_gemm_backend, dynamic=False)))
+    for label, make in float_variants:
         torch._dynamo.reset()
-        compiled_fp = torch.compile(model, backend="inductor", dynamic=False)
-        ppl = evaluate.perplexity(compiled_fp, windows, progress=progress, desc="FP32 (inductor)")
-        speed = evaluate.prefill_tokens_per_s(compiled_fp, protocol.prefill_seq, vocab_size=vocab) if prefill else 0.0
-        rows.append(Row("FP32 (inductor)", ppl, 100.0 * (ppl / fp_ppl - 1.0), weight_mb=fp_bytes / 1e6,
-                        prefill_tok_s=speed, speedup=speed / fp_speed if fp_speed else 0.0))
-        del compiled_fp
+        runner = make()
+        ppl = evaluate.perplexity(runner, windows, progress=progress, desc=label)
+        speed, speedup = speed_of(runner)
+        rows.append(Row(label, ppl, 100.0 * (ppl / fp_ppl - 1.0), weight_mb=fp_bytes / 1e6,
+                        prefill_tok_s=speed, speedup=speedup))
+        del runner
 
     cache = CalibrationCache(calib, samples_per_layer=1024, progress=progress)
     for preset in presets:
@@ -167,20 +181,37 @@ def run_table(model_name: str, presets: list, protocol: Protocol | None = None, 
         rep = qb.report
         quantize_s = sum(p["wall_s"] for p in rep.passes if p["name"] != "calibrate")
         before, after = rep.weight_bytes()
-        speed = evaluate.prefill_tokens_per_s(compiled, protocol.prefill_seq, vocab_size=vocab) if prefill else 0.0
+        speed, speedup = speed_of(compiled)
         decoder = [d for d in rep.layers.values() if d.op_kind == "linear"]
         rows.append(Row(name, ppl, 100.0 * (ppl / fp_ppl - 1.0), qb.calibration.seconds if qb.calibration else 0.0,
                         quantize_s,
-                        (fp_bytes - before + after) / 1e6, speed, speed / fp_speed if fp_speed else 0.0,
+                        (fp_bytes - before + after) / 1e6, speed, speedup,
                         len(rep.quantized), [f"{d.fqn} ({d.reason})" for d in decoder if not d.quantize],
                         len(decoder), kernel_summary(rep)))
         log.info("%s: ppl %.3f, eval+compile %.1f s", name, ppl, eval_and_compile)
     for extra in extra_rows:
         rows += extra(model, windows, calib, fp_ppl, facts)
     if peers:
-        rows += _torchao_rows(model, windows, fp_ppl, fp_bytes, fp_speed, protocol, progress, prefill, facts)
+        rows += _torchao_rows(model, windows, fp_ppl, fp_bytes, speed_of, protocol, progress, facts)
     facts["load_end"] = _load()
     return rows, facts
+
+
+def _onednn_gemm_backend(gm: torch.fx.GraphModule, example_inputs) -> torch.fx.GraphModule:
+    """A ``torch.compile`` backend that runs the float graph eagerly with every ``F.linear`` on
+    oneDNN's float32 GEMM (``qcompiler::onednn_linear``): the float model's share of that library's
+    speed, shown beside the quantized rows whose kernels use it."""
+    swapped = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in (torch._C._nn.linear, torch.nn.functional.linear):
+            x, w, *rest = node.args
+            bias = rest[0] if rest else node.kwargs.get("bias")
+            node.target, node.args, node.kwargs = torch.ops.qcompiler.onednn_linear, (x, w, bias), {}
+            swapped += 1
+    if not swapped:
+        raise RuntimeError("FP32 (oneDNN GEMM): the captured graph has no F.linear to run on oneDNN")
+    gm.recompile()
+    return gm
 
 
 def kernel_summary(rep) -> str:
@@ -216,7 +247,7 @@ def _model_storage_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def _torchao_rows(model, windows, fp_ppl, fp_bytes, fp_speed, protocol, progress, prefill, facts) -> list[Row]:
+def _torchao_rows(model, windows, fp_ppl, fp_bytes, speed_of, protocol, progress, facts) -> list[Row]:
     """torchao's int8 dynamic-activation / int8-weight config on the same model (output head kept float),
     run as its quick start runs it: ``quantize_`` (with ``reduce_range`` where its
     ``should_reduce_range`` says the CPU lacks VNNI), eagerly, then ``torch.compile(mode="max-autotune",
@@ -246,10 +277,9 @@ def _torchao_rows(model, windows, fp_ppl, fp_bytes, fp_speed, protocol, progress
     compiled = torch.compile(peer, mode="max-autotune", fullgraph=True)
     for name, runner in (("eager", peer), ("torch.compile max-autotune", compiled)):
         ppl = evaluate.perplexity(runner, windows, progress=progress, desc=f"torchao {name}")
-        speed = evaluate.prefill_tokens_per_s(runner, protocol.prefill_seq, vocab_size=model.config.vocab_size) \
-            if prefill else 0.0
+        speed, speedup = speed_of(runner)
         rows.append(Row(f"{label} ({name})", ppl, 100.0 * (ppl / fp_ppl - 1.0), 0.0, quant_s, mb, speed,
-                        speed / fp_speed if fp_speed else 0.0, n, [], n, "torchao"))
+                        speedup, n, [], n, "torchao"))
     torch._dynamo.reset()
     return rows
 
@@ -265,7 +295,8 @@ def format_table(rows: list[Row], facts: dict) -> str:
             f"{texts.describe(p.calib_text)} at seeded random offsets; ")
     if timed:
         head += (f"prefill = one {p.prefill_seq}-token sequence run as generate() runs its prefill (KV cache "
-                 f"built, logits of the last position only), ")
+                 f"built, logits of the last position only); each row's speedup is the ratio of median times "
+                 f"over 5 rounds that alternate one eager-FP32 forward and one of the row's, ")
     else:
         head += "prefill speed not measured in this table, "
     head += f"{facts['threads']} threads, torch {facts['torch']}."
@@ -286,6 +317,10 @@ def format_table(rows: list[Row], facts: dict) -> str:
                  + (" (the graph compiled by TorchInductor, quantize / epilogue ops fused); `FP32 (inductor)` is "
                     "the float model through the same compiler, speedups are against eager FP32."
                     if facts["target"] == "inductor" else "."))
+    if any(r.name.startswith("FP32 (oneDNN") for r in rows):
+        head += (" `FP32 (oneDNN GEMM, eager)` is the float model with every linear on oneDNN's float32 GEMM "
+                 "(`qcompiler::onednn_linear`): the share of the `*-onednn` kernels' speed that comes from that "
+                 "GEMM library rather than from quantization.")
     speed_head, speed_rule = ("prefill tok/s | speedup | ", "---|---|") if timed else ("", "")
     lines = [head, "",
              f"| recipe | perplexity | Δ% vs FP32 | calibration s | quantize s | weight MB | {speed_head}"

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
-__all__ = ["perplexity", "prefill_tokens_per_s", "accepts_logits_to_keep"]
+__all__ = ["perplexity", "prefill_tokens_per_s", "paired_prefill", "accepts_logits_to_keep"]
 
 
 def _model_device(model: object) -> torch.device | None:
@@ -70,6 +70,34 @@ def accepts_logits_to_keep(model: object) -> bool:
         return False
 
 
+def _prefill_runner(model, seq_len: int, vocab_size: int, seed: int, last_logits_only: bool) -> Callable[[], float]:
+    """A callable timing one prefill forward of ``model`` on a fixed random sequence (seconds)."""
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, vocab_size, (1, seq_len), generator=gen)
+    device = _model_device(model)
+    if device is not None:
+        input_ids = input_ids.to(device)
+    kwargs = {"logits_to_keep": 1} if last_logits_only and accepts_logits_to_keep(model) else {}
+    sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda: None)
+
+    def once() -> float:
+        with torch.inference_mode():
+            sync()
+            t0 = time.perf_counter()
+            model(input_ids=input_ids, **kwargs)
+            sync()
+        return time.perf_counter() - t0
+    once.last_logits = bool(kwargs)
+    return once
+
+
+def _check_prefill_args(**values: int) -> None:
+    lows = {"seq_len": 1, "vocab_size": 1, "repeats": 1, "warmup": 0}
+    for arg, value in values.items():
+        if not isinstance(value, int) or value < lows[arg]:
+            raise ValueError(f"prefill_tokens_per_s: {arg} must be an int >= {lows[arg]}, got {value!r}")
+
+
 def prefill_tokens_per_s(
     model: Callable[..., object],
     seq_len: int = 512,
@@ -85,28 +113,40 @@ def prefill_tokens_per_s(
     ``last_logits_only``: run the forward as ``generate()`` runs its prefill, scoring only the last
     position (``logits_to_keep=1``, where the model's forward takes it); False scores every position.
     """
-    for arg, value, low in (("seq_len", seq_len, 1), ("vocab_size", vocab_size, 1), ("repeats", repeats, 1),
-                            ("warmup", warmup, 0)):
-        if not isinstance(value, int) or value < low:
-            raise ValueError(f"prefill_tokens_per_s: {arg} must be an int >= {low}, got {value!r}")
-    gen = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(0, vocab_size, (1, seq_len), generator=gen)
-    device = _model_device(model)
-    if device is not None:
-        input_ids = input_ids.to(device)
-    kwargs = {"logits_to_keep": 1} if last_logits_only and accepts_logits_to_keep(model) else {}
-    sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda: None)
-    times = []
-    with torch.inference_mode():
-        for i in range(warmup + repeats):
-            sync()
-            t0 = time.perf_counter()
-            model(input_ids=input_ids, **kwargs)
-            sync()
-            elapsed = time.perf_counter() - t0
-            if i >= warmup:
-                times.append(elapsed)
+    _check_prefill_args(seq_len=seq_len, vocab_size=vocab_size, repeats=repeats, warmup=warmup)
+    once = _prefill_runner(model, seq_len, vocab_size, seed, last_logits_only)
+    times = [once() for _ in range(warmup + repeats)][warmup:]
     median = statistics.median(times)
     log.info("prefill: %d tokens in %.4f s (median of %d; %s)", seq_len, median, repeats,
-             "last position's logits" if kwargs else "every position's logits")
+             "last position's logits" if once.last_logits else "every position's logits")
     return seq_len / median
+
+
+def paired_prefill(
+    baseline: Callable[..., object],
+    model: Callable[..., object],
+    seq_len: int = 512,
+    *,
+    vocab_size: int,
+    repeats: int = 5,
+    warmup: int = 1,
+    seed: int = 0,
+    last_logits_only: bool = True,
+) -> tuple[float, float]:
+    """``(model's prefill tokens/s, its speedup over baseline)``, the two timed in alternation.
+
+    Each round runs one baseline forward then one model forward on the same sequence, so a burst
+    of load on a shared machine slows both alike; the speedup is the ratio of the median times.
+    """
+    _check_prefill_args(seq_len=seq_len, vocab_size=vocab_size, repeats=repeats, warmup=warmup)
+    runs = [_prefill_runner(m, seq_len, vocab_size, seed, last_logits_only) for m in (baseline, model)]
+    base_t, model_t = [], []
+    for i in range(warmup + repeats):
+        b, m = runs[0](), runs[1]()
+        if i >= warmup:
+            base_t.append(b)
+            model_t.append(m)
+    base, med = statistics.median(base_t), statistics.median(model_t)
+    log.info("prefill paired: %d tokens, model %.4f s, baseline %.4f s (medians of %d)", seq_len, med, base,
+             repeats)
+    return seq_len / med, base / med

@@ -29,3 +29,34 @@ def test_speed_columns_follow_whether_prefill_was_timed(prefill):
     assert ("prefill speed not measured" in text) is not prefill
     assert "| w4a16-rtn | 11.000 | +10.00 |" in table[-1] and table[-1].endswith("| dequant [fp32] x3 |")
     assert "CPU: Some CPU (x86_64; avx2) (class `avx2`)" in text and "onednn-u8s8 1.53x (int16-pairs)" in text
+
+
+def test_onednn_gemm_row_runs_every_float_linear_on_onednn():
+    """The `FP32 (oneDNN GEMM, eager)` reference row: the float model's linears swapped for
+    ``qcompiler::onednn_linear``, the float model's outputs within float32 summation."""
+    import torch
+
+    from qcompiler.backends.gemm_kernels import onednn_float_available
+    from qcompiler.bench import _onednn_gemm_backend
+    from tiny_models import tiny_model, token_batches
+    if onednn_float_available(torch.device("cpu")):
+        pytest.skip(onednn_float_available(torch.device("cpu")))
+    model = tiny_model("llama")
+    graphs = []
+
+    def backend(gm, example_inputs):
+        out = _onednn_gemm_backend(gm, example_inputs)
+        graphs.append(out)
+        return out
+
+    x = token_batches(1, 9, seed=3)[0]
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ref = model(x).logits
+        out = torch.compile(model, backend=backend)(x).logits
+    targets = [n.target for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert targets.count(torch.ops.qcompiler.onednn_linear) == linears
+    assert torch.nn.functional.linear not in targets and torch._C._nn.linear not in targets
+    assert float((out - ref).norm() / ref.norm()) <= 1e-5
+    torch._dynamo.reset()

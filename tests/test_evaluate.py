@@ -1,11 +1,12 @@
 import math
+import time
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from qcompiler.data import eval_windows, tokenize_text
-from qcompiler.evaluate import accepts_logits_to_keep, perplexity, prefill_tokens_per_s
+from qcompiler.evaluate import accepts_logits_to_keep, paired_prefill, perplexity, prefill_tokens_per_s
 from qcompiler.models import load_model, shared_dir, text_path
 
 needs_shared = pytest.mark.skipif(shared_dir() is None, reason="../shared (models and text) not found; CI provides it")
@@ -69,6 +70,29 @@ def test_perplexity_bad_windows(windows, match):
 def test_prefill_tokens_per_s_positive():
     tps = prefill_tokens_per_s(UniformLM(), 64, vocab_size=VOCAB, repeats=2, warmup=0)
     assert tps > 0 and math.isfinite(tps)
+
+
+class SlowLM(torch.nn.Module):
+    """Sleeps ``delay`` seconds per forward and records the order of the calls in ``log``."""
+
+    def __init__(self, delay, log, name):
+        super().__init__()
+        self.delay, self.log, self.name = delay, log, name
+
+    def forward(self, input_ids, logits_to_keep=None):
+        self.log.append(self.name)
+        time.sleep(self.delay)
+        return SimpleNamespace(logits=torch.zeros(*input_ids.shape, VOCAB))
+
+
+def test_paired_prefill_alternates_the_two_models_and_divides_their_medians():
+    log = []
+    speed, speedup = paired_prefill(SlowLM(0.02, log, "base"), SlowLM(0.01, log, "model"), 16, vocab_size=VOCAB,
+                                    repeats=3, warmup=1)
+    assert log == ["base", "model"] * 4
+    assert 1.5 < speedup < 2.5 and 16 / 0.02 < speed < 16 / 0.005
+    with pytest.raises(ValueError, match="repeats"):
+        paired_prefill(UniformLM(), UniformLM(), 8, vocab_size=VOCAB, repeats=0)
 
 
 class RecordingLM(torch.nn.Module):

@@ -139,7 +139,9 @@ def test_onednn_without_vnni_is_the_int16_pair_model(tmp_path):
     assert res == {"contract": "int16-pairs", "model": True, "exact": False}
 
 
-@pytest.mark.parametrize("name,op", [("fp8-dequant", "fp8_gemm"), ("int8pack", "weight_only_gemm")])
+@pytest.mark.parametrize("name,op", [("fp8-dequant", "fp8_gemm"), ("int8pack", "weight_only_gemm"),
+                                     ("fp8-dequant-onednn", "fp8_gemm"), ("fp8-f16-onednn", "fp8_gemm"),
+                                     ("dequant-onednn", "weight_only_gemm")])
 def test_float_kernels_keep_float32_sums(name, op):
     kernel = next(k for k in KERNELS if k.name == name and k.op == op)
     assert _usable(kernel) is Contract.FP32
@@ -155,6 +157,37 @@ def test_float_kernels_keep_float32_sums(name, op):
     out, ref = _run(kernel, args), _run(reference, args)
     assert out.shape == ref.shape == (2, 5, 33)
     assert rel_err(out, ref) <= 1e-6
+    # against float64: within float32 summation's bound |err| <= K * 2**-24 * sum|a*w| per output
+    a, w = (args[0].double() * args[1].double(), args[2].double() * args[3].double()) if op == "fp8_gemm" \
+        else (args[0].double(), args[1].double() * args[2].double())
+    exact = a @ w.t() + args[4].double()
+    bound = 96 * 2.0 ** -24 * (a.abs() @ w.abs().t()) + 2.0 ** -24 * exact.abs()
+    assert ((out.double() - exact).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fp8_through_fp16_bits_is_the_fp8_conversion_for_every_code(compiled):
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    convert = gemm_kernels.fp8_to_float_via_f16
+    out, ref = (torch.compile(convert) if compiled else convert)(codes), codes.float()
+    assert torch.equal(out.isnan(), ref.isnan()) and int(ref.isnan().sum()) == 2
+    assert torch.equal(out.nan_to_num(), ref.nan_to_num())
+    assert torch.equal(torch.signbit(out), torch.signbit(ref))     # -0.0 stays -0.0
+
+
+def test_onednn_float_linear_is_a_float32_linear():
+    """``qcompiler::onednn_linear``: F.linear's products and float32 sums, any leading dims, under compile."""
+    from qcompiler.backends.gemm_kernels import onednn_float_available
+    if onednn_float_available(CPU):
+        pytest.skip(onednn_float_available(CPU))
+    g = torch.Generator().manual_seed(3)
+    x, w, b = torch.randn(2, 3, 70, generator=g), torch.randn(17, 70, generator=g), torch.randn(17, generator=g)
+    op = torch.ops.qcompiler.onednn_linear
+    exact = x.double() @ w.double().t() + b.double()
+    for out in (op(x, w, b), torch.compile(lambda x: op(x, w, b), backend="inductor")(x)):
+        assert out.shape == (2, 3, 17) and out.dtype == torch.float32
+        assert rel_err(out, exact) <= 1e-6
+    assert rel_err(op(x, w, None), exact - b.double()) <= 1e-6
 
 
 @pytest.mark.parametrize("group", [32, 64, 0])
@@ -164,6 +197,7 @@ def test_int4_group_halves_kernel_is_the_reference_bit_for_bit(group, symmetric)
     from qcompiler.packing import pack_int4
     kernel = next(k for k in KERNELS if k.name == "int4-groups")
     reference = next(k for k in KERNELS if k.op == "int4_gemm" and k.reference)
+    onednn = next(k for k in KERNELS if k.name == "int4-groups-onednn")
     assert _usable(kernel) is Contract.FP32
     g = torch.Generator().manual_seed(2)
     k, n = 192, 40
@@ -178,6 +212,9 @@ def test_int4_group_halves_kernel_is_the_reference_bit_for_bit(group, symmetric)
     packed = kernel.prepare(args[1], args)
     assert packed.dtype == torch.uint8 and packed.numel() == args[1].numel()
     assert torch.equal(_run(kernel, args), _run(reference, args))
+    if probe(onednn, CPU)[0] is not None:     # same weight, oneDNN's float32 sums
+        assert probe(onednn, CPU)[0] is Contract.FP32
+        assert rel_err(_run(onednn, args), _run(reference, args)) <= 1e-6
     odd = [args[0][..., :100], pack_int4(q[:, :100]), args[2][:, :4], None, None, 32, 100]   # K not whole groups
     assert "needs even groups" in kernel.accepts(*odd)
 
