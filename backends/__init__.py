@@ -18,7 +18,12 @@ BACKENDS: dict[str, Callable[[], dict]] = {}
 
 
 def register_backend(name: str):
+    """Register ``factory`` (-> lowering table) as target ``name``; a name already taken is an error
+    (a plug-in that shadowed ``reference`` would silently change what every test compares against)."""
     def deco(factory: Callable[[], dict]):
+        if name in BACKENDS and BACKENDS[name] is not factory:
+            raise RecipeError(f"backend {name!r} is already registered (by {BACKENDS[name].__module__}."
+                              f"{BACKENDS[name].__qualname__})")
         BACKENDS[name] = factory
         return factory
     return deco

@@ -1,110 +1,15 @@
-"""Reference kernels in pure torch, used by the reference backend and as the tests' twin.
-
-Shapes: ``a_q`` [..., K] (flattened to M rows), ``w_q`` [N, K] (row-major, output channel
-first), ``a_scale`` 0-d (static) or [..., 1] (per token), ``w_scale`` 0-d or [N, 1],
-``bias`` [N] or None. Every GEMM accumulates in int32 (INT8) or float32 and returns
-[..., N] in ``out_dtype``.
-"""
+"""The ``reference`` backend: the custom ops' own kernels, the pure-torch references in
+``qcompiler.reference_kernels`` (re-exported here), run as they are."""
 
 from __future__ import annotations
 
-import torch
-
-from qcompiler import numerics
-from qcompiler.packing import unpack_int4
+from qcompiler.reference_kernels import (_epilogue, _rows, dequantize_int4_ref, fp8_gemm_ref,  # noqa: F401
+                                         int4_gemm_ref, int8_gemm_ref, w4a8_gemm_ref, weight_only_gemm_ref)
 
 from . import register_backend
 
 __all__ = ["int8_gemm_ref", "fp8_gemm_ref", "weight_only_gemm_ref", "dequantize_int4_ref", "int4_gemm_ref",
            "w4a8_gemm_ref"]
-
-
-def _rows(a: torch.Tensor) -> torch.Tensor:
-    return a.reshape(-1, a.shape[-1])
-
-
-def _epilogue(acc: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-              out_dtype: torch.dtype, lead) -> torch.Tensor:
-    """``acc * a_scale * w_scale + bias`` in float32 with as few passes over [M, N] as possible."""
-    w_row = w_scale.float().reshape(1, -1) if w_scale.dim() else w_scale.float().reshape(1, 1)
-    if a_scale.dim() == 0:
-        # static activations: one combined per-channel scale, a single pass over acc
-        combined = w_row * a_scale.float()
-        out = acc * combined if bias is None else torch.addcmul(bias.float(), acc, combined)
-    else:
-        out = acc * a_scale.float().reshape(-1, 1)
-        out = out.mul_(w_row) if bias is None else torch.addcmul(bias.float(), out, w_row)
-    return out.to(out_dtype).reshape(*lead, -1)
-
-
-def int8_gemm_ref(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
-                  bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """``(a_q * a_scale) @ (w_q * w_scale).T + bias`` through ``torch._int_mm`` (exact int32)."""
-    lead = a_q.shape[:-1]
-    a2 = _rows(a_q)
-    if a2.device.type == "cuda" and a2.shape[0] <= 16:
-        # _int_mm on CUDA needs M > 16; pad rows (cheap at decode sizes).
-        pad = torch.zeros(17 - a2.shape[0], a2.shape[1], dtype=a2.dtype, device=a2.device)
-        acc = torch._int_mm(torch.cat([a2, pad]), w_q.t())[: a2.shape[0]]
-    else:
-        acc = torch._int_mm(a2, w_q.t())
-    return _epilogue(acc, a_scale, w_scale, bias, out_dtype, lead)
-
-
-def fp8_gemm_ref(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
-                 bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """``(a_q * a_scale) @ (w_q * w_scale).T + bias`` through ``torch._scaled_mm`` (fp32 accumulate)."""
-    lead = a_q.shape[:-1]
-    a2 = _rows(a_q)
-    m, n = a2.shape[0], w_q.shape[0]
-    sa, sw = a_scale.float(), w_scale.float()
-    if sa.dim() == 0 and sw.dim() == 0:
-        out = torch._scaled_mm(a2, w_q.t(), sa, sw, bias=None, out_dtype=torch.float32)
-    else:
-        # repeat, not expand: an expanded [1, 1] has stride 0 and counts as contiguous, but
-        # _scaled_mm wants stride(1) == 1 (per-tensor activation scale at M=1 failed).
-        sa = (sa.reshape(-1, 1) if sa.dim() else sa.reshape(1, 1).repeat(m, 1)).contiguous()
-        sw = (sw.reshape(1, -1) if sw.dim() else sw.reshape(1, 1).repeat(1, n)).contiguous()
-        out = torch._scaled_mm(a2, w_q.t(), sa, sw, bias=None, out_dtype=torch.float32)
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(out_dtype).reshape(*lead, n)
-
-
-def weight_only_gemm_ref(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
-                         w_zero: torch.Tensor | None, bias: torch.Tensor | None,
-                         group_size: int | None = None) -> torch.Tensor:
-    """``x @ dequantize(w_q, w_scale, w_zero).T + bias`` with the weight dequantized to x's dtype.
-
-    ``group_size``: the per-group block along K (ONNX ``block_size``); needed when it does not
-    divide K, since the scale's shape alone does not determine it (see ``numerics.expand_blocks``).
-    """
-    w = numerics.dequantize(w_q, w_scale, w_zero, torch.float32, block_size=group_size).to(x.dtype)
-    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
-
-
-def dequantize_int4_ref(w_packed: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None,
-                        group_size: int, in_features: int, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Unpack (``qcompiler.packing`` layout) and dequantize an INT4 weight to [N, in_features]."""
-    q = unpack_int4(w_packed, in_features, signed=w_zero is None)
-    return numerics.dequantize(q, w_scale, w_zero, out_dtype, block_size=group_size or None)
-
-
-def int4_gemm_ref(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None,
-                  bias: torch.Tensor | None, group_size: int, in_features: int) -> torch.Tensor:
-    """W4A16: ``x @ dequantize_int4(w).T + bias`` in x's dtype."""
-    w = dequantize_int4_ref(w_packed, w_scale, w_zero, group_size, in_features, torch.float32).to(x.dtype)
-    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
-
-
-def w4a8_gemm_ref(a_q: torch.Tensor, a_scale: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
-                  w_zero: torch.Tensor | None, bias: torch.Tensor | None, group_size: int, in_features: int,
-                  out_dtype: torch.dtype) -> torch.Tensor:
-    """W4A8: ``(a_q * a_scale) @ dequantize_int4(w).T + bias``, float32 accumulate."""
-    a = a_q.float() * a_scale.float()
-    w = dequantize_int4_ref(w_packed, w_scale, w_zero, group_size, in_features, torch.float32)
-    out = torch.nn.functional.linear(a, w, None if bias is None else bias.float())
-    return out.to(out_dtype)
 
 
 @register_backend("reference")

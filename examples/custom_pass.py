@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import qcompiler
-from qcompiler.pipeline import PassResult
+from qcompiler.pipeline import Analysis, PassResult
 
 
 class CountOutlierChannels:
@@ -15,9 +15,10 @@ class CountOutlierChannels:
 
     name = "count_outlier_channels"
     requires = ("outliers",)            # runs after the outlier analysis pass
+    reads = (Analysis.OUTLIERS,)        # ... and needs what it leaves (checked before any pass runs)
 
     def run(self, gm, ctx):
-        infos = ctx.analyses["outliers"]
+        infos = ctx.analyses[Analysis.OUTLIERS]
         for fqn, info in infos.items():
             ctx.layer_plan[fqn].note = f"{len(info.outlier_channels)} outlier channels"
         total = sum(len(i.outlier_channels) for i in infos.values())

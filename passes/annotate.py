@@ -1,6 +1,6 @@
 """Graph annotation: map Dynamo's lifted parameters back to source names and classify nodes.
 
-Every node gets a ``NodeInfo`` under ``node.meta[META_KEY]``; ``ctx.analyses["annotate"]``
+Every node gets a ``NodeInfo`` under ``node.meta[META_KEY]``; ``ctx.analyses[Analysis.ANNOTATE]``
 holds the ``GraphAnnotation`` (real parameter values, linears, norms) and ``ctx.layer_plan``
 gets one ``LayerDecision`` per linear module path. Nothing here depends on layer names:
 linears are ``linear`` / ``addmm`` / ``matmul`` nodes whose weight is a 2-D parameter, norms
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from qcompiler.pipeline import META_KEY, LayerDecision, PassContext, PassResult
+from qcompiler.pipeline import META_KEY, Analysis, LayerDecision, PassContext, PassResult
 
 __all__ = ["NodeInfo", "LinearParts", "LinearWeights", "GraphAnnotation", "Annotate", "linear_parts", "eval_param_node"]
 
@@ -144,11 +144,13 @@ class Annotate:
     """Attach ``NodeInfo`` to every node and open a ``LayerDecision`` per linear."""
 
     name = "annotate"
+    reads = ()
+    writes = (Analysis.ANNOTATE,)
     requires: tuple[str, ...] = ()
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         ann = GraphAnnotation()
-        names_by_id: dict[int, list[str]] = ctx.analyses.get("param_names", {})
+        names_by_id: dict[int, list[str]] = ctx.analyses.get(Analysis.PARAM_NAMES, {})
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         for node, value in zip(placeholders, ctx.example_inputs):
             fqn = None
@@ -212,7 +214,7 @@ class Annotate:
             if fqn not in ctx.layer_plan:
                 ctx.layer_plan[fqn] = LayerDecision(fqn, kind, int(k_in), int(n_out),
                                                     weight_bytes_fp=w.numel() * w.element_size())
-        ctx.analyses["annotate"] = ann
+        ctx.analyses[Analysis.ANNOTATE] = ann
         stats = {"params": len(ann.param_fqn), "linears": sum(len(v) for v in ann.linears.values()),
                  "norms": len(ann.norms), "output_heads": len(heads)}
         return PassResult(gm, modified=False, stats=stats)

@@ -18,7 +18,7 @@ import torch
 from torch.fx import GraphModule
 
 from qcompiler import layer_quant, numerics
-from qcompiler.pipeline import PassContext, PassResult
+from qcompiler.pipeline import Analysis, PassContext, PassResult
 from qcompiler.recipes import Granularity
 
 from .calibrate import smoothed_stats
@@ -36,7 +36,7 @@ def rule_reason(ctx: PassContext, fqn: str) -> str:
     for glob in fb.keep_modules:
         if fnmatch.fnmatchcase(fqn, glob):
             return f"module path matches fallback.keep_modules glob {glob!r}"
-    if ctx.recipe.requires_calibration and fqn not in ctx.analyses.get("calibration", {}):
+    if ctx.recipe.requires_calibration and fqn not in ctx.analyses.get(Analysis.CALIBRATION, {}):
         return "no calibration statistics for this linear's input (module not reached, or its input is not the linear's)"
     return ""
 
@@ -65,14 +65,15 @@ class FallbackRules:
 class SensitivityFallback:
     name = "sensitivity_fallback"
     requires = ("fallback_rules", "smoothquant_fold")
+    reads = (Analysis.ANNOTATE,)
     after = ("awq_fold",)
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         recipe = ctx.recipe
-        weights = ctx.analyses["annotate"].weights
+        weights = ctx.analyses[Analysis.ANNOTATE].weights
         act = recipe.activation
         measured: dict[str, float] = {}
-        if recipe.fallback.min_sqnr_db is not None and ctx.analyses.get("no_calibration_data"):
+        if recipe.fallback.min_sqnr_db is not None and ctx.analyses.get(Analysis.NO_CALIBRATION_DATA):
             msg = (f"recipe {recipe.name!r}: no calibration data, so the sensitivity fallback "
                    f"(fallback.min_sqnr_db={recipe.fallback.min_sqnr_db:g}) measured no layer; pass "
                    "calibration=batches to apply it")
@@ -90,11 +91,11 @@ class SensitivityFallback:
                                                          f"per-tensor static ({act.calibrator.value})")
             st = smoothed_stats(ctx, fqn)
             if st is None:
-                if recipe.fallback.min_sqnr_db is not None and not ctx.analyses.get("no_calibration_data"):
+                if recipe.fallback.min_sqnr_db is not None and not ctx.analyses.get(Analysis.NO_CALIBRATION_DATA):
                     d.note = (d.note + "; " if d.note else "") + \
                         "SQNR not measured: no calibration statistics for this linear's input"
                 continue
-            memo = ctx.analyses.setdefault("memo", {})
+            memo = ctx.analyses.setdefault(Analysis.MEMO, {})
             key = ("sensitivity", fqn)
             if key not in memo:
                 memo[key] = self._measure(st, weights[fqn].w, qw, recipe)

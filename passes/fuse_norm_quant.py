@@ -27,7 +27,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from qcompiler.backends.triton import fused_ops  # noqa: F401  (registers the fused op; no triton import)
-from qcompiler.pipeline import PassContext, PassResult
+from qcompiler.pipeline import Analysis, PassContext, PassResult
 
 from .smoothquant import add_constant
 
@@ -83,7 +83,7 @@ class _Graph:
     """What the matcher needs about the graph: parameter-only nodes and their values."""
 
     def __init__(self, gm: GraphModule, ctx: PassContext):
-        ann = ctx.analyses.get("annotate")
+        ann = ctx.analyses.get(Analysis.ANNOTATE)
         self.gm = gm
         self.params: dict[str, torch.Tensor] = dict(ann.values) if ann is not None else {}
         self.param_only: set[Node] = set()

@@ -2,7 +2,7 @@
 
 Per quantized linear: the weight becomes constants ``w_q, w_scale[, w_zero]`` feeding
 ``qcompiler::dequantize`` (INT4: packed bytes feeding ``qcompiler::dequantize_int4``); weights an
-algorithm pass already quantized (``ctx.analyses["weight_algorithm"]``) are used as they are; the input goes through ``qcompiler::quantize`` +
+algorithm pass already quantized (``ctx.analyses[Analysis.WEIGHT_ALGORITHM]``) are used as they are; the input goes through ``qcompiler::quantize`` +
 ``qcompiler::dequantize`` with its static scale, or ``qcompiler::quantize_per_token`` +
 ``dequantize`` when dynamic; the node becomes ``linear(x_dq, w_dq, bias)``. Linears kept in
 float whose weights an earlier pass changed (SmoothQuant) get those weights as constants.
@@ -17,7 +17,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from qcompiler import layer_quant
-from qcompiler.pipeline import META_KEY, PassContext, PassResult
+from qcompiler.pipeline import META_KEY, Analysis, PassContext, PassResult
 
 from .annotate import linear_parts
 from .smoothquant import add_constant
@@ -30,16 +30,18 @@ _ops = torch.ops.qcompiler
 class InsertQDQ:
     name = "insert_qdq"
     requires = ("sensitivity_fallback",)
+    reads = (Analysis.ANNOTATE,)
+    writes = (Analysis.QUANTIZED_WEIGHTS,)
     after = ("weight_algorithm",)
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        ann = ctx.analyses["annotate"]
+        ann = ctx.analyses[Analysis.ANNOTATE]
         params = set(ann.param_fqn)
         recipe, act = ctx.recipe, ctx.recipe.activation
         counts = {"quantized_linears": 0, "float_linears_rewritten": 0}
         qweights: dict[str, layer_quant.QuantizedWeight] = {}
         # weights an algorithm pass (GPTQ, AWQ clipping) already quantized, by module path
-        precomputed: dict[str, layer_quant.QuantizedWeight] = ctx.analyses.get("weight_algorithm", {})
+        precomputed: dict[str, layer_quant.QuantizedWeight] = ctx.analyses.get(Analysis.WEIGHT_ALGORITHM, {})
         for node in list(gm.graph.nodes):
             info = node.meta.get(META_KEY)
             if info is None or info.kind not in ("linear", "output_head"):
@@ -84,7 +86,7 @@ class InsertQDQ:
                     x = gm.graph.call_function(_ops.dequantize, (x_q, x_s, None, out_dtype))
             self._replace(gm, node, x, w_dq, bias)
             counts["quantized_linears"] += 1
-        ctx.analyses["quantized_weights"] = qweights
+        ctx.analyses[Analysis.QUANTIZED_WEIGHTS] = qweights
         gm.graph.eliminate_dead_code()
         return PassResult(gm, sum(counts.values()) > 0, counts)
 

@@ -23,7 +23,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from qcompiler import layer_quant
-from qcompiler.pipeline import META_KEY, PassContext, PassResult
+from qcompiler.pipeline import META_KEY, Analysis, PassContext, PassResult
 
 from .annotate import LinearWeights, _fname, eval_param_node, linear_parts
 from .fallback import rule_reason
@@ -53,12 +53,13 @@ def add_constant(gm: GraphModule, base: str, value: torch.Tensor, before: Node) 
 class SmoothQuantFold:
     name = "smoothquant_fold"
     requires = ("outliers", "fallback_rules")
+    reads = (Analysis.ANNOTATE, Analysis.CALIBRATION, Analysis.SMOOTHING)
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         if not self.enabled(ctx):
             return PassResult(gm, False, {})
-        ann = ctx.analyses["annotate"]
-        stats = ctx.analyses["calibration"]
+        ann = ctx.analyses[Analysis.ANNOTATE]
+        stats = ctx.analyses[Analysis.CALIBRATION]
         params = set(ann.param_fqn)
         groups: dict[Node, list[Node]] = {}
         for node in gm.graph.nodes:
@@ -85,7 +86,7 @@ class SmoothQuantFold:
             for f, w in zip(fqns, ws):
                 old = ann.weights[f]
                 ann.weights[f] = LinearWeights(w * s[None, :], old.bias, old.transposed, modified=True)
-                ctx.analyses["smoothing"][f] = s
+                ctx.analyses[Analysis.SMOOTHING][f] = s
                 d = ctx.layer_plan[f]
                 d.alpha, d.smoothing = alpha, where[1]
         return PassResult(gm, counts["groups"] > 0, counts)
@@ -99,7 +100,7 @@ class SmoothQuantFold:
         spec = ctx.recipe.smoothquant
         w_absmax = torch.stack([w.abs().amax(0) for w in ws]).amax(0)
         x_absmax, samples = st.absmax.to(w_absmax.device), st.samples.to(w_absmax.device)   # meet the weights
-        memo = ctx.analyses.setdefault("memo", {})
+        memo = ctx.analyses.setdefault(Analysis.MEMO, {})
         key = ("smoothquant_alpha", tuple(fqns))
         if spec.search and key not in memo:
             memo[key] = self._search(ctx, fqns, ws, x_absmax, samples, w_absmax)
@@ -127,7 +128,7 @@ class SmoothQuantFold:
         return best
 
     def _fold(self, gm: GraphModule, ctx: PassContext, x: Node, nodes: list[Node], s: torch.Tensor):
-        ann = ctx.analyses["annotate"]
+        ann = ctx.analyses[Analysis.ANNOTATE]
         consumers = set(nodes)
         only_ours = all(u in consumers for u in x.users)
         src = _through_layout_ops(x) if only_ours else x
@@ -155,7 +156,7 @@ class SmoothQuantFold:
                 ann.weights[pf] = LinearWeights(old.w.float() / s[:, None],
                                                 None if old.bias is None else old.bias.float() / s,
                                                 old.transposed, modified=True)
-                rows = ctx.analyses.setdefault("row_scaling", {})
+                rows = ctx.analyses.setdefault(Analysis.ROW_SCALING, {})
                 rows[pf] = rows[pf] / s if pf in rows else 1.0 / s   # output rows multiplied by this
                 return "linear", "linear:" + pf
         inv = add_constant(gm, f"{nodes[0].meta[META_KEY].fqn}_inv_smooth", (1.0 / s).to(torch.float32), nodes[0])

@@ -3,7 +3,7 @@
 ``AWQFold`` is SmoothQuant's folding with AWQ's scale (searched per group of linears sharing
 one input on calibration rows, or taken from layer-by-layer calibration); ``WeightAlgorithm``
 quantizes each planned linear's weight by GPTQ or AWQ clipping (``qcompiler.weight_algorithms``)
-into ``ctx.analyses["weight_algorithm"]``, which ``insert_qdq`` stores as is.
+into ``ctx.analyses[Analysis.WEIGHT_ALGORITHM]``, which ``insert_qdq`` stores as is.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torch.fx import GraphModule
 
 from qcompiler import weight_algorithms
 from qcompiler.layer_quant import QuantizedWeight
-from qcompiler.pipeline import PassContext, PassResult
+from qcompiler.pipeline import Analysis, PassContext, PassResult
 
 from .smoothquant import SmoothQuantFold
 
@@ -31,12 +31,12 @@ class AWQFold(SmoothQuantFold):
         return ctx.recipe.awq is not None
 
     def group_scale(self, ctx, fqns, ws, st):
-        layerwise = ctx.analyses.get("layerwise_results", {})
+        layerwise = ctx.analyses.get(Analysis.LAYERWISE_RESULTS, {})
         found = [layerwise.get(f) for f in fqns]
         if all(r is not None and r.scale is not None for r in found) and \
                 all(torch.equal(r.scale, found[0].scale) for r in found):
             return found[0].alpha, found[0].scale
-        memo = ctx.analyses.setdefault("memo", {})
+        memo = ctx.analyses.setdefault(Analysis.MEMO, {})
         key = ("awq_scale", tuple(fqns))
         if key not in memo:
             memo[key] = weight_algorithms.awq_group_scale(st, ws, ctx.recipe, ",".join(fqns))
@@ -46,13 +46,15 @@ class AWQFold(SmoothQuantFold):
 class WeightAlgorithm:
     name = "weight_algorithm"
     requires = ("sensitivity_fallback",)
+    reads = (Analysis.ANNOTATE, Analysis.SMOOTHING)
+    writes = (Analysis.WEIGHT_ALGORITHM,)
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         recipe = ctx.recipe
-        out: dict[str, QuantizedWeight] = ctx.analyses.setdefault("weight_algorithm", {})
+        out: dict[str, QuantizedWeight] = ctx.analyses.setdefault(Analysis.WEIGHT_ALGORITHM, {})
         if recipe.gptq is None and recipe.awq is None:
             return PassResult(gm, False, {})
-        if ctx.analyses.get("no_calibration_data"):
+        if ctx.analyses.get(Analysis.NO_CALIBRATION_DATA):
             # only optional GPTQ gets here without data (Recipe.requires_calibration): insert_qdq rounds to nearest
             msg = (f"recipe {recipe.name!r}: no calibration data, so GPTQ (gptq.optional=True) was skipped and the "
                    "weights are rounded to nearest; pass calibration=batches to run it")
@@ -60,18 +62,18 @@ class WeightAlgorithm:
                 ctx.report.warnings.append(msg)
                 warnings.warn(msg, stacklevel=2)
             return PassResult(gm, False, {"skipped_no_calibration": 1})
-        ann = ctx.analyses["annotate"]
-        stats = ctx.analyses.get("calibration", {})
-        layerwise = ctx.analyses.get("layerwise_results", {})
-        memo = ctx.analyses.setdefault("memo", {})
+        ann = ctx.analyses[Analysis.ANNOTATE]
+        stats = ctx.analyses.get(Analysis.CALIBRATION, {})
+        layerwise = ctx.analyses.get(Analysis.LAYERWISE_RESULTS, {})
+        memo = ctx.analyses.setdefault(Analysis.MEMO, {})
         counts = {"from_layerwise": 0, "computed": 0}
         for fqn, d in ctx.layer_plan.items():
             if not d.quantize:
                 continue
-            s = ctx.analyses["smoothing"].get(fqn)
+            s = ctx.analyses[Analysis.SMOOTHING].get(fqn)
             lw = layerwise.get(fqn)
             if lw is not None and _same_scale(lw.scale, s):
-                qw = _rows_scaled(lw.qweight, ctx.analyses.get("row_scaling", {}).get(fqn))
+                qw = _rows_scaled(lw.qweight, ctx.analyses.get(Analysis.ROW_SCALING, {}).get(fqn))
                 note = lw.note + " (layer-by-layer)"
                 counts["from_layerwise"] += 1
             else:

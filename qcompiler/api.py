@@ -17,7 +17,7 @@ from .calibration import CalibrationCache, calibration_rows
 from .gptq import too_few_rows_error
 from .layerwise import LayerwiseCalibration
 from .errors import CalibrationError, RecipeError, UnsupportedError
-from .pipeline import CompileReport, PassContext, PassManager
+from .pipeline import Analysis, CompileReport, PassContext, PassManager
 from .recipes import Recipe
 
 __all__ = ["QCompilerBackend", "backend", "quantize", "report"]
@@ -282,9 +282,9 @@ class QCompilerBackend:
             self._adopt_root(_locate_root())
         device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
         ctx = PassContext(self.recipe, list(example_inputs), device,
-                          analyses={"param_names": self._param_names, "calibration_source": self._stats,
-                                    "memo": self._memo,
-                                    "layerwise_results": getattr(self.calibration, "results", {})},
+                          analyses={Analysis.PARAM_NAMES: self._param_names,
+                                    Analysis.CALIBRATION_SOURCE: self._stats, Analysis.MEMO: self._memo,
+                                    Analysis.LAYERWISE_RESULTS: getattr(self.calibration, "results", {})},
                           report=self.report)
         gm = PassManager(passes).run(gm, ctx)
         self.report.layers.update(ctx.layer_plan)

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 import torch
 
 from .layer_quant import QuantizedWeight
-from .pipeline import CompileReport, PassContext
+from .pipeline import Analysis, CompileReport, PassContext
 
 __all__ = ["QuantizedLinear", "apply_plan"]
 
@@ -113,14 +113,14 @@ def apply_plan(model: torch.nn.Module, contexts: list[PassContext], kernels: str
     the kernels they run."""
     swapped = 0
     for ctx in contexts:
-        ann = ctx.analyses["annotate"]
+        ann = ctx.analyses[Analysis.ANNOTATE]
         act = ctx.recipe.activation
-        qweights: dict[str, QuantizedWeight] = ctx.analyses["quantized_weights"]
+        qweights: dict[str, QuantizedWeight] = ctx.analyses[Analysis.QUANTIZED_WEIGHTS]
         for fqn, d in ctx.layer_plan.items():
             lw = ann.weights[fqn]
             module = model.get_submodule(fqn)
             weight = ann.values[ann.linear_weight[ann.linears[fqn][0]]]
-            s = ctx.analyses["smoothing"].get(fqn)
+            s = ctx.analyses[Analysis.SMOOTHING].get(fqn)
             # Folds into a producer linear live in that linear's weights; norm folds and explicit
             # scales are applied at this module's input in eager mode.
             inv = (1.0 / s).float() if s is not None and not d.smoothing.startswith("linear:") else None

@@ -14,7 +14,7 @@ Graphs carry them as ordinary ops, so they trace, compile and export:
 - ``qcompiler::onednn_int8_mm(a_q, w_packed, n)`` and ``qcompiler::onednn_linear(x, w, bias)``: the
   oneDNN cores of CPU kernel choices (``qcompiler.backends.gemm_kernels``)
 
-The CPU/GPU kernels are the pure-torch references in ``qcompiler.backends.reference``.
+The CPU/GPU kernels are the pure-torch references in ``qcompiler.reference_kernels``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from . import numerics
-from .backends import reference as ref
+from . import reference_kernels as ref
 
 __all__ = ["quantize", "dequantize", "quantize_per_token", "int8_gemm", "fp8_gemm", "weight_only_gemm",
            "dequantize_int4", "int4_gemm", "w4a8_gemm", "onednn_int8_mm", "onednn_linear",

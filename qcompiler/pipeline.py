@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
 import networkx as nx
 import torch
@@ -15,12 +16,34 @@ from torch.fx import GraphModule
 from .errors import CalibrationError, PassError, RecipeError
 from .recipes import Recipe
 
-__all__ = ["Pass", "PassResult", "PassContext", "PassManager", "LayerDecision", "CompileReport", "META_KEY"]
+__all__ = ["Analysis", "Pass", "PassResult", "PassContext", "PassManager", "LayerDecision", "CompileReport",
+           "META_KEY"]
 
 log = logging.getLogger(__name__)
 
 #: The one ``node.meta`` key under which qcompiler keeps its annotation of a node.
 META_KEY = "qcompiler"
+
+
+class Analysis(str, enum.Enum):
+    """The names of ``PassContext.analyses`` entries. A ``str``: ``analyses["annotate"]`` and
+    ``analyses[Analysis.ANNOTATE]`` are the same entry, so passes written with bare strings still work."""
+
+    PARAM_NAMES = "param_names"                  # id(parameter) -> its module paths (set by the API)
+    CALIBRATION_SOURCE = "calibration_source"    # zero-argument callable -> statistics (set by the API)
+    LAYERWISE_RESULTS = "layerwise_results"      # fqn -> GPTQ / AWQ result of layer-by-layer calibration (API)
+    MEMO = "memo"                                # results kept across the graphs of one backend (API)
+    ANNOTATE = "annotate"                        # GraphAnnotation: linears, weights, parameter paths
+    CALIBRATION = "calibration"                  # fqn -> activation statistics
+    NO_CALIBRATION_DATA = "no_calibration_data"  # True when a recipe ran without calibration data
+    SMOOTHING = "smoothing"                      # fqn -> SmoothQuant / AWQ input scale folded into the graph
+    OUTLIERS = "outliers"                        # fqn -> OutlierInfo
+    ROW_SCALING = "row_scaling"                  # fqn -> per-row weight scale folded from a following norm
+    WEIGHT_ALGORITHM = "weight_algorithm"        # fqn -> QuantizedWeight an algorithm pass produced
+    QUANTIZED_WEIGHTS = "quantized_weights"      # fqn -> QuantizedWeight stored in the graph
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass(frozen=True)
@@ -36,8 +59,9 @@ class PassResult:
 class Pass(Protocol):
     """A graph pass: ``run`` reads ``ctx``, rewrites ``gm`` and says what it changed.
 
-    ``requires`` names passes whose results must be in ``ctx`` before this one runs.
-    Passes keep no state between runs.
+    ``requires`` names passes whose results must be in ``ctx`` before this one runs. Optionally,
+    ``reads`` names the ``Analysis`` entries the pass cannot run without and ``writes`` those it
+    always leaves in ``ctx.analyses``; ``PassManager`` checks both. Passes keep no state between runs.
     """
 
     name: str
@@ -166,8 +190,8 @@ class CompileReport:
 class PassContext:
     """Everything a pass may read or fill, handed to every pass of one compile.
 
-    ``analyses`` holds results passes provide to later ones (e.g. ``"annotate"``,
-    ``"calibration"``, ``"outliers"``); ``layer_plan`` the per-linear decisions.
+    ``analyses`` holds results passes provide to later ones, keyed by ``Analysis`` names
+    (``Analysis.ANNOTATE``, ``CALIBRATION``, ``OUTLIERS``, ...); ``layer_plan`` the per-linear decisions.
     """
 
     recipe: Recipe
@@ -207,7 +231,19 @@ class PassManager:
             raise ValueError(f"pass requirements form a cycle: {names}") from None
         self.passes = [passes[i] for i in order]
 
+    def check_analyses(self, available: Iterable[str]) -> None:
+        """Raise ``ValueError`` where a pass reads an analysis that neither the context (``available``)
+        nor an earlier pass writes."""
+        have = {str(a) for a in available}
+        for p in self.passes:
+            missing = [str(a) for a in getattr(p, "reads", ()) if str(a) not in have]
+            if missing:
+                raise ValueError(f"pass {p.name!r} reads analyses {missing} that neither the context nor an earlier "
+                                 f"pass writes (available before it: {sorted(have)})")
+            have |= {str(a) for a in getattr(p, "writes", ())}
+
     def run(self, gm: GraphModule, ctx: PassContext) -> GraphModule:
+        self.check_analyses(ctx.analyses)
         done: list[str] = []
         for p in self.passes:
             log.debug("pass %s: start", p.name)
@@ -218,6 +254,9 @@ class PassManager:
                 if result.modified:
                     gm.graph.lint()
                     gm.recompile()
+                unwritten = [str(a) for a in getattr(p, "writes", ()) if str(a) not in ctx.analyses]
+                if unwritten:
+                    raise RuntimeError(f"declares it writes analyses {unwritten} but left them out of ctx.analyses")
             except (PassError, RecipeError, CalibrationError):
                 raise   # user-input errors surface as themselves
             except Exception as e:

@@ -12,7 +12,7 @@ from torch.fx import GraphModule, symbolic_trace
 import qcompiler
 from qcompiler import PassContext, PassError, PassManager, PassResult, recipes
 from qcompiler.passes import default_passes
-from qcompiler.pipeline import Pass
+from qcompiler.pipeline import Analysis, Pass
 from qcompiler.recipes import FallbackSpec
 from tiny_models import tiny_model, token_batches
 
@@ -47,6 +47,58 @@ class Probe:
 
 def _order(passes):
     return [p.name for p in PassManager(passes).passes]
+
+
+class Analyst(Probe):
+    """A probe that declares the analyses it reads and writes, and writes ``really_writes``."""
+
+    def __init__(self, name, reads=(), writes=(), really_writes=None, **kw):
+        super().__init__(name, **kw)
+        self.reads, self.writes = tuple(reads), tuple(writes)
+        self.really_writes = self.writes if really_writes is None else tuple(really_writes)
+
+    def run(self, gm, ctx):
+        result = super().run(gm, ctx)
+        for a in self.really_writes:
+            ctx.analyses[a] = True
+        return result
+
+
+# -- analyses --------------------------------------------------------------------------------
+def test_analyses_are_named_and_stay_plain_string_keys():
+    ctx = _ctx()
+    ctx.analyses[Analysis.OUTLIERS] = 1
+    assert ctx.analyses["outliers"] == 1 and str(Analysis.OUTLIERS) == "outliers"
+
+
+def test_a_pass_reading_an_analysis_nobody_writes_is_refused_before_anything_runs():
+    log = []
+    manager = PassManager([Analyst("a", log=log), Analyst("b", reads=[Analysis.OUTLIERS], log=log)])
+    with pytest.raises(ValueError, match=r"pass 'b' reads analyses \['outliers'\]"):
+        manager.run(_gm(), _ctx())
+    assert log == []
+    # written by an earlier pass, or present in the context: fine
+    PassManager([Analyst("a", writes=[Analysis.OUTLIERS]), Analyst("b", reads=["outliers"])]).run(_gm(), _ctx())
+    ctx = _ctx()
+    ctx.analyses[Analysis.OUTLIERS] = {}
+    PassManager([Analyst("b", reads=[Analysis.OUTLIERS])]).run(_gm(), ctx)
+
+
+def test_a_pass_that_does_not_write_what_it_declares_fails_by_name():
+    with pytest.raises(PassError, match="'a'.*declares it writes analyses \\['calibration'\\]"):
+        PassManager([Analyst("a", writes=[Analysis.CALIBRATION], really_writes=[])]).run(_gm(), _ctx())
+
+
+def test_default_passes_declare_consistent_analyses():
+    provided = [Analysis.PARAM_NAMES, Analysis.CALIBRATION_SOURCE, Analysis.MEMO, Analysis.LAYERWISE_RESULTS]
+    for target in ("reference", "inductor", "triton"):
+        manager = PassManager(default_passes(target))
+        manager.check_analyses(provided)
+        declared = {str(a) for p in manager.passes for a in (*getattr(p, "reads", ()), *getattr(p, "writes", ()))}
+        assert {"annotate", "calibration", "smoothing", "outliers", "quantized_weights"} <= declared
+    manager.passes = [p for p in manager.passes if p.name != "annotate"]
+    with pytest.raises(ValueError, match="reads analyses \\['annotate'\\]"):
+        manager.check_analyses(provided)
 
 
 # -- ordering --------------------------------------------------------------------------------

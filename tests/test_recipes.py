@@ -314,16 +314,16 @@ def test_get_returns_a_fresh_equal_recipe():
 
 
 def test_register_recipe_refuses_duplicate(monkeypatch):
-    monkeypatch.setattr(recipes, "RECIPES", dict(recipes.RECIPES))
-    before = dict(recipes.RECIPES)
+    monkeypatch.setattr(recipes.presets, "RECIPES", dict(recipes.presets.RECIPES))
+    before = dict(recipes.presets.RECIPES)
     with pytest.raises(RecipeError, match="'w8a16' is already registered"):
         register_recipe("w8a16")(lambda: Recipe(name="other"))
-    assert recipes.RECIPES == before
+    assert recipes.presets.RECIPES == before
     assert recipes.get("w8a16").name == "w8a16"
 
 
 def test_register_recipe_adds_a_preset(monkeypatch):
-    monkeypatch.setattr(recipes, "RECIPES", dict(recipes.RECIPES))
+    monkeypatch.setattr(recipes.presets, "RECIPES", dict(recipes.presets.RECIPES))
 
     @register_recipe("test-w4")
     def _w4():
@@ -333,6 +333,16 @@ def test_register_recipe_adds_a_preset(monkeypatch):
     assert recipes.get("test-w4").weight.dtype is QuantDtype.INT4
     with pytest.raises(RecipeError, match="already registered"):
         register_recipe("test-w4")(_w4)
+
+
+def test_specs_do_not_depend_on_the_presets():
+    """Specs are the vocabulary, presets one use of it: the specs module imports no preset."""
+    import ast
+    import inspect
+    tree = ast.parse(inspect.getsource(recipes.specs))
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "presets" not in imported and not any(m and m.endswith(".presets") for m in imported)
+    assert set(recipes.names()) == set(recipes.presets.RECIPES)
 
 
 # -- enums and immutability --------------------------------------------------------------------

@@ -308,3 +308,20 @@ def test_dynamic_int8_chain_compiles_fullgraph():
     expect = int8_gemm_ref(q, s, w8, sw, bias, torch.float32)
     compiled = torch.compile(fn, fullgraph=True, backend="eager")
     assert torch.equal(compiled(x), expect)
+
+
+def test_backend_names_are_registered_once(monkeypatch):
+    from qcompiler import backends
+    from qcompiler.errors import RecipeError
+    monkeypatch.setattr(backends, "BACKENDS", dict(backends.BACKENDS))
+    original = backends.BACKENDS["reference"]
+    with pytest.raises(RecipeError, match="'reference' is already registered"):
+        backends.register_backend("reference")(lambda: {})
+    assert backends.BACKENDS["reference"] is original
+    backends.register_backend("reference")(original)     # the same factory again (a module reload) is fine
+
+    @backends.register_backend("plugin-test")
+    def _table():
+        return {}
+
+    assert backends.get_backend("plugin-test") == {}
