@@ -58,6 +58,9 @@ BUCKETS = (1, 16, 128, 512)
 _FLOAT = "float32 linear"
 #: the same float linear on oneDNN's GEMM: what the float model alone would gain from that library
 _FLOAT_ONEDNN = "oneDNN float32 linear"
+#: the float linears timed as bars, by name
+_FLOAT_LINEARS = {_FLOAT: lambda x, w: F.linear(x, w),
+                  _FLOAT_ONEDNN: lambda x, w: torch.ops.qcompiler.onednn_linear(x, w, None)}
 #: activation arguments (synthesized for timing) per op
 _ACTIVATION_ARGS = {"int8_gemm": (0, 1), "fp8_gemm": (0, 1), "w4a8_gemm": (0, 1), "weight_only_gemm": (0,),
                     "int4_gemm": (0,)}
@@ -368,13 +371,9 @@ class KernelChooser:
             fns = {}
             with torch.no_grad():
                 for name in missing:
-                    if name == _FLOAT:   # what the float model's linear costs at this shape
+                    if name in _FLOAT_LINEARS:   # what a float linear costs at this shape
                         xf, wf = torch.randn(m, k_dim, device=device), torch.randn(n, k_dim, device=device)
-                        fns[name] = lambda *acts, xf=xf, wf=wf: F.linear(xf, wf)
-                        continue
-                    if name == _FLOAT_ONEDNN:
-                        xf, wf = torch.randn(m, k_dim, device=device), torch.randn(n, k_dim, device=device)
-                        fns[name] = lambda *acts, xf=xf, wf=wf: torch.ops.qcompiler.onednn_linear(xf, wf, None)
+                        fns[name] = lambda *acts, xf=xf, wf=wf, linear=_FLOAT_LINEARS[name]: linear(xf, wf)
                         continue
                     kernel = by_name[name][0]
                     full = list(args)
