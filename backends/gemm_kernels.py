@@ -67,7 +67,10 @@ class GemmKernel:
     ``run`` has the op's signature with argument ``weight_arg`` replaced by ``prepare(weight,
     args)`` (``args``: the op's arguments) when ``prepare`` is set. ``accepts(args) -> reason | None`` refuses argument forms the
     kernel does not take (e.g. group scales); ``available(device) -> reason | None`` refuses
-    machines. ``reference``: this is the op's own reference kernel.
+    machines. ``reference``: this is the op's own reference kernel. ``from_float``: the kernel with
+    the float activation in place of the quantized one, the activation quantization folded in (same
+    values); the lowering uses it where the activation comes straight from a quantize op with the
+    GEMM's activation scale.
     """
 
     name: str
@@ -80,6 +83,7 @@ class GemmKernel:
     accepts: Callable[..., str | None] = field(default=lambda *args: None)
     available: Callable[[torch.device], str | None] = field(default=lambda device: None)
     reference: bool = False
+    from_float: Callable | None = None
 
 
 def _rows(a: torch.Tensor) -> torch.Tensor:
@@ -157,16 +161,61 @@ def layer_contract(kernel: GemmKernel, machine: Contract, w_q: torch.Tensor) -> 
 
 # ---- fp8 x fp8 -----------------------------------------------------------------------------
 
-def fp8_to_float_via_f16(q: torch.Tensor) -> torch.Tensor:
-    """float8_e4m3fn -> float32 through integer ops and one fp16 conversion: e4m3's bits shifted
-    into fp16's (exponent bias 15 vs 7, so the fp16 value is 2**-8 of it; subnormals map to
-    subnormals) and scaled back: the same value for every code, NaN for NaN. Compilers vectorize
-    this where a direct fp8 conversion is scalar (AVX2 has none)."""
-    u = q.view(torch.uint8).to(torch.int16)
-    mag = (u & 0x7F) << 7
-    mag = torch.where(mag == 0x7F << 7, 0x7E00, mag)      # e4m3fn's NaN (S.1111.111) -> fp16 NaN
-    h = ((u & 0x80) << 8 | mag).view(torch.float16)
-    return h.float() * 256.0
+def _e4m3_from_top_byte(t: torch.Tensor) -> torch.Tensor:
+    """float32 values of e4m3fn codes held in bits 24-31 of int32 ``t``, by integer shifts and masks
+    and one bit cast (every SIMD ISA vectorizes these; a direct fp8 conversion is scalar without
+    fp8 instructions). Exponent and mantissa are moved into float32's with the bias difference added
+    (120), so normal codes land on their value; a subnormal code lands on ``(1 + m/8) 2**-7`` and is
+    mapped to ``m 2**-9`` exactly (no float32 denormal is formed, so flush-to-zero modes do not
+    matter); S.1111.111 is NaN; the sign comes last, so -0.0 stays -0.0."""
+    mag = (t >> 4) & 0x07F00000
+    f = (mag + (120 << 23)).view(torch.float32)
+    f = torch.where(mag < (1 << 23), (f - 2.0 ** -7) * 2.0, f)
+    f = torch.where(mag == 0x07F00000, float("nan"), f)
+    return torch.where(t < 0, -f, f)
+
+
+def fp8_to_float_via_bits(q: torch.Tensor) -> torch.Tensor:
+    """float8_e4m3fn -> float32 by integer ops (``_e4m3_from_top_byte``): the same value for every
+    code, NaN for NaN, -0.0 for -0.0."""
+    return _e4m3_from_top_byte(q.view(torch.uint8).to(torch.int32) << 24)
+
+
+def pack_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """[N, K] codes of ``bits`` bits (8 or 4; signed or not, only their low bits are kept) -> [N, K*bits/32]
+    int32 words whose field j (bits ``j*bits`` up) holds column ``i + j*K/F`` of word i (F fields per
+    word): field j of every word is one contiguous F-th of the row, so a kernel decodes the weight with
+    int32 shifts and masks, which every SIMD ISA vectorizes (widening bytes or nibbles is element by
+    element in AVX2 code). Same number of bytes as the codes packed densely. K % F == 0."""
+    fields = 32 // bits
+    n, k = codes.shape
+    u = (codes.view(torch.uint8) if codes.dtype == torch.float8_e4m3fn else codes).to(torch.int32) & ((1 << bits) - 1)
+    u = u.reshape(n, fields, k // fields)
+    words = torch.zeros(n, k // fields, dtype=torch.int32)
+    for j in range(fields):
+        words |= u[:, j] << (bits * j)
+    return words
+
+
+def word_fields(words: torch.Tensor, bits: int, decode: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The [N, K] row of ``pack_words``' words: ``decode`` applied to each field moved to the top of the
+    word (bits ``32 - bits`` up; the fields below it stay below), the F-ths concatenated in column order."""
+    fields = 32 // bits
+    return torch.cat([decode(words << (32 - bits * (j + 1)) if j < fields - 1 else words) for j in range(fields)],
+                     dim=-1)
+
+
+def _signed_field(bits: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda top: top >> (32 - bits)               # arithmetic shift: two's complement
+
+
+def _unsigned_field(bits: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda top: (top >> (32 - bits)) & ((1 << bits) - 1)
+
+
+def _words_accepts(k: int, bits: int) -> str | None:
+    fields = 32 // bits
+    return f"needs K divisible by {fields} (K {k})" if k % fields else None
 
 
 def _fp8_operands(a_q, a_scale, w_q, w_scale, to_float=lambda q: q.float()) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,11 +239,36 @@ def fp8_gemm_dequant_onednn(a_q, a_scale, w_q, w_scale, bias, out_dtype):
     return out.to(out_dtype).reshape(*a_q.shape[:-1], w_q.shape[0])
 
 
-def fp8_gemm_f16_onednn(a_q, a_scale, w_q, w_scale, bias, out_dtype):
-    """``fp8_gemm`` as dequantize through fp16 bits (``fp8_to_float_via_f16``) + oneDNN's float32 GEMM."""
-    a, w = _fp8_operands(a_q, a_scale, w_q, w_scale, fp8_to_float_via_f16)
+def _fp8_words_prepack(w_q: torch.Tensor, args=None) -> torch.Tensor:
+    return pack_words(w_q, 8)
+
+
+def _fp8_words_accepts(a_q, a_scale, w_q, *args) -> str | None:
+    return _words_accepts(int(w_q.shape[-1]), 8)
+
+
+def _fp8_words_linear(a: torch.Tensor, a_scale, w_words, w_scale, bias, out_dtype, lead) -> torch.Tensor:
+    """[M, K] E4M3 activation values (unscaled, float32) times the byte-word weight, on oneDNN."""
+    a = a * (a_scale.float().reshape(-1, 1) if a_scale.dim() else a_scale.float())
+    w = word_fields(w_words, 8, _e4m3_from_top_byte) \
+        * (w_scale.float().reshape(-1, 1) if w_scale.dim() else w_scale.float())
     out = _ops.onednn_linear(a, w, None if bias is None else bias.float())
-    return out.to(out_dtype).reshape(*a_q.shape[:-1], w_q.shape[0])
+    return out.to(out_dtype).reshape(*lead, w_words.shape[0])
+
+
+def fp8_gemm_words_onednn(a_q, a_scale, w_words, w_scale, bias, out_dtype):
+    """``fp8_gemm`` on the byte-word weight layout (``pack_words``): both operands decoded by
+    integer ops (``_e4m3_from_top_byte``), scaled, then oneDNN's float32 GEMM."""
+    return _fp8_words_linear(fp8_to_float_via_bits(_rows(a_q)), a_scale, w_words, w_scale, bias, out_dtype,
+                             a_q.shape[:-1])
+
+
+def fp8_gemm_words_onednn_from_float(x, a_scale, w_words, w_scale, bias, out_dtype):
+    """``fp8_gemm_words_onednn`` of ``quantize(x, a_scale, fp8_e4m3)``, the quantization folded in: the
+    E4M3 values come from ``numerics.round_to_e4m3`` (the same values as the fp8 cast, by float32 and
+    int32 operations), so no fp8 tensor is formed."""
+    a = numerics.round_to_e4m3(x.float() / a_scale.float())
+    return _fp8_words_linear(_rows(a), a_scale, w_words, w_scale, bias, out_dtype, x.shape[:-1])
 
 
 # ---- weight-only ---------------------------------------------------------------------------
@@ -213,6 +287,29 @@ def weight_only_gemm_dequant_onednn(x, w_q, w_scale, w_zero, bias, group_size=0)
     """The reference's dequantized weight, then oneDNN's float GEMM."""
     w = numerics.dequantize(w_q, w_scale, w_zero, torch.float32, block_size=group_size or None).to(x.dtype)
     return _ops.onednn_linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def _int8_words_accepts(x, w_q, w_scale, w_zero, bias, group_size=0) -> str | None:
+    if w_q.dtype not in (torch.int8, torch.uint8):
+        return f"takes int8 / uint8 weights, got {w_q.dtype}"
+    return _words_accepts(int(w_q.shape[-1]), 8) or _onednn_float_accepts(x)
+
+
+def _int8_words_prepack(w_q: torch.Tensor, args) -> torch.Tensor:
+    return pack_words(w_q, 8)
+
+
+def weight_only_gemm_words_onednn(x, w_words, w_scale, w_zero, bias, group_size=0):
+    """W8A16 on the byte-word layout (``pack_words``): the weight decoded by int32 shifts (sign-extended
+    for int8, masked for uint8 with its zero point), dequantized as the reference does, then oneDNN's GEMM."""
+    w = int8_words_weight(w_words, w_scale, w_zero, group_size).to(x.dtype)
+    return _ops.onednn_linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def int8_words_weight(w_words, w_scale, w_zero, group_size=0) -> torch.Tensor:
+    """The byte-word int8 / uint8 weight dequantized in float32: the reference's weight bit for bit."""
+    q = word_fields(w_words, 8, _unsigned_field(8) if w_zero is not None else _signed_field(8))
+    return numerics.dequantize(q, w_scale, w_zero, torch.float32, block_size=group_size or None)
 
 
 def _int8pack_accepts(x, w_q, w_scale, w_zero, bias, group_size=0) -> str | None:
@@ -287,6 +384,34 @@ def _int4_groups_onednn_accepts(x, *args) -> str | None:
     return _int4_groups_accepts(x, *args) or _onednn_float_accepts(x)
 
 
+def _int4_words_accepts(x, w_packed, w_scale, w_zero, bias, group_size, in_features) -> str | None:
+    return _int4_groups_accepts(x, w_packed, w_scale, w_zero, bias, group_size, in_features) \
+        or _words_accepts(in_features, 4) or _onednn_float_accepts(x)
+
+
+def _int4_words_prepack(w_packed: torch.Tensor, args) -> torch.Tensor:
+    signed = args[3] is None
+    return pack_words(unpack_int4(w_packed, args[6], signed=signed), 4)
+
+
+def int4_gemm_words_onednn(x, w_words, w_scale, w_zero, bias, group_size, in_features):
+    """W4A16 on the nibble-word layout (``pack_words``, 8 nibbles per int32): the weight decoded by int32
+    shifts, dequantized per group as the reference does (bit for bit), then oneDNN's float GEMM."""
+    w = int4_words_weight(w_words, w_scale, w_zero, group_size, in_features).to(x.dtype)
+    return _ops.onednn_linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def int4_words_weight(w_words, w_scale, w_zero, group_size, in_features) -> torch.Tensor:
+    """The nibble-word INT4 weight dequantized per group in float32: the reference's weight bit for bit."""
+    n = w_words.shape[0]
+    q = word_fields(w_words, 4, _unsigned_field(4) if w_zero is not None else _signed_field(4)).float()
+    q = q.reshape(n, -1, group_size or in_features)
+    if w_zero is not None:
+        q = q - w_zero.float().reshape(n, -1, 1)
+    s = w_scale.float().reshape(n, -1, 1) if w_scale.dim() else w_scale.float()
+    return (q * s).reshape(n, in_features)
+
+
 def onednn_float_available(device: torch.device) -> str | None:
     if device.type != "cpu":
         return "oneDNN's float linear runs on CPU only"
@@ -308,9 +433,10 @@ KERNELS: tuple[GemmKernel, ...] = (
     GemmKernel("fp8-dequant", "fp8_gemm", fp8_gemm_dequant, "dequantize to float32 + float32 GEMM", _ANY),
     GemmKernel("fp8-dequant-onednn", "fp8_gemm", fp8_gemm_dequant_onednn,
                "dequantize to float32 + oneDNN's float32 GEMM", available=onednn_float_available),
-    GemmKernel("fp8-f16-onednn", "fp8_gemm", fp8_gemm_f16_onednn,
-               "dequantize through fp16 bits (vectorizes without fp8 conversion instructions) + oneDNN's "
-               "float32 GEMM", available=onednn_float_available),
+    GemmKernel("fp8-words-onednn", "fp8_gemm", fp8_gemm_words_onednn,
+               "fp8 weight bytes in int32 words, both operands decoded by integer ops (vectorizes without fp8 "
+               "instructions) + oneDNN's float32 GEMM", prepare=_fp8_words_prepack, accepts=_fp8_words_accepts,
+               available=onednn_float_available, from_float=fp8_gemm_words_onednn_from_float),
     GemmKernel("dequant", "weight_only_gemm", weight_only_gemm_dequant,
                "dequantize the weight to the activation dtype + float GEMM", _ANY, weight_arg=1, reference=True),
     GemmKernel("int8pack", "weight_only_gemm", weight_only_gemm_int8pack,
@@ -318,6 +444,10 @@ KERNELS: tuple[GemmKernel, ...] = (
                accepts=_int8pack_accepts),
     GemmKernel("dequant-onednn", "weight_only_gemm", weight_only_gemm_dequant_onednn,
                "dequantize the weight + oneDNN's float GEMM", weight_arg=1, accepts=_onednn_float_accepts,
+               available=onednn_float_available),
+    GemmKernel("int8-words-onednn", "weight_only_gemm", weight_only_gemm_words_onednn,
+               "int8 weight bytes in int32 words, decoded by integer shifts (vectorizes on every ISA) + dequantize "
+               "+ oneDNN's float GEMM", weight_arg=1, prepare=_int8_words_prepack, accepts=_int8_words_accepts,
                available=onednn_float_available),
     GemmKernel("dequant", "int4_gemm", ref.int4_gemm_ref, "unpack + dequantize the INT4 weight + float GEMM", _ANY,
                weight_arg=1, reference=True),
@@ -328,6 +458,10 @@ KERNELS: tuple[GemmKernel, ...] = (
     GemmKernel("int4-groups-onednn", "int4_gemm", int4_gemm_groups_onednn,
                "INT4 repacked per group in two nibble halves + dequantize + oneDNN's float GEMM",
                prepare=_int4_groups_prepack, weight_arg=1, accepts=_int4_groups_onednn_accepts,
+               available=onednn_float_available),
+    GemmKernel("int4-words-onednn", "int4_gemm", int4_gemm_words_onednn,
+               "INT4 in int32 words of 8 nibbles, decoded by integer shifts (vectorizes on every ISA) + dequantize "
+               "+ oneDNN's float GEMM", prepare=_int4_words_prepack, weight_arg=1, accepts=_int4_words_accepts,
                available=onednn_float_available),
     GemmKernel("dequant", "w4a8_gemm", _ops.w4a8_gemm, "unpack + dequantize both operands + float32 GEMM", _ANY,
                reference=True),

@@ -19,6 +19,7 @@ refuses at run time land there too (``report.runtime_fallbacks``). A table may c
 from __future__ import annotations
 
 import logging
+import operator
 
 import torch
 from torch.fx import GraphModule, Node
@@ -71,6 +72,7 @@ class Lower:
                     counts[key] = counts.get(key, 0) + 1
                     continue
             bind = getattr(impl, "reporting", None)   # records its run-time fallbacks in this report
+            node.meta[_OP_KEY] = op_name
             node.target = bind(ctx.report) if bind is not None else impl
             key = f"lowered_{getattr(impl, '__name__', 'op')}"
             counts[key] = counts.get(key, 0) + 1
@@ -99,17 +101,21 @@ class Lower:
                                         kernel.prepare(getattr(gm, w_node.target), args), node)
                 node.args = node.args[:kernel.weight_arg] + (prepared,) + node.args[kernel.weight_arg + 1:]
                 replaced.add(w_node.target)
-            if not (kernel.reference and chooser.target == "reference") and kernel.run is not node.target:
-                node.target = kernel.run
-                key = f"lowered_{kernel.run.__name__}"
+            folded = kernel.from_float is not None and _fold_activation_quantize(node)
+            run = kernel.from_float if folded else kernel.run
+            if folded:
+                counts["kernel_quantize_folded"] = counts.get("kernel_quantize_folded", 0) + 1
+            if not (kernel.reference and chooser.target == "reference") and run is not node.target:
+                node.target = run
+                key = f"lowered_{run.__name__}"
                 counts[key] = counts.get(key, 0) + 1
             key = f"kernel_{op}_{kernel.name}"
             counts[key] = counts.get(key, 0) + 1
             decision = ctx.layer_plan.get(fqn)
             if decision is not None:
                 decision.kernel, decision.kernel_contract = kernel.name, choice.contract.value
-                decision.kernel_note = choice.reason
-            line = f"{op} -> {kernel.name} [{choice.contract.value}]: {choice.reason}"
+                decision.kernel_note = choice.reason + (_FOLDED if folded else "")
+            line = f"{op} -> {kernel.name} [{choice.contract.value}]: {choice.reason}{_FOLDED if folded else ''}"
             if line not in ctx.report.kernel_choices:
                 ctx.report.kernel_choices.append(line)
         saturating = [d.fqn for d in ctx.layer_plan.values() if d.kernel_contract == "int16-pairs"]
@@ -128,6 +134,51 @@ class Lower:
         used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
         for name in replaced - used:   # the plain weight the prepared one replaced
             delattr(gm, name)
+
+
+#: node meta key: the qcompiler op a node ran before the backend's table replaced its target
+_OP_KEY = "qcompiler_op"
+_FOLDED = "; the activation's quantize op is folded into the kernel (same values, no fp8 tensor)"
+
+
+def _op_of(node: object) -> str:
+    """The qcompiler op ``node`` runs (or ran before lowering), '' for anything else."""
+    if not isinstance(node, Node) or node.op != "call_function":
+        return ""
+    if _OP_KEY in node.meta:
+        return node.meta[_OP_KEY]
+    target = node.target
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        qualified = target._qualified_op_name
+    elif isinstance(target, torch._ops.OpOverload):
+        qualified = target.name()
+    else:
+        return ""
+    namespace, _, name = qualified.partition("::")
+    return name.split(".")[0] if namespace == "qcompiler" else ""
+
+
+def _fold_activation_quantize(node: Node) -> bool:
+    """Give an ``fp8_gemm`` node the float input of the quantize op behind its activation when that op
+    quantizes to fp8 with the GEMM's own activation scale (a static ``quantize``, or the values of a
+    ``quantize_per_token`` whose scale the GEMM takes). The quantize op is left to dead-code removal."""
+    a_q, a_scale = node.args[0], node.args[1]
+    if _op_of(a_q) == "quantize":
+        x, scale, zero, dtype = a_q.args[:4]
+        block = a_q.args[4] if len(a_q.args) > 4 else a_q.kwargs.get("block_size", 0)
+        if scale is not a_scale or zero is not None or dtype != "fp8_e4m3" or block:
+            return False
+    elif isinstance(a_q, Node) and a_q.target is operator.getitem and a_q.args[1] == 0 \
+            and _op_of(a_q.args[0]) == "quantize_per_token":
+        source = a_q.args[0]
+        x, dtype = source.args[:2]
+        if dtype != "fp8_e4m3" or not (isinstance(a_scale, Node) and a_scale.target is operator.getitem
+                                       and a_scale.args == (source, 1)):
+            return False
+    else:
+        return False
+    node.args = (x,) + tuple(node.args[1:])
+    return True
 
 
 def _layer_of(node: Node) -> str:

@@ -15,7 +15,7 @@ import torch
 from .recipes import QuantDtype
 
 __all__ = ["QRANGE", "STORAGE_DTYPE", "storage_name", "expand_blocks", "quantize", "dequantize", "choose_scale",
-           "quantize_per_token", "fake_quantize", "sqnr_db"]
+           "quantize_per_token", "fake_quantize", "round_to_e4m3", "sqnr_db"]
 
 #: (qmin, qmax) of each quantized dtype; fp8 saturates at +-448.
 QRANGE: dict[str, tuple[float, float]] = {
@@ -131,6 +131,19 @@ def quantize_per_token(x: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tens
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, dtype) -> torch.Tensor:
     """``dequantize(quantize(x))`` in x's dtype."""
     return dequantize(quantize(x, scale, zero_point, dtype), scale, zero_point, x.dtype)
+
+
+def round_to_e4m3(y: torch.Tensor) -> torch.Tensor:
+    """float32 ``y`` rounded onto the FP8 E4M3 grid: ``y.to(torch.float8_e4m3fn).float()`` (round half
+    to even, saturation to +-448, NaN kept), computed with float32 and int32 operations only, which
+    compilers vectorize on every ISA (the fp8 conversion is element by element without fp8
+    instructions). Normal values round their float32 mantissa to 3 bits in the integer bits;
+    values below 2**-6 round to multiples of 2**-9 (E4M3's subnormal step)."""
+    v = y.float().clamp(-448.0, 448.0)
+    b = v.view(torch.int32)
+    normal = ((b + 0x7FFFF + ((b >> 20) & 1)) & ~0xFFFFF).view(torch.float32)
+    out = torch.where(v.abs() < 2.0 ** -6, torch.round(v * 512.0) * (1.0 / 512.0), normal)
+    return torch.where(v.isnan(), v, out)   # NaN's bits are any NaN's (compiled clamps set them all)
 
 
 def sqnr_db(x: torch.Tensor, ref: torch.Tensor) -> float:

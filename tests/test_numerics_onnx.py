@@ -300,6 +300,32 @@ def test_quantize_fp8_ties_and_saturation_examples():
 
 
 @SETTINGS
+@given(data=st.data(), shape=st.lists(st.integers(1, 8), min_size=1, max_size=3).map(tuple))
+def test_round_to_e4m3_is_the_fp8_cast(data, shape):
+    """The integer-op rounding the fp8 kernels fold into their GEMM equals ONNX's saturating cast."""
+    y = torch.from_numpy(data.draw(fp8_inputs(shape)))
+    ours, ref = numerics.round_to_e4m3(y), y.to(torch.float8_e4m3fn).float()
+    assert torch.equal(ours, ref) and torch.equal(torch.signbit(ours), torch.signbit(ref))
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_round_to_e4m3_on_every_grid_point_midpoint_and_neighbour(compiled):
+    """Every E4M3 value, every midpoint between neighbours and the float32 values one ulp either side
+    of it, float32 denormals, +-inf and NaN; eager and compiled by TorchInductor (the kernels' form)."""
+    grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    pos = grid[(grid >= 0) & grid.isfinite()].unique()
+    mids = (pos[1:] + pos[:-1]) / 2
+    near = torch.cat([pos, mids, torch.nextafter(mids, torch.tensor(0.0)), torch.nextafter(mids, torch.tensor(1e9)),
+                      torch.tensor([448.0, 464.0, 464.00003, 480.0, 1e6, 3e38, float("inf"), 1e-45, 1e-39])])
+    y = torch.cat([near, -near, torch.tensor([float("nan"), -0.0])])
+    fn = torch.compile(numerics.round_to_e4m3) if compiled else numerics.round_to_e4m3
+    ours, ref = fn(y), y.to(torch.float8_e4m3fn).float()
+    assert torch.equal(ours.isnan(), ref.isnan()) and int(ref.isnan().sum()) == 1
+    assert torch.equal(ours.nan_to_num(), ref.nan_to_num())
+    assert torch.equal(torch.signbit(ours[~ref.isnan()]), torch.signbit(ref[~ref.isnan()]))
+
+
+@SETTINGS
 @given(bits=arrays(np.uint8, st.integers(1, 64)),
        s=st.one_of(st.floats(_F32_1EM4, 1e4, width=32), st.integers(-10, 10).map(lambda e: 2.0**e)))
 def test_dequantize_fp8_per_tensor(bits, s):

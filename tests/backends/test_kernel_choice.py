@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import qcompiler
+from qcompiler import numerics
 from qcompiler.backends import gemm_kernels, kernel_choice, machine
 from qcompiler.backends.gemm_kernels import KERNELS, Contract, int16_pair_reference, layer_contract
 from qcompiler.backends.kernel_choice import KernelChooser, check_policy, probe
@@ -140,8 +141,9 @@ def test_onednn_without_vnni_is_the_int16_pair_model(tmp_path):
 
 
 @pytest.mark.parametrize("name,op", [("fp8-dequant", "fp8_gemm"), ("int8pack", "weight_only_gemm"),
-                                     ("fp8-dequant-onednn", "fp8_gemm"), ("fp8-f16-onednn", "fp8_gemm"),
-                                     ("dequant-onednn", "weight_only_gemm")])
+                                     ("fp8-dequant-onednn", "fp8_gemm"), ("fp8-words-onednn", "fp8_gemm"),
+                                     ("dequant-onednn", "weight_only_gemm"),
+                                     ("int8-words-onednn", "weight_only_gemm")])
 def test_float_kernels_keep_float32_sums(name, op):
     kernel = next(k for k in KERNELS if k.name == name and k.op == op)
     assert _usable(kernel) is Contract.FP32
@@ -165,14 +167,91 @@ def test_float_kernels_keep_float32_sums(name, op):
     assert ((out.double() - exact).abs() <= bound).all()
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_fp8_through_fp16_bits_is_the_fp8_conversion_for_every_code(compiled):
-    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
-    convert = gemm_kernels.fp8_to_float_via_f16
-    out, ref = (torch.compile(convert) if compiled else convert)(codes), codes.float()
-    assert torch.equal(out.isnan(), ref.isnan()) and int(ref.isnan().sum()) == 2
+def _same_floats(out: torch.Tensor, ref: torch.Tensor) -> None:
+    """Equal values, NaN where NaN, and the sign of zero kept."""
+    assert torch.equal(out.isnan(), ref.isnan())
     assert torch.equal(out.nan_to_num(), ref.nan_to_num())
     assert torch.equal(torch.signbit(out), torch.signbit(ref))     # -0.0 stays -0.0
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fp8_decoded_by_integer_ops_is_the_fp8_conversion_for_every_code(compiled):
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    convert = gemm_kernels.fp8_to_float_via_bits
+    out, ref = (torch.compile(convert) if compiled else convert)(codes), codes.float()
+    assert int(ref.isnan().sum()) == 2
+    _same_floats(out, ref)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fp8_byte_words_decode_every_code_in_column_order(compiled):
+    """Every code at every byte position of a word: the quarters come back as the row."""
+    g = torch.Generator().manual_seed(5)
+    codes = torch.arange(256, dtype=torch.uint8)[torch.randperm(256 * 8, generator=g) % 256].reshape(16, 128)
+    codes = codes.view(torch.float8_e4m3fn)
+    words = gemm_kernels.pack_words(codes, 8)
+    assert words.dtype == torch.int32 and words.shape == (16, 32)
+    assert words.untyped_storage().nbytes() == codes.untyped_storage().nbytes()      # as many bytes
+
+    def decode(w):
+        return gemm_kernels.word_fields(w, 8, gemm_kernels._e4m3_from_top_byte)
+    _same_floats((torch.compile(decode) if compiled else decode)(words), codes.float())
+
+
+def test_word_kernels_refuse_k_they_cannot_split():
+    fp8 = next(k for k in KERNELS if k.name == "fp8-words-onednn")
+    w = torch.zeros(3, 6, dtype=torch.float8_e4m3fn)
+    assert "divisible by 4" in fp8.accepts(torch.zeros(2, 6, dtype=torch.float8_e4m3fn), torch.tensor(1.0), w)
+    int4 = next(k for k in KERNELS if k.name == "int4-words-onednn")
+    from qcompiler.packing import pack_int4
+    args = [torch.zeros(2, 36), pack_int4(torch.zeros(3, 36, dtype=torch.int8)), torch.ones(3, 1), None, None, 0, 36]
+    assert "divisible by 8" in int4.accepts(*args)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("group", [0, 32])
+def test_int8_words_weight_is_the_reference_bit_for_bit(group, signed, compiled):
+    g = torch.Generator().manual_seed(4)
+    n, k = 24, 128
+    if signed:
+        q, zero = torch.randint(-128, 128, (n, k), generator=g).to(torch.int8), None
+    else:
+        q, zero = torch.randint(0, 256, (n, k), generator=g).to(torch.uint8), \
+            torch.randint(0, 256, (n, k // group if group else 1), generator=g).to(torch.uint8)
+    scale = torch.rand(n, k // group if group else 1, generator=g) + 0.01
+    words = gemm_kernels.pack_words(q, 8)
+    decode = torch.compile(gemm_kernels.int8_words_weight) if compiled else gemm_kernels.int8_words_weight
+    ref = numerics.dequantize(q, scale, zero, torch.float32, block_size=group or None)
+    assert torch.equal(decode(words, scale, zero, group), ref)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group", [0, 32, 64])
+def test_int4_words_weight_is_the_reference_bit_for_bit(group, symmetric, compiled):
+    from qcompiler.packing import pack_int4
+    from qcompiler.reference_kernels import dequantize_int4_ref
+    g = torch.Generator().manual_seed(6)
+    n, k = 24, 192
+    groups = k // group if group else 1
+    if symmetric:
+        q, zero = torch.randint(-8, 8, (n, k), generator=g).to(torch.int8), None
+    else:
+        q, zero = torch.randint(0, 16, (n, k), generator=g).to(torch.uint8), \
+            torch.randint(0, 16, (n, groups), generator=g).to(torch.uint8)
+    scale = torch.rand(n, groups, generator=g) + 0.01
+    args = [torch.randn(3, k, generator=g), pack_int4(q), scale, zero, None, group, k]
+    kernel = next(k_ for k_ in KERNELS if k_.name == "int4-words-onednn")
+    assert kernel.accepts(*args) is None
+    words = kernel.prepare(args[1], args)
+    assert words.dtype == torch.int32 and words.numel() * 4 == args[1].numel()      # as many bytes
+    decode = torch.compile(gemm_kernels.int4_words_weight) if compiled else gemm_kernels.int4_words_weight
+    ref = dequantize_int4_ref(args[1], scale, zero, group, k, torch.float32)
+    assert torch.equal(decode(words, scale, zero, group, k), ref)
+    if not kernel.available(CPU):       # and the kernel: oneDNN's float32 sums of that weight
+        reference = next(k_ for k_ in KERNELS if k_.op == "int4_gemm" and k_.reference)
+        assert rel_err(_run(kernel, args), _run(reference, args)) <= 1e-6
 
 
 def test_onednn_float_linear_is_a_float32_linear():
@@ -339,3 +418,29 @@ def test_report_warns_when_gemms_can_saturate(monkeypatch):
     assert risky and all("of weight pairs can saturate" in d.kernel_note for d in risky)
     assert any(f"{len(risky)} int8 GEMMs run on a kernel that sums products in saturating int16 pairs" in w
                and "reduce_range=True" in w for w in qb.report.warnings)
+
+
+@pytest.mark.parametrize("target", ["reference", "inductor"])
+@pytest.mark.parametrize("preset", ["fp8", "fp8-dynamic"])
+def test_fp8_words_kernel_folds_the_activation_quantize_with_the_same_values(preset, target):
+    """The byte-word fp8 kernel takes the float activation where a quantize op with the GEMM's own scale
+    feeds it (no fp8 tensor formed); its outputs are those of the dequantize kernel on the same oneDNN GEMM."""
+    kernel = next(k for k in KERNELS if k.name == "fp8-words-onednn")
+    if kernel.available(CPU):
+        pytest.skip(kernel.available(CPU))
+    model, x = tiny_model("llama"), token_batches(1, 12, seed=7)[0]
+    outs, backends = {}, {}
+    for name in ("fp8-words-onednn", "fp8-dequant-onednn"):
+        torch._dynamo.reset()
+        qb = qcompiler.backend(preset, calibration=calibration_batches(), target=target, progress=False, kernels=name)
+        with torch.no_grad():
+            outs[name] = torch.compile(model, backend=qb)(x).logits
+        backends[name] = qb
+    torch._dynamo.reset()
+    assert rel_err(outs["fp8-words-onednn"], outs["fp8-dequant-onednn"]) <= 1e-6
+    report = backends["fp8-words-onednn"].report
+    stats = next(p["stats"] for p in report.passes if p["name"] == "lower")
+    assert stats["kernel_quantize_folded"] == stats["kernel_fp8_gemm_fp8-words-onednn"] == len(report.quantized) > 0
+    assert all("quantize op is folded into the kernel" in d.kernel_note for d in report.quantized)
+    other = next(p["stats"] for p in backends["fp8-dequant-onednn"].report.passes if p["name"] == "lower")
+    assert "kernel_quantize_folded" not in other
