@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from qcompiler import numerics
+from qcompiler.formats import op_format
 from qcompiler.packing import unpack_int4
 
 from . import reference as ref
@@ -79,11 +80,15 @@ class GemmKernel:
     summary: str
     devices: tuple[str, ...] = ("cpu",)
     prepare: Callable[[torch.Tensor, list], torch.Tensor] | None = None
-    weight_arg: int = 2
+    weight_arg: int | None = None      # default: the op's weight argument (``qcompiler.formats``)
     accepts: Callable[..., str | None] = field(default=lambda *args: None)
     available: Callable[[torch.device], str | None] = field(default=lambda device: None)
     reference: bool = False
     from_float: Callable | None = None
+
+    def __post_init__(self):
+        if self.weight_arg is None:
+            object.__setattr__(self, "weight_arg", op_format(self.op).weight_arg)
 
 
 def _rows(a: torch.Tensor) -> torch.Tensor:
@@ -438,30 +443,30 @@ KERNELS: tuple[GemmKernel, ...] = (
                "instructions) + oneDNN's float32 GEMM", prepare=_fp8_words_prepack, accepts=_fp8_words_accepts,
                available=onednn_float_available, from_float=fp8_gemm_words_onednn_from_float),
     GemmKernel("dequant", "weight_only_gemm", weight_only_gemm_dequant,
-               "dequantize the weight to the activation dtype + float GEMM", _ANY, weight_arg=1, reference=True),
+               "dequantize the weight to the activation dtype + float GEMM", _ANY, reference=True),
     GemmKernel("int8pack", "weight_only_gemm", weight_only_gemm_int8pack,
-               "torch._weight_int8pack_mm (int8 weight, scale after the sum)", _ANY, weight_arg=1,
+               "torch._weight_int8pack_mm (int8 weight, scale after the sum)", _ANY,
                accepts=_int8pack_accepts),
     GemmKernel("dequant-onednn", "weight_only_gemm", weight_only_gemm_dequant_onednn,
-               "dequantize the weight + oneDNN's float GEMM", weight_arg=1, accepts=_onednn_float_accepts,
+               "dequantize the weight + oneDNN's float GEMM", accepts=_onednn_float_accepts,
                available=onednn_float_available),
     GemmKernel("int8-words-onednn", "weight_only_gemm", weight_only_gemm_words_onednn,
                "int8 weight bytes in int32 words, decoded by integer shifts (vectorizes on every ISA) + dequantize "
-               "+ oneDNN's float GEMM", weight_arg=1, prepare=_int8_words_prepack, accepts=_int8_words_accepts,
+               "+ oneDNN's float GEMM", prepare=_int8_words_prepack, accepts=_int8_words_accepts,
                available=onednn_float_available),
     GemmKernel("dequant", "int4_gemm", ref.int4_gemm_ref, "unpack + dequantize the INT4 weight + float GEMM", _ANY,
-               weight_arg=1, reference=True),
+               reference=True),
     GemmKernel("int4-groups", "int4_gemm", int4_gemm_groups,
                "INT4 repacked per group in two nibble halves (same bytes; unpacks without interleaving) + "
-               "dequantize + float GEMM", _ANY, prepare=_int4_groups_prepack, weight_arg=1,
+               "dequantize + float GEMM", _ANY, prepare=_int4_groups_prepack,
                accepts=_int4_groups_accepts),
     GemmKernel("int4-groups-onednn", "int4_gemm", int4_gemm_groups_onednn,
                "INT4 repacked per group in two nibble halves + dequantize + oneDNN's float GEMM",
-               prepare=_int4_groups_prepack, weight_arg=1, accepts=_int4_groups_onednn_accepts,
+               prepare=_int4_groups_prepack, accepts=_int4_groups_onednn_accepts,
                available=onednn_float_available),
     GemmKernel("int4-words-onednn", "int4_gemm", int4_gemm_words_onednn,
                "INT4 in int32 words of 8 nibbles, decoded by integer shifts (vectorizes on every ISA) + dequantize "
-               "+ oneDNN's float GEMM", prepare=_int4_words_prepack, weight_arg=1, accepts=_int4_words_accepts,
+               "+ oneDNN's float GEMM", prepare=_int4_words_prepack, accepts=_int4_words_accepts,
                available=onednn_float_available),
     GemmKernel("dequant", "w4a8_gemm", _ops.w4a8_gemm, "unpack + dequantize both operands + float32 GEMM", _ANY,
                reference=True),

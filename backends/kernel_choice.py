@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import operator
 import os
 import tempfile
 import time
@@ -37,13 +38,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from qcompiler import numerics
 from qcompiler.errors import RecipeError, UnsupportedError
+from qcompiler.formats import op_format
 
 from . import machine
 from .gemm_kernels import KERNELS, REFERENCE_CONTRACT, Contract, GemmKernel, int16_pair_reference, kernels_for, \
     layer_contract
 
-__all__ = ["Choice", "KernelChooser", "POLICIES", "probe", "check_policy", "MIN_WORK", "BUCKETS"]
+__all__ = ["ActivationSource", "Choice", "KernelChooser", "POLICIES", "probe", "check_policy", "MIN_WORK", "BUCKETS"]
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +64,6 @@ _FLOAT_ONEDNN = "oneDNN float32 linear"
 #: the float linears timed as bars, by name
 _FLOAT_LINEARS = {_FLOAT: lambda x, w: F.linear(x, w),
                   _FLOAT_ONEDNN: lambda x, w: torch.ops.qcompiler.onednn_linear(x, w, None)}
-#: activation arguments (synthesized for timing) per op
-_ACTIVATION_ARGS = {"int8_gemm": (0, 1), "fp8_gemm": (0, 1), "w4a8_gemm": (0, 1), "weight_only_gemm": (0,),
-                    "int4_gemm": (0,)}
 
 
 @dataclass(frozen=True)
@@ -222,34 +222,63 @@ def _time_all(fns: dict[str, Any], inputs: list, budget_s: float = 0.4, max_roun
     return best
 
 
-def _callable(kernel: GemmKernel, args: list, act_idx: tuple[int, ...], target: str):
-    """``fn(*activations)`` running ``kernel`` on ``args`` as ``target`` runs it."""
-    def eager(*acts):
-        full = list(args)
-        for i, a in zip(act_idx, acts):
-            full[i] = a
-        return kernel.run(*full)
+@dataclass(frozen=True)
+class ActivationSource:
+    """How a GEMM's quantized activation is made in the graph: ``kind`` ``"static"`` (a ``quantize`` with
+    the GEMM's own scale) or ``"per_token"`` (``quantize_per_token``), to ``dtype``. Given to the chooser,
+    every candidate is timed from the float activation with that quantization in front of it, folded
+    into the kernels that take float activations (``GemmKernel.from_float``) as the lowering folds it."""
 
-    if target != "inductor":
+    kind: str
+    dtype: str
+
+    def __post_init__(self):
+        if self.kind not in ("static", "per_token"):
+            raise ValueError(f"ActivationSource.kind must be 'static' or 'per_token', got {self.kind!r}")
+
+
+def _callable(kernel: GemmKernel, args: list, act_idx: tuple[int, ...], target: str,
+              source: ActivationSource | None = None):
+    """``fn(*inputs)`` running ``kernel`` on ``args`` as ``target`` runs it: the inputs are the activation
+    arguments, or with ``source`` the float activation, quantized as the graph quantizes it."""
+    if target != "inductor" and source is None:
+        def eager(*acts):
+            full = list(args)
+            for i, a in zip(act_idx, acts):
+                full[i] = a
+            return kernel.run(*full)
         return eager
-    # the lowered graph's form: constants as get_attr, activations as inputs, compiled by inductor
-    from torch._inductor.compile_fx import compile_fx
     root, graph = torch.nn.Module(), torch.fx.Graph()
     nodes: list[Any] = []
     for i, a in enumerate(args):
-        if i in act_idx:
-            nodes.append(graph.placeholder(f"act{i}"))
-        elif isinstance(a, torch.Tensor):
-            setattr(root, f"const{i}", a)
+        if isinstance(a, torch.Tensor) and (i not in act_idx or (source is not None and i == 1 and source.kind == "static")):
+            setattr(root, f"const{i}", a)       # the lowered graph's form: constants as get_attr
             nodes.append(graph.get_attr(f"const{i}"))
+        elif i in act_idx and source is None:
+            nodes.append(graph.placeholder(f"act{i}"))
         else:
             nodes.append(a)
-    graph.output((graph.call_function(kernel.run, tuple(nodes)),))
+    run = kernel.run
+    if source is not None:
+        x = graph.placeholder("x")
+        if source.kind == "static":
+            q = graph.call_function(numerics.quantize, (x, nodes[1], None, source.dtype))
+        else:
+            qpt = graph.call_function(numerics.quantize_per_token, (x, source.dtype))
+            q, nodes[1] = (graph.call_function(operator.getitem, (qpt, i)) for i in (0, 1))
+        nodes[0] = q
+        if kernel.from_float is not None:
+            nodes[0], run = x, kernel.from_float
+    graph.output((graph.call_function(run, tuple(nodes)),))
+    graph.eliminate_dead_code()
     gm = torch.fx.GraphModule(root, graph)
-    example = [args[i] for i in act_idx]
+    if target != "inductor":
+        return lambda *inputs: gm(*inputs)[0]
+    from torch._inductor.compile_fx import compile_fx
+    example = [a for i, a in enumerate(args) if i in act_idx] if source is None else [args[0]]
     with torch._guards.tracing(None):
         compiled = compile_fx(gm, example)
-    return lambda *acts: compiled(*acts)
+    return lambda *inputs: compiled(*inputs)
 
 
 class _DiskCache:
@@ -304,9 +333,10 @@ class KernelChooser:
     def _policy_for(self, op: str) -> str:
         return self.policy.get(op, "auto") if isinstance(self.policy, Mapping) else self.policy
 
-    def choose(self, op: str, args: list, device: torch.device) -> Choice:
+    def choose(self, op: str, args: list, device: torch.device, source: ActivationSource | None = None) -> Choice:
         """The kernel for one ``op`` node; ``args`` are its arguments with constants as real tensors
-        and activations as traced (fake) values or None when unknown."""
+        and activations as traced (fake) values or None when unknown; ``source``: how the graph quantizes
+        the activation (timed in front of every candidate), None to time the kernels alone."""
         policy = self._policy_for(op)
         candidates = kernels_for(op, device)
         reference = next(k for k in candidates if k.reference)
@@ -336,10 +366,10 @@ class KernelChooser:
             k, contract, note = admitted[0]
             return Choice(k, contract, f"the only admitted kernel ({note})"
                           + (f"; refused: {'; '.join(refused)}" if refused else ""))
-        return self._fastest(op, args, device, admitted, reference)
+        return self._fastest(op, args, device, admitted, reference, source)
 
-    def _fastest(self, op, args, device, admitted, reference) -> Choice:
-        act_idx = _ACTIVATION_ARGS[op]
+    def _fastest(self, op, args, device, admitted, reference, source=None) -> Choice:
+        act_idx = op_format(op).activation_args    # synthesized for timing
         acts = [args[i] for i in act_idx]
         w = args[reference.weight_arg]
         n = int(w.shape[0])
@@ -360,13 +390,14 @@ class KernelChooser:
         forms = ",".join(f"{a.dtype}{tuple(a.shape)}" if isinstance(a, torch.Tensor) and i not in act_idx
                          else (f"{a.dtype}[{a.dim()}d]" if isinstance(a, torch.Tensor) else repr(a))
                          for i, a in enumerate(args))
-        key = f"{self.target}|{device.type}|{op}|M{m}|{forms}"
+        key = f"{self.target}|{device.type}|{op}|M{m}|{forms}" + (f"|{source.kind}-{source.dtype}" if source else "")
         timings = dict(_TIMINGS.get(key) or self._disk.get(key) or {})
         bars = [_FLOAT] + ([_FLOAT_ONEDNN] if any(name.endswith("-onednn") for name in by_name) else [])
         missing = [name for name in [*by_name, *bars] if name not in timings]
         if missing:
             g = torch.Generator().manual_seed(0)
-            inputs = [_synthetic(a, m, device, g) for a in acts]
+            inputs = [_synthetic(a, m, device, g) for a in acts] if source is None else \
+                [torch.randn(m, k_dim, generator=g).to(device)]
             t_start = time.perf_counter()
             fns = {}
             with torch.no_grad():
@@ -377,12 +408,17 @@ class KernelChooser:
                         continue
                     kernel = by_name[name][0]
                     full = list(args)
-                    for i, a in zip(act_idx, inputs):
-                        full[i] = a
+                    if source is None:
+                        for i, a in zip(act_idx, inputs):
+                            full[i] = a
+                    else:   # the float activation in place of the quantized one (its form for prepare)
+                        full[0] = inputs[0]
+                        if source.kind == "per_token":
+                            full[1] = torch.ones(m, 1, device=device)
                     if kernel.prepare:
                         full[kernel.weight_arg] = kernel.prepare(full[kernel.weight_arg], full)
                     try:
-                        fns[name] = _callable(kernel, full, act_idx, self.target)
+                        fns[name] = _callable(kernel, full, act_idx, self.target, source)
                         fns[name](*inputs)
                     except Exception as e:   # a kernel that fails here is not chosen
                         log.warning("kernel %s for %s failed its benchmark: %s", name, op, e)

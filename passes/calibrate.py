@@ -1,5 +1,5 @@
-"""Calibration pass: fetch per-linear input statistics (computed once per model, cached by
-module path) into ``ctx.analyses[Analysis.CALIBRATION]``."""
+"""Calibration pass: this graph's per-linear input statistics (computed once per model by the API
+before the passes run, ``ctx.calibration``) into ``ctx.analyses[Analysis.CALIBRATION]``."""
 
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ __all__ = ["Calibrate", "smoothed_stats"]
 
 
 class Calibrate:
-    """Read statistics from ``ctx.analyses[Analysis.CALIBRATION_SOURCE]`` (a zero-argument callable
-    returning ``{module path: LayerStats}``) for the linears of this graph."""
+    """Take the statistics of this graph's linears from ``ctx.calibration`` (computed before the passes ran)."""
 
     name = "calibrate"
     requires = ("annotate",)
@@ -27,10 +26,9 @@ class Calibrate:
         if not ctx.recipe.needs_calibration:
             ctx.analyses[Analysis.CALIBRATION] = {}
             return PassResult(gm, False, {"layers_with_stats": 0})
-        source = ctx.analyses.get(Analysis.CALIBRATION_SOURCE)
-        if source is None:
+        all_stats = ctx.calibration.stats
+        if all_stats is None and ctx.recipe.requires_calibration:
             raise CalibrationError(f"recipe {ctx.recipe.name!r} needs calibration data: pass calibration=batches")
-        all_stats: dict[str, LayerStats] | None = source()
         if all_stats is None:        # no calibration data, and the recipe can run without it
             ctx.analyses[Analysis.CALIBRATION] = {}
             ctx.analyses[Analysis.NO_CALIBRATION_DATA] = True

@@ -1,7 +1,8 @@
 """Pattern fusion: rewrite fake-quant linears into quantized GEMM ops.
 
 One row per fusion in ``FUSIONS``: a matcher that reads the Q/DQ pattern around a
-``linear`` node and returns the fused op's arguments, or None.
+``linear`` node and returns the fused op and its arguments, or None. Which op a (weight,
+activation) format pair becomes, and its argument order, come from ``qcompiler.formats``.
 
 - ``linear(dq(q(x, s)), dq(w_q, w_s), b)`` with int8 / fp8 -> ``int8_gemm`` / ``fp8_gemm(x_q, s, w_q, w_s, b)``
 - the same with ``quantize_per_token`` (dynamic) -> the same GEMMs with per-row scales
@@ -19,12 +20,12 @@ from typing import Callable
 import torch
 from torch.fx import GraphModule, Node
 
+from qcompiler.formats import find_gemm_format
 from qcompiler.pipeline import PassContext, PassResult
 
 __all__ = ["Fusion", "FUSIONS", "FuseQuantizedGemm"]
 
 _ops = torch.ops.qcompiler
-_GEMM_FOR_DTYPE = {"int8": _ops.int8_gemm, "fp8_e4m3": _ops.fp8_gemm}
 
 
 @dataclass(frozen=True)
@@ -56,11 +57,11 @@ def _match_static(node: Node):
     if not (_is(x, _ops.dequantize) and _is(x.args[0], _ops.quantize)) or x.args[2] is not None:
         return None
     x_q = x.args[0]
-    dtype = x_q.args[3]
+    fmt = find_gemm_format("byte", x_q.args[3])
     w_q, w_s, w_z = w.args[0], w.args[1], w.args[2]
-    if dtype not in _GEMM_FOR_DTYPE or w_z is not None or (len(w.args) > 4 and w.args[4]):
+    if fmt is None or w_z is not None or (len(w.args) > 4 and w.args[4]):
         return None
-    return _GEMM_FOR_DTYPE[dtype], (x_q, x.args[1], w_q, w_s, b, w.args[3])
+    return fmt.packet, fmt.arguments(x_q, x.args[1], w_q, w_s, None, b, 0, None, w.args[3])
 
 
 def _match_per_token(node: Node):
@@ -74,10 +75,10 @@ def _match_per_token(node: Node):
     if not (_is(x_q, operator.getitem) and _is(x_s, operator.getitem) and x_q.args[0] is x_s.args[0]
             and _is(x_q.args[0], _ops.quantize_per_token)):
         return None
-    dtype = x_q.args[0].args[1]
-    if dtype not in _GEMM_FOR_DTYPE or w.args[2] is not None:
+    fmt = find_gemm_format("byte", x_q.args[0].args[1])
+    if fmt is None or w.args[2] is not None:
         return None
-    return _GEMM_FOR_DTYPE[dtype], (x_q, x_s, w.args[0], w.args[1], b, w.args[3])
+    return fmt.packet, fmt.arguments(x_q, x_s, w.args[0], w.args[1], None, b, 0, None, w.args[3])
 
 
 def _match_weight_only(node: Node):
@@ -88,7 +89,8 @@ def _match_weight_only(node: Node):
     if _is(x, _ops.dequantize):
         return None
     block = w.args[4] if len(w.args) > 4 else 0
-    return _ops.weight_only_gemm, (x, w.args[0], w.args[1], w.args[2], b, block)
+    fmt = find_gemm_format("byte", None)
+    return fmt.packet, fmt.arguments(x, None, w.args[0], w.args[1], w.args[2], b, block, None, None)
 
 
 def _int4_operands(node: Node):
@@ -104,7 +106,8 @@ def _match_int4_weight_only(node: Node):
     if ops is None or _is(ops[0], _ops.dequantize):
         return None
     x, (w_p, w_s, w_z, group, k), b = ops
-    return _ops.int4_gemm, (x, w_p, w_s, w_z, b, group, k)
+    fmt = find_gemm_format("int4", None)
+    return fmt.packet, fmt.arguments(x, None, w_p, w_s, w_z, b, group, k, None)
 
 
 def _match_w4a8(node: Node):
@@ -114,12 +117,17 @@ def _match_w4a8(node: Node):
     x, (w_p, w_s, w_z, group, k), b = ops
     x_q, x_s = x.args[0], x.args[1]
     if _is(x_q, operator.getitem):
-        if not (_is(x_s, operator.getitem) and x_q.args[0] is x_s.args[0] and _is(x_q.args[0], _ops.quantize_per_token)
-                and x_q.args[0].args[1] == "fp8_e4m3"):
+        if not (_is(x_s, operator.getitem) and x_q.args[0] is x_s.args[0] and _is(x_q.args[0], _ops.quantize_per_token)):
             return None
-    elif not (_is(x_q, _ops.quantize) and x_q.args[3] == "fp8_e4m3" and x.args[2] is None):
+        dtype = x_q.args[0].args[1]
+    elif _is(x_q, _ops.quantize) and x.args[2] is None:
+        dtype = x_q.args[3]
+    else:
         return None
-    return _ops.w4a8_gemm, (x_q, x_s, w_p, w_s, w_z, b, group, k, x.args[3])
+    fmt = find_gemm_format("int4", dtype)
+    if fmt is None:
+        return None
+    return fmt.packet, fmt.arguments(x_q, x_s, w_p, w_s, w_z, b, group, k, x.args[3])
 
 
 FUSIONS: tuple[Fusion, ...] = (

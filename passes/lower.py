@@ -25,7 +25,8 @@ import torch
 from torch.fx import GraphModule, Node
 
 from qcompiler.backends import get_backend
-from qcompiler.backends.kernel_choice import KernelChooser, check_policy
+from qcompiler.backends.kernel_choice import ActivationSource, KernelChooser, check_policy
+from qcompiler.formats import op_format
 from qcompiler.ops import GEMM_OPS
 from qcompiler.pipeline import META_KEY, PassContext, PassResult
 
@@ -91,9 +92,10 @@ class Lower:
         for node in gemms:
             op = node.target.__name__.split(".")[-1]
             args = [_resolve(a, gm, values) for a in node.args]
-            kernel_w = args[2] if op in ("int8_gemm", "fp8_gemm", "w4a8_gemm") else args[1]
+            kernel_w = args[op_format(op).weight_arg]
             device = kernel_w.device if isinstance(kernel_w, torch.Tensor) else ctx.device
-            choice = chooser.choose(op, args, device)
+            source = _activation_source(node)
+            choice = chooser.choose(op, args, device, source[0] if source else None)
             kernel, fqn = choice.kernel, _layer_of(node)
             if kernel.prepare is not None:
                 w_node = node.args[kernel.weight_arg]
@@ -101,7 +103,9 @@ class Lower:
                                         kernel.prepare(getattr(gm, w_node.target), args), node)
                 node.args = node.args[:kernel.weight_arg] + (prepared,) + node.args[kernel.weight_arg + 1:]
                 replaced.add(w_node.target)
-            folded = kernel.from_float is not None and _fold_activation_quantize(node)
+            folded = kernel.from_float is not None and source is not None
+            if folded:      # the float activation in place of the quantized one; the quantize op goes dead
+                node.args = (source[1],) + tuple(node.args[1:])
             run = kernel.from_float if folded else kernel.run
             if folded:
                 counts["kernel_quantize_folded"] = counts.get("kernel_quantize_folded", 0) + 1
@@ -158,27 +162,24 @@ def _op_of(node: object) -> str:
     return name.split(".")[0] if namespace == "qcompiler" else ""
 
 
-def _fold_activation_quantize(node: Node) -> bool:
-    """Give an ``fp8_gemm`` node the float input of the quantize op behind its activation when that op
-    quantizes to fp8 with the GEMM's own activation scale (a static ``quantize``, or the values of a
-    ``quantize_per_token`` whose scale the GEMM takes). The quantize op is left to dead-code removal."""
+def _activation_source(node: Node) -> tuple[ActivationSource, Node] | None:
+    """How the quantized activation of a GEMM node is made, and its float input: a static ``quantize``
+    with the GEMM's own activation scale, or the values of a ``quantize_per_token`` whose scale the GEMM
+    takes. None for anything else (the kernels are then timed, and run, on the quantized activation)."""
     a_q, a_scale = node.args[0], node.args[1]
     if _op_of(a_q) == "quantize":
         x, scale, zero, dtype = a_q.args[:4]
         block = a_q.args[4] if len(a_q.args) > 4 else a_q.kwargs.get("block_size", 0)
-        if scale is not a_scale or zero is not None or dtype != "fp8_e4m3" or block:
-            return False
-    elif isinstance(a_q, Node) and a_q.target is operator.getitem and a_q.args[1] == 0 \
+        if scale is not a_scale or zero is not None or block:
+            return None
+        return ActivationSource("static", dtype), x
+    if isinstance(a_q, Node) and a_q.target is operator.getitem and a_q.args[1] == 0 \
             and _op_of(a_q.args[0]) == "quantize_per_token":
         source = a_q.args[0]
-        x, dtype = source.args[:2]
-        if dtype != "fp8_e4m3" or not (isinstance(a_scale, Node) and a_scale.target is operator.getitem
-                                       and a_scale.args == (source, 1)):
-            return False
-    else:
-        return False
-    node.args = (x,) + tuple(node.args[1:])
-    return True
+        if not (isinstance(a_scale, Node) and a_scale.target is operator.getitem and a_scale.args == (source, 1)):
+            return None
+        return ActivationSource("per_token", source.args[1]), source.args[0]
+    return None
 
 
 def _layer_of(node: Node) -> str:

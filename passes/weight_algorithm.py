@@ -28,10 +28,10 @@ class AWQFold(SmoothQuantFold):
     requires = ("smoothquant_fold",)
 
     def enabled(self, ctx: PassContext) -> bool:
-        return ctx.recipe.awq is not None
+        return weight_algorithms.has_input_scale(ctx.recipe)
 
     def group_scale(self, ctx, fqns, ws, st):
-        layerwise = ctx.analyses.get(Analysis.LAYERWISE_RESULTS, {})
+        layerwise = ctx.calibration.layerwise
         found = [layerwise.get(f) for f in fqns]
         if all(r is not None and r.scale is not None for r in found) and \
                 all(torch.equal(r.scale, found[0].scale) for r in found):
@@ -39,7 +39,7 @@ class AWQFold(SmoothQuantFold):
         memo = ctx.analyses.setdefault(Analysis.MEMO, {})
         key = ("awq_scale", tuple(fqns))
         if key not in memo:
-            memo[key] = weight_algorithms.awq_group_scale(st, ws, ctx.recipe, ",".join(fqns))
+            memo[key] = weight_algorithms.input_scale(st, ws, ctx.recipe, ",".join(fqns))
         return memo[key]
 
 
@@ -52,7 +52,7 @@ class WeightAlgorithm:
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         recipe = ctx.recipe
         out: dict[str, QuantizedWeight] = ctx.analyses.setdefault(Analysis.WEIGHT_ALGORITHM, {})
-        if recipe.gptq is None and recipe.awq is None:
+        if recipe.weight_algorithm_spec is None:
             return PassResult(gm, False, {})
         if ctx.analyses.get(Analysis.NO_CALIBRATION_DATA):
             # only optional GPTQ gets here without data (Recipe.requires_calibration): insert_qdq rounds to nearest
@@ -64,7 +64,7 @@ class WeightAlgorithm:
             return PassResult(gm, False, {"skipped_no_calibration": 1})
         ann = ctx.analyses[Analysis.ANNOTATE]
         stats = ctx.analyses.get(Analysis.CALIBRATION, {})
-        layerwise = ctx.analyses.get(Analysis.LAYERWISE_RESULTS, {})
+        layerwise = ctx.calibration.layerwise
         memo = ctx.analyses.setdefault(Analysis.MEMO, {})
         counts = {"from_layerwise": 0, "computed": 0}
         for fqn, d in ctx.layer_plan.items():

@@ -14,10 +14,11 @@ from torch.fx import GraphModule
 
 from . import recipes as _recipes
 from .calibration import CalibrationCache, calibration_rows
+from . import weight_algorithms
 from .gptq import too_few_rows_error
 from .layerwise import LayerwiseCalibration
 from .errors import CalibrationError, RecipeError, UnsupportedError
-from .pipeline import Analysis, CompileReport, PassContext, PassManager
+from .pipeline import Analysis, CalibrationData, CompileReport, PassContext, PassManager
 from .recipes import Recipe
 
 __all__ = ["QCompilerBackend", "backend", "quantize", "report"]
@@ -236,7 +237,7 @@ class QCompilerBackend:
             self.calibration = LayerwiseCalibration(calibration, self.recipe, progress=progress)
         else:
             self.calibration = CalibrationCache(calibration, self.recipe.samples_per_layer, progress=progress,
-                                                hessian=self.recipe.gptq is not None)
+                                                hessian=weight_algorithms.needs_hessian(self.recipe))
         if self.recipe.gptq is not None and self.calibration is not None:
             rows = calibration_rows(self.calibration.batches)   # refuse before calibrating, not per layer
             if rows is not None and rows < self.recipe.gptq.min_samples:
@@ -281,11 +282,11 @@ class QCompilerBackend:
         if self.root is None:
             self._adopt_root(_locate_root())
         device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
+        stats = self._stats() if self.recipe.needs_calibration else None   # before any pass runs
         ctx = PassContext(self.recipe, list(example_inputs), device,
-                          analyses={Analysis.PARAM_NAMES: self._param_names,
-                                    Analysis.CALIBRATION_SOURCE: self._stats, Analysis.MEMO: self._memo,
-                                    Analysis.LAYERWISE_RESULTS: getattr(self.calibration, "results", {})},
-                          report=self.report)
+                          analyses={Analysis.PARAM_NAMES: self._param_names, Analysis.MEMO: self._memo},
+                          report=self.report,
+                          calibration=CalibrationData(stats, getattr(self.calibration, "results", {})))
         gm = PassManager(passes).run(gm, ctx)
         self.report.layers.update(ctx.layer_plan)
         self.report.graphs += 1

@@ -39,7 +39,8 @@ from . import numerics
 from .errors import CalibrationError, UnsupportedError
 from .gptq import _one_thread
 from .layer_quant import QuantizedWeight, quantize_weight, weight_qdtype
-from .recipes import Granularity, WeightSpec
+from .recipes import AWQSpec, Granularity, WeightSpec
+from .weight_algorithms import WeightAlgorithm, register_weight_algorithm
 
 __all__ = ["AWQScaleInfo", "awq_search_scales", "awq_search_clip", "quantize_with_clip"]
 
@@ -263,3 +264,25 @@ def awq_search_clip(x_samples: torch.Tensor, w: torch.Tensor, spec: WeightSpec, 
             best_err = torch.where(better, err, best_err)
             best = torch.where(better, max_val, best)
     return best.float()
+
+
+# ---- the weight algorithm of AWQSpec --------------------------------------------------------
+
+def _input_scale(st, weights: Sequence[torch.Tensor], recipe, spec: AWQSpec, name: str) -> tuple[float, torch.Tensor]:
+    """AWQ's per-input-channel scale for the linears reading one input (``awq_search_scales``)."""
+    x = st.samples[: spec.samples].float()
+    s, info = awq_search_scales(x, [w.float() for w in weights], recipe.weight, grid=spec.grid,
+                                duo_scaling=spec.duo_scaling, layer_name=name)
+    return info.alpha, s
+
+
+def _quantize_linear(fqn: str, w: torch.Tensor, st, recipe, spec: AWQSpec) -> tuple[QuantizedWeight, str]:
+    """The scaled weight clipped by ``awq_search_clip`` (round-to-nearest without the clip search or data)."""
+    if not spec.clip_search or st is None:
+        return quantize_weight(w, recipe.weight), "rtn"
+    x = st.samples[: spec.samples].float()
+    max_val = awq_search_clip(x, w, recipe.weight, grid=spec.clip_grid, max_shrink=spec.max_shrink, layer_name=fqn)
+    return quantize_with_clip(w, max_val, recipe.weight), "awq scales + clip search"
+
+
+register_weight_algorithm(WeightAlgorithm("awq", AWQSpec, _quantize_linear, input_scale=_input_scale))

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 
 import torch
 
+from .formats import GemmFormat, gemm_format
 from .layer_quant import QuantizedWeight
 from .pipeline import Analysis, CompileReport, PassContext
 
@@ -45,22 +46,15 @@ class QuantizedLinear(torch.nn.Module):
         out_dtype = x.dtype
         if self.inv_smooth is not None:
             x = x * self.inv_smooth
-        int4 = self.weight_dtype in ("int4", "uint4")
-        bias = None if self.bias is None else self.bias.to(out_dtype)
-        if self.act_dtype is None and int4:
-            return self._gemm("int4_gemm", (x, self.w_q, self.w_scale, self.w_zero, bias, self.group_size,
-                                            self.in_features))
-        if self.act_dtype is None:
-            return self._gemm("weight_only_gemm", (x, self.w_q, self.w_scale, self.w_zero, bias, self.group_size))
-        if self.act_dynamic:
-            x_q, x_s = _ops.quantize_per_token(x, self.act_dtype)
+        fmt = gemm_format(self.weight_dtype, self.act_dtype)
+        if fmt.activation is None:          # float activations; the bias in their dtype
+            a, a_s, bias = x, None, None if self.bias is None else self.bias.to(out_dtype)
+        elif self.act_dynamic:
+            (a, a_s), bias = _ops.quantize_per_token(x, self.act_dtype), self.bias
         else:
-            x_q, x_s = _ops.quantize(x, self.act_scale, None, self.act_dtype), self.act_scale
-        if int4:
-            return self._gemm("w4a8_gemm", (x_q, x_s, self.w_q, self.w_scale, self.w_zero, self.bias, self.group_size,
-                                            self.in_features, out_dtype))
-        op = "int8_gemm" if self.act_dtype == "int8" else "fp8_gemm"
-        return self._gemm(op, (x_q, x_s, self.w_q, self.w_scale, self.bias, out_dtype))
+            a, a_s, bias = _ops.quantize(x, self.act_scale, None, self.act_dtype), self.act_scale, self.bias
+        return self._gemm(fmt, fmt.arguments(a, a_s, self.w_q, self.w_scale, self.w_zero, bias, self.group_size,
+                                             self.in_features, out_dtype))
 
     def __getstate__(self):
         # the chosen kernels hold prepacked weights (oneDNN's opaque tensors, which neither copy nor
@@ -68,16 +62,16 @@ class QuantizedLinear(torch.nn.Module):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
         return {**state, "_chosen": {}}
 
-    def _gemm(self, op: str, args: tuple) -> torch.Tensor:
-        """Run ``op`` on the kernel chosen for this row count and device (the op itself while traced)."""
+    def _gemm(self, fmt: GemmFormat, args: tuple) -> torch.Tensor:
+        """Run ``fmt``'s op on the kernel chosen for this row count and device (the op itself while traced)."""
+        op = fmt.op
         if torch.compiler.is_compiling():
-            return getattr(_ops, op)(*args)
+            return fmt.packet(*args)
         from qcompiler.backends.kernel_choice import KernelChooser, _bucket
         x = args[0]
         key = (_bucket(x.numel() // max(x.shape[-1], 1)), x.device)
         if key not in self._chosen:
-            weight_arg = 2 if op in ("int8_gemm", "fp8_gemm", "w4a8_gemm") else 1
-            choice = KernelChooser("reference", self.kernels).choose(op, list(args), args[weight_arg].device)
+            choice = KernelChooser("reference", self.kernels).choose(op, list(args), args[fmt.weight_arg].device)
             kernel = choice.kernel
             prepared = kernel.prepare(args[kernel.weight_arg], list(args)) if kernel.prepare else None
             self._chosen[key] = (choice, prepared)

@@ -53,7 +53,8 @@ import torch
 from . import numerics
 from .errors import CalibrationError
 from .layer_quant import QuantizedWeight, quantize_weight, weight_qdtype
-from .recipes import Granularity, Recipe, WeightSpec
+from .recipes import GPTQSpec, Granularity, Recipe, WeightSpec
+from .weight_algorithms import WeightAlgorithm, register_weight_algorithm
 
 __all__ = ["HessianAccumulator", "GPTQInfo", "gptq_quantize", "default_min_samples", "too_few_rows_error"]
 
@@ -384,3 +385,23 @@ def _current_columns(w: torch.Tensor, w1: torch.Tensor, err1: torch.Tensor, u: t
     if outside.numel():
         parts.append(w[outside] - u[i1:i1 + i][:, outside].T @ err1[:i])
     return torch.cat(parts, dim=0)
+
+
+# ---- the weight algorithm of GPTQSpec -------------------------------------------------------
+
+def _quantize_linear(fqn: str, w: torch.Tensor, st, recipe: Recipe, spec: GPTQSpec) -> tuple[QuantizedWeight, str]:
+    if st is None or st.hessian is None:
+        raise CalibrationError(f"{fqn}: GPTQ needs the Hessian of this linear's inputs; no calibration "
+                               "statistics reached it")
+    if st.tokens < spec.min_samples:
+        raise too_few_rows_error(recipe, st.tokens, fqn)
+    qw, info = gptq_quantize(w, st.hessian, recipe.weight, n_samples=st.tokens, block_size=spec.block_size,
+                             dampening=spec.dampening, act_order=spec.act_order, static_groups=spec.static_groups,
+                             min_samples=spec.min_samples, layer_name=fqn)
+    note = f"gptq damp {info.dampening:g}"
+    if info.dampening > spec.dampening:
+        note += f" (raised from {spec.dampening:g}: Hessian not positive definite)"
+    return qw, note
+
+
+register_weight_algorithm(WeightAlgorithm("gptq", GPTQSpec, _quantize_linear, needs_hessian=True))

@@ -121,7 +121,7 @@ class LayerwiseCalibration:
         self.check_vocabulary(model)
         t0 = time.perf_counter()
         self.blocks_path, blocks = find_decoder_blocks(model)
-        hessian = self.recipe.gptq is not None
+        hessian = weight_algorithms.needs_hessian(self.recipe)
         inputs: list[tuple[tuple, dict]] = []
 
         def capture(module, args, kwargs):
@@ -208,9 +208,7 @@ class LayerwiseCalibration:
         for fqns in groups.values():
             ws = [(m[1].t() if m[2] else m[1]).detach().float() for m in (modules[f] for f in fqns)]
             st0 = block_stats[fqns[0]]
-            alpha, s = None, None
-            if recipe.awq is not None:
-                alpha, s = weight_algorithms.awq_group_scale(st0, ws, recipe, ",".join(fqns))
+            alpha, s = weight_algorithms.input_scale(st0, ws, recipe, ",".join(fqns))
             for fqn, w in zip(fqns, ws):
                 st = weight_algorithms.scaled_stats(block_stats[fqn], s)
                 qw, note = weight_algorithms.quantize_linear(fqn, w if s is None else w * s[None, :], st, recipe)

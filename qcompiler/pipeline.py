@@ -13,11 +13,12 @@ import networkx as nx
 import torch
 from torch.fx import GraphModule
 
+from .calibration import LayerStats
 from .errors import CalibrationError, PassError, RecipeError
 from .recipes import Recipe
 
-__all__ = ["Analysis", "Pass", "PassResult", "PassContext", "PassManager", "LayerDecision", "CompileReport",
-           "META_KEY"]
+__all__ = ["Analysis", "Pass", "PassResult", "PassContext", "CalibrationData", "PassManager", "LayerDecision",
+           "CompileReport", "META_KEY"]
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,6 @@ class Analysis(str, enum.Enum):
     ``analyses[Analysis.ANNOTATE]`` are the same entry, so passes written with bare strings still work."""
 
     PARAM_NAMES = "param_names"                  # id(parameter) -> its module paths (set by the API)
-    CALIBRATION_SOURCE = "calibration_source"    # zero-argument callable -> statistics (set by the API)
-    LAYERWISE_RESULTS = "layerwise_results"      # fqn -> GPTQ / AWQ result of layer-by-layer calibration (API)
     MEMO = "memo"                                # results kept across the graphs of one backend (API)
     ANNOTATE = "annotate"                        # GraphAnnotation: linears, weights, parameter paths
     CALIBRATION = "calibration"                  # fqn -> activation statistics
@@ -190,6 +189,7 @@ class CompileReport:
 class PassContext:
     """Everything a pass may read or fill, handed to every pass of one compile.
 
+    ``calibration`` is what calibration gave this compile, computed before any pass runs;
     ``analyses`` holds results passes provide to later ones, keyed by ``Analysis`` names
     (``Analysis.ANNOTATE``, ``CALIBRATION``, ``OUTLIERS``, ...); ``layer_plan`` the per-linear decisions.
     """
@@ -200,6 +200,20 @@ class PassContext:
     analyses: dict[str, Any] = field(default_factory=dict)
     layer_plan: dict[str, LayerDecision] = field(default_factory=dict)
     report: CompileReport = field(default_factory=CompileReport)
+    calibration: "CalibrationData" = field(default_factory=lambda: CalibrationData())
+
+
+@dataclass(frozen=True)
+class CalibrationData:
+    """Calibration's results for one compile, computed by the API before the pass manager runs.
+
+    ``stats``: module path -> ``LayerStats`` of the linear's input (all the model's linears), None when
+    the recipe reads none or runs without calibration data; ``layerwise``: module path -> the
+    layer-by-layer weight-algorithm result (``qcompiler.layerwise.LayerResult``), empty without it.
+    """
+
+    stats: Mapping[str, LayerStats] | None = None
+    layerwise: Mapping[str, Any] = field(default_factory=dict)
 
 
 class PassManager:

@@ -1,68 +1,132 @@
-"""Per-layer weight algorithms behind the recipe's ``gptq`` / ``awq`` fields, shared by the graph
-passes (``passes/awq.py``, ``passes/weight_algorithm.py``) and layer-by-layer calibration
-(``qcompiler.layerwise``), so both compute the same numbers.
+"""Weight algorithms, registered against the recipe spec type that selects them.
 
-- ``awq_group_scale``: AWQ's per-input-channel scale for the linears that share one input.
-- ``quantize_linear``: one linear's ``QuantizedWeight`` by GPTQ (Hessian of its inputs), AWQ
-  clipping search, or round-to-nearest, given the input statistics after any smoothing scale.
+A weight algorithm turns one linear's float weight and its calibration statistics into a
+``QuantizedWeight``. Each registers a ``WeightAlgorithm`` under its spec type (``GPTQSpec`` in
+``qcompiler.gptq``, ``AWQSpec`` in ``qcompiler.awq``, or a third party's, see
+``examples/custom_weight_algorithm.py``), and everything that runs one dispatches through this
+module: the graph passes (``passes/weight_algorithm.py``) and layer-by-layer calibration
+(``qcompiler.layerwise``) compute the same numbers, and what an algorithm needs from calibration
+(input Hessians, an input-channel scale before quantizing) is declared here, not tested by name.
+A recipe without a weight algorithm rounds to nearest.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable
+
 import torch
 
-from .calibration import LayerStats
-from .errors import CalibrationError
+from .errors import UnsupportedError
 from .layer_quant import QuantizedWeight, quantize_weight
-from .recipes import Recipe
+from .recipes import register_algorithm_spec
 
-__all__ = ["awq_group_scale", "quantize_linear", "scaled_stats"]
+__all__ = ["WeightAlgorithm", "register_weight_algorithm", "registered_algorithms", "algorithm_of",
+           "needs_hessian", "has_input_scale", "input_scale", "quantize_linear", "scaled_stats"]
 
 
-def scaled_stats(st: LayerStats, s: torch.Tensor | None) -> LayerStats:
+@dataclass(frozen=True)
+class WeightAlgorithm:
+    """One weight algorithm.
+
+    Args:
+        name: shown in reports and errors.
+        spec_type: the recipe spec (a frozen dataclass) that selects and configures it.
+        quantize: ``(fqn, w, stats, recipe, spec) -> (QuantizedWeight, note)``: ``w`` is the float32
+            [N, K] weight (already multiplied by ``input_scale``'s ``s`` when there is one), ``stats``
+            the linear's ``LayerStats`` (inputs divided by ``s``) or None without calibration.
+        needs_hessian: calibration accumulates each linear's input Hessian ``X^T X`` for it.
+        input_scale: optional ``(stats, weights, recipe, spec, name) -> (alpha, s)``: a per-input-channel
+            scale for the linears reading one input (weights become ``W * s``, the input ``x / s``), as AWQ.
+    """
+
+    name: str
+    spec_type: type
+    quantize: Callable[..., tuple[QuantizedWeight, str]]
+    needs_hessian: bool = False
+    input_scale: Callable[..., tuple[float, torch.Tensor]] | None = None
+
+
+_ALGORITHMS: dict[type, WeightAlgorithm] = {}
+
+
+def register_weight_algorithm(algorithm: WeightAlgorithm) -> WeightAlgorithm:
+    """Register ``algorithm`` for recipes whose weight-algorithm spec is an ``algorithm.spec_type``
+    (``Recipe(weight_algorithm=spec)``); one algorithm per spec type."""
+    if not (isinstance(algorithm.spec_type, type) and dataclasses.is_dataclass(algorithm.spec_type)):
+        raise TypeError(f"weight algorithm {algorithm.name!r}: spec_type must be a dataclass type, "
+                        f"got {algorithm.spec_type!r}")
+    taken = _ALGORITHMS.get(algorithm.spec_type)
+    if taken is not None and taken != algorithm:
+        raise ValueError(f"a weight algorithm is already registered for {algorithm.spec_type.__name__}: "
+                         f"{taken.name!r}")
+    register_algorithm_spec(algorithm.spec_type)      # a valid Recipe.weight_algorithm, found by name in JSON
+    _ALGORITHMS[algorithm.spec_type] = algorithm
+    return algorithm
+
+
+def _load_builtins() -> None:
+    from . import awq, gptq  # noqa: F401  (each registers its algorithm on import)
+
+
+def registered_algorithms() -> dict[type, WeightAlgorithm]:
+    """{spec type: algorithm}, the built-in ones included."""
+    _load_builtins()
+    return dict(_ALGORITHMS)
+
+
+def algorithm_of(recipe: Any) -> tuple[WeightAlgorithm, Any] | None:
+    """``(algorithm, spec)`` the recipe selects, or None (round to nearest)."""
+    spec = recipe.weight_algorithm_spec
+    if spec is None:
+        return None
+    algorithm = registered_algorithms().get(type(spec))
+    if algorithm is None:
+        raise UnsupportedError(f"recipe {recipe.name!r}: no weight algorithm is registered for "
+                               f"{type(spec).__name__}; register one with "
+                               "qcompiler.weight_algorithms.register_weight_algorithm")
+    return algorithm, spec
+
+
+def needs_hessian(recipe: Any) -> bool:
+    """Whether calibration must accumulate input Hessians for the recipe's weight algorithm."""
+    found = algorithm_of(recipe)
+    return found is not None and found[0].needs_hessian
+
+
+def has_input_scale(recipe: Any) -> bool:
+    """Whether the recipe's weight algorithm rescales input channels before quantizing."""
+    found = algorithm_of(recipe)
+    return found is not None and found[0].input_scale is not None
+
+
+def input_scale(st: Any, weights: list[torch.Tensor], recipe: Any, name: str = "?"
+                ) -> tuple[float | None, torch.Tensor | None]:
+    """``(alpha, s)`` for the linears reading one input, or ``(None, None)`` when the recipe's
+    algorithm has no input scale."""
+    found = algorithm_of(recipe)
+    if found is None or found[0].input_scale is None:
+        return None, None
+    algorithm, spec = found
+    return algorithm.input_scale(st, weights, recipe, spec, name)
+
+
+def scaled_stats(st: Any, s: torch.Tensor | None) -> Any:
     """Statistics of ``x / s`` from those of ``x`` (Hessian ``H / (s s^T)``)."""
     if s is None:
         return st
     s = s.float().to(st.absmax.device)     # statistics stay where calibration keeps them
-    return LayerStats(st.absmax / s, st.samples / s, st.tokens,
-                      None if st.absmean is None else st.absmean / s,
-                      None if st.hessian is None else st.hessian / (s[:, None] * s[None, :]))
+    return dataclasses.replace(st, absmax=st.absmax / s, samples=st.samples / s,
+                               absmean=None if st.absmean is None else st.absmean / s,
+                               hessian=None if st.hessian is None else st.hessian / (s[:, None] * s[None, :]))
 
 
-def awq_group_scale(st: LayerStats, weights: list[torch.Tensor], recipe: Recipe, name: str = "?"
-                    ) -> tuple[float, torch.Tensor]:
-    """(alpha, s): AWQ's scale for linears reading one input; weights become ``W * s``, input ``x / s``."""
-    from . import awq as _awq
-    spec = recipe.awq
-    x = st.samples[: spec.samples].float()
-    s, info = _awq.awq_search_scales(x, [w.float() for w in weights], recipe.weight, grid=spec.grid,
-                                     duo_scaling=spec.duo_scaling, layer_name=name)
-    return info.alpha, s
-
-
-def quantize_linear(fqn: str, w: torch.Tensor, st: LayerStats | None, recipe: Recipe) -> tuple[QuantizedWeight, str]:
+def quantize_linear(fqn: str, w: torch.Tensor, st: Any, recipe: Any) -> tuple[QuantizedWeight, str]:
     """One linear's quantized weight and a short note (algorithm, dampening, clipping)."""
     w = w.float()
-    if recipe.gptq is not None:
-        from . import gptq as _gptq
-        if st is None or st.hessian is None:
-            raise CalibrationError(f"{fqn}: GPTQ needs the Hessian of this linear's inputs; no calibration "
-                                   "statistics reached it")
-        g = recipe.gptq
-        if st.tokens < g.min_samples:
-            raise _gptq.too_few_rows_error(recipe, st.tokens, fqn)
-        qw, info = _gptq.gptq_quantize(w, st.hessian, recipe.weight, n_samples=st.tokens, block_size=g.block_size,
-                                       dampening=g.dampening, act_order=g.act_order, static_groups=g.static_groups,
-                                       min_samples=g.min_samples, layer_name=fqn)
-        note = f"gptq damp {info.dampening:g}"
-        if info.dampening > g.dampening:
-            note += f" (raised from {g.dampening:g}: Hessian not positive definite)"
-        return qw, note
-    if recipe.awq is not None and recipe.awq.clip_search and st is not None:
-        from . import awq as _awq
-        spec = recipe.awq
-        x = st.samples[: spec.samples].float()
-        max_val = _awq.awq_search_clip(x, w, recipe.weight, grid=spec.clip_grid, max_shrink=spec.max_shrink,
-                                       layer_name=fqn)
-        return _awq.quantize_with_clip(w, max_val, recipe.weight), "awq scales + clip search"
-    return quantize_weight(w, recipe.weight), "rtn"
+    found = algorithm_of(recipe)
+    if found is None:
+        return quantize_weight(w, recipe.weight), "rtn"
+    algorithm, spec = found
+    return algorithm.quantize(fqn, w, st, recipe, spec)

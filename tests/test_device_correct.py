@@ -46,7 +46,7 @@ def _run(recipe, w, st):
         alpha, s = SmoothQuantFold().group_scale(PassContext(recipe=recipe), ["l"], [w], st)
         out.append(("smoothquant scale", s))
     if recipe.awq is not None:
-        alpha, s = weight_algorithms.awq_group_scale(st, [w], recipe, "l")
+        alpha, s = weight_algorithms.input_scale(st, [w], recipe, "l")
         w, st = w * s, weight_algorithms.scaled_stats(st, s)
         out.append(("awq scale", s))
     qw, _ = weight_algorithms.quantize_linear("l", w, st, recipe)

@@ -25,7 +25,7 @@ LAYERS = {
     "tooling": ["qcompiler.bench", "qcompiler.cli", "qcompiler.models", "qcompiler.data", "qcompiler.evaluate",
                 "qcompiler.texts", "qcompiler.registry", "qcompiler.__main__"],
     "primitives": ["qcompiler.errors", "qcompiler.numerics", "qcompiler.packing", "qcompiler.recipes",
-                   "qcompiler.recipes.*", "qcompiler.layer_quant", "qcompiler.ops", "qcompiler.reference_kernels"],
+                   "qcompiler.recipes.*", "qcompiler.layer_quant", "qcompiler.ops", "qcompiler.reference_kernels", "qcompiler.formats"],
     "algorithms": ["qcompiler.gptq", "qcompiler.awq", "qcompiler.weight_algorithms"],
     "calibration": ["qcompiler.calibration", "qcompiler.layerwise"],
     "pipeline": ["qcompiler.pipeline"],
@@ -48,8 +48,6 @@ ALLOWED = {
 }
 #: (importer, imported): today's exceptions
 KNOWN = {
-    # an algorithm dispatcher reading calibration's statistics types
-    ("qcompiler.weight_algorithms", "qcompiler.calibration"),
     # passes that reach the backends directly (lowering by target, the Triton norm kernel's op schema)
     ("qcompiler.passes.lower", "qcompiler.backends"),
     ("qcompiler.passes.lower", "qcompiler.backends.kernel_choice"),

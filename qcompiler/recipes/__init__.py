@@ -1,18 +1,19 @@
 """Recipes: what to quantize and how.
 
 A ``Recipe`` (``specs``) holds one ``WeightSpec`` (every quantized linear's weights), an optional
-``ActivationSpec`` (absent: weight-only), optional ``SmoothQuantSpec`` / ``GPTQSpec`` / ``AWQSpec``
-and a ``FallbackSpec``; each spec validates its own fields and the recipe round-trips through JSON.
+``ActivationSpec`` (absent: weight-only), optional ``SmoothQuantSpec``, one optional weight algorithm
+(``GPTQSpec``, ``AWQSpec`` or a registered third party's spec in ``weight_algorithm``) and a
+``FallbackSpec``; each spec validates its own fields and the recipe round-trips through JSON.
 Presets (``presets``) are registered by name with ``@register_recipe`` and fetched with
 ``get(name)``; ``names()`` lists them.
 """
 
 from .presets import RECIPES, get, names, register_recipe
-from .specs import (OP_KINDS, ActivationSpec, AWQSpec, Calibrator, FallbackSpec, GPTQSpec, Granularity, QuantDtype,
-                    Recipe, SmoothQuantSpec, WeightSpec)
+from .specs import (ALGORITHM_SPECS, OP_KINDS, ActivationSpec, AWQSpec, Calibrator, FallbackSpec, GPTQSpec,
+                    Granularity, QuantDtype, Recipe, SmoothQuantSpec, WeightSpec, register_algorithm_spec)
 
 __all__ = [
     "QuantDtype", "Granularity", "Calibrator", "WeightSpec", "ActivationSpec",
     "SmoothQuantSpec", "GPTQSpec", "AWQSpec", "FallbackSpec", "Recipe", "register_recipe", "get", "names", "RECIPES",
-    "OP_KINDS",
+    "OP_KINDS", "ALGORITHM_SPECS", "register_algorithm_spec",
 ]

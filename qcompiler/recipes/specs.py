@@ -15,7 +15,8 @@ from ..errors import RecipeError
 
 __all__ = [
     "QuantDtype", "Granularity", "Calibrator", "WeightSpec", "ActivationSpec",
-    "SmoothQuantSpec", "GPTQSpec", "AWQSpec", "FallbackSpec", "Recipe", "OP_KINDS",
+    "SmoothQuantSpec", "GPTQSpec", "AWQSpec", "FallbackSpec", "Recipe", "OP_KINDS", "ALGORITHM_SPECS",
+    "register_algorithm_spec",
 ]
 
 
@@ -314,6 +315,9 @@ class Recipe:
         samples_per_layer: calibration rows kept per linear input for searches and SQNR.
         layerwise: calibrate one decoder block at a time, each block fed the outputs of the
             already-quantized blocks before it (GPTQ / AWQ; bounded calibration memory).
+        weight_algorithm: the spec of a weight algorithm registered with
+            ``qcompiler.weight_algorithms.register_weight_algorithm`` (a third party's); a ``GPTQSpec`` or
+            ``AWQSpec`` given here moves to ``gptq`` / ``awq``. One weight algorithm per recipe.
     """
 
     VERSION: ClassVar[int] = 1
@@ -327,8 +331,23 @@ class Recipe:
     gptq: GPTQSpec | None = None
     awq: AWQSpec | None = None
     layerwise: bool = False
+    weight_algorithm: Any = None
 
     def __post_init__(self):
+        spec = self.weight_algorithm
+        if isinstance(spec, (GPTQSpec, AWQSpec)):        # the built-ins have their own fields
+            slot = "gptq" if isinstance(spec, GPTQSpec) else "awq"
+            if getattr(self, slot) is not None:
+                raise RecipeError(f"recipe.weight_algorithm and recipe.{slot} both set; choose one")
+            object.__setattr__(self, slot, spec)
+            object.__setattr__(self, "weight_algorithm", None)
+        elif spec is not None:
+            if type(spec) not in ALGORITHM_SPECS.values():
+                raise RecipeError(f"recipe.weight_algorithm is a {type(spec).__name__}, which no weight algorithm is "
+                                  f"registered for (qcompiler.weight_algorithms.register_weight_algorithm); registered: "
+                                  f"{sorted(ALGORITHM_SPECS)}")
+            if self.gptq is not None or self.awq is not None:
+                raise RecipeError("recipe.weight_algorithm is exclusive with recipe.gptq and recipe.awq; choose one")
         for name, typ in (("weight", WeightSpec), ("fallback", FallbackSpec)):
             if not isinstance(getattr(self, name), typ):
                 raise RecipeError(f"recipe.{name} must be a {typ.__name__}, got {type(getattr(self, name)).__name__}")
@@ -368,9 +387,9 @@ class Recipe:
         if self.awq is not None and self.smoothquant is not None:
             raise RecipeError("recipe.awq and recipe.smoothquant both rescale input channels; choose one")
         _bool("recipe", "layerwise", self.layerwise)
-        if self.layerwise and self.gptq is None and self.awq is None:
-            raise RecipeError("recipe.layerwise=True needs recipe.gptq or recipe.awq (RTN and SmoothQuant "
-                              "do not propagate quantized outputs)")
+        if self.layerwise and self.weight_algorithm_spec is None:
+            raise RecipeError("recipe.layerwise=True needs a weight algorithm (recipe.gptq, recipe.awq or "
+                              "recipe.weight_algorithm; RTN and SmoothQuant do not propagate quantized outputs)")
         if self.layerwise and self.smoothquant is not None:
             raise RecipeError("recipe.layerwise=True with recipe.smoothquant: layer-by-layer calibration quantizes "
                               "each block before the SmoothQuant pass picks its scales, so GPTQ would not see the "
@@ -387,6 +406,13 @@ class Recipe:
                                   "set gptq.optional=False")
 
     @property
+    def weight_algorithm_spec(self) -> Any:
+        """The spec of the weight algorithm this recipe runs (``gptq``, ``awq`` or a registered
+        ``weight_algorithm``), None for round-to-nearest; ``qcompiler.weight_algorithms`` dispatches on
+        its type."""
+        return next((spec for spec in (self.gptq, self.awq, self.weight_algorithm) if spec is not None), None)
+
+    @property
     def calibration_required_by(self) -> tuple[str, ...]:
         """What in the recipe cannot run without calibration data: static activation scales,
         SmoothQuant, AWQ, and GPTQ unless ``gptq.optional``. Empty when the quantized format is
@@ -400,6 +426,8 @@ class Recipe:
             users.append("AWQ")
         if self.gptq is not None and not self.gptq.optional:
             users.append("GPTQ")
+        if self.weight_algorithm is not None:
+            users.append(type(self.weight_algorithm).__name__)
         return tuple(users)
 
     @property
@@ -416,7 +444,10 @@ class Recipe:
 
     # -- serialization -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {"type": type(self).__name__, "version": self.VERSION, "data": _to_plain(self)}
+        data = _to_plain(self)
+        if self.weight_algorithm is not None:   # a registered spec, tagged with its type
+            data["weight_algorithm"] = {"type": type(self.weight_algorithm).__name__, "data": data["weight_algorithm"]}
+        return {"type": type(self).__name__, "version": self.VERSION, "data": data}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Recipe":
@@ -465,6 +496,9 @@ def _from_plain(cls: type, data: Any, where: str):
         raise RecipeError(f"{where} has unknown keys {unknown}; expected keys from {sorted(known)}")
     kwargs = {}
     for name, value in data.items():
+        if cls is Recipe and name == "weight_algorithm":
+            kwargs[name] = _algorithm_spec(value, f"{where}.{name}")
+            continue
         kwargs[name] = _convert(hints[name], value, f"{where}.{name}")
     try:
         return cls(**kwargs)
@@ -514,3 +548,33 @@ def _as_json(value: Any) -> str:
         return json.dumps(value)
     except (TypeError, ValueError):
         return repr(value)
+
+
+# ---- weight-algorithm specs -------------------------------------------------------------------
+
+#: spec types a weight algorithm is registered for, by class name (``Recipe.weight_algorithm`` JSON);
+#: filled by ``qcompiler.weight_algorithms.register_weight_algorithm``
+ALGORITHM_SPECS: dict[str, type] = {"GPTQSpec": GPTQSpec, "AWQSpec": AWQSpec}
+
+
+def register_algorithm_spec(spec_type: type) -> None:
+    """Make ``spec_type`` a valid ``Recipe.weight_algorithm`` that JSON finds by its class name."""
+    if not (isinstance(spec_type, type) and dataclasses.is_dataclass(spec_type)
+            and spec_type.__dataclass_params__.frozen):
+        raise TypeError(f"a weight-algorithm spec must be a frozen dataclass type, got {spec_type!r}")
+    taken = ALGORITHM_SPECS.get(spec_type.__name__)
+    if taken is not None and taken is not spec_type:
+        raise ValueError(f"another weight-algorithm spec is registered as {spec_type.__name__!r} ({taken!r})")
+    ALGORITHM_SPECS[spec_type.__name__] = spec_type
+
+
+def _algorithm_spec(value: Any, where: str) -> Any:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"type", "data"}:
+        raise RecipeError(f"{where} must be null or an object with the keys 'type' and 'data'")
+    spec_type = ALGORITHM_SPECS.get(value["type"])
+    if spec_type is None:
+        raise RecipeError(f"{where}: unknown weight-algorithm spec {value['type']!r}; registered: "
+                          f"{sorted(ALGORITHM_SPECS)} (import the module that registers it before loading)")
+    return _from_plain(spec_type, value["data"], where)

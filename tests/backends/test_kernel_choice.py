@@ -226,20 +226,24 @@ def test_int8_words_weight_is_the_reference_bit_for_bit(group, signed, compiled)
     assert torch.equal(decode(words, scale, zero, group), ref)
 
 
+def _int4_weight(n: int, k: int, group: int, symmetric: bool, seed: int):
+    """(generator, int4 values [N, K], zero-points or None, groups): symmetric int8 in [-8, 7], else uint4 + zeros."""
+    g = torch.Generator().manual_seed(seed)
+    groups = k // group if group else 1
+    if symmetric:
+        return g, torch.randint(-8, 8, (n, k), generator=g).to(torch.int8), None, groups
+    return g, torch.randint(0, 16, (n, k), generator=g).to(torch.uint8), \
+        torch.randint(0, 16, (n, groups), generator=g).to(torch.uint8), groups
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("group", [0, 32, 64])
 def test_int4_words_weight_is_the_reference_bit_for_bit(group, symmetric, compiled):
     from qcompiler.packing import pack_int4
     from qcompiler.reference_kernels import dequantize_int4_ref
-    g = torch.Generator().manual_seed(6)
     n, k = 24, 192
-    groups = k // group if group else 1
-    if symmetric:
-        q, zero = torch.randint(-8, 8, (n, k), generator=g).to(torch.int8), None
-    else:
-        q, zero = torch.randint(0, 16, (n, k), generator=g).to(torch.uint8), \
-            torch.randint(0, 16, (n, groups), generator=g).to(torch.uint8)
+    g, q, zero, groups = _int4_weight(n, k, group, symmetric, seed=6)
     scale = torch.rand(n, groups, generator=g) + 0.01
     args = [torch.randn(3, k, generator=g), pack_int4(q), scale, zero, None, group, k]
     kernel = next(k_ for k_ in KERNELS if k_.name == "int4-words-onednn")
@@ -278,14 +282,8 @@ def test_int4_group_halves_kernel_is_the_reference_bit_for_bit(group, symmetric)
     reference = next(k for k in KERNELS if k.op == "int4_gemm" and k.reference)
     onednn = next(k for k in KERNELS if k.name == "int4-groups-onednn")
     assert _usable(kernel) is Contract.FP32
-    g = torch.Generator().manual_seed(2)
     k, n = 192, 40
-    groups = k // group if group else 1
-    if symmetric:
-        q, zero = torch.randint(-8, 8, (n, k), generator=g).to(torch.int8), None
-    else:
-        q, zero = torch.randint(0, 16, (n, k), generator=g).to(torch.uint8), \
-            torch.randint(0, 16, (n, groups), generator=g).to(torch.uint8)
+    g, q, zero, groups = _int4_weight(n, k, group, symmetric, seed=2)
     args = [torch.randn(3, 5, k, generator=g), pack_int4(q), torch.rand(n, groups, generator=g) + 0.01, zero,
             torch.randn(n, generator=g), group, k]
     packed = kernel.prepare(args[1], args)
