@@ -206,8 +206,9 @@ def word_fields(words: torch.Tensor, bits: int, decode: Callable[[torch.Tensor],
     """The [N, K] row of ``pack_words``' words: ``decode`` applied to each field moved to the top of the
     word (bits ``32 - bits`` up; the fields below it stay below), the F-ths concatenated in column order."""
     fields = 32 // bits
-    return torch.cat([decode(words << (32 - bits * (j + 1)) if j < fields - 1 else words) for j in range(fields)],
-                     dim=-1)
+    # one broadcast shift, not F slices and a cat: a single pointwise kernel writes the row in place
+    shifts = 32 - bits * torch.arange(1, fields + 1, dtype=torch.int32, device=words.device)
+    return decode(words.unsqueeze(-2) << shifts.unsqueeze(-1)).reshape(*words.shape[:-1], -1)
 
 
 def _signed_field(bits: int) -> Callable[[torch.Tensor], torch.Tensor]:
