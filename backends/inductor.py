@@ -21,7 +21,7 @@ from qcompiler import numerics
 from . import reference as ref
 from . import register_backend
 
-__all__ = ["InductorTable", "inductor_table", "OPAQUE_OPS"]
+__all__ = ["InductorTable", "inductor_table", "compile_graph", "OPAQUE_OPS"]
 
 
 def _quantize(x, scale, zero_point, dtype, block_size=0):
@@ -49,21 +49,24 @@ _DECOMPOSITIONS = {
 OPAQUE_OPS = ("fp8_gemm", "w4a8_gemm")
 
 
+def compile_graph(gm: torch.fx.GraphModule, example_inputs, config_patches: dict | None = None):
+    """Compile a lowered graph with TorchInductor (also how target "triton" finishes its graphs);
+    ``config_patches``: ``torch._inductor.config`` settings for this compile."""
+    from torch._inductor.compile_fx import compile_fx
+    # The passes added get_attr tensors (quantized weights, scales) that Dynamo's
+    # parameter-to-source map does not know; AOTAutograd asserts on that map only for
+    # graphs marked as Dynamo's, so hand it an unmarked copy (the guards stay Dynamo's).
+    plain = torch.fx.GraphModule(gm, gm.graph)
+    plain.meta = {k: v for k, v in gm.meta.items() if k != "dynamo_compile_id"}
+    return compile_fx(plain, example_inputs, config_patches=config_patches)
+
+
 class InductorTable(dict):
     """{op packet: plain torch function}, plus ``compile_graph(gm, example_inputs)``, which the
     backend calls on the lowered graph."""
 
     notice: str = ""
-
-    @staticmethod
-    def compile_graph(gm: torch.fx.GraphModule, example_inputs):
-        from torch._inductor.compile_fx import compile_fx
-        # The passes added get_attr tensors (quantized weights, scales) that Dynamo's
-        # parameter-to-source map does not know; AOTAutograd asserts on that map only for
-        # graphs marked as Dynamo's, so hand it an unmarked copy (the guards stay Dynamo's).
-        plain = torch.fx.GraphModule(gm, gm.graph)
-        plain.meta = {k: v for k, v in gm.meta.items() if k != "dynamo_compile_id"}
-        return compile_fx(plain, example_inputs)
+    compile_graph = staticmethod(compile_graph)
 
 
 @register_backend("inductor")

@@ -458,7 +458,7 @@ def make_env(dry_run: bool, shrink: int, autotune: bool) -> Env:
         raise SystemExit("no CUDA GPU here: run with --dry-run (reference kernels on CPU at reduced sizes)")
     if dry_run:
         from qcompiler.backends.triton.lowering import KERNELS
-        kernels = {name: ref for name, (_, _, ref) in KERNELS.items()}
+        kernels = {name: getattr(torch.ops.qcompiler, name) for name in KERNELS}   # the reference kernels
         return Env(False, "cpu", torch.float32, shrink, kernels, {})
     from qcompiler.backends.triton import config as cfgs
     from qcompiler.backends.triton.availability import availability

@@ -12,14 +12,16 @@ from .qdq import InsertQDQ
 from .fuse import FuseQuantizedGemm
 from .fuse_norm_quant import FuseNormQuant
 from .lower import Lower
+from .quantize_tensors import QuantizeTensors
 
 __all__ = ["Annotate", "Calibrate", "OutlierAnalysis", "SmoothQuantFold", "FallbackRules", "SensitivityFallback", "AWQFold", "WeightAlgorithm", "InsertQDQ",
-           "FuseQuantizedGemm", "FuseNormQuant", "Lower", "default_passes", "planning_passes"]
+           "FuseQuantizedGemm", "FuseNormQuant", "Lower", "QuantizeTensors", "default_passes", "planning_passes"]
 
 
 def planning_passes() -> list:
-    """The analysis passes that decide, per linear, what to quantize and how."""
-    return [Annotate(), Calibrate(), OutlierAnalysis(), FallbackRules(), SmoothQuantFold(), AWQFold(),
+    """The analysis passes that decide, per linear, what to quantize and how (and quantize the other
+    tensors the recipe names: ``QuantizeTensors``)."""
+    return [Annotate(), QuantizeTensors(), Calibrate(), OutlierAnalysis(), FallbackRules(), SmoothQuantFold(), AWQFold(),
             SensitivityFallback(), WeightAlgorithm()]
 
 

@@ -53,4 +53,5 @@ def smoothed_stats(ctx: PassContext, fqn: str) -> tuple[torch.Tensor, torch.Tens
     s = ctx.analyses.get(Analysis.SMOOTHING, {}).get(fqn)
     if s is None:
         return st.absmax, st.samples
+    s = s.to(st.absmax.device)     # the statistics stay where calibration keeps them
     return st.absmax / s, st.samples / s

@@ -1,7 +1,7 @@
 """Fuse dynamic per-token quantization with the norm before it (target "triton").
 
 Each ``qcompiler::quantize_per_token(y, dtype)`` becomes one
-``qcompiler::norm_quantize_per_token`` (``qcompiler.backends.triton.fused_ops``), found from
+``qcompiler::norm_quantize_per_token`` (declared in ``qcompiler.ops``), found from
 the graph alone:
 
 - ``y = a * c`` with ``c`` a float32 [K] constant (a SmoothQuant scale that could not be
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
-from qcompiler.backends.triton import fused_ops  # noqa: F401  (registers the fused op; no triton import)
+from qcompiler import ops  # noqa: F401  (declares the fused op)
 from qcompiler.pipeline import Analysis, PassContext, PassResult
 
 from .smoothquant import add_constant

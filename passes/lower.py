@@ -7,12 +7,14 @@ callable with the same signature. Fused GEMMs the table does not take run the ke
 keeps and why it was chosen. Other ops keep their reference kernels.
 
 Per-op fallback: a replacement may expose ``unsupported(*args, **kwargs) -> str | None``
-(the Triton backend's ``TritonOp`` does). It is asked with the node's arguments as traced
+(the Triton backend's ``TritonKernel`` does). It is asked with the node's arguments as traced
 values (fake tensors from Dynamo, propagated through the nodes earlier passes added; real
 tensors for constants); an op it refuses keeps its reference kernel, and the report gets a
-warning naming the op, the layer and the reason (stats ``fallback_<op>``); a replacement that
-exposes ``reporting(report)`` is installed bound to the compile report, so that arguments it
-refuses at run time land there too (``report.runtime_fallbacks``). A table may carry
+warning naming the op, the layer and the reason (stats ``fallback_<op>``). A replacement that
+exposes ``bind(report) -> (target, kwargs)`` is not itself the node's target: the node gets
+``target`` (the Triton backend's ``qcompiler::triton_<op>`` OpOverload, so the graph stays
+traceable) and the extra keyword arguments (its ``report_id``), which make arguments it refuses
+at run time land in the compile report too (``report.runtime_fallbacks``). A table may carry
 ``notice`` (e.g. "no GPU and no interpreter"), copied once into the report's warnings.
 """
 
@@ -72,9 +74,13 @@ class Lower:
                     key = f"fallback_{op_name}"
                     counts[key] = counts.get(key, 0) + 1
                     continue
-            bind = getattr(impl, "reporting", None)   # records its run-time fallbacks in this report
             node.meta[_OP_KEY] = op_name
-            node.target = bind(ctx.report) if bind is not None else impl
+            bind = getattr(impl, "bind", None)   # an op of its own that records its run-time fallbacks here
+            if bind is not None:
+                node.target, extra = bind(ctx.report)
+                node.kwargs = {**node.kwargs, **extra}
+            else:
+                node.target = impl
             key = f"lowered_{getattr(impl, '__name__', 'op')}"
             counts[key] = counts.get(key, 0) + 1
         gemms = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in GEMM_OPS]

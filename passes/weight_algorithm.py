@@ -35,7 +35,7 @@ class AWQFold(SmoothQuantFold):
         found = [layerwise.get(f) for f in fqns]
         if all(r is not None and r.scale is not None for r in found) and \
                 all(torch.equal(r.scale, found[0].scale) for r in found):
-            return found[0].alpha, found[0].scale
+            return found[0].alpha, found[0].scale.to(ws[0].device)   # meets the weights
         memo = ctx.analyses.setdefault(Analysis.MEMO, {})
         key = ("awq_scale", tuple(fqns))
         if key not in memo:
@@ -73,7 +73,9 @@ class WeightAlgorithm:
             s = ctx.analyses[Analysis.SMOOTHING].get(fqn)
             lw = layerwise.get(fqn)
             if lw is not None and _same_scale(lw.scale, s):
-                qw = _rows_scaled(lw.qweight, ctx.analyses.get(Analysis.ROW_SCALING, {}).get(fqn))
+                # calibration may have run elsewhere (the CPU): the weight goes where the graph's weight is
+                qw = _rows_scaled(lw.qweight.to(ann.weights[fqn].w.device),
+                                  ctx.analyses.get(Analysis.ROW_SCALING, {}).get(fqn))
                 note = lw.note + " (layer-by-layer)"
                 counts["from_layerwise"] += 1
             else:
@@ -94,7 +96,7 @@ class WeightAlgorithm:
 def _same_scale(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     if a is None or b is None:
         return a is None and b is None
-    return a.shape == b.shape and torch.equal(a.float(), b.float())
+    return a.shape == b.shape and torch.equal(a.float(), b.float().to(a.device))
 
 
 def _rows_scaled(qw: QuantizedWeight, r: torch.Tensor | None) -> QuantizedWeight:

@@ -289,6 +289,7 @@ class QCompilerBackend:
                           calibration=CalibrationData(stats, getattr(self.calibration, "results", {})))
         gm = PassManager(passes).run(gm, ctx)
         self.report.layers.update(ctx.layer_plan)
+        self.report.tensors.update(ctx.tensor_plan)
         self.report.graphs += 1
         log.info("graph %d: %d linears, %d quantized", self.report.graphs, len(ctx.layer_plan),
                  sum(d.quantize for d in ctx.layer_plan.values()))

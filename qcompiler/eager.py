@@ -10,10 +10,10 @@ from collections.abc import Mapping
 import torch
 
 from .formats import GemmFormat, gemm_format
-from .layer_quant import QuantizedWeight
+from .layer_quant import QuantizedWeight, gather_rows
 from .pipeline import Analysis, CompileReport, PassContext
 
-__all__ = ["QuantizedLinear", "apply_plan"]
+__all__ = ["QuantizedLinear", "QuantizedEmbedding", "apply_plan"]
 
 _ops = torch.ops.qcompiler
 
@@ -39,7 +39,9 @@ class QuantizedLinear(torch.nn.Module):
         self.register_buffer("w_scale", qweight.scale)
         self.register_buffer("w_zero", qweight.zero)
         self.register_buffer("bias", bias)
-        self.register_buffer("act_scale", None if act_scale is None else torch.tensor(act_scale, dtype=torch.float32))
+        # on the weight's device, as every constant of the layer (a CPU scale would keep the GEMM off GPU kernels)
+        self.register_buffer("act_scale", None if act_scale is None else
+                             torch.tensor(act_scale, dtype=torch.float32, device=qweight.scale.device))
         self.register_buffer("inv_smooth", inv_smooth)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,6 +95,49 @@ class QuantizedLinear(torch.nn.Module):
         return f"{self.in_features} -> {self.out_features}, weight {self.weight_format}, activations {act}"
 
 
+class QuantizedEmbedding(torch.nn.Module):
+    """An embedding whose table is stored quantized (``Recipe.embedding``); a call dequantizes only the
+    rows it gathers (``layer_quant.gather_rows``), the same values as the compiled graph's."""
+
+    def __init__(self, qw: QuantizedWeight, out_dtype: torch.dtype, fqn: str = ""):
+        super().__init__()
+        self.fqn, self.weight_dtype, self.group_size = fqn, qw.dtype, qw.group_size or 0
+        self.num_embeddings, self.embedding_dim = qw.shape
+        self.out_dtype = out_dtype
+        self.register_buffer("w_q", qw.storage())
+        self.register_buffer("w_scale", qw.scale)
+        self.register_buffer("w_zero", qw.zero)
+
+    def quantized_weight(self) -> QuantizedWeight:
+        return QuantizedWeight.from_storage(self.w_q, self.w_scale, self.w_zero, self.weight_dtype,
+                                            self.group_size or None, self.embedding_dim)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return gather_rows(ids, self.w_q, self.w_scale, self.w_zero, self.weight_dtype, self.group_size,
+                           self.embedding_dim, self.out_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.quantized_weight().describe()}"
+
+
+def _swap_embeddings(model: torch.nn.Module, ctx: PassContext) -> int:
+    swapped = 0
+    tables = ctx.analyses.get(Analysis.QUANTIZED_TENSORS, {})
+    for fqn, d in ctx.tensor_plan.items():
+        if d.kind != "embedding" or not d.quantize:
+            continue
+        module = model.get_submodule(fqn)
+        if type(module) is not torch.nn.Embedding:
+            d.quantize, d.reason = False, (f"eager mode swaps only torch.nn.Embedding modules, not "
+                                           f"{type(module).__name__} (use torch.compile)")
+            continue
+        parent_name, _, child = fqn.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, QuantizedEmbedding(tables[fqn], module.weight.dtype, fqn))
+        swapped += 1
+    return swapped
+
+
 def _is_plain_linear(module: torch.nn.Module, weight: torch.Tensor) -> bool:
     params = dict(module.named_parameters(recurse=False))
     return (not list(module.children()) and any(p is weight for p in params.values())
@@ -101,12 +146,14 @@ def _is_plain_linear(module: torch.nn.Module, weight: torch.Tensor) -> bool:
 
 def apply_plan(model: torch.nn.Module, contexts: list[PassContext], kernels: str | Mapping[str, str] = "auto",
                report: CompileReport | None = None) -> int:
-    """Swap planned linears for ``QuantizedLinear``; write changed float weights back. Returns swaps.
+    """Swap planned linears for ``QuantizedLinear`` (and planned embeddings for ``QuantizedEmbedding``);
+    write changed float weights back. Returns swaps.
 
     ``kernels``: the kernel policy of ``qcompiler.backend``; ``report``: where the modules record
     the kernels they run."""
     swapped = 0
     for ctx in contexts:
+        swapped += _swap_embeddings(model, ctx)
         ann = ctx.analyses[Analysis.ANNOTATE]
         act = ctx.recipe.activation
         qweights: dict[str, QuantizedWeight] = ctx.analyses[Analysis.QUANTIZED_WEIGHTS]

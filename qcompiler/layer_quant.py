@@ -12,6 +12,7 @@ weights (``WeightSpec.reduce_range``) are ``dtype`` int8 / uint8 with ``reduce_r
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -22,7 +23,7 @@ from .packing import pack_int4, unpack_int4
 from .recipes import ActivationSpec, Calibrator, Granularity, Recipe, WeightSpec
 
 __all__ = ["QuantizedWeight", "quantize_weight", "weight_qdtype", "static_act_scale", "fake_quant_act", "simulate_linear",
-           "relative_error"]
+           "relative_error", "gather_rows"]
 
 
 @dataclass
@@ -42,6 +43,11 @@ class QuantizedWeight:
 
     def dequantize(self, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return numerics.dequantize(self.q, self.scale, self.zero, out_dtype, block_size=self.group_size)
+
+    def to(self, device: torch.device | str) -> "QuantizedWeight":
+        """This weight with its tensors on ``device``."""
+        return dataclasses.replace(self, q=self.q.to(device), scale=self.scale.to(device),
+                                   zero=None if self.zero is None else self.zero.to(device))
 
     @property
     def is_int4(self) -> bool:
@@ -188,3 +194,16 @@ def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     """||y - ref|| / ||ref|| in float64."""
     ref = ref.double()
     return float((y.double() - ref).norm() / ref.norm().clamp(min=1e-30))
+
+
+def gather_rows(ids: torch.Tensor, stored: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, dtype: str,
+                group_size: int, dim: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``ids`` of a quantized [V, dim] table (``QuantizedWeight.storage()`` with its scale and zero-point),
+    dequantized with DequantizeLinear semantics: ``embedding(ids, table)`` of the float table, computed
+    from the quantized one (only the gathered rows are decoded; ``group_size`` 0 for none)."""
+    rows = torch.nn.functional.embedding(ids, stored)
+    if dtype in ("int4", "uint4"):
+        rows = unpack_int4(rows, dim, signed=dtype == "int4")
+    s = scale if scale.dim() == 0 else torch.nn.functional.embedding(ids, scale)
+    z = zero if zero is None or zero.dim() == 0 else torch.nn.functional.embedding(ids, zero)
+    return numerics.dequantize(rows, s, z, out_dtype, block_size=group_size or None)

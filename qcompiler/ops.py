@@ -13,8 +13,29 @@ Graphs carry them as ordinary ops, so they trace, compile and export:
   bias, group_size, in_features, out_dtype)`` (INT4 weights, FP8 activations)
 - ``qcompiler::onednn_int8_mm(a_q, w_packed, n)`` and ``qcompiler::onednn_linear(x, w, bias)``: the
   oneDNN cores of CPU kernel choices (``qcompiler.backends.gemm_kernels``)
+- ``qcompiler::norm_quantize_per_token(x, norm, weight, bias, eps, smooth, dtype, norm_dtype, mul_dtype,
+  out_dtype) -> (x_q, scale)``: a norm, an unfolded SmoothQuant scale and dynamic per-token quantization
+  as one op (written by ``passes/fuse_norm_quant.py`` for target "triton"; math below)
+- ``qcompiler::triton_<op>(<op's arguments>, *, int report_id=0)`` for each op in ``TRITON_KERNEL_OPS``:
+  the op computed by its Triton kernel. Same schema and fake kernel as ``<op>`` plus ``report_id``
+  (the compile report that records run-time fallbacks, 0 = none); the CPU and CUDA kernels are
+  registered by ``qcompiler.backends.triton.lowering`` (CPU: Triton's interpreter), and calling one
+  before that raises.
 
-The CPU/GPU kernels are the pure-torch references in ``qcompiler.reference_kernels``.
+The CPU/GPU kernels of the other ops are the pure-torch references in ``qcompiler.reference_kernels``.
+
+``norm_quantize_per_token`` computes, for x [..., K]:
+
+- ``norm="rms"``: ``n = h * rsqrt(mean(h**2, -1) + eps)`` with ``h = x.float()``; ``n`` is rounded to
+  ``norm_dtype``, multiplied by ``weight`` (rounded to ``mul_dtype``), then cast to ``out_dtype`` — the
+  casts of HF's RMSNorm variants (Llama: ``w * n.to(x.dtype)``; Gemma: ``(n * (1 + w.float())).type_as(x)``),
+  which are no-ops in float32 models;
+- ``norm="layer"``: ``layer_norm(x, [K], weight, bias, eps)`` cast to ``out_dtype``;
+- ``norm="none"``: ``x``;
+
+then ``y * smooth`` when ``smooth`` (float32 [K], the inverse SmoothQuant scale) is given, and
+``numerics.quantize_per_token(y, dtype)``: ``scale = max|y| / qmax`` per row (float32 [..., 1]),
+``x_q = saturate(round_half_even(y / scale))`` in int8 or fp8 e4m3.
 """
 
 from __future__ import annotations
@@ -26,7 +47,7 @@ from . import reference_kernels as ref
 
 __all__ = ["quantize", "dequantize", "quantize_per_token", "int8_gemm", "fp8_gemm", "weight_only_gemm",
            "dequantize_int4", "int4_gemm", "w4a8_gemm", "onednn_int8_mm", "onednn_linear",
-           "GEMM_OPS", "QDQ_OPS"]
+           "norm_quantize_per_token", "GEMM_OPS", "QDQ_OPS", "TRITON_KERNEL_OPS", "triton_op"]
 
 _LIB = "qcompiler"
 
@@ -171,6 +192,51 @@ def onednn_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -
 @onednn_linear.register_fake
 def _(x, w, bias):
     return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+@torch.library.custom_op(f"{_LIB}::norm_quantize_per_token", mutates_args=())
+def norm_quantize_per_token(x: torch.Tensor, norm: str, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                            eps: float, smooth: torch.Tensor | None, dtype: str, norm_dtype: torch.dtype,
+                            mul_dtype: torch.dtype, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return ref.norm_quantize_per_token_ref(x, norm, weight, bias, eps, smooth, dtype, norm_dtype, mul_dtype,
+                                           out_dtype)
+
+
+@norm_quantize_per_token.register_fake
+def _(x, norm, weight, bias, eps, smooth, dtype, norm_dtype, mul_dtype, out_dtype):
+    return (torch.empty_like(x, dtype=numerics.STORAGE_DTYPE[dtype]),
+            x.new_empty((*x.shape[:-1], 1), dtype=torch.float32))
+
+
+#: ops with a Triton kernel, each declared again below as ``qcompiler::triton_<op>``
+TRITON_KERNEL_OPS = ("int8_gemm", "fp8_gemm", "weight_only_gemm", "int4_gemm", "w4a8_gemm", "norm_quantize_per_token")
+
+
+def _declare_triton_op(name: str) -> None:
+    """``qcompiler::triton_<name>``: ``name``'s schema plus ``*, int report_id=0``; its fake runs ``name``'s."""
+    generic = getattr(torch.ops.qcompiler, name).default
+    schema = str(generic._schema)                    # "qcompiler::name(Tensor a_q, ...) -> Tensor"
+    params, returns = schema[schema.index("("):].rsplit(") ->", 1)
+    twin_schema = f"{params}, *, int report_id=0) ->{returns}"
+
+    def no_kernel(*args, report_id: int = 0, **kwargs):
+        raise NotImplementedError(f"qcompiler::triton_{name} has no kernel for these tensors' device: the Triton "
+                                  "backend registers its CPU and CUDA kernels (qcompiler.backends.triton.lowering)")
+
+    op = torch.library.custom_op(f"{_LIB}::triton_{name}", no_kernel, mutates_args=(), schema=twin_schema)
+
+    @op.register_fake
+    def _(*args, report_id: int = 0, **kwargs):
+        return generic(*args, **kwargs)              # the fake tensors dispatch to the generic op's fake
+
+
+for _name in TRITON_KERNEL_OPS:
+    _declare_triton_op(_name)
+
+
+def triton_op(name: str) -> torch._ops.OpOverload:
+    """The OpOverload ``torch.ops.qcompiler.triton_<name>.default`` (``name`` in ``TRITON_KERNEL_OPS``)."""
+    return getattr(torch.ops.qcompiler, f"triton_{name}").default
 
 
 _ops = torch.ops.qcompiler

@@ -17,7 +17,7 @@ from .calibration import LayerStats
 from .errors import CalibrationError, PassError, RecipeError
 from .recipes import Recipe
 
-__all__ = ["Analysis", "Pass", "PassResult", "PassContext", "CalibrationData", "PassManager", "LayerDecision",
+__all__ = ["Analysis", "Pass", "PassResult", "PassContext", "CalibrationData", "PassManager", "LayerDecision", "TensorDecision",
            "CompileReport", "META_KEY"]
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ class Analysis(str, enum.Enum):
     ROW_SCALING = "row_scaling"                  # fqn -> per-row weight scale folded from a following norm
     WEIGHT_ALGORITHM = "weight_algorithm"        # fqn -> QuantizedWeight an algorithm pass produced
     QUANTIZED_WEIGHTS = "quantized_weights"      # fqn -> QuantizedWeight stored in the graph
+    QUANTIZED_TENSORS = "quantized_tensors"      # fqn -> QuantizedWeight of a target beyond linears (embedding)
 
     def __str__(self) -> str:
         return self.value
@@ -95,6 +96,21 @@ class LayerDecision:
 
 
 @dataclass
+class TensorDecision:
+    """What the pipeline decided for a quantized tensor that is not a linear's weight (a
+    ``qcompiler.targets`` target: an embedding table, a KV-cache write), keyed by module path."""
+
+    fqn: str
+    kind: str                    # the target's name
+    quantize: bool = True
+    reason: str = ""             # why it stayed in float
+    format: str = ""
+    bytes_fp: int = 0
+    bytes_q: int = 0
+    note: str = ""
+
+
+@dataclass
 class CompileReport:
     """What was quantized, what fell back and why, per pass statistics and weight bytes."""
 
@@ -109,6 +125,7 @@ class CompileReport:
     warnings: list[str] = field(default_factory=list)
     kernel_choices: list[str] = field(default_factory=list)   # "op -> kernel [contract]: why", one per distinct choice
     runtime_fallbacks: dict[str, int] = field(default_factory=dict)   # "op ran ... : reason" -> calls
+    tensors: dict[str, TensorDecision] = field(default_factory=dict)  # quantization targets beyond linears
 
     def note_runtime_fallback(self, what: str) -> None:
         """Count a call in which a lowered kernel refused its arguments and another kernel ran."""
@@ -136,7 +153,8 @@ class CompileReport:
                 "calibration_s": self.calibration_s, "warnings": list(self.warnings),
                 "passes": list(self.passes), "kernel_choices": list(self.kernel_choices),
                 "runtime_fallbacks": dict(self.runtime_fallbacks),
-                "layers": {k: asdict(v) for k, v in self.layers.items()}}
+                "layers": {k: asdict(v) for k, v in self.layers.items()},
+                "tensors": {k: asdict(v) for k, v in self.tensors.items()}}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -171,6 +189,12 @@ class CompileReport:
                 lines.append(f"    {d.fqn:<48} {d.weight_format:<22} {d.act_format or 'none':<22} "
                              f"{(d.smoothing or '-')[:14]:<14} {alpha:>5} {sq:>8}  {kernel:<28}"
                              + (f"  ({d.note})" if d.note else ""))
+        if self.tensors:
+            lines.append("  other tensors:")
+            for d in self.tensors.values():
+                what = (f"{d.format}, {d.bytes_fp / 1e6:.2f} MB -> {d.bytes_q / 1e6:.2f} MB" if d.quantize
+                        else f"kept in float: {d.reason}")
+                lines.append(f"    {d.fqn:<48} {d.kind:<10} {what}" + (f"  ({d.note})" if d.note else ""))
         if self.kernel_choices:
             lines.append("  kernels (chosen for this machine):")
             lines += [f"    {c}" for c in self.kernel_choices]
@@ -191,7 +215,8 @@ class PassContext:
 
     ``calibration`` is what calibration gave this compile, computed before any pass runs;
     ``analyses`` holds results passes provide to later ones, keyed by ``Analysis`` names
-    (``Analysis.ANNOTATE``, ``CALIBRATION``, ``OUTLIERS``, ...); ``layer_plan`` the per-linear decisions.
+    (``Analysis.ANNOTATE``, ``CALIBRATION``, ``OUTLIERS``, ...); ``layer_plan`` the per-linear decisions,
+    ``tensor_plan`` those for the other quantized tensors (``qcompiler.targets``).
     """
 
     recipe: Recipe
@@ -199,6 +224,7 @@ class PassContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     analyses: dict[str, Any] = field(default_factory=dict)
     layer_plan: dict[str, LayerDecision] = field(default_factory=dict)
+    tensor_plan: dict[str, TensorDecision] = field(default_factory=dict)
     report: CompileReport = field(default_factory=CompileReport)
     calibration: "CalibrationData" = field(default_factory=lambda: CalibrationData())
 

@@ -1,6 +1,6 @@
-"""The reference kernel of every ``qcompiler::`` GEMM op, in pure torch: the ops' own implementation
-(``qcompiler.ops``), what the ``reference`` backend runs and the tests' twin. They live beside the op
-schemas, below every backend.
+"""The reference kernel of every ``qcompiler::`` GEMM op and of the fused norm + quantize op, in pure
+torch: the ops' own implementation (``qcompiler.ops``), what the ``reference`` backend runs, what a
+Triton kernel falls back to, and the tests' twin. They live beside the op schemas, below every backend.
 
 Shapes: ``a_q`` [..., K] (flattened to M rows), ``w_q`` [N, K] (row-major, output channel
 first), ``a_scale`` 0-d (static) or [..., 1] (per token), ``w_scale`` 0-d or [N, 1],
@@ -16,7 +16,10 @@ from . import numerics
 from .packing import unpack_int4
 
 __all__ = ["int8_gemm_ref", "fp8_gemm_ref", "weight_only_gemm_ref", "dequantize_int4_ref", "int4_gemm_ref",
-           "w4a8_gemm_ref"]
+           "w4a8_gemm_ref", "NORM_KINDS", "norm_quantize_per_token_ref"]
+
+#: ``norm`` values of ``qcompiler::norm_quantize_per_token``
+NORM_KINDS = ("none", "rms", "layer")
 
 
 def _rows(a: torch.Tensor) -> torch.Tensor:
@@ -105,3 +108,25 @@ def w4a8_gemm_ref(a_q: torch.Tensor, a_scale: torch.Tensor, w_packed: torch.Tens
     w = dequantize_int4_ref(w_packed, w_scale, w_zero, group_size, in_features, torch.float32)
     out = torch.nn.functional.linear(a, w, None if bias is None else bias.float())
     return out.to(out_dtype)
+
+
+def norm_quantize_per_token_ref(x: torch.Tensor, norm: str, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                                eps: float, smooth: torch.Tensor | None, dtype: str, norm_dtype: torch.dtype,
+                                mul_dtype: torch.dtype, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``qcompiler::norm_quantize_per_token`` (math and casts in ``qcompiler.ops``): the norm, then
+    ``y * smooth``, then ``numerics.quantize_per_token(y, dtype)``."""
+    if norm == "rms":
+        h = x.float()
+        y = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(norm_dtype)
+        if weight is not None:
+            y = (y.float() * weight.float()).to(mul_dtype)
+        y = y.to(out_dtype)
+    elif norm == "layer":
+        y = torch.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, eps).to(out_dtype)
+    elif norm == "none":
+        y = x
+    else:
+        raise ValueError(f"norm={norm!r} is not supported; expected one of {list(NORM_KINDS)}")
+    if smooth is not None:
+        y = y * smooth
+    return numerics.quantize_per_token(y, dtype)

@@ -18,7 +18,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from .eager import QuantizedLinear
+from .eager import QuantizedEmbedding, QuantizedLinear
 from .layer_quant import QuantizedWeight
 from .pipeline import CompileReport
 from .errors import CheckpointError, RecipeError
@@ -40,11 +40,16 @@ def save_quantized(model: torch.nn.Module, path: str | Path, recipe: Recipe, *, 
         if isinstance(m, QuantizedLinear):
             layers[fqn] = {"weight_dtype": m.weight_dtype, "group_size": m.group_size, "act_dtype": m.act_dtype,
                            "act_dynamic": m.act_dynamic, "in_features": m.in_features, "out_features": m.out_features}
+    embeddings = {fqn: {"weight_dtype": m.weight_dtype, "group_size": m.group_size, "num_embeddings": m.num_embeddings,
+                        "embedding_dim": m.embedding_dim, "out_dtype": str(m.out_dtype).removeprefix("torch.")}
+                  for fqn, m in model.named_modules() if isinstance(m, QuantizedEmbedding)}
     if not layers:
         raise ValueError("save_quantized: the model has no QuantizedLinear; run qcompiler.quantize(model, ...) first")
     path.mkdir(parents=True, exist_ok=True)
     meta = {"format": _FORMAT, "recipe": recipe.to_json(indent=None), "layers": json.dumps(layers),
             "source": source}
+    if embeddings:
+        meta["embeddings"] = json.dumps(embeddings)
     weights = path / WEIGHTS_FILE
     safetensors.torch.save_model(model, str(weights), metadata=meta)
     (path / "recipe.json").write_text(recipe.to_json())
@@ -93,8 +98,9 @@ def load_quantized(path: str | Path) -> tuple[torch.nn.Module, Recipe]:
         except RecipeError as e:
             raise CheckpointError(f"{weights}: metadata 'recipe' is not a valid recipe: {e}") from None
         layers = _layer_specs(weights, meta["layers"])
+        embeddings = _embedding_specs(weights, meta.get("embeddings", "{}"))
         keys = set(f.keys())
-        tensors = {k: f.get_tensor(k) for k in keys if k.rsplit(".", 1)[0] in layers}
+        tensors = {k: f.get_tensor(k) for k in keys if k.rsplit(".", 1)[0] in layers or k.rsplit(".", 1)[0] in embeddings}
     config_file = path / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{config_file} not found: the model's architecture is read from it "
@@ -106,6 +112,10 @@ def load_quantized(path: str | Path) -> tuple[torch.nn.Module, Recipe]:
     model = AutoModelForCausalLM.from_config(config).eval()
     for fqn, spec in layers.items():
         new = _quantized_linear(weights, model, fqn, spec, tensors, recipe.weight.reduce_range)
+        parent_name, _, child = fqn.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    for fqn, spec in embeddings.items():
+        new = _quantized_embedding(weights, model, fqn, spec, tensors)
         parent_name, _, child = fqn.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     try:
@@ -146,6 +156,48 @@ def _layer_specs(weights: Path, text: str) -> dict[str, dict]:
         if lacking:
             raise CheckpointError(f"{weights}: metadata of layer {fqn!r} lacks {lacking}")
     return layers
+
+
+_EMBEDDING_KEYS = ("weight_dtype", "group_size", "num_embeddings", "embedding_dim", "out_dtype")
+
+
+def _embedding_specs(weights: Path, text: str) -> dict[str, dict]:
+    try:
+        embeddings = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{weights}: metadata 'embeddings' is not JSON: {e}") from None
+    if not isinstance(embeddings, dict):
+        raise CheckpointError(f"{weights}: metadata 'embeddings' must be an object of embedding specs")
+    for fqn, spec in embeddings.items():
+        lacking = [k for k in _EMBEDDING_KEYS if not isinstance(spec, dict) or k not in spec]
+        if lacking:
+            raise CheckpointError(f"{weights}: metadata of embedding {fqn!r} lacks {lacking}")
+        if not isinstance(getattr(torch, str(spec["out_dtype"]), None), torch.dtype):
+            raise CheckpointError(f"{weights}: embedding {fqn!r} has an unknown out_dtype {spec['out_dtype']!r}")
+    return embeddings
+
+
+def _quantized_embedding(weights: Path, model: torch.nn.Module, fqn: str, spec: dict,
+                         tensors: dict) -> QuantizedEmbedding:
+    """The ``QuantizedEmbedding`` for ``fqn`` from its stored tensors; ``CheckpointError`` when one is missing
+    or does not fit."""
+    try:
+        model.get_submodule(fqn)
+    except AttributeError:
+        raise CheckpointError(f"{weights}: embedding {fqn!r} is not a module of the model built from config.json") from None
+    needed = ["w_q", "w_scale"] + (["w_zero"] if str(spec["weight_dtype"]).startswith("u") else [])
+    lacking = [f"{fqn}.{n}" for n in needed if f"{fqn}.{n}" not in tensors]
+    if lacking:
+        raise CheckpointError(f"{weights}: embedding {fqn!r} lacks tensors {lacking}")
+    try:
+        qw = QuantizedWeight.from_storage(tensors[f"{fqn}.w_q"], tensors[f"{fqn}.w_scale"], tensors.get(f"{fqn}.w_zero"),
+                                          spec["weight_dtype"], spec["group_size"] or None, spec["embedding_dim"])
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{weights}: embedding {fqn!r} has unreadable tensors: {_one_line(e)}") from None
+    if qw.shape != (spec["num_embeddings"], spec["embedding_dim"]):
+        raise CheckpointError(f"{weights}: embedding {fqn!r} table has shape {qw.shape}, expected "
+                              f"({spec['num_embeddings']}, {spec['embedding_dim']})")
+    return QuantizedEmbedding(qw, getattr(torch, spec["out_dtype"]), fqn)
 
 
 def _quantized_linear(weights: Path, model: torch.nn.Module, fqn: str, spec: dict, tensors: dict,

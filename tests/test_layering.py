@@ -28,7 +28,7 @@ LAYERS = {
                    "qcompiler.recipes.*", "qcompiler.layer_quant", "qcompiler.ops", "qcompiler.reference_kernels", "qcompiler.formats"],
     "algorithms": ["qcompiler.gptq", "qcompiler.awq", "qcompiler.weight_algorithms"],
     "calibration": ["qcompiler.calibration", "qcompiler.layerwise"],
-    "pipeline": ["qcompiler.pipeline"],
+    "pipeline": ["qcompiler.pipeline", "qcompiler.targets"],
     "passes": ["qcompiler.passes", "qcompiler.passes.*"],
     "backends": ["qcompiler.backends", "qcompiler.backends.*"],
     "runtime": ["qcompiler.eager", "qcompiler.serialization", "qcompiler.export", "qcompiler.export.*"],
@@ -48,10 +48,9 @@ ALLOWED = {
 }
 #: (importer, imported): today's exceptions
 KNOWN = {
-    # passes that reach the backends directly (lowering by target, the Triton norm kernel's op schema)
+    # passes that reach the backends directly (lowering by target)
     ("qcompiler.passes.lower", "qcompiler.backends"),
     ("qcompiler.passes.lower", "qcompiler.backends.kernel_choice"),
-    ("qcompiler.passes.fuse_norm_quant", "qcompiler.backends.triton.fused_ops"),
     # the exporter calls back into the API
     ("qcompiler.export.exporter", "qcompiler.api"),
 }

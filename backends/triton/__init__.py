@@ -5,8 +5,8 @@ Modules, one kernel family each: ``gemm_w8a8`` (INT8 / FP8 W8A8), ``gemm_weight_
 weights), ``norm_quant`` (RMSNorm / LayerNorm + SmoothQuant scale + per-token quantization);
 ``common`` (shared Triton helpers), ``config`` (autotune space, defaults, per-shape cache),
 ``availability`` (GPU / interpreter detection), ``checks`` (what each kernel takes),
-``fused_ops`` (the ``qcompiler::norm_quantize_per_token`` op and its reference), ``lowering``
-(the table the Lower pass applies).
+``lowering`` (the kernels of the ``qcompiler::triton_<op>`` ops, whose schemas are in
+``qcompiler.ops``, and the table the Lower pass applies).
 
 Importing this package does not import triton: the kernel modules load on first use, after
 ``availability()`` decided between a GPU and the interpreter (``TRITON_INTERPRET=1``, which
@@ -16,6 +16,6 @@ must be set in the environment before that first use).
 from __future__ import annotations
 
 from .availability import Availability, availability
-from .lowering import LoweringTable, TritonOp, lowering_table
+from .lowering import LoweringTable, TritonKernel, lowering_table
 
-__all__ = ["Availability", "availability", "LoweringTable", "TritonOp", "lowering_table"]
+__all__ = ["Availability", "availability", "LoweringTable", "TritonKernel", "lowering_table"]

@@ -276,7 +276,9 @@ class FallbackSpec:
 
     Args:
         keep_op_kinds: op kinds never quantized (see ``OP_KINDS``); ``output_head`` is the
-            linear that produces the graph's output (the LM head), found from the graph.
+            linear that produces the graph's output (the LM head), found from the graph. Embedding
+            tables stay in float unless ``Recipe.embedding`` is set, which quantizes them whatever
+            this says (``keep_modules`` still keeps one).
         keep_modules: ``fnmatch`` globs on module paths kept in high precision.
         min_sqnr_db: a linear whose quantized output SQNR on calibration data is below this
             stays high precision (worst first), up to ``max_fraction`` of the quantizable linears.
@@ -318,6 +320,10 @@ class Recipe:
         weight_algorithm: the spec of a weight algorithm registered with
             ``qcompiler.weight_algorithms.register_weight_algorithm`` (a third party's); a ``GPTQSpec`` or
             ``AWQSpec`` given here moves to ``gptq`` / ``awq``. One weight algorithm per recipe.
+        embedding: quantize the token-embedding tables (an ``embedding`` read of a parameter in the
+            graph) by round-to-nearest with this spec: one scale per row (``per_channel``), per group of
+            ``group_size`` along the row, or per tensor; int8, int4 or fp8_e4m3. Only the rows a call
+            gathers are dequantized. None keeps them in float; ``fallback.keep_modules`` globs apply.
     """
 
     VERSION: ClassVar[int] = 1
@@ -332,6 +338,7 @@ class Recipe:
     awq: AWQSpec | None = None
     layerwise: bool = False
     weight_algorithm: Any = None
+    embedding: WeightSpec | None = None
 
     def __post_init__(self):
         spec = self.weight_algorithm
@@ -386,6 +393,8 @@ class Recipe:
             raise RecipeError("recipe.gptq and recipe.awq are exclusive; choose one")
         if self.awq is not None and self.smoothquant is not None:
             raise RecipeError("recipe.awq and recipe.smoothquant both rescale input channels; choose one")
+        if self.embedding is not None and not isinstance(self.embedding, WeightSpec):
+            raise RecipeError(f"recipe.embedding must be a WeightSpec or None, got {type(self.embedding).__name__}")
         _bool("recipe", "layerwise", self.layerwise)
         if self.layerwise and self.weight_algorithm_spec is None:
             raise RecipeError("recipe.layerwise=True needs a weight algorithm (recipe.gptq, recipe.awq or "

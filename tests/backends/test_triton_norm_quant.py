@@ -21,7 +21,7 @@ pytest.importorskip("triton", reason="triton is not installed: the Triton backen
 
 import qcompiler  # noqa: E402
 from qcompiler.backends.triton.availability import availability  # noqa: E402
-from qcompiler.backends.triton.fused_ops import norm_quantize_per_token_ref  # noqa: E402
+from qcompiler.reference_kernels import norm_quantize_per_token_ref  # noqa: E402
 from qcompiler.ops import GEMM_OPS  # noqa: E402
 from numerics_util import rel_err  # noqa: E402
 from tiny_models import calibration_batches, tiny_model, token_batches  # noqa: E402
@@ -112,14 +112,14 @@ def test_fuse_norm_quant_rewrites_graph(arch, norm_kind):
     gm = qb.graphs[-1]
     stats = next(p["stats"] for p in qb.report.passes if p["name"] == "fuse_norm_quant")
     fused = [n for n in gm.graph.nodes if n.op == "call_function"
-             and getattr(n.target, "name", "") == "norm_quantize_per_token"]
+             and n.target is torch.ops.qcompiler.triton_norm_quantize_per_token.default]
     assert not [n for n in gm.graph.nodes if n.target is torch.ops.qcompiler.quantize_per_token]
     kinds = [n.args[1] for n in fused]
     # every norm in front of quantized linears is fused (two per decoder layer), the rest quantize only
     assert kinds.count(norm_kind) == 4 and stats[f"fused_{'rms' if norm_kind == 'rms' else 'layer_norm'}"] == 4
     assert len(fused) == stats["fused_rms"] + stats["fused_layer_norm"] + stats["fused_quant_only"]
     # the fused ops feed every activation-quantized GEMM (q, k, v share one)
-    gemms = [n for n in gm.graph.nodes if n.op == "call_function" and getattr(n.target, "name", "") == "int8_gemm"]
+    gemms = [n for n in gm.graph.nodes if n.target is torch.ops.qcompiler.triton_int8_gemm.default]
     assert gemms and all(n.args[0].args[0] in fused for n in gemms)
     if arch == "llama":
         assert stats["quantizers_merged"] == 6    # (q, k, v) -> 1 and (gate, up) -> 1, two layers
