@@ -31,9 +31,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from qcompiler import numerics
-from qcompiler.formats import op_format
-from qcompiler.packing import unpack_int4
+from qcompiler.core import numerics
+from qcompiler.core.formats import op_format
+from qcompiler.core.packing import unpack_int4
 
 from . import reference as ref
 
@@ -80,7 +80,7 @@ class GemmKernel:
     summary: str
     devices: tuple[str, ...] = ("cpu",)
     prepare: Callable[[torch.Tensor, list], torch.Tensor] | None = None
-    weight_arg: int | None = None      # default: the op's weight argument (``qcompiler.formats``)
+    weight_arg: int | None = None      # default: the op's weight argument (``qcompiler.core.formats``)
     accepts: Callable[..., str | None] = field(default=lambda *args: None)
     available: Callable[[torch.device], str | None] = field(default=lambda device: None)
     reference: bool = False

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from qcompiler import numerics
+from qcompiler.core import numerics
 
 from . import reference as ref
 from . import register_backend

@@ -38,9 +38,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from qcompiler import numerics
+from qcompiler.core import numerics
 from qcompiler.errors import RecipeError, UnsupportedError
-from qcompiler.formats import op_format
+from qcompiler.core.formats import op_format
 
 from . import machine
 from .gemm_kernels import KERNELS, REFERENCE_CONTRACT, Contract, GemmKernel, int16_pair_reference, kernels_for, \
@@ -135,7 +135,7 @@ def _probe_float(kernel: GemmKernel, device: torch.device) -> tuple[Contract | N
         ref = x.double() @ (w.double() * w_scale.double()).t() + bias.double()
         args = [x, w, w_scale, None, bias, 0]
     elif kernel.op == "int4_gemm":
-        from qcompiler.packing import pack_int4
+        from qcompiler.core.packing import pack_int4
         x = torch.randn(6, k, generator=g)
         q = torch.randint(0, 16, (n, k), generator=g).to(torch.uint8)
         zero = torch.randint(0, 16, (n, k // 32), generator=g).to(torch.uint8)

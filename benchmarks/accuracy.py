@@ -40,7 +40,7 @@ from pathlib import Path
 
 import qcompiler
 from qcompiler.backends import BACKENDS, machine
-from qcompiler.bench import PROTOCOLS, format_table, run_table
+from qcompiler.tools.bench import PROTOCOLS, format_table, run_table
 
 
 CORE_PRESETS = "fp8,fp8-dynamic,w8a16,w8a8-int8-naive,w8a8-int8-sq,w8a8-int8-sq-dynamic,w4a16-rtn"

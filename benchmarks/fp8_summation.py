@@ -16,8 +16,8 @@ import warnings
 import torch
 
 import qcompiler
-from qcompiler import data, evaluate, models
-from qcompiler.bench import PROTOCOLS, _text
+from qcompiler.tools import data, evaluate, models
+from qcompiler.tools.bench import PROTOCOLS, _text
 
 
 def main() -> None:

@@ -46,9 +46,9 @@ import torch
 import torch.nn.functional as F
 
 import qcompiler
-from qcompiler import numerics
-from qcompiler.layer_quant import quantize_weight
-from qcompiler.packing import pack_int4
+from qcompiler.core import numerics
+from qcompiler.core.layer_quant import quantize_weight
+from qcompiler.core.packing import pack_int4
 from qcompiler.recipes import ActivationSpec, Granularity, QuantDtype, Recipe, WeightSpec
 
 HERE = Path(__file__).resolve().parent

@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 import qcompiler
-from qcompiler import data, models
-from qcompiler.bench import PROTOCOLS, Row, _text, format_table, run_table
-from qcompiler.calibration import CalibrationCache
-from qcompiler.layerwise import LayerwiseCalibration
+from qcompiler.tools import data, models
+from qcompiler.tools.bench import PROTOCOLS, Row, _text, format_table, run_table
+from qcompiler.calibration.statistics import CalibrationCache
+from qcompiler.calibration.layerwise import LayerwiseCalibration
 
 HEADLINE = ["w4a16-rtn", "w4a16-awq", "w4a16-gptq", "w4a8-awq"]
 

@@ -68,7 +68,8 @@ import time
 
 import torch
 
-from qcompiler import api, data, evaluate, models, recipes, texts
+from qcompiler import api, recipes
+from qcompiler.tools import data, evaluate, models, texts
 
 TEXTS = {"test": "wikitext-test", "valid": "wikitext-valid"}
 

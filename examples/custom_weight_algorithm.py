@@ -11,8 +11,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import qcompiler
-from qcompiler.layer_quant import quantize_weight
-from qcompiler.weight_algorithms import WeightAlgorithm, register_weight_algorithm
+from qcompiler.core.layer_quant import quantize_weight
+from qcompiler.algorithms.registry import WeightAlgorithm, register_weight_algorithm
 
 
 @dataclass(frozen=True)

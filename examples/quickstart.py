@@ -9,8 +9,8 @@ import tempfile
 import torch
 
 import qcompiler
-from qcompiler import models
-from qcompiler.serialization import load_quantized, save_quantized
+from qcompiler.tools import models
+from qcompiler.runtime.serialization import load_quantized, save_quantized
 
 if models.shared_dir() is not None:
     model, tok = models.load_model("stories260K")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule
 
-from qcompiler.calibration import LayerStats
+from qcompiler.calibration.statistics import LayerStats
 from qcompiler.errors import CalibrationError
 from qcompiler.pipeline import Analysis, PassContext, PassResult
 

@@ -15,7 +15,7 @@ import fnmatch
 import torch
 from torch.fx import GraphModule, Node
 
-from qcompiler.layer_quant import gather_rows, quantize_weight
+from qcompiler.core.layer_quant import gather_rows, quantize_weight
 from qcompiler.pipeline import META_KEY, Analysis, PassContext, TensorDecision
 from qcompiler.recipes import WeightSpec
 from qcompiler.targets import QuantTarget, register_target

@@ -17,7 +17,7 @@ import warnings
 import torch
 from torch.fx import GraphModule
 
-from qcompiler import layer_quant, numerics
+from qcompiler.core import layer_quant, numerics
 from qcompiler.pipeline import Analysis, PassContext, PassResult
 from qcompiler.recipes import Granularity
 
@@ -44,6 +44,8 @@ def rule_reason(ctx: PassContext, fqn: str) -> str:
 class FallbackRules:
     name = "fallback_rules"
     requires = ("calibrate",)
+    reads = ()
+    writes = ()
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         spec = ctx.recipe.weight
@@ -65,6 +67,7 @@ class FallbackRules:
 class SensitivityFallback:
     name = "sensitivity_fallback"
     requires = ("fallback_rules", "smoothquant_fold")
+    writes = ()
     reads = (Analysis.ANNOTATE,)
     after = ("awq_fold",)
 

@@ -2,7 +2,7 @@
 
 One row per fusion in ``FUSIONS``: a matcher that reads the Q/DQ pattern around a
 ``linear`` node and returns the fused op and its arguments, or None. Which op a (weight,
-activation) format pair becomes, and its argument order, come from ``qcompiler.formats``.
+activation) format pair becomes, and its argument order, come from ``qcompiler.core.formats``.
 
 - ``linear(dq(q(x, s)), dq(w_q, w_s), b)`` with int8 / fp8 -> ``int8_gemm`` / ``fp8_gemm(x_q, s, w_q, w_s, b)``
 - the same with ``quantize_per_token`` (dynamic) -> the same GEMMs with per-row scales
@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from torch.fx import GraphModule, Node
 
-from qcompiler.formats import find_gemm_format
+from qcompiler.core.formats import find_gemm_format
 from qcompiler.pipeline import PassContext, PassResult
 
 __all__ = ["Fusion", "FUSIONS", "FuseQuantizedGemm"]
@@ -142,6 +142,8 @@ FUSIONS: tuple[Fusion, ...] = (
 class FuseQuantizedGemm:
     name = "fuse"
     requires = ("insert_qdq",)
+    reads = ()
+    writes = ()
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         counts = {f.name: 0 for f in FUSIONS}

@@ -1,7 +1,7 @@
 """Fuse dynamic per-token quantization with the norm before it (target "triton").
 
 Each ``qcompiler::quantize_per_token(y, dtype)`` becomes one
-``qcompiler::norm_quantize_per_token`` (declared in ``qcompiler.ops``), found from
+``qcompiler::norm_quantize_per_token`` (declared in ``qcompiler.core.ops``), found from
 the graph alone:
 
 - ``y = a * c`` with ``c`` a float32 [K] constant (a SmoothQuant scale that could not be
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
-from qcompiler import ops  # noqa: F401  (declares the fused op)
+from qcompiler.core import ops  # noqa: F401  (declares the fused op)
 from qcompiler.pipeline import Analysis, PassContext, PassResult
 
 from .smoothquant import add_constant
@@ -176,6 +176,8 @@ def _match_layer(a: Node) -> _Norm | None:
 class FuseNormQuant:
     name = "fuse_norm_quant"
     requires = ("fuse",)
+    reads = ()
+    writes = ()
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         g = _Graph(gm, ctx)

@@ -28,8 +28,8 @@ from torch.fx import GraphModule, Node
 
 from qcompiler.backends import get_backend
 from qcompiler.backends.kernel_choice import ActivationSource, KernelChooser, check_policy
-from qcompiler.formats import op_format
-from qcompiler.ops import GEMM_OPS
+from qcompiler.core.formats import op_format
+from qcompiler.core.ops import GEMM_OPS
 from qcompiler.pipeline import META_KEY, PassContext, PassResult
 
 from .smoothquant import add_constant
@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 class Lower:
     name = "lower"
     requires = ("fuse",)
+    reads = ()
+    writes = ()
 
     def __init__(self, target: str = "reference", kernels="auto"):
         self.target, self.kernels = target, kernels

@@ -16,7 +16,7 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
-from qcompiler import layer_quant
+from qcompiler.core import layer_quant
 from qcompiler.pipeline import META_KEY, Analysis, PassContext, PassResult
 
 from .annotate import linear_parts

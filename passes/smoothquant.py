@@ -22,7 +22,7 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
-from qcompiler import layer_quant
+from qcompiler.core import layer_quant
 from qcompiler.pipeline import META_KEY, Analysis, PassContext, PassResult
 
 from .annotate import LinearWeights, _fname, eval_param_node, linear_parts
@@ -53,6 +53,7 @@ def add_constant(gm: GraphModule, base: str, value: torch.Tensor, before: Node) 
 class SmoothQuantFold:
     name = "smoothquant_fold"
     requires = ("outliers", "fallback_rules")
+    writes = ()
     reads = (Analysis.ANNOTATE, Analysis.CALIBRATION, Analysis.SMOOTHING)
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:

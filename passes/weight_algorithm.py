@@ -2,7 +2,7 @@
 
 ``AWQFold`` is SmoothQuant's folding with AWQ's scale (searched per group of linears sharing
 one input on calibration rows, or taken from layer-by-layer calibration); ``WeightAlgorithm``
-quantizes each planned linear's weight by GPTQ or AWQ clipping (``qcompiler.weight_algorithms``)
+quantizes each planned linear's weight by GPTQ or AWQ clipping (``qcompiler.algorithms.registry``)
 into ``ctx.analyses[Analysis.WEIGHT_ALGORITHM]``, which ``insert_qdq`` stores as is.
 """
 
@@ -14,8 +14,8 @@ import warnings
 import torch
 from torch.fx import GraphModule
 
-from qcompiler import weight_algorithms
-from qcompiler.layer_quant import QuantizedWeight
+from qcompiler.algorithms import registry as weight_algorithms
+from qcompiler.core.layer_quant import QuantizedWeight
 from qcompiler.pipeline import Analysis, PassContext, PassResult
 
 from .smoothquant import SmoothQuantFold

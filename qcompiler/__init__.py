@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from . import errors, recipes
-from .errors import CalibrationError, PassError, RecipeError, UnsupportedError
-from .recipes import Recipe
-from . import ops  # noqa: F401  (registers the qcompiler:: torch ops)
-from .api import backend, quantize, report
-from .pipeline import CompileReport, LayerDecision, PassContext, PassManager, PassResult
+from qcompiler import errors, recipes
+from qcompiler.errors import CalibrationError, PassError, RecipeError, UnsupportedError
+from qcompiler.recipes import Recipe
+from qcompiler.core import ops  # noqa: F401  (registers the qcompiler:: torch ops)
+from qcompiler.api import backend, quantize, report
+from qcompiler.pipeline import CompileReport, LayerDecision, PassContext, PassManager, PassResult
 
 
 def export_onnx(model, recipe, example_inputs, path, calibration=None, **kwargs):
     """Write ``model`` quantized with ``recipe`` as an ONNX Q/DQ graph for TensorRT; see
     ``qcompiler.export.export_onnx`` (imported on call: ``import qcompiler`` does not import onnx)."""
-    from .export import export_onnx as _export_onnx
+    from qcompiler.export import export_onnx as _export_onnx
     return _export_onnx(model, recipe, example_inputs, path, calibration, **kwargs)
 
 

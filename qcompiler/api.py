@@ -12,14 +12,14 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch.fx import GraphModule
 
-from . import recipes as _recipes
-from .calibration import CalibrationCache, calibration_rows
-from . import weight_algorithms
-from .gptq import too_few_rows_error
-from .layerwise import LayerwiseCalibration
-from .errors import CalibrationError, RecipeError, UnsupportedError
-from .pipeline import Analysis, CalibrationData, CompileReport, PassContext, PassManager
-from .recipes import Recipe
+from qcompiler import recipes as _recipes
+from qcompiler.calibration.statistics import CalibrationCache, calibration_rows
+from qcompiler.algorithms import registry as weight_algorithms
+from qcompiler.algorithms.gptq import too_few_rows_error
+from qcompiler.calibration.layerwise import LayerwiseCalibration
+from qcompiler.errors import CalibrationError, RecipeError, UnsupportedError
+from qcompiler.pipeline import Analysis, CalibrationData, CompileReport, PassContext, PassManager
+from qcompiler.recipes import Recipe
 
 __all__ = ["QCompilerBackend", "backend", "quantize", "report"]
 
@@ -402,7 +402,7 @@ def quantize(model: torch.nn.Module, recipe: Recipe | str, calibration: Iterable
     each on the kernel chosen for this machine under ``kernels`` (as in ``backend``), chosen at its
     first call per row-count bucket. Returns ``model``.
     """
-    from .eager import apply_plan
+    from qcompiler.runtime.eager import apply_plan
     qb = QCompilerBackend(recipe, calibration, "reference", progress=progress, kernels=kernels)
     if qb.calibration is not None:
         qb.calibration.check_vocabulary(model)

@@ -13,9 +13,9 @@ import networkx as nx
 import torch
 from torch.fx import GraphModule
 
-from .calibration import LayerStats
-from .errors import CalibrationError, PassError, RecipeError
-from .recipes import Recipe
+from qcompiler.calibration.statistics import LayerStats
+from qcompiler.errors import CalibrationError, PassError, RecipeError
+from qcompiler.recipes import Recipe
 
 __all__ = ["Analysis", "Pass", "PassResult", "PassContext", "CalibrationData", "PassManager", "LayerDecision", "TensorDecision",
            "CompileReport", "META_KEY"]
@@ -235,7 +235,7 @@ class CalibrationData:
 
     ``stats``: module path -> ``LayerStats`` of the linear's input (all the model's linears), None when
     the recipe reads none or runs without calibration data; ``layerwise``: module path -> the
-    layer-by-layer weight-algorithm result (``qcompiler.layerwise.LayerResult``), empty without it.
+    layer-by-layer weight-algorithm result (``qcompiler.calibration.layerwise.LayerResult``), empty without it.
     """
 
     stats: Mapping[str, LayerStats] | None = None

@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .errors import RecipeError
-from .pipeline import TensorDecision
+from qcompiler.errors import RecipeError
+from qcompiler.pipeline import TensorDecision
 
 __all__ = ["QuantTarget", "register_target", "registered_targets"]
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import qcompiler
-from qcompiler.ops import GEMM_OPS
+from qcompiler.core.ops import GEMM_OPS
 from fake_quant_reference import reference_logits
 from numerics_util import rel_err
 from tiny_models import ARCHS, tiny_model, token_batches

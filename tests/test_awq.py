@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qcompiler import awq
+from qcompiler.algorithms import awq
 from qcompiler.errors import CalibrationError, UnsupportedError
-from qcompiler.layer_quant import quantize_weight
+from qcompiler.core.layer_quant import quantize_weight
 from qcompiler.recipes import WeightSpec
 from numerics_util import rel_err
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from qcompiler.bench import PROTOCOLS, Row, format_table
+from qcompiler.tools.bench import PROTOCOLS, Row, format_table
 
 
 def _facts(prefill: bool) -> dict:
@@ -37,7 +37,7 @@ def test_onednn_gemm_row_runs_every_float_linear_on_onednn():
     import torch
 
     from qcompiler.backends.gemm_kernels import onednn_float_available
-    from qcompiler.bench import _onednn_gemm_backend
+    from qcompiler.tools.bench import _onednn_gemm_backend
     from tiny_models import tiny_model, token_batches
     if onednn_float_available(torch.device("cpu")):
         pytest.skip(onednn_float_available(torch.device("cpu")))

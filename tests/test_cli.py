@@ -15,11 +15,12 @@ import torch
 
 import qcompiler
 import qcompiler.passes
-from qcompiler import models, recipes
-from qcompiler.cli import main
-from qcompiler.models import shared_dir
+from qcompiler import recipes
+from qcompiler.tools import models
+from qcompiler.tools.cli import main
+from qcompiler.tools.models import shared_dir
 from qcompiler.recipes import Recipe
-from qcompiler.serialization import WEIGHTS_FILE, save_quantized
+from qcompiler.runtime.serialization import WEIGHTS_FILE, save_quantized
 from tiny_models import VOCAB, tiny_model
 
 needs_shared = pytest.mark.skipif(shared_dir() is None, reason="../shared (models and text) not found; CI provides it")

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import qcompiler
-from qcompiler.calibration import CalibrationCache
-from qcompiler.ops import GEMM_OPS
+from qcompiler.calibration.statistics import CalibrationCache
+from qcompiler.core.ops import GEMM_OPS
 from numerics_util import rel_err
 from tiny_models import calibration_batches, tiny_model, token_batches
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from qcompiler.data import calibration_batches, eval_windows, tokenize_text
-from qcompiler.models import shared_dir, text_path
+from qcompiler.tools.data import calibration_batches, eval_windows, tokenize_text
+from qcompiler.tools.models import shared_dir, text_path
 
 needs_shared = pytest.mark.skipif(shared_dir() is None, reason="../shared (models and text) not found; CI provides it")
 

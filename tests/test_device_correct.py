@@ -17,10 +17,11 @@ import torch
 
 import qcompiler
 from device_shadow import graph_on, module_on, on, shadow_devices
-from qcompiler import recipes, weight_algorithms
+from qcompiler import recipes
+from qcompiler.algorithms import registry as weight_algorithms
 from qcompiler.api import QCompilerBackend
-from qcompiler.calibration import LayerStats
-from qcompiler.eager import QuantizedLinear
+from qcompiler.calibration.statistics import LayerStats
+from qcompiler.runtime.eager import QuantizedLinear
 from qcompiler.passes.fallback import SensitivityFallback
 from qcompiler.passes.smoothquant import SmoothQuantFold
 from qcompiler.pipeline import PassContext

@@ -10,9 +10,9 @@ import torch
 
 import qcompiler
 from qcompiler.errors import RecipeError
-from qcompiler.layer_quant import gather_rows, quantize_weight
+from qcompiler.core.layer_quant import gather_rows, quantize_weight
 from qcompiler.recipes import FallbackSpec, Granularity, QuantDtype, Recipe, WeightSpec
-from qcompiler.serialization import load_quantized, save_quantized
+from qcompiler.runtime.serialization import load_quantized, save_quantized
 from qcompiler.targets import QuantTarget, register_target
 from tiny_models import ARCHS, VOCAB, tiny_model, token_batches
 
@@ -121,13 +121,13 @@ def test_eager_quantize_and_a_saved_model_match_the_compiled_graph(tmp_path):
     with torch.no_grad():
         want = compiled(ids).logits
     eager = qcompiler.quantize(model, recipe, progress=False)
-    assert isinstance(eager.model.embed_tokens, qcompiler.eager.QuantizedEmbedding)
+    assert isinstance(eager.model.embed_tokens, qcompiler.runtime.eager.QuantizedEmbedding)
     with torch.no_grad():
         got = eager(ids).logits
     assert ((got - want).norm() / want.norm()).item() < 1e-6
     save_quantized(eager, tmp_path, recipe)
     loaded, loaded_recipe = load_quantized(tmp_path)
-    assert loaded_recipe == recipe and isinstance(loaded.model.embed_tokens, qcompiler.eager.QuantizedEmbedding)
+    assert loaded_recipe == recipe and isinstance(loaded.model.embed_tokens, qcompiler.runtime.eager.QuantizedEmbedding)
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, got)
 
@@ -138,7 +138,7 @@ def test_eager_mode_keeps_embedding_subclasses_in_float_and_says_why():
     qcompiler.quantize(model, recipe, progress=False)
     kept = {fqn: d.reason for fqn, d in qcompiler.report(model).tensors.items() if not d.quantize}
     assert kept and all("torch.nn.Embedding" in why for why in kept.values())
-    assert isinstance(model.model.decoder.embed_tokens, qcompiler.eager.QuantizedEmbedding)
+    assert isinstance(model.model.decoder.embed_tokens, qcompiler.runtime.eager.QuantizedEmbedding)
 
 
 def test_recipe_json_round_trip_and_a_bad_spec():
@@ -151,3 +151,10 @@ def test_recipe_json_round_trip_and_a_bad_spec():
 def test_a_target_name_registers_once():
     with pytest.raises(RecipeError, match="already registered"):
         register_target(QuantTarget("embedding", spec=lambda r: None, find=lambda gm, ann: [], apply=None))
+
+
+def test_the_tensorrt_export_refuses_quantized_tables_by_name():
+    from qcompiler.errors import UnsupportedError
+    from qcompiler.export.exporter import check_exportable
+    with pytest.raises(UnsupportedError, match="recipe.embedding"):
+        check_exportable(qcompiler.recipes.get("w8a8-int8-sq").replace(embedding=SPECS["int8-row"]))

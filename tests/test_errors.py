@@ -172,8 +172,8 @@ def test_gptq_minimum_rows_accepted():
 def test_too_few_rows_reaching_one_layer_names_it():
     """Rows are counted up front from the token ids; a linear that still sees fewer (an expert of a
     mixture, say) is refused by name, with the same advice."""
-    from qcompiler.calibration import LayerStats
-    from qcompiler.weight_algorithms import quantize_linear
+    from qcompiler.calibration.statistics import LayerStats
+    from qcompiler.algorithms.registry import quantize_linear
     k = 64
     st = LayerStats(torch.ones(k), torch.ones(4, k), tokens=40, hessian=torch.eye(k))
     with pytest.raises(CalibrationError, match=r"experts.3.up: GPTQ needs at least 128 .* got 40;.*run without calibration"):

@@ -5,9 +5,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from qcompiler.data import eval_windows, tokenize_text
-from qcompiler.evaluate import accepts_logits_to_keep, paired_prefill, perplexity, prefill_tokens_per_s
-from qcompiler.models import load_model, shared_dir, text_path
+from qcompiler.tools.data import eval_windows, tokenize_text
+from qcompiler.tools.evaluate import accepts_logits_to_keep, paired_prefill, perplexity, prefill_tokens_per_s
+from qcompiler.tools.models import load_model, shared_dir, text_path
 
 needs_shared = pytest.mark.skipif(shared_dir() is None, reason="../shared (models and text) not found; CI provides it")
 

@@ -8,8 +8,8 @@ import pytest
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from qcompiler.cli import main  # noqa: E402
-from qcompiler.models import shared_dir  # noqa: E402
+from qcompiler.tools.cli import main  # noqa: E402
+from qcompiler.tools.models import shared_dir  # noqa: E402
 
 needs_shared = pytest.mark.skipif(shared_dir() is None, reason="../shared (models and text) not found; CI provides it")
 

@@ -29,13 +29,13 @@ pytest.importorskip("onnxscript")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 import qcompiler  # noqa: E402
-from qcompiler import numerics  # noqa: E402
-from qcompiler.eager import QuantizedLinear  # noqa: E402
+from qcompiler.core import numerics  # noqa: E402
+from qcompiler.runtime.eager import QuantizedLinear  # noqa: E402
 from qcompiler.errors import RecipeError, UnsupportedError  # noqa: E402
 from qcompiler.export import (TensorRTLegalityError, check_int8_gemm, check_tensorrt, export_onnx,  # noqa: E402
                               onnxruntime_session, saturating_u8s8_gemm)
 from qcompiler.export.finalize import int4_initializer  # noqa: E402
-from qcompiler.packing import pack_int4  # noqa: E402
+from qcompiler.core.packing import pack_int4  # noqa: E402
 from qcompiler.recipes import ActivationSpec, FallbackSpec, Recipe, WeightSpec  # noqa: E402
 from numerics_util import rel_err  # noqa: E402
 from tiny_models import VOCAB, tiny_model, token_batches  # noqa: E402
@@ -113,7 +113,7 @@ def _qdq_outputs(path) -> onnx.ModelProto:
 
 
 def _check_q_values_match_numerics(path, feeds):
-    """onnxruntime's activation QuantizeLinear outputs equal ``qcompiler.numerics.quantize`` of their inputs.
+    """onnxruntime's activation QuantizeLinear outputs equal ``qcompiler.core.numerics.quantize`` of their inputs.
 
     (Exposing the Q outputs keeps onnxruntime from fusing those Q/DQ pairs into its integer GEMM, so
     this checks QuantizeLinear's semantics, not the production graph's values: ``_gemm_outputs`` does.)"""
@@ -250,7 +250,7 @@ def test_single_linear_stores_the_quantized_weights_and_matches_eager(tmp_path, 
         assert w.raw_data == ql.w_q.t().contiguous().view(torch.uint8).numpy().tobytes()
         np.testing.assert_array_equal(numpy_helper.to_array(inits["model.proj.w_scale"]), ql.w_scale.reshape(-1).numpy())
     else:
-        # INT4 [N, K]: the initializer's bytes are qcompiler.packing's bytes, unchanged
+        # INT4 [N, K]: the initializer's bytes are qcompiler.core.packing's bytes, unchanged
         assert w.data_type == TensorProto.INT4 and list(w.dims) == [48, 64]
         assert w.raw_data == ql.w_q.numpy().tobytes()
         np.testing.assert_array_equal(numpy_helper.to_array(inits["model.proj.w_scale"]), ql.w_scale.numpy())
@@ -288,7 +288,7 @@ def test_single_linear_stores_the_quantized_weights_and_matches_eager(tmp_path, 
 def test_7bit_weights_survive_save_load_and_export(tmp_path):
     """Reduce-range weights: quantized in [-64, 63], saved and loaded unchanged, exported as the same
     INT8 initializers, and onnxruntime agrees with the reference exactly (on any x86 CPU)."""
-    from qcompiler.serialization import load_quantized, save_quantized
+    from qcompiler.runtime.serialization import load_quantized, save_quantized
     recipe = Recipe(name="w8a8-7bit", weight=WeightSpec(reduce_range=True),
                     activation=ActivationSpec("int8", "per_tensor"))
     qmodel = qcompiler.quantize(tiny_model("llama"), recipe, calibration=token_batches(2, 16), progress=False,
@@ -434,7 +434,7 @@ FLIP_TOLERANCE = {"int8": 0.25, "fp8_e4m3": 0.75}
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from qcompiler import models
+    from qcompiler.tools import models
     try:
         models.fetch_smollm2()
     except Exception as e:   # no network and no cache

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from qcompiler.export import RULES, TensorRTLegalityError, check_tensorrt, tensorrt_violations  # noqa: E402
 from qcompiler.export.finalize import int4_initializer  # noqa: E402
-from qcompiler.packing import pack_int4  # noqa: E402
+from qcompiler.core.packing import pack_int4  # noqa: E402
 
 import torch  # noqa: E402
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qcompiler import gptq, numerics
+from qcompiler.algorithms import gptq
+from qcompiler.core import numerics
 from qcompiler.errors import CalibrationError
-from qcompiler.layer_quant import quantize_weight
+from qcompiler.core.layer_quant import quantize_weight
 from qcompiler.recipes import Granularity, WeightSpec
 from numerics_util import rel_err
 

@@ -13,9 +13,9 @@ from onnx import numpy_helper
 
 import qcompiler
 from qcompiler import CalibrationError, recipes
-from qcompiler.calibration import CalibrationCache
-from qcompiler.layerwise import LayerwiseCalibration, find_decoder_blocks
-from qcompiler.packing import pack_int4, unpack_int4
+from qcompiler.calibration.statistics import CalibrationCache
+from qcompiler.calibration.layerwise import LayerwiseCalibration, find_decoder_blocks
+from qcompiler.core.packing import pack_int4, unpack_int4
 from qcompiler.recipes import FallbackSpec, GPTQSpec, Granularity, QuantDtype, Recipe, WeightSpec
 from numerics_util import rel_err
 from tiny_models import ARCHS, tiny_model, token_batches
@@ -59,7 +59,7 @@ def test_int4_ops_match_dequantized_float(k, group, sym):
     w = torch.randn(24, k, generator=g)
     spec = (WeightSpec(QuantDtype.INT4, Granularity.PER_GROUP, group_size=group, symmetric=sym) if group
             else WeightSpec(QuantDtype.INT4, Granularity.PER_CHANNEL, symmetric=sym))
-    from qcompiler.layer_quant import quantize_weight
+    from qcompiler.core.layer_quant import quantize_weight
     qw = quantize_weight(w, spec)
     packed = qw.storage()
     wd = _ops.dequantize_int4(packed, qw.scale, qw.zero, group, k, torch.float32)

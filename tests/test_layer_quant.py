@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from qcompiler import layer_quant
+from qcompiler.core import layer_quant
 from qcompiler.errors import RecipeError
 from qcompiler.recipes import ActivationSpec, WeightSpec
 from numerics_util import rel_err
@@ -77,7 +77,7 @@ def test_reduce_range_weights_take_7_bits_and_are_stored_as_8(spec):
 
 
 def test_reduce_range_gptq_and_awq_weights_stay_in_7_bits():
-    from qcompiler import awq, gptq
+    from qcompiler.algorithms import awq, gptq
     g = torch.Generator().manual_seed(3)
     w, x = torch.randn(32, 64, generator=g), torch.randn(512, 64, generator=g)
     spec = WeightSpec(reduce_range=True)

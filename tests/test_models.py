@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from qcompiler import models, registry
-from qcompiler.models import (
+from qcompiler.tools import models, pypi as registry
+from qcompiler.tools.models import (
     MODELS,
     SMOLLM2_GGUF,
     cache_dir,

@@ -1,4 +1,4 @@
-"""``qcompiler.numerics`` against ONNX QuantizeLinear / DequantizeLinear, bit for bit.
+"""``qcompiler.core.numerics`` against ONNX QuantizeLinear / DequantizeLinear, bit for bit.
 
 The oracle is ``onnx.reference.ReferenceEvaluator`` running a one-node model at opset 21
 (the reference implements DequantizeLinear only from opset 19). Inputs mix exact ties
@@ -18,7 +18,7 @@ onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from onnx.reference import ReferenceEvaluator  # noqa: E402
 
-from qcompiler import numerics  # noqa: E402
+from qcompiler.core import numerics  # noqa: E402
 
 # onnx.reference warns when x / scale overflows float32 or int32 (see saturate_where_oracle_overflows).
 pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),

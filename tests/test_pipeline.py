@@ -319,3 +319,10 @@ def test_keep_modules_glob_keeps_down_proj_in_float():
     assert stats["count_linears"]["quantized"] == 12
     assert "keep_modules glob '*.mlp.down_proj'" in rep.summary()
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("target", ["reference", "inductor", "triton"])
+def test_every_default_pass_declares_the_analyses_it_reads_and_writes(target):
+    from qcompiler.passes import default_passes
+    for p in default_passes(target):
+        assert isinstance(getattr(p, "reads", None), tuple) and isinstance(getattr(p, "writes", None), tuple), p.name

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import qcompiler
-from qcompiler import data, evaluate, models, texts
+from qcompiler.tools import data, evaluate, models, texts
 
 pytestmark = pytest.mark.skipif(models.shared_dir() is None,
                                 reason="../shared (models and text) not found; CI provides it")

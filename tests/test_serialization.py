@@ -14,10 +14,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import qcompiler
 from qcompiler import recipes
-from qcompiler.eager import QuantizedLinear
+from qcompiler.runtime.eager import QuantizedLinear
 from qcompiler.errors import CheckpointError
 from qcompiler.recipes import Recipe
-from qcompiler.serialization import WEIGHTS_FILE, load_quantized, save_quantized, saved_metadata
+from qcompiler.runtime.serialization import WEIGHTS_FILE, load_quantized, save_quantized, saved_metadata
 from tiny_models import VOCAB, tiny_model, token_batches
 
 PRESETS = ["w8a8-int8-sq", "fp8-dynamic", "w8a16", "w4a16-gptq", "w4a8-awq"]

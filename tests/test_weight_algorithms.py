@@ -10,13 +10,14 @@ import pytest
 import torch
 
 import qcompiler
-from qcompiler import recipes, weight_algorithms
-from qcompiler.calibration import LayerStats
+from qcompiler import recipes
+from qcompiler.algorithms import registry as weight_algorithms
+from qcompiler.calibration.statistics import LayerStats
 from qcompiler.errors import RecipeError, UnsupportedError
-from qcompiler.layer_quant import quantize_weight
+from qcompiler.core.layer_quant import quantize_weight
 from qcompiler.recipes import AWQSpec, GPTQSpec, Recipe, WeightSpec
 from tiny_models import calibration_batches, tiny_model, token_batches
-from qcompiler.weight_algorithms import WeightAlgorithm, register_weight_algorithm
+from qcompiler.algorithms.registry import WeightAlgorithm, register_weight_algorithm
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,7 @@ weights), ``norm_quant`` (RMSNorm / LayerNorm + SmoothQuant scale + per-token qu
 ``common`` (shared Triton helpers), ``config`` (autotune space, defaults, per-shape cache),
 ``availability`` (GPU / interpreter detection), ``checks`` (what each kernel takes),
 ``lowering`` (the kernels of the ``qcompiler::triton_<op>`` ops, whose schemas are in
-``qcompiler.ops``, and the table the Lower pass applies).
+``qcompiler.core.ops``, and the table the Lower pass applies).
 
 Importing this package does not import triton: the kernel modules load on first use, after
 ``availability()`` decided between a GPU and the interpreter (``TRITON_INTERPRET=1``, which

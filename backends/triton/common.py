@@ -13,7 +13,7 @@ interpreter and on a GPU:
   interpreter's own fp32 -> bf16 cast truncates, so under it (``SOFT_BF16``) the value is
   first rounded in integer arithmetic (``round_to_bf16``), which makes the cast exact.
 - ``int4_tile``: a [BLOCK_N, BLOCK_K] tile of int4 values unpacked from the
-  ``qcompiler.packing`` layout (element 2j low nibble, 2j+1 high nibble).
+  ``qcompiler.core.packing`` layout (element 2j low nibble, 2j+1 high nibble).
 """
 
 from __future__ import annotations

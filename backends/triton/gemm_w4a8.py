@@ -2,7 +2,7 @@
 
 ``C = (a_q * a_scale) @ dequantize_int4(W).T + bias`` in ``out_dtype``, with ``a_q``
 float8_e4m3fn [..., K], ``a_scale`` float32 0-d or [..., 1], the weight in the
-``qcompiler.packing`` layout (``w_packed`` uint8 [N, ceil(K / 2)], ``w_scale`` 0-d / [N, 1] /
+``qcompiler.core.packing`` layout (``w_packed`` uint8 [N, ceil(K / 2)], ``w_scale`` 0-d / [N, 1] /
 [N, G], ``w_zero`` None (int4) or uint8 [N, G] (uint4)) and ``bias`` [N] or None.
 
 Integer weights ``q - z`` lie in [-15, 15], which fp8 e4m3 holds exactly, so when a K tile

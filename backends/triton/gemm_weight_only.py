@@ -4,7 +4,7 @@
 
 - ``weight_only_gemm``: ``w_q`` int8 / uint8 [N, K], one value per byte (int8, uint8, and
   int4 / uint4 values kept one per byte);
-- ``int4_gemm``: ``w_packed`` uint8 [N, ceil(K / 2)] in the ``qcompiler.packing`` layout
+- ``int4_gemm``: ``w_packed`` uint8 [N, ceil(K / 2)] in the ``qcompiler.core.packing`` layout
   (element 2j in the low nibble), signed int4 when ``w_zero`` is None, else uint4;
 - ``w_scale`` float32 0-d, [N, 1] or [N, G] (groups of ``group_size`` along K, ONNX blocked
   layout, the last group partial); ``w_zero`` None or like ``w_scale`` (unpacked);

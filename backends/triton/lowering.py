@@ -1,7 +1,7 @@
 """The Triton backend's lowering table and the kernels of the ``qcompiler::triton_<op>`` ops.
 
-Each op in ``qcompiler.ops.TRITON_KERNEL_OPS`` has a twin ``qcompiler::triton_<op>`` declared
-in ``qcompiler.ops`` (same schema plus ``*, int report_id=0``, same fake kernel). This module
+Each op in ``qcompiler.core.ops.TRITON_KERNEL_OPS`` has a twin ``qcompiler::triton_<op>`` declared
+in ``qcompiler.core.ops`` (same schema plus ``*, int report_id=0``, same fake kernel). This module
 registers its CPU and CUDA kernel: run the Triton launcher when ``checks.CHECKS[op]`` accepts the
 arguments, else the generic op (its reference kernel), logging the reason once per op and reason
 and recording the call in the compile report ``report_id`` names (``runtime_fallbacks``: calls
@@ -32,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from qcompiler.ops import TRITON_KERNEL_OPS, triton_op
+from qcompiler.core.ops import TRITON_KERNEL_OPS, triton_op
 
 from .availability import availability, notify_unavailable
 from .checks import CHECKS

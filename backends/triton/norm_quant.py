@@ -1,7 +1,7 @@
 """Fused RMSNorm / LayerNorm (or none) + inverse SmoothQuant scale + per-token quantization.
 
 The Triton kernel of ``qcompiler::norm_quantize_per_token`` (math and casts in
-``qcompiler.ops``): one read of x [M, K] and one write of ``x_q`` [M, K] (int8 or fp8 e4m3)
+``qcompiler.core.ops``): one read of x [M, K] and one write of ``x_q`` [M, K] (int8 or fp8 e4m3)
 plus ``scale`` [M, 1] float32, instead of norm (read x, write y), absmax (read y) and
 quantize (read y, write x_q). Each program holds ``BLOCK_R`` whole rows in registers
 (``BLOCK_K`` = K rounded up to a power of two, at most ``checks.MAX_NORM_K``).
@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qcompiler import numerics
+from qcompiler.core import numerics
 
 from .availability import availability
 from .checks import check_norm_quantize_per_token

@@ -60,8 +60,8 @@ def tensor_sha256(t: torch.Tensor) -> str:
 
 
 def load_smollm2():
-    """SmolLM2-135M-Instruct from the cached GGUF file, exactly as ``qcompiler.models.load_model``."""
-    from qcompiler import models
+    """SmolLM2-135M-Instruct from the cached GGUF file, exactly as ``qcompiler.tools.models.load_model``."""
+    from qcompiler.tools import models
 
     return models.load_model("smollm2-135m", dtype=torch.float32)
 

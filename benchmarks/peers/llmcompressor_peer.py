@@ -4,7 +4,7 @@ Runs in the project environment. llm-compressor pins an older transformers, so i
 own virtual environment (``llmcompressor_setup.sh``); this module builds the calibration set
 with the benchmark's protocol, runs ``llmcompressor_oneshot.py`` in that venv as a subprocess,
 loads the fake-quantized float weights it writes into our SmolLM2 model and evaluates perplexity
-with ``qcompiler.evaluate`` on the protocol's windows, so the peer is measured exactly as our rows.
+with ``qcompiler.tools.evaluate`` on the protocol's windows, so the peer is measured exactly as our rows.
 
 Regenerate ``results_llmcompressor.json`` (see README.md: GPTQ ~1 h on 2 shared cores, AWQ several hours):
 
@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from qcompiler import data, evaluate, models
-from qcompiler.bench import PROTOCOLS, Protocol, Row, _load, _text
+from qcompiler.tools import data, evaluate, models
+from qcompiler.tools.bench import PROTOCOLS, Protocol, Row, _load, _text
 
 __all__ = ["LLMCOMPRESSOR_VERSION", "COMPRESSED_TENSORS_VERSION", "METHODS", "default_venv", "default_out_dir",
            "ensure_venv", "calibration_ids", "run_oneshot", "load_peer_weights", "run_llmcompressor_peer"]
@@ -201,7 +201,7 @@ def run_llmcompressor_peer(method: str, out_dir: Path | None = None, protocol: P
     Args:
         method: "gptq" or "awq".
         out_dir: where oneshot results are kept and reused (default ``default_out_dir()``).
-        protocol: a ``qcompiler.bench.Protocol`` or a key of ``PROTOCOLS`` (default SmolLM2's).
+        protocol: a ``qcompiler.tools.bench.Protocol`` or a key of ``PROTOCOLS`` (default SmolLM2's).
         model, tokenizer, windows, fp_ppl: pass the table's float SmolLM2, its tokenizer, eval
             windows and FP32 perplexity to reuse them; whatever is missing is loaded / computed.
         venv: the llm-compressor venv (default ``default_venv()``; created when missing).
@@ -210,7 +210,7 @@ def run_llmcompressor_peer(method: str, out_dir: Path | None = None, protocol: P
         timeout_s: stop a oneshot that runs longer (RuntimeError naming the layer it reached).
 
     Returns:
-        {"row": qcompiler.bench.Row, "meta": the oneshot's meta.json, "note": a footnote line,
+        {"row": qcompiler.tools.bench.Row, "meta": the oneshot's meta.json, "note": a footnote line,
          "fp_ppl": float, "eval_seconds": float}. ``row.calib_s`` holds the whole oneshot wall
         time (calibration forwards and the GPTQ / AWQ solve run interleaved, layer by layer),
         ``row.quantize_s`` 0; prefill speed is 0 (fake-quantized float weights, no int4 kernel).

@@ -30,7 +30,7 @@ import torch
 from onnx import TensorProto
 
 from qcompiler import api
-from qcompiler.eager import QuantizedLinear
+from qcompiler.runtime.eager import QuantizedLinear
 from qcompiler.errors import RecipeError, UnsupportedError
 from qcompiler.pipeline import CompileReport
 from qcompiler.recipes import Granularity, QuantDtype, Recipe
@@ -118,6 +118,9 @@ def runtime_notes(recipe: Recipe) -> tuple[str, ...]:
 def check_exportable(recipe: Recipe) -> None:
     """Refuse recipes TensorRT's explicit quantization cannot express, before any work."""
     act, w = recipe.activation, recipe.weight
+    if recipe.embedding is not None:
+        raise UnsupportedError(f"recipe {recipe.name!r} quantizes the embedding tables (recipe.embedding); the "
+                               "TensorRT Q/DQ export writes quantized linears only: export with embedding=None")
     if act is not None and act.dynamic:
         raise UnsupportedError(f"recipe {recipe.name!r} has dynamic per-token activations; TensorRT Q/DQ takes static "
                                "per-tensor scales (rule 'activation-per-tensor'): use a per_tensor activation recipe "

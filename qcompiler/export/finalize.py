@@ -2,7 +2,7 @@
 
 - Each ``qcompiler.export::WeightDequantize`` placeholder becomes a standard DequantizeLinear
   over a typed weight initializer: INT8 and FLOAT8E4M3FN as stored; INT4 as an ONNX INT4
-  tensor [N, K] whose bytes are ``qcompiler.packing``'s packed bytes unchanged when K is even
+  tensor [N, K] whose bytes are ``qcompiler.core.packing``'s packed bytes unchanged when K is even
   (ONNX packs the flattened tensor, low nibble first: the same bytes); for odd K the rows are
   repacked, since ONNX does not pad rows.
 - Constant nodes feeding a Q/DQ scale or zero-point become initializers.
@@ -23,7 +23,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from qcompiler.packing import unpack_int4
+from qcompiler.core.packing import unpack_int4
 
 from .onnx_ops import DOMAIN, WEIGHT_DQ
 
@@ -33,7 +33,7 @@ _QDQ = ("QuantizeLinear", "DequantizeLinear")
 
 
 def int4_initializer(name: str, packed: np.ndarray, k: int) -> TensorProto:
-    """An ONNX INT4 initializer [N, k] from ``qcompiler.packing`` bytes [N, ceil(k / 2)]."""
+    """An ONNX INT4 initializer [N, k] from ``qcompiler.core.packing`` bytes [N, ceil(k / 2)]."""
     n = packed.shape[0]
     if k % 2 == 0:
         t = TensorProto(name=name, data_type=TensorProto.INT4, dims=[n, k])

@@ -2,14 +2,14 @@
 
 - ``qcompiler_export::weight_dequantize(w, scale, dtype, axis, block_size, in_features)``:
   DequantizeLinear of a stored 2-D weight (INT8 / FP8 in either layout; INT4 packed bytes
-  [N, ceil(K / 2)] of an [N, K] weight, layout of ``qcompiler.packing``) with ONNX's scale
+  [N, ceil(K / 2)] of an [N, K] weight, layout of ``qcompiler.core.packing``) with ONNX's scale
   layout: 0-d (per tensor), 1-D along ``axis`` (per channel) or 2-D blocked along ``axis`` with
   ``block_size``; returns float32 of the unpacked shape. It is exported as a placeholder
   node ``WeightDequantize`` in the ``qcompiler.export`` domain, which ``finalize`` turns into a
   standard DequantizeLinear over a typed initializer: torch has no INT4 dtype, and the
   exporter's optimizer would constant-fold a standard DequantizeLinear of a constant to float.
 - ``qcompiler::quantize`` / ``qcompiler::dequantize`` (static per-tensor activations, the ops
-  of ``qcompiler.ops``) become QuantizeLinear / DequantizeLinear with an explicit zero-point 0
+  of ``qcompiler.core.ops``) become QuantizeLinear / DequantizeLinear with an explicit zero-point 0
   of the quantized type (INT8 or FLOAT8E4M3FN), so the type does not depend on the opset.
 """
 
@@ -22,8 +22,8 @@ import torch
 from onnx.defs import OpSchema
 from onnxscript import ir
 
-from qcompiler import numerics
-from qcompiler.packing import unpack_int4
+from qcompiler.core import numerics
+from qcompiler.core.packing import unpack_int4
 
 __all__ = ["DOMAIN", "WEIGHT_DQ", "weight_dequantize", "translation_table"]
 

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from qcompiler.eager import QuantizedLinear
+from qcompiler.runtime.eager import QuantizedLinear
 from qcompiler.errors import UnsupportedError
+from qcompiler.core.formats import gemm_format
 from qcompiler.pipeline import CompileReport
 
 from . import onnx_ops  # noqa: F401  (registers qcompiler_export::weight_dequantize)
@@ -34,7 +35,7 @@ class QDQLinear(torch.nn.Module):
     INT8 / FP8 weights are stored transposed, ``w_q`` [K, N] with per-channel scales on axis 1,
     and export as ``x -> Q -> DQ -> MatMul(., DQ(w_q))``: the weight DQ feeds the MatMul
     directly, TensorRT's canonical pattern (and onnxruntime fuses it into an integer GEMM).
-    INT4 weights keep ``qcompiler.packing``'s bytes, ``w_q`` packed [N, ceil(K / 2)] with
+    INT4 weights keep ``qcompiler.core.packing``'s bytes, ``w_q`` packed [N, ceil(K / 2)] with
     scales [N, G] blocked along axis 1 (or [N] on axis 0), and export as
     ``DQ(w_q) -> Transpose -> MatMul``. Other buffers: ``w_scale`` in ONNX layout, ``bias``,
     ``act_scale`` (0-d, static activations), ``inv_smooth`` [K] (a SmoothQuant scale that could
@@ -52,7 +53,9 @@ class QDQLinear(torch.nn.Module):
             raise UnsupportedError(f"{ql.fqn}: weight format {ql.weight_format!r} is asymmetric or unsigned; "
                                    "TensorRT needs symmetric int8, int4 or fp8_e4m3 weights (zero-point 0)")
         scale = ql.w_scale.float()
-        self.transposed = self.weight_dtype != "int4"        # stored [K, N]
+        # the format table fusion and the eager runtime read: byte weights export transposed ([K, N]),
+        # packed INT4 ones keep the packing's [N, ceil(K / 2)]
+        self.transposed = gemm_format(self.weight_dtype, self.act_dtype).weight == "byte"
         w_q = ql.w_q.t().contiguous() if self.transposed else ql.w_q
         if scale.dim() == 0:
             self.axis, self.block_size = 0, 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from ..errors import RecipeError
+from qcompiler.errors import RecipeError
 from .specs import (ActivationSpec, AWQSpec, Calibrator, FallbackSpec, GPTQSpec, Granularity, QuantDtype, Recipe,
                     SmoothQuantSpec, WeightSpec)
 

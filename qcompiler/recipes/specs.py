@@ -11,7 +11,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ..errors import RecipeError
+from qcompiler.errors import RecipeError
 
 __all__ = [
     "QuantDtype", "Granularity", "Calibrator", "WeightSpec", "ActivationSpec",
@@ -196,6 +196,12 @@ class SmoothQuantSpec:
                               "sequence of values in [0, 1]")
         object.__setattr__(self, "alpha_grid", grid)
 
+    def check(self, recipe: "Recipe") -> None:
+        """The rules this spec sets on the rest of ``recipe`` (``RecipeError`` when one fails)."""
+        if recipe.activation is None:
+            raise RecipeError("recipe.smoothquant needs activation quantization; weight-only recipes "
+                              "have nothing to smooth (set smoothquant=None)")
+
 
 def _positive_int(owner: str, name: str, value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -237,6 +243,15 @@ class GPTQSpec:
         for name in ("act_order", "static_groups", "optional"):
             _bool("gptq", name, getattr(self, name))
 
+    def check(self, recipe: "Recipe") -> None:
+        """The rules this spec sets on the rest of ``recipe`` (``RecipeError`` when one fails)."""
+        if self.optional:
+            others = [u for u in recipe.calibration_required_by if u != "GPTQ"]
+            if others:
+                raise RecipeError(f"recipe.gptq.optional=True: GPTQ can be optional only when the rest of the recipe "
+                                  f"runs without calibration data, but this recipe needs it for {' and '.join(others)}; "
+                                  "set gptq.optional=False")
+
 
 @dataclass(frozen=True)
 class AWQSpec:
@@ -268,6 +283,15 @@ class AWQSpec:
             raise RecipeError(f"awq.max_shrink={self.max_shrink!r} must be in [0, 1)")
         for name in ("duo_scaling", "clip_search"):
             _bool("awq", name, getattr(self, name))
+
+    def check(self, recipe: "Recipe") -> None:
+        """The rules this spec sets on the rest of ``recipe`` (``RecipeError`` when one fails)."""
+        if recipe.weight.dtype is QuantDtype.FP8_E4M3:
+            raise RecipeError("recipe.awq needs integer weights (int4 or int8), not weight.dtype='fp8_e4m3'")
+        if recipe.weight.granularity is Granularity.PER_TENSOR:
+            raise RecipeError("recipe.awq needs per_channel or per_group weights, not per_tensor")
+        if recipe.smoothquant is not None:
+            raise RecipeError("recipe.awq and recipe.smoothquant both rescale input channels; choose one")
 
 
 @dataclass(frozen=True)
@@ -318,7 +342,7 @@ class Recipe:
         layerwise: calibrate one decoder block at a time, each block fed the outputs of the
             already-quantized blocks before it (GPTQ / AWQ; bounded calibration memory).
         weight_algorithm: the spec of a weight algorithm registered with
-            ``qcompiler.weight_algorithms.register_weight_algorithm`` (a third party's); a ``GPTQSpec`` or
+            ``qcompiler.algorithms.registry.register_weight_algorithm`` (a third party's); a ``GPTQSpec`` or
             ``AWQSpec`` given here moves to ``gptq`` / ``awq``. One weight algorithm per recipe.
         embedding: quantize the token-embedding tables (an ``embedding`` read of a parameter in the
             graph) by round-to-nearest with this spec: one scale per row (``per_channel``), per group of
@@ -351,7 +375,7 @@ class Recipe:
         elif spec is not None:
             if type(spec) not in ALGORITHM_SPECS.values():
                 raise RecipeError(f"recipe.weight_algorithm is a {type(spec).__name__}, which no weight algorithm is "
-                                  f"registered for (qcompiler.weight_algorithms.register_weight_algorithm); registered: "
+                                  f"registered for (qcompiler.algorithms.registry.register_weight_algorithm); registered: "
                                   f"{sorted(ALGORITHM_SPECS)}")
             if self.gptq is not None or self.awq is not None:
                 raise RecipeError("recipe.weight_algorithm is exclusive with recipe.gptq and recipe.awq; choose one")
@@ -360,12 +384,8 @@ class Recipe:
                 raise RecipeError(f"recipe.{name} must be a {typ.__name__}, got {type(getattr(self, name)).__name__}")
         if self.activation is not None and not isinstance(self.activation, ActivationSpec):
             raise RecipeError(f"recipe.activation must be an ActivationSpec or None, got {type(self.activation).__name__}")
-        if self.smoothquant is not None:
-            if not isinstance(self.smoothquant, SmoothQuantSpec):
-                raise RecipeError("recipe.smoothquant must be a SmoothQuantSpec or None")
-            if self.activation is None:
-                raise RecipeError("recipe.smoothquant needs activation quantization; weight-only recipes "
-                                  "have nothing to smooth (set smoothquant=None)")
+        if self.smoothquant is not None and not isinstance(self.smoothquant, SmoothQuantSpec):
+            raise RecipeError("recipe.smoothquant must be a SmoothQuantSpec or None")
         if self.activation is not None:
             if self.weight.dtype is QuantDtype.INT4 and self.activation.dtype is QuantDtype.INT8:
                 raise RecipeError("weight.dtype='int4' with activation.dtype='int8' is not supported; "
@@ -385,14 +405,8 @@ class Recipe:
                 continue
             if not isinstance(spec, typ):
                 raise RecipeError(f"recipe.{name} must be a {typ.__name__} or None, got {type(spec).__name__}")
-            if name == "awq" and self.weight.dtype is QuantDtype.FP8_E4M3:
-                raise RecipeError("recipe.awq needs integer weights (int4 or int8), not weight.dtype='fp8_e4m3'")
-            if name == "awq" and self.weight.granularity is Granularity.PER_TENSOR:
-                raise RecipeError("recipe.awq needs per_channel or per_group weights, not per_tensor")
         if self.gptq is not None and self.awq is not None:
             raise RecipeError("recipe.gptq and recipe.awq are exclusive; choose one")
-        if self.awq is not None and self.smoothquant is not None:
-            raise RecipeError("recipe.awq and recipe.smoothquant both rescale input channels; choose one")
         if self.embedding is not None and not isinstance(self.embedding, WeightSpec):
             raise RecipeError(f"recipe.embedding must be a WeightSpec or None, got {type(self.embedding).__name__}")
         _bool("recipe", "layerwise", self.layerwise)
@@ -407,17 +421,16 @@ class Recipe:
             raise RecipeError(f"recipe.samples_per_layer={self.samples_per_layer!r} must be an integer >= 16")
         if not isinstance(self.name, str):
             raise RecipeError(f"recipe.name={self.name!r} must be a string")
-        if self.gptq is not None and self.gptq.optional:
-            others = [u for u in self.calibration_required_by if u != "GPTQ"]
-            if others:
-                raise RecipeError(f"recipe.gptq.optional=True: GPTQ can be optional only when the rest of the recipe "
-                                  f"runs without calibration data, but this recipe needs it for {' and '.join(others)}; "
-                                  "set gptq.optional=False")
+        # each spec's rules on the rest of the recipe live beside it (a registered spec may define one too)
+        for spec in (self.smoothquant, self.gptq, self.awq, self.weight_algorithm):
+            check = getattr(spec, "check", None)
+            if callable(check):
+                check(self)
 
     @property
     def weight_algorithm_spec(self) -> Any:
         """The spec of the weight algorithm this recipe runs (``gptq``, ``awq`` or a registered
-        ``weight_algorithm``), None for round-to-nearest; ``qcompiler.weight_algorithms`` dispatches on
+        ``weight_algorithm``), None for round-to-nearest; ``qcompiler.algorithms.registry`` dispatches on
         its type."""
         return next((spec for spec in (self.gptq, self.awq, self.weight_algorithm) if spec is not None), None)
 
@@ -562,7 +575,7 @@ def _as_json(value: Any) -> str:
 # ---- weight-algorithm specs -------------------------------------------------------------------
 
 #: spec types a weight algorithm is registered for, by class name (``Recipe.weight_algorithm`` JSON);
-#: filled by ``qcompiler.weight_algorithms.register_weight_algorithm``
+#: filled by ``qcompiler.algorithms.registry.register_weight_algorithm``
 ALGORITHM_SPECS: dict[str, type] = {"GPTQSpec": GPTQSpec, "AWQSpec": AWQSpec}
 
 

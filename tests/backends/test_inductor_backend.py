@@ -12,7 +12,7 @@ import torch
 
 import qcompiler
 from qcompiler.backends.inductor import OPAQUE_OPS
-from qcompiler.ops import GEMM_OPS, QDQ_OPS
+from qcompiler.core.ops import GEMM_OPS, QDQ_OPS
 from numerics_util import rel_err
 from tiny_models import calibration_batches, tiny_model, token_batches
 

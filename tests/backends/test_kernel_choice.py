@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import qcompiler
-from qcompiler import numerics
+from qcompiler.core import numerics
 from qcompiler.backends import gemm_kernels, kernel_choice, machine
 from qcompiler.backends.gemm_kernels import KERNELS, Contract, int16_pair_reference, layer_contract
 from qcompiler.backends.kernel_choice import KernelChooser, check_policy, probe
@@ -203,7 +203,7 @@ def test_word_kernels_refuse_k_they_cannot_split():
     w = torch.zeros(3, 6, dtype=torch.float8_e4m3fn)
     assert "divisible by 4" in fp8.accepts(torch.zeros(2, 6, dtype=torch.float8_e4m3fn), torch.tensor(1.0), w)
     int4 = next(k for k in KERNELS if k.name == "int4-words-onednn")
-    from qcompiler.packing import pack_int4
+    from qcompiler.core.packing import pack_int4
     args = [torch.zeros(2, 36), pack_int4(torch.zeros(3, 36, dtype=torch.int8)), torch.ones(3, 1), None, None, 0, 36]
     assert "divisible by 8" in int4.accepts(*args)
 
@@ -240,8 +240,8 @@ def _int4_weight(n: int, k: int, group: int, symmetric: bool, seed: int):
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("group", [0, 32, 64])
 def test_int4_words_weight_is_the_reference_bit_for_bit(group, symmetric, compiled):
-    from qcompiler.packing import pack_int4
-    from qcompiler.reference_kernels import dequantize_int4_ref
+    from qcompiler.core.packing import pack_int4
+    from qcompiler.core.reference_kernels import dequantize_int4_ref
     n, k = 24, 192
     g, q, zero, groups = _int4_weight(n, k, group, symmetric, seed=6)
     scale = torch.rand(n, groups, generator=g) + 0.01
@@ -277,7 +277,7 @@ def test_onednn_float_linear_is_a_float32_linear():
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_int4_group_halves_kernel_is_the_reference_bit_for_bit(group, symmetric):
     """The repacked INT4 layout dequantizes to the reference's weight exactly (same bytes in memory)."""
-    from qcompiler.packing import pack_int4
+    from qcompiler.core.packing import pack_int4
     kernel = next(k for k in KERNELS if k.name == "int4-groups")
     reference = next(k for k in KERNELS if k.op == "int4_gemm" and k.reference)
     onednn = next(k for k in KERNELS if k.name == "int4-groups-onednn")

@@ -13,10 +13,10 @@ import zlib
 import pytest
 import torch
 
-import qcompiler.ops  # noqa: F401  (registers torch.ops.qcompiler.*)
-from qcompiler import numerics
+import qcompiler.core.ops  # noqa: F401  (registers torch.ops.qcompiler.*)
+from qcompiler.core import numerics
 from qcompiler.backends.reference import fp8_gemm_ref, int8_gemm_ref, weight_only_gemm_ref
-from numerics_util import TOLERANCE, rel_err
+from numerics_util import TOLERANCE, gemm_ref64, rel_err
 
 # (M, N, K): M=1 (decode), N=1, odd sizes, and a couple of regular ones.
 SHAPES = [(1, 7, 5), (3, 33, 17), (17, 64, 48), (64, 128, 96), (1, 128, 96), (2, 1, 17)]
@@ -40,18 +40,6 @@ def _scales(mode_a: str, mode_w: str, lead, m: int, n: int, g: torch.Generator):
 
 def _bias(with_bias: bool, n: int, g: torch.Generator):
     return torch.randn(n, generator=g) if with_bias else None
-
-
-def _ref64(a: torch.Tensor, sa: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, bias):
-    """float64 ``(a * sa) @ (w * sw).T + bias`` plus the same with absolute values (the scale
-    of rounding errors). ``a`` [..., K], ``sa`` 0-d or [..., 1], ``w`` [N, K], ``sw`` 0-d or [N, 1]."""
-    a, w = a.double(), w.double()
-    sw_row = sw.double().reshape(-1) if sw.dim() else sw.double()
-    out = (a @ w.T) * sa.double() * sw_row
-    mag = (a.abs() @ w.abs().T) * sa.double().abs() * sw_row.abs()
-    if bias is not None:
-        out, mag = out + bias.double(), mag + bias.double().abs()
-    return out, mag
 
 
 def _check(out: torch.Tensor, ref: torch.Tensor, mag: torch.Tensor, out_dtype: torch.dtype) -> None:
@@ -81,7 +69,7 @@ def test_int8_gemm(mnk, modes, with_bias, lead):
     sa, sw = _scales(*modes, lead, m, n, g)
     bias = _bias(with_bias, n, g)
     out = int8_gemm_ref(a, sa, w, sw, bias, torch.float32)
-    ref, mag = _ref64(a, sa, w, sw, bias)
+    ref, mag = gemm_ref64(a, sa, w, sw, bias)
     _check(out, ref, mag, torch.float32)
 
 
@@ -109,7 +97,7 @@ def test_int8_gemm_half_output(out_dtype):
     sa, sw = _scales("token", "channel", (2,), 17, 33, g)
     bias = torch.randn(33, generator=g)
     out = int8_gemm_ref(a, sa, w, sw, bias, out_dtype)
-    ref, mag = _ref64(a, sa, w, sw, bias)
+    ref, mag = gemm_ref64(a, sa, w, sw, bias)
     _check(out, ref, mag, out_dtype)
 
 
@@ -132,7 +120,7 @@ def test_fp8_gemm(mnk, modes, with_bias, lead):
     sa, sw = _scales(*modes, lead, m, n, g)
     bias = _bias(with_bias, n, g)
     out = fp8_gemm_ref(a, sa, w, sw, bias, torch.float32)
-    ref, mag = _ref64(a, sa, w, sw, bias)
+    ref, mag = gemm_ref64(a, sa, w, sw, bias)
     _check(out, ref, mag, torch.float32)
 
 
@@ -142,7 +130,7 @@ def test_fp8_gemm_bf16_output():
     sa, sw = _scales("token", "channel", (2,), 3, 64, g)
     bias = torch.randn(64, generator=g)
     out = fp8_gemm_ref(a, sa, w, sw, bias, torch.bfloat16)
-    ref, mag = _ref64(a, sa, w, sw, bias)
+    ref, mag = gemm_ref64(a, sa, w, sw, bias)
     _check(out, ref, mag, torch.bfloat16)
 
 

@@ -15,22 +15,19 @@ multiple of any tile, K not a multiple of the quantization group, and forced til
 
 from __future__ import annotations
 
-import os
 import zlib
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")   # before any @triton.jit runs
-pytest.importorskip("triton", reason="triton is not installed: the Triton backend has nothing to test")
+import triton_interpreter  # noqa: E402,F401  (interpreter without a GPU; skip without triton)
 
-from qcompiler import numerics  # noqa: E402
+from qcompiler.core import numerics  # noqa: E402
 from qcompiler.backends import reference as ref  # noqa: E402
 from qcompiler.backends.triton.availability import availability  # noqa: E402
 from qcompiler.backends.triton.config import GemmConfig  # noqa: E402
-from qcompiler.packing import pack_int4  # noqa: E402
-from numerics_util import TOLERANCE, rel_err  # noqa: E402
+from qcompiler.core.packing import pack_int4  # noqa: E402
+from numerics_util import TOLERANCE, gemm_ref64, rel_err  # noqa: E402
 
 if not availability().runs_kernels:
     pytest.skip(f"Triton kernels cannot run here: {availability().reason}", allow_module_level=True)
@@ -83,17 +80,6 @@ def _check(out, ref64, mag, out_dtype, ref_backend):
     assert rel_err(out, ref_backend.cpu()) <= REF_BOUND
 
 
-def _ref64(a, sa, w, sw, bias):
-    """float64 ``(a * sa) @ (w * sw).T + bias`` and the magnitude of its summands."""
-    a, w = a.double(), w.double()
-    sw_row = sw.double().reshape(-1) if sw.dim() else sw.double()
-    out = (a @ w.T) * sa.double() * sw_row
-    mag = (a.abs() @ w.abs().T) * sa.double().abs() * sw_row.abs()
-    if bias is not None:
-        out, mag = out + bias.double(), mag + bias.double().abs()
-    return out, mag
-
-
 def _scales(mode_a, mode_w, m, n, g):
     sa = (torch.rand(() if mode_a == "tensor" else (m, 1), generator=g) + 0.01) / 50
     sw = (torch.rand(() if mode_w == "tensor" else (n, 1), generator=g) + 0.01) / 50
@@ -121,7 +107,7 @@ def test_w8a8_gemm_matches_reference(fmt, mnk, modes, with_bias):
     sa, sw = _scales(*modes, m, n, g)
     bias = torch.randn(n, generator=g) if with_bias else None
     out = kernel(*_dev(a, sa, w, sw, bias), torch.float32)
-    ref64, mag = _ref64(a, sa, w, sw, bias)
+    ref64, mag = gemm_ref64(a, sa, w, sw, bias)
     _check(out, ref64, mag, torch.float32, ref_fn(a, sa, w, sw, bias, torch.float32))
 
 
@@ -158,7 +144,7 @@ def test_w8a8_gemm_half_output_and_batch_dims(fmt, out_dtype):
     sw = (torch.rand(33, 1, generator=g) + 0.01) / 50
     bias = torch.randn(33, generator=g)
     out = kernel(*_dev(a, sa, w, sw, bias), out_dtype)
-    ref64, mag = _ref64(a, sa, w, sw, bias)
+    ref64, mag = gemm_ref64(a, sa, w, sw, bias)
     _check(out, ref64, mag, out_dtype, ref_fn(a, sa, w, sw, bias, out_dtype))
     assert out.shape == (2, 17, 33)
 
@@ -278,7 +264,7 @@ def test_w4a8_gemm_matches_reference(case):
     sa = (torch.rand(m, 1, generator=g) + 0.01) / 50 if m % 2 else torch.tensor(0.013)
     bias = torch.randn(n, generator=g)
     out = w4a8_gemm(*_dev(a, sa, packed, scale, zero, bias), group, k, torch.float32, config=FORCED.get(config))
-    ref64, mag = _ref64(a, sa, _weight64(q, scale, zero, group or k, k), torch.tensor(1.0), bias)
+    ref64, mag = gemm_ref64(a, sa, _weight64(q, scale, zero, group or k, k), torch.tensor(1.0), bias)
     _check(out, ref64, mag, torch.float32, ref.w4a8_gemm_ref(a, sa, packed, scale, zero, bias, group, k, torch.float32))
 
 
@@ -288,7 +274,7 @@ def test_w4a8_gemm_bf16_output():
     a = (torch.randn(2, 5, 96, generator=g) * 100).to(torch.float8_e4m3fn)
     sa = (torch.rand(2, 5, 1, generator=g) + 0.01) / 50
     out = w4a8_gemm(*_dev(a, sa, packed, scale, zero, None), group, 96, torch.bfloat16)
-    ref64, mag = _ref64(a.reshape(10, 96), sa.reshape(10, 1), _weight64(q, scale, zero, group, 96),
+    ref64, mag = gemm_ref64(a.reshape(10, 96), sa.reshape(10, 1), _weight64(q, scale, zero, group, 96),
                         torch.tensor(1.0), None)
     _check(out.reshape(10, 64), ref64, mag, torch.bfloat16,
            ref.w4a8_gemm_ref(a, sa, packed, scale, zero, None, group, 96, torch.bfloat16).reshape(10, 64))

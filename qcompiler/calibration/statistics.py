@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .errors import CalibrationError
+from qcompiler.errors import CalibrationError
 
 __all__ = ["LayerStats", "StatsAccumulator", "CalibrationCache", "validate_batches", "observe_linear_inputs",
            "run_batches", "calibration_rows"]

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import registry
+from qcompiler.tools import pypi as registry
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -37,7 +37,7 @@ MODELS: dict[str, str] = {
     "stories260K": "260K-parameter Llama trained on TinyStories, from <shared>/models/stories260K",
 }
 
-_REPO_ROOT = Path(__file__).resolve().parent.parent
+_REPO_ROOT = Path(__file__).resolve().parents[2]   # qcompiler/tools/x.py -> the checkout
 
 
 def cache_dir() -> Path:
@@ -63,8 +63,8 @@ def shared_dir() -> Path | None:
 
 
 def text_path(kind: str) -> Path:
-    """``qcompiler.texts.text_path``, kept here for existing callers."""
-    from . import texts
+    """``qcompiler.tools.texts.text_path``, kept here for existing callers."""
+    from qcompiler.tools import texts
 
     return texts.text_path(kind)
 

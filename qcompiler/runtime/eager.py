@@ -9,9 +9,9 @@ from collections.abc import Mapping
 
 import torch
 
-from .formats import GemmFormat, gemm_format
-from .layer_quant import QuantizedWeight, gather_rows
-from .pipeline import Analysis, CompileReport, PassContext
+from qcompiler.core.formats import GemmFormat, gemm_format
+from qcompiler.core.layer_quant import QuantizedWeight, gather_rows
+from qcompiler.pipeline import Analysis, CompileReport, PassContext
 
 __all__ = ["QuantizedLinear", "QuantizedEmbedding", "apply_plan"]
 

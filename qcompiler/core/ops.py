@@ -7,7 +7,7 @@ Graphs carry them as ordinary ops, so they trace, compile and export:
 - ``qcompiler::quantize_per_token(x, dtype) -> (x_q, scale)`` (dynamic, symmetric)
 - ``qcompiler::int8_gemm`` / ``qcompiler::fp8_gemm(a_q, a_scale, w_q, w_scale, bias, out_dtype)``
 - ``qcompiler::weight_only_gemm(x, w_q, w_scale, w_zero, bias, group_size=0)``
-- packed INT4 (layout in ``qcompiler.packing``): ``qcompiler::dequantize_int4(w_packed, w_scale, w_zero,
+- packed INT4 (layout in ``qcompiler.core.packing``): ``qcompiler::dequantize_int4(w_packed, w_scale, w_zero,
   group_size, in_features, out_dtype)``, ``qcompiler::int4_gemm(x, w_packed, w_scale, w_zero, bias,
   group_size, in_features)`` (W4A16) and ``qcompiler::w4a8_gemm(a_q, a_scale, w_packed, w_scale, w_zero,
   bias, group_size, in_features, out_dtype)`` (INT4 weights, FP8 activations)
@@ -22,7 +22,7 @@ Graphs carry them as ordinary ops, so they trace, compile and export:
   registered by ``qcompiler.backends.triton.lowering`` (CPU: Triton's interpreter), and calling one
   before that raises.
 
-The CPU/GPU kernels of the other ops are the pure-torch references in ``qcompiler.reference_kernels``.
+The CPU/GPU kernels of the other ops are the pure-torch references in ``qcompiler.core.reference_kernels``.
 
 ``norm_quantize_per_token`` computes, for x [..., K]:
 
@@ -42,8 +42,8 @@ from __future__ import annotations
 
 import torch
 
-from . import numerics
-from . import reference_kernels as ref
+from qcompiler.core import numerics
+from qcompiler.core import reference_kernels as ref
 
 __all__ = ["quantize", "dequantize", "quantize_per_token", "int8_gemm", "fp8_gemm", "weight_only_gemm",
            "dequantize_int4", "int4_gemm", "w4a8_gemm", "onednn_int8_mm", "onednn_linear",

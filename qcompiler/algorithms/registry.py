@@ -2,10 +2,10 @@
 
 A weight algorithm turns one linear's float weight and its calibration statistics into a
 ``QuantizedWeight``. Each registers a ``WeightAlgorithm`` under its spec type (``GPTQSpec`` in
-``qcompiler.gptq``, ``AWQSpec`` in ``qcompiler.awq``, or a third party's, see
+``qcompiler.algorithms.gptq``, ``AWQSpec`` in ``qcompiler.algorithms.awq``, or a third party's, see
 ``examples/custom_weight_algorithm.py``), and everything that runs one dispatches through this
 module: the graph passes (``passes/weight_algorithm.py``) and layer-by-layer calibration
-(``qcompiler.layerwise``) compute the same numbers, and what an algorithm needs from calibration
+(``qcompiler.calibration.layerwise``) compute the same numbers, and what an algorithm needs from calibration
 (input Hessians, an input-channel scale before quantizing) is declared here, not tested by name.
 A recipe without a weight algorithm rounds to nearest.
 """
@@ -18,9 +18,9 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import UnsupportedError
-from .layer_quant import QuantizedWeight, quantize_weight
-from .recipes import register_algorithm_spec
+from qcompiler.errors import UnsupportedError
+from qcompiler.core.layer_quant import QuantizedWeight, quantize_weight
+from qcompiler.recipes import register_algorithm_spec
 
 __all__ = ["WeightAlgorithm", "register_weight_algorithm", "registered_algorithms", "algorithm_of",
            "needs_hessian", "has_input_scale", "input_scale", "quantize_linear", "scaled_stats"]
@@ -67,7 +67,7 @@ def register_weight_algorithm(algorithm: WeightAlgorithm) -> WeightAlgorithm:
 
 
 def _load_builtins() -> None:
-    from . import awq, gptq  # noqa: F401  (each registers its algorithm on import)
+    from qcompiler.algorithms import awq, gptq  # noqa: F401  (each registers its algorithm on import)
 
 
 def registered_algorithms() -> dict[type, WeightAlgorithm]:
@@ -85,7 +85,7 @@ def algorithm_of(recipe: Any) -> tuple[WeightAlgorithm, Any] | None:
     if algorithm is None:
         raise UnsupportedError(f"recipe {recipe.name!r}: no weight algorithm is registered for "
                                f"{type(spec).__name__}; register one with "
-                               "qcompiler.weight_algorithms.register_weight_algorithm")
+                               "qcompiler.algorithms.registry.register_weight_algorithm")
     return algorithm, spec
 
 

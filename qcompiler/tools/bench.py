@@ -14,10 +14,11 @@ from typing import Callable
 
 import torch
 
-from . import api, data, evaluate, models, texts
-from .backends import machine
-from .backends.gemm_kernels import onednn_float_available
-from .calibration import CalibrationCache
+from qcompiler import api
+from qcompiler.tools import data, evaluate, models, texts
+from qcompiler.backends import machine
+from qcompiler.backends.gemm_kernels import onednn_float_available
+from qcompiler.calibration.statistics import CalibrationCache
 
 __all__ = ["Protocol", "PROTOCOLS", "CLI_PROTOCOLS", "Row", "run_table", "format_table"]
 
@@ -76,8 +77,8 @@ def _text(kind: str) -> str:
 def _int8_kernel_line(m: int = 512, k: int = 576, n: int = 1536) -> str:
     """The int8 GEMM kernels this machine has against an fp32 matmul at one SmolLM2 MLP shape: speed
     and the numerics each keeps here (what bounds, and what decides, the INT8 rows)."""
-    from .backends.gemm_kernels import KERNELS
-    from .backends.kernel_choice import _time_all, probe
+    from qcompiler.backends.gemm_kernels import KERNELS
+    from qcompiler.backends.kernel_choice import _time_all, probe
     g = torch.Generator().manual_seed(0)
     a = torch.randint(-127, 128, (m, k), generator=g).to(torch.int8)
     w = torch.randint(-127, 128, (n, k), generator=g).to(torch.int8)

@@ -7,7 +7,7 @@ to capture its inputs (and the statistics of linears before it); then for each b
 
 1. run it on the captured inputs with hooks on its linears (input statistics, Hessians);
 2. quantize its linears (AWQ scale per group of linears sharing an input, then GPTQ / AWQ
-   clipping / RTN by ``qcompiler.weight_algorithms``), keeping each ``QuantizedWeight``;
+   clipping / RTN by ``qcompiler.algorithms.registry``), keeping each ``QuantizedWeight``;
 3. swap the block's weights for their dequantized values (and fake-quantize dynamic
    activations) and run it again: its outputs are the next block's inputs;
 4. drop the block's Hessians.
@@ -28,11 +28,12 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from . import layer_quant, weight_algorithms
-from .calibration import LayerStats, StatsAccumulator, observe_linear_inputs, run_batches, validate_batches
-from .errors import CalibrationError
-from .layer_quant import QuantizedWeight
-from .recipes import Recipe
+from qcompiler.core import layer_quant
+from qcompiler.algorithms import registry as weight_algorithms
+from qcompiler.calibration.statistics import LayerStats, StatsAccumulator, observe_linear_inputs, run_batches, validate_batches
+from qcompiler.errors import CalibrationError
+from qcompiler.core.layer_quant import QuantizedWeight
+from qcompiler.recipes import Recipe
 
 __all__ = ["LayerwiseCalibration", "LayerResult", "find_decoder_blocks"]
 
@@ -112,7 +113,7 @@ class LayerwiseCalibration:
         self.blocks_path = ""
 
     def check_vocabulary(self, model: torch.nn.Module) -> None:
-        from .calibration import CalibrationCache
+        from qcompiler.calibration.statistics import CalibrationCache
         CalibrationCache.check_vocabulary(self, model)   # same checks, same messages
 
     def collect(self, model: torch.nn.Module) -> dict[str, LayerStats]:

@@ -2,11 +2,11 @@
 argument layout.
 
 One table (``GEMM_FORMATS``) read by graph fusion (``passes/fuse.py``), the eager runtime
-(``qcompiler.eager``), the lowering (``passes/lower.py``) and the kernel choice
+(``qcompiler.runtime.eager``), the lowering (``passes/lower.py``) and the kernel choice
 (``backends/kernel_choice.py``): which op a quantized linear becomes, which of the op's arguments is the
 weight (a kernel may repack it) and which are per-call activations (the micro-benchmark synthesizes
 them). Weights are ``"byte"`` (int8 / uint8 / int7 / fp8, one value per byte) or ``"int4"`` (two per
-byte, ``qcompiler.packing``); activations are the quantized dtype, or None for float activations.
+byte, ``qcompiler.core.packing``); activations are the quantized dtype, or None for float activations.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Callable
 
 import torch
 
-from . import ops  # noqa: F401  (registers the qcompiler:: ops)
-from .errors import UnsupportedError
+from qcompiler.core import ops  # noqa: F401  (registers the qcompiler:: ops)
+from qcompiler.errors import UnsupportedError
 
 __all__ = ["GemmFormat", "GEMM_FORMATS", "weight_kind", "find_gemm_format", "gemm_format", "op_format"]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .recipes import QuantDtype
+from qcompiler.recipes import QuantDtype
 
 __all__ = ["QRANGE", "STORAGE_DTYPE", "storage_name", "expand_blocks", "quantize", "dequantize", "choose_scale",
            "quantize_per_token", "fake_quantize", "round_to_e4m3", "sqnr_db"]

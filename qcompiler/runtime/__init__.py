@@ -1,0 +1,2 @@
+"""Beside the backends: the eager runtime (``eager``: quantized modules) and saved checkpoints
+(``serialization``)."""
