@@ -34,6 +34,7 @@ class QuantizeTensors:
                 ctx.tensor_plan[fqn] = decision
                 key = f"{target.name}_{'quantized' if decision.quantize else 'kept'}"
                 counts[key] = counts.get(key, 0) + 1
-        if any(k.endswith("_quantized") for k in counts):
+        changed = any(k.endswith("_quantized") for k in counts)
+        if changed:
             gm.graph.eliminate_dead_code()
-        return PassResult(gm, any(k.endswith("_quantized") for k in counts), counts)
+        return PassResult(gm, changed, counts)
