@@ -231,18 +231,38 @@ def _fp8_operands(a_q, a_scale, w_q, w_scale, to_float=lambda q: q.float()) -> t
     return a, w
 
 
+def _fp8_dequant_linear(a_q, a_scale, w_q, w_scale, bias, out_dtype, linear, a=None):
+    """Dequantize + ``linear``; ``a``: the activation's E4M3 values already in float32 rows (folded form)."""
+    a_vals, w = _fp8_operands(a_q if a is None else a, a_scale, w_q, w_scale)
+    out = linear(a_vals, w, None if bias is None else bias.float())
+    return out.to(out_dtype).reshape(*a_q.shape[:-1], w_q.shape[0])
+
+
+def _e4m3_rows(x: torch.Tensor, a_scale: torch.Tensor) -> torch.Tensor:
+    """``quantize(x, a_scale, fp8_e4m3).float()`` as [M, K] rows, by float32 / int32 operations."""
+    return _rows(numerics.round_to_e4m3(x.float() / a_scale.float()))
+
+
 def fp8_gemm_dequant(a_q, a_scale, w_q, w_scale, bias, out_dtype):
     """``fp8_gemm`` as dequantize + float32 GEMM (what ``_scaled_mm`` computes, summation aside)."""
-    a, w = _fp8_operands(a_q, a_scale, w_q, w_scale)
-    out = F.linear(a, w, None if bias is None else bias.float())
-    return out.to(out_dtype).reshape(*a_q.shape[:-1], w_q.shape[0])
+    return _fp8_dequant_linear(a_q, a_scale, w_q, w_scale, bias, out_dtype, F.linear)
+
+
+def fp8_gemm_dequant_from_float(x, a_scale, w_q, w_scale, bias, out_dtype):
+    """``fp8_gemm_dequant`` of ``quantize(x, a_scale, fp8_e4m3)``, the quantization folded in
+    (``numerics.round_to_e4m3``: the fp8 cast's values, vectorized without fp8 instructions)."""
+    return _fp8_dequant_linear(x, a_scale, w_q, w_scale, bias, out_dtype, F.linear, _e4m3_rows(x, a_scale))
 
 
 def fp8_gemm_dequant_onednn(a_q, a_scale, w_q, w_scale, bias, out_dtype):
     """``fp8_gemm`` as dequantize + oneDNN's float32 GEMM."""
-    a, w = _fp8_operands(a_q, a_scale, w_q, w_scale)
-    out = _ops.onednn_linear(a, w, None if bias is None else bias.float())
-    return out.to(out_dtype).reshape(*a_q.shape[:-1], w_q.shape[0])
+    return _fp8_dequant_linear(a_q, a_scale, w_q, w_scale, bias, out_dtype, _ops.onednn_linear)
+
+
+def fp8_gemm_dequant_onednn_from_float(x, a_scale, w_q, w_scale, bias, out_dtype):
+    """``fp8_gemm_dequant_onednn`` with the activation's quantization folded in (as ``fp8_gemm_dequant_from_float``)."""
+    return _fp8_dequant_linear(x, a_scale, w_q, w_scale, bias, out_dtype, _ops.onednn_linear,
+                               _e4m3_rows(x, a_scale))
 
 
 def _fp8_words_prepack(w_q: torch.Tensor, args=None) -> torch.Tensor:
@@ -253,12 +273,13 @@ def _fp8_words_accepts(a_q, a_scale, w_q, *args) -> str | None:
     return _words_accepts(int(w_q.shape[-1]), 8)
 
 
-def _fp8_words_linear(a: torch.Tensor, a_scale, w_words, w_scale, bias, out_dtype, lead) -> torch.Tensor:
-    """[M, K] E4M3 activation values (unscaled, float32) times the byte-word weight, on oneDNN."""
+def _fp8_words_linear(a: torch.Tensor, a_scale, w_words, w_scale, bias, out_dtype, lead,
+                      linear=_ops.onednn_linear) -> torch.Tensor:
+    """[M, K] E4M3 activation values (unscaled, float32) times the byte-word weight, on ``linear``."""
     a = a * (a_scale.float().reshape(-1, 1) if a_scale.dim() else a_scale.float())
     w = word_fields(w_words, 8, _e4m3_from_top_byte) \
         * (w_scale.float().reshape(-1, 1) if w_scale.dim() else w_scale.float())
-    out = _ops.onednn_linear(a, w, None if bias is None else bias.float())
+    out = linear(a, w, None if bias is None else bias.float())
     return out.to(out_dtype).reshape(*lead, w_words.shape[0])
 
 
@@ -273,8 +294,19 @@ def fp8_gemm_words_onednn_from_float(x, a_scale, w_words, w_scale, bias, out_dty
     """``fp8_gemm_words_onednn`` of ``quantize(x, a_scale, fp8_e4m3)``, the quantization folded in: the
     E4M3 values come from ``numerics.round_to_e4m3`` (the same values as the fp8 cast, by float32 and
     int32 operations), so no fp8 tensor is formed."""
-    a = numerics.round_to_e4m3(x.float() / a_scale.float())
-    return _fp8_words_linear(_rows(a), a_scale, w_words, w_scale, bias, out_dtype, x.shape[:-1])
+    return _fp8_words_linear(_e4m3_rows(x, a_scale), a_scale, w_words, w_scale, bias, out_dtype, x.shape[:-1])
+
+
+def fp8_gemm_words(a_q, a_scale, w_words, w_scale, bias, out_dtype):
+    """``fp8_gemm_words_onednn`` on ``F.linear``'s float32 GEMM (faster than oneDNN's at small shapes)."""
+    return _fp8_words_linear(fp8_to_float_via_bits(_rows(a_q)), a_scale, w_words, w_scale, bias, out_dtype,
+                             a_q.shape[:-1], F.linear)
+
+
+def fp8_gemm_words_from_float(x, a_scale, w_words, w_scale, bias, out_dtype):
+    """``fp8_gemm_words`` with the activation's quantization folded in (as ``fp8_gemm_words_onednn_from_float``)."""
+    return _fp8_words_linear(_e4m3_rows(x, a_scale), a_scale, w_words, w_scale, bias, out_dtype, x.shape[:-1],
+                             F.linear)
 
 
 # ---- weight-only ---------------------------------------------------------------------------
@@ -436,9 +468,14 @@ KERNELS: tuple[GemmKernel, ...] = (
     GemmKernel("int8-fp32", "int8_gemm", int8_gemm_fp32, "float32 GEMM of the int8 values", _ANY),
     GemmKernel("scaled_mm", "fp8_gemm", _ops.fp8_gemm, "torch._scaled_mm (fp8 x fp8, float32 accumulate)", _ANY,
                reference=True),
-    GemmKernel("fp8-dequant", "fp8_gemm", fp8_gemm_dequant, "dequantize to float32 + float32 GEMM", _ANY),
+    GemmKernel("fp8-dequant", "fp8_gemm", fp8_gemm_dequant, "dequantize to float32 + float32 GEMM", _ANY,
+               from_float=fp8_gemm_dequant_from_float),
     GemmKernel("fp8-dequant-onednn", "fp8_gemm", fp8_gemm_dequant_onednn,
-               "dequantize to float32 + oneDNN's float32 GEMM", available=onednn_float_available),
+               "dequantize to float32 + oneDNN's float32 GEMM", available=onednn_float_available,
+               from_float=fp8_gemm_dequant_onednn_from_float),
+    GemmKernel("fp8-words", "fp8_gemm", fp8_gemm_words,
+               "fp8 weight bytes in int32 words, both operands decoded by integer ops + float32 GEMM (F.linear)",
+               _ANY, prepare=_fp8_words_prepack, accepts=_fp8_words_accepts, from_float=fp8_gemm_words_from_float),
     GemmKernel("fp8-words-onednn", "fp8_gemm", fp8_gemm_words_onednn,
                "fp8 weight bytes in int32 words, both operands decoded by integer ops (vectorizes without fp8 "
                "instructions) + oneDNN's float32 GEMM", prepare=_fp8_words_prepack, accepts=_fp8_words_accepts,

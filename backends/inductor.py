@@ -17,27 +17,19 @@ from __future__ import annotations
 import torch
 
 from qcompiler.core import numerics
+from qcompiler.core import reference_kernels as ref
 
-from . import reference as ref
 from . import register_backend
 
 __all__ = ["InductorTable", "inductor_table", "compile_graph", "OPAQUE_OPS"]
-
-
-def _quantize(x, scale, zero_point, dtype, block_size=0):
-    return numerics.quantize(x, scale, zero_point, dtype, block_size=block_size or None)
-
-
-def _dequantize(q, scale, zero_point, out_dtype, block_size=0):
-    return numerics.dequantize(q, scale, zero_point, out_dtype, block_size=block_size or None)
 
 
 #: op name -> the plain torch function with the custom op's signature and numerics. The fused
 #: GEMMs are not here: the Lower pass gives each the kernel chosen for the machine
 #: (``kernel_choice``), whose plain torch code inductor compiles the same way.
 _DECOMPOSITIONS = {
-    "quantize": _quantize,
-    "dequantize": _dequantize,
+    "quantize": ref.quantize_ref,
+    "dequantize": ref.dequantize_ref,
     "quantize_per_token": numerics.quantize_per_token,
     "dequantize_int4": ref.dequantize_int4_ref,
 }

@@ -38,7 +38,8 @@ class InsertQDQ:
         ann = ctx.analyses[Analysis.ANNOTATE]
         params = set(ann.param_fqn)
         recipe, act = ctx.recipe, ctx.recipe.activation
-        counts = {"quantized_linears": 0, "float_linears_rewritten": 0}
+        counts = {"quantized_linears": 0, "float_linears_rewritten": 0, "shared_activation_quantizers": 0}
+        shared: dict[tuple, Node] = {}
         qweights: dict[str, layer_quant.QuantizedWeight] = {}
         # weights an algorithm pass (GPTQ, AWQ clipping) already quantized, by module path
         precomputed: dict[str, layer_quant.QuantizedWeight] = ctx.analyses.get(Analysis.WEIGHT_ALGORITHM, {})
@@ -73,22 +74,36 @@ class InsertQDQ:
                                                                     qw.group_size or 0))
                 x = parts.x
                 if act is not None:
-                    if act.dynamic:
-                        qt = gm.graph.call_function(_ops.quantize_per_token, (x, act.dtype.value))
-                        x_q = gm.graph.call_function(operator.getitem, (qt, 0))
-                        x_s = gm.graph.call_function(operator.getitem, (qt, 1))
+                    # one quantizer per (input, scale): the linears reading one tensor with equal scales
+                    # (q / k / v, gate / up) share it, so it runs once
+                    key = (x, act.dynamic, act.dtype, out_dtype, None if act.dynamic else float(d.act_scale),
+                           lw.w.device)
+                    if key in shared:
+                        counts["shared_activation_quantizers"] += 1
                     else:
-                        # on the weight's device: a CPU scale beside CUDA operands would keep the
-                        # GEMM off every GPU kernel ("tensors on several devices")
-                        x_s = add_constant(gm, f"{fqn}_act_scale", torch.tensor(d.act_scale, dtype=torch.float32,
-                                                                                device=lw.w.device), node)
-                        x_q = gm.graph.call_function(_ops.quantize, (x, x_s, None, act.dtype.value))
-                    x = gm.graph.call_function(_ops.dequantize, (x_q, x_s, None, out_dtype))
+                        shared[key] = self._quantize_activation(gm, node, x, act, fqn, d, lw.w.device, out_dtype)
+                    x = shared[key]
             self._replace(gm, node, x, w_dq, bias)
             counts["quantized_linears"] += 1
         ctx.analyses[Analysis.QUANTIZED_WEIGHTS] = qweights
         gm.graph.eliminate_dead_code()
         return PassResult(gm, sum(counts.values()) > 0, counts)
+
+    @staticmethod
+    def _quantize_activation(gm: GraphModule, node: Node, x: Node, act, fqn: str, d, device: torch.device,
+                             out_dtype: torch.dtype) -> Node:
+        """``dequantize(quantize(x))`` in front of ``node``: per token when dynamic, else with the layer's static scale."""
+        if act.dynamic:
+            qt = gm.graph.call_function(_ops.quantize_per_token, (x, act.dtype.value))
+            x_q = gm.graph.call_function(operator.getitem, (qt, 0))
+            x_s = gm.graph.call_function(operator.getitem, (qt, 1))
+        else:
+            # on the weight's device: a CPU scale beside CUDA operands would keep the
+            # GEMM off every GPU kernel ("tensors on several devices")
+            x_s = add_constant(gm, f"{fqn}_act_scale", torch.tensor(d.act_scale, dtype=torch.float32, device=device),
+                               node)
+            x_q = gm.graph.call_function(_ops.quantize, (x, x_s, None, act.dtype.value))
+        return gm.graph.call_function(_ops.dequantize, (x_q, x_s, None, out_dtype))
 
     @staticmethod
     def _replace(gm: GraphModule, node: Node, x: Node, w: Node, bias: Node | None) -> None:

@@ -13,13 +13,14 @@ import torch
 from torch.fx import GraphModule
 
 from qcompiler import recipes as _recipes
-from qcompiler.calibration.statistics import CalibrationCache, calibration_rows
+from qcompiler.calibration.statistics import CalibrationCache, calibration_rows, observe_tensors
 from qcompiler.algorithms import registry as weight_algorithms
 from qcompiler.algorithms.gptq import too_few_rows_error
 from qcompiler.calibration.layerwise import LayerwiseCalibration
 from qcompiler.errors import CalibrationError, RecipeError, UnsupportedError
 from qcompiler.pipeline import Analysis, CalibrationData, CompileReport, PassContext, PassManager
 from qcompiler.recipes import Recipe
+from qcompiler.targets import registered_targets
 
 __all__ = ["QCompilerBackend", "backend", "quantize", "report"]
 
@@ -248,6 +249,7 @@ class QCompilerBackend:
         self.last_context: PassContext | None = None
         self.graphs: list[GraphModule] = []   # every graph module this backend returned, in order
         self._memo: dict = {}                  # per-layer search results, reused by later graphs
+        self._tensor_stats: dict = {}          # quantization-target name -> its observer's result
         self._codes: weakref.WeakSet = weakref.WeakSet()   # code objects Dynamo compiled with this backend
         self._entry_watched = False
         _make_room(_COMPILED_CODES)            # room in Dynamo's cache for this backend's first compile
@@ -274,6 +276,21 @@ class QCompilerBackend:
         self.report.calibration_s = self.calibration.seconds
         return stats
 
+    def _target_stats(self) -> dict:
+        """What the observers of the recipe's quantization targets collect (``QuantTarget.observe``),
+        once per backend; empty without calibration data or a model to run."""
+        if self.calibration is None or self.root is None:
+            return {}
+        todo = {}
+        for target in registered_targets():
+            spec = target.spec(self.recipe) if target.observe is not None else None
+            if spec is not None and target.name not in self._tensor_stats:
+                todo[target.name] = target.observe(self.root, spec)
+        if todo:
+            self._tensor_stats.update(observe_tensors(self.root, self.calibration.batches, todo,
+                                                      getattr(self.calibration, "progress", True)))
+        return dict(self._tensor_stats)
+
     def passes(self) -> list:
         from qcompiler.passes import default_passes
         return default_passes(self.target, self.kernels) + list(self.extra_passes)
@@ -286,7 +303,8 @@ class QCompilerBackend:
         ctx = PassContext(self.recipe, list(example_inputs), device,
                           analyses={Analysis.PARAM_NAMES: self._param_names, Analysis.MEMO: self._memo},
                           report=self.report,
-                          calibration=CalibrationData(stats, getattr(self.calibration, "results", {})))
+                          calibration=CalibrationData(stats, getattr(self.calibration, "results", {}),
+                                                      self._target_stats()))
         gm = PassManager(passes).run(gm, ctx)
         self.report.layers.update(ctx.layer_plan)
         self.report.tensors.update(ctx.tensor_plan)

@@ -235,11 +235,14 @@ class CalibrationData:
 
     ``stats``: module path -> ``LayerStats`` of the linear's input (all the model's linears), None when
     the recipe reads none or runs without calibration data; ``layerwise``: module path -> the
-    layer-by-layer weight-algorithm result (``qcompiler.calibration.layerwise.LayerResult``), empty without it.
+    layer-by-layer weight-algorithm result (``qcompiler.calibration.layerwise.LayerResult``), empty without it;
+    ``tensors``: quantization-target name -> what that target's observer collected
+    (``qcompiler.targets.QuantTarget.observe``), for the targets the recipe sets and calibration data was given.
     """
 
     stats: Mapping[str, LayerStats] | None = None
     layerwise: Mapping[str, Any] = field(default_factory=dict)
+    tensors: Mapping[str, Any] = field(default_factory=dict)
 
 
 class PassManager:

@@ -5,19 +5,21 @@ Any other tensor the pipeline can store quantized — an embedding table today, 
 next — is a ``QuantTarget``: where its spec sits in the recipe, how to find the graph nodes that
 read the tensor (from the graph, never from layer names), and how to rewrite one of them. Each
 rewrite returns a ``TensorDecision``, which lands in ``PassContext.tensor_plan`` and in the compile
-report. Register a target once, at import, with ``register_target``; the built-in one lives in
+report. A target that needs statistics of the float model (a KV cache's static scales) gives an
+``observe`` hook: the API runs its observer over the calibration batches before the passes, and
+``apply`` reads the result from ``ctx.calibration.tensors[name]``. Register a target once, at import, with ``register_target``; the built-in one lives in
 ``qcompiler/passes/embedding.py``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 from qcompiler.errors import RecipeError
 from qcompiler.pipeline import TensorDecision
 
-__all__ = ["QuantTarget", "register_target", "registered_targets"]
+__all__ = ["QuantTarget", "TensorObserver", "register_target", "registered_targets", "unregister_target"]
 
 
 @dataclass(frozen=True)
@@ -31,12 +33,29 @@ class QuantTarget:
             ``annotation`` is the ``passes.annotate.GraphAnnotation`` of the graph.
         apply: ``(gm, node, module path, spec, ctx) -> TensorDecision``: rewrite the node (or keep it,
             saying why in the decision).
+        observe: optional ``(model, spec) -> observer``, an observer of the float model during
+            calibration (``TensorObserver``). It runs once per compiled model when calibration data is
+            given, in its own pass over the batches; its ``result()`` is ``ctx.calibration.tensors[name]``
+            (absent without calibration data: ``apply`` then decides, e.g. raises ``CalibrationError``).
     """
 
     name: str
     spec: Callable[[Any], Any]
     find: Callable[..., list]
     apply: Callable[..., TensorDecision]
+    observe: Callable[..., "TensorObserver"] | None = None
+
+
+@runtime_checkable
+class TensorObserver(Protocol):
+    """What ``QuantTarget.observe`` returns: a context manager that installs its hooks (module hooks, a
+    ``TorchFunctionMode``) on enter and removes them on exit, and the statistics it gathered."""
+
+    def __enter__(self) -> Any: ...
+
+    def __exit__(self, *exc) -> Any: ...
+
+    def result(self) -> Any: ...
 
 
 _TARGETS: dict[str, QuantTarget] = {}
@@ -53,3 +72,10 @@ def register_target(target: QuantTarget) -> QuantTarget:
 def registered_targets() -> tuple[QuantTarget, ...]:
     """The registered targets, in registration order."""
     return tuple(_TARGETS.values())
+
+
+def unregister_target(name: str) -> None:
+    """Remove a registered target (plug-ins' tests); an unknown name is an error."""
+    if name not in _TARGETS:
+        raise RecipeError(f"no quantization target named {name!r} is registered")
+    del _TARGETS[name]

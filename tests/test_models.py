@@ -102,7 +102,8 @@ def test_shared_dir_env(monkeypatch, tmp_path):
 
 def test_shared_dir_is_only_beside_the_repository(monkeypatch, tmp_path):
     monkeypatch.delenv("QCOMPILER_SHARED", raising=False)
-    monkeypatch.setattr(models, "_REPO_ROOT", tmp_path / "repo")
+    assert models.SHARED_DEFAULT == Path(models.__file__).resolve().parents[3] / "shared"
+    monkeypatch.setattr(models, "SHARED_DEFAULT", tmp_path / "shared")
     assert shared_dir() is None  # no machine-specific fallback
     (tmp_path / "shared").mkdir()
     assert shared_dir() == tmp_path / "shared"

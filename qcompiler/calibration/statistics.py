@@ -9,11 +9,13 @@ alpha, static-scale calibrators, SQNR of the quantized layer).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -21,7 +23,7 @@ from tqdm.auto import tqdm
 from qcompiler.errors import CalibrationError
 
 __all__ = ["LayerStats", "StatsAccumulator", "CalibrationCache", "validate_batches", "observe_linear_inputs",
-           "run_batches", "calibration_rows"]
+           "run_batches", "calibration_rows", "observe_tensors"]
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +165,22 @@ def run_batches(model: torch.nn.Module, batches: list, progress: bool, desc: str
             else:
                 ids = b if b.dim() == 2 else b.unsqueeze(0)
                 model(input_ids=ids.to(device))
+
+
+def observe_tensors(model: torch.nn.Module, batches: list, observers: Mapping[str, Any],
+                    progress: bool = True) -> dict[str, Any]:
+    """Run the float model over ``batches`` once with every observer active; ``{name: observer.result()}``.
+
+    An observer is a context manager (its ``__enter__`` installs hooks, ``__exit__`` removes them) with
+    a ``result()`` method: how a quantization target beyond linear weights calibrates
+    (``qcompiler.targets.QuantTarget.observe``)."""
+    if not observers:
+        return {}
+    with contextlib.ExitStack() as stack:
+        for obs in observers.values():
+            stack.enter_context(obs)
+        run_batches(model, batches, progress, desc="calibrating tensors")
+    return {name: obs.result() for name, obs in observers.items()}
 
 
 class observe_linear_inputs:

@@ -143,7 +143,8 @@ def round_to_e4m3(y: torch.Tensor) -> torch.Tensor:
     b = v.view(torch.int32)
     normal = ((b + 0x7FFFF + ((b >> 20) & 1)) & ~0xFFFFF).view(torch.float32)
     out = torch.where(v.abs() < 2.0 ** -6, torch.round(v * 512.0) * (1.0 / 512.0), normal)
-    return torch.where(v.isnan(), v, out)   # NaN's bits are any NaN's (compiled clamps set them all)
+    # NaN's bits are any NaN's (compiled clamps set them all); ``v != v`` vectorizes where isnan does not
+    return torch.where(v != v, v, out)
 
 
 def sqnr_db(x: torch.Tensor, ref: torch.Tensor) -> float:

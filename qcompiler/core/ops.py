@@ -55,7 +55,7 @@ _LIB = "qcompiler"
 @torch.library.custom_op(f"{_LIB}::quantize", mutates_args=())
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, dtype: str,
              block_size: int = 0) -> torch.Tensor:
-    return numerics.quantize(x, scale, zero_point, dtype, block_size=block_size or None)
+    return ref.quantize_ref(x, scale, zero_point, dtype, block_size)
 
 
 @quantize.register_fake
@@ -66,7 +66,7 @@ def _(x, scale, zero_point, dtype, block_size=0):
 @torch.library.custom_op(f"{_LIB}::dequantize", mutates_args=())
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
                out_dtype: torch.dtype, block_size: int = 0) -> torch.Tensor:
-    return numerics.dequantize(q, scale, zero_point, out_dtype, block_size=block_size or None)
+    return ref.dequantize_ref(q, scale, zero_point, out_dtype, block_size)
 
 
 @dequantize.register_fake

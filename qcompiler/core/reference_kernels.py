@@ -15,7 +15,7 @@ import torch
 from qcompiler.core import numerics
 from qcompiler.core.packing import unpack_int4
 
-__all__ = ["int8_gemm_ref", "fp8_gemm_ref", "weight_only_gemm_ref", "dequantize_int4_ref", "int4_gemm_ref",
+__all__ = ["quantize_ref", "dequantize_ref", "int8_gemm_ref", "fp8_gemm_ref", "weight_only_gemm_ref", "dequantize_int4_ref", "int4_gemm_ref",
            "w4a8_gemm_ref", "NORM_KINDS", "norm_quantize_per_token_ref"]
 
 #: ``norm`` values of ``qcompiler::norm_quantize_per_token``
@@ -24,6 +24,18 @@ NORM_KINDS = ("none", "rms", "layer")
 
 def _rows(a: torch.Tensor) -> torch.Tensor:
     return a.reshape(-1, a.shape[-1])
+
+
+def quantize_ref(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, dtype: str,
+                 block_size: int = 0) -> torch.Tensor:
+    """``qcompiler::quantize``: ONNX QuantizeLinear (``block_size`` 0 = none)."""
+    return numerics.quantize(x, scale, zero_point, dtype, block_size=block_size or None)
+
+
+def dequantize_ref(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, out_dtype: torch.dtype,
+                   block_size: int = 0) -> torch.Tensor:
+    """``qcompiler::dequantize``: ONNX DequantizeLinear (``block_size`` 0 = none)."""
+    return numerics.dequantize(q, scale, zero_point, out_dtype, block_size=block_size or None)
 
 
 def _epilogue(acc: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,

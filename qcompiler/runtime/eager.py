@@ -124,7 +124,10 @@ def _swap_embeddings(model: torch.nn.Module, ctx: PassContext) -> int:
     swapped = 0
     tables = ctx.analyses.get(Analysis.QUANTIZED_TENSORS, {})
     for fqn, d in ctx.tensor_plan.items():
-        if d.kind != "embedding" or not d.quantize:
+        if not d.quantize:
+            continue
+        if d.kind != "embedding":       # a graph rewrite (a registered target) eager modules cannot carry
+            d.quantize, d.reason = False, f"eager mode applies only embedding targets, not {d.kind!r} (use torch.compile)"
             continue
         module = model.get_submodule(fqn)
         if type(module) is not torch.nn.Embedding:

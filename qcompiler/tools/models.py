@@ -37,7 +37,8 @@ MODELS: dict[str, str] = {
     "stories260K": "260K-parameter Llama trained on TinyStories, from <shared>/models/stories260K",
 }
 
-_REPO_ROOT = Path(__file__).resolve().parents[2]   # qcompiler/tools/x.py -> the checkout
+#: where the optional shared folder is looked for without ``$QCOMPILER_SHARED``: beside the checkout
+SHARED_DEFAULT = Path(__file__).resolve().parents[3] / "shared"   # <checkout>/qcompiler/tools/models.py
 
 
 def cache_dir() -> Path:
@@ -58,8 +59,7 @@ def shared_dir() -> Path | None:
             log.warning("QCOMPILER_SHARED=%s is not a directory", env)
             return None
         return path
-    candidate = _REPO_ROOT.parent / "shared"
-    return candidate if candidate.is_dir() else None
+    return SHARED_DEFAULT if SHARED_DEFAULT.is_dir() else None
 
 
 def text_path(kind: str) -> Path:

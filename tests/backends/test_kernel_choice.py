@@ -142,6 +142,7 @@ def test_onednn_without_vnni_is_the_int16_pair_model(tmp_path):
 
 @pytest.mark.parametrize("name,op", [("fp8-dequant", "fp8_gemm"), ("int8pack", "weight_only_gemm"),
                                      ("fp8-dequant-onednn", "fp8_gemm"), ("fp8-words-onednn", "fp8_gemm"),
+                                     ("fp8-words", "fp8_gemm"),
                                      ("dequant-onednn", "weight_only_gemm"),
                                      ("int8-words-onednn", "weight_only_gemm")])
 def test_float_kernels_keep_float32_sums(name, op):
@@ -418,27 +419,55 @@ def test_report_warns_when_gemms_can_saturate(monkeypatch):
                and "reduce_range=True" in w for w in qb.report.warnings)
 
 
+FOLDING = [k for k in KERNELS if k.from_float is not None]
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("per_token", [False, True])
+@pytest.mark.parametrize("name", [k.name for k in FOLDING])
+def test_folded_quantize_gives_the_kernels_output_on_the_quantized_activation(name, per_token, compiled):
+    """``from_float(x, s, ...)`` is ``run(quantize(x, s), s, ...)`` bit for bit: the folded rounding
+    (``numerics.round_to_e4m3``) forms the fp8 cast's values, saturation included."""
+    kernel = next(k for k in FOLDING if k.name == name)
+    _usable(kernel)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 7, 64, generator=g) * 3
+    x[0, 0, :4] = torch.tensor([1e6, -1e6, 0.0, -0.0])         # saturates at +-448, signed zeros
+    if per_token:
+        a_q, a_scale = numerics.quantize_per_token(x, "fp8_e4m3")
+    else:
+        a_scale = torch.tensor(0.01)
+        a_q = numerics.quantize(x, a_scale, None, "fp8_e4m3")
+    w = (torch.randn(24, 64, generator=g) * 50).clamp(-448, 448).to(torch.float8_e4m3fn)
+    args = [a_q, a_scale, w, torch.rand(24, 1, generator=g) + 0.1, torch.randn(24, generator=g), torch.float32]
+    if kernel.prepare:
+        args[kernel.weight_arg] = kernel.prepare(args[kernel.weight_arg], args)
+    folded = torch.compile(kernel.from_float) if compiled else kernel.from_float
+    out = folded(x, *args[1:])
+    torch._dynamo.reset()
+    assert torch.equal(out, kernel.run(*args))
+
+
 @pytest.mark.parametrize("target", ["reference", "inductor"])
 @pytest.mark.parametrize("preset", ["fp8", "fp8-dynamic"])
-def test_fp8_words_kernel_folds_the_activation_quantize_with_the_same_values(preset, target):
-    """The byte-word fp8 kernel takes the float activation where a quantize op with the GEMM's own scale
-    feeds it (no fp8 tensor formed); its outputs are those of the dequantize kernel on the same oneDNN GEMM."""
-    kernel = next(k for k in KERNELS if k.name == "fp8-words-onednn")
-    if kernel.available(CPU):
-        pytest.skip(kernel.available(CPU))
+@pytest.mark.parametrize("pair", [("fp8-words-onednn", "fp8-dequant-onednn"), ("fp8-words", "fp8-dequant")])
+def test_fp8_kernels_fold_the_activation_quantize_in_the_graph(pair, preset, target):
+    """Where a quantize op with the GEMM's own scale feeds an fp8 kernel that can fold it, the kernel takes
+    the float activation (no fp8 tensor formed); two kernels on the same float32 GEMM agree."""
+    for name in pair:
+        kernel = next(k for k in KERNELS if k.name == name)
+        if kernel.available(CPU):
+            pytest.skip(kernel.available(CPU))
     model, x = tiny_model("llama"), token_batches(1, 12, seed=7)[0]
-    outs, backends = {}, {}
-    for name in ("fp8-words-onednn", "fp8-dequant-onednn"):
+    outs = {}
+    for name in pair:
         torch._dynamo.reset()
         qb = qcompiler.backend(preset, calibration=calibration_batches(), target=target, progress=False, kernels=name)
         with torch.no_grad():
             outs[name] = torch.compile(model, backend=qb)(x).logits
-        backends[name] = qb
+        report = qb.report
+        stats = next(p["stats"] for p in report.passes if p["name"] == "lower")
+        assert stats["kernel_quantize_folded"] == stats[f"kernel_fp8_gemm_{name}"] == len(report.quantized) > 0
+        assert all("quantize op is folded into the kernel" in d.kernel_note for d in report.quantized)
     torch._dynamo.reset()
-    assert rel_err(outs["fp8-words-onednn"], outs["fp8-dequant-onednn"]) <= 1e-6
-    report = backends["fp8-words-onednn"].report
-    stats = next(p["stats"] for p in report.passes if p["name"] == "lower")
-    assert stats["kernel_quantize_folded"] == stats["kernel_fp8_gemm_fp8-words-onednn"] == len(report.quantized) > 0
-    assert all("quantize op is folded into the kernel" in d.kernel_note for d in report.quantized)
-    other = next(p["stats"] for p in backends["fp8-dequant-onednn"].report.passes if p["name"] == "lower")
-    assert "kernel_quantize_folded" not in other
+    assert rel_err(outs[pair[0]], outs[pair[1]]) <= 1e-6

@@ -36,9 +36,13 @@ PLAN = [Annotate(), Calibrate(), OutlierAnalysis(), FallbackRules(), SmoothQuant
 def test_qdq_inserts_one_pattern_per_quantized_linear(preset, act_q):
     targets, qb = _run(preset, PLAN + [InsertQDQ()])
     n_q = len(qb.report.quantized)
-    assert targets.count(ops.dequantize) == n_q * (1 if act_q is None else 2)
+    shared = next(p["stats"] for p in qb.report.passes if p["name"] == "insert_qdq")["shared_activation_quantizers"]
+    assert targets.count(ops.dequantize) == n_q + (0 if act_q is None else n_q - shared)
     if act_q is not None:
-        assert targets.count(act_q) == n_q
+        assert targets.count(act_q) == n_q - shared
+        assert shared > 0       # q / k / v read one tensor (and gate / up another)
+    else:
+        assert shared == 0
     linears = [t for t in targets if t is torch.nn.functional.linear]
     assert len(linears) == len(qb.report.layers)   # quantized ones, plus the float head and any fallback
     assert ops.int8_gemm not in targets
@@ -56,8 +60,29 @@ def test_fusion_leaves_only_quantized_gemms(preset, gemm):
     # order: each activation quantize sits right before its GEMM's use
     if gemm is not ops.weight_only_gemm:
         q = ops.quantize_per_token if "dynamic" in preset else ops.quantize
-        assert targets.count(q) == n_q
+        shared = next(p["stats"] for p in qb.report.passes if p["name"] == "insert_qdq")["shared_activation_quantizers"]
+        assert targets.count(q) == n_q - shared
         first_q, first_gemm = targets.index(q), targets.index(gemm)
         assert first_q < first_gemm
     stats = next(p["stats"] for p in qb.report.passes if p["name"] == "fuse")
     assert sum(stats.values()) == n_q
+
+
+@pytest.mark.parametrize("preset", ["w8a8-int8-naive", "fp8", "w8a8-int8-sq-dynamic"])
+def test_linears_share_an_activation_quantizer_only_for_one_input_and_one_scale(preset):
+    """One quantizer per (input tensor, scale): every linear behind a shared quantizer reads that
+    quantizer's input, and (static) its own calibrated scale equals the shared one."""
+    _, qb = _run(preset, PLAN + [InsertQDQ()])
+    gm = qb.graphs[-1]
+    quantizers = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (ops.quantize, ops.quantize_per_token)]
+    sharing = 0
+    for qn in quantizers:
+        readers = [u for u in qn.users] if qn.target is ops.quantize else [g for u in qn.users for g in u.users]
+        linears = {lin for dq in readers for lin in dq.users}
+        assert linears and all(lin.target is torch.nn.functional.linear for lin in linears)
+        sharing += len(linears) > 1
+        if qn.target is ops.quantize:
+            scale = float(getattr(gm, qn.args[1].target))
+            fqns = [lin.meta[qcompiler.pipeline.META_KEY].fqn for lin in linears]
+            assert all(qb.report.layers[f].act_scale == pytest.approx(scale, rel=0, abs=0) for f in fqns)
+    assert sharing > 0
