@@ -17,7 +17,7 @@ Among admitted kernels the fastest is chosen by a short micro-benchmark on the l
 weight and a synthetic activation of the graph's row count (bucketed: 1, 16, 128, 512), run the
 way the target runs it (eagerly for ``reference``, compiled by TorchInductor for ``inductor``).
 Timings are cached per process and on disk (``$QCOMPILER_CACHE/kernel_timings.json``, keyed by
-``machine.fingerprint()``; ``QCOMPILER_KERNEL_CACHE=0`` turns the disk cache off). GEMMs too small
+``machine.fingerprint()`` and ``TIMINGS_VERSION``; ``QCOMPILER_KERNEL_CACHE=0`` turns the disk cache off). GEMMs too small
 to time reliably (``MIN_WORK``) keep the reference kernel when it is admitted.
 """
 
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from qcompiler.core import numerics
 from qcompiler.errors import RecipeError, UnsupportedError
-from qcompiler.core.formats import op_format
+from qcompiler.core.formats import ActivationSource, op_format
 
 from . import machine
 from .gemm_kernels import KERNELS, REFERENCE_CONTRACT, Contract, GemmKernel, int16_pair_reference, kernels_for, \
@@ -222,21 +222,6 @@ def _time_all(fns: dict[str, Any], inputs: list, budget_s: float = 0.4, max_roun
     return best
 
 
-@dataclass(frozen=True)
-class ActivationSource:
-    """How a GEMM's quantized activation is made in the graph: ``kind`` ``"static"`` (a ``quantize`` with
-    the GEMM's own scale) or ``"per_token"`` (``quantize_per_token``), to ``dtype``. Given to the chooser,
-    every candidate is timed from the float activation with that quantization in front of it, folded
-    into the kernels that take float activations (``GemmKernel.from_float``) as the lowering folds it."""
-
-    kind: str
-    dtype: str
-
-    def __post_init__(self):
-        if self.kind not in ("static", "per_token"):
-            raise ValueError(f"ActivationSource.kind must be 'static' or 'per_token', got {self.kind!r}")
-
-
 def _callable(kernel: GemmKernel, args: list, act_idx: tuple[int, ...], target: str,
               source: ActivationSource | None = None):
     """``fn(*inputs)`` running ``kernel`` on ``args`` as ``target`` runs it: the inputs are the activation
@@ -281,6 +266,11 @@ def _callable(kernel: GemmKernel, args: list, act_idx: tuple[int, ...], target: 
     return lambda *inputs: compiled(*inputs)
 
 
+#: Bumped when a kernel's code or what its timing covers changes (v2: fp8 dequantize kernels fold the
+#: activation quantize, fp8-words added), so that timings cached by an older version are not reused.
+TIMINGS_VERSION = 2
+
+
 class _DiskCache:
     """Kernel timings kept between processes: {fingerprint: {entry key: {kernel: seconds}}}."""
 
@@ -289,7 +279,7 @@ class _DiskCache:
         root = os.environ.get("QCOMPILER_CACHE")
         self.path = (Path(root).expanduser() if root else Path.home() / ".cache" / "qcompiler") / "kernel_timings.json"
         self.enabled = enabled
-        self.print = machine.fingerprint()
+        self.print = f"v{TIMINGS_VERSION}|{machine.fingerprint()}"
 
     def _load(self) -> dict:
         try:

@@ -197,6 +197,13 @@ def methods(env: Env, m: int, n: int, k: int, gen: torch.Generator, torchao: boo
                lambda: kr["w4a8_gemm"](o["af8"], o["saf8"], o["w4"], o["sw4"], None, None, GROUP, k, dt)),
     ]
     if env.gpu and m <= 16:
+        # the decode path's alternative (the default is the FMA kernel, backends/triton/gemm_decode.py)
+        from qcompiler.backends.triton.config import dot_decode_config
+        dot8, dot4 = dot_decode_config(m, n, k, "weight_only"), dot_decode_config(m, n, k, "int4")
+        out += [Method("W8A16 (tl.dot decode)", "bf16", 8, 2,
+                       lambda: kr["weight_only_gemm"](o["x"], o["w8"], o["sw8"], None, None, 0, config=dot8)),
+                Method("W4A16 g128 (tl.dot decode)", "bf16", 4, 2,
+                       lambda: kr["int4_gemm"](o["x"], o["w4"], o["sw4"], None, None, GROUP, k, config=dot4))]
         out.append(Method("torch._int_mm", "int8", 8, 1, None, "needs M > 16 on CUDA"))
     else:
         w8t = o["w8"].t()

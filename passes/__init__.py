@@ -29,6 +29,6 @@ def default_passes(target: str = "reference", kernels="auto") -> list:
     """The full pipeline: plan, insert Q/DQ, fuse into quantized GEMMs, lower to ``target`` with
     GEMM kernels chosen under the ``kernels`` policy (``qcompiler.backends.kernel_choice``).
 
-    For target "triton", per-token quantizers are also fused with the norm before them."""
-    fused = [FuseNormQuant()] if target == "triton" else []
-    return planning_passes() + [InsertQDQ(), FuseQuantizedGemm(), *fused, Lower(target, kernels)]
+    Per-token quantizers are also fused with the norm before them where the target's table has that
+    fused kernel (``fuses_norm_quantize``: the Triton target)."""
+    return planning_passes() + [InsertQDQ(), FuseQuantizedGemm(), FuseNormQuant(target), Lower(target, kernels)]

@@ -1,4 +1,4 @@
-"""Fuse dynamic per-token quantization with the norm before it (target "triton").
+"""Fuse dynamic per-token quantization with the norm before it (targets whose table has the fused kernel: "triton").
 
 Each ``qcompiler::quantize_per_token(y, dtype)`` becomes one
 ``qcompiler::norm_quantize_per_token`` (declared in ``qcompiler.core.ops``), found from
@@ -174,12 +174,22 @@ def _match_layer(a: Node) -> _Norm | None:
 
 
 class FuseNormQuant:
+    """``target``: run only when that target's op table declares ``fuses_norm_quantize`` (it has a fused
+    kernel for ``norm_quantize_per_token``, as the Triton table does; elsewhere the compiler fuses the
+    pieces itself); None: always."""
+
     name = "fuse_norm_quant"
     requires = ("fuse",)
     reads = ()
     writes = ()
 
+    def __init__(self, target: str | None = None):
+        self.target = target
+
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
+        if self.target is not None and not (
+                ctx.lowering is not None and getattr(ctx.lowering.table(self.target), "fuses_norm_quantize", False)):
+            return PassResult(gm, False, {"skipped_no_fused_kernel": 1})
         g = _Graph(gm, ctx)
         counts = {"fused_rms": 0, "fused_layer_norm": 0, "fused_quant_only": 0, "smoothing_absorbed": 0,
                   "quantizers_merged": 0}

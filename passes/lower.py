@@ -1,8 +1,9 @@
 """Lowering: map qcompiler's fused ops onto a backend's kernels.
 
 A backend's table maps an op packet (``torch.ops.qcompiler.int8_gemm``) to a replacement
-callable with the same signature. Fused GEMMs the table does not take run the kernel that
-``qcompiler.backends.kernel_choice`` chooses for this machine under the ``kernels`` policy
+callable with the same signature; the pass gets the table and a kernel chooser from ``ctx.lowering``
+(``qcompiler.pipeline.Lowering``, wired by the API), not by importing the backends. Fused GEMMs the
+table does not take run the kernel that the chooser picks for this machine under the ``kernels`` policy
 (probed numerics, a cached micro-benchmark); the report names each layer's kernel, the contract it
 keeps and why it was chosen. Other ops keep their reference kernels.
 
@@ -26,9 +27,7 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
-from qcompiler.backends import get_backend
-from qcompiler.backends.kernel_choice import ActivationSource, KernelChooser, check_policy
-from qcompiler.core.formats import op_format
+from qcompiler.core.formats import ActivationSource, op_format
 from qcompiler.core.ops import GEMM_OPS
 from qcompiler.pipeline import META_KEY, PassContext, PassResult
 
@@ -46,12 +45,14 @@ class Lower:
     writes = ()
 
     def __init__(self, target: str = "reference", kernels="auto"):
+        # qcompiler.backend checks the target and the policy when it is created
         self.target, self.kernels = target, kernels
-        get_backend(target)   # unknown targets and policies fail at construction
-        check_policy(kernels)
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        table = get_backend(self.target)
+        if ctx.lowering is None:
+            raise RuntimeError("lower: the context has no backends (ctx.lowering); qcompiler.backend and "
+                            "qcompiler.quantize set it")
+        table = ctx.lowering.table(self.target)
         notice = getattr(table, "notice", "")
         if notice and notice not in ctx.report.warnings:
             ctx.report.warnings.append(notice)
@@ -95,7 +96,7 @@ class Lower:
 
     def _choose_kernels(self, gm: GraphModule, ctx: PassContext, gemms: list[Node], values: dict, counts: dict) -> None:
         """Point each fused GEMM at the kernel chosen for it; record the choice per layer."""
-        chooser = KernelChooser("inductor" if self.target == "inductor" else "reference", self.kernels)
+        chooser = ctx.lowering.chooser(self.target, self.kernels)
         replaced: set[str] = set()
         for node in gemms:
             op = node.target.__name__.split(".")[-1]

@@ -18,7 +18,7 @@ from qcompiler.algorithms import registry as weight_algorithms
 from qcompiler.algorithms.gptq import too_few_rows_error
 from qcompiler.calibration.layerwise import LayerwiseCalibration
 from qcompiler.errors import CalibrationError, RecipeError, UnsupportedError
-from qcompiler.pipeline import Analysis, CalibrationData, CompileReport, PassContext, PassManager
+from qcompiler.pipeline import Analysis, CalibrationData, CompileReport, Lowering, PassContext, PassManager
 from qcompiler.recipes import Recipe
 from qcompiler.targets import registered_targets
 
@@ -28,12 +28,21 @@ log = logging.getLogger(__name__)
 _REPORT_ATTR = "_qcompiler_report"
 
 
-def _as_recipe(recipe: Recipe | str) -> Recipe:
-    if isinstance(recipe, str):
-        return _recipes.get(recipe)
-    if not isinstance(recipe, Recipe):
-        raise RecipeError(f"recipe must be a qcompiler.Recipe or a preset name, got {type(recipe).__name__}")
-    return recipe
+_as_recipe = _recipes.resolve     # kept for callers of the old private name
+
+
+def _backend_table(target: str):
+    from qcompiler.backends import get_backend
+    return get_backend(target)
+
+
+def _kernel_chooser(target: str, kernels):
+    from qcompiler.backends.kernel_choice import KernelChooser
+    return KernelChooser("inductor" if target == "inductor" else "reference", kernels)
+
+
+#: the backends as the lower pass reads them (passes do not import backends)
+_LOWERING = Lowering(table=_backend_table, chooser=_kernel_chooser)
 
 
 def _frame_self() -> torch.nn.Module | None:
@@ -223,7 +232,7 @@ class QCompilerBackend:
                  passes: Sequence = (), progress: bool = True, kernels: str | Mapping[str, str] = "auto"):
         from qcompiler.backends import get_backend
         from qcompiler.backends.kernel_choice import check_policy
-        self.recipe = _as_recipe(recipe)
+        self.recipe = _recipes.resolve(recipe)
         get_backend(target)
         check_policy(kernels)
         self.target, self.kernels = target, kernels
@@ -300,7 +309,7 @@ class QCompilerBackend:
             self._adopt_root(_locate_root())
         device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
         stats = self._stats() if self.recipe.needs_calibration else None   # before any pass runs
-        ctx = PassContext(self.recipe, list(example_inputs), device,
+        ctx = PassContext(self.recipe, list(example_inputs), device, lowering=_LOWERING,
                           analyses={Analysis.PARAM_NAMES: self._param_names, Analysis.MEMO: self._memo},
                           report=self.report,
                           calibration=CalibrationData(stats, getattr(self.calibration, "results", {}),

@@ -7,7 +7,7 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
 import networkx as nx
 import torch
@@ -17,7 +17,7 @@ from qcompiler.calibration.statistics import LayerStats
 from qcompiler.errors import CalibrationError, PassError, RecipeError
 from qcompiler.recipes import Recipe
 
-__all__ = ["Analysis", "Pass", "PassResult", "PassContext", "CalibrationData", "PassManager", "LayerDecision", "TensorDecision",
+__all__ = ["Analysis", "Pass", "PassResult", "PassContext", "CalibrationData", "Lowering", "PassManager", "LayerDecision", "TensorDecision",
            "CompileReport", "META_KEY"]
 
 log = logging.getLogger(__name__)
@@ -216,7 +216,8 @@ class PassContext:
     ``calibration`` is what calibration gave this compile, computed before any pass runs;
     ``analyses`` holds results passes provide to later ones, keyed by ``Analysis`` names
     (``Analysis.ANNOTATE``, ``CALIBRATION``, ``OUTLIERS``, ...); ``layer_plan`` the per-linear decisions,
-    ``tensor_plan`` those for the other quantized tensors (``qcompiler.targets``).
+    ``tensor_plan`` those for the other quantized tensors (``qcompiler.targets``); ``lowering`` what
+    the ``lower`` pass needs from the backends, handed in by the API (passes do not import backends).
     """
 
     recipe: Recipe
@@ -227,6 +228,17 @@ class PassContext:
     tensor_plan: dict[str, TensorDecision] = field(default_factory=dict)
     report: CompileReport = field(default_factory=CompileReport)
     calibration: "CalibrationData" = field(default_factory=lambda: CalibrationData())
+    lowering: "Lowering | None" = None
+
+
+@dataclass(frozen=True)
+class Lowering:
+    """The backends as the ``lower`` pass sees them, wired by the API: ``table(target)`` is the target's op
+    table (``qcompiler.backends.get_backend``: op packet -> replacement), ``chooser(target, kernels)`` a
+    GEMM kernel chooser under the ``kernels`` policy (``qcompiler.backends.kernel_choice.KernelChooser``)."""
+
+    table: Callable[[str], Mapping]
+    chooser: Callable[[str, Any], Any]
 
 
 @dataclass(frozen=True)

@@ -88,8 +88,12 @@ class SlowLM(torch.nn.Module):
 def test_paired_prefill_alternates_the_two_models_and_divides_their_medians():
     log = []
     speed, speedup = paired_prefill(SlowLM(0.02, log, "base"), SlowLM(0.01, log, "model"), 16, vocab_size=VOCAB,
-                                    repeats=3, warmup=1)
+                                    repeats=3, warmup=1, min_seconds=0.0)
     assert log == ["base", "model"] * 4
+    log.clear()     # short rounds: as many as fill min_seconds (0.03 s a round -> 0.3 s: 10 or so)
+    paired_prefill(SlowLM(0.02, log, "base"), SlowLM(0.01, log, "model"), 16, vocab_size=VOCAB, repeats=3,
+                   warmup=1, min_seconds=0.3)
+    assert 2 * 6 <= len(log) <= 2 * 11 and log == ["base", "model"] * (len(log) // 2)
     assert 1.5 < speedup < 2.5 and 16 / 0.02 < speed < 16 / 0.005
     with pytest.raises(ValueError, match="repeats"):
         paired_prefill(UniformLM(), UniformLM(), 8, vocab_size=VOCAB, repeats=0)

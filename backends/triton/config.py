@@ -15,7 +15,9 @@ Hopper (132 SMs, wgmma tiles of 64 rows):
   tiles, BLOCK_N in {32, 64}, so that the grid covers the SMs without split-K partials;
 - decode (M <= 16): BLOCK_M = 16 x BLOCK_N in {64, 128} x BLOCK_K in {32, 64, 128, 256}
   x SPLIT_K in {1, 2, 4, 8}, 4 warps, 4 stages, minus splits that leave a program fewer
-  than two K tiles;
+  than two K tiles; for the weight-only kernels also the FMA decode kernel (``gemm_decode``,
+  ``kernel="fma"``): BLOCK_M = M rounded up to a power of two x BLOCK_N in {16, 32, 64} x BLOCK_K in
+  {32, ..., 256} x the same splits, 2 stages, whose product tile keeps within the register bound;
 
 each minus the tiles that break the device's bounds (``fits``): the pipelined operand tiles
 within the shared memory one block may hold (``SMEM_PER_BLOCK``: 227 KB on sm_90, 163 KB on
@@ -25,7 +27,9 @@ accumulator needs 8 warps). A kernel's ``valid`` then drops the K tiles its quan
 cannot take (``fits_groups``: a K tile divides the group size, so that 32-, 64- and 128-wide
 groups all keep candidates).
 
-The defaults (``default_config``): decode takes 16 x 64 tiles (K tile 256 for INT4) and the
+The defaults (``default_config``): weight-only decode runs the FMA kernel (``fma_decode_config``:
+no tensor cores, so no register -> shared round trip of the dequantized tile, and split-K reduced in
+the same launch); W4A8 decode takes 16 x 64 tiles (K tile 256) and the
 split-K that gives about two programs per SM with at least four K tiles each (W8A8, which has
 no split-K, 16 x 32 tiles when 64-wide ones would not fill the SMs); weight-only
 kernels at 16 < M <= 256 take BLOCK_M = M rounded up (at most 128) and the widest BLOCK_N in
@@ -49,7 +53,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import Callable, Hashable
 
-__all__ = ["GemmConfig", "DECODE_MAX_M", "WEIGHT_ONLY_KINDS", "SMEM_PER_BLOCK", "MAX_ACC_REGS", "OPERAND_BYTES",
+__all__ = ["GemmConfig", "DECODE_MAX_M", "WEIGHT_ONLY_KINDS", "FMA_DECODE_KINDS", "fma_decode_config", "dot_decode_config", "SMEM_PER_BLOCK", "MAX_ACC_REGS", "OPERAND_BYTES",
            "autotune_enabled", "set_autotune", "prefill_space", "weight_only_space", "decode_space", "fits",
            "fits_groups", "search_space", "default_config", "choose_config", "bencher", "cached_configs",
            "clear_cache", "autotune_failures"]
@@ -60,6 +64,8 @@ log = logging.getLogger(__name__)
 DECODE_MAX_M = 16
 #: Kernels whose 16-bit or 8-bit activations meet a narrower weight (bound by weight reads longer).
 WEIGHT_ONLY_KINDS = ("weight_only", "int4", "w4a8")
+#: Kernels whose decode (M <= 16) runs on the FMA units by default (``gemm_decode``), tl.dot tiles as candidates.
+FMA_DECODE_KINDS = ("weight_only", "int4")
 #: Shared memory one thread block may hold, by compute capability (CUDA programming guide,
 #: "Technical Specifications per Compute Capability"); sm_90 when no GPU is present.
 SMEM_PER_BLOCK = {(9, 0): 227 * 1024, (8, 9): 99 * 1024, (8, 6): 99 * 1024, (8, 0): 163 * 1024}
@@ -79,6 +85,7 @@ class GemmConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    kernel: str = "dot"     # weight-only decode: "fma" runs gemm_decode (FMA units, split-K fused)
 
     def meta(self) -> dict:
         """Keyword arguments of a kernel launch."""
@@ -121,7 +128,10 @@ def _device_capability() -> tuple[int, int]:
 
 
 def fits(cfg: GemmConfig, a_bytes: float, b_bytes: float, capability: tuple[int, int] | None = None) -> bool:
-    """Whether a tile keeps within the shared memory of one block and the accumulator register bound."""
+    """Whether a tile keeps within the shared memory of one block and the accumulator register bound
+    (the FMA decode kernel: its ``BLOCK_M x BLOCK_N x BLOCK_K`` product within the same bound)."""
+    if cfg.kernel == "fma":
+        return cfg.block_m * cfg.block_n * cfg.block_k // (32 * cfg.num_warps) <= MAX_ACC_REGS
     smem = cfg.num_stages * (cfg.block_m * cfg.block_k * a_bytes + cfg.block_n * cfg.block_k * b_bytes)
     acc_regs = cfg.block_m * cfg.block_n // (32 * cfg.num_warps)
     return smem <= _smem_limit(capability) and acc_regs <= MAX_ACC_REGS
@@ -156,9 +166,19 @@ def weight_only_space(m: int, a_bytes: float = 2, b_bytes: float = 2,
 
 
 def decode_space(k: int, a_bytes: float = 2, b_bytes: float = 2,
-                 capability: tuple[int, int] | None = None) -> list[GemmConfig]:
-    """Candidates for M <= 16 (see the module docstring)."""
+                 capability: tuple[int, int] | None = None, m: int = DECODE_MAX_M, fma: bool = False) -> list[GemmConfig]:
+    """Candidates for M <= 16 (see the module docstring); ``fma``: also the FMA decode kernel's tiles."""
     out = []
+    if fma:
+        bm = _pow2_at_least(m)
+        for bn in (16, 32, 64):
+            for bk in (32, 64, 128, 256):
+                for split in (1, 2, 4, 8):
+                    if split > 1 and k < 2 * split * bk:
+                        continue
+                    cfg = GemmConfig(bm, bn, bk, 1, split, 4, 2, kernel="fma")
+                    if fits(cfg, a_bytes, b_bytes, capability):
+                        out.append(cfg)
     for bn in (64, 128):
         for bk in (32, 64, 128, 256):
             for split in (1, 2, 4, 8):
@@ -174,7 +194,7 @@ def search_space(m: int, k: int, *, kind: str, capability: tuple[int, int] | Non
     """The autotune candidates of one shape class (before a kernel's own ``valid``)."""
     a_bytes, b_bytes = OPERAND_BYTES.get(kind, (2, 2))
     if m <= DECODE_MAX_M:
-        return decode_space(k, a_bytes, b_bytes, capability)
+        return decode_space(k, a_bytes, b_bytes, capability, m, fma=kind in FMA_DECODE_KINDS)
     space = prefill_space(a_bytes, b_bytes, capability)
     if kind in WEIGHT_ONLY_KINDS and m <= 256:
         space = weight_only_space(m, a_bytes, b_bytes, capability) + space
@@ -183,6 +203,32 @@ def search_space(m: int, k: int, *, kind: str, capability: tuple[int, int] | Non
 
 def _pow2_at_most(x: int) -> int:
     return 1 << max(0, int(math.floor(math.log2(max(1, x)))))
+
+
+def _pow2_at_least(x: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1, x))))
+
+
+def fma_decode_config(m: int, n: int, k: int) -> GemmConfig:
+    """The FMA decode kernel's default tile: all rows (BLOCK_M = M rounded up to a power of two), a
+    ``BLOCK_M x BLOCK_N x BLOCK_K`` product of 8192 (64 registers a thread at 4 warps), and the split-K
+    that gives about two programs per SM with at least four K tiles each."""
+    bm = _pow2_at_least(m)
+    bn = 32 if bm <= 4 else 16
+    bk = max(16, min(256, 8192 // (bm * bn)))
+    tiles = math.ceil(m / bm) * math.ceil(n / bn)
+    split = min(_pow2_at_most(max(1, 2 * _NUM_SMS // tiles)), _pow2_at_most(max(1, k // (4 * bk))), 8)
+    return GemmConfig(bm, bn, bk, 1, split, 4, 2, kernel="fma")
+
+
+def dot_decode_config(m: int, n: int, k: int, kind: str) -> GemmConfig:
+    """The ``tl.dot`` decode tile of a weight-only kind (W4A8's default; the others' alternative to the
+    FMA kernel): 16 x 64 tiles, K tile 256 for INT4 weights (128 for 8-bit), and the split-K that gives
+    about two programs per SM with at least four K tiles each."""
+    bn, bk = 64, (256 if kind in ("int4", "w4a8") else 128)
+    tiles = math.ceil(n / bn)
+    split = min(_pow2_at_most(max(1, 2 * _NUM_SMS // tiles)), _pow2_at_most(max(1, k // (4 * bk))), 8)
+    return GemmConfig(16, bn, bk, 1, split, 4, 4)
 
 
 def default_config(m: int, n: int, k: int, *, kind: str, interpreter: bool = False) -> GemmConfig:
@@ -199,13 +245,11 @@ def default_config(m: int, n: int, k: int, *, kind: str, interpreter: bool = Fal
         bk = 64 if k <= 64 else 128
         return GemmConfig(bm, bn, bk, 8, 1, 4, 1)
     if m <= DECODE_MAX_M:
+        if kind in FMA_DECODE_KINDS:
+            return fma_decode_config(m, n, k)
         if kind not in WEIGHT_ONLY_KINDS:   # the W8A8 kernel has no split-K: narrower tiles instead
             return GemmConfig(16, 32 if math.ceil(n / 64) < _NUM_SMS else 64, 128, 1, 1, 4, 4)
-        bn, bk = 64, (256 if kind in ("int4", "w4a8") else 128)
-        tiles = math.ceil(n / bn)
-        # Enough programs to cover the SMs twice, each with at least four K tiles.
-        split = min(_pow2_at_most(max(1, 2 * _NUM_SMS // tiles)), _pow2_at_most(max(1, k // (4 * bk))), 8)
-        return GemmConfig(16, bn, bk, 1, split, 4, 4)
+        return dot_decode_config(m, n, k, kind)
     if kind in WEIGHT_ONLY_KINDS and m <= 256:
         bm = min(128, max(32, 1 << math.ceil(math.log2(m))))
         bn = 128

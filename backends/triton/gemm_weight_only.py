@@ -16,10 +16,11 @@ differs from it only in fp32 summation order. Group scales are loaded once per K
 BLOCK_K divides the group size (the launcher shrinks BLOCK_K to make it so when the group
 size is a multiple of 16), else gathered per element.
 
-Small M (decode) takes 16-row tiles and split-K: the K loop is shared by ``SPLIT_K``
-programs per output tile, each writing fp32 partials that ``common.splitk_reduce`` sums with
-the bias (no atomics: the result is deterministic). The split is picked by shape in
-``config.default_config`` or by the autotuner.
+Small M (decode) runs, by default, ``gemm_decode``'s kernel (FMA units, no ``tl.dot``, split-K
+reduced in the same launch by the last program of each tile: deterministic); the ``tl.dot`` path
+takes 16-row tiles and split-K there too, each of the ``SPLIT_K`` programs of an output tile writing
+fp32 partials that ``common.splitk_reduce`` sums with the bias in a second launch. Which, with what
+tiles and split, is picked by shape in ``config.default_config`` or by the autotuner.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from . import config as cfgs
 from .availability import availability
 from .checks import check_int4_gemm, check_weight_only_gemm
 from .common import TL_DTYPE, cast, int4_tile, program_tile, splitk_reduce
+from .gemm_decode import decode_gemm
 
 __all__ = ["weight_only_gemm", "int4_gemm", "scale_layout"]
 
@@ -144,6 +146,12 @@ def _launch_gemm(x, w, w_scale, w_zero, bias, *, packed: bool, group_size: int, 
         return GROUP_ALIGNED if block % cfg.block_k == 0 else GROUP_GATHER
 
     def launch(cfg: cfgs.GemmConfig) -> None:
+        if cfg.kernel == "fma":
+            decode_gemm(x2, w, s, z, b, out, packed=packed, signed=packed and z is None, scale_mode=tile_mode(cfg),
+                        group=block, k=k, stride_sn=stride_sn, x_dtype=TL_DTYPE[x.dtype], soft_bf16=interp,
+                        block_m=cfg.block_m, block_n=cfg.block_n, block_k=cfg.block_k, split_k=cfg.split_k,
+                        num_warps=cfg.num_warps, num_stages=None if interp else cfg.num_stages)
+            return
         k_per_split = triton.cdiv(k, cfg.split_k * cfg.block_k) * cfg.block_k
         split = triton.cdiv(k, k_per_split)
         dst = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)

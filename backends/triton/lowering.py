@@ -141,6 +141,7 @@ class LoweringTable(dict):
 
     notice: str = ""
     compile_graph = None
+    fuses_norm_quantize = True     # the fuse_norm_quant pass runs for this target (its kernel: norm_quant.py)
 
 
 @functools.cache

@@ -85,6 +85,7 @@ def default_kernels(capability: int = 90) -> list[Compiled]:
 
     from . import config as cfgs
     from .common import fp8_imprecise_acc
+    from .gemm_decode import _decode_kernel
     from .gemm_w4a8 import _w4a8_gemm_kernel
     from .gemm_w8a8 import _w8a8_gemm_kernel
     from .gemm_weight_only import GROUP_ALIGNED, _weight_only_gemm_kernel
@@ -104,15 +105,29 @@ def default_kernels(capability: int = 90) -> list[Compiled]:
                      IMPRECISE_ACC=fp8_imprecise_acc(cfg.block_k), **_tiles(cfg)),
                 capability=capability, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 name=f"{kind} W8A8 {phase} {_label(cfg)}"))
-        cfg = cfgs.default_config(m, 4096, 4096, kind="int4")
-        out.append(compile_kernel(
-            _weight_only_gemm_kernel,
-            {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*fp32", "z_ptr": "*fp32", "bias_ptr": "*fp32",
-             "c_ptr": "*bf16" if cfg.split_k == 1 else "*fp32"},
-            dict(PACKED=True, SIGNED=True, SCALE_MODE=GROUP_ALIGNED, HAS_ZERO=False, HAS_BIAS=False,
-                 X_DTYPE=tl.bfloat16, DOT_F32=False, SOFT_BF16=False, **_tiles(cfg)),
-            capability=capability, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            name=f"W4A16 g128 {phase} {_label(cfg)}"))
+        g128 = lambda c: cfgs.fits_groups(c, 128)                        # noqa: E731
+        default = cfgs.default_config(m, 4096, 4096, kind="int4")
+        dots = [default] if default.kernel == "dot" else [cfgs.dot_decode_config(m, 4096, 4096, "int4")]
+        for cfg in [c if g128(c) else cfgs._first_valid(c, g128) for c in dots]:
+            out.append(compile_kernel(
+                _weight_only_gemm_kernel,
+                {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*fp32", "z_ptr": "*fp32", "bias_ptr": "*fp32",
+                 "c_ptr": "*bf16" if cfg.split_k == 1 else "*fp32"},
+                dict(PACKED=True, SIGNED=True, SCALE_MODE=GROUP_ALIGNED, HAS_ZERO=False, HAS_BIAS=False,
+                     X_DTYPE=tl.bfloat16, DOT_F32=False, SOFT_BF16=False, **_tiles(cfg)),
+                capability=capability, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                name=f"W4A16 g128 {phase} {_label(cfg)}"))
+        if default.kernel == "fma":
+            cfg = default if g128(default) else cfgs._first_valid(default, g128)
+            out.append(compile_kernel(
+                _decode_kernel,
+                {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*fp32", "z_ptr": "*fp32", "bias_ptr": "*fp32",
+                 "c_ptr": "*bf16", "p_ptr": "*fp32", "lock_ptr": "*i32"},
+                dict(PACKED=True, SIGNED=True, SCALE_MODE=GROUP_ALIGNED, HAS_ZERO=False, HAS_BIAS=False,
+                     X_DTYPE=tl.bfloat16, SOFT_BF16=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                     BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k),
+                capability=capability, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                name=f"W4A16 g128 {phase} FMA (gemm_decode) {_label(cfg)}"))
         if capability >= 89:
             cfg = cfgs.default_config(m, 4096, 4096, kind="w4a8")
             out.append(compile_kernel(

@@ -19,7 +19,7 @@ import torch
 from qcompiler.core import ops  # noqa: F401  (registers the qcompiler:: ops)
 from qcompiler.errors import UnsupportedError
 
-__all__ = ["GemmFormat", "GEMM_FORMATS", "weight_kind", "find_gemm_format", "gemm_format", "op_format"]
+__all__ = ["ActivationSource", "GemmFormat", "GEMM_FORMATS", "weight_kind", "find_gemm_format", "gemm_format", "op_format"]
 
 
 def _act_args(a, a_scale, w, w_scale, w_zero, bias, group_size, in_features, out_dtype):
@@ -98,3 +98,18 @@ def gemm_format(weight: str, activation: str | None) -> GemmFormat:
 def op_format(op: str) -> GemmFormat:
     """The format of the fused op named ``op`` (``"int8_gemm"``; a packet's or overload's name works too)."""
     return _BY_OP[op.split("::")[-1].split(".")[0]]
+
+
+@dataclass(frozen=True)
+class ActivationSource:
+    """How a GEMM's quantized activation is made in the graph: ``kind`` ``"static"`` (a ``quantize`` with
+    the GEMM's own scale) or ``"per_token"`` (``quantize_per_token``), to ``dtype``. Given to the chooser,
+    every candidate is timed from the float activation with that quantization in front of it, folded
+    into the kernels that take float activations (``GemmKernel.from_float``) as the lowering folds it."""
+
+    kind: str
+    dtype: str
+
+    def __post_init__(self):
+        if self.kind not in ("static", "per_token"):
+            raise ValueError(f"ActivationSource.kind must be 'static' or 'per_token', got {self.kind!r}")

@@ -33,7 +33,7 @@ from qcompiler import api
 from qcompiler.runtime.eager import QuantizedLinear
 from qcompiler.errors import RecipeError, UnsupportedError
 from qcompiler.pipeline import CompileReport
-from qcompiler.recipes import Granularity, QuantDtype, Recipe
+from qcompiler.recipes import Granularity, QuantDtype, Recipe, resolve
 
 from .finalize import finalize
 from .onnx_ops import translation_table
@@ -261,7 +261,7 @@ def export_onnx(model: torch.nn.Module, recipe: Recipe | str, example_inputs, pa
             asymmetric weights, non-INT4 weight-only, too low an opset).
         TensorRTLegalityError: the graph broke a rule of ``tensorrt_rules.RULES`` (names the node).
     """
-    recipe = api._as_recipe(recipe)
+    recipe = resolve(recipe)
     check_exportable(recipe)
     opset = _choose_opset(recipe, opset)
     inputs = _as_inputs(example_inputs)

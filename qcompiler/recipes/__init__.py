@@ -5,14 +5,15 @@ A ``Recipe`` (``specs``) holds one ``WeightSpec`` (every quantized linear's weig
 (``GPTQSpec``, ``AWQSpec`` or a registered third party's spec in ``weight_algorithm``) and a
 ``FallbackSpec``; each spec validates its own fields and the recipe round-trips through JSON.
 Presets (``presets``) are registered by name with ``@register_recipe`` and fetched with
-``get(name)``; ``names()`` lists them.
+``get(name)``; ``names()`` lists them; ``resolve(recipe_or_name)`` gives the ``Recipe`` either way.
 """
 
-from .presets import RECIPES, get, names, register_recipe
+from .presets import RECIPES, get, names, register_recipe, resolve
 from .specs import (ALGORITHM_SPECS, OP_KINDS, ActivationSpec, AWQSpec, Calibrator, FallbackSpec, GPTQSpec,
                     Granularity, QuantDtype, Recipe, SmoothQuantSpec, WeightSpec, register_algorithm_spec)
 
 __all__ = [
+    "resolve",
     "QuantDtype", "Granularity", "Calibrator", "WeightSpec", "ActivationSpec",
     "SmoothQuantSpec", "GPTQSpec", "AWQSpec", "FallbackSpec", "Recipe", "register_recipe", "get", "names", "RECIPES",
     "OP_KINDS", "ALGORITHM_SPECS", "register_algorithm_spec",

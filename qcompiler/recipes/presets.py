@@ -35,6 +35,15 @@ def get(name: str) -> Recipe:
     return RECIPES[name]()
 
 
+def resolve(recipe: "Recipe | str") -> Recipe:
+    """``recipe`` itself, or the preset it names; ``RecipeError`` for anything else."""
+    if isinstance(recipe, str):
+        return get(recipe)
+    if not isinstance(recipe, Recipe):
+        raise RecipeError(f"recipe must be a qcompiler.Recipe or a preset name, got {type(recipe).__name__}")
+    return recipe
+
+
 def names() -> list[str]:
     """Names of the registered presets."""
     return sorted(RECIPES)

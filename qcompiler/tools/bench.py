@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from qcompiler import api
+from qcompiler import api, recipes
 from qcompiler.tools import data, evaluate, models, texts
 from qcompiler.backends import machine
 from qcompiler.backends.gemm_kernels import onednn_float_available
@@ -169,7 +169,7 @@ def run_table(model_name: str, presets: list, protocol: Protocol | None = None, 
     cache = CalibrationCache(calib, samples_per_layer=1024, progress=progress)
     for preset in presets:
         preset, kernels = preset if isinstance(preset, tuple) else (preset, "auto")
-        recipe = api._as_recipe(preset)
+        recipe = recipes.resolve(preset)
         name = recipe.name + (f" (kernels={kernels})" if kernels != "auto" else "")
         torch._dynamo.reset()
         own = recipe.layerwise or recipe.gptq is not None or recipe.samples_per_layer != 1024
@@ -297,7 +297,7 @@ def format_table(rows: list[Row], facts: dict) -> str:
     if timed:
         head += (f"prefill = one {p.prefill_seq}-token sequence run as generate() runs its prefill (KV cache "
                  f"built, logits of the last position only); each row's speedup is the ratio of median times "
-                 f"over 5 rounds that alternate one eager-FP32 forward and one of the row's, ")
+                 f"over at least 5 rounds (as many as fill 2 s when forwards are fast) that alternate one eager-FP32 forward and one of the row's, ")
     else:
         head += "prefill speed not measured in this table, "
     head += f"{facts['threads']} threads, torch {facts['torch']}."

@@ -132,21 +132,26 @@ def paired_prefill(
     warmup: int = 1,
     seed: int = 0,
     last_logits_only: bool = True,
+    min_seconds: float = 2.0,
 ) -> tuple[float, float]:
     """``(model's prefill tokens/s, its speedup over baseline)``, the two timed in alternation.
 
     Each round runs one baseline forward then one model forward on the same sequence, so a burst
     of load on a shared machine slows both alike; the speedup is the ratio of the median times.
+    At least ``repeats`` rounds, more when a round is short: as many as fill ``min_seconds`` (judged
+    from the warm-up round), so that a fast model's median rests on enough samples.
     """
     _check_prefill_args(seq_len=seq_len, vocab_size=vocab_size, repeats=repeats, warmup=warmup)
     runs = [_prefill_runner(m, seq_len, vocab_size, seed, last_logits_only) for m in (baseline, model)]
+    round_s = 0.0
+    for _ in range(warmup):
+        round_s = runs[0]() + runs[1]()
+    rounds = max(repeats, math.ceil(min_seconds / round_s)) if round_s > 0 else repeats
     base_t, model_t = [], []
-    for i in range(warmup + repeats):
-        b, m = runs[0](), runs[1]()
-        if i >= warmup:
-            base_t.append(b)
-            model_t.append(m)
+    for _ in range(rounds):
+        base_t.append(runs[0]())
+        model_t.append(runs[1]())
     base, med = statistics.median(base_t), statistics.median(model_t)
-    log.info("prefill paired: %d tokens, model %.4f s, baseline %.4f s (medians of %d)", seq_len, med, base,
-             repeats)
+    log.info("prefill paired: %d tokens, model %.4f s, baseline %.4f s (medians of %d rounds)", seq_len, med, base,
+             rounds)
     return seq_len / med, base / med

@@ -178,9 +178,14 @@ def test_without_gpu_or_interpreter_says_so_once_and_runs_reference():
 
 def test_default_configs_follow_shape():
     decode = cfgs.default_config(1, 4096, 4096, kind="int4")
-    assert decode.block_m == 16 and decode.split_k > 1
+    assert decode.kernel == "fma" and decode.block_m == 1 and decode.split_k > 1   # weight-only decode on FMA
     assert cfgs.default_config(1, 4096, 4096, kind="int4") == decode           # deterministic
     assert cfgs.default_config(16, 14336, 4096, kind="weight_only").block_m == 16
+    assert cfgs.default_config(5, 4096, 4096, kind="weight_only").block_m == 8  # all rows in one tile
+    assert all(cfgs.fits(cfgs.default_config(m, 4096, 4096, kind=kind), 2, 2)
+               for m in (1, 2, 3, 8, 16) for kind in cfgs.FMA_DECODE_KINDS)
+    w4a8 = cfgs.default_config(1, 4096, 4096, kind="w4a8")
+    assert w4a8.kernel == "dot" and w4a8.block_m == 16 and w4a8.split_k > 1
     prefill = cfgs.default_config(2048, 4096, 4096, kind="int8")
     assert prefill.block_m == 128 and prefill.split_k == 1 and prefill.block_k == 128
     assert cfgs.default_config(128, 4096, 4096, kind="int4").split_k == 1
@@ -199,8 +204,13 @@ def test_autotune_space_fits_hopper_shared_memory_and_registers():
     assert not any(c.block_m * c.block_n == 128 * 256 and c.num_warps == 4 for c in cfgs.prefill_space(1, 1))
     assert len(cfgs.prefill_space(1, 1)) > len(cfgs.prefill_space(2, 2))      # 8-bit tiles can be deeper
     assert len(cfgs.prefill_space(2, 2, capability=(8, 9))) < len(cfgs.prefill_space(2, 2, capability=(9, 0)))
-    assert all(c.block_m == 16 and (c.split_k == 1 or 2 * c.split_k * c.block_k <= 4096)
+    assert all(c.block_m == 16 and c.kernel == "dot" and (c.split_k == 1 or 2 * c.split_k * c.block_k <= 4096)
                for c in cfgs.decode_space(4096))
+    fma = [c for c in cfgs.decode_space(4096, m=3, fma=True) if c.kernel == "fma"]
+    assert fma and all(c.block_m == 4 and c.block_m * c.block_n * c.block_k <= 32 * c.num_warps * cfgs.MAX_ACC_REGS
+                       for c in fma)
+    assert {c.kernel for c in cfgs.search_space(1, 4096, kind="int4")} == {"fma", "dot"}
+    assert {c.kernel for c in cfgs.search_space(1, 4096, kind="w4a8")} == {"dot"}
 
 
 @pytest.mark.parametrize("kind", ["int8", "fp8", "weight_only", "int4", "w4a8"])
@@ -256,7 +266,7 @@ def test_autotune_times_each_candidate_once_and_caches(monkeypatch):
 
     try:
         cfgs.set_autotune(True)
-        space = [c for c in cfgs.decode_space(4096) if c.block_k <= 128]
+        space = [c for c in cfgs.search_space(1, 4096, kind="int4") if c.block_k <= 128]
         first = cfgs.choose_config(1, 4096, 4096, kind="int4", variant="t", interpreter=False, bench=bench,
                                    valid=lambda c: c.block_k <= 128)
         assert len(calls) == len(space) and first == max(space, key=lambda c: c.block_n * c.block_k * c.split_k)

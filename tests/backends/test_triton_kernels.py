@@ -42,8 +42,12 @@ REF_BOUND = 1e-3
 SHAPES = [(1, 7, 5), (3, 33, 17), (17, 130, 200), (1, 96, 384), (70, 144, 272)]
 SCALE_MODES = [("tensor", "tensor"), ("token", "channel"), ("tensor", "channel"), ("token", "tensor")]
 # A 16-row tile with split-K 4 (decode path) and a K tile of 32 (straddles groups of 12 / 48),
-# forced on the smaller shapes (the interpreter's cost grows with the number of tiles).
-FORCED = {"splitk": GemmConfig(16, 64, 64, 1, 4, 4, 2), "k32": GemmConfig(16, 64, 32, 4, 1, 4, 2)}
+# forced on the smaller shapes (the interpreter's cost grows with the number of tiles); the weight-only
+# kernels also take the FMA decode kernel (gemm_decode), alone and with split-K reduced in the launch.
+FORCED = {"splitk": GemmConfig(16, 64, 64, 1, 4, 4, 2), "k32": GemmConfig(16, 64, 32, 4, 1, 4, 2),
+          "fma": GemmConfig(4, 32, 32, 1, 1, 4, 2, kernel="fma"),
+          "fma-splitk": GemmConfig(2, 16, 32, 1, 4, 4, 2, kernel="fma")}
+DOT_CONFIGS = ("splitk", "k32")
 SHAPE_CONFIGS = [(s, None) for s in SHAPES] + [(s, c) for s in SHAPES[1:4] for c in FORCED]
 
 
@@ -59,10 +63,11 @@ def _ids(s) -> str:
     return "x".join(map(str, s))
 
 
-def _cases(formats, forced_formats):
+def _cases(formats, forced_formats, configs=DOT_CONFIGS):
     """(shape, config, format): every format on every shape with the default tiles, the forced
-    tiles on ``forced_formats`` only."""
-    return [(s, c, f) for s, c in SHAPE_CONFIGS for f in formats if c is None or f in forced_formats]
+    ``configs`` on ``forced_formats`` only."""
+    return [(s, c, f) for s, c in SHAPE_CONFIGS for f in formats
+            if c is None or (f in forced_formats and c in configs)]
 
 
 def _case_id(case) -> str:
@@ -192,7 +197,7 @@ def _x_ref64(x, w64, bias):
 
 
 @pytest.mark.parametrize("case", _cases(WEIGHT_FORMATS, ("int8-channel", "int4-g32-nondividing",
-                                                          "uint4-g12-asym-nondividing")), ids=_case_id)
+                                                          "uint4-g12-asym-nondividing"), tuple(FORCED)), ids=_case_id)
 def test_weight_only_gemm_matches_reference(case):
     mnk, config, fmt = case
     m, n, k = mnk
@@ -220,8 +225,8 @@ def _int4(fmt, n, k, g):
     return q, pack_int4(q), scale, zero, group
 
 
-@pytest.mark.parametrize("case", _cases(INT4_FORMATS, ("sym-channel", "sym-g32", "asym-g48-nondividing")),
-                         ids=_case_id)
+@pytest.mark.parametrize("case", _cases(INT4_FORMATS, ("sym-channel", "sym-g32", "asym-g48-nondividing"),
+                                        tuple(FORCED)), ids=_case_id)
 def test_int4_gemm_matches_reference(case):
     mnk, config, fmt = case
     m, n, k = mnk
@@ -235,7 +240,7 @@ def test_int4_gemm_matches_reference(case):
 
 
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("config", [None, "splitk"])
+@pytest.mark.parametrize("config", [None, "splitk", "fma-splitk"])
 def test_int4_gemm_half_activations(x_dtype, config):
     """Half activations: the kernel rounds each dequantized weight to x's dtype, as the
     reference does, so against the reference only fp32 summation order differs."""
@@ -248,6 +253,28 @@ def test_int4_gemm_half_activations(x_dtype, config):
     ref64 = x.double() @ _weight64(q, scale, zero, group, 200).T + bias.double()
     assert rel_err(out, ref64) <= TOLERANCE[x_dtype]
     assert rel_err(out, ref.int4_gemm_ref(x, packed, scale, zero, bias, group, 200)) <= REF_BOUND
+
+
+def test_fma_decode_split_k_is_deterministic_and_leaves_its_counters_at_zero():
+    """The fused split-K sums the partials in split order whichever program finishes last: the same
+    bits as the two-launch reduction of the same partials, and every tile counter back at zero."""
+    from qcompiler.backends.triton.gemm_decode import tile_counters
+    g = _gen("fma-determinism")
+    q, packed, scale, zero, group = _int4("sym-g32", 48, 256, g)
+    x, bias = torch.randn(3, 256, generator=g), torch.randn(48, generator=g)
+    args = _dev(x, packed, scale, zero, bias)
+    cfg = GemmConfig(4, 16, 32, 1, 4, 4, 2, kernel="fma")
+    first, second = (int4_gemm(*args, group, 256, config=cfg).cpu() for _ in range(2))
+    assert torch.equal(first, second)
+    assert not tile_counters(torch.device(DEVICE), 1).any()
+    # split partials summed by hand, in split order, as the last program does
+    per_split = [int4_gemm(*_dev(x[:, i * 64:(i + 1) * 64], pack_int4(q[:, i * 64:(i + 1) * 64]),
+                                 scale[:, 2 * i:2 * i + 2], None, None), group, 64,
+                           config=GemmConfig(4, 16, 32, 1, 1, 4, 2, kernel="fma")).cpu() for i in range(4)]
+    total = per_split[0].clone()
+    for p in per_split[1:]:
+        total += p
+    assert torch.equal(first, total + bias)
 
 
 # ----------------------------------------------------------------------------- W4A8

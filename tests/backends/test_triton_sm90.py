@@ -53,6 +53,23 @@ _SCRIPT = textwrap.dedent("""
             num_warps=4, num_stages=1)
         out["norm_fp8" if fp8 else "norm_int8"] = sorted(set(re.findall(r"\\b((?:sqrt|div|rsqrt|rcp)\\.[a-z0-9.]+)",
                                                                           c.ptx)))
+    from qcompiler.backends.triton.gemm_decode import _decode_kernel
+    from qcompiler.backends.triton.gemm_weight_only import GROUP_ALIGNED
+    for m in (1, 16):
+        cfg = cfgs.default_config(m, 4096, 4096, kind="int4")
+        if not cfgs.fits_groups(cfg, 128):
+            cfg = cfgs._first_valid(cfg, lambda c: cfgs.fits_groups(c, 128))
+        c = sm90.compile_kernel(
+            _decode_kernel,
+            {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*fp32", "z_ptr": "*fp32", "bias_ptr": "*fp32",
+             "c_ptr": "*bf16", "p_ptr": "*fp32", "lock_ptr": "*i32"},
+            dict(PACKED=True, SIGNED=True, SCALE_MODE=GROUP_ALIGNED, HAS_ZERO=False, HAS_BIAS=True,
+                 X_DTYPE=tl.bfloat16, SOFT_BF16=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                 BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        out[f"decode_m{m}"] = {"kernel": cfg.kernel, "split": cfg.split_k, "spills": c.spill_bytes,
+                               "registers": c.registers, "wgmma": "wgmma" in c.ptx, "mma": "mma.sync" in c.ptx,
+                               "atomics": sorted(set(re.findall(r"\\b(atom\\.[a-z0-9.]+)", c.ptx)))}
     print("RESULT", json.dumps(out))
 """)
 
@@ -80,3 +97,15 @@ def test_norm_quant_uses_ieee_sqrt_and_division(sm90_facts, kind):
     ops = sm90_facts[kind]
     assert "sqrt.rn.f32" in ops and "div.rn.f32" in ops
     assert not [op for op in ops if "approx" in op or op.startswith(("div.full", "rsqrt", "rcp"))], ops
+
+
+@pytest.mark.parametrize("m", [1, 16])
+def test_weight_only_decode_runs_on_fma_units_without_spills_and_reduces_split_k_in_launch(sm90_facts, m):
+    """The default W4A16 decode kernel (g128, bf16) on sm_90: no tensor-core instruction (the dequantized
+    tile never goes through shared memory for wgmma), no register spills, and the split-K counters as
+    global atomics (one launch)."""
+    facts = sm90_facts[f"decode_m{m}"]
+    assert facts["kernel"] == "fma" and not facts["wgmma"] and not facts["mma"]
+    assert facts["spills"] == 0 and 0 < facts["registers"] <= 255
+    if facts["split"] > 1:
+        assert any(a.startswith("atom.global") or a.startswith("atom.") for a in facts["atomics"])
