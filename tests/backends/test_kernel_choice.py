@@ -350,7 +350,7 @@ def test_benchmark_picks_a_kernel_caches_it_and_reports_it(target, monkeypatch, 
     assert layer.kernel and layer.kernel_contract and "fastest" in layer.kernel_note
     assert layer.kernel in qb.report.summary()
     cached = json.loads((tmp_path / "kernel_timings.json").read_text())
-    assert machine.fingerprint() in cached
+    assert f"v{kernel_choice.TIMINGS_VERSION}|{machine.fingerprint()}" in cached   # versioned: older timings unused
     # a new process (empty in-process cache) reads the timings from disk: nothing is timed again
     monkeypatch.setattr(kernel_choice, "_TIMINGS", {})
     torch._dynamo.reset()
