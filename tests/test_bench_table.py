@@ -19,13 +19,13 @@ def _facts(prefill: bool) -> dict:
 @pytest.mark.parametrize("prefill", [True, False])
 def test_speed_columns_follow_whether_prefill_was_timed(prefill):
     rows = [Row("FP32", 10.0, prefill_tok_s=1000.0),
-            Row("w4a16-rtn", 11.0, 10.0, 0.0, 1.5, 2.0, 1500.0, 1.5, 3, [], 3, "dequant [fp32] x3")]
+            Row("w4a16-rtn", 11.0, 10.0, 0.0, 1.5, 2.0, 1500.0, 1.5, 3, [], 3, "dequant [fp32] x3", (1.25, 1.75))]
     text = format_table(rows, _facts(prefill))
     table = [line for line in text.splitlines() if line.startswith("|")]
     cells = [len(line.strip("|").split("|")) for line in table]
     assert cells == [10 if prefill else 8] * len(table)
     assert ("prefill tok/s" in table[0]) is prefill
-    assert ("1500 | 1.50x" in table[-1]) is prefill
+    assert ("1500 | 1.50x [1.25, 1.75] |" in table[-1]) is prefill
     assert ("prefill speed not measured" in text) is not prefill
     assert "| w4a16-rtn | 11.000 | +10.00 |" in table[-1] and table[-1].endswith("| dequant [fp32] x3 |")
     assert "CPU: Some CPU (x86_64; avx2) (class `avx2`)" in text and "onednn-u8s8 1.53x (int16-pairs)" in text

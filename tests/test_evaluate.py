@@ -85,14 +85,15 @@ class SlowLM(torch.nn.Module):
         return SimpleNamespace(logits=torch.zeros(*input_ids.shape, VOCAB))
 
 
-def test_paired_prefill_alternates_the_two_models_and_divides_their_medians():
+def test_paired_prefill_alternates_the_two_models_and_takes_the_median_ratio():
     log = []
-    speed, speedup = paired_prefill(SlowLM(0.02, log, "base"), SlowLM(0.01, log, "model"), 16, vocab_size=VOCAB,
+    speed, speedup, low, high, rounds = paired_prefill(SlowLM(0.02, log, "base"), SlowLM(0.01, log, "model"), 16, vocab_size=VOCAB,
                                     repeats=3, warmup=1, min_seconds=0.0)
-    assert log == ["base", "model"] * 4
+    assert log == ["base", "model"] * 4 and rounds == 3
+    assert low <= speedup <= high and 1.5 < low and high < 2.5     # sleeps of 20 ms / 10 ms: ratios near 2
     log.clear()     # short rounds: as many as fill min_seconds (0.03 s a round -> 0.3 s: 10 or so)
-    paired_prefill(SlowLM(0.02, log, "base"), SlowLM(0.01, log, "model"), 16, vocab_size=VOCAB, repeats=3,
-                   warmup=1, min_seconds=0.3)
+    speed, speedup, *_ = paired_prefill(SlowLM(0.02, log, "base"), SlowLM(0.01, log, "model"), 16,
+                                        vocab_size=VOCAB, repeats=3, warmup=1, min_seconds=0.3)
     assert 2 * 6 <= len(log) <= 2 * 11 and log == ["base", "model"] * (len(log) // 2)
     assert 1.5 < speedup < 2.5 and 16 / 0.02 < speed < 16 / 0.005
     with pytest.raises(ValueError, match="repeats"):

@@ -67,6 +67,7 @@ class Row:
     fallbacks: list[str] = field(default_factory=list)
     decoder_linears: int = 0
     kernels: str = ""            # the GEMM kernels the quantized linears ran, with their numerics
+    speedup_iqr: tuple[float, float] | None = None    # interquartile range of the paired rounds' ratios
 
 
 def _text(kind: str) -> str:
@@ -144,11 +145,13 @@ def run_table(model_name: str, presets: list, protocol: Protocol | None = None, 
     fp_speed = evaluate.prefill_tokens_per_s(model, protocol.prefill_seq, vocab_size=vocab, repeats=5) \
         if prefill else 0.0
 
-    def speed_of(runner) -> tuple[float, float]:
-        """(tokens/s, speedup over eager FP32), timed in alternation with the eager float model."""
+    def speed_of(runner) -> dict:
+        """Row fields: tokens/s, speedup over eager FP32 and its interquartile range, timed in
+        alternation with the eager float model."""
         if not prefill:
-            return 0.0, 0.0
-        return evaluate.paired_prefill(model, runner, protocol.prefill_seq, vocab_size=vocab)
+            return {"prefill_tok_s": 0.0, "speedup": 0.0}
+        s = evaluate.paired_prefill(model, runner, protocol.prefill_seq, vocab_size=vocab)
+        return {"prefill_tok_s": s.tok_s, "speedup": s.speedup, "speedup_iqr": (s.low, s.high)}
 
     rows = [Row("FP32", fp_ppl, weight_mb=fp_bytes / 1e6, prefill_tok_s=fp_speed)]
     facts["target"] = target
@@ -161,9 +164,7 @@ def run_table(model_name: str, presets: list, protocol: Protocol | None = None, 
         torch._dynamo.reset()
         runner = make()
         ppl = evaluate.perplexity(runner, windows, progress=progress, desc=label)
-        speed, speedup = speed_of(runner)
-        rows.append(Row(label, ppl, 100.0 * (ppl / fp_ppl - 1.0), weight_mb=fp_bytes / 1e6,
-                        prefill_tok_s=speed, speedup=speedup))
+        rows.append(Row(label, ppl, 100.0 * (ppl / fp_ppl - 1.0), weight_mb=fp_bytes / 1e6, **speed_of(runner)))
         del runner
 
     cache = CalibrationCache(calib, samples_per_layer=1024, progress=progress)
@@ -182,13 +183,11 @@ def run_table(model_name: str, presets: list, protocol: Protocol | None = None, 
         rep = qb.report
         quantize_s = sum(p["wall_s"] for p in rep.passes if p["name"] != "calibrate")
         before, after = rep.weight_bytes()
-        speed, speedup = speed_of(compiled)
         decoder = [d for d in rep.layers.values() if d.op_kind == "linear"]
         rows.append(Row(name, ppl, 100.0 * (ppl / fp_ppl - 1.0), qb.calibration.seconds if qb.calibration else 0.0,
-                        quantize_s,
-                        (fp_bytes - before + after) / 1e6, speed, speedup,
-                        len(rep.quantized), [f"{d.fqn} ({d.reason})" for d in decoder if not d.quantize],
-                        len(decoder), kernel_summary(rep)))
+                        quantize_s, (fp_bytes - before + after) / 1e6, quantized=len(rep.quantized),
+                        fallbacks=[f"{d.fqn} ({d.reason})" for d in decoder if not d.quantize],
+                        decoder_linears=len(decoder), kernels=kernel_summary(rep), **speed_of(compiled)))
         log.info("%s: ppl %.3f, eval+compile %.1f s", name, ppl, eval_and_compile)
     for extra in extra_rows:
         rows += extra(model, windows, calib, fp_ppl, facts)
@@ -278,9 +277,8 @@ def _torchao_rows(model, windows, fp_ppl, fp_bytes, speed_of, protocol, progress
     compiled = torch.compile(peer, mode="max-autotune", fullgraph=True)
     for name, runner in (("eager", peer), ("torch.compile max-autotune", compiled)):
         ppl = evaluate.perplexity(runner, windows, progress=progress, desc=f"torchao {name}")
-        speed, speedup = speed_of(runner)
-        rows.append(Row(f"{label} ({name})", ppl, 100.0 * (ppl / fp_ppl - 1.0), 0.0, quant_s, mb, speed,
-                        speedup, n, [], n, "torchao"))
+        rows.append(Row(f"{label} ({name})", ppl, 100.0 * (ppl / fp_ppl - 1.0), 0.0, quant_s, mb, quantized=n,
+                        decoder_linears=n, kernels="torchao", **speed_of(runner)))
     torch._dynamo.reset()
     return rows
 
@@ -296,8 +294,10 @@ def format_table(rows: list[Row], facts: dict) -> str:
             f"{texts.describe(p.calib_text)} at seeded random offsets; ")
     if timed:
         head += (f"prefill = one {p.prefill_seq}-token sequence run as generate() runs its prefill (KV cache "
-                 f"built, logits of the last position only); each row's speedup is the ratio of median times "
-                 f"over at least 5 rounds (as many as fill 2 s when forwards are fast) that alternate one eager-FP32 forward and one of the row's, ")
+                 f"built, logits of the last position only); each row's speedup is the median, over at least 9 rounds "
+                 f"(as many as fill 2 s when forwards are fast) that each run one eager-FP32 forward then one of the "
+                 f"row's, of the round's time ratio, with the interquartile range of those ratios in brackets (the "
+                 f"measurement's noise: a speedup whose range holds 1.00 is float speed within noise), ")
     else:
         head += "prefill speed not measured in this table, "
     head += f"{facts['threads']} threads, torch {facts['torch']}."
@@ -329,7 +329,8 @@ def format_table(rows: list[Row], facts: dict) -> str:
              f"|---|---|---|---|---|---|{speed_rule}---|---|"]
     for r in rows:
         fb = "-" if r.name.startswith("FP32") else f"{len(r.fallbacks)}/{r.decoder_linears}"
-        speed = f"{r.prefill_tok_s:.0f} | {r.speedup:.2f}x | " if timed else ""
+        iqr = f" [{r.speedup_iqr[0]:.2f}, {r.speedup_iqr[1]:.2f}]" if r.speedup_iqr else ""
+        speed = f"{r.prefill_tok_s:.0f} | {r.speedup:.2f}x{iqr} | " if timed else ""
         lines.append(f"| {r.name} | {r.ppl:.3f} | {r.delta_pct:+.2f} | {r.calib_s:.1f} | {r.quantize_s:.1f} | "
                      f"{r.weight_mb:.1f} | {speed}{fb} | {r.kernels or '-'} |")
     if "torchao" in facts:

@@ -8,6 +8,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,7 @@ from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
-__all__ = ["perplexity", "prefill_tokens_per_s", "paired_prefill", "accepts_logits_to_keep"]
+__all__ = ["perplexity", "prefill_tokens_per_s", "paired_prefill", "PairedSpeed", "accepts_logits_to_keep"]
 
 
 def _model_device(model: object) -> torch.device | None:
@@ -122,22 +123,35 @@ def prefill_tokens_per_s(
     return seq_len / median
 
 
+class PairedSpeed(NamedTuple):
+    """A paired prefill measurement: the model's tokens/s and its speedup over the baseline (the
+    median of the per-round ratios), with the interquartile range of those ratios (the noise)."""
+
+    tok_s: float
+    speedup: float
+    low: float
+    high: float
+    rounds: int
+
+
 def paired_prefill(
     baseline: Callable[..., object],
     model: Callable[..., object],
     seq_len: int = 512,
     *,
     vocab_size: int,
-    repeats: int = 5,
+    repeats: int = 9,
     warmup: int = 1,
     seed: int = 0,
     last_logits_only: bool = True,
     min_seconds: float = 2.0,
-) -> tuple[float, float]:
-    """``(model's prefill tokens/s, its speedup over baseline)``, the two timed in alternation.
+) -> PairedSpeed:
+    """The model's prefill tokens/s and its speedup over ``baseline``, the two timed in alternation.
 
     Each round runs one baseline forward then one model forward on the same sequence, so a burst
-    of load on a shared machine slows both alike; the speedup is the ratio of the median times.
+    of load on a shared machine slows both alike; the speedup is the median of the rounds' ratios
+    (baseline time / model time), reported with their interquartile range so that "within noise"
+    can be read off the table rather than assumed.
     At least ``repeats`` rounds, more when a round is short: as many as fill ``min_seconds`` (judged
     from the warm-up round), so that a fast model's median rests on enough samples.
     """
@@ -151,7 +165,9 @@ def paired_prefill(
     for _ in range(rounds):
         base_t.append(runs[0]())
         model_t.append(runs[1]())
-    base, med = statistics.median(base_t), statistics.median(model_t)
-    log.info("prefill paired: %d tokens, model %.4f s, baseline %.4f s (medians of %d rounds)", seq_len, med, base,
-             rounds)
-    return seq_len / med, base / med
+    ratios = [b / m for b, m in zip(base_t, model_t)]
+    low, _, high = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+    med = statistics.median(model_t)
+    log.info("prefill paired: %d tokens, model %.4f s, baseline %.4f s (medians of %d rounds)", seq_len, med,
+             statistics.median(base_t), rounds)
+    return PairedSpeed(seq_len / med, statistics.median(ratios), low, high, rounds)
