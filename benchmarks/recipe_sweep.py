@@ -41,8 +41,8 @@ The choices behind the ``w8a16`` preset (sensitivity fallback at 36 dB; AWQ scal
     python benchmarks/recipe_sweep.py --eval valid --windows 16 \
         "base=R('w8a16').replace(fallback=FallbackSpec())" "fb36=R('w8a16')" \
         "fb38=R('w8a16').replace(fallback=FallbackSpec(min_sqnr_db=38.0))" \
-        "awq=R('w8a16').replace(awq=AWQSpec(), layerwise=True, fallback=FallbackSpec())" \
-        "awqfb38=R('w8a16').replace(awq=AWQSpec(), layerwise=True, fallback=FallbackSpec(min_sqnr_db=38.0))"
+        "awq=R('w8a16').replace(weight_algorithm=AWQSpec(), layerwise=True, fallback=FallbackSpec())" \
+        "awqfb38=R('w8a16').replace(weight_algorithm=AWQSpec(), layerwise=True, fallback=FallbackSpec(min_sqnr_db=38.0))"
 
 The choice behind the ``w4a16-awq`` / ``w4a8-awq`` presets' 4096 search rows per linear
 (2026-12-01, run with the presets' earlier 1024 rows, which ``base`` was): on valid, 16 windows,
@@ -51,12 +51,12 @@ FP32 15.471, RTN +34.31%, 1024 rows +18.08% (0.53x RTN), 4096 rows +15.20% (0.44
 +16.14% (0.47x):
 
     python benchmarks/recipe_sweep.py --eval valid --windows 16 "rtn=R('w4a16-rtn')" \
-        "base=R('w4a16-awq').replace(samples_per_layer=1024, awq=AWQSpec())" \
-        "s4k=R('w4a16-awq').replace(samples_per_layer=4096, awq=AWQSpec(samples=4096))" \
-        "duo=R('w4a16-awq').replace(samples_per_layer=1024, awq=AWQSpec(duo_scaling=True))"
+        "base=R('w4a16-awq').replace(samples_per_layer=1024, weight_algorithm=AWQSpec())" \
+        "s4k=R('w4a16-awq').replace(samples_per_layer=4096, weight_algorithm=AWQSpec(samples=4096))" \
+        "duo=R('w4a16-awq').replace(samples_per_layer=1024, weight_algorithm=AWQSpec(duo_scaling=True))"
     python benchmarks/recipe_sweep.py --eval valid --windows 16 \
-        "s4kduo=R('w4a16-awq').replace(samples_per_layer=4096, awq=AWQSpec(samples=4096, duo_scaling=True))" \
-        "s8k=R('w4a16-awq').replace(samples_per_layer=8192, awq=AWQSpec(samples=8192))"
+        "s4kduo=R('w4a16-awq').replace(samples_per_layer=4096, weight_algorithm=AWQSpec(samples=4096, duo_scaling=True))" \
+        "s8k=R('w4a16-awq').replace(samples_per_layer=8192, weight_algorithm=AWQSpec(samples=8192))"
 """
 
 from __future__ import annotations

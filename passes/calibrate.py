@@ -27,7 +27,7 @@ class Calibrate:
             ctx.analyses[Analysis.CALIBRATION] = {}
             return PassResult(gm, False, {"layers_with_stats": 0})
         all_stats = ctx.calibration.stats
-        if all_stats is None and ctx.recipe.requires_calibration:
+        if all_stats is None and ctx.recipe.linears_require_calibration:
             raise CalibrationError(f"recipe {ctx.recipe.name!r} needs calibration data: pass calibration=batches")
         if all_stats is None:        # no calibration data, and the recipe can run without it
             ctx.analyses[Analysis.CALIBRATION] = {}

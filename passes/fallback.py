@@ -36,7 +36,7 @@ def rule_reason(ctx: PassContext, fqn: str) -> str:
     for glob in fb.keep_modules:
         if fnmatch.fnmatchcase(fqn, glob):
             return f"module path matches fallback.keep_modules glob {glob!r}"
-    if ctx.recipe.requires_calibration and fqn not in ctx.analyses.get(Analysis.CALIBRATION, {}):
+    if ctx.recipe.linears_require_calibration and fqn not in ctx.analyses.get(Analysis.CALIBRATION, {}):
         return "no calibration statistics for this linear's input (module not reached, or its input is not the linear's)"
     return ""
 

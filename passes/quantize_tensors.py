@@ -7,7 +7,7 @@ from torch.fx import GraphModule
 from qcompiler.pipeline import Analysis, PassContext, PassResult
 from qcompiler.targets import registered_targets
 
-from . import embedding  # noqa: F401  (registers the built-in embedding target)
+from . import embedding, kv_cache  # noqa: F401  (register the built-in targets: embedding tables, KV cache)
 
 __all__ = ["QuantizeTensors"]
 

@@ -14,7 +14,7 @@ import torch
 from torch.fx import GraphModule
 
 from qcompiler.calibration.statistics import LayerStats
-from qcompiler.errors import CalibrationError, PassError, RecipeError
+from qcompiler.errors import CalibrationError, PassError, RecipeError, UnsupportedError
 from qcompiler.recipes import Recipe
 
 __all__ = ["Analysis", "Pass", "PassResult", "PassContext", "CalibrationData", "Lowering", "PassManager", "LayerDecision", "TensorDecision",
@@ -312,7 +312,7 @@ class PassManager:
                 unwritten = [str(a) for a in getattr(p, "writes", ()) if str(a) not in ctx.analyses]
                 if unwritten:
                     raise RuntimeError(f"declares it writes analyses {unwritten} but left them out of ctx.analyses")
-            except (PassError, RecipeError, CalibrationError):
+            except (PassError, RecipeError, CalibrationError, UnsupportedError):
                 raise   # user-input errors surface as themselves
             except Exception as e:
                 raise PassError(p.name, tuple(done), e) from e

@@ -7,8 +7,9 @@ read the tensor (from the graph, never from layer names), and how to rewrite one
 rewrite returns a ``TensorDecision``, which lands in ``PassContext.tensor_plan`` and in the compile
 report. A target that needs statistics of the float model (a KV cache's static scales) gives an
 ``observe`` hook: the API runs its observer over the calibration batches before the passes, and
-``apply`` reads the result from ``ctx.calibration.tensors[name]``. Register a target once, at import, with ``register_target``; the built-in one lives in
-``qcompiler/passes/embedding.py``.
+``apply`` reads the result from ``ctx.calibration.tensors[name]``. Register a target once, at import,
+with ``register_target``; the built-in ones live in ``qcompiler/passes/embedding.py`` (embedding
+tables) and ``qcompiler/passes/kv_cache.py`` (the attention's KV cache, with an observer).
 """
 
 from __future__ import annotations

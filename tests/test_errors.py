@@ -114,7 +114,7 @@ SKIPPED = r"no calibration data, so GPTQ \(gptq.optional=True\) was skipped and 
 
 def _rtn_twin(recipe: recipes.Recipe) -> recipes.Recipe:
     """The same format without GPTQ and the sensitivity rule: what skipping them must give."""
-    return recipe.replace(gptq=None, layerwise=False, fallback=recipes.FallbackSpec())
+    return recipe.replace(weight_algorithm=None, layerwise=False, fallback=recipes.FallbackSpec())
 
 
 def test_fp8_dynamic_without_calibration_rounds_to_nearest_with_a_warning():

@@ -143,7 +143,7 @@ def test_gptq_with_fp8_weights_and_activations_runs_through_the_pipeline():
         ref = torch.cat([model(i).logits for i in x])
     gptq = recipes.get("fp8-dynamic")
     assert gptq.gptq is not None and gptq.layerwise   # the preset itself runs GPTQ layer by layer
-    fp8 = gptq.replace(name="fp8-dynamic-rtn", gptq=None, layerwise=False)
+    fp8 = gptq.replace(name="fp8-dynamic-rtn", weight_algorithm=None, layerwise=False)
     errs = {}
     for recipe in (fp8, gptq):
         torch._dynamo.reset()
@@ -197,7 +197,7 @@ def test_layerwise_bounds_calibration_state_and_feeds_quantized_inputs():
 def test_too_few_samples_for_a_hessian_names_the_count():
     # counted from the token ids before calibrating (a layer that still sees too few is named:
     # tests/test_errors.py::test_too_few_rows_reaching_one_layer_names_it)
-    recipe = recipes.get("w4a16-gptq").replace(gptq=GPTQSpec(min_samples=1000), layerwise=False)
+    recipe = recipes.get("w4a16-gptq").replace(weight_algorithm=GPTQSpec(min_samples=1000), layerwise=False)
     with pytest.raises(CalibrationError, match=r"GPTQ needs at least 1000 calibration rows \(tokens\) per linear, got 8"):
         qcompiler.backend(recipe, calibration=token_batches(1, 8), progress=False)
 
@@ -205,7 +205,7 @@ def test_too_few_samples_for_a_hessian_names_the_count():
 def test_non_positive_definite_hessian_raises_dampening_and_reports_it():
     # one calibration token: H has rank 1; with a tiny dampening Cholesky fails and GPTQ retries
     model = tiny_model("llama")
-    recipe = recipes.get("w4a16-gptq").replace(gptq=GPTQSpec(min_samples=1, dampening=1e-12), layerwise=False)
+    recipe = recipes.get("w4a16-gptq").replace(weight_algorithm=GPTQSpec(min_samples=1, dampening=1e-12), layerwise=False)
     torch._dynamo.reset()
     qb = qcompiler.backend(recipe, calibration=[torch.tensor([[5]])], progress=False)
     torch.compile(model, backend=qb)(token_batches(1, 8)[0])
@@ -227,18 +227,16 @@ def test_int4_layer_kept_high_precision_is_reported_not_quantized():
 def test_recipe_refuses_bad_algorithm_combinations():
     from qcompiler.errors import RecipeError
     from qcompiler.recipes import AWQSpec, ActivationSpec, SmoothQuantSpec
-    with pytest.raises(RecipeError, match="exclusive"):
-        Recipe(weight=WeightSpec(QuantDtype.INT4, Granularity.PER_GROUP, group_size=64), gptq=GPTQSpec(), awq=AWQSpec())
     with pytest.raises(RecipeError, match="fp8"):
-        Recipe(weight=WeightSpec(QuantDtype.FP8_E4M3, Granularity.PER_CHANNEL), awq=AWQSpec())
+        Recipe(weight=WeightSpec(QuantDtype.FP8_E4M3, Granularity.PER_CHANNEL), weight_algorithm=AWQSpec())
     # GPTQ's error compensation works for any weight grid, fp8 and per-tensor included
-    Recipe(weight=WeightSpec(QuantDtype.FP8_E4M3, Granularity.PER_TENSOR), gptq=GPTQSpec())
+    Recipe(weight=WeightSpec(QuantDtype.FP8_E4M3, Granularity.PER_TENSOR), weight_algorithm=GPTQSpec())
     with pytest.raises(RecipeError, match="layerwise"):
         Recipe(layerwise=True)
     with pytest.raises(RecipeError, match="gptq.dampening"):
         GPTQSpec(dampening=0.0)
     with pytest.raises(RecipeError, match="choose one"):
-        Recipe(weight=WeightSpec(), activation=ActivationSpec(), smoothquant=SmoothQuantSpec(), awq=AWQSpec())
+        Recipe(weight=WeightSpec(), activation=ActivationSpec(), smoothquant=SmoothQuantSpec(), weight_algorithm=AWQSpec())
 
 
 def test_layerwise_replays_equal_length_batches_merged_with_the_same_statistics():

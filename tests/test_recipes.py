@@ -228,17 +228,17 @@ BAD_SPECS = [
     ("weight.granularity='per_group'",
      lambda: Recipe(weight=WeightSpec("fp8_e4m3", "per_group", 32), activation=FP8_DYNAMIC)),
     ("recipe.layerwise=True with recipe.smoothquant",
-     lambda: Recipe(activation=INT8_STATIC, smoothquant=SmoothQuantSpec(), gptq=GPTQSpec(), layerwise=True)),
+     lambda: Recipe(activation=INT8_STATIC, smoothquant=SmoothQuantSpec(), weight_algorithm=GPTQSpec(), layerwise=True)),
     ("recipe.samples_per_layer", lambda: Recipe(samples_per_layer=15)),
     ("recipe.samples_per_layer", lambda: Recipe(samples_per_layer=0)),
     ("recipe.samples_per_layer", lambda: Recipe(samples_per_layer=512.0)),
     ("recipe.samples_per_layer", lambda: Recipe(samples_per_layer="1024")),
     ("recipe.name=5 must be a string", lambda: Recipe(name=5)),
-    ("recipe.layerwise='false' must be a bool", lambda: Recipe(gptq=GPTQSpec(), layerwise="false")),
+    ("recipe.layerwise='false' must be a bool", lambda: Recipe(weight_algorithm=GPTQSpec(), layerwise="false")),
     ("recipe.gptq.optional=True", lambda: Recipe(weight=WeightSpec("fp8_e4m3"), activation=ActivationSpec(
-        "fp8_e4m3", "per_tensor"), gptq=GPTQSpec(optional=True))),
+        "fp8_e4m3", "per_tensor"), weight_algorithm=GPTQSpec(optional=True))),
     ("recipe.gptq.optional=True", lambda: Recipe(activation=ActivationSpec("int8", "per_token"),
-                                                 smoothquant=SmoothQuantSpec(), gptq=GPTQSpec(optional=True))),
+                                                 smoothquant=SmoothQuantSpec(), weight_algorithm=GPTQSpec(optional=True))),
 ]
 
 
@@ -269,7 +269,7 @@ GOOD_SPECS = [
     lambda: Recipe(weight=WeightSpec("int8", "per_group", 64)),   # weight-only per-group int8 is fine
     lambda: Recipe(activation=INT8_STATIC, smoothquant=SmoothQuantSpec()),
     lambda: Recipe(samples_per_layer=16),
-    lambda: Recipe(activation=INT8_STATIC, smoothquant=SmoothQuantSpec(), gptq=GPTQSpec()),   # whole-model Hessians
+    lambda: Recipe(activation=INT8_STATIC, smoothquant=SmoothQuantSpec(), weight_algorithm=GPTQSpec()),   # whole-model Hessians
 ]
 
 
@@ -389,9 +389,11 @@ def test_needs_calibration_matches_the_preset(name):
     r = recipes.get(name)
     static = r.activation is not None and not r.activation.dynamic
     gptq_required = r.gptq is not None and not r.gptq.optional
-    required = static or r.smoothquant is not None or gptq_required or r.awq is not None
+    linears = static or r.smoothquant is not None or gptq_required or r.awq is not None
+    required = linears or (r.kv_cache is not None and r.kv_cache.static)
     assert r.requires_calibration == required == bool(r.calibration_required_by)
-    assert r.needs_calibration == (required or r.gptq is not None or r.fallback.min_sqnr_db is not None)
+    assert r.linears_require_calibration == linears
+    assert r.needs_calibration == (linears or r.gptq is not None or r.fallback.min_sqnr_db is not None)
     if name == "w8a16":      # calibration only feeds its sensitivity fallback: it runs without data
         assert r.needs_calibration and not r.requires_calibration
     if name == "w8a8-int8-naive":
@@ -412,12 +414,29 @@ def test_calibration_free_presets():
 
 
 def test_optional_gptq_round_trips_and_defaults_to_required():
-    r = recipes.get("w8a16-gptq").replace(gptq=GPTQSpec(optional=True))
+    r = recipes.get("w8a16-gptq").replace(weight_algorithm=GPTQSpec(optional=True))
     assert not r.requires_calibration and r.needs_calibration
     assert Recipe.from_json(r.to_json()) == r
     d = recipes.get("w8a16-gptq").to_dict()
-    del d["data"]["gptq"]["optional"]          # JSON written before the field existed
+    del d["data"]["weight_algorithm"]["data"]["optional"]          # JSON written before the field existed
     assert Recipe.from_dict(d).gptq.optional is False
+
+
+@pytest.mark.parametrize("preset", ["w4a16-gptq", "w4a16-awq", "w8a16"])
+def test_version_1_recipes_with_gptq_or_awq_fields_still_load(preset):
+    """Version 1 (checkpoints written before the one weight-algorithm slot) kept GPTQ / AWQ in
+    fields of their own; they load as the same recipe."""
+    r = recipes.get(preset)
+    d = r.to_dict()
+    spec = d["data"].pop("weight_algorithm")
+    d["version"] = 1
+    d["data"]["gptq"] = spec["data"] if spec and spec["type"] == "GPTQSpec" else None
+    d["data"]["awq"] = spec["data"] if spec and spec["type"] == "AWQSpec" else None
+    assert Recipe.from_dict(d) == r
+    if spec:
+        d["data"]["gptq"] = d["data"]["awq"] = spec["data"]
+        with pytest.raises(RecipeError, match="one weight algorithm per recipe"):
+            Recipe.from_dict(d)
 
 
 # -- JSON value types -------------------------------------------------------------------------
@@ -436,15 +455,15 @@ WRONG_TYPES = [
     ("w8a16", ("weight", "symmetric"), None, "recipe.weight.symmetric=null must be a bool"),
     ("w8a8-int8-sq", ("activation", "symmetric"), "true", 'recipe.activation.symmetric="true" must be a bool'),
     ("w8a8-int8-sq", ("smoothquant", "search"), 1, "recipe.smoothquant.search=1 must be a bool"),
-    ("w4a16-gptq", ("gptq", "act_order"), "true", 'recipe.gptq.act_order="true" must be a bool'),
-    ("fp8-dynamic", ("gptq", "optional"), "false", 'recipe.gptq.optional="false" must be a bool'),
-    ("w4a16-awq", ("awq", "clip_search"), "no", 'recipe.awq.clip_search="no" must be a bool'),
+    ("w4a16-gptq", ("weight_algorithm", "data", "act_order"), "true", 'recipe.weight_algorithm.act_order="true" must be a bool'),
+    ("fp8-dynamic", ("weight_algorithm", "data", "optional"), "false", 'recipe.weight_algorithm.optional="false" must be a bool'),
+    ("w4a16-awq", ("weight_algorithm", "data", "clip_search"), "no", 'recipe.weight_algorithm.clip_search="no" must be a bool'),
     ("w4a16-gptq", ("layerwise",), "true", 'recipe.layerwise="true" must be a bool'),
     ("w4a16-rtn", ("weight", "group_size"), "64", 'recipe.weight.group_size="64" must be an integer'),
     ("w4a16-rtn", ("weight", "group_size"), 64.0, "recipe.weight.group_size=64.0 must be an integer"),
     ("w4a16-rtn", ("weight", "group_size"), True, "recipe.weight.group_size=true must be an integer"),
-    ("w4a16-gptq", ("gptq", "min_samples"), "128", 'recipe.gptq.min_samples="128" must be an integer'),
-    ("w4a16-gptq", ("gptq", "block_size"), False, "recipe.gptq.block_size=false must be an integer"),
+    ("w4a16-gptq", ("weight_algorithm", "data", "min_samples"), "128", 'recipe.weight_algorithm.min_samples="128" must be an integer'),
+    ("w4a16-gptq", ("weight_algorithm", "data", "block_size"), False, "recipe.weight_algorithm.block_size=false must be an integer"),
     ("w8a16", ("samples_per_layer",), "1024", 'recipe.samples_per_layer="1024" must be an integer'),
     ("w8a16", ("fallback", "min_sqnr_db"), "36", 'recipe.fallback.min_sqnr_db="36" must be a number'),
     ("w8a16", ("fallback", "max_fraction"), True, "recipe.fallback.max_fraction=true must be a number"),
@@ -468,7 +487,7 @@ def test_json_value_of_the_wrong_type_names_the_field(preset, path, value, match
     ("w8a16", ("fallback", "max_fraction"), 1),          # an integer is a number
     ("w8a8-int8-sq", ("smoothquant", "alpha"), 1),
     ("w8a16", ("fallback", "min_sqnr_db"), None),        # optional
-    ("w4a16-gptq", ("gptq", "optional"), False),
+    ("w4a16-gptq", ("weight_algorithm", "data", "optional"), False),
 ], ids=lambda v: repr(v))
 def test_json_values_of_the_right_type_accepted(preset, path, value):
     Recipe.from_dict(_with(preset, path, value))

@@ -15,7 +15,7 @@ import torch
 from qcompiler.recipes import QuantDtype
 
 __all__ = ["QRANGE", "STORAGE_DTYPE", "storage_name", "expand_blocks", "quantize", "dequantize", "choose_scale",
-           "quantize_per_token", "fake_quantize", "round_to_e4m3", "sqnr_db"]
+           "quantize_per_token", "quantize_per_token_asymmetric", "fake_quantize", "round_to_e4m3", "sqnr_db"]
 
 #: (qmin, qmax) of each quantized dtype; fp8 saturates at +-448.
 QRANGE: dict[str, tuple[float, float]] = {
@@ -126,6 +126,18 @@ def quantize_per_token(x: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tens
     absmax = x.detach().abs().amax(dim=-1, keepdim=True).float()
     scale, _ = choose_scale(absmax, dtype)
     return quantize(x, scale, None, dtype), scale
+
+
+def quantize_per_token_asymmetric(x: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dynamic asymmetric quantization with one scale and integer zero point per row of the last
+    dimension, onto the unsigned range of ``dtype`` (int8 -> uint8, int4 -> uint4).
+
+    Returns ``(x_q, scale, zero_point)``, the last two of shape ``x.shape[:-1] + (1,)`` in float32."""
+    lo = x.detach().amin(dim=-1, keepdim=True).float()
+    hi = x.detach().amax(dim=-1, keepdim=True).float()
+    scale, zero = choose_scale(None, dtype, minimum=lo, maximum=hi, symmetric=False)
+    uname = {"int8": "uint8", "int7": "uint7", "int4": "uint4"}[_name(dtype)]
+    return quantize(x, scale, zero, uname), scale, zero
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, dtype) -> torch.Tensor:

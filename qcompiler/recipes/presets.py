@@ -7,8 +7,8 @@ import dataclasses
 from typing import Callable
 
 from qcompiler.errors import RecipeError
-from .specs import (ActivationSpec, AWQSpec, Calibrator, FallbackSpec, GPTQSpec, Granularity, QuantDtype, Recipe,
-                    SmoothQuantSpec, WeightSpec)
+from .specs import (ActivationSpec, AWQSpec, Calibrator, FallbackSpec, GPTQSpec, Granularity, KVCacheSpec, QuantDtype,
+                    Recipe, SmoothQuantSpec, WeightSpec)
 
 __all__ = ["RECIPES", "register_recipe", "get", "names"]
 
@@ -29,9 +29,23 @@ def register_recipe(name: str):
 
 
 def get(name: str) -> Recipe:
-    """The preset called ``name``; ``RecipeError`` listing the known names otherwise."""
+    """The preset called ``name``; ``RecipeError`` listing the known names otherwise.
+
+    ``"BASE+KV"`` composes: preset BASE with the KV cache of the KV-cache preset KV (``kv-int8``,
+    ``kv-fp8``, ``kv-int4``), named ``BASE+KV``."""
+    if not isinstance(name, str):
+        raise RecipeError(f"a preset name must be a string, got {type(name).__name__}")
+    base, plus, extra = name.partition("+")
+    if plus:
+        recipe, cache = get(base), get(extra)
+        if cache.kv_cache is None or "+" in extra:
+            raise RecipeError(f"recipe {name!r}: what follows '+' must be one KV-cache preset "
+                              f"({', '.join(n for n in sorted(RECIPES) if n.startswith('kv-'))}), not {extra!r}")
+        if recipe.kv_cache is not None:
+            raise RecipeError(f"recipe {name!r}: {base!r} already quantizes the KV cache")
+        return recipe.replace(name=name, kv_cache=cache.kv_cache)
     if name not in RECIPES:
-        raise RecipeError(f"unknown recipe {name!r}; known: {sorted(RECIPES)}")
+        raise RecipeError(f"unknown recipe {name!r}; known: {sorted(RECIPES)} (or BASE+KV, e.g. 'w4a16-gptq+kv-fp8')")
     return RECIPES[name]()
 
 
@@ -97,7 +111,7 @@ def _fp8() -> Recipe:
     return Recipe(name="fp8", weight=WeightSpec(QuantDtype.FP8_E4M3, Granularity.PER_TENSOR),
                   activation=ActivationSpec(QuantDtype.FP8_E4M3, Granularity.PER_TENSOR),
                   fallback=FallbackSpec(min_sqnr_db=25.0, max_fraction=0.1),
-                  gptq=GPTQSpec(act_order=True), layerwise=True)
+                  weight_algorithm=GPTQSpec(act_order=True), layerwise=True)
 
 
 @register_recipe("fp8-dynamic")
@@ -110,7 +124,7 @@ def _fp8_dynamic() -> Recipe:
     return Recipe(name="fp8-dynamic", weight=WeightSpec(QuantDtype.FP8_E4M3, Granularity.PER_CHANNEL),
                   activation=ActivationSpec(QuantDtype.FP8_E4M3, Granularity.PER_TOKEN),
                   fallback=FallbackSpec(min_sqnr_db=25.0, max_fraction=0.1),
-                  gptq=GPTQSpec(act_order=True, optional=True), layerwise=True)
+                  weight_algorithm=GPTQSpec(act_order=True, optional=True), layerwise=True)
 
 
 _INT4_G64 = WeightSpec(QuantDtype.INT4, Granularity.PER_GROUP, group_size=64, symmetric=True)
@@ -125,7 +139,7 @@ def _w4a16_rtn() -> Recipe:
 # AWQ's alpha grid and clipping scored on 4096 calibration rows per linear, not the default 1024:
 # the discrete choices are less noisy (held-out wikitext-2 valid on SmolLM2, 16 windows: 0.44x RTN's
 # increase vs 0.53x; 8192 rows 0.46x, duo scaling 0.48x; commands in benchmarks/recipe_sweep.py)
-_AWQ_4K = {"awq": AWQSpec(samples=4096), "samples_per_layer": 4096}
+_AWQ_4K = {"weight_algorithm": AWQSpec(samples=4096), "samples_per_layer": 4096}
 
 
 @register_recipe("w4a16-awq")
@@ -138,7 +152,7 @@ def _w4a16_gptq() -> Recipe:
     # activation order with group scales fixed up front (llm-compressor's default actorder="static"),
     # each group's clipping chosen by Hessian-weighted error (on SmolLM2: +19.9% vs +29.7% with minmax scales)
     return Recipe(name="w4a16-gptq", weight=dataclasses.replace(_INT4_G64, calibrator=Calibrator.MSE),
-                  gptq=GPTQSpec(act_order=True, static_groups=True), layerwise=True)
+                  weight_algorithm=GPTQSpec(act_order=True, static_groups=True), layerwise=True)
 
 
 @register_recipe("w4a8-awq")
@@ -149,4 +163,31 @@ def _w4a8_awq() -> Recipe:
 @register_recipe("w8a16-gptq")
 def _w8a16_gptq() -> Recipe:
     return Recipe(name="w8a16-gptq", weight=WeightSpec(QuantDtype.INT8, Granularity.PER_CHANNEL),
-                  gptq=GPTQSpec(act_order=True, static_groups=True), layerwise=True)
+                  weight_algorithm=GPTQSpec(act_order=True, static_groups=True), layerwise=True)
+
+
+# ---- KV cache ---------------------------------------------------------------------------------
+# On their own the kv-* presets keep every linear in float (the cache is the only quantized tensor);
+# "BASE+kv-..." adds their cache to a weight preset.
+_FLOAT_LINEARS = FallbackSpec(keep_op_kinds=("embedding", "norm", "output_head", "linear"))
+
+
+@register_recipe("kv-int8")
+def _kv_int8() -> Recipe:
+    # one static scale per KV head for keys and for values (calibrated absmax)
+    return Recipe(name="kv-int8", fallback=_FLOAT_LINEARS, kv_cache=KVCacheSpec(QuantDtype.INT8))
+
+
+@register_recipe("kv-fp8")
+def _kv_fp8() -> Recipe:
+    # vLLM's FP8 cache: one static scale for keys and one for values per layer (k_scale / v_scale)
+    return Recipe(name="kv-fp8", fallback=_FLOAT_LINEARS,
+                  kv_cache=KVCacheSpec(QuantDtype.FP8_E4M3, Granularity.PER_TENSOR, Granularity.PER_TENSOR))
+
+
+@register_recipe("kv-int4")
+def _kv_int4() -> Recipe:
+    # KIVI's layout: keys per channel (their outliers sit in fixed channels), values per token,
+    # asymmetric; the key scales are static (calibrated per head and channel)
+    return Recipe(name="kv-int4", fallback=_FLOAT_LINEARS,
+                  kv_cache=KVCacheSpec(QuantDtype.INT4, Granularity.PER_CHANNEL, Granularity.PER_TOKEN, symmetric=False))

@@ -15,7 +15,7 @@ from qcompiler.errors import RecipeError
 
 __all__ = [
     "QuantDtype", "Granularity", "Calibrator", "WeightSpec", "ActivationSpec",
-    "SmoothQuantSpec", "GPTQSpec", "AWQSpec", "FallbackSpec", "Recipe", "OP_KINDS", "ALGORITHM_SPECS",
+    "SmoothQuantSpec", "GPTQSpec", "AWQSpec", "KVCacheSpec", "FallbackSpec", "Recipe", "OP_KINDS", "ALGORITHM_SPECS",
     "register_algorithm_spec",
 ]
 
@@ -31,6 +31,7 @@ class Granularity(str, enum.Enum):
     PER_CHANNEL = "per_channel"
     PER_GROUP = "per_group"
     PER_TOKEN = "per_token"
+    PER_HEAD = "per_head"        # KV cache: one scale per attention head
 
 
 class Calibrator(str, enum.Enum):
@@ -295,6 +296,50 @@ class AWQSpec:
 
 
 @dataclass(frozen=True)
+class KVCacheSpec:
+    """How the attention's key / value cache is quantized: the keys and values each attention writes
+    are quantized where they enter the cache (after RoPE), so every later read sees what a cache
+    holding this format gives back.
+
+    Args:
+        dtype: int8, fp8_e4m3 or int4.
+        key: the keys' scale granularity: per_tensor, per_head (one scale per KV head),
+            per_channel (per head and channel: keys have outlier channels) — static scales from
+            calibration — or per_token (per token and head, computed as each token is written).
+        value: the values' granularity, the same choices (per_token is KIVI's choice for values).
+        symmetric: zero-point 0 when True; integer zero-points otherwise (int8 / int4 only).
+    """
+
+    dtype: QuantDtype = QuantDtype.INT8
+    key: Granularity = Granularity.PER_HEAD
+    value: Granularity = Granularity.PER_HEAD
+    symmetric: bool = True
+
+    #: the granularities a KV cache supports (per_group has no meaning for a cache)
+    GRANULARITIES: ClassVar[tuple[Granularity, ...]] = (Granularity.PER_TENSOR, Granularity.PER_HEAD,
+                                                         Granularity.PER_CHANNEL, Granularity.PER_TOKEN)
+
+    def __post_init__(self):
+        object.__setattr__(self, "dtype", _choice("kv_cache", "dtype", self.dtype, QuantDtype))
+        for name in ("key", "value"):
+            object.__setattr__(self, name, _choice("kv_cache", name, getattr(self, name), Granularity,
+                                                   self.GRANULARITIES))
+        _bool("kv_cache", "symmetric", self.symmetric)
+        if not self.symmetric and self.dtype is QuantDtype.FP8_E4M3:
+            raise RecipeError("kv_cache.symmetric=False is not supported for dtype 'fp8_e4m3'; "
+                              "expected symmetric=True")
+
+    @property
+    def static(self) -> bool:
+        """Whether any scale comes from calibration (every granularity but per_token)."""
+        return self.key is not Granularity.PER_TOKEN or self.value is not Granularity.PER_TOKEN
+
+    def describe(self) -> str:
+        sym = "" if self.symmetric else " asymmetric"
+        return f"{self.dtype.value}{sym}: keys {self.key.value}, values {self.value.value}"
+
+
+@dataclass(frozen=True)
 class FallbackSpec:
     """Which linears stay in high precision.
 
@@ -335,22 +380,23 @@ class Recipe:
         weight: weight quantization.
         activation: activation quantization; None means weight-only (e.g. W8A16).
         smoothquant: SmoothQuant settings; needs ``activation``.
-        gptq: GPTQ weight quantization (int8, int4 or fp8 weights, any granularity); exclusive with ``awq``.
-        awq: AWQ scales and clipping (integer weights); exclusive with ``smoothquant`` and ``gptq``.
         fallback: which linears stay high precision.
         samples_per_layer: calibration rows kept per linear input for searches and SQNR.
         layerwise: calibrate one decoder block at a time, each block fed the outputs of the
             already-quantized blocks before it (GPTQ / AWQ; bounded calibration memory).
-        weight_algorithm: the spec of a weight algorithm registered with
-            ``qcompiler.algorithms.registry.register_weight_algorithm`` (a third party's); a ``GPTQSpec`` or
-            ``AWQSpec`` given here moves to ``gptq`` / ``awq``. One weight algorithm per recipe.
+        weight_algorithm: the weight algorithm, by its spec: ``GPTQSpec`` (int8, int4 or fp8 weights, any
+            granularity), ``AWQSpec`` (integer weights; exclusive with ``smoothquant``) or the spec of one
+            registered with ``qcompiler.algorithms.registry.register_weight_algorithm`` (a third party's).
+            None quantizes the weights by round-to-nearest. One slot, so one weight algorithm per recipe.
+        kv_cache: quantize the keys and values the attentions cache (``KVCacheSpec``), found from the
+            graph; composes with any weight format. None keeps the cache in float.
         embedding: quantize the token-embedding tables (an ``embedding`` read of a parameter in the
             graph) by round-to-nearest with this spec: one scale per row (``per_channel``), per group of
             ``group_size`` along the row, or per tensor; int8, int4 or fp8_e4m3. Only the rows a call
             gathers are dequantized. None keeps them in float; ``fallback.keep_modules`` globs apply.
     """
 
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2     # 2: GPTQ / AWQ in weight_algorithm (version 1's "gptq" / "awq" keys still read)
 
     name: str = "custom"
     weight: WeightSpec = field(default_factory=WeightSpec)
@@ -358,27 +404,17 @@ class Recipe:
     smoothquant: SmoothQuantSpec | None = None
     fallback: FallbackSpec = field(default_factory=FallbackSpec)
     samples_per_layer: int = 1024
-    gptq: GPTQSpec | None = None
-    awq: AWQSpec | None = None
     layerwise: bool = False
     weight_algorithm: Any = None
     embedding: WeightSpec | None = None
+    kv_cache: KVCacheSpec | None = None
 
     def __post_init__(self):
         spec = self.weight_algorithm
-        if isinstance(spec, (GPTQSpec, AWQSpec)):        # the built-ins have their own fields
-            slot = "gptq" if isinstance(spec, GPTQSpec) else "awq"
-            if getattr(self, slot) is not None:
-                raise RecipeError(f"recipe.weight_algorithm and recipe.{slot} both set; choose one")
-            object.__setattr__(self, slot, spec)
-            object.__setattr__(self, "weight_algorithm", None)
-        elif spec is not None:
-            if type(spec) not in ALGORITHM_SPECS.values():
-                raise RecipeError(f"recipe.weight_algorithm is a {type(spec).__name__}, which no weight algorithm is "
-                                  f"registered for (qcompiler.algorithms.registry.register_weight_algorithm); registered: "
-                                  f"{sorted(ALGORITHM_SPECS)}")
-            if self.gptq is not None or self.awq is not None:
-                raise RecipeError("recipe.weight_algorithm is exclusive with recipe.gptq and recipe.awq; choose one")
+        if spec is not None and type(spec) not in ALGORITHM_SPECS.values():
+            raise RecipeError(f"recipe.weight_algorithm is a {type(spec).__name__}, which no weight algorithm is "
+                              f"registered for (qcompiler.algorithms.registry.register_weight_algorithm); registered: "
+                              f"{sorted(ALGORITHM_SPECS)}")
         for name, typ in (("weight", WeightSpec), ("fallback", FallbackSpec)):
             if not isinstance(getattr(self, name), typ):
                 raise RecipeError(f"recipe.{name} must be a {typ.__name__}, got {type(getattr(self, name)).__name__}")
@@ -399,20 +435,14 @@ class Recipe:
             if self.weight.granularity is Granularity.PER_GROUP and self.weight.dtype is not QuantDtype.INT4:
                 raise RecipeError("weight.granularity='per_group' with activation quantization needs "
                                   "weight.dtype='int4'")
-        for name, typ in (("gptq", GPTQSpec), ("awq", AWQSpec)):
-            spec = getattr(self, name)
-            if spec is None:
-                continue
-            if not isinstance(spec, typ):
-                raise RecipeError(f"recipe.{name} must be a {typ.__name__} or None, got {type(spec).__name__}")
-        if self.gptq is not None and self.awq is not None:
-            raise RecipeError("recipe.gptq and recipe.awq are exclusive; choose one")
         if self.embedding is not None and not isinstance(self.embedding, WeightSpec):
             raise RecipeError(f"recipe.embedding must be a WeightSpec or None, got {type(self.embedding).__name__}")
+        if self.kv_cache is not None and not isinstance(self.kv_cache, KVCacheSpec):
+            raise RecipeError(f"recipe.kv_cache must be a KVCacheSpec or None, got {type(self.kv_cache).__name__}")
         _bool("recipe", "layerwise", self.layerwise)
         if self.layerwise and self.weight_algorithm_spec is None:
-            raise RecipeError("recipe.layerwise=True needs a weight algorithm (recipe.gptq, recipe.awq or "
-                              "recipe.weight_algorithm; RTN and SmoothQuant do not propagate quantized outputs)")
+            raise RecipeError("recipe.layerwise=True needs a weight algorithm (recipe.weight_algorithm: GPTQ, AWQ or "
+                              "a registered one; RTN and SmoothQuant do not propagate quantized outputs)")
         if self.layerwise and self.smoothquant is not None:
             raise RecipeError("recipe.layerwise=True with recipe.smoothquant: layer-by-layer calibration quantizes "
                               "each block before the SmoothQuant pass picks its scales, so GPTQ would not see the "
@@ -422,17 +452,26 @@ class Recipe:
         if not isinstance(self.name, str):
             raise RecipeError(f"recipe.name={self.name!r} must be a string")
         # each spec's rules on the rest of the recipe live beside it (a registered spec may define one too)
-        for spec in (self.smoothquant, self.gptq, self.awq, self.weight_algorithm):
+        for spec in (self.smoothquant, self.weight_algorithm):
             check = getattr(spec, "check", None)
             if callable(check):
                 check(self)
 
     @property
     def weight_algorithm_spec(self) -> Any:
-        """The spec of the weight algorithm this recipe runs (``gptq``, ``awq`` or a registered
-        ``weight_algorithm``), None for round-to-nearest; ``qcompiler.algorithms.registry`` dispatches on
-        its type."""
-        return next((spec for spec in (self.gptq, self.awq, self.weight_algorithm) if spec is not None), None)
+        """``weight_algorithm``: the spec ``qcompiler.algorithms.registry`` dispatches on, None for
+        round-to-nearest."""
+        return self.weight_algorithm
+
+    @property
+    def gptq(self) -> GPTQSpec | None:
+        """``weight_algorithm`` when it is GPTQ, else None (read-only shorthand)."""
+        return self.weight_algorithm if isinstance(self.weight_algorithm, GPTQSpec) else None
+
+    @property
+    def awq(self) -> AWQSpec | None:
+        """``weight_algorithm`` when it is AWQ, else None (read-only shorthand)."""
+        return self.weight_algorithm if isinstance(self.weight_algorithm, AWQSpec) else None
 
     @property
     def calibration_required_by(self) -> tuple[str, ...]:
@@ -444,11 +483,14 @@ class Recipe:
             users.append("static activation scales")
         if self.smoothquant is not None:
             users.append("SmoothQuant")
+        if self.kv_cache is not None and self.kv_cache.static:
+            users.append("static KV-cache scales")
         if self.awq is not None:
             users.append("AWQ")
-        if self.gptq is not None and not self.gptq.optional:
-            users.append("GPTQ")
-        if self.weight_algorithm is not None:
+        elif self.gptq is not None:
+            if not self.gptq.optional:
+                users.append("GPTQ")
+        elif self.weight_algorithm is not None:
             users.append(type(self.weight_algorithm).__name__)
         return tuple(users)
 
@@ -458,16 +500,22 @@ class Recipe:
         return bool(self.calibration_required_by)
 
     @property
+    def linears_require_calibration(self) -> bool:
+        """Whether the linears' plan cannot run without statistics of their inputs: what
+        ``calibration_required_by`` lists but for the KV cache's scales (observed on their own)."""
+        return any(u != "static KV-cache scales" for u in self.calibration_required_by)
+
+    @property
     def needs_calibration(self) -> bool:
-        """Whether the recipe reads calibration statistics: ``requires_calibration``, optional GPTQ
-        (``gptq.optional``) or the sensitivity fallback (``fallback.min_sqnr_db``); the last two are
-        skipped with a warning when no calibration data is given."""
-        return self.requires_calibration or self.gptq is not None or self.fallback.min_sqnr_db is not None
+        """Whether the linears' plan reads statistics of their inputs: ``linears_require_calibration``,
+        optional GPTQ (``gptq.optional``) or the sensitivity fallback (``fallback.min_sqnr_db``); the
+        last two are skipped with a warning when no calibration data is given."""
+        return self.linears_require_calibration or self.gptq is not None or self.fallback.min_sqnr_db is not None
 
     # -- serialization -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         data = _to_plain(self)
-        if self.weight_algorithm is not None:   # a registered spec, tagged with its type
+        if self.weight_algorithm is not None:   # the spec, tagged with its type
             data["weight_algorithm"] = {"type": type(self.weight_algorithm).__name__, "data": data["weight_algorithm"]}
         return {"type": type(self).__name__, "version": self.VERSION, "data": data}
 
@@ -478,10 +526,13 @@ class Recipe:
             raise RecipeError(f"a recipe dict must have exactly the keys 'type', 'version' and 'data', got {got}")
         if d["type"] != cls.__name__:
             raise RecipeError(f"recipe type {d['type']!r} is unknown; expected {cls.__name__!r}")
-        if d["version"] != cls.VERSION:
+        data = d["data"]
+        if d["version"] == 1 and isinstance(data, dict):     # version 1 kept GPTQ / AWQ in fields of their own
+            data = _version1_algorithms(data)
+        elif d["version"] != cls.VERSION:
             raise RecipeError(f"recipe version {d['version']!r} does not match this qcompiler's "
                               f"version {cls.VERSION}")
-        return _from_plain(cls, d["data"], "recipe")
+        return _from_plain(cls, data, "recipe")
 
     def to_json(self, **kw) -> str:
         return json.dumps(self.to_dict(), **({"indent": 2} | kw))
@@ -496,6 +547,22 @@ class Recipe:
 
     def replace(self, **changes) -> "Recipe":
         return dataclasses.replace(self, **changes)
+
+
+def _version1_algorithms(data: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 recipe's data with its ``gptq`` / ``awq`` objects moved into ``weight_algorithm``."""
+    data = dict(data)
+    given = [(key, data.pop(key)) for key in ("gptq", "awq") if data.get(key) is not None]
+    data.pop("gptq", None), data.pop("awq", None)
+    if data.get("weight_algorithm") is not None:
+        given.append(("weight_algorithm", data["weight_algorithm"]))
+    if len(given) > 1:
+        raise RecipeError(f"recipe (version 1) sets {' and '.join(k for k, _ in given)}: one weight algorithm "
+                          "per recipe; choose one")
+    if given and given[0][0] != "weight_algorithm":
+        key, value = given[0]
+        data["weight_algorithm"] = {"type": "GPTQSpec" if key == "gptq" else "AWQSpec", "data": value}
+    return data
 
 
 def _to_plain(obj: Any) -> Any:

@@ -1,0 +1,119 @@
+r"""KV-cache quantization: perplexity per KV preset, alone and composed with weight presets, beside
+the plain baselines a user gets without the compiler, under the project protocol.
+
+Regenerate (2 CPU cores, nothing else running):
+
+    python benchmarks/kv_cache.py --model smollm2-135m --out benchmarks/results_kv_smollm2.md
+    python benchmarks/kv_cache.py --model smollm2-135m --context 4096 --eval-tokens 32768 \
+        --presets kv-int8,kv-fp8,kv-int4 --out benchmarks/results_kv_smollm2_ctx4096.md
+    python benchmarks/kv_cache.py --model stories260K --out benchmarks/results_kv_stories260K.md
+
+Baselines ("plain" rows): the outputs of the modules named ``k_proj`` / ``v_proj`` fake-quantized
+by forward hooks, what a user writes by hand: one static absmax scale per tensor (INT8, FP8, INT4;
+absmax over the calibration batches) or dynamic per token and head (INT8, INT4). They quantize keys
+before RoPE; the presets quantize what enters the cache (after RoPE), found from the graph.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from qcompiler.backends import BACKENDS, machine
+from qcompiler.core import numerics
+from qcompiler.tools import evaluate
+from qcompiler.tools.bench import PROTOCOLS, Row, format_table, run_table
+
+PRESETS = ("kv-int8,kv-fp8,kv-int4,w4a16-gptq,w4a16-gptq+kv-int8,w4a16-gptq+kv-fp8,w4a16-gptq+kv-int4,"
+           "w8a8-int8-sq-dynamic,w8a8-int8-sq-dynamic+kv-int8,w8a8-int8-sq-dynamic+kv-fp8,"
+           "w8a8-int8-sq-dynamic+kv-int4")
+
+#: the plain baselines: (label, dtype, per token and head?)
+BASELINES = (("plain k/v_proj int8 per-tensor static", "int8", False),
+             ("plain k/v_proj fp8 per-tensor static", "fp8_e4m3", False),
+             ("plain k/v_proj int4 per-tensor static", "int4", False),
+             ("plain k/v_proj int8 per-token-head dynamic", "int8", True),
+             ("plain k/v_proj int4 per-token-head dynamic", "int4", True))
+
+
+def _projections(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for name, m in model.named_modules() if name.rpartition(".")[2] in ("k_proj", "v_proj")]
+
+
+def _baseline_rows(model, windows, calib, fp_ppl, facts) -> list[Row]:
+    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    mods = _projections(model)
+    if not mods:
+        return []
+    weight_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6
+    absmax: dict[torch.nn.Module, torch.Tensor] = {}
+
+    def observe(module, args, out):
+        a = out.detach().abs().amax()
+        absmax[module] = torch.maximum(absmax.get(module, a), a)
+
+    t0 = time.perf_counter()
+    handles = [m.register_forward_hook(observe) for m in mods]
+    with torch.no_grad():
+        for b in calib:
+            model(b)
+    for h in handles:
+        h.remove()
+    calib_s = time.perf_counter() - t0
+    rows = []
+    for label, dtype, per_token in BASELINES:
+        def fake(module, args, out, dtype=dtype, per_token=per_token):
+            if per_token:
+                x = out.reshape(*out.shape[:-1], -1, head_dim)
+                q, s = numerics.quantize_per_token(x, dtype)
+                return numerics.dequantize(q, s, None, out.dtype).reshape(out.shape)
+            scale, _ = numerics.choose_scale(absmax[module], dtype)
+            return numerics.fake_quantize(out, scale, None, dtype)
+
+        handles = [m.register_forward_hook(fake) for m in mods]
+        try:
+            ppl = evaluate.perplexity(model, windows, progress=sys.stderr.isatty(), desc=label)
+        finally:
+            for h in handles:
+                h.remove()
+        rows.append(Row(label, ppl, 100.0 * (ppl / fp_ppl - 1.0), 0.0 if per_token else calib_s,
+                        weight_mb=weight_mb))
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m", choices=sorted(PROTOCOLS))
+    ap.add_argument("--presets", default=PRESETS, help=f"comma-separated presets (default: {PRESETS})")
+    ap.add_argument("--context", type=int, help="evaluation window length (default: the protocol's)")
+    ap.add_argument("--eval-tokens", type=int, help="evaluate the first N tokens (default: the protocol's)")
+    ap.add_argument("--no-baselines", action="store_true", help="skip the plain k_proj / v_proj rows")
+    ap.add_argument("--target", default="reference", choices=sorted(BACKENDS))
+    ap.add_argument("--out", type=Path, help="write the markdown table to this file")
+    args = ap.parse_args(argv)
+    protocol = PROTOCOLS[args.model]
+    if args.context:
+        protocol = dataclasses.replace(protocol, context=args.context)
+    if args.eval_tokens:
+        protocol = dataclasses.replace(protocol, eval_tokens=args.eval_tokens)
+    presets = [p for p in args.presets.split(",") if p]
+    rows, facts = run_table(args.model, presets, protocol, progress=sys.stderr.isatty(), prefill=False,
+                            extra_rows=[] if args.no_baselines else [_baseline_rows], target=args.target)
+    cmd = "python benchmarks/kv_cache.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    text = (f"# {args.model}: KV-cache quantization (perplexity)\n\nGenerated {datetime.date.today()} by `{cmd}`.\n\n"
+            + format_table(rows, facts) + "\n")
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
