@@ -6,6 +6,15 @@ sys.path.insert(0, os.path.dirname(__file__))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Triton decides interpreted or compiled when a function is decorated with @triton.jit, its own
+# standard library (tl.interleave, ...) included, at ``import triton``: set the CPU interpreter before
+# any test file imports triton, so that every kernel and every helper it calls is interpreted alike
+# (a file that imported triton first once left the standard library compiled under interpreted kernels:
+# "Cannot call @triton.jit'd outside of the scope of a kernel"). Subprocesses that compile for sm_90
+# drop the variable themselves.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(scope="module")
 def one_thread():

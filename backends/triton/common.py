@@ -101,6 +101,53 @@ def int4_tile(w_ptr, offs_n, k0, K, KB, stride_wn, SIGNED: tl.constexpr, BLOCK_N
 
 
 @triton.jit
+def weight_scales(s_ptr, z_ptr, cols, stride_sn, SCALE_MODE: tl.constexpr, HAS_ZERO: tl.constexpr):
+    """The scale and float zero point of output channels ``cols`` when they hold for the whole K loop
+    (SCALE_MODE 0: one scale, 1: one per channel, as [BLOCK_N, 1]); placeholders for the per-group
+    modes, which ``weight_tile`` loads per K tile."""
+    s = 1.0
+    z = 0.0
+    if SCALE_MODE == 0:
+        s = tl.load(s_ptr)
+        if HAS_ZERO:
+            z = tl.load(z_ptr).to(tl.float32)
+    if SCALE_MODE == 1:
+        s = tl.load(s_ptr + cols * stride_sn)[:, None]
+        if HAS_ZERO:
+            z = tl.load(z_ptr + cols * stride_sn).to(tl.float32)[:, None]
+    return s, z
+
+
+@triton.jit
+def weight_tile(w_ptr, s_ptr, z_ptr, s, z, cols, k0, kk, k_ok, K, KB, group_size, stride_wn, stride_sn, N,
+                PACKED: tl.constexpr, SIGNED: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_ZERO: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The dequantized float32 weight tile [BLOCK_N, BLOCK_K] of rows ``cols``, columns ``kk`` (from
+    ``k0``): int8 or packed int4 codes, minus the zero point, times the scale (``s`` / ``z`` from
+    ``weight_scales`` for SCALE_MODE 0 and 1; loaded here per tile for 2: one group per tile, and
+    3: gathered per element)."""
+    if PACKED:
+        q = int4_tile(w_ptr, cols, k0, K, KB, stride_wn, SIGNED, BLOCK_N, BLOCK_K, N)
+    else:
+        q = tl.load(w_ptr + cols[:, None] * stride_wn + kk[None, :], mask=k_ok[None, :], other=0)
+    w = q.to(tl.float32)
+    if SCALE_MODE == 2:
+        g = k0 // group_size
+        s = tl.load(s_ptr + cols * stride_sn + g)[:, None]
+        if HAS_ZERO:
+            z = tl.load(z_ptr + cols * stride_sn + g).to(tl.float32)[:, None]
+    if SCALE_MODE == 3:
+        g = kk // group_size
+        sz_ptrs = cols[:, None] * stride_sn + g[None, :]
+        s = tl.load(s_ptr + sz_ptrs, mask=k_ok[None, :], other=0.0)
+        if HAS_ZERO:
+            z = tl.load(z_ptr + sz_ptrs, mask=k_ok[None, :], other=0).to(tl.float32)
+    if HAS_ZERO:
+        w = w - z
+    return w * s
+
+
+@triton.jit
 def _splitk_reduce_kernel(p_ptr, bias_ptr, c_ptr, M, N, stride_cm,
                           SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, SOFT_BF16: tl.constexpr, BLOCK: tl.constexpr):
     """c[m, n] = sum_s p[s, m, n] + bias[n], cast to c's dtype. p is fp32 [SPLIT_K, M, N] contiguous."""

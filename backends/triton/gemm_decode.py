@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cast, int4_tile
+from .common import cast, weight_scales, weight_tile
 
 __all__ = ["decode_gemm", "tile_counters"]
 
@@ -54,14 +54,7 @@ def _decode_kernel(
     m_ok = offs_m < M
     cols = offs_n % N
     offs_k = tl.arange(0, BLOCK_K)
-    if SCALE_MODE == 0:
-        s = tl.load(s_ptr)
-        if HAS_ZERO:
-            z = tl.load(z_ptr).to(tl.float32)
-    if SCALE_MODE == 1:
-        s = tl.load(s_ptr + cols * stride_sn)[:, None]
-        if HAS_ZERO:
-            z = tl.load(z_ptr + cols * stride_sn).to(tl.float32)[:, None]
+    s, z = weight_scales(s_ptr, z_ptr, cols, stride_sn, SCALE_MODE, HAS_ZERO)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * K_PER_SPLIT
     k_end = tl.minimum(K, k_start + K_PER_SPLIT)
@@ -70,25 +63,9 @@ def _decode_kernel(
         k_ok = kk < K
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :],
                     other=0.0).to(tl.float32)
-        if PACKED:
-            q = int4_tile(w_ptr, cols, k0, K, KB, stride_wn, SIGNED, BLOCK_N, BLOCK_K, N)
-        else:
-            q = tl.load(w_ptr + cols[:, None] * stride_wn + kk[None, :], mask=k_ok[None, :], other=0)
-        w = q.to(tl.float32)
-        if SCALE_MODE == 2:
-            g = k0 // group_size
-            s = tl.load(s_ptr + cols * stride_sn + g)[:, None]
-            if HAS_ZERO:
-                z = tl.load(z_ptr + cols * stride_sn + g).to(tl.float32)[:, None]
-        if SCALE_MODE == 3:
-            g = kk // group_size
-            sz_ptrs = cols[:, None] * stride_sn + g[None, :]
-            s = tl.load(s_ptr + sz_ptrs, mask=k_ok[None, :], other=0.0)
-            if HAS_ZERO:
-                z = tl.load(z_ptr + sz_ptrs, mask=k_ok[None, :], other=0).to(tl.float32)
-        if HAS_ZERO:
-            w = w - z
-        w = cast(w * s, X_DTYPE, SOFT_BF16).to(tl.float32)     # the reference's weight, in x's dtype
+        w = weight_tile(w_ptr, s_ptr, z_ptr, s, z, cols, k0, kk, k_ok, K, KB, group_size, stride_wn, stride_sn, N,
+                        PACKED, SIGNED, SCALE_MODE, HAS_ZERO, BLOCK_N, BLOCK_K)
+        w = cast(w, X_DTYPE, SOFT_BF16).to(tl.float32)     # the reference's weight, in x's dtype
         acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
     mask = m_ok[:, None] & (offs_n[None, :] < N)
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]

@@ -32,7 +32,7 @@ import triton.language as tl
 from . import config as cfgs
 from .availability import availability
 from .checks import check_int4_gemm, check_weight_only_gemm
-from .common import TL_DTYPE, cast, int4_tile, program_tile, splitk_reduce
+from .common import TL_DTYPE, cast, program_tile, splitk_reduce, weight_scales, weight_tile
 from .gemm_decode import decode_gemm
 
 __all__ = ["weight_only_gemm", "int4_gemm", "scale_layout"]
@@ -63,14 +63,7 @@ def _weight_only_gemm_kernel(
     rows = offs_m % M
     cols = offs_n % N
     offs_k = tl.arange(0, BLOCK_K)
-    if SCALE_MODE == 0:
-        s = tl.load(s_ptr)
-        if HAS_ZERO:
-            z = tl.load(z_ptr).to(tl.float32)
-    if SCALE_MODE == 1:
-        s = tl.load(s_ptr + cols * stride_sn)[:, None]
-        if HAS_ZERO:
-            z = tl.load(z_ptr + cols * stride_sn).to(tl.float32)[:, None]
+    s, z = weight_scales(s_ptr, z_ptr, cols, stride_sn, SCALE_MODE, HAS_ZERO)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * K_PER_SPLIT
     k_end = tl.minimum(K, k_start + K_PER_SPLIT)
@@ -78,25 +71,9 @@ def _weight_only_gemm_kernel(
         kk = k0 + offs_k
         k_ok = kk < K
         x = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :], mask=k_ok[None, :], other=0.0)
-        if PACKED:
-            q = int4_tile(w_ptr, cols, k0, K, KB, stride_wn, SIGNED, BLOCK_N, BLOCK_K, N)
-        else:
-            q = tl.load(w_ptr + cols[:, None] * stride_wn + kk[None, :], mask=k_ok[None, :], other=0)
-        w = q.to(tl.float32)
-        if SCALE_MODE == 2:
-            g = k0 // group_size
-            s = tl.load(s_ptr + cols * stride_sn + g)[:, None]
-            if HAS_ZERO:
-                z = tl.load(z_ptr + cols * stride_sn + g).to(tl.float32)[:, None]
-        if SCALE_MODE == 3:
-            g = kk // group_size
-            sz_ptrs = cols[:, None] * stride_sn + g[None, :]
-            s = tl.load(s_ptr + sz_ptrs, mask=k_ok[None, :], other=0.0)
-            if HAS_ZERO:
-                z = tl.load(z_ptr + sz_ptrs, mask=k_ok[None, :], other=0).to(tl.float32)
-        if HAS_ZERO:
-            w = w - z
-        w = cast(w * s, X_DTYPE, SOFT_BF16)                # the reference's weight, in x's dtype
+        w = weight_tile(w_ptr, s_ptr, z_ptr, s, z, cols, k0, kk, k_ok, K, KB, group_size, stride_wn, stride_sn, N,
+                        PACKED, SIGNED, SCALE_MODE, HAS_ZERO, BLOCK_N, BLOCK_K)
+        w = cast(w, X_DTYPE, SOFT_BF16)                # the reference's weight, in x's dtype
         if DOT_F32:
             acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
         else:
