@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+import time
 import warnings
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
@@ -296,8 +297,10 @@ class QCompilerBackend:
             if spec is not None and target.name not in self._tensor_stats:
                 todo[target.name] = target.observe(self.root, spec)
         if todo:
+            t0 = time.perf_counter()
             self._tensor_stats.update(observe_tensors(self.root, self.calibration.batches, todo,
                                                       getattr(self.calibration, "progress", True)))
+            self.report.tensor_calibration_s += time.perf_counter() - t0
         return dict(self._tensor_stats)
 
     def passes(self) -> list:

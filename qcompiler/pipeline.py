@@ -122,6 +122,7 @@ class CompileReport:
     graph_runs: int = 0          # times the compiled graphs ran (torch.compile backend only)
     bypassed_calls: int = 0      # calls of the compiled model during which none of them ran: not quantized
     calibration_s: float = 0.0
+    tensor_calibration_s: float = 0.0   # the quantization targets' observers (KV-cache scales), their own pass
     warnings: list[str] = field(default_factory=list)
     kernel_choices: list[str] = field(default_factory=list)   # "op -> kernel [contract]: why", one per distinct choice
     runtime_fallbacks: dict[str, int] = field(default_factory=dict)   # "op ran ... : reason" -> calls
@@ -150,7 +151,8 @@ class CompileReport:
     def to_dict(self) -> dict[str, Any]:
         return {"recipe": self.recipe, "target": self.target, "graphs": self.graphs,
                 "graph_runs": self.graph_runs, "bypassed_calls": self.bypassed_calls,
-                "calibration_s": self.calibration_s, "warnings": list(self.warnings),
+                "calibration_s": self.calibration_s, "tensor_calibration_s": self.tensor_calibration_s,
+                "warnings": list(self.warnings),
                 "passes": list(self.passes), "kernel_choices": list(self.kernel_choices),
                 "runtime_fallbacks": dict(self.runtime_fallbacks),
                 "layers": {k: asdict(v) for k, v in self.layers.items()},
@@ -171,6 +173,8 @@ class CompileReport:
                          f"(not quantized): {self.bypassed_calls}")
         if self.calibration_s:
             lines.append(f"  calibration: {self.calibration_s:.1f} s")
+        if self.tensor_calibration_s:
+            lines.append(f"  calibration of other tensors (KV-cache scales): {self.tensor_calibration_s:.1f} s")
         for w in self.warnings:
             calls = self.runtime_fallbacks.get(w)
             lines.append(f"  warning: {w}" + (f" ({calls} call{'s' * (calls != 1)})" if calls else ""))

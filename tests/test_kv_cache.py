@@ -77,6 +77,7 @@ def test_every_attention_cache_is_found_and_quantized(arch):
     assert len(kv) == model.config.num_hidden_layers and all(d.quantize for d in kv.values()), kv
     assert all("keys static per head" in d.note and "values static per head" in d.note for d in kv.values())
     assert not qb.report.quantized                              # kv-int8 alone keeps every linear in float
+    assert qb.report.tensor_calibration_s > 0 and "KV-cache scales" in qb.report.summary()
     err = ((out - ref).norm() / ref.norm()).item()
     assert 0 < err < 0.05, err                                   # quantized, and close to float
 

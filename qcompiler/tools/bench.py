@@ -184,7 +184,8 @@ def run_table(model_name: str, presets: list, protocol: Protocol | None = None, 
         quantize_s = sum(p["wall_s"] for p in rep.passes if p["name"] != "calibrate")
         before, after = rep.weight_bytes()
         decoder = [d for d in rep.layers.values() if d.op_kind == "linear"]
-        rows.append(Row(name, ppl, 100.0 * (ppl / fp_ppl - 1.0), qb.calibration.seconds if qb.calibration else 0.0,
+        calib_s = (qb.calibration.seconds if qb.calibration else 0.0) + rep.tensor_calibration_s
+        rows.append(Row(name, ppl, 100.0 * (ppl / fp_ppl - 1.0), calib_s,
                         quantize_s, (fp_bytes - before + after) / 1e6, quantized=len(rep.quantized),
                         fallbacks=[f"{d.fqn} ({d.reason})" for d in decoder if not d.quantize],
                         decoder_linears=len(decoder), kernels=kernel_summary(rep), **speed_of(compiled)))
