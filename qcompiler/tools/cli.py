@@ -172,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="calibrate, quantize and evaluate presets against FP32; print the table")
     _add_model(run)
     run.add_argument("--recipes", default=DEFAULT_RECIPES,
-                     help=f"comma-separated presets (default {DEFAULT_RECIPES}); known: {', '.join(recipes.names())}")
+                     help=f"comma-separated presets (default {DEFAULT_RECIPES}); known: {', '.join(recipes.names())}; "
+                          "BASE+KV adds a KV-cache preset (e.g. w4a16-gptq+kv-fp8)")
     # 128 calibration sequences: on held-out wikitext-2 valid the static w8a8-int8-sq is at +1.49% /
     # +1.34% / +1.08% with 32 / 64 / 128 (the others flat; benchmarks/recipe_sweep.py); the
     # 8,192-token evaluation slice keeps the main job within 10 minutes
