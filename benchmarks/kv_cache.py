@@ -3,7 +3,12 @@ the plain baselines a user gets without the compiler, under the project protocol
 
 Regenerate (2 CPU cores, nothing else running):
 
-    python benchmarks/kv_cache.py --model smollm2-135m --out benchmarks/results_kv_smollm2.md
+    python benchmarks/kv_cache.py --model smollm2-135m --presets kv-int8,kv-fp8,kv-int4 \
+        --out benchmarks/results_kv_smollm2.md
+    python benchmarks/kv_cache.py --model smollm2-135m --no-baselines \
+        --presets w8a8-int8-sq-dynamic,w8a8-int8-sq-dynamic+kv-int8,w8a8-int8-sq-dynamic+kv-fp8 \
+        --out benchmarks/results_kv_smollm2_composed.md
+    # long-context drift (not run yet: ~1 h on 2 cores)
     python benchmarks/kv_cache.py --model smollm2-135m --context 4096 --eval-tokens 32768 \
         --presets kv-int8,kv-fp8,kv-int4 --out benchmarks/results_kv_smollm2_ctx4096.md
     python benchmarks/kv_cache.py --model stories260K --out benchmarks/results_kv_stories260K.md
