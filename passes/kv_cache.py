@@ -216,7 +216,7 @@ def _find(gm: GraphModule, ann) -> list[tuple[str, Node]]:
 
 def _storage_dtype(spec: KVCacheSpec) -> str:
     name = spec.dtype.value
-    return name if spec.symmetric else {"int8": "uint8", "int4": "uint4"}[name]
+    return name if spec.symmetric else numerics.UNSIGNED[name]
 
 
 def _static_scale(stats: tuple[torch.Tensor, torch.Tensor], heads: int, granularity: Granularity,
@@ -314,10 +314,10 @@ def _apply(gm: GraphModule, node: Node, fqn: str, spec: KVCacheSpec, ctx: PassCo
         info = _quantize_entry(gm, entry, consumer, granularity, spec, stats[role] if stats else None,
                                f"{fqn}_{role}", ctx.device)
         cached.append(f"{role}s {info}")
-        if role == "key":
-            decision.note = "in the cache" if _sequence_cat(consumer) is not None else "no cache in this graph"
-    shape = _shape(entries["key"][0])
-    decision.note = (f"{'; '.join(cached)}; {shape[1]} KV heads x {shape[-1]}, {decision.note} (Q/DQ where "
+    key_entry, key_consumer = entries["key"]
+    shape = _shape(key_entry)
+    where = "in the cache" if _sequence_cat(key_consumer) is not None else "no cache in this graph"
+    decision.note = (f"{'; '.join(cached)}; {shape[1]} KV heads x {shape[-1]}, {where} (Q/DQ where "
                      "the cache is written: the cache holds the dequantized values)")
     return decision
 

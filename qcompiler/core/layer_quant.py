@@ -86,7 +86,7 @@ def weight_qdtype(spec: WeightSpec) -> str:
     """The ``numerics`` dtype whose range ``spec``'s weights take: int8 / int4 / fp8_e4m3 when
     symmetric, uint8 / uint4 when not; int7 / uint7 with ``reduce_range``."""
     name = "int7" if spec.reduce_range else spec.dtype.value
-    return name if spec.symmetric else {"int8": "uint8", "int7": "uint7", "int4": "uint4"}[name]
+    return name if spec.symmetric else numerics.UNSIGNED[name]
 
 
 def quantize_weight(w: torch.Tensor, spec: WeightSpec, importance: torch.Tensor | None = None) -> QuantizedWeight:

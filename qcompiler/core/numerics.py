@@ -14,7 +14,8 @@ import torch
 
 from qcompiler.recipes import QuantDtype
 
-__all__ = ["QRANGE", "STORAGE_DTYPE", "storage_name", "expand_blocks", "quantize", "dequantize", "choose_scale",
+__all__ = ["QRANGE", "STORAGE_DTYPE", "UNSIGNED", "storage_name", "expand_blocks", "quantize", "dequantize",
+           "choose_scale",
            "quantize_per_token", "quantize_per_token_asymmetric", "fake_quantize", "round_to_e4m3", "sqnr_db"]
 
 #: (qmin, qmax) of each quantized dtype; fp8 saturates at +-448.
@@ -94,6 +95,10 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | 
     return (y * expand_blocks(scale.float(), q, block_size)).to(out_dtype)
 
 
+#: the unsigned range an asymmetric integer dtype is stored in (its zero point shifts it)
+UNSIGNED = {"int8": "uint8", "int7": "uint7", "int4": "uint4"}
+
+
 def choose_scale(absmax: torch.Tensor, dtype, *, minimum: torch.Tensor | None = None,
                  maximum: torch.Tensor | None = None, symmetric: bool = True
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -107,7 +112,7 @@ def choose_scale(absmax: torch.Tensor, dtype, *, minimum: torch.Tensor | None = 
     if symmetric:
         qmax = QRANGE[name][1]
         return (absmax.float().clamp(min=_TINY) / qmax), None
-    uname = {"int8": "uint8", "int7": "uint7", "int4": "uint4"}.get(name, name)
+    uname = UNSIGNED.get(name, name)
     if uname not in ("uint8", "uint7", "uint4"):
         raise ValueError(f"asymmetric quantization needs an integer dtype, got {name!r}")
     qmin, qmax = QRANGE[uname]
@@ -136,7 +141,7 @@ def quantize_per_token_asymmetric(x: torch.Tensor, dtype) -> tuple[torch.Tensor,
     lo = x.detach().amin(dim=-1, keepdim=True).float()
     hi = x.detach().amax(dim=-1, keepdim=True).float()
     scale, zero = choose_scale(None, dtype, minimum=lo, maximum=hi, symmetric=False)
-    uname = {"int8": "uint8", "int7": "uint7", "int4": "uint4"}[_name(dtype)]
+    uname = UNSIGNED[_name(dtype)]
     return quantize(x, scale, zero, uname), scale, zero
 
 
