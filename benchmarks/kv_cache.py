@@ -3,7 +3,7 @@ the plain baselines a user gets without the compiler, under the project protocol
 
 Regenerate (2 CPU cores, nothing else running):
 
-    python benchmarks/kv_cache.py --model smollm2-135m --presets kv-int8,kv-fp8,kv-int4 \
+    python benchmarks/kv_cache.py --model smollm2-135m --presets kv-int8,kv-fp8,kv-fp8-r128,kv-int4,kv-int4@r0 \
         --out benchmarks/results_kv_smollm2.md
     python benchmarks/kv_cache.py --model smollm2-135m --no-baselines \
         --presets w8a8-int8-sq-dynamic,w8a8-int8-sq-dynamic+kv-int8,w8a8-int8-sq-dynamic+kv-fp8 \
@@ -12,6 +12,9 @@ Regenerate (2 CPU cores, nothing else running):
     python benchmarks/kv_cache.py --model smollm2-135m --context 4096 --eval-tokens 32768 \
         --presets kv-int8,kv-fp8,kv-int4 --out benchmarks/results_kv_smollm2_ctx4096.md
     python benchmarks/kv_cache.py --model stories260K --out benchmarks/results_kv_stories260K.md
+    # memory: the quantized cache (qcompiler.kv_cache) after a 4,096-token prompt, model in bf16
+    python benchmarks/kv_cache.py --model smollm2-135m --memory --context 4096 \
+        --presets kv-int8,kv-fp8,kv-int4 --out benchmarks/results_kv_memory_smollm2.md
 
 Baselines ("plain" rows): the outputs of the modules named ``k_proj`` / ``v_proj`` fake-quantized
 by forward hooks, what a user writes by hand: one static absmax scale per tensor (INT8, FP8, INT4;
@@ -92,25 +95,93 @@ def _baseline_rows(model, windows, calib, fp_ppl, facts) -> list[Row]:
     return rows
 
 
+def _windowed(presets: list[str]) -> list:
+    """Preset names, ``NAME@rN`` standing for preset NAME with a full-precision residual window of N
+    tokens (``KVCacheSpec.residual_window``), labelled ``NAME@rN``."""
+    from qcompiler import recipes
+    out: list = []
+    for name in presets:
+        base, _, window = name.partition("@r")
+        if not window:
+            out.append(name)
+            continue
+        recipe = recipes.get(base)
+        if recipe.kv_cache is None:
+            raise SystemExit(f"{name}: preset {base!r} has no kv_cache to give a residual window")
+        out.append(recipe.replace(name=name, kv_cache=dataclasses.replace(recipe.kv_cache, residual_window=int(window))))
+    return out
+
+
+def _memory_table(model_name: str, presets: list[str], tokens: int, calib_samples: int = 16) -> str:
+    """Bytes the cache holds after one prompt of ``tokens`` tokens, measured from its tensors
+    (``QuantizedKVCache.nbytes()``; a DynamicCache's key / value storages for bf16), model in bf16."""
+    import qcompiler
+    from transformers import DynamicCache
+    from qcompiler.tools import data, models
+    from qcompiler.tools.bench import _text
+
+    protocol = PROTOCOLS[model_name]
+    model, tok = models.load_model(model_name, dtype=torch.bfloat16)
+    ids = data.tokenize_text(tok, _text(protocol.eval_text))[:tokens].unsqueeze(0)
+    if ids.shape[1] < tokens:
+        raise SystemExit(f"the evaluation text has only {ids.shape[1]} tokens, fewer than {tokens}")
+    calib = data.calibration_batches(data.tokenize_text(tok, _text(protocol.calib_text)), calib_samples,
+                                     protocol.calib_seq, seed=0)
+    rows = []
+    plain = DynamicCache()
+    with torch.no_grad():
+        model(ids, cache=plain, use_cache=True)
+    bf16 = sum(t.untyped_storage().nbytes() for layer in plain.layers for t in (layer.keys, layer.values))
+    rows.append(("bf16 DynamicCache (transformers)", bf16))
+    del plain
+    for preset in presets:
+        recipe = qcompiler.recipes.resolve(preset)
+        cache = qcompiler.kv_cache(model, recipe, calib, progress=False)
+        with torch.no_grad():
+            model(ids, cache=cache, use_cache=True)
+        rows.append((f"{recipe.name} ({recipe.kv_cache.describe()})", cache.nbytes()))
+        del cache
+    lines = [f"Model {model_name} in bf16; one prompt of the first {tokens} tokens of {protocol.eval_text}; static "
+             f"scales from {calib_samples} x {protocol.calib_seq} tokens of {protocol.calib_text}. Bytes are "
+             "measured from the tensors each cache holds after the prompt (codes, scales, zero points, the "
+             "full-precision window; each storage once), not computed from dtypes.", "",
+             f"| cache | bytes at {tokens} tokens | MB | bytes / token | vs bf16 |", "|---|---|---|---|---|"]
+    for label, nbytes in rows:
+        lines.append(f"| {label} | {nbytes} | {nbytes / 1e6:.2f} | {nbytes / tokens:.1f} | {nbytes / bf16:.3f}x |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m", choices=sorted(PROTOCOLS))
-    ap.add_argument("--presets", default=PRESETS, help=f"comma-separated presets (default: {PRESETS})")
+    ap.add_argument("--presets", default=PRESETS,
+                    help=f"comma-separated presets; NAME@rN: preset NAME with an N-token full-precision residual "
+                         f"window (default: {PRESETS})")
     ap.add_argument("--context", type=int, help="evaluation window length (default: the protocol's)")
     ap.add_argument("--eval-tokens", type=int, help="evaluate the first N tokens (default: the protocol's)")
     ap.add_argument("--no-baselines", action="store_true", help="skip the plain k_proj / v_proj rows")
     ap.add_argument("--target", default="reference", choices=sorted(BACKENDS))
+    ap.add_argument("--memory", action="store_true",
+                    help="measure the quantized caches' bytes after one --context-token prompt instead of perplexity")
     ap.add_argument("--out", type=Path, help="write the markdown table to this file")
     args = ap.parse_args(argv)
+    cmd = "python benchmarks/kv_cache.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.memory:
+        body = _memory_table(args.model, _windowed([p for p in args.presets.split(",") if p]), args.context or 4096)
+        text = (f"# {args.model}: KV-cache memory\n\nGenerated {datetime.date.today()} by `{cmd}`.\n\n"
+                f"{body}\n\nCPU: {machine.describe()}\n")
+        print(text)
+        if args.out:
+            args.out.write_text(text)
+        return 0
     protocol = PROTOCOLS[args.model]
     if args.context:
         protocol = dataclasses.replace(protocol, context=args.context)
     if args.eval_tokens:
         protocol = dataclasses.replace(protocol, eval_tokens=args.eval_tokens)
-    presets = [p for p in args.presets.split(",") if p]
+    presets = _windowed([p for p in args.presets.split(",") if p])
     rows, facts = run_table(args.model, presets, protocol, progress=sys.stderr.isatty(), prefill=False,
                             extra_rows=[] if args.no_baselines else [_baseline_rows], target=args.target)
-    cmd = "python benchmarks/kv_cache.py " + " ".join(sys.argv[1:] if argv is None else argv)
     text = (f"# {args.model}: KV-cache quantization (perplexity)\n\nGenerated {datetime.date.today()} by `{cmd}`.\n\n"
             + format_table(rows, facts) + "\n")
     print(text)

@@ -11,11 +11,12 @@ from .weight_algorithm import AWQFold, WeightAlgorithm
 from .qdq import InsertQDQ
 from .fuse import FuseQuantizedGemm
 from .fuse_norm_quant import FuseNormQuant
+from .fuse_kv_attention import FuseKVDecodeAttention
 from .lower import Lower
 from .quantize_tensors import QuantizeTensors
 
 __all__ = ["Annotate", "Calibrate", "OutlierAnalysis", "SmoothQuantFold", "FallbackRules", "SensitivityFallback", "AWQFold", "WeightAlgorithm", "InsertQDQ",
-           "FuseQuantizedGemm", "FuseNormQuant", "Lower", "QuantizeTensors", "default_passes", "planning_passes"]
+           "FuseQuantizedGemm", "FuseNormQuant", "FuseKVDecodeAttention", "Lower", "QuantizeTensors", "default_passes", "planning_passes"]
 
 
 def planning_passes() -> list:
@@ -30,5 +31,7 @@ def default_passes(target: str = "reference", kernels="auto") -> list:
     GEMM kernels chosen under the ``kernels`` policy (``qcompiler.backends.kernel_choice``).
 
     Per-token quantizers are also fused with the norm before them where the target's table has that
-    fused kernel (``fuses_norm_quantize``: the Triton target)."""
-    return planning_passes() + [InsertQDQ(), FuseQuantizedGemm(), FuseNormQuant(target), Lower(target, kernels)]
+    fused kernel (``fuses_norm_quantize``: the Triton target), and attention over qcompiler's quantized KV
+    cache becomes one op where the table has its kernel (``fuses_kv_decode_attention``)."""
+    return planning_passes() + [InsertQDQ(), FuseQuantizedGemm(), FuseNormQuant(target), FuseKVDecodeAttention(target),
+                                Lower(target, kernels)]

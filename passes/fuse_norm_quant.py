@@ -27,7 +27,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from qcompiler.core import ops  # noqa: F401  (declares the fused op)
-from qcompiler.pipeline import Analysis, PassContext, PassResult
+from qcompiler.pipeline import Analysis, PassContext, PassResult, target_declares
 
 from .smoothquant import add_constant
 
@@ -187,8 +187,7 @@ class FuseNormQuant:
         self.target = target
 
     def run(self, gm: GraphModule, ctx: PassContext) -> PassResult:
-        if self.target is not None and not (
-                ctx.lowering is not None and getattr(ctx.lowering.table(self.target), "fuses_norm_quantize", False)):
+        if not target_declares(ctx, self.target, "fuses_norm_quantize"):
             return PassResult(gm, False, {"skipped_no_fused_kernel": 1})
         g = _Graph(gm, ctx)
         counts = {"fused_rms": 0, "fused_layer_norm": 0, "fused_quant_only": 0, "smoothing_absorbed": 0,

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 from torch.overrides import TorchFunctionMode
 
-from qcompiler.core import numerics
+from qcompiler.core import kv_format, numerics
 from qcompiler.errors import CalibrationError, UnsupportedError
 from qcompiler.pipeline import PassContext, TensorDecision
 from qcompiler.recipes import Granularity, KVCacheSpec, QuantDtype
@@ -41,6 +41,7 @@ __all__ = ["KV_CACHE", "KVObserver", "attention_inputs"]
 _ops = torch.ops.qcompiler
 _SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 _PASS_THROUGH_METHODS = ("contiguous", "clone")
+_CACHE_READS = (_ops.kv_cache_read, _ops.kv_cache_read.default)
 
 
 # ---- the graph ------------------------------------------------------------------------------
@@ -92,6 +93,22 @@ def _reads_through(node: Node) -> Node | None:
     if node.target is torch.unsqueeze and len(src) == 4 and len(out) == 5:
         return node.args[0]
     return None
+
+
+def _origin(node: Node) -> Node:
+    while True:
+        source = _reads_through(node)
+        if source is None:
+            return node
+        node = source
+
+
+def _read_from_quantized_cache(read: Node) -> bool:
+    """Whether the attention input ``read`` comes from qcompiler's quantized cache (its codes read by
+    ``qcompiler::kv_cache_read``, then the full-precision window appended)."""
+    cur = _origin(read)
+    parts = _sequence_cat(cur)
+    return parts is not None and any(_origin(p).target in _CACHE_READS for p in parts)
 
 
 def _cache_entry(read: Node, attention: Node) -> tuple[Node, Node]:
@@ -214,29 +231,6 @@ def _find(gm: GraphModule, ann) -> list[tuple[str, Node]]:
 
 # ---- scales ---------------------------------------------------------------------------------
 
-def _storage_dtype(spec: KVCacheSpec) -> str:
-    name = spec.dtype.value
-    return name if spec.symmetric else numerics.UNSIGNED[name]
-
-
-def _static_scale(stats: tuple[torch.Tensor, torch.Tensor], heads: int, granularity: Granularity,
-                  spec: KVCacheSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scale (and zero point) over the observed ``(min, max)`` [observed heads, head_dim], folded
-    onto ``heads`` KV heads and shaped to broadcast over ``[batch, heads, tokens, head_dim]``."""
-    lo, hi = stats
-    rep = lo.shape[0] // heads
-    lo, hi = lo.reshape(heads, rep, -1).amin(1), hi.reshape(heads, rep, -1).amax(1)     # [H, D]
-    if granularity is Granularity.PER_TENSOR:
-        lo, hi = lo.amin(), hi.amax()
-    elif granularity is Granularity.PER_HEAD:
-        lo, hi = lo.amin(-1).reshape(1, heads, 1, 1), hi.amax(-1).reshape(1, heads, 1, 1)
-    else:
-        lo, hi = lo.reshape(1, heads, 1, -1), hi.reshape(1, heads, 1, -1)
-    if spec.symmetric:
-        return numerics.choose_scale(torch.maximum(lo.abs(), hi.abs()), spec.dtype.value)
-    return numerics.choose_scale(None, spec.dtype.value, minimum=lo, maximum=hi, symmetric=False)
-
-
 def _describe_scale(scale: torch.Tensor, granularity: Granularity) -> str:
     if granularity is Granularity.PER_TOKEN:
         return "per token and head, computed as written"
@@ -248,31 +242,77 @@ def _describe_scale(scale: torch.Tensor, granularity: Granularity) -> str:
 
 # ---- the rewrite ----------------------------------------------------------------------------
 
-def _quantize_entry(gm: GraphModule, entry: Node, consumer: Node, granularity: Granularity, spec: KVCacheSpec,
-                    stats, name: str, device: torch.device) -> str:
-    """Q/DQ on ``entry`` where ``consumer`` reads it; the description of its scales."""
-    out_dtype = _dtype(entry)
+def _qdq(gm: GraphModule, x: Node, before: Node, granularity: Granularity, spec: KVCacheSpec, stats, name: str,
+         device: torch.device) -> tuple[Node, str]:
+    """Q/DQ of ``x`` inserted before ``before``: ``(dequantized node, description of its scales)``."""
+    out_dtype = _dtype(x)
     graph = gm.graph
     if granularity is Granularity.PER_TOKEN:
-        with graph.inserting_before(consumer):
+        with graph.inserting_before(before):
             if spec.symmetric:
-                qs = graph.call_function(_ops.quantize_per_token, (entry, spec.dtype.value))
+                qs = graph.call_function(_ops.quantize_per_token, (x, spec.dtype.value))
             else:
-                qs = graph.call_function(numerics.quantize_per_token_asymmetric, (entry, spec.dtype.value))
+                qs = graph.call_function(numerics.quantize_per_token_asymmetric, (x, spec.dtype.value))
             parts = [graph.call_function(operator.getitem, (qs, i)) for i in range(2 if spec.symmetric else 3)]
             dq = graph.call_function(_ops.dequantize, (parts[0], parts[1], parts[2] if len(parts) > 2 else None,
                                                        out_dtype))
         scale = None
     else:
-        heads = _shape(entry)[1]
-        scale, zero = _static_scale(stats, heads, granularity, spec)
-        s = add_constant(gm, f"{name}_scale", scale.to(device), consumer)
-        z = add_constant(gm, f"{name}_zero", zero.to(device), consumer) if zero is not None else None
-        with graph.inserting_before(consumer):
-            q = graph.call_function(_ops.quantize, (entry, s, z, _storage_dtype(spec)))
+        heads = _shape(x)[1]
+        scale, zero = kv_format.static_scale(stats, heads, granularity, spec)
+        s = add_constant(gm, f"{name}_scale", scale.to(device), before)
+        z = add_constant(gm, f"{name}_zero", zero.to(device), before) if zero is not None else None
+        with graph.inserting_before(before):
+            q = graph.call_function(_ops.quantize, (x, s, z, kv_format.storage_name(spec)))
             dq = graph.call_function(_ops.dequantize, (q, s, z, out_dtype))
-    consumer.replace_input_with(entry, dq)
-    return _describe_scale(scale, granularity)
+    return dq, _describe_scale(scale, granularity)
+
+
+def _read_chain(read: Node) -> tuple[Node, list[Node]]:
+    """``(top, chain)``: the cache's concatenation (or, without a cache, the tensor the new tokens'
+    keys are) that the attention input ``read`` comes from, and the layout nodes from it to ``read``."""
+    chain, cur = [], read
+    while _sequence_cat(cur) is None:
+        source = _reads_through(cur)
+        if source is None:
+            break
+        chain.append(cur)
+        cur = source
+    return cur, chain[::-1]
+
+
+def _windowed(gm: GraphModule, node: Node, fqn: str, spec: KVCacheSpec, stats, device) -> list[str]:
+    """Residual window: the attention reads its last ``spec.residual_window`` positions' keys and
+    values in full precision and older ones quantized (``kv_format.windowed_attention``), which is
+    what the quantized cache gives at each decode step. The cache keeps full precision values."""
+    if node.target not in _SDPA:
+        raise UnsupportedError(f"recipe.kv_cache.residual_window={spec.residual_window} is computed for "
+                               f"scaled_dot_product_attention; attention {fqn} is written as matmuls (use "
+                               "residual_window=0, or the model's sdpa attention implementation)")
+    graph = gm.graph
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    call = dict(zip(names, node.args))
+    call.update(node.kwargs)
+    reads, described = {}, []
+    for role in ("key", "value"):
+        top, chain = _read_chain(call[role])
+        granularity = spec.key if role == "key" else spec.value
+        dq, info = _qdq(gm, top, node, granularity, spec, stats[role] if stats else None, f"{fqn}_{role}", device)
+        prev, cur = top, dq
+        with graph.inserting_before(node):
+            for n in chain:                                  # the same layout steps (GQA repeat, crops) on it
+                mapping = {prev: cur}
+                prev, cur = n, graph.node_copy(n, lambda a: mapping.get(a, a))
+        reads[role] = cur
+        described.append(f"{role}s {info}")
+    with graph.inserting_before(node):
+        new = graph.call_function(kv_format.windowed_attention,
+                                  (call["query"], call["key"], call["value"], reads["key"], reads["value"]),
+                                  {k: call[k] for k in names[3:] if k in call} | {"window": spec.residual_window})
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    return described
 
 
 def _check_shapes(key: Node, entries: dict[str, Node], spec: KVCacheSpec, fqn: str) -> None:
@@ -294,6 +334,10 @@ def _check_shapes(key: Node, entries: dict[str, Node], spec: KVCacheSpec, fqn: s
 def _apply(gm: GraphModule, node: Node, fqn: str, spec: KVCacheSpec, ctx: PassContext) -> TensorDecision:
     decision = TensorDecision(fqn, "kv_cache", format=spec.describe())
     key, value = attention_inputs(node)
+    if _read_from_quantized_cache(key) and _read_from_quantized_cache(value):
+        decision.note = ("keys and values read from qcompiler's quantized KV cache (QuantizedKVCache: it stores "
+                         "the codes; nothing added in the graph)")
+        return decision
     entries = {}
     for role, read in (("key", key), ("value", value)):
         entries[role] = _cache_entry(read, node)
@@ -308,17 +352,25 @@ def _apply(gm: GraphModule, node: Node, fqn: str, spec: KVCacheSpec, ctx: PassCo
         if stats is None:
             raise CalibrationError(f"recipe.kv_cache: calibration never saw attention {fqn} run (observed: "
                                    f"{sorted(observed)[:4]}...)")
-    cached = []
-    for role, (entry, consumer) in entries.items():
-        granularity = spec.key if role == "key" else spec.value
-        info = _quantize_entry(gm, entry, consumer, granularity, spec, stats[role] if stats else None,
-                               f"{fqn}_{role}", ctx.device)
-        cached.append(f"{role}s {info}")
     key_entry, key_consumer = entries["key"]
     shape = _shape(key_entry)
     where = "in the cache" if _sequence_cat(key_consumer) is not None else "no cache in this graph"
+    if spec.residual_window:
+        cached = _windowed(gm, node, fqn, spec, stats, ctx.device)
+        decision.note = (f"{'; '.join(cached)}; {shape[1]} KV heads x {shape[-1]}, {where} (the attention reads "
+                         f"its last {spec.residual_window} positions in full precision, older ones through Q/DQ: "
+                         "the cache holds full-precision values; qcompiler.kv_cache stores them quantized)")
+        return decision
+    cached = []
+    for role, (entry, consumer) in entries.items():
+        granularity = spec.key if role == "key" else spec.value
+        dq, info = _qdq(gm, entry, consumer, granularity, spec, stats[role] if stats else None, f"{fqn}_{role}",
+                        ctx.device)
+        consumer.replace_input_with(entry, dq)
+        cached.append(f"{role}s {info}")
     decision.note = (f"{'; '.join(cached)}; {shape[1]} KV heads x {shape[-1]}, {where} (Q/DQ where "
-                     "the cache is written: the cache holds the dequantized values)")
+                     "the cache is written: the cache holds the dequantized values; qcompiler.kv_cache "
+                     "stores the codes)")
     return decision
 
 

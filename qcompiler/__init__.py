@@ -6,7 +6,7 @@ from qcompiler import errors, recipes
 from qcompiler.errors import CalibrationError, PassError, RecipeError, UnsupportedError
 from qcompiler.recipes import Recipe
 from qcompiler.core import ops  # noqa: F401  (registers the qcompiler:: torch ops)
-from qcompiler.api import backend, quantize, report
+from qcompiler.api import backend, kv_cache, quantize, report
 from qcompiler.pipeline import CompileReport, LayerDecision, PassContext, PassManager, PassResult
 
 
@@ -17,7 +17,7 @@ def export_onnx(model, recipe, example_inputs, path, calibration=None, **kwargs)
     return _export_onnx(model, recipe, example_inputs, path, calibration, **kwargs)
 
 
-__all__ = ["backend", "quantize", "report", "export_onnx", "Recipe", "recipes", "errors", "RecipeError", "CalibrationError",
+__all__ = ["backend", "quantize", "report", "kv_cache", "export_onnx", "Recipe", "recipes", "errors", "RecipeError", "CalibrationError",
            "PassError", "UnsupportedError", "CompileReport", "LayerDecision", "PassContext", "PassManager",
            "PassResult"]
 __version__ = "0.1.0"

@@ -21,9 +21,10 @@ from qcompiler.calibration.layerwise import LayerwiseCalibration
 from qcompiler.errors import CalibrationError, RecipeError, UnsupportedError
 from qcompiler.pipeline import Analysis, CalibrationData, CompileReport, Lowering, PassContext, PassManager
 from qcompiler.recipes import Recipe
+from qcompiler.core.kv_format import KV_STATS_ATTR
 from qcompiler.targets import registered_targets
 
-__all__ = ["QCompilerBackend", "backend", "quantize", "report"]
+__all__ = ["QCompilerBackend", "backend", "quantize", "report", "kv_cache"]
 
 log = logging.getLogger(__name__)
 _REPORT_ATTR = "_qcompiler_report"
@@ -301,6 +302,9 @@ class QCompilerBackend:
             self._tensor_stats.update(observe_tensors(self.root, self.calibration.batches, todo,
                                                       getattr(self.calibration, "progress", True)))
             self.report.tensor_calibration_s += time.perf_counter() - t0
+            if "kv_cache" in todo:       # read back by qcompiler.kv_cache(model)
+                self.root.__dict__[KV_STATS_ATTR] = (self.recipe.kv_cache,
+                                                      list(self._tensor_stats["kv_cache"].values()))
         return dict(self._tensor_stats)
 
     def passes(self) -> list:
@@ -460,6 +464,51 @@ def quantize(model: torch.nn.Module, recipe: Recipe | str, calibration: Iterable
     swapped = apply_plan(model, contexts, kernels, qb.report)
     log.info("quantize: %d linear modules replaced", swapped)
     return model
+
+
+def kv_cache(model: torch.nn.Module, recipe: Recipe | str | None = None, calibration: Iterable | None = None,
+             progress: bool = True):
+    """A ``QuantizedKVCache`` for ``model`` under its recipe's ``kv_cache`` spec: pass it to
+    ``model.generate(..., cache=cache)`` (or a forward) and the keys and values are
+    stored quantized (``cache.nbytes()`` measures them).
+
+    ``model``: a model compiled with ``torch.compile(model, backend=qcompiler.backend(recipe, ...))``
+    (its backend's calibration gives the static scales; the cache may be built before the first
+    call), a model quantized with ``qcompiler.quantize``, a ``QCompilerBackend``, or a float model
+    with ``recipe`` (and ``calibration`` when the spec has static scales). Static scales come from
+    the float model's key / value ranges over the calibration batches, per attention in the order
+    the model runs them (the cache's layer order).
+    """
+    import qcompiler.passes  # noqa: F401  (registers the KV-cache target and its observer)
+    from qcompiler.runtime.kv_cache import QuantizedKVCache
+    qb = model if isinstance(model, QCompilerBackend) else _compiled_backend(model)
+    if recipe is not None:
+        qb = QCompilerBackend(recipe, calibration, progress=progress)
+        qb._adopt_root(getattr(model, "_orig_mod", model))
+    if qb is None:
+        saved = getattr(getattr(model, "_orig_mod", model), "__dict__", {}).get(KV_STATS_ATTR)
+        if saved is None:
+            raise ValueError("qcompiler.kv_cache: this model carries no KV-cache calibration: pass the model compiled "
+                             "with a qcompiler backend, one quantized with qcompiler.quantize under a recipe with "
+                             "kv_cache, or recipe= (and calibration=)")
+        spec, stats = saved
+        return QuantizedKVCache(spec, stats if spec.static else None)
+    spec = qb.recipe.kv_cache
+    if spec is None:
+        raise RecipeError(f"qcompiler.kv_cache: recipe {qb.recipe.name!r} has no kv_cache (e.g. 'kv-int8', or "
+                          "'BASE+kv-int8')")
+    if not spec.static:
+        return QuantizedKVCache(spec)
+    if qb.root is None:
+        root = getattr(model, "_orig_mod", model)
+        if not isinstance(root, torch.nn.Module):
+            raise ValueError("qcompiler.kv_cache: this backend has not seen its model yet: pass the compiled model")
+        qb._adopt_root(root)
+    stats = qb._target_stats().get("kv_cache")
+    if stats is None:
+        raise CalibrationError(f"recipe {qb.recipe.name!r} has static KV-cache scales: its backend needs "
+                               "calibration data (calibration=batches)")
+    return QuantizedKVCache(spec, list(stats.values()))
 
 
 def report(obj) -> CompileReport:

@@ -245,6 +245,14 @@ class Lowering:
     chooser: Callable[[str, Any], Any]
 
 
+def target_declares(ctx: "PassContext", target: str | None, capability: str) -> bool:
+    """Whether ``target``'s op table declares ``capability`` (e.g. ``fuses_norm_quantize``: the target has
+    that fused kernel); True for ``target=None`` (a pass asked to run whatever the target)."""
+    if target is None:
+        return True
+    return ctx.lowering is not None and bool(getattr(ctx.lowering.table(target), capability, False))
+
+
 @dataclass(frozen=True)
 class CalibrationData:
     """Calibration's results for one compile, computed by the API before the pass manager runs.

@@ -72,6 +72,27 @@ def legal_fp8(opset: int = 19) -> onnx.ModelProto:
     return _model(nodes, inits, opset)
 
 
+H, T, D = 2, 5, 8          # an attention's heads, tokens, head dim
+
+
+def legal_kv_attention(fp8: bool = False) -> onnx.ModelProto:
+    """A quantized KV cache's attention (``Recipe.kv_cache``): ``softmax(q @ DQ(Q(K^T))) @ DQ(Q(V))``,
+    one static per-tensor scale each for the keys and the values, each DQ feeding its batched matmul."""
+    zero = np.zeros((), ml_dtypes.float8_e4m3fn if fp8 else np.int8)
+    nodes = [helper.make_node("Transpose", ["k"], ["k_t"], name="transpose_k", perm=[0, 1, 3, 2]),
+             helper.make_node("QuantizeLinear", ["k_t", "s_k", "zp_k"], ["k_q"], name="q_k"),
+             helper.make_node("DequantizeLinear", ["k_q", "s_k", "zp_k"], ["k_dq"], name="dq_k"),
+             helper.make_node("MatMul", ["q", "k_dq"], ["scores"], name="bmm1"),
+             helper.make_node("Softmax", ["scores"], ["probs"], name="softmax", axis=-1),
+             helper.make_node("QuantizeLinear", ["v", "s_v", "zp_v"], ["v_q"], name="q_v"),
+             helper.make_node("DequantizeLinear", ["v_q", "s_v", "zp_v"], ["v_dq"], name="dq_v"),
+             helper.make_node("MatMul", ["probs", "v_dq"], ["y"], name="bmm2")]
+    inits = [_init("s_k", np.float32(0.02)), _init("zp_k", zero), _init("s_v", np.float32(0.03)), _init("zp_v", zero)]
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", H, "seq", D]) for n in ("q", "k", "v", "y")]
+    graph = helper.make_graph(nodes, "attention", io[:3], io[3:], initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+
+
 def _replace(model: onnx.ModelProto, name: str, value) -> onnx.ModelProto:
     for t in model.graph.initializer:
         if t.name == name:
@@ -99,6 +120,30 @@ def test_summary_counts_gemm_kinds():
     assert check_tensorrt(legal_int8()).gemms == {"INT8/INT8": 1}
     assert check_tensorrt(legal_int4()).gemms == {"INT4/float": 1}
     assert check_tensorrt(legal_fp8()).gemms == {"FP8/FP8": 1}
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["int8", "fp8"])
+def test_kv_cache_attention_is_legal_and_runs_as_its_fake_quantization(fp8):
+    model = legal_kv_attention(fp8)
+    onnx.checker.check_model(model, full_check=True)
+    summary = check_tensorrt(model)
+    assert summary.gemms == {f"BMM {'FP8' if fp8 else 'INT8'}/float": 2}
+    assert summary.activation_pairs == 2 and summary.weight_dequantize == 0
+    g = np.random.default_rng(2)
+    q, k, v = (g.normal(size=(2, H, T, D)).astype(np.float32) for _ in range(3))
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"q": q, "k": k, "v": v})[0]
+    from qcompiler.core import numerics
+    dtype = "fp8_e4m3" if fp8 else "int8"
+
+    def fq(x, s):
+        s = torch.tensor(s)
+        return numerics.dequantize(numerics.quantize(torch.from_numpy(x), s, None, dtype), s, None).numpy()
+
+    scores = q @ fq(k.transpose(0, 1, 3, 2).copy(), 0.02)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    want = (probs / probs.sum(-1, keepdims=True)) @ fq(v, 0.03)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_gemm_transb_and_per_tensor_weight_are_legal():
@@ -276,7 +321,41 @@ def _dq_of_graph_input():
     return m
 
 
+def _kv_per_head_scale():
+    m = _replace(legal_kv_attention(), "s_k", np.full(H, 0.02, np.float32))
+    m.graph.initializer.append(_init("zp_heads", np.zeros(H, np.int8)))
+    for name in ("q_k", "dq_k"):
+        node = _node(m, name)
+        node.input[2] = "zp_heads"
+        node.attribute.extend([helper.make_attribute("axis", 1)])
+    return m
+
+
+def _kv_dq_through_transpose():
+    """The keys' Q/DQ before the transpose to K^T: the DQ no longer feeds the batched matmul."""
+    m = legal_kv_attention()
+    _node(m, "q_k").input[0] = "k"
+    _node(m, "transpose_k").input[0] = "k_dq"
+    _node(m, "transpose_k").output[0] = "k_t2"
+    _node(m, "bmm1").input[1] = "k_t2"
+    nodes = sorted(m.graph.node, key=lambda n: ["q_k", "dq_k", "transpose_k"].index(n.name)
+                   if n.name in ("q_k", "dq_k", "transpose_k") else 3)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    return m
+
+
+def _kv_int4():
+    m = legal_kv_attention()
+    _replace(m, "zp_v", np.zeros((), ml_dtypes.int4))
+    m.opset_import[0].version = 21
+    return m
+
+
 ILLEGAL = {
+    "kv-cache-per-head-scale": ("activation-per-tensor", "q_k", _kv_per_head_scale),
+    "kv-cache-dq-through-transpose": ("activation-placement", "dq_k", _kv_dq_through_transpose),
+    "kv-cache-int4": ("quantized-type", "q_v", _kv_int4),
     "activation-zero-point-nonzero": ("zero-point", "dq_act", _nonzero_act_zero_point),
     "weight-scale-on-input-axis": ("weight-axis", "dq_w", _per_channel_on_input_axis),
     "transposed-weight-scale-on-input-axis": ("weight-axis", "dq_w", _per_channel_behind_transpose_wrong_axis),

@@ -50,6 +50,7 @@ def test_round_trip_is_bit_identical(arch, preset, tmp_path):
     meta = saved_metadata(out)
     assert meta["format"] == "qcompiler-1" and meta["source"] == f"tiny-{arch}"
     assert Recipe.from_json(meta["recipe"]) == recipe
+    assert "kv_cache" not in meta                       # no KV cache in the recipe: no KV tensors (test_kv_export)
 
     loaded, loaded_recipe = load_quantized(out)
     assert loaded_recipe == recipe

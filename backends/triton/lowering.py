@@ -142,6 +142,7 @@ class LoweringTable(dict):
     notice: str = ""
     compile_graph = None
     fuses_norm_quantize = True     # the fuse_norm_quant pass runs for this target (its kernel: norm_quant.py)
+    fuses_kv_decode_attention = True   # attention over the quantized KV cache as one op (decode_attention.py)
 
 
 @functools.cache
@@ -154,5 +155,7 @@ def lowering_table() -> LoweringTable:
     ops = torch.ops.qcompiler
     for name, kernel in TRITON_KERNELS.items():
         table[getattr(ops, name)] = kernel
+    from .decode_attention import register as register_decode_attention
+    table[ops.kv_decode_attention] = register_decode_attention()
     table.compile_graph = compile_graph
     return table

@@ -16,6 +16,8 @@ Graphs carry them as ordinary ops, so they trace, compile and export:
 - ``qcompiler::norm_quantize_per_token(x, norm, weight, bias, eps, smooth, dtype, norm_dtype, mul_dtype,
   out_dtype) -> (x_q, scale)``: a norm, an unfolded SmoothQuant scale and dynamic per-token quantization
   as one op (written by ``passes/fuse_norm_quant.py`` for target "triton"; math below)
+- ``qcompiler::kv_cache_read(codes, scale, zero, dtype, head_dim, out_dtype)``: the keys or values a quantized
+  KV cache holds (``qcompiler.runtime.kv_cache``; layout in ``qcompiler.core.kv_format``)
 - ``qcompiler::triton_<op>(<op's arguments>, *, int report_id=0)`` for each op in ``TRITON_KERNEL_OPS``:
   the op computed by its Triton kernel. Same schema and fake kernel as ``<op>`` plus ``report_id``
   (the compile report that records run-time fallbacks, 0 = none); the CPU and CUDA kernels are
@@ -42,12 +44,12 @@ from __future__ import annotations
 
 import torch
 
-from qcompiler.core import numerics
+from qcompiler.core import kv_format, numerics
 from qcompiler.core import reference_kernels as ref
 
 __all__ = ["quantize", "dequantize", "quantize_per_token", "int8_gemm", "fp8_gemm", "weight_only_gemm",
            "dequantize_int4", "int4_gemm", "w4a8_gemm", "onednn_int8_mm", "onednn_linear",
-           "norm_quantize_per_token", "GEMM_OPS", "QDQ_OPS", "TRITON_KERNEL_OPS", "triton_op"]
+           "norm_quantize_per_token", "kv_cache_read", "GEMM_OPS", "QDQ_OPS", "TRITON_KERNEL_OPS", "triton_op"]
 
 _LIB = "qcompiler"
 
@@ -208,6 +210,18 @@ def _(x, norm, weight, bias, eps, smooth, dtype, norm_dtype, mul_dtype, out_dtyp
             x.new_empty((*x.shape[:-1], 1), dtype=torch.float32))
 
 
+@torch.library.custom_op(f"{_LIB}::kv_cache_read", mutates_args=())
+def kv_cache_read(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, dtype: str, head_dim: int,
+                  out_dtype: torch.dtype) -> torch.Tensor:
+    """The keys or values a quantized KV cache stores as ``codes`` (layout in ``qcompiler.core.kv_format``)."""
+    return kv_format.read(codes, scale, zero, dtype, head_dim, out_dtype).contiguous()
+
+
+@kv_cache_read.register_fake
+def _(codes, scale, zero, dtype, head_dim, out_dtype):
+    return codes.new_empty((*codes.shape[:-1], head_dim), dtype=out_dtype)
+
+
 #: ops with a Triton kernel, each declared again below as ``qcompiler::triton_<op>``
 TRITON_KERNEL_OPS = ("int8_gemm", "fp8_gemm", "weight_only_gemm", "int4_gemm", "w4a8_gemm", "norm_quantize_per_token")
 
@@ -243,3 +257,45 @@ _ops = torch.ops.qcompiler
 #: Fused GEMM op packets, as they appear as node targets.
 GEMM_OPS = (_ops.int8_gemm, _ops.fp8_gemm, _ops.weight_only_gemm, _ops.int4_gemm, _ops.w4a8_gemm)
 QDQ_OPS = (_ops.quantize, _ops.dequantize, _ops.quantize_per_token, _ops.dequantize_int4)
+
+
+# ----------------------------------------------------------------------------- decode attention over a quantized KV cache
+
+
+@torch.library.custom_op(f"{_LIB}::kv_decode_attention", mutates_args=())
+def kv_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor | None,
+                        k_window: torch.Tensor, v_codes: torch.Tensor, v_scale: torch.Tensor,
+                        v_zero: torch.Tensor | None, v_window: torch.Tensor, attn_mask: torch.Tensor | None,
+                        sm_scale: float, k_dtype: str, v_dtype: str) -> torch.Tensor:
+    """Scaled-dot-product attention of ``q`` over a quantized KV cache, the cache read and the attention as one op.
+
+    - ``q`` [B, Hq, M, D] (float32 / bfloat16 / float16; M: the decode rows, 1..16 in practice);
+    - keys ``K = cat([kv_cache_read(k_codes, k_scale, k_zero, k_dtype, D), k_window], dim=-2)``, values
+      ``V`` likewise (``Dv = v_window.shape[-1]``): codes, scales and zero points in the layout of
+      ``qcompiler.core.kv_format`` (``k_dtype`` / ``v_dtype``: int8 / uint8 / fp8_e4m3 / int4 / uint4),
+      windows [B, Hkv, Tw, D] in full precision (Tw and the codes' length Tq may be 0); T = Tq + Tw;
+    - grouped-query heads: Hq a multiple of Hkv, query head h reads KV head ``h // (Hq // Hkv)``;
+    - ``attn_mask`` None, additive float or boolean (True = attend), broadcastable to [B, Hq, M, T].
+      There is no causal flag: the caller's mask carries causality (a single decode row attends to every
+      cached key; for M > 1 rows, or padded batches, pass the mask HF builds);
+    - ``scores = (q @ K^T) * sm_scale + mask``, softmax over T, ``@ V``: all in float32 (codes dequantized
+      straight to float32, not rounded to the model's dtype first), output [B, Hq, M, Dv] in q's dtype.
+      A row whose keys are all masked gives 0 (as ``scaled_dot_product_attention``).
+
+    Reference kernel: ``reference_kernels.kv_decode_attention_ref``; Triton kernel:
+    ``qcompiler.backends.triton.decode_attention`` (twin op ``qcompiler::triton_kv_decode_attention``).
+    """
+    return ref.kv_decode_attention_ref(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window,
+                                       attn_mask, sm_scale, k_dtype, v_dtype)
+
+
+@kv_decode_attention.register_fake
+def _(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window, attn_mask, sm_scale, k_dtype,
+      v_dtype):
+    return q.new_empty((*q.shape[:-1], v_window.shape[-1]))
+
+
+__all__.append("kv_decode_attention")
+# qcompiler::triton_kv_decode_attention: declared here, its kernel registered by
+# qcompiler.backends.triton.decode_attention.register() (not yet in TRITON_KERNEL_OPS / lowering.KERNELS)
+_declare_triton_op("kv_decode_attention")

@@ -33,7 +33,7 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     nib = (q.to(torch.int16) & 0xF).to(torch.uint8)
     if k % 2:
         nib = torch.nn.functional.pad(nib, (0, 1))
-    nib = nib.reshape(*nib.shape[:-1], -1, 2)
+    nib = nib.reshape(*nib.shape[:-1], nib.shape[-1] // 2, 2)
     return (nib[..., 0] | (nib[..., 1] << 4)).contiguous()
 
 
@@ -45,7 +45,7 @@ def unpack_int4(packed: torch.Tensor, k: int, signed: bool) -> torch.Tensor:
         raise ValueError(f"{packed.shape[-1]} packed bytes per row cannot hold k={k} int4 values")
     lo = packed & 0xF
     hi = packed >> 4
-    out = torch.stack([lo, hi], dim=-1).reshape(*packed.shape[:-1], -1)[..., :k]
+    out = torch.stack([lo, hi], dim=-1).reshape(*packed.shape[:-1], 2 * packed.shape[-1])[..., :k]
     if signed:
         out = out.to(torch.int8)
         return torch.where(out > 7, out - 16, out)

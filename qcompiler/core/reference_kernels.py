@@ -142,3 +142,46 @@ def norm_quantize_per_token_ref(x: torch.Tensor, norm: str, weight: torch.Tensor
     if smooth is not None:
         y = y * smooth
     return numerics.quantize_per_token(y, dtype)
+
+
+__all__.append("kv_decode_attention_ref")
+
+
+def kv_decode_attention_ref(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor | None,
+                            k_window: torch.Tensor, v_codes: torch.Tensor, v_scale: torch.Tensor,
+                            v_zero: torch.Tensor | None, v_window: torch.Tensor, attn_mask: torch.Tensor | None,
+                            sm_scale: float, k_dtype: str, v_dtype: str) -> torch.Tensor:
+    """``qcompiler::kv_decode_attention`` (contract in ``qcompiler.core.ops``): attention of q [B, Hq, M, D]
+    over ``K = cat([read(k_codes), k_window], -2)`` and ``V`` likewise, everything in float32.
+
+    The codes are dequantized straight to float32 (``kv_format.read``), the window and q are widened
+    to float32; ``scores = (q @ K^T) * sm_scale (+ mask)``, softmax over the T keys (rows whose keys
+    are all masked give 0, as ``scaled_dot_product_attention`` does), ``P @ V``, cast to q's dtype.
+    """
+    from qcompiler.core import kv_format       # here, not at the top: kv_format pulls in qcompiler.recipes
+
+    b, hq, m, _ = q.shape
+    k = torch.cat([kv_format.read(k_codes, k_scale, k_zero, k_dtype, k_window.shape[-1], torch.float32),
+                   k_window.float()], dim=-2)
+    v = torch.cat([kv_format.read(v_codes, v_scale, v_zero, v_dtype, v_window.shape[-1], torch.float32),
+                   v_window.float()], dim=-2)
+    hkv, t = k.shape[1], k.shape[2]
+    if hq % hkv:
+        raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads")
+    g = hq // hkv                                          # query head h reads KV head h // g
+    if t == 0:                                             # nothing cached: every row attends to nothing
+        return q.new_zeros((b, hq, m, v.shape[-1]))
+    qf = q.float().reshape(b, hkv, g * m, q.shape[-1])
+    scores = (torch.matmul(qf, k.transpose(-1, -2)) * sm_scale).reshape(b, hq, m, t)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask.float()
+    top = scores.amax(-1, keepdim=True)
+    top = torch.where(top == float("-inf"), torch.zeros_like(top), top)   # fully masked rows: exp(-inf) = 0
+    p = torch.exp(scores - top)
+    denom = p.sum(-1, keepdim=True)
+    out = torch.matmul(p.reshape(b, hkv, g * m, t), v).reshape(b, hq, m, v.shape[-1])
+    out = torch.where(denom > 0, out / denom, torch.zeros_like(out))
+    return out.to(q.dtype)

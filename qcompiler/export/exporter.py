@@ -11,6 +11,13 @@ What is written, per quantized linear: ``x -> QuantizeLinear -> DequantizeLinear
 DequantizeLinear: INT8 / FP8 ``[K, N]`` per-channel on axis 1 straight into the MatMul, INT4
 ``[N, K]`` blocked along axis 1 then ``Transpose``; then ``Add`` of the bias. Float layers
 (fallback, output head, norms, attention) stay float32. Batch and sequence axes are dynamic.
+
+With ``recipe.kv_cache`` (static per-tensor INT8 / FP8 keys and values; other KV formats are
+refused, ``kv_qdq.check_kv_exportable``): each attention computes
+``softmax((q * scaling) @ DQ(Q(K^T)) + mask) @ DQ(Q(V))``, one static per-tensor scale for its keys
+and one for its values (initializers ``<attention path>.kv_key_scale`` / ``.kv_value_scale``) from
+the recipe's calibration, as the KV-cache pass quantizes the cache in the compiled graph
+(``kv_qdq``). The export checks that the written graph holds those 2 pairs per attention.
 """
 
 from __future__ import annotations
@@ -30,12 +37,14 @@ import torch
 from onnx import TensorProto
 
 from qcompiler import api
+from qcompiler.core.kv_format import KV_STATS_ATTR
 from qcompiler.runtime.eager import QuantizedLinear
 from qcompiler.errors import RecipeError, UnsupportedError
 from qcompiler.pipeline import CompileReport
 from qcompiler.recipes import Granularity, QuantDtype, Recipe, resolve
 
 from .finalize import finalize
+from .kv_qdq import KEY_SCALE, KV_NOTE, VALUE_SCALE, check_kv_exportable, install_kv_qdq
 from .onnx_ops import translation_table
 from .qdq_form import fold_norm_smoothing, to_qdq_form
 from .tensorrt_rules import QDQSummary, check_tensorrt
@@ -67,6 +76,7 @@ class OnnxExport:
     smoothing_folded: tuple[str, ...] = ()
     smoothing_explicit: dict[str, str] = field(default_factory=dict)
     notes: tuple[str, ...] = ()           # how runtimes compute the graph (``runtime_notes``)
+    kv_cache: tuple[str, ...] = ()        # attentions whose keys / values got Q/DQ (recipe.kv_cache), in call order
 
     @property
     def bytes_per_quantized_weight(self) -> float:
@@ -80,6 +90,8 @@ class OnnxExport:
                  f"  quantized weights: {self.quantized_weight_count:,} values in {self.quantized_weight_bytes / 1e6:.1f} MB "
                  f"({self.bytes_per_quantized_weight:.3f} bytes per weight; "
                  f"{4 * self.quantized_weight_count / 1e6:.1f} MB as float32)"]
+        if self.kv_cache:
+            lines.append(f"  KV cache: keys and values Q/DQ in {len(self.kv_cache)} attention(s)")
         if self.smoothing_folded:
             lines.append(f"  SmoothQuant / AWQ scales folded into {len(self.smoothing_folded)} norm(s)")
         for norm, why in self.smoothing_explicit.items():
@@ -88,9 +100,16 @@ class OnnxExport:
         return "\n".join(lines)
 
 
+def _keeps_every_linear(recipe: Recipe) -> bool:
+    """A KV-cache-only recipe: its fallback keeps every linear in float, so its weight spec is never used."""
+    return recipe.kv_cache is not None and "linear" in recipe.fallback.keep_op_kinds
+
+
 def required_opset(recipe: Recipe) -> int:
     """The lowest opset whose Q/DQ can carry ``recipe``: 13 (INT8), 19 (FP8), 21 (INT4)."""
-    dtypes = {recipe.weight.dtype} | ({recipe.activation.dtype} if recipe.activation is not None else set())
+    dtypes = set() if _keeps_every_linear(recipe) else {recipe.weight.dtype}
+    dtypes |= {recipe.activation.dtype} if recipe.activation is not None else set()
+    dtypes |= {recipe.kv_cache.dtype} if recipe.kv_cache is not None else set()
     return 21 if QuantDtype.INT4 in dtypes else 19 if QuantDtype.FP8_E4M3 in dtypes else 13
 
 
@@ -98,26 +117,28 @@ def runtime_notes(recipe: Recipe) -> tuple[str, ...]:
     """What to expect from onnxruntime's CPU int8 GEMM for ``recipe``'s INT8 GEMMs (none for other
     formats): exact with 7-bit weights on every x86 CPU; with full-range weights only with VNNI or
     AMX, plus this machine's verdict (``runtime.check_int8_gemm``) when onnxruntime is installed."""
-    if recipe.weight.dtype is not QuantDtype.INT8 or recipe.activation is None:
-        return ()
+    kv = (KV_NOTE,) if recipe.kv_cache is not None else ()
+    if recipe.weight.dtype is not QuantDtype.INT8 or recipe.activation is None or _keeps_every_linear(recipe):
+        return kv
     if recipe.weight.reduce_range:
         return ("INT8 weights are 7-bit ([-64, 63], weight.reduce_range): onnxruntime's CPU int8 GEMM computes them "
                 "exactly on every x86 CPU, with or without VNNI (a u8 x s8 product pair stays within int16); for "
-                "TensorRT this is an ordinary INT8 graph",)
+                "TensorRT this is an ordinary INT8 graph",) + kv
     note = ("onnxruntime's CPU int8 GEMM computes full-range INT8 weights exactly with VNNI (AVX512-VNNI, "
             "AVX-VNNI) or AMX; on AVX2 CPUs without VNNI it sums u8 x s8 product pairs in int16 and saturates, so "
             "its results differ from TensorRT's and the reference's. Weights with weight.reduce_range=True (7-bit, "
             "`export-onnx --reduce-range`) are exact there too. TensorRT is not affected")
     try:
         from .runtime import check_int8_gemm
-        return (note, f"this machine: {check_int8_gemm().describe()}")
+        return (note, f"this machine: {check_int8_gemm().describe()}") + kv
     except ImportError:          # onnxruntime is not installed
-        return (note,)
+        return (note,) + kv
 
 
 def check_exportable(recipe: Recipe) -> None:
     """Refuse recipes TensorRT's explicit quantization cannot express, before any work."""
     act, w = recipe.activation, recipe.weight
+    check_kv_exportable(recipe)
     if recipe.embedding is not None:
         raise UnsupportedError(f"recipe {recipe.name!r} quantizes the embedding tables (recipe.embedding); the "
                                "TensorRT Q/DQ export writes quantized linears only: export with embedding=None")
@@ -125,6 +146,8 @@ def check_exportable(recipe: Recipe) -> None:
         raise UnsupportedError(f"recipe {recipe.name!r} has dynamic per-token activations; TensorRT Q/DQ takes static "
                                "per-tensor scales (rule 'activation-per-tensor'): use a per_tensor activation recipe "
                                "such as 'w8a8-int8-sq' or 'fp8'")
+    if _keeps_every_linear(recipe) and act is None:
+        return                   # KV cache only: every linear stays float, the weight spec is unused
     if not w.symmetric:
         raise UnsupportedError(f"recipe {recipe.name!r} has asymmetric weights; TensorRT needs zero-points 0 "
                                "(rule 'zero-point'): use weight.symmetric=True")
@@ -247,7 +270,10 @@ def export_onnx(model: torch.nn.Module, recipe: Recipe | str, example_inputs, pa
             named ``example_inputs``), or one already quantized by ``qcompiler.quantize`` with
             ``recipe`` (then no planning or calibration runs); it is not modified.
         recipe: a ``Recipe`` or preset name with static per-tensor activations (INT8, FP8) or
-            INT4 weights (weight-only or FP8 activations); dynamic recipes are refused.
+            INT4 weights (weight-only or FP8 activations); dynamic recipes are refused. A
+            ``kv_cache`` with static per-tensor INT8 / FP8 keys and values (``kv-fp8``, alone or
+            composed: ``fp8+kv-fp8``) adds their Q/DQ in every attention (a transformers model);
+            other KV formats are refused, saying why.
         example_inputs: token ids [batch, seq] or a dict of named inputs (e.g. ``input_ids`` and
             ``attention_mask``); the ONNX graph takes the same names, batch and seq dynamic.
         path: the ``.onnx`` file to write.
@@ -258,7 +284,11 @@ def export_onnx(model: torch.nn.Module, recipe: Recipe | str, example_inputs, pa
 
     Raises:
         UnsupportedError: the recipe cannot be expressed for TensorRT (dynamic activations,
-            asymmetric weights, non-INT4 weight-only, too low an opset).
+            asymmetric weights, non-INT4 weight-only, too low an opset; a kv_cache that is INT4,
+            per_token, per_head / per_channel, asymmetric or keeps a residual window), or its
+            kv_cache cannot be placed in this model's attention.
+        CalibrationError: the recipe has a kv_cache and neither calibration nor a model carrying
+            its KV calibration was given.
         TensorRTLegalityError: the graph broke a rule of ``tensorrt_rules.RULES`` (names the node).
     """
     recipe = resolve(recipe)
@@ -268,7 +298,7 @@ def export_onnx(model: torch.nn.Module, recipe: Recipe | str, example_inputs, pa
     path = Path(path)
     t0 = time.perf_counter()
     qmodel = _float32(copy.deepcopy(model).eval())
-    if any(isinstance(m, QuantizedLinear) for m in qmodel.modules()):
+    if any(isinstance(m, QuantizedLinear) for m in qmodel.modules()) or KV_STATS_ATTR in qmodel.__dict__:
         report = api.report(qmodel)
         if report.recipe != recipe.name:
             raise RecipeError(f"the model was quantized with recipe {report.recipe!r}, not {recipe.name!r}")
@@ -277,11 +307,24 @@ def export_onnx(model: torch.nn.Module, recipe: Recipe | str, example_inputs, pa
         report = api.report(qmodel)
     folds = fold_norm_smoothing(qmodel, report)
     n_qdq = to_qdq_form(qmodel)
-    if n_qdq == 0:
+    if n_qdq == 0 and recipe.kv_cache is None:
         log.warning("export_onnx: no linear was quantized; the graph is float")
     log.info("export_onnx: planned in %.1f s, %d quantized linears", time.perf_counter() - t0, n_qdq)
-    onnx_model = _torch_export(_Outputs(qmodel, tuple(inputs)).eval(), inputs, opset, dynamic)
+    outputs = _Outputs(qmodel, tuple(inputs)).eval()
+    kv_paths: list[str] = []
+    if recipe.kv_cache is not None:
+        kv_paths = install_kv_qdq(qmodel, recipe, qmodel.__dict__.get(KV_STATS_ATTR),
+                                  lambda: outputs(*inputs.values()))
+    onnx_model = _torch_export(outputs, inputs, opset, dynamic)
     finalize(onnx_model)
+    if kv_paths:
+        _check_kv_qdq(onnx_model, kv_paths)
+        for p in kv_paths:       # eager quantize leaves the KV cache to qcompiler.kv_cache; the graph holds it
+            d = report.tensors.get(p)
+            if d is not None and d.kind == "kv_cache":
+                d.quantize, d.reason = True, ""
+                d.note = (f"ONNX: static per-tensor Q/DQ on K^T and V in front of the attention's batched matmuls "
+                          f"(model.{p}.{KEY_SCALE} / {VALUE_SCALE})")
     summary = check_tensorrt(onnx_model)
     if onnx_model.ByteSize() <= _EXTERNAL_DATA_BYTES:
         onnx.checker.check_model(onnx_model, full_check=True)
@@ -289,4 +332,21 @@ def export_onnx(model: torch.nn.Module, recipe: Recipe | str, example_inputs, pa
     qbytes, qcount = _weight_storage(onnx_model)
     log.info("export_onnx: wrote %s (%.1f MB) in %.1f s", path, file_bytes / 1e6, time.perf_counter() - t0)
     return OnnxExport(path, opset, recipe.name, tuple(inputs), summary, report, file_bytes, qbytes, qcount,
-                      folds.folded, dict(folds.explicit), runtime_notes(recipe))
+                      folds.folded, dict(folds.explicit), runtime_notes(recipe), tuple(kv_paths))
+
+
+def _check_kv_qdq(model: onnx.ModelProto, paths: list[str]) -> None:
+    """Every attention's keys and values reach the graph through a QuantizeLinear with its scale: the
+    KV quantization is never dropped silently."""
+    quantized: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear" and len(node.input) > 1:
+            quantized[node.input[1]] = quantized.get(node.input[1], 0) + 1
+    lacking = []
+    for path in paths:
+        for attr in (KEY_SCALE, VALUE_SCALE):
+            if not any(name.endswith(f"{path}.{attr}") and n > 0 for name, n in quantized.items()):
+                lacking.append(f"{path}.{attr}")
+    if lacking:
+        raise RuntimeError(f"export_onnx: recipe.kv_cache: the exported graph lacks the key / value QuantizeLinear of "
+                           f"{lacking[:4]} ({len(lacking)} of {2 * len(paths)})")

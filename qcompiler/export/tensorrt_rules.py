@@ -11,6 +11,10 @@ activation Q -> DQ pairs in front of the GEMM, and the opsets that introduced ea
 A GEMM is a MatMul (weight = input B, [K, N]) or a Gemm (B, [N, K] when ``transB``); a weight
 DequantizeLinear may reach B through one ``Transpose(perm=[1, 0])``, so a weight stored
 [N, K] (output channel first) has its output-channel axis 0 behind a Transpose.
+
+Keys and values of a quantized KV cache are activations like any other: an attention's batched
+matmuls read K^T and V from a Q -> DQ pair with one static per-tensor scale, zero-point 0, signed
+INT8 or FP8 (the same rules; INT4 is for weights only), the DQ feeding the MatMul directly.
 """
 
 from __future__ import annotations
@@ -71,7 +75,9 @@ class Violation:
 @dataclass(frozen=True)
 class QDQSummary:
     """What a legal graph holds: its opset and GEMMs counted by ``"<weight>/<activation>"`` type
-    (``"INT8/INT8"``, ``"INT4/float"``, ``"float/float"``...)."""
+    (``"INT8/INT8"``, ``"INT4/float"``, ``"float/float"``...); a batched matmul whose B operand is an
+    activation read through Q/DQ (an attention's keys K^T or values V, ``Recipe.kv_cache``) counts as
+    ``"BMM <B>/<A>"`` (``"BMM FP8/float"``: FP8 keys or values, float query or probabilities)."""
 
     opset: int
     weight_dequantize: int
@@ -336,6 +342,8 @@ class _Checker:
             atype = self.act_type.get(node.input[0])
             name = lambda t: "float" if t is None else _ALLOWED.get(t, TensorProto.DataType.Name(t))  # noqa: E731
             kind = f"{name(wtype)}/{name(atype)}"
+            if wtype is None and b in self.act_type:     # an activation B operand: an attention's K^T or V
+                kind = f"BMM {name(self.act_type[b])}/{name(atype)}"
             kinds[kind] = kinds.get(kind, 0) + 1
             if wtype is None:
                 continue

@@ -308,12 +308,16 @@ class KVCacheSpec:
             calibration — or per_token (per token and head, computed as each token is written).
         value: the values' granularity, the same choices (per_token is KIVI's choice for values).
         symmetric: zero-point 0 when True; integer zero-points otherwise (int8 / int4 only).
+        residual_window: the most recent tokens kept in full precision (KIVI's residual): a query
+            reads the keys and values of its last ``residual_window`` positions (itself included)
+            unquantized, older ones quantized; 0 quantizes every cached token.
     """
 
     dtype: QuantDtype = QuantDtype.INT8
     key: Granularity = Granularity.PER_HEAD
     value: Granularity = Granularity.PER_HEAD
     symmetric: bool = True
+    residual_window: int = 0
 
     #: the granularities a KV cache supports (per_group has no meaning for a cache)
     GRANULARITIES: ClassVar[tuple[Granularity, ...]] = (Granularity.PER_TENSOR, Granularity.PER_HEAD,
@@ -325,6 +329,9 @@ class KVCacheSpec:
             object.__setattr__(self, name, _choice("kv_cache", name, getattr(self, name), Granularity,
                                                    self.GRANULARITIES))
         _bool("kv_cache", "symmetric", self.symmetric)
+        if isinstance(self.residual_window, bool) or not isinstance(self.residual_window, int) \
+                or self.residual_window < 0:
+            raise RecipeError(f"kv_cache.residual_window={self.residual_window!r} must be an integer >= 0 (tokens)")
         if not self.symmetric and self.dtype is QuantDtype.FP8_E4M3:
             raise RecipeError("kv_cache.symmetric=False is not supported for dtype 'fp8_e4m3'; "
                               "expected symmetric=True")
@@ -336,7 +343,8 @@ class KVCacheSpec:
 
     def describe(self) -> str:
         sym = "" if self.symmetric else " asymmetric"
-        return f"{self.dtype.value}{sym}: keys {self.key.value}, values {self.value.value}"
+        window = f", last {self.residual_window} tokens in full precision" if self.residual_window else ""
+        return f"{self.dtype.value}{sym}: keys {self.key.value}, values {self.value.value}{window}"
 
 
 @dataclass(frozen=True)

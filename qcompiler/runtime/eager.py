@@ -126,6 +126,11 @@ def _swap_embeddings(model: torch.nn.Module, ctx: PassContext) -> int:
     for fqn, d in ctx.tensor_plan.items():
         if not d.quantize:
             continue
+        if d.kind == "kv_cache":
+            d.quantize, d.reason = False, ("eager modules leave attention as it is: the keys and values are stored "
+                                           "quantized when the model runs with cache=qcompiler.kv_cache(model) "
+                                           "(this calibration's scales); a DynamicCache keeps them in float")
+            continue
         if d.kind != "embedding":       # a graph rewrite (a registered target) eager modules cannot carry
             d.quantize, d.reason = False, f"eager mode applies only embedding targets, not {d.kind!r} (use torch.compile)"
             continue

@@ -5,6 +5,25 @@ tensor; the recipe JSON and per-layer formats in its metadata), ``recipe.json`` 
 ``report.json`` beside it, the model's ``config.json`` and its tokenizer. Loading rebuilds the
 architecture from the config, swaps in ``QuantizedLinear`` modules as recorded, and loads the
 tensors: no calibration, no float checkpoint needed.
+
+KV cache (``Recipe.kv_cache``): the calibration ``qcompiler.quantize`` leaves on the model
+(``KV_STATS_ATTR``) is stored in the same ``model.safetensors``, per attention ``i`` in the order
+the model runs them (the cache's layer order):
+
+- ``kv_cache.{i}.key_min`` / ``key_max`` / ``value_min`` / ``value_max``: float32 [observed heads,
+  head_dim], the keys' and values' ranges seen in calibration; what loading restores, so
+  ``qcompiler.kv_cache(loaded_model)`` builds the same cache without calibrating;
+- for a static key (value) granularity, the scales a serving engine reads, derived from those
+  ranges by ``kv_format.static_scale`` on the model's KV heads (``config.num_key_value_heads``,
+  else ``num_attention_heads``; the observed, repeated heads of grouped-query attention folded):
+  ``kv_cache.{i}.k_scale`` (``v_scale``) float32, shaped ``[]`` per_tensor, ``[kv_heads]``
+  per_head, ``[kv_heads, head_dim]`` per_channel; ``k_zero`` (``v_zero``) uint8 of the same shape
+  for asymmetric integers. Dequantized value = (code - zero) * scale.
+
+The metadata key ``kv_cache`` is JSON ``{"attentions": n, "kv_heads": H, "dtype": storage dtype
+name, "key": granularity, "value": granularity}``. A recipe with static KV scales whose file lacks
+these is a ``CheckpointError``; so are stored scales that disagree with the stored ranges. A
+KV-cache-only recipe (``kv-int8``: every linear float) saves and loads with no ``QuantizedLinear``.
 """
 
 from __future__ import annotations
@@ -12,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 from pathlib import Path
 
 import safetensors
@@ -19,10 +39,12 @@ import safetensors.torch
 import torch
 
 from qcompiler.runtime.eager import QuantizedEmbedding, QuantizedLinear
+from qcompiler.core import kv_format
+from qcompiler.core.kv_format import KV_STATS_ATTR
 from qcompiler.core.layer_quant import QuantizedWeight
 from qcompiler.pipeline import CompileReport
 from qcompiler.errors import CheckpointError, RecipeError
-from qcompiler.recipes import Recipe
+from qcompiler.recipes import Granularity, KVCacheSpec, Recipe
 
 __all__ = ["save_quantized", "load_quantized", "saved_metadata", "WEIGHTS_FILE"]
 
@@ -33,7 +55,11 @@ _FORMAT = "qcompiler-1"
 
 def save_quantized(model: torch.nn.Module, path: str | Path, recipe: Recipe, *, tokenizer=None,
                    report: CompileReport | None = None, source: str = "") -> Path:
-    """Write ``model`` (after ``qcompiler.quantize``) to the folder ``path``; returns the weights file."""
+    """Write ``model`` (after ``qcompiler.quantize``) to the folder ``path``; returns the weights file.
+
+    With ``recipe.kv_cache`` the model's KV-cache calibration is written too (``kv_cache.*``, see the
+    module docstring); ``ValueError`` when it is missing for static scales or belongs to another spec.
+    """
     path = Path(path)
     layers = {}
     for fqn, m in model.named_modules():
@@ -43,15 +69,19 @@ def save_quantized(model: torch.nn.Module, path: str | Path, recipe: Recipe, *, 
     embeddings = {fqn: {"weight_dtype": m.weight_dtype, "group_size": m.group_size, "num_embeddings": m.num_embeddings,
                         "embedding_dim": m.embedding_dim, "out_dtype": str(m.out_dtype).removeprefix("torch.")}
                   for fqn, m in model.named_modules() if isinstance(m, QuantizedEmbedding)}
-    if not layers:
+    kv_stats = model.__dict__.get(KV_STATS_ATTR)
+    kv_tensors, kv_meta = _kv_tensors(model, recipe, kv_stats)
+    if not layers and not (recipe.kv_cache is not None and (kv_stats is not None or _float_linears(recipe))):
         raise ValueError("save_quantized: the model has no QuantizedLinear; run qcompiler.quantize(model, ...) first")
     path.mkdir(parents=True, exist_ok=True)
     meta = {"format": _FORMAT, "recipe": recipe.to_json(indent=None), "layers": json.dumps(layers),
             "source": source}
     if embeddings:
         meta["embeddings"] = json.dumps(embeddings)
+    if kv_meta is not None:
+        meta[_KV] = json.dumps(kv_meta)
     weights = path / WEIGHTS_FILE
-    safetensors.torch.save_model(model, str(weights), metadata=meta)
+    _save_model(model, weights, meta, kv_tensors)
     (path / "recipe.json").write_text(recipe.to_json())
     if report is not None:
         (path / "report.json").write_text(report.to_json())
@@ -77,7 +107,11 @@ def load_quantized(path: str | Path) -> tuple[torch.nn.Module, Recipe]:
     Raises:
         FileNotFoundError: ``path`` holds no ``model.safetensors``.
         CheckpointError: the weights file is corrupt or not qcompiler's, its metadata lacks a key,
-            a layer lacks a tensor, or ``config.json`` is missing or unreadable.
+            a layer lacks a tensor, the recipe has static KV-cache scales and the file lacks its
+            ``kv_cache.*`` tensors (or they disagree), or ``config.json`` is missing or unreadable.
+
+    With ``recipe.kv_cache`` the model carries its KV-cache calibration again
+    (``model.__dict__[KV_STATS_ATTR]``): ``qcompiler.kv_cache(model)`` builds the quantized cache.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -97,10 +131,11 @@ def load_quantized(path: str | Path) -> tuple[torch.nn.Module, Recipe]:
             recipe = Recipe.from_json(meta["recipe"])
         except RecipeError as e:
             raise CheckpointError(f"{weights}: metadata 'recipe' is not a valid recipe: {e}") from None
-        layers = _layer_specs(weights, meta["layers"])
+        layers = _layer_specs(weights, meta["layers"], allow_empty=recipe.kv_cache is not None)
         embeddings = _embedding_specs(weights, meta.get("embeddings", "{}"))
         keys = set(f.keys())
         tensors = {k: f.get_tensor(k) for k in keys if k.rsplit(".", 1)[0] in layers or k.rsplit(".", 1)[0] in embeddings}
+        kv_stats = _kv_stats(weights, recipe, meta, {k: f.get_tensor(k) for k in keys if k.startswith(_KV + ".")})
     config_file = path / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{config_file} not found: the model's architecture is read from it "
@@ -123,9 +158,13 @@ def load_quantized(path: str | Path) -> tuple[torch.nn.Module, Recipe]:
     except RuntimeError as e:   # a float tensor whose shape differs from the config's
         raise CheckpointError(f"{weights} does not match the model rebuilt from {config_file}: {_one_line(e)}") from None
     missing = [k for k in missing if not k.endswith("inv_freq")]
+    if recipe.kv_cache is not None:
+        unexpected = [k for k in unexpected if not k.startswith(_KV + ".")]
     if missing or unexpected:
         raise CheckpointError(f"{weights} does not match the model rebuilt from {config_file}: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")
+    if kv_stats is not None:
+        model.__dict__[KV_STATS_ATTR] = kv_stats      # read by qcompiler.kv_cache(model)
     return model, recipe
 
 
@@ -144,12 +183,12 @@ def _open_weights(weights: Path):
         yield f
 
 
-def _layer_specs(weights: Path, text: str) -> dict[str, dict]:
+def _layer_specs(weights: Path, text: str, allow_empty: bool = False) -> dict[str, dict]:
     try:
         layers = json.loads(text)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{weights}: metadata 'layers' is not JSON: {e}") from None
-    if not isinstance(layers, dict) or not layers:
+    if not isinstance(layers, dict) or not (layers or allow_empty):
         raise CheckpointError(f"{weights}: metadata 'layers' must be a non-empty object of layer specs")
     for fqn, spec in layers.items():
         lacking = [k for k in _LAYER_KEYS if not isinstance(spec, dict) or k not in spec]
@@ -235,3 +274,150 @@ def _quantized_linear(weights: Path, model: torch.nn.Module, fqn: str, spec: dic
 
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
+
+
+# -- KV cache ------------------------------------------------------------------------------------------
+
+_KV = "kv_cache"
+_ROLES = (("key", "k"), ("value", "v"))
+
+
+def _float_linears(recipe: Recipe) -> bool:
+    return "linear" in recipe.fallback.keep_op_kinds
+
+
+def _granularity(spec: KVCacheSpec, role: str) -> Granularity:
+    return spec.key if role == "key" else spec.value
+
+
+def _kv_heads(model: torch.nn.Module, observed: int) -> int:
+    """The model's KV heads (config), which the observed heads fold onto; the observed heads when the
+    config does not say or does not divide them."""
+    config = getattr(model, "config", None)
+    heads = getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", None)
+    return heads if isinstance(heads, int) and heads > 0 and observed % heads == 0 else observed
+
+
+def _serving_scale(stats, heads: int, granularity: Granularity, spec: KVCacheSpec):
+    """``kv_format.static_scale`` without its broadcast dimensions: [], [H] or [H, D]."""
+    scale, zero = kv_format.static_scale(stats, heads, granularity, spec)
+    shape = {Granularity.PER_TENSOR: (), Granularity.PER_HEAD: (heads,)}.get(granularity, (heads, -1))
+    return scale.float().reshape(shape).contiguous(), None if zero is None else zero.reshape(shape).contiguous()
+
+
+def _kv_tensors(model: torch.nn.Module, recipe: Recipe, saved) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """The ``kv_cache.*`` tensors and the ``kv_cache`` metadata of the model's KV calibration;
+    ``ValueError`` when it does not belong to ``recipe`` or a static spec has none."""
+    spec = recipe.kv_cache
+    if spec is None:
+        if saved is not None:
+            raise ValueError(f"save_quantized: the model carries a KV-cache calibration (kv_cache "
+                             f"{saved[0].describe()}), but recipe {recipe.name!r} has no kv_cache: save it with the "
+                             "recipe it was quantized with")
+        return {}, None
+    if saved is None:
+        if spec.static:
+            raise ValueError(f"save_quantized: recipe {recipe.name!r} has static KV-cache scales (kv_cache "
+                             f"{spec.describe()}), but the model carries no KV-cache calibration: run "
+                             "qcompiler.quantize(model, recipe, calibration=batches) first")
+        return {}, {"attentions": 0, "kv_heads": 0, "dtype": kv_format.storage_name(spec), "key": spec.key.value,
+                    "value": spec.value.value}
+    saved_spec, stats = saved
+    if saved_spec != spec:
+        raise ValueError(f"save_quantized: the model's KV-cache calibration is for kv_cache ({saved_spec.describe()}); "
+                         f"recipe {recipe.name!r} has kv_cache ({spec.describe()})")
+    heads = _kv_heads(model, math.gcd(*(s[r][0].shape[0] for s in stats for r, _ in _ROLES))) if stats else 0
+    out: dict[str, torch.Tensor] = {}
+    for i, s in enumerate(stats):
+        for role, short in _ROLES:
+            lo, hi = (t.detach().float().cpu().contiguous() for t in s[role])
+            out[f"{_KV}.{i}.{role}_min"], out[f"{_KV}.{i}.{role}_max"] = lo, hi
+            g = _granularity(spec, role)
+            if g is not Granularity.PER_TOKEN:
+                scale, zero = _serving_scale((lo, hi), heads, g, spec)
+                out[f"{_KV}.{i}.{short}_scale"] = scale
+                if zero is not None:
+                    out[f"{_KV}.{i}.{short}_zero"] = zero
+    clash = sorted(k for k in model.state_dict() if k.startswith(_KV + "."))
+    if clash:
+        raise ValueError(f"save_quantized: the model's own tensors {clash[:3]} use the {_KV!r} prefix of the KV-cache "
+                         "calibration tensors")
+    return out, {"attentions": len(stats), "kv_heads": heads, "dtype": kv_format.storage_name(spec),
+                 "key": spec.key.value, "value": spec.value.value}
+
+
+def _save_model(model: torch.nn.Module, weights: Path, meta: dict[str, str], extra: dict[str, torch.Tensor]) -> None:
+    """``safetensors.torch.save_model`` plus the ``extra`` tensors in the same file (shared tensors
+    dropped as save_model drops them, so load_model finds them again)."""
+    if not extra:
+        safetensors.torch.save_model(model, str(weights), metadata=meta)
+        return
+    from safetensors.torch import _remove_duplicate_names
+    state = model.state_dict()
+    for kept, removed in _remove_duplicate_names(state).items():
+        for name in removed:
+            meta.setdefault(name, kept)
+            del state[name]
+    state = {k: v.contiguous() for k, v in state.items()}
+    state.update(extra)
+    safetensors.torch.save_file(state, str(weights), metadata=meta)
+
+
+def _kv_stats(weights: Path, recipe: Recipe, meta: dict[str, str], tensors: dict[str, torch.Tensor]):
+    """``(spec, [per attention {"key": (min, max), "value": (min, max)}])`` from the file, for
+    ``KV_STATS_ATTR``; None without a kv_cache in the recipe. ``CheckpointError`` when a static spec's
+    tensors are missing, misshapen, or disagree with their scales."""
+    spec = recipe.kv_cache
+    if spec is None:
+        return None
+    static = "static KV-cache scales" if spec.static else "a KV cache"
+    if _KV not in meta:
+        if spec.static:
+            raise CheckpointError(f"{weights}: recipe {recipe.name!r} has static KV-cache scales (kv_cache "
+                                  f"{spec.describe()}), but the metadata lacks {_KV!r} and the file its kv_cache.* "
+                                  "tensors: save the model with save_quantized after qcompiler.quantize with "
+                                  "calibration")
+        return spec, []
+    try:
+        info = json.loads(meta[_KV])
+        n, heads = int(info["attentions"]), int(info["kv_heads"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{weights}: metadata {_KV!r} must be JSON with 'attentions' and 'kv_heads' "
+                              f"(got {meta[_KV][:80]!r})") from None
+    if spec.static and n <= 0:
+        raise CheckpointError(f"{weights}: recipe {recipe.name!r} has {static}, but metadata {_KV!r} records no "
+                              "attention")
+    needed = []
+    for i in range(n):
+        for role, short in _ROLES:
+            needed += [f"{_KV}.{i}.{role}_min", f"{_KV}.{i}.{role}_max"]
+            if _granularity(spec, role) is not Granularity.PER_TOKEN:
+                needed.append(f"{_KV}.{i}.{short}_scale")
+                if not spec.symmetric:
+                    needed.append(f"{_KV}.{i}.{short}_zero")
+    lacking = [k for k in needed if k not in tensors]
+    if lacking:
+        raise CheckpointError(f"{weights}: recipe {recipe.name!r} has {static} (kv_cache {spec.describe()}) for {n} "
+                              f"attentions, but the file lacks tensors {lacking[:4]}"
+                              f"{f' and {len(lacking) - 4} more' if len(lacking) > 4 else ''}")
+    stats = []
+    for i in range(n):
+        entry = {}
+        for role, short in _ROLES:
+            lo, hi = tensors[f"{_KV}.{i}.{role}_min"].float(), tensors[f"{_KV}.{i}.{role}_max"].float()
+            if lo.dim() != 2 or lo.shape != hi.shape or heads <= 0 or lo.shape[0] % heads:
+                raise CheckpointError(f"{weights}: {_KV}.{i}.{role}_min / _max have shapes {list(lo.shape)} / "
+                                      f"{list(hi.shape)}; expected equal [observed heads, head_dim] with the heads a "
+                                      f"multiple of kv_heads {heads}")
+            g = _granularity(spec, role)
+            if g is not Granularity.PER_TOKEN:
+                want, want_zero = _serving_scale((lo, hi), heads, g, spec)
+                got, got_zero = tensors[f"{_KV}.{i}.{short}_scale"], tensors.get(f"{_KV}.{i}.{short}_zero")
+                if got.shape != want.shape or not torch.allclose(got.float(), want, rtol=1e-6, atol=0) or \
+                        (want_zero is not None and (got_zero is None or not torch.equal(got_zero, want_zero))):
+                    raise CheckpointError(f"{weights}: {_KV}.{i}.{short}_scale (shape {list(got.shape)}) is not the "
+                                          f"scale of the stored {role} range ({list(want.shape)}): the file was "
+                                          "changed after save_quantized wrote it")
+            entry[role] = (lo.contiguous(), hi.contiguous())
+        stats.append(entry)
+    return spec, stats

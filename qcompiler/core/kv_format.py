@@ -1,0 +1,115 @@
+"""The KV cache's stored format: how one attention's keys (or values) are written to a quantized
+cache and read back. One definition, used by the KV-cache pass (which quantizes and dequantizes in the
+graph) and by the quantized cache (``qcompiler.runtime.kv_cache``, which stores the codes), so both
+give back the same values.
+
+Layout of one role (keys or values) of one attention, tensors ``[batch, kv_heads, tokens, head_dim]``:
+
+- ``codes``: int8 (symmetric int8), uint8 (asymmetric int8), float8_e4m3fn (fp8), or uint8
+  ``[..., head_dim / 2]`` for int4: two values per byte along the head dimension, element 2j in
+  the low nibble (``qcompiler.core.packing``; two's complement for symmetric int4, 0..15 asymmetric);
+- ``scale``: float32, broadcast over the codes: 0-d (per tensor), ``[1, H, 1, 1]`` (per head),
+  ``[1, H, 1, D]`` (per head and channel) — static, from calibration — or ``[B, H, T, 1]`` (per
+  token and head, computed as each token is written, stored beside its codes);
+- ``zero``: None (symmetric) or uint8 of the scale's shape (asymmetric integers).
+
+``read(write(x))`` is ``dequantize(quantize(x))`` with ONNX QuantizeLinear / DequantizeLinear
+semantics (``qcompiler.core.numerics``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from qcompiler.core import numerics
+from qcompiler.core.packing import pack_int4, unpack_int4
+from qcompiler.recipes import Granularity, KVCacheSpec, QuantDtype
+
+__all__ = ["storage_name", "static_scale", "write", "read", "windowed_attention", "KV_STATS_ATTR"]
+
+#: where a model keeps its KV-cache calibration, ``(KVCacheSpec, [per attention in call order:
+#: {"key": (min, max), "value": (min, max)}, tensors [observed heads, head_dim]])``: set by the
+#: backend's calibration and by ``load_quantized``; read by ``qcompiler.kv_cache(model)``
+KV_STATS_ATTR = "_qcompiler_kv_stats"
+
+
+def storage_name(spec: KVCacheSpec) -> str:
+    """The codes' dtype name: int8 / uint8 / fp8_e4m3 / int4 / uint4."""
+    name = spec.dtype.value
+    return name if spec.symmetric else numerics.UNSIGNED[name]
+
+
+def static_scale(stats: tuple[torch.Tensor, torch.Tensor], heads: int, granularity: Granularity,
+                 spec: KVCacheSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale (and zero point) from observed ``(min, max)`` [observed heads, head_dim], folded onto
+    ``heads`` KV heads (grouped-query attention repeats them) and shaped to broadcast over
+    ``[batch, heads, tokens, head_dim]``."""
+    if granularity is Granularity.PER_TOKEN:
+        raise ValueError("per_token scales are computed as tokens are written, not from calibration")
+    lo, hi = stats
+    rep = lo.shape[0] // heads
+    lo, hi = lo.reshape(heads, rep, -1).amin(1), hi.reshape(heads, rep, -1).amax(1)     # [H, D]
+    if granularity is Granularity.PER_TENSOR:
+        lo, hi = lo.amin(), hi.amax()
+    elif granularity is Granularity.PER_HEAD:
+        lo, hi = lo.amin(-1).reshape(1, heads, 1, 1), hi.amax(-1).reshape(1, heads, 1, 1)
+    else:
+        lo, hi = lo.reshape(1, heads, 1, -1), hi.reshape(1, heads, 1, -1)
+    if spec.symmetric:
+        return numerics.choose_scale(torch.maximum(lo.abs(), hi.abs()), spec.dtype.value)
+    scale, zero = numerics.choose_scale(None, spec.dtype.value, minimum=lo, maximum=hi, symmetric=False)
+    return scale, zero.to(torch.uint8)
+
+
+def write(x: torch.Tensor, spec: KVCacheSpec, scale: torch.Tensor | None = None,
+          zero: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(codes, scale, zero)`` of ``x`` [B, H, T, D]: with the static ``scale`` / ``zero`` given,
+    or per token and head when ``scale`` is None."""
+    name = storage_name(spec)
+    if scale is None:
+        if spec.symmetric:
+            codes, scale = numerics.quantize_per_token(x, spec.dtype.value)
+        else:
+            codes, scale, zero = numerics.quantize_per_token_asymmetric(x, spec.dtype.value)
+            zero = zero.to(torch.uint8)
+    else:
+        codes = numerics.quantize(x, scale, zero, name)
+    if spec.dtype is QuantDtype.INT4:
+        codes = pack_int4(codes)
+    return codes, scale, zero
+
+
+def read(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, name: str, head_dim: int,
+         out_dtype: torch.dtype) -> torch.Tensor:
+    """The values ``codes`` stand for, in ``out_dtype`` (``name``: ``storage_name`` of the spec)."""
+    if name in ("int4", "uint4"):
+        codes = unpack_int4(codes, head_dim, signed=name == "int4")
+    return numerics.dequantize(codes, scale, zero, out_dtype)
+
+
+def windowed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_dq: torch.Tensor,
+                       value_dq: torch.Tensor, attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
+                       is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False, *,
+                       window: int) -> torch.Tensor:
+    """``scaled_dot_product_attention`` in which the query at position i reads the keys and values
+    of positions j with ``i - j < window`` from ``key`` / ``value`` (full precision) and older ones
+    from ``key_dq`` / ``value_dq`` (quantized and dequantized): a cache with a full-precision
+    residual window, as each decode step reads it. Queries are the last positions of the keys."""
+    if dropout_p:
+        raise ValueError("windowed_attention: dropout is not supported (inference only)")
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        rep = query.shape[-3] // key.shape[-3]
+        key, value, key_dq, value_dq = (t.repeat_interleave(rep, dim=-3) for t in (key, value, key_dq, value_dq))
+    tq, tk = query.shape[-2], key.shape[-2]
+    pos = torch.arange(tq, device=query.device) + (tk - tq)
+    recent = (pos[:, None] - torch.arange(tk, device=query.device)[None, :]) < window          # [tq, tk]
+    s = scale if scale is not None else 1.0 / math.sqrt(query.shape[-1])
+    scores = torch.where(recent, query @ key.transpose(-1, -2), query @ key_dq.transpose(-1, -2)) * s
+    if is_causal:
+        scores = scores.masked_fill(~torch.ones(tq, tk, dtype=torch.bool, device=query.device).tril(), float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    p = scores.softmax(dim=-1)
+    return (p * recent) @ value + (p * ~recent) @ value_dq

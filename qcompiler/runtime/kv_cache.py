@@ -1,0 +1,197 @@
+"""A KV cache that stores keys and values quantized: ``QuantizedKVCache``, a transformers ``Cache``.
+
+Pass it to ``model.generate(..., cache=cache)`` or to a forward (eager, quantized with
+``qcompiler.quantize``, or compiled with a qcompiler backend); build it with ``qcompiler.kv_cache``,
+which takes the static scales from the recipe's calibration. Each layer keeps, for keys and for
+values, the codes and scales of ``qcompiler.core.kv_format`` (INT4 packed two per byte) and its
+``residual_window`` most recent tokens in the model's dtype. A token that leaves the window is
+quantized and appended to the codes; every read dequantizes the codes (``qcompiler::kv_cache_read``)
+and appends the window. The cache therefore gives back, at each decode step, exactly what the
+KV-cache pass computes in the graph for that position (tested), while holding the quantized format:
+``nbytes()`` measures what it holds.
+
+Under ``torch.compile`` the cache's update is traced into the graph; the KV-cache pass recognises
+its read op and adds no quantization of its own.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from qcompiler.core import kv_format
+from qcompiler.core.kv_format import KV_STATS_ATTR
+from qcompiler.errors import CalibrationError, UnsupportedError
+from qcompiler.recipes import Granularity, KVCacheSpec
+
+__all__ = ["QuantizedKVCache", "QuantizedKVLayer", "KV_STATS_ATTR"]
+
+_ROLES = ("key", "value")
+Stats = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+class QuantizedKVLayer(DynamicLayer):
+    """One attention's cache: quantized codes (+ scales) for the tokens older than the window, the
+    window in full precision. ``stats``: the calibration's ``{"key": (min, max), "value": ...}``
+    per observed head and channel, needed when the spec has static scales."""
+
+    is_croppable = False
+
+    def __init__(self, spec: KVCacheSpec, stats: Stats | None = None):
+        super().__init__()
+        if spec.static and stats is None:
+            raise CalibrationError(f"the KV cache spec ({spec.describe()}) has static scales: the cache needs the "
+                                   "calibration's key / value ranges (build it with qcompiler.kv_cache)")
+        self.spec = spec
+        self.stats = stats
+        self.storage_name = kv_format.storage_name(spec)
+        self.cumulative_length = 0
+        self.codes: dict[str, torch.Tensor] = {}
+        self.scales: dict[str, torch.Tensor] = {}
+        self.zeros: dict[str, torch.Tensor | None] = {}
+        self._static: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+
+    def _granularity(self, role: str) -> Granularity:
+        return self.spec.key if role == "key" else self.spec.value
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device, self.dtype = key_states.device, key_states.dtype
+        heads, head_dim = key_states.shape[1], key_states.shape[-1]
+        if self.spec.dtype.value == "int4" and head_dim % 2:
+            raise UnsupportedError(f"recipe.kv_cache.dtype='int4' packs two values per byte along the head "
+                                   f"dimension, which is odd ({head_dim})")
+        for role, states in zip(_ROLES, (key_states, value_states)):
+            scale = zero = None
+            if self._granularity(role) is not Granularity.PER_TOKEN:
+                lo, hi = self.stats[role]
+                if lo.shape[0] % heads or lo.shape[-1] != head_dim:
+                    raise UnsupportedError(f"the calibration saw {role}s of {tuple(lo.shape)} heads x channels; this "
+                                           f"layer caches {heads} heads x {head_dim}")
+                scale, zero = kv_format.static_scale(self.stats[role], heads, self._granularity(role), self.spec)
+                scale, zero = scale.to(self.device), zero.to(self.device) if zero is not None else None
+            self._static[role] = (scale, zero)
+            codes, s, z = kv_format.write(states[:, :, :0], self.spec, scale, zero)
+            self.codes[role], self.scales[role], self.zeros[role] = codes, s, z
+        self.keys = key_states[:, :, :0]
+        self.values = value_states[:, :, :0]
+        self.head_dim = head_dim
+        self.is_initialized = True
+
+    def _store(self, role: str, states: torch.Tensor) -> None:
+        scale, zero = self._static[role]
+        codes, s, z = kv_format.write(states, self.spec, scale, zero)
+        self.codes[role] = torch.cat([self.codes[role], codes], dim=-2)
+        if scale is None:                                # per token: the scales grow with the codes
+            self.scales[role] = torch.cat([self.scales[role], s], dim=-2)
+            if z is not None:
+                self.zeros[role] = torch.cat([self.zeros[role], z], dim=-2)
+
+    def _read(self, role: str) -> torch.Tensor:
+        return torch.ops.qcompiler.kv_cache_read(self.codes[role], self.scales[role], self.zeros[role],
+                                                 self.storage_name, self.head_dim, self.dtype)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new tokens; return every cached key and value as the attention reads them."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.cumulative_length += key_states.shape[-2]
+        out = []
+        for role, new in zip(_ROLES, (key_states, value_states)):
+            recent = torch.cat([self.keys if role == "key" else self.values, new], dim=-2)
+            spill = recent.shape[-2] - self.spec.residual_window
+            if spill > 0:
+                self._store(role, recent[:, :, :spill])
+                recent = recent[:, :, spill:].clone()    # the window alone, not the tensor it was cut from
+            if role == "key":
+                self.keys = recent
+            else:
+                self.values = recent
+            out.append(torch.cat([self._read(role), recent], dim=-2))
+        return out[0], out[1]
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor this layer holds: codes, scales, zero points, the full-precision window."""
+        if not self.is_initialized:
+            return []
+        held = [self.keys, self.values]
+        for role in _ROLES:
+            held += [self.codes[role], self.scales[role]]
+            if self.zeros[role] is not None:
+                held.append(self.zeros[role])
+        return held
+
+    def _map_batch(self, fn) -> None:
+        if not self.is_initialized:
+            return
+        self.keys, self.values = fn(self.keys), fn(self.values)
+        for role in _ROLES:
+            self.codes[role] = fn(self.codes[role])
+            if self._static[role][0] is None:           # per-token scales have a batch dimension
+                self.scales[role] = fn(self.scales[role])
+                if self.zeros[role] is not None:
+                    self.zeros[role] = fn(self.zeros[role])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices, ...])
+
+    def crop(self, max_length: int) -> None:
+        raise UnsupportedError("a quantized KV cache cannot be cropped (its codes are not rewound); "
+                               "use a DynamicCache for assisted decoding")
+
+    def reset(self) -> None:
+        super().reset()
+        self.cumulative_length = 0
+        self.codes, self.scales, self.zeros = {}, {}, {}
+
+
+class QuantizedKVCache(Cache):
+    """A transformers ``Cache`` of ``QuantizedKVLayer`` per attention, in the order the model runs
+    them. ``stats``: one ``{"key": (min, max), "value": (min, max)}`` per attention (the KV
+    observer's result, in call order), needed for static scales; without static scales layers are
+    added as the model asks for them."""
+
+    def __init__(self, spec: KVCacheSpec, stats: Sequence[Stats] | None = None):
+        if not isinstance(spec, KVCacheSpec):
+            raise TypeError(f"QuantizedKVCache takes a KVCacheSpec, got {type(spec).__name__}")
+        self.spec = spec
+        if stats is not None:
+            super().__init__(layers=[QuantizedKVLayer(spec, s) for s in stats])
+        elif spec.static:
+            raise CalibrationError(f"the KV cache spec ({spec.describe()}) has static scales: build the cache with "
+                                   "qcompiler.kv_cache(model), which takes them from the recipe's calibration")
+        else:
+            super().__init__(layer_class_to_replicate=lambda: QuantizedKVLayer(spec))
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if self.layer_class_to_replicate is None and layer_idx >= len(self.layers):
+            raise UnsupportedError(f"the model writes cache layer {layer_idx}, but calibration saw "
+                                   f"{len(self.layers)} attentions: build the cache for this model")
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def nbytes(self) -> int:
+        """Bytes of the tensors the cache holds now (each storage counted once), measured from the
+        tensors themselves."""
+        seen, total = set(), 0
+        for layer in self.layers:
+            for t in getattr(layer, "tensors", lambda: [])():
+                storage = t.untyped_storage()
+                key = (storage.data_ptr(), t.device)
+                if key not in seen and storage.nbytes():
+                    seen.add(key)
+                    total += storage.nbytes()
+        return total

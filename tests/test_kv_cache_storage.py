@@ -1,0 +1,241 @@
+"""The quantized KV cache (``qcompiler.kv_cache`` -> ``QuantizedKVCache``): it stores codes and
+scales (INT4 packed), gives back at each decode step what the KV-cache pass computes in the graph,
+runs under ``model.generate`` compiled and eager with batched, padded prompts, and its memory is
+measured from the tensors it holds."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import qcompiler
+from qcompiler import recipes
+from qcompiler.core import kv_format
+from qcompiler.core.packing import unpack_int4
+from qcompiler.errors import CalibrationError, RecipeError, UnsupportedError
+from qcompiler.recipes import KVCacheSpec
+from qcompiler.runtime.kv_cache import QuantizedKVCache
+from tiny_models import ARCHS, calibration_batches, tiny_model, token_batches
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _recipe(preset: str, window: int = 0):
+    """``preset`` with the given full-precision window (``kv-int4`` ships with 128: longer than these tests)."""
+    r = recipes.get(preset)
+    return r.replace(name=f"{preset}-w{window}", kv_cache=dataclasses.replace(r.kv_cache, residual_window=window))
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _graph_logits(model, recipe, x, calib) -> torch.Tensor:
+    """The KV-cache pass's logits for the whole sequence (compiled; fake quantization in the graph)."""
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(model, backend=qcompiler.backend(recipe, calibration=calib, progress=False))(x).logits
+    torch._dynamo.reset()
+    return out
+
+
+def _decode_token_by_token(model, cache, x) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model(x[:, t:t + 1], cache=cache, use_cache=True).logits for t in range(x.shape[1])], 1)
+
+
+_CASES = [(arch, "kv-int8", 0) for arch in ARCHS] + [(arch, "kv-int4", 0) for arch in ARCHS] + \
+    [("llama", "kv-fp8", 0), ("llama", "kv-int8", 3), ("qwen2", "kv-int4", 4), ("gpt2", "kv-fp8", 5)]
+
+
+@pytest.mark.parametrize("arch,preset,window", _CASES, ids=[f"{a}-{p}-w{w}" for a, p, w in _CASES])
+def test_each_decode_step_reads_what_the_graph_pass_computes(arch, preset, window):
+    """Token by token through the quantized cache (every query is a decode step) = the compiled
+    forward with the KV-cache pass over the whole sequence, on every tiny architecture."""
+    model, x, calib = tiny_model(arch), token_batches(1, 11, seed=3)[0], calibration_batches()
+    recipe = _recipe(preset, window)
+    cache = qcompiler.kv_cache(model, recipe, calib, progress=False)
+    step = _decode_token_by_token(model, cache, x)
+    full = _graph_logits(model, recipe, x, calib)
+    with torch.no_grad():
+        plain = model(x).logits
+    assert _rel(step, full) < 1e-5 < _rel(plain, full)
+    layer = cache.layers[0]
+    held = layer.codes["key"].shape[-2]
+    assert held == x.shape[1] - window and layer.keys.shape[-2] == window
+    assert cache.get_seq_length() == x.shape[1]
+
+
+def test_a_window_on_matmul_attention_is_refused_naming_the_field():
+    model, calib = tiny_model("llama"), calibration_batches()
+    model.config._attn_implementation = "eager"            # softmax(q @ k^T) @ v written out
+    qb = qcompiler.backend(_recipe("kv-int8", 4), calibration=calib, progress=False)
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="residual_window=4 is computed for "
+                                                                       "scaled_dot_product_attention"):
+        with torch.no_grad():
+            torch.compile(model, backend=qb)(token_batches(1, 6, seed=3)[0])
+
+
+@pytest.mark.parametrize("preset", ["kv-int8", "kv-fp8", "kv-int4"])
+def test_prefill_through_the_cache_equals_the_graph_pass(preset):
+    model, x, calib = tiny_model("mistral"), token_batches(1, 12, seed=3)[0], calibration_batches()
+    recipe = _recipe(preset)
+    cache = qcompiler.kv_cache(model, recipe, calib, progress=False)
+    with torch.no_grad():
+        out = model(x, cache=cache, use_cache=True).logits
+    assert _rel(out, _graph_logits(model, recipe, x, calib)) < 1e-6
+
+
+def test_the_cache_holds_codes_packed_int4_and_per_token_scales():
+    model, x = tiny_model("llama"), token_batches(1, 9, seed=3)[0]
+    cache = qcompiler.kv_cache(model, _recipe("kv-int4"), calibration_batches(), progress=False)
+    with torch.no_grad():
+        model(x, cache=cache, use_cache=True)
+    layer = cache.layers[0]
+    kv_heads, head_dim = layer.head_dim and layer.codes["key"].shape[1], layer.head_dim
+    assert layer.codes["key"].dtype == torch.uint8 and layer.codes["key"].shape == (1, kv_heads, 9, head_dim // 2)
+    assert layer.scales["key"].shape == (1, kv_heads, 1, head_dim)                 # static per head and channel
+    assert layer.scales["value"].shape == (1, kv_heads, 9, 1) and layer.zeros["value"].dtype == torch.uint8
+    # the packed nibbles are the values the attention read back
+    codes = unpack_int4(layer.codes["value"], head_dim, signed=False)
+    read = kv_format.read(layer.codes["value"], layer.scales["value"], layer.zeros["value"], "uint4", head_dim,
+                          torch.float32)
+    assert torch.equal(read, (codes.float() - layer.zeros["value"].float()) * layer.scales["value"])
+    assert int(codes.max()) <= 15 and int(codes.min()) >= 0
+
+
+@pytest.mark.parametrize("preset,ratio", [("kv-int8", 0.30), ("kv-fp8", 0.30), ("kv-int4", 0.30)])
+def test_memory_is_measured_from_the_held_tensors(preset, ratio):
+    """nbytes() sums the storages the cache holds; against a float32 DynamicCache after the same prompt."""
+    model, x = tiny_model("qwen2"), token_batches(2, 40, seed=3)
+    x = torch.cat(x)
+    cache = qcompiler.kv_cache(model, _recipe(preset), calibration_batches(), progress=False)
+    plain = DynamicCache()
+    with torch.no_grad():
+        model(x, cache=cache, use_cache=True)
+        model(x, cache=plain, use_cache=True)
+    float_bytes = sum(layer.keys.untyped_storage().nbytes() + layer.values.untyped_storage().nbytes()
+                      for layer in plain.layers)
+    held = sum(t.numel() * t.element_size() for layer in cache.layers for t in layer.tensors())
+    assert cache.nbytes() == held
+    assert cache.nbytes() < ratio * float_bytes, (cache.nbytes(), float_bytes)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_generate_batched_with_padding(compiled):
+    """model.generate with a left-padded batch of two prompts: the quantized cache gives each row
+    what that prompt alone gives (padding masked), compiled or not."""
+    model, calib = tiny_model("llama"), calibration_batches()
+    model.generation_config.pad_token_id = 0
+    short, long = token_batches(1, 5, seed=7)[0], token_batches(1, 9, seed=8)[0]
+    batch = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1), long])
+    mask = torch.cat([torch.cat([torch.zeros(1, 4), torch.ones(1, 5)], 1), torch.ones(1, 9)]).long()
+    kw = dict(max_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        alone = model.generate(long, cache=qcompiler.kv_cache(model, "kv-int8", calib, progress=False), **kw)
+    qb = qcompiler.backend("kv-int8", calibration=calib, progress=False)
+    if compiled:          # generate calls model.forward: compile that
+        model.forward = torch.compile(model.forward, backend=qb)
+        cache = qcompiler.kv_cache(model)
+    else:
+        cache = qcompiler.kv_cache(model, "kv-int8", calib, progress=False)
+    with torch.no_grad():
+        both = model.generate(batch, attention_mask=mask, cache=cache, **kw)
+    assert torch.equal(both[1], alone[0])
+    if compiled:
+        notes = [d.note for d in qb.report.tensors.values() if d.kind == "kv_cache"]
+        assert notes and any("read from qcompiler's quantized KV cache" in n for n in notes)
+
+
+def test_compiled_decode_through_the_cache_adds_no_second_quantization():
+    model, x, calib = tiny_model("qwen2"), token_batches(1, 10, seed=3)[0], calibration_batches()
+    qb = qcompiler.backend("kv-int8", calibration=calib, progress=False)
+    compiled = torch.compile(model, backend=qb)
+    cache = qcompiler.kv_cache(compiled)
+    with torch.no_grad():
+        pre = compiled(x[:, :7], cache=cache, use_cache=True).logits
+        steps = [compiled(x[:, t:t + 1], cache=cache, use_cache=True).logits for t in range(7, 10)]
+    torch._dynamo.reset()
+    eager_cache = qcompiler.kv_cache(model, "kv-int8", calib, progress=False)
+    with torch.no_grad():
+        ref_pre = model(x[:, :7], cache=eager_cache, use_cache=True).logits
+        ref_steps = [model(x[:, t:t + 1], cache=eager_cache, use_cache=True).logits for t in range(7, 10)]
+    assert _rel(pre, ref_pre) < 1e-6 and _rel(torch.cat(steps, 1), torch.cat(ref_steps, 1)) < 1e-6
+
+
+def test_beam_reorder_moves_codes_and_per_token_scales():
+    model, x = tiny_model("llama"), torch.cat(token_batches(3, 6, seed=3))
+    cache = qcompiler.kv_cache(model, _recipe("kv-int4"), calibration_batches(), progress=False)
+    with torch.no_grad():
+        model(x, cache=cache, use_cache=True)
+    layer = cache.layers[0]
+    before = {r: layer._read(r) for r in ("key", "value")}
+    cache.reorder_cache(torch.tensor([2, 0, 1]))
+    for role, read in before.items():
+        assert torch.equal(layer._read(role), read[[2, 0, 1]])
+
+
+def test_quantize_then_kv_cache_uses_the_recipe_calibration():
+    model, x, calib = tiny_model("llama"), token_batches(1, 8, seed=3)[0], calibration_batches()
+    qcompiler.quantize(model, "w8a16+kv-int8", calibration=calib, progress=False)
+    cache = qcompiler.kv_cache(model)
+    with torch.no_grad():
+        model(x, cache=cache, use_cache=True)
+    assert cache.layers[0].codes["key"].dtype == torch.int8
+    note = qcompiler.report(model).tensors
+    assert any("qcompiler.kv_cache" in d.note for d in note.values() if d.kind == "kv_cache")
+
+
+def test_bad_input_is_refused_clearly():
+    model = tiny_model("llama")
+    with pytest.raises(RecipeError, match="has no kv_cache"):
+        qcompiler.kv_cache(model, "w8a16", calibration_batches(), progress=False)
+    with pytest.raises(CalibrationError, match="static scales"):
+        QuantizedKVCache(KVCacheSpec("int8"))
+    with pytest.raises(ValueError, match="carries no KV-cache calibration"):
+        qcompiler.kv_cache(tiny_model("llama"))
+    with pytest.raises(RecipeError, match="residual_window=-1 must be an integer >= 0"):
+        KVCacheSpec("int8", residual_window=-1)
+    cache = QuantizedKVCache(KVCacheSpec("int8", "per_token", "per_token"))     # dynamic: no calibration needed
+    with torch.no_grad():
+        model(token_batches(1, 4, seed=3)[0], cache=cache, use_cache=True)
+    with pytest.raises(UnsupportedError, match="cannot be cropped"):
+        cache.crop(2)
+    few = qcompiler.kv_cache(model, "kv-int8", calibration_batches(), progress=False)
+    few.layers = few.layers[:1]
+    with pytest.raises(UnsupportedError, match="calibration saw 1 attentions"):
+        with torch.no_grad():
+            model(token_batches(1, 4, seed=3)[0], cache=few, use_cache=True)
+
+
+@pytest.mark.parametrize("preset", ["kv-int8", "kv-int4"])
+def test_triton_target_decodes_with_the_fused_kernel_on_the_codes(preset):
+    preset = _recipe(preset, 2)
+    """Target "triton": each decode step's attention is one qcompiler::triton_kv_decode_attention
+    (the kernel reads the codes; interpreter on CPU) and gives the eager cache's logits."""
+    pytest.importorskip("triton")
+    model, x, calib = tiny_model("qwen2"), torch.cat(token_batches(2, 10, seed=3)), calibration_batches()
+    qb = qcompiler.backend(preset, calibration=calib, progress=False, target="triton")
+    compiled = torch.compile(model, backend=qb)
+    cache = qcompiler.kv_cache(compiled)
+    with torch.no_grad():
+        pre = compiled(x[:, :7], cache=cache, use_cache=True).logits
+        steps = torch.cat([compiled(x[:, t:t + 1], cache=cache, use_cache=True).logits for t in range(7, 10)], 1)
+    torch._dynamo.reset()
+    eager = qcompiler.kv_cache(model, preset, calib, progress=False)
+    with torch.no_grad():
+        ref_pre = model(x[:, :7], cache=eager, use_cache=True).logits
+        ref_steps = torch.cat([model(x[:, t:t + 1], cache=eager, use_cache=True).logits for t in range(7, 10)], 1)
+    fused = [n for g in qb.graphs for n in g.graph.nodes
+             if n.target is torch.ops.qcompiler.triton_kv_decode_attention.default]
+    assert len(fused) >= model.config.num_hidden_layers
+    assert not qb.report.runtime_fallbacks
+    assert _rel(pre, ref_pre) < 1e-6 and _rel(steps, ref_steps) < 1e-5
