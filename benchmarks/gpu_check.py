@@ -1,4 +1,4 @@
-r"""The prepared GPU check: everything a lent GPU must show, in one device call of at most 8 minutes.
+r"""The prepared GPU check: everything a lent GPU must show, in one device call of at most 9 minutes.
 
 Steps, each with its own time limit, each logged to ``<out>/<step>.log``, summarised last:
 
@@ -11,6 +11,11 @@ Steps, each with its own time limit, each logged to ``<out>/<step>.log``, summar
 4. ``e2e``: ``benchmarks/gpu_kernels.py --part e2e --e2e-model SmolLM2-135M``: prefill and batch-1
    decode tokens/s per preset against bf16 (random weights of SmolLM2's shape: the GGUF does not
    travel), writing ``<out>/results_<gpu>_e2e.md``.
+5. ``kv-tests``: the decode-attention kernel's tests (``tests/backends/test_triton_decode_attention.py``),
+   compiled for the GPU.
+6. ``kv-attention``: ``benchmarks/gpu_kv_attention.py``: decode attention over the quantized KV cache
+   (int8 / fp8 / int4 codes read by the Triton kernel) against SDPA over a bf16 cache, writing
+   ``<out>/results_<gpu>_kv_attention.md``.
 
 A step that fails or runs out of time does not stop the next; the exit status is non-zero if any
 failed. Through the device tool (the checkout travels; torchao as a carried wheel, see README
@@ -37,8 +42,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 KERNEL_TESTS = ["tests/backends/test_triton_kernels.py", "tests/backends/test_triton_norm_quant.py",
                 "tests/backends/test_triton_backend.py"]
-#: Seconds per step on the GPU (the four together stay under 8 minutes with the install).
-LIMITS = {"env": 60, "kernel-tests": 150, "kernels": 150, "e2e": 100}
+#: Seconds per step on the GPU (together under 9 minutes with the install).
+LIMITS = {"env": 60, "kernel-tests": 150, "kernels": 120, "e2e": 90, "kv-tests": 60, "kv-attention": 60}
+KV_TESTS = ["tests/backends/test_triton_decode_attention.py"]
 
 _ENV_SCRIPT = """
 import platform, torch
@@ -71,6 +77,10 @@ def steps(out: Path, dry_run: bool) -> list[tuple[str, list[str], dict]]:
             ("e2e", bench + ["--part", "e2e", "--dry-run", "--e2e-model", "SmolLM2-135M", "--presets",
                              "w8a16,w8a8-int8-sq-dynamic", "--prefill-len", "256", "--decode-ctx", "128",
                              "--out", str(out / "results_dry_e2e.md")], {}),
+            ("kv-tests", [py, "-m", "pytest", "--collect-only", "-q", *KV_TESTS, "-p", "no:cacheprovider"],
+             {"TRITON_INTERPRET": "1"}),
+            ("kv-attention", [py, str(HERE / "gpu_kv_attention.py"), "--dry-run", "--out",
+                              str(out / "results_dry_kv_attention.md")], {"TRITON_INTERPRET": "1"}),
         ]
     import torch
     tag = torch.cuda.get_device_name().split()[-1].lower() if torch.cuda.is_available() else "gpu"
@@ -81,6 +91,9 @@ def steps(out: Path, dry_run: bool) -> list[tuple[str, list[str], dict]]:
                              str(out / f"results_{tag}_kernels.md")], {}),
         ("e2e", bench + ["--part", "e2e", "--e2e-model", "SmolLM2-135M", "--prefill-len", "2048",
                          "--decode-ctx", "512", "--out", str(out / f"results_{tag}_e2e.md")], {}),
+        ("kv-tests", [py, "-m", "pytest", "-q", "-x", *KV_TESTS, "-p", "no:cacheprovider"], {}),
+        ("kv-attention", [py, str(HERE / "gpu_kv_attention.py"), "--out", str(out / f"results_{tag}_kv_attention.md")],
+         {}),
     ]
 
 
@@ -103,7 +116,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="folder for the logs and result tables")
     ap.add_argument("--dry-run", action="store_true", help="CPU walk-through of every step (about a minute)")
-    ap.add_argument("--only", help="comma-separated steps to run (env, kernel-tests, kernels, e2e)")
+    ap.add_argument("--only", help=f"comma-separated steps to run ({', '.join(LIMITS)})")
     args = ap.parse_args(argv)
     if not args.dry_run:
         import torch

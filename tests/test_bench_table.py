@@ -60,3 +60,12 @@ def test_onednn_gemm_row_runs_every_float_linear_on_onednn():
     assert torch.nn.functional.linear not in targets and torch._C._nn.linear not in targets
     assert float((out - ref).norm() / ref.norm()) <= 1e-5
     torch._dynamo.reset()
+
+
+def test_fallback_notes_group_linears_kept_for_one_reason():
+    from qcompiler.tools.bench import _fallback_note
+    kept = [f"model.layers.{i}.mlp.up_proj (op kind 'linear' is in fallback.keep_op_kinds)" for i in range(30)]
+    note = _fallback_note(kept + ["model.layers.3.self_attn.o_proj (output SQNR 12.0 dB < 20.0)"])
+    assert note.startswith("30 linears (op kind 'linear' is in fallback.keep_op_kinds; model.layers.0.mlp.up_proj, ")
+    assert "model.layers.29.mlp.up_proj)" in note and "layers.17" not in note
+    assert note.endswith("; model.layers.3.self_attn.o_proj (output SQNR 12.0 dB < 20.0)")

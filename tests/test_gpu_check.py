@@ -20,9 +20,10 @@ def test_gpu_check_dry_run_walks_every_step(tmp_path):
                          env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     summary = (tmp_path / "summary.md").read_text()
-    for step in ("env", "kernel-tests", "kernels", "e2e"):
+    for step in ("env", "kernel-tests", "kernels", "e2e", "kv-tests", "kv-attention"):
         assert f"| {step} | ok |" in summary, summary
     assert "tests collected" in (tmp_path / "kernel-tests.log").read_text()
     e2e = (tmp_path / "results_dry_e2e.md").read_text()
     assert "SmolLM2-135M-shaped" in e2e and "| w8a8-int8-sq-dynamic |" in e2e and "failed" not in e2e
     assert "| Llama-3-8B |" in (tmp_path / "results_dry_kernels.md").read_text()
+    assert "| int4 KIVI" in (tmp_path / "results_dry_kv_attention.md").read_text()

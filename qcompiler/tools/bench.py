@@ -341,5 +341,20 @@ def format_table(rows: list[Row], facts: dict) -> str:
                      "the bytes its quantized tensors hold.")
     for r in rows:
         if r.fallbacks:
-            lines.append(f"\n{r.name} keeps in high precision: " + "; ".join(r.fallbacks))
+            lines.append(f"\n{r.name} keeps in high precision: " + _fallback_note(r.fallbacks))
     return "\n".join(lines)
+
+
+def _fallback_note(fallbacks: list[str]) -> str:
+    """``"fqn (reason)"`` entries, those sharing a reason grouped when more than three do."""
+    by_reason: dict[str, list[str]] = {}
+    for entry in fallbacks:
+        name, _, reason = entry.partition(" (")
+        by_reason.setdefault(reason.removesuffix(")"), []).append(name)
+    parts = []
+    for reason, names in by_reason.items():
+        if len(names) > 3:
+            parts.append(f"{len(names)} linears ({reason}; {names[0]}, {names[1]}, ... {names[-1]})")
+        else:
+            parts += [f"{n} ({reason})" for n in names]
+    return "; ".join(parts)
