@@ -154,8 +154,9 @@ def _transposed_last_two(node: Any) -> Node | None:
     return node.args[0] if dims == {rank - 2, rank - 1} else None
 
 
-def _eager_inputs(softmax: Node) -> tuple[Node, Node] | None:
-    """Key and value of an attention written as ``softmax(q @ k^T ...) @ v``, found around its softmax."""
+def _eager_attention(softmax: Node) -> tuple[Node, Node, Node, Node] | None:
+    """``(key, value, scores matmul, values matmul)`` of an attention written as
+    ``softmax(q @ k^T ...) @ v``, found around its softmax."""
     scores, frontier, seen = None, [softmax.args[0]], set()
     for _ in range(8):                      # back through scaling, mask and soft-capping to the scores
         nxt = []
@@ -178,11 +179,19 @@ def _eager_inputs(softmax: Node) -> tuple[Node, Node] | None:
             return None
         user = users[0]
         if user.op == "call_function" and user.target in _MATMULS and user.args[0] is cur:
-            return (key, user.args[1]) if key is not None and isinstance(user.args[1], Node) else None
+            if key is None or not isinstance(user.args[1], Node):
+                return None
+            return key, user.args[1], scores, user
         if not _score_op(user):
             return None
         cur = user
     return None
+
+
+def _eager_inputs(softmax: Node) -> tuple[Node, Node] | None:
+    """Key and value of an attention written as ``softmax(q @ k^T ...) @ v``, found around its softmax."""
+    found = _eager_attention(softmax)
+    return found[:2] if found is not None else None
 
 
 def _reader(read: Node, attention: Node) -> Node:
@@ -281,38 +290,66 @@ def _read_chain(read: Node) -> tuple[Node, list[Node]]:
     return cur, chain[::-1]
 
 
+def _dequantized_read(gm: GraphModule, read: Node, before: Node, role: str, spec: KVCacheSpec, stats, fqn: str,
+                      device) -> tuple[Node, str]:
+    """The attention input ``read`` again, read through Q/DQ: Q/DQ where the cache's concatenation (or
+    the new tokens' tensor) is, then the same layout steps (GQA repetition, crops) copied."""
+    graph = gm.graph
+    top, chain = _read_chain(read)
+    granularity = spec.key if role == "key" else spec.value
+    dq, info = _qdq(gm, top, before, granularity, spec, stats[role] if stats else None, f"{fqn}_{role}", device)
+    prev, cur = top, dq
+    with graph.inserting_before(before):
+        for n in chain:
+            mapping = {prev: cur}
+            prev, cur = n, graph.node_copy(n, lambda a: mapping.get(a, a))
+    return cur, f"{role}s {info}"
+
+
 def _windowed(gm: GraphModule, node: Node, fqn: str, spec: KVCacheSpec, stats, device) -> list[str]:
     """Residual window: the attention reads its last ``spec.residual_window`` positions' keys and
-    values in full precision and older ones quantized (``kv_format.windowed_attention``), which is
-    what the quantized cache gives at each decode step. The cache keeps full precision values."""
-    if node.target not in _SDPA:
-        raise UnsupportedError(f"recipe.kv_cache.residual_window={spec.residual_window} is computed for "
-                               f"scaled_dot_product_attention; attention {fqn} is written as matmuls (use "
-                               "residual_window=0, or the model's sdpa attention implementation)")
+    values in full precision and older ones quantized, which is what the quantized cache gives at
+    each decode step (the cache itself keeps full-precision values here). SDPA becomes
+    ``kv_format.windowed_attention``; an attention written as matmuls gets its scores chosen per
+    position between the two key reads and its value product split the same way."""
     graph = gm.graph
-    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-    call = dict(zip(names, node.args))
-    call.update(node.kwargs)
-    reads, described = {}, []
-    for role in ("key", "value"):
-        top, chain = _read_chain(call[role])
-        granularity = spec.key if role == "key" else spec.value
-        dq, info = _qdq(gm, top, node, granularity, spec, stats[role] if stats else None, f"{fqn}_{role}", device)
-        prev, cur = top, dq
+    if node.target in _SDPA:
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+        call = dict(zip(names, node.args))
+        call.update(node.kwargs)
+        reads, described = {}, []
+        for role in ("key", "value"):
+            reads[role], info = _dequantized_read(gm, call[role], node, role, spec, stats, fqn, device)
+            described.append(info)
         with graph.inserting_before(node):
-            for n in chain:                                  # the same layout steps (GQA repeat, crops) on it
-                mapping = {prev: cur}
-                prev, cur = n, graph.node_copy(n, lambda a: mapping.get(a, a))
-        reads[role] = cur
-        described.append(f"{role}s {info}")
-    with graph.inserting_before(node):
-        new = graph.call_function(kv_format.windowed_attention,
-                                  (call["query"], call["key"], call["value"], reads["key"], reads["value"]),
-                                  {k: call[k] for k in names[3:] if k in call} | {"window": spec.residual_window})
-    new.meta = dict(node.meta)
-    node.replace_all_uses_with(new)
-    graph.erase_node(node)
-    return described
+            new = graph.call_function(kv_format.windowed_attention,
+                                      (call["query"], call["key"], call["value"], reads["key"], reads["value"]),
+                                      {k: call[k] for k in names[3:] if k in call} | {"window": spec.residual_window})
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        return described
+    key, value, scores, product = _eager_attention(node)
+    k_dq, k_info = _dequantized_read(gm, key, scores, "key", spec, stats, fqn, device)
+    v_dq, v_info = _dequantized_read(gm, value, product, "value", spec, stats, fqn, device)
+    transposed = scores.args[1]
+    with graph.inserting_before(scores):
+        mapping = {key: k_dq}
+        kt_dq = graph.node_copy(transposed, lambda a: mapping.get(a, a))
+        mapping = {transposed: kt_dq}
+        scores_dq = graph.node_copy(scores, lambda a: mapping.get(a, a))
+    with graph.inserting_after(scores):
+        chosen = graph.call_function(kv_format.recent_or_quantized, (scores, scores_dq, spec.residual_window))
+    for user in list(scores.users):
+        if user is not chosen:
+            user.replace_input_with(scores, chosen)
+    with graph.inserting_before(product):
+        new = graph.call_function(kv_format.windowed_values,
+                                  (product.args[0], value, v_dq, spec.residual_window))
+    new.meta = dict(product.meta)
+    product.replace_all_uses_with(new)
+    graph.erase_node(product)
+    return [k_info, v_info]
 
 
 def _check_shapes(key: Node, entries: dict[str, Node], spec: KVCacheSpec, fqn: str) -> None:

@@ -226,21 +226,26 @@ def test_matmul_softmax_attention_is_found_like_sdpa():
     assert err < 1e-5, err
 
 
-def test_soft_capped_attention_is_found():
+@pytest.mark.parametrize("window", [0, 3])
+def test_soft_capped_attention_is_found(window):
     """Gemma 2 caps its attention scores (``tanh(s / cap) * cap``), which SDPA cannot express: its
-    matmul attention's keys and values are found through the capping."""
+    matmul attention's keys and values are found through the capping (with a residual window too:
+    the scores are chosen per position before the capping)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     torch.manual_seed(0)
     cfg = AutoConfig.for_model("gemma2", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=8)
     model, x = AutoModelForCausalLM.from_config(cfg).eval(), token_batches(1, 12, seed=3)[0]
-    qb = qcompiler.backend("kv-int8", calibration=calibration_batches(), progress=False)
+    recipe = recipes.get("kv-int8")
+    recipe = recipe.replace(kv_cache=dataclasses.replace(recipe.kv_cache, residual_window=window))
+    qb = qcompiler.backend(recipe, calibration=calibration_batches(), progress=False)
     with torch.no_grad():
         out = torch.compile(model, backend=qb)(x).logits
         ref = model(x).logits
     kv = _kv_decisions(qb.report)
     assert len(kv) == 2 and all(d.quantize for d in kv.values())
+    assert all(("last 3 positions in full precision" in d.note) == bool(window) for d in kv.values())
     err = ((out - ref).norm() / ref.norm()).item()
     assert 0 < err < 0.05, err
 

@@ -74,14 +74,20 @@ def test_each_decode_step_reads_what_the_graph_pass_computes(arch, preset, windo
     assert cache.get_seq_length() == x.shape[1]
 
 
-def test_a_window_on_matmul_attention_is_refused_naming_the_field():
-    model, calib = tiny_model("llama"), calibration_batches()
-    model.config._attn_implementation = "eager"            # softmax(q @ k^T) @ v written out
-    qb = qcompiler.backend(_recipe("kv-int8", 4), calibration=calib, progress=False)
-    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="residual_window=4 is computed for "
-                                                                       "scaled_dot_product_attention"):
-        with torch.no_grad():
-            torch.compile(model, backend=qb)(token_batches(1, 6, seed=3)[0])
+def test_a_window_on_matmul_attention_gives_the_sdpa_logits_and_the_caches():
+    """Attention written out (softmax(q @ k^T) @ v): the window is computed on its scores and value
+    product, giving the SDPA model's logits and, token by token, the quantized cache's."""
+    x, calib, recipe = token_batches(1, 11, seed=3)[0], calibration_batches(), _recipe("kv-int4", 3)
+    outs = {}
+    for impl in ("sdpa", "eager"):
+        model = tiny_model("llama")
+        model.config._attn_implementation = impl
+        outs[impl] = _graph_logits(model, recipe, x, calib)
+    assert _rel(outs["eager"], outs["sdpa"]) < 1e-5
+    model = tiny_model("llama")
+    model.config._attn_implementation = "eager"
+    step = _decode_token_by_token(model, qcompiler.kv_cache(model, recipe, calib, progress=False), x)
+    assert _rel(step, outs["eager"]) < 1e-5
 
 
 @pytest.mark.parametrize("preset", ["kv-int8", "kv-fp8", "kv-int4"])

@@ -27,7 +27,8 @@ from qcompiler.core import numerics
 from qcompiler.core.packing import pack_int4, unpack_int4
 from qcompiler.recipes import Granularity, KVCacheSpec, QuantDtype
 
-__all__ = ["storage_name", "static_scale", "write", "read", "windowed_attention", "KV_STATS_ATTR"]
+__all__ = ["storage_name", "static_scale", "write", "read", "windowed_attention", "recent_positions",
+           "recent_or_quantized", "windowed_values", "KV_STATS_ATTR"]
 
 #: where a model keeps its KV-cache calibration, ``(KVCacheSpec, [per attention in call order:
 #: {"key": (min, max), "value": (min, max)}, tensors [observed heads, head_dim]])``: set by the
@@ -103,8 +104,7 @@ def windowed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         rep = query.shape[-3] // key.shape[-3]
         key, value, key_dq, value_dq = (t.repeat_interleave(rep, dim=-3) for t in (key, value, key_dq, value_dq))
     tq, tk = query.shape[-2], key.shape[-2]
-    pos = torch.arange(tq, device=query.device) + (tk - tq)
-    recent = (pos[:, None] - torch.arange(tk, device=query.device)[None, :]) < window          # [tq, tk]
+    recent = recent_positions(tq, tk, window, query.device)
     s = scale if scale is not None else 1.0 / math.sqrt(query.shape[-1])
     scores = torch.where(recent, query @ key.transpose(-1, -2), query @ key_dq.transpose(-1, -2)) * s
     if is_causal:
@@ -113,3 +113,22 @@ def windowed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
     p = scores.softmax(dim=-1)
     return (p * recent) @ value + (p * ~recent) @ value_dq
+
+
+def recent_positions(tq: int, tk: int, window: int, device=None) -> torch.Tensor:
+    """bool [tq, tk]: whether query i (the last tq of tk positions) reads key j in full precision,
+    ``i - j < window``."""
+    pos = torch.arange(tq, device=device) + (tk - tq)
+    return (pos[:, None] - torch.arange(tk, device=device)[None, :]) < window
+
+
+def recent_or_quantized(scores: torch.Tensor, scores_dq: torch.Tensor, window: int) -> torch.Tensor:
+    """Attention scores [..., tq, tk] from the full-precision keys for the recent positions, from the
+    dequantized keys for older ones."""
+    return torch.where(recent_positions(scores.shape[-2], scores.shape[-1], window, scores.device), scores, scores_dq)
+
+
+def windowed_values(probs: torch.Tensor, value: torch.Tensor, value_dq: torch.Tensor, window: int) -> torch.Tensor:
+    """``probs @ values`` with the recent positions' values in full precision and older ones dequantized."""
+    recent = recent_positions(probs.shape[-2], probs.shape[-1], window, probs.device)
+    return (probs * recent) @ value + (probs * ~recent) @ value_dq
