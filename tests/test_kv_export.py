@@ -34,6 +34,7 @@ from qcompiler.recipes import Granularity, KVCacheSpec
 from qcompiler.runtime.eager import QuantizedLinear
 from qcompiler.runtime.serialization import WEIGHTS_FILE, load_quantized, save_quantized, saved_metadata
 from numerics_util import rel_err
+from test_serialization import _drop, _rewrite
 from tiny_models import VOCAB, calibration_batches, tiny_model, token_batches
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning",
@@ -122,18 +123,6 @@ def test_reloaded_kv_cache_generates_the_same_logits_without_calibration(arch, p
             assert (zero is None) == (f"kv_cache.{i}.{short}_zero" not in stored)
             if zero is not None:
                 assert torch.equal(stored[f"kv_cache.{i}.{short}_zero"].reshape(zero.shape), zero)
-
-
-def _rewrite(folder, tensors=lambda t: t, metadata=lambda m: m):
-    weights = folder / WEIGHTS_FILE
-    with safetensors.safe_open(str(weights), framework="pt") as f:
-        t = {k: f.get_tensor(k) for k in f.keys()}
-        m = dict(f.metadata())
-    safetensors.torch.save_file(tensors(t), str(weights), metadata=metadata(m))
-
-
-def _drop(d: dict, key: str) -> dict:
-    return {k: v for k, v in d.items() if k != key}
 
 
 @pytest.fixture(scope="module")
