@@ -188,7 +188,7 @@ def _kv_fp8() -> Recipe:
 @register_recipe("kv-fp8-r128")
 def _kv_fp8_r128() -> Recipe:
     # kv-fp8 with the last 128 positions in full precision (KIVI's / transformers' residual length);
-    # chosen on WikiText-2 validation text (SmolLM2: +0.45% -> +0.13%). No vLLM / TensorRT form.
+    # chosen on WikiText-2 validation text (benchmarks/kv_window_validation.py; SmolLM2: +0.45% -> +0.13%). No vLLM / TensorRT form.
     return Recipe(name="kv-fp8-r128", fallback=_FLOAT_LINEARS,
                   kv_cache=KVCacheSpec(QuantDtype.FP8_E4M3, Granularity.PER_TENSOR, Granularity.PER_TENSOR,
                                        residual_window=128))
@@ -198,7 +198,7 @@ def _kv_fp8_r128() -> Recipe:
 def _kv_int4() -> Recipe:
     # KIVI's layout: keys per channel (their outliers sit in fixed channels), values per token,
     # asymmetric; the key scales are static (calibrated per head and channel); the last 128 positions
-    # in full precision (KIVI's residual), chosen on WikiText-2 validation text (SmolLM2: +5.24% -> +0.85%)
+    # in full precision (KIVI's residual), chosen on WikiText-2 validation text (benchmarks/kv_window_validation.py; SmolLM2: +5.24% -> +0.85%)
     return Recipe(name="kv-int4", fallback=_FLOAT_LINEARS,
                   kv_cache=KVCacheSpec(QuantDtype.INT4, Granularity.PER_CHANNEL, Granularity.PER_TOKEN, symmetric=False,
                                        residual_window=128))
