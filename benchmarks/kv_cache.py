@@ -97,7 +97,7 @@ def _baseline_rows(model, windows, calib, fp_ppl, facts) -> list[Row]:
 
 def _windowed(presets: list[str]) -> list:
     """Preset names, ``NAME@rN`` standing for preset NAME with a full-precision residual window of N
-    tokens (``KVCacheSpec.residual_window``), labelled ``NAME@rN``."""
+    tokens (``KVCacheSpec.residual_window``; per_group blocks shortened to N when longer), labelled ``NAME@rN``."""
     from qcompiler import recipes
     out: list = []
     for name in presets:
@@ -108,7 +108,9 @@ def _windowed(presets: list[str]) -> list:
         recipe = recipes.get(base)
         if recipe.kv_cache is None:
             raise SystemExit(f"{name}: preset {base!r} has no kv_cache to give a residual window")
-        out.append(recipe.replace(name=name, kv_cache=dataclasses.replace(recipe.kv_cache, residual_window=int(window))))
+        kv = recipe.kv_cache           # per_group blocks fit in the window (none: per_group needs one)
+        out.append(recipe.replace(name=name, kv_cache=dataclasses.replace(
+            kv, residual_window=int(window), group_size=min(kv.group_size, int(window)))))
     return out
 
 

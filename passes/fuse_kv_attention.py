@@ -35,6 +35,11 @@ def _cache_parts(read: Node) -> tuple[Node, Node] | None:
     return (first, parts[1]) if first.target in _CACHE_READS else None
 
 
+def _group(read: Node) -> int:
+    """The ``group`` argument of a ``kv_cache_read`` node (0: not per_group)."""
+    return int(read.args[6] if len(read.args) > 6 else read.kwargs.get("group", 0))
+
+
 class FuseKVDecodeAttention:
     """``target``: run only when that target's op table declares ``fuses_kv_decode_attention``."""
 
@@ -67,10 +72,11 @@ class FuseKVDecodeAttention:
             (k_read, k_window), (v_read, v_window) = key, value
             kc, ks, kz, k_dtype = k_read.args[:4]
             vc, vs, vz, v_dtype = v_read.args[:4]
+            k_group, v_group = _group(k_read), _group(v_read)
             with gm.graph.inserting_before(node):
                 new = gm.graph.call_function(torch.ops.qcompiler.kv_decode_attention,
                                              (call["query"], kc, ks, kz, k_window, vc, vs, vz, v_window,
-                                              call.get("attn_mask"), float(scale), k_dtype, v_dtype))
+                                              call.get("attn_mask"), float(scale), k_dtype, v_dtype, k_group, v_group))
             new.meta = dict(node.meta)
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)

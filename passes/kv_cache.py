@@ -13,7 +13,9 @@ same values (as a quantized cache read in the same forward would).
 Scales: per_tensor / per_head / per_channel are static, from the float model's key / value ranges
 over the calibration batches (``KVObserver``: a ``TorchFunctionMode`` that sees every attention call,
 paired with the graph's attentions by the path of the module that calls them, and the order of the
-calls inside it); per_token scales are computed as each token is written (one per token and head).
+calls inside it); per_token scales are computed as each token is written (one per token and head);
+per_group scales per head and channel for each block of ``group_size`` positions of the cached sequence
+(always with a residual window at least that long, so the attention reads every block it quantizes whole).
 Under grouped-query attention the observed (repeated) heads are folded back onto the KV heads.
 """
 
@@ -240,9 +242,11 @@ def _find(gm: GraphModule, ann) -> list[tuple[str, Node]]:
 
 # ---- scales ---------------------------------------------------------------------------------
 
-def _describe_scale(scale: torch.Tensor, granularity: Granularity) -> str:
+def _describe_scale(scale: torch.Tensor, granularity: Granularity, group: int = 0) -> str:
     if granularity is Granularity.PER_TOKEN:
         return "per token and head, computed as written"
+    if granularity is Granularity.PER_GROUP:
+        return f"per head and channel for each block of {group} positions, from the block's range"
     if scale.dim() == 0:
         return f"static per tensor ({float(scale):.3g})"
     what = "head" if granularity is Granularity.PER_HEAD else "head and channel"
@@ -256,6 +260,11 @@ def _qdq(gm: GraphModule, x: Node, before: Node, granularity: Granularity, spec:
     """Q/DQ of ``x`` inserted before ``before``: ``(dequantized node, description of its scales)``."""
     out_dtype = _dtype(x)
     graph = gm.graph
+    if granularity is Granularity.PER_GROUP:        # the whole cached sequence (positions from 0): blocks of it
+        with graph.inserting_before(before):
+            dq = graph.call_function(kv_format.quantize_dequantize_blocks,
+                                     (x, spec.group_size, spec.dtype.value, spec.symmetric))
+        return dq, _describe_scale(None, granularity, spec.group_size)
     if granularity is Granularity.PER_TOKEN:
         with graph.inserting_before(before):
             if spec.symmetric:

@@ -32,7 +32,11 @@ def _fresh_dynamo():
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(dtype="int2"), "kv_cache.dtype='int2' is not supported"),
-    (dict(key="per_group"), "kv_cache.key='per_group' is not supported"),
+    (dict(key="per_group"), r"kv_cache.key='per_group' needs kv_cache.group_size > 0"),
+    (dict(value="per_group", group_size=8, residual_window=4),
+     r"kv_cache.value='per_group' .* kv_cache.group_size=8 must be <= kv_cache.residual_window=4"),
+    (dict(group_size=8, residual_window=8), r"kv_cache.group_size=8 is set, but neither kv_cache.key nor"),
+    (dict(key="per_group", group_size=-1), r"kv_cache.group_size=-1 must be an integer >= 0"),
     (dict(value="per_row"), "kv_cache.value='per_row' is not supported"),
     (dict(dtype="fp8_e4m3", symmetric=False), "kv_cache.symmetric=False is not supported for dtype 'fp8_e4m3'"),
     (dict(symmetric="false"), "kv_cache.symmetric='false' must be a bool"),
@@ -52,7 +56,8 @@ def test_kv_presets_compose_with_weight_presets_and_round_trip_json():
     dynamic = recipes.get("w8a16").replace(kv_cache=KVCacheSpec("int8", "per_token", "per_token"))
     assert not dynamic.requires_calibration
     int4 = recipes.get("kv-int4").kv_cache
-    assert int4.dtype is QuantDtype.INT4 and int4.key is Granularity.PER_CHANNEL and not int4.symmetric
+    assert int4.dtype is QuantDtype.INT4 and int4.key is Granularity.PER_GROUP and not int4.symmetric
+    assert 0 < int4.group_size <= int4.residual_window and not recipes.get("kv-int4").requires_calibration
     assert "linear" in recipes.get("kv-int8").fallback.keep_op_kinds     # on its own: weights stay float
     with pytest.raises(RecipeError, match="one KV-cache preset"):
         recipes.get("w8a16+w4a16-rtn")
@@ -153,16 +158,21 @@ def test_compiled_cache_quantization_equals_the_hand_fake_quantization(arch, spe
     assert err < 1e-5 < ((plain - ref).norm() / ref.norm()).item(), err
 
 
-def test_asymmetric_int4_per_channel_keys_use_zero_points():
+@pytest.mark.parametrize("key,note", [("per_channel", "keys static per head and channel"),
+                                      ("per_group", "keys per head and channel for each block of 4 positions")])
+def test_asymmetric_int4_keys_use_zero_points(key, note):
+    """kv-int4's layout (blocks of its keys' positions, here 4 in a 4-token window below a 12-token
+    sequence) and static per-channel keys."""
     model, x = tiny_model("llama"), token_batches(1, 12, seed=3)[0]
-    int4 = recipes.get("kv-int4")      # its 128-token window, shortened to 4 below a 12-token sequence
-    int4 = int4.replace(kv_cache=dataclasses.replace(int4.kv_cache, residual_window=4))
+    int4 = recipes.get("kv-int4")
+    int4 = int4.replace(kv_cache=dataclasses.replace(int4.kv_cache, key=key, residual_window=4,
+                                                     group_size=4 if key == "per_group" else 0))
     qb = qcompiler.backend(int4, calibration=calibration_batches(), progress=False)
     with torch.no_grad():
         out = torch.compile(model, backend=qb)(x).logits
         ref = model(x).logits
     kv = _kv_decisions(qb.report)
-    assert all("keys static per head and channel" in d.note and "values per token" in d.note for d in kv.values())
+    assert all(note in d.note and "values per token" in d.note for d in kv.values())
     err = ((out - ref).norm() / ref.norm()).item()
     assert 0 < err < 0.2, err
 

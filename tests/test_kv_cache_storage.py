@@ -29,9 +29,11 @@ def _fresh_dynamo():
 
 
 def _recipe(preset: str, window: int = 0):
-    """``preset`` with the given full-precision window (``kv-int4`` ships with 128: longer than these tests)."""
+    """``preset`` with the given full-precision window (``kv-int4`` ships with 128: longer than these
+    tests); per_group blocks shortened to the window."""
     r = recipes.get(preset)
-    return r.replace(name=f"{preset}-w{window}", kv_cache=dataclasses.replace(r.kv_cache, residual_window=window))
+    kv = dataclasses.replace(r.kv_cache, residual_window=window, group_size=min(r.kv_cache.group_size, window))
+    return r.replace(name=f"{preset}-w{window}", kv_cache=kv)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -52,8 +54,8 @@ def _decode_token_by_token(model, cache, x) -> torch.Tensor:
         return torch.cat([model(x[:, t:t + 1], cache=cache, use_cache=True).logits for t in range(x.shape[1])], 1)
 
 
-_CASES = [(arch, "kv-int8", 0) for arch in ARCHS] + [(arch, "kv-int4", 0) for arch in ARCHS] + \
-    [("llama", "kv-fp8", 0), ("llama", "kv-int8", 3), ("qwen2", "kv-int4", 4), ("gpt2", "kv-fp8", 5)]
+_CASES = [(arch, "kv-int8", 0) for arch in ARCHS] + [(arch, "kv-int4", 3) for arch in ARCHS] + \
+    [("llama", "kv-fp8", 0), ("llama", "kv-int8", 3), ("qwen2", "kv-int4", 5), ("gpt2", "kv-fp8", 5)]
 
 
 @pytest.mark.parametrize("arch,preset,window", _CASES, ids=[f"{a}-{p}-w{w}" for a, p, w in _CASES])
@@ -90,8 +92,9 @@ def test_a_window_on_matmul_attention_gives_the_sdpa_logits_and_the_caches():
     assert _rel(step, outs["eager"]) < 1e-5
 
 
-@pytest.mark.parametrize("preset", ["kv-int8", "kv-fp8", "kv-int4"])
+@pytest.mark.parametrize("preset", ["kv-int8", "kv-fp8"])
 def test_prefill_through_the_cache_equals_the_graph_pass(preset):
+    """Without a window a prefill reads the codes it stores: the graph's Q/DQ where the cache is written."""
     model, x, calib = tiny_model("mistral"), token_batches(1, 12, seed=3)[0], calibration_batches()
     recipe = _recipe(preset)
     cache = qcompiler.kv_cache(model, recipe, calib, progress=False)
@@ -100,16 +103,46 @@ def test_prefill_through_the_cache_equals_the_graph_pass(preset):
     assert _rel(out, _graph_logits(model, recipe, x, calib)) < 1e-6
 
 
-def test_the_cache_holds_codes_packed_int4_and_per_token_scales():
+@pytest.mark.parametrize("window", [3, 20])
+def test_prefill_with_a_window_reads_its_prompt_in_full_precision(window):
+    """With a window (kv-int4) a prefill's attention reads the prompt in full precision (the float
+    model's logits), stores the tokens older than the window quantized, and a chunk after it reads
+    those codes: then the decode steps read what the token-by-token cache reads."""
+    model, x = tiny_model("mistral"), token_batches(1, 24, seed=3)[0]
+    recipe = _recipe("kv-int4", window)
+    cache = qcompiler.kv_cache(model, recipe, progress=False)
+    with torch.no_grad():
+        out = model(x[:, :12], cache=cache, use_cache=True).logits
+        plain = model(x[:, :12]).logits
+        assert _rel(out, plain) < 1e-6
+        assert cache.layers[0].codes["key"].shape[-2] == max(0, 12 - window)
+        chunk = model(x[:, 12:16], cache=cache, use_cache=True).logits     # reads the stored codes
+        full = model(x[:, :16]).logits[:, 12:]
+        assert (_rel(chunk, full) > 1e-4) == (window < 12)
+        steps = torch.cat([model(x[:, t:t + 1], cache=cache, use_cache=True).logits for t in range(16, 24)], 1)
+    reference = QuantizedKVCache(recipe.kv_cache)          # the same prefix written token by token
+    with torch.no_grad():
+        _decode_token_by_token(model, reference, x[:, :16])
+    held = reference.layers[0].codes["key"]
+    assert held.shape[-2] == max(0, 16 - window) and torch.equal(cache.layers[0].codes["key"][:, :, :held.shape[-2]], held)
+    assert torch.isfinite(steps).all()
+
+
+@pytest.mark.parametrize("key", ["per_channel", "per_group"])
+def test_the_cache_holds_codes_packed_int4_and_per_token_scales(key):
     model, x = tiny_model("llama"), token_batches(1, 9, seed=3)[0]
-    cache = qcompiler.kv_cache(model, _recipe("kv-int4"), calibration_batches(), progress=False)
+    spec = KVCacheSpec("int4", key, "per_token", symmetric=False, residual_window=3,
+                       group_size=3 if key == "per_group" else 0)
+    cache = qcompiler.kv_cache(model, recipes.get("kv-int4").replace(kv_cache=spec), calibration_batches(),
+                               progress=False)
     with torch.no_grad():
         model(x, cache=cache, use_cache=True)
     layer = cache.layers[0]
-    kv_heads, head_dim = layer.head_dim and layer.codes["key"].shape[1], layer.head_dim
-    assert layer.codes["key"].dtype == torch.uint8 and layer.codes["key"].shape == (1, kv_heads, 9, head_dim // 2)
-    assert layer.scales["key"].shape == (1, kv_heads, 1, head_dim)                 # static per head and channel
-    assert layer.scales["value"].shape == (1, kv_heads, 9, 1) and layer.zeros["value"].dtype == torch.uint8
+    kv_heads, head_dim = layer.codes["key"].shape[1], layer.head_dim
+    assert layer.codes["key"].dtype == torch.uint8 and layer.codes["key"].shape == (1, kv_heads, 6, head_dim // 2)
+    blocks = 1 if key == "per_channel" else 2       # static per head and channel, or per block of 3 positions
+    assert layer.scales["key"].shape == (1, kv_heads, blocks, head_dim)
+    assert layer.scales["value"].shape == (1, kv_heads, 6, 1) and layer.zeros["value"].dtype == torch.uint8
     # the packed nibbles are the values the attention read back
     codes = unpack_int4(layer.codes["value"], head_dim, signed=False)
     read = kv_format.read(layer.codes["value"], layer.scales["value"], layer.zeros["value"], "uint4", head_dim,
@@ -118,12 +151,15 @@ def test_the_cache_holds_codes_packed_int4_and_per_token_scales():
     assert int(codes.max()) <= 15 and int(codes.min()) >= 0
 
 
-@pytest.mark.parametrize("preset,ratio", [("kv-int8", 0.30), ("kv-fp8", 0.30), ("kv-int4", 0.30)])
+# kv-int4 at head_dim 16, blocks of 4: per block and channel a float32 scale and a zero point cost more
+# than the 4-bit codes (SmolLM2: benchmarks/results_kv_memory_smollm2.md)
+@pytest.mark.parametrize("preset,ratio", [("kv-int8", 0.30), ("kv-fp8", 0.30), ("kv-int4", 0.45)])
 def test_memory_is_measured_from_the_held_tensors(preset, ratio):
     """nbytes() sums the storages the cache holds; against a float32 DynamicCache after the same prompt."""
     model, x = tiny_model("qwen2"), token_batches(2, 40, seed=3)
     x = torch.cat(x)
-    cache = qcompiler.kv_cache(model, _recipe(preset), calibration_batches(), progress=False)
+    cache = qcompiler.kv_cache(model, _recipe(preset, 4 if preset == "kv-int4" else 0), calibration_batches(),
+                               progress=False)
     plain = DynamicCache()
     with torch.no_grad():
         model(x, cache=cache, use_cache=True)
@@ -179,7 +215,7 @@ def test_compiled_decode_through_the_cache_adds_no_second_quantization():
 
 def test_beam_reorder_moves_codes_and_per_token_scales():
     model, x = tiny_model("llama"), torch.cat(token_batches(3, 6, seed=3))
-    cache = qcompiler.kv_cache(model, _recipe("kv-int4"), calibration_batches(), progress=False)
+    cache = qcompiler.kv_cache(model, _recipe("kv-int4", 2), calibration_batches(), progress=False)
     with torch.no_grad():
         model(x, cache=cache, use_cache=True)
     layer = cache.layers[0]
@@ -222,9 +258,56 @@ def test_bad_input_is_refused_clearly():
             model(token_batches(1, 4, seed=3)[0], cache=few, use_cache=True)
 
 
-@pytest.mark.parametrize("preset", ["kv-int8", "kv-int4"])
+_PER_GROUP = {"int4-keys": KVCacheSpec("int4", "per_group", "per_token", symmetric=False, residual_window=4,
+                                        group_size=3),
+              "int8-both": KVCacheSpec("int8", "per_group", "per_group", residual_window=3, group_size=3)}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("name", list(_PER_GROUP))
+def test_per_group_cache_decode_reads_what_the_graph_pass_computes(arch, name):
+    """per_group scales (per head and channel, per block of 3 positions, from the block's range): token
+    by token through the cache, each block's scales fixed when its first token leaves the window = the
+    compiled forward's Q/DQ of the whole sequence in blocks, plain MHA, GQA and GPT-2's fused c_attn."""
+    spec = _PER_GROUP[name]
+    model, x, calib = tiny_model(arch), token_batches(1, 17, seed=3)[0], calibration_batches()
+    recipe = recipes.get("kv-int8").replace(name=f"kv-{name}", kv_cache=spec)
+    cache = qcompiler.kv_cache(model, recipe, progress=False)         # dynamic scales: no calibration
+    step = _decode_token_by_token(model, cache, x)
+    full = _graph_logits(model, recipe, x, calib)
+    with torch.no_grad():
+        plain = model(x).logits
+    assert _rel(step, full) < 1e-5 < _rel(plain, full)
+    layer = cache.layers[0]
+    stored = x.shape[1] - spec.residual_window
+    assert layer.codes["key"].shape[-2] == stored
+    assert layer.scales["key"].shape[-2:] == (-(-stored // spec.group_size), layer.head_dim)
+
+
+def test_per_group_codes_are_the_blocks_of_the_prefill_keys():
+    """Closed form: after one prefill, the keys the cache reads back from its codes are the float keys'
+    per-block Q/DQ (``kv_format.quantize_dequantize_blocks``), and each block's scale is its own range's."""
+    spec = _PER_GROUP["int4-keys"]
+    model, x = tiny_model("llama"), token_batches(1, 13, seed=3)[0]
+    cache, plain = QuantizedKVCache(spec), DynamicCache()
+    with torch.no_grad():
+        model(x, cache=cache, use_cache=True)
+        model(x, cache=plain, use_cache=True)
+    keys, layer = plain.layers[0].keys, cache.layers[0]
+    stored = 13 - spec.residual_window                               # 9 positions: blocks [0, 3) [3, 6) [6, 9)
+    expected = kv_format.quantize_dequantize_blocks(keys, 3, "int4", False)[:, :, :stored]
+    assert torch.equal(layer._read("key"), expected)
+    lo, hi = keys[:, :, 3:6].amin(2), keys[:, :, 3:6].amax(2)
+    scale = (hi.clamp(min=0) - lo.clamp(max=0)) / 15
+    assert torch.allclose(layer.scales["key"][:, :, 1], scale.clamp(min=torch.finfo(torch.float32).tiny), rtol=1e-6)
+    assert layer.zeros["key"].dtype == torch.uint8 and layer.codes["key"].shape[-1] == layer.head_dim // 2
+
+
+@pytest.mark.parametrize("preset", ["kv-int8", "kv-int4", "per-group"])
 def test_triton_target_decodes_with_the_fused_kernel_on_the_codes(preset):
-    preset = _recipe(preset, 2)
+    per_group = KVCacheSpec("int4", "per_group", "per_group", symmetric=False, residual_window=2, group_size=2)
+    preset = _recipe(preset, 2) if preset != "per-group" else \
+        recipes.get("kv-int8").replace(name=preset, kv_cache=per_group)
     """Target "triton": each decode step's attention is one qcompiler::triton_kv_decode_attention
     (the kernel reads the codes; interpreter on CPU) and gives the eager cache's logits."""
     pytest.importorskip("triton")

@@ -77,7 +77,8 @@ ROUND_TRIPS = [("llama", "kv-int8", None), ("llama", "kv-int8", "eager"), ("llam
 def test_reloaded_kv_cache_generates_the_same_logits_without_calibration(arch, preset, attn, tmp_path):
     recipe = recipes.get(preset)
     if recipe.kv_cache.residual_window:        # kv-int4's 128-token window would hold these short prompts whole
-        recipe = recipe.replace(kv_cache=dataclasses.replace(recipe.kv_cache, residual_window=2))
+        recipe = recipe.replace(kv_cache=dataclasses.replace(recipe.kv_cache, residual_window=2,
+                                                             group_size=min(recipe.kv_cache.group_size, 2)))
     model = _quantized(arch, recipe, attn)
     spec, stats = model.__dict__[KV_STATS_ATTR]
     save_quantized(model, tmp_path, recipe, report=qcompiler.report(model))
@@ -116,7 +117,7 @@ def test_reloaded_kv_cache_generates_the_same_logits_without_calibration(arch, p
     for i, layer in enumerate(loaded_cache.layers):
         for role, short in (("key", "k"), ("value", "v")):
             scale, zero = layer._static[role]
-            if (spec.key if role == "key" else spec.value) is Granularity.PER_TOKEN:
+            if not spec.is_static(role):          # per token / per group: computed as the cache is written
                 assert scale is None and f"kv_cache.{i}.{short}_scale" not in stored
                 continue
             assert torch.equal(stored[f"kv_cache.{i}.{short}_scale"].reshape(scale.shape), scale)
@@ -182,11 +183,13 @@ def test_save_refuses_a_kv_recipe_without_its_calibration(tmp_path):
     assert not any((tmp_path / d / WEIGHTS_FILE).exists() for d in "abc")
 
 
-def test_per_token_kv_recipe_saves_without_calibration(tmp_path):
-    """Per-token keys and values need no calibration: a float model under that kv-only recipe saves, and
-    the loaded model builds its cache from the recipe alone."""
-    recipe = recipes.get("kv-int8").replace(name="kv-int8-per-token", kv_cache=KVCacheSpec("int8", "per_token",
-                                                                                           "per_token"))
+@pytest.mark.parametrize("spec", [KVCacheSpec("int8", "per_token", "per_token"),
+                                  KVCacheSpec("int4", "per_group", "per_token", symmetric=False, residual_window=3,
+                                              group_size=2)], ids=["per_token", "per_group"])
+def test_dynamic_kv_recipe_saves_without_calibration(spec, tmp_path):
+    """Per-token / per-group keys and values need no calibration: a float model under that kv-only recipe
+    saves, and the loaded model builds its cache from the recipe alone."""
+    recipe = recipes.get("kv-int8").replace(name="kv-dynamic", kv_cache=spec)
     save_quantized(tiny_model("llama"), tmp_path, recipe)
     loaded, _ = load_quantized(tmp_path)
     assert loaded.__dict__[KV_STATS_ATTR] == (recipe.kv_cache, [])
@@ -322,7 +325,7 @@ def test_kv_export_is_legal_and_matches_the_reference_backend(arch, recipe, preq
                           r"kv_cache.key='per_tensor' and kv_cache.value='per_tensor'"),
     (KVCacheSpec("int4", "per_channel", "per_token", symmetric=False),
      r"has INT4 keys / values; TensorRT's INT4 is for weights only"),
-    (KVCacheSpec("int8", "per_tensor", "per_token"), r"has per_token value scales; per_token scales are computed as each token is written"),
+    (KVCacheSpec("int8", "per_tensor", "per_token"), r"has per_token value scales; per_token / per_group scales are computed as the cache is written"),
     (KVCacheSpec("fp8_e4m3", "per_channel", "per_tensor"), r"has per_channel key scales; .* export with kv_cache.key='per_tensor' \(e.g."),
     (KVCacheSpec("int8", "per_tensor", "per_tensor", symmetric=False),
      r"is asymmetric; TensorRT needs zero-points 0 \(rule 'zero-point'\)"),

@@ -14,7 +14,8 @@ with an online softmax (running max ``m``, running sum ``l``, float32 accumulato
   fp8 e4m3 decoded from its bits with integer arithmetic (exact; needs no fp8 support from the GPU
   or the interpreter), int4 / uint4 unpacked from the ``qcompiler.core.packing`` nibbles (element 2j
   low nibble); then ``(code - zero) * scale`` in float32, the scale (and zero point) per tensor, per
-  head, per head and channel, or per token (``SCALE_MODE`` 1 / 2 / 3 below);
+  head, per head and channel, per token, or per head and channel for each block of ``GROUP``
+  positions (``SCALE_MODE`` 1 / 2 / 3 / 4 below);
 - the window part (tokens ``Tq .. T``) is read in its own dtype and widened to float32;
 - scores ``sum_d q * k`` and ``sum_t p * v`` are float32 products reduced with ``tl.sum`` (no
   ``tl.dot``: at M <= 16 rows the kernel is bound by memory, and the interpreter's bf16 ``tl.dot``
@@ -78,7 +79,7 @@ def _e4m3_to_f32(bits):
 def _static_scale(s_ptr, z_ptr, s_base, z_base, offs_d, D, stride_sd, stride_zd,
                   SCALE_MODE: tl.constexpr, HAS_ZERO: tl.constexpr):
     """Scale and float zero point that hold for the whole sequence: one per (batch, head) (SCALE_MODE 1),
-    or per channel as [1, BLOCK_D] (2); placeholders for per-token scales (3), loaded per tile."""
+    or per channel as [1, BLOCK_D] (2); placeholders for per-token (3) and per-group (4) scales, loaded per tile."""
     s = 1.0
     z = 0.0
     if SCALE_MODE == 1:
@@ -95,7 +96,7 @@ def _static_scale(s_ptr, z_ptr, s_base, z_base, offs_d, D, stride_sd, stride_zd,
 
 @triton.jit
 def _code_tile(c_ptr, s_ptr, z_ptr, s, z, c_base, s_base, z_base, offs_t, t_ok, D,
-               stride_ct, stride_cd, stride_st, stride_zt,
+               stride_ct, stride_cd, stride_st, stride_zt, stride_sd, stride_zd, GROUP,
                KIND: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_D: tl.constexpr):
     """float32 [BLOCK_T, BLOCK_D]: the dequantized rows ``offs_t`` of one head's codes (0 outside
     ``t_ok`` x [0, D)). ``s`` / ``z`` from ``_static_scale``."""
@@ -120,6 +121,13 @@ def _code_tile(c_ptr, s_ptr, z_ptr, s, z, c_base, s_base, z_base, offs_t, t_ok, 
         s = tl.load(s_ptr + s_base + offs_t * stride_st, mask=t_ok, other=0.0)[:, None]
         if HAS_ZERO:
             z = tl.load(z_ptr + z_base + offs_t * stride_zt, mask=t_ok, other=0).to(tl.float32)[:, None]
+    if SCALE_MODE == 4:                                 # per group: block t // GROUP, per channel: [BLOCK_T, BLOCK_D]
+        blk = (offs_t // GROUP)[:, None]
+        s_ok = t_ok[:, None] & (offs_d[None, :] < D)
+        s = tl.load(s_ptr + s_base + blk * stride_st + offs_d[None, :] * stride_sd, mask=s_ok, other=0.0)
+        if HAS_ZERO:
+            z = tl.load(z_ptr + z_base + blk * stride_zt + offs_d[None, :] * stride_zd, mask=s_ok,
+                        other=0).to(tl.float32)
     if HAS_ZERO:
         x = x - z
     x = x * s
@@ -176,7 +184,7 @@ def _store_rows(out_ptr, acc, l_i, b, hkv, G, M, DV, so_b, so_h, so_m, so_d, SOF
 @triton.jit
 def _decode_attention_kernel(
     q_ptr, kc_ptr, ks_ptr, kz_ptr, kw_ptr, vc_ptr, vs_ptr, vz_ptr, vw_ptr, mask_ptr, out_ptr, part_ptr,
-    HKV, G, M, TQ, TW, D, DV, T_PER_SPLIT, sm_scale,
+    HKV, G, M, TQ, TW, D, DV, T_PER_SPLIT, sm_scale, K_GROUP, V_GROUP,
     sq_b, sq_h, sq_m, sq_d,
     skc_b, skc_h, skc_t, skc_d, sks_b, sks_h, sks_t, sks_d, skz_b, skz_h, skz_t, skz_d, skw_b, skw_h, skw_t, skw_d,
     svc_b, svc_h, svc_t, svc_d, svs_b, svs_h, svs_t, svs_d, svz_b, svz_h, svz_t, svz_d, svw_b, svw_h, svw_t, svw_d,
@@ -218,10 +226,10 @@ def _decode_attention_kernel(
         offs_t = t0 + arange_t
         t_ok = offs_t < tl.minimum(end, TQ)
         k = _code_tile(kc_ptr, ks_ptr, kz_ptr, ks, kz, b * skc_b + hkv * skc_h, b * sks_b + hkv * sks_h,
-                       b * skz_b + hkv * skz_h, offs_t, t_ok, D, skc_t, skc_d, sks_t, skz_t,
+                       b * skz_b + hkv * skz_h, offs_t, t_ok, D, skc_t, skc_d, sks_t, skz_t, sks_d, skz_d, K_GROUP,
                        K_KIND, K_SCALE_MODE, K_HAS_ZERO, BLOCK_D)
         v = _code_tile(vc_ptr, vs_ptr, vz_ptr, vs, vz, b * svc_b + hkv * svc_h, b * svs_b + hkv * svs_h,
-                       b * svz_b + hkv * svz_h, offs_t, t_ok, DV, svc_t, svc_d, svs_t, svz_t,
+                       b * svz_b + hkv * svz_h, offs_t, t_ok, DV, svc_t, svc_d, svs_t, svz_t, svs_d, svz_d, V_GROUP,
                        V_KIND, V_SCALE_MODE, V_HAS_ZERO, BLOCK_DV)
         m_i, l_i, acc = _online_step(q, k, v, offs_t, t_ok, mask_ptr, mask_rows, r_ok, sm_t, sm_scale,
                                      m_i, l_i, acc, MASK_KIND)
@@ -272,12 +280,19 @@ def _combine_kernel(part_ptr, out_ptr, HKV, G, M, DV, so_b, so_h, so_m, so_d,
 # ----------------------------------------------------------------------------- checks and launcher
 
 
-def _scale_layout(name: str, scale, zero, b: int, h: int, t: int, d: int) -> str | None:
+def _scale_layout(name: str, scale, zero, b: int, h: int, t: int, d: int, group: int = 0) -> str | None:
     """Scale 0-d, [1, H, 1, 1], [1, H, 1, D] or [B, H, T, 1] (any dims that broadcast the same way, but
-    not varying along both tokens and channels); zero None or integer of the scale's shape."""
+    not varying along both tokens and channels), or with ``group`` > 0 [B, H, ceil(T / group), D];
+    zero None or integer of the scale's shape."""
     if not isinstance(scale, torch.Tensor) or not scale.is_floating_point():
         return f"{name}_scale must be a float tensor"
-    if scale.dim():
+    if not isinstance(group, int) or group < 0:
+        return f"{name}_group must be an integer >= 0, got {group!r}"
+    if group:
+        want = (b, h, -(-t // group), d)
+        if tuple(scale.shape) != want:
+            return f"{name}_scale of shape {tuple(scale.shape)} is not per_group {list(want)} (blocks of {group})"
+    elif scale.dim():
         ok = scale.dim() == 4 and all(s in (1, full) for s, full in zip(scale.shape, (b, h, t, d)))
         if not ok or (scale.shape[2] != 1 and scale.shape[3] != 1):
             return (f"{name}_scale of shape {tuple(scale.shape)} is not 0-d, per head [1, {h}, 1, 1], per head and "
@@ -289,7 +304,8 @@ def _scale_layout(name: str, scale, zero, b: int, h: int, t: int, d: int) -> str
     return None
 
 
-def _role(name: str, codes, scale, zero, window, dtype: str, b: int, h: int, d: int | None) -> str | None:
+def _role(name: str, codes, scale, zero, window, dtype: str, b: int, h: int, d: int | None,
+          group: int = 0) -> str | None:
     if dtype not in KV_DTYPES:
         return f"{name}_dtype {dtype!r} is not one of {sorted(KV_DTYPES)}"
     if not isinstance(window, torch.Tensor) or window.dtype not in _FLOATS or window.dim() != 4:
@@ -304,11 +320,11 @@ def _role(name: str, codes, scale, zero, window, dtype: str, b: int, h: int, d: 
     if codes.dtype != want or codes.dim() != 4 or tuple(codes.shape[:2]) != (b, h) or codes.shape[3] != per_row:
         return (f"{name}_codes must be {want} [{b}, {h}, Tq, {per_row}] for {dtype!r}, got {codes.dtype} "
                 f"{tuple(codes.shape)}")
-    return _scale_layout(name, scale, zero, b, h, codes.shape[2], wd)
+    return _scale_layout(name, scale, zero, b, h, codes.shape[2], wd, group)
 
 
 def check_kv_decode_attention(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window, attn_mask,
-                              sm_scale, k_dtype, v_dtype) -> str | None:
+                              sm_scale, k_dtype, v_dtype, k_group=0, v_group=0) -> str | None:
     """Why the Triton kernel cannot take these arguments (real or fake tensors), or None."""
     if not isinstance(q, torch.Tensor) or q.dtype not in _FLOATS or q.dim() != 4:
         return "q must be a float32 / float16 / bfloat16 [B, Hq, M, D] tensor"
@@ -320,8 +336,8 @@ def check_kv_decode_attention(q, k_codes, k_scale, k_zero, k_window, v_codes, v_
         return f"{hq} query heads are not a multiple of {hkv} KV heads"
     if (hq // hkv) * m > MAX_ROWS:
         return f"{hq // hkv} query heads per KV head x {m} rows exceed the kernel's {MAX_ROWS} rows per program"
-    reason = (_role("k", k_codes, k_scale, k_zero, k_window, k_dtype, b, hkv, d)
-              or _role("v", v_codes, v_scale, v_zero, v_window, v_dtype, b, hkv, None))
+    reason = (_role("k", k_codes, k_scale, k_zero, k_window, k_dtype, b, hkv, d, k_group)
+              or _role("v", v_codes, v_scale, v_zero, v_window, v_dtype, b, hkv, None, v_group))
     if reason:
         return reason
     if v_codes.shape[2] != k_codes.shape[2] or v_window.shape[2] != k_window.shape[2]:
@@ -347,11 +363,13 @@ def _broadcast_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     return tuple(st if n != 1 else 0 for st, n in zip(t.stride(), t.shape))
 
 
-def _scale_args(scale: torch.Tensor, zero: torch.Tensor | None):
+def _scale_args(scale: torch.Tensor, zero: torch.Tensor | None, group: int = 0):
     """(scale, zero or scale, SCALE_MODE, broadcast strides of the scale and of the zero)."""
     s = scale.float()
     z = zero if zero is not None else s
-    if scale.dim() and scale.shape[3] != 1:
+    if group:
+        mode = 4
+    elif scale.dim() and scale.shape[3] != 1:
         mode = 2
     elif scale.dim() and scale.shape[2] != 1:
         mode = 3
@@ -361,7 +379,7 @@ def _scale_args(scale: torch.Tensor, zero: torch.Tensor | None):
 
 
 def kv_decode_attention_triton(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window, attn_mask,
-                               sm_scale, k_dtype, v_dtype, *, block_t: int | None = None,
+                               sm_scale, k_dtype, v_dtype, k_group=0, v_group=0, *, block_t: int | None = None,
                                num_splits: int | None = None) -> torch.Tensor:
     """``qcompiler::kv_decode_attention`` by the Triton kernel (see the module docstring).
 
@@ -369,7 +387,7 @@ def kv_decode_attention_triton(q, k_codes, k_scale, k_zero, k_window, v_codes, v
     splits per (batch, KV head) (default: 1 under the interpreter; on a GPU enough programs for ~2 per SM,
     at least 256 tokens each)."""
     reason = check_kv_decode_attention(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window,
-                                       attn_mask, sm_scale, k_dtype, v_dtype)
+                                       attn_mask, sm_scale, k_dtype, v_dtype, k_group, v_group)
     if reason:
         raise ValueError(f"kv_decode_attention: {reason}")
     b, hq, m, d = q.shape
@@ -396,8 +414,8 @@ def kv_decode_attention_triton(q, k_codes, k_scale, k_zero, k_window, v_codes, v
 
     kc = k_codes.view(torch.uint8) if k_codes.dtype == torch.float8_e4m3fn else k_codes
     vc = v_codes.view(torch.uint8) if v_codes.dtype == torch.float8_e4m3fn else v_codes
-    ks, kz, k_mode, sks, skz = _scale_args(k_scale, k_zero)
-    vs, vz, v_mode, svs, svz = _scale_args(v_scale, v_zero)
+    ks, kz, k_mode, sks, skz = _scale_args(k_scale, k_zero, k_group)
+    vs, vz, v_mode, svs, svz = _scale_args(v_scale, v_zero, v_group)
     if attn_mask is None:
         mask, mask_kind, smask = q, 0, (0, 0, 0, 0)
     else:
@@ -409,7 +427,7 @@ def kv_decode_attention_triton(q, k_codes, k_scale, k_zero, k_window, v_codes, v
     soft_bf16 = interp
     _decode_attention_kernel[(b * hkv, split)](
         q, kc, ks, kz, k_window, vc, vs, vz, v_window, mask, out, part,
-        hkv, g, m, tq, tw, d, dv, t_per_split, float(sm_scale),
+        hkv, g, m, tq, tw, d, dv, t_per_split, float(sm_scale), max(1, k_group), max(1, v_group),
         *q.stride(),
         *kc.stride(), *sks, *skz, *k_window.stride(),
         *vc.stride(), *svs, *svz, *v_window.stride(),

@@ -9,8 +9,10 @@ Layout of one role (keys or values) of one attention, tensors ``[batch, kv_heads
   ``[..., head_dim / 2]`` for int4: two values per byte along the head dimension, element 2j in
   the low nibble (``qcompiler.core.packing``; two's complement for symmetric int4, 0..15 asymmetric);
 - ``scale``: float32, broadcast over the codes: 0-d (per tensor), ``[1, H, 1, 1]`` (per head),
-  ``[1, H, 1, D]`` (per head and channel) — static, from calibration — or ``[B, H, T, 1]`` (per
-  token and head, computed as each token is written, stored beside its codes);
+  ``[1, H, 1, D]`` (per head and channel) — static, from calibration — ``[B, H, T, 1]`` (per
+  token and head, computed as each token is written, stored beside its codes), or ``[B, H, NB, D]``
+  (per_group: per head and channel for each block of ``group`` positions, block ``i`` holding
+  positions ``[i * group, (i + 1) * group)``, from the block's own range; read with ``group``);
 - ``zero``: None (symmetric) or uint8 of the scale's shape (asymmetric integers).
 
 ``read(write(x))`` is ``dequantize(quantize(x))`` with ONNX QuantizeLinear / DequantizeLinear
@@ -27,8 +29,9 @@ from qcompiler.core import numerics
 from qcompiler.core.packing import pack_int4, unpack_int4
 from qcompiler.recipes import Granularity, KVCacheSpec, QuantDtype
 
-__all__ = ["storage_name", "static_scale", "write", "read", "windowed_attention", "recent_positions",
-           "recent_or_quantized", "windowed_values", "KV_STATS_ATTR"]
+__all__ = ["storage_name", "static_scale", "block_scale", "expand_blocks", "quantize_dequantize_blocks", "write",
+           "read", "windowed_attention", "recent_positions", "recent_or_quantized", "windowed_values",
+           "KV_STATS_ATTR"]
 
 #: where a model keeps its KV-cache calibration, ``(KVCacheSpec, [per attention in call order:
 #: {"key": (min, max), "value": (min, max)}, tensors [observed heads, head_dim]])``: set by the
@@ -64,6 +67,36 @@ def static_scale(stats: tuple[torch.Tensor, torch.Tensor], heads: int, granulari
     return scale, zero.to(torch.uint8)
 
 
+def block_scale(x: torch.Tensor, group: int, dtype: str, symmetric: bool
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-group scales (and uint8 zero points) of ``x`` [B, H, T, D]: per head and channel for each
+    block of ``group`` positions, [B, H, ceil(T / group), D], from the block's absmax (symmetric) or its
+    range with 0 included (asymmetric); a last, partial block from the positions it has."""
+    b, h, t, d = x.shape
+    blocks = -(-t // group)
+    x = torch.nn.functional.pad(x.detach().float(), (0, 0, 0, blocks * group - t)).reshape(b, h, blocks, group, d)
+    if symmetric:                      # padding with zeros changes neither the absmax nor a range holding 0
+        return numerics.choose_scale(x.abs().amax(3), dtype)
+    scale, zero = numerics.choose_scale(None, dtype, minimum=x.amin(3), maximum=x.amax(3), symmetric=False)
+    return scale, zero.to(torch.uint8)
+
+
+def expand_blocks(t: torch.Tensor, group: int, tokens: int) -> torch.Tensor:
+    """Per-block ``t`` [B, H, NB, D] repeated over the ``tokens`` positions its blocks hold, [B, H, tokens, D]."""
+    return t.repeat_interleave(group, dim=-2)[..., :tokens, :]
+
+
+def quantize_dequantize_blocks(x: torch.Tensor, group: int, dtype: str, symmetric: bool) -> torch.Tensor:
+    """``x`` [B, H, T, D] (positions from 0) quantized with per_group scales (``block_scale``) and
+    dequantized: what a per_group cache gives back for every complete block."""
+    scale, zero = block_scale(x, group, dtype, symmetric)
+    t = x.shape[-2]
+    scale = expand_blocks(scale, group, t)
+    zero = expand_blocks(zero, group, t) if zero is not None else None
+    name = dtype if symmetric else numerics.UNSIGNED[dtype]
+    return numerics.dequantize(numerics.quantize(x, scale, zero, name), scale, zero, x.dtype)
+
+
 def write(x: torch.Tensor, spec: KVCacheSpec, scale: torch.Tensor | None = None,
           zero: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(codes, scale, zero)`` of ``x`` [B, H, T, D]: with the static ``scale`` / ``zero`` given,
@@ -83,8 +116,12 @@ def write(x: torch.Tensor, spec: KVCacheSpec, scale: torch.Tensor | None = None,
 
 
 def read(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, name: str, head_dim: int,
-         out_dtype: torch.dtype) -> torch.Tensor:
-    """The values ``codes`` stand for, in ``out_dtype`` (``name``: ``storage_name`` of the spec)."""
+         out_dtype: torch.dtype, group: int = 0) -> torch.Tensor:
+    """The values ``codes`` stand for, in ``out_dtype`` (``name``: ``storage_name`` of the spec);
+    ``group`` > 0: ``scale`` / ``zero`` are per_group, [B, H, NB, D] for blocks of ``group`` positions."""
+    if group:
+        scale = expand_blocks(scale, group, codes.shape[-2])
+        zero = expand_blocks(zero, group, codes.shape[-2]) if zero is not None else None
     if name in ("int4", "uint4"):
         codes = unpack_int4(codes, head_dim, signed=name == "int4")
     return numerics.dequantize(codes, scale, zero, out_dtype)

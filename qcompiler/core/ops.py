@@ -16,7 +16,7 @@ Graphs carry them as ordinary ops, so they trace, compile and export:
 - ``qcompiler::norm_quantize_per_token(x, norm, weight, bias, eps, smooth, dtype, norm_dtype, mul_dtype,
   out_dtype) -> (x_q, scale)``: a norm, an unfolded SmoothQuant scale and dynamic per-token quantization
   as one op (written by ``passes/fuse_norm_quant.py`` for target "triton"; math below)
-- ``qcompiler::kv_cache_read(codes, scale, zero, dtype, head_dim, out_dtype)``: the keys or values a quantized
+- ``qcompiler::kv_cache_read(codes, scale, zero, dtype, head_dim, out_dtype, group=0)``: the keys or values a quantized
   KV cache holds (``qcompiler.runtime.kv_cache``; layout in ``qcompiler.core.kv_format``)
 - ``qcompiler::triton_<op>(<op's arguments>, *, int report_id=0)`` for each op in ``TRITON_KERNEL_OPS``:
   the op computed by its Triton kernel. Same schema and fake kernel as ``<op>`` plus ``report_id``
@@ -212,13 +212,14 @@ def _(x, norm, weight, bias, eps, smooth, dtype, norm_dtype, mul_dtype, out_dtyp
 
 @torch.library.custom_op(f"{_LIB}::kv_cache_read", mutates_args=())
 def kv_cache_read(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, dtype: str, head_dim: int,
-                  out_dtype: torch.dtype) -> torch.Tensor:
-    """The keys or values a quantized KV cache stores as ``codes`` (layout in ``qcompiler.core.kv_format``)."""
-    return kv_format.read(codes, scale, zero, dtype, head_dim, out_dtype).contiguous()
+                  out_dtype: torch.dtype, group: int = 0) -> torch.Tensor:
+    """The keys or values a quantized KV cache stores as ``codes`` (layout in ``qcompiler.core.kv_format``;
+    ``group`` > 0: per_group scales, one per block of ``group`` positions)."""
+    return kv_format.read(codes, scale, zero, dtype, head_dim, out_dtype, group).contiguous()
 
 
 @kv_cache_read.register_fake
-def _(codes, scale, zero, dtype, head_dim, out_dtype):
+def _(codes, scale, zero, dtype, head_dim, out_dtype, group=0):
     return codes.new_empty((*codes.shape[:-1], head_dim), dtype=out_dtype)
 
 
@@ -266,7 +267,8 @@ QDQ_OPS = (_ops.quantize, _ops.dequantize, _ops.quantize_per_token, _ops.dequant
 def kv_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor | None,
                         k_window: torch.Tensor, v_codes: torch.Tensor, v_scale: torch.Tensor,
                         v_zero: torch.Tensor | None, v_window: torch.Tensor, attn_mask: torch.Tensor | None,
-                        sm_scale: float, k_dtype: str, v_dtype: str) -> torch.Tensor:
+                        sm_scale: float, k_dtype: str, v_dtype: str, k_group: int = 0,
+                        v_group: int = 0) -> torch.Tensor:
     """Scaled-dot-product attention of ``q`` over a quantized KV cache, the cache read and the attention as one op.
 
     - ``q`` [B, Hq, M, D] (float32 / bfloat16 / float16; M: the decode rows, 1..16 in practice);
@@ -274,6 +276,7 @@ def kv_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.T
       ``V`` likewise (``Dv = v_window.shape[-1]``): codes, scales and zero points in the layout of
       ``qcompiler.core.kv_format`` (``k_dtype`` / ``v_dtype``: int8 / uint8 / fp8_e4m3 / int4 / uint4),
       windows [B, Hkv, Tw, D] in full precision (Tw and the codes' length Tq may be 0); T = Tq + Tw;
+      ``k_group`` / ``v_group`` > 0: that role's scales are per_group, [B, Hkv, NB, D] per block of that many positions;
     - grouped-query heads: Hq a multiple of Hkv, query head h reads KV head ``h // (Hq // Hkv)``;
     - ``attn_mask`` None, additive float or boolean (True = attend), broadcastable to [B, Hq, M, T].
       There is no causal flag: the caller's mask carries causality (a single decode row attends to every
@@ -286,12 +289,12 @@ def kv_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.T
     ``qcompiler.backends.triton.decode_attention`` (twin op ``qcompiler::triton_kv_decode_attention``).
     """
     return ref.kv_decode_attention_ref(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window,
-                                       attn_mask, sm_scale, k_dtype, v_dtype)
+                                       attn_mask, sm_scale, k_dtype, v_dtype, k_group, v_group)
 
 
 @kv_decode_attention.register_fake
 def _(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window, attn_mask, sm_scale, k_dtype,
-      v_dtype):
+      v_dtype, k_group=0, v_group=0):
     return q.new_empty((*q.shape[:-1], v_window.shape[-1]))
 
 

@@ -150,7 +150,8 @@ __all__.append("kv_decode_attention_ref")
 def kv_decode_attention_ref(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor | None,
                             k_window: torch.Tensor, v_codes: torch.Tensor, v_scale: torch.Tensor,
                             v_zero: torch.Tensor | None, v_window: torch.Tensor, attn_mask: torch.Tensor | None,
-                            sm_scale: float, k_dtype: str, v_dtype: str) -> torch.Tensor:
+                            sm_scale: float, k_dtype: str, v_dtype: str, k_group: int = 0,
+                            v_group: int = 0) -> torch.Tensor:
     """``qcompiler::kv_decode_attention`` (contract in ``qcompiler.core.ops``): attention of q [B, Hq, M, D]
     over ``K = cat([read(k_codes), k_window], -2)`` and ``V`` likewise, everything in float32.
 
@@ -161,9 +162,9 @@ def kv_decode_attention_ref(q: torch.Tensor, k_codes: torch.Tensor, k_scale: tor
     from qcompiler.core import kv_format       # here, not at the top: kv_format pulls in qcompiler.recipes
 
     b, hq, m, _ = q.shape
-    k = torch.cat([kv_format.read(k_codes, k_scale, k_zero, k_dtype, k_window.shape[-1], torch.float32),
+    k = torch.cat([kv_format.read(k_codes, k_scale, k_zero, k_dtype, k_window.shape[-1], torch.float32, k_group),
                    k_window.float()], dim=-2)
-    v = torch.cat([kv_format.read(v_codes, v_scale, v_zero, v_dtype, v_window.shape[-1], torch.float32),
+    v = torch.cat([kv_format.read(v_codes, v_scale, v_zero, v_dtype, v_window.shape[-1], torch.float32, v_group),
                    v_window.float()], dim=-2)
     hkv, t = k.shape[1], k.shape[2]
     if hq % hkv:

@@ -57,9 +57,9 @@ def check_kv_exportable(recipe: Recipe) -> None:
     roles = [r for r in ("key", "value") if getattr(spec, r) is not Granularity.PER_TENSOR]
     if roles:
         fix = " and ".join(f"kv_cache.{r}='per_tensor'" for r in roles)
-        dynamic = [r for r in roles if getattr(spec, r) is Granularity.PER_TOKEN]
+        dynamic = [r for r in roles if not spec.is_static(r)]
         has = " and ".join(f"{getattr(spec, r).value} {r}" for r in roles)
-        why = ("per_token scales are computed as each token is written, and TensorRT Q/DQ take static scales"
+        why = ("per_token / per_group scales are computed as the cache is written, and TensorRT Q/DQ take static scales"
                if dynamic else "TensorRT activation Q/DQ (keys and values included) take one static per-tensor scale")
         raise UnsupportedError(f"{what} has {has} scales; {why} (rule 'activation-per-tensor'): export with {fix} "
                                "(e.g. 'kv-fp8', or KVCacheSpec('int8', 'per_tensor', 'per_tensor')), or kv_cache=None")

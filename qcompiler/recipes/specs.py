@@ -305,12 +305,18 @@ class KVCacheSpec:
         dtype: int8, fp8_e4m3 or int4.
         key: the keys' scale granularity: per_tensor, per_head (one scale per KV head),
             per_channel (per head and channel: keys have outlier channels) — static scales from
-            calibration — or per_token (per token and head, computed as each token is written).
+            calibration — per_token (per token and head, computed as each token is written), or
+            per_group (per head and channel, one scale per block of ``group_size`` consecutive
+            positions, computed from the block's own range when its first token leaves the residual
+            window: KIVI's keys; it follows the keys as RoPE turns them, which a static per-channel
+            range calibrated on shorter text does not).
         value: the values' granularity, the same choices (per_token is KIVI's choice for values).
         symmetric: zero-point 0 when True; integer zero-points otherwise (int8 / int4 only).
         residual_window: the most recent tokens kept in full precision (KIVI's residual): a query
             reads the keys and values of its last ``residual_window`` positions (itself included)
             unquantized, older ones quantized; 0 quantizes every cached token.
+        group_size: positions per block of the per_group scales (blocks start at position 0);
+            at most ``residual_window``, so a block is complete before any of its tokens is quantized.
     """
 
     dtype: QuantDtype = QuantDtype.INT8
@@ -318,10 +324,14 @@ class KVCacheSpec:
     value: Granularity = Granularity.PER_HEAD
     symmetric: bool = True
     residual_window: int = 0
+    group_size: int = 0
 
     #: the granularities a KV cache supports (per_group has no meaning for a cache)
     GRANULARITIES: ClassVar[tuple[Granularity, ...]] = (Granularity.PER_TENSOR, Granularity.PER_HEAD,
-                                                         Granularity.PER_CHANNEL, Granularity.PER_TOKEN)
+                                                         Granularity.PER_CHANNEL, Granularity.PER_TOKEN,
+                                                         Granularity.PER_GROUP)
+    #: the granularities whose scales are computed as the cache is written (no calibration)
+    DYNAMIC: ClassVar[tuple[Granularity, ...]] = (Granularity.PER_TOKEN, Granularity.PER_GROUP)
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", _choice("kv_cache", "dtype", self.dtype, QuantDtype))
@@ -335,16 +345,36 @@ class KVCacheSpec:
         if not self.symmetric and self.dtype is QuantDtype.FP8_E4M3:
             raise RecipeError("kv_cache.symmetric=False is not supported for dtype 'fp8_e4m3'; "
                               "expected symmetric=True")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 0:
+            raise RecipeError(f"kv_cache.group_size={self.group_size!r} must be an integer >= 0 (positions)")
+        grouped = [r for r in ("key", "value") if getattr(self, r) is Granularity.PER_GROUP]
+        if grouped and not self.group_size:
+            raise RecipeError(f"kv_cache.{grouped[0]}='per_group' needs kv_cache.group_size > 0 (positions per block)")
+        if self.group_size and not grouped:
+            raise RecipeError(f"kv_cache.group_size={self.group_size} is set, but neither kv_cache.key nor "
+                              "kv_cache.value is 'per_group'; set group_size=0")
+        if grouped and self.group_size > self.residual_window:
+            raise RecipeError(f"kv_cache.{grouped[0]}='per_group' takes each block's scales from the whole block, "
+                              f"so its first token may leave the full-precision window only once the block is "
+                              f"complete: kv_cache.group_size={self.group_size} must be <= "
+                              f"kv_cache.residual_window={self.residual_window}")
+
+    def is_static(self, role: str) -> bool:
+        """Whether the ``role`` ('key' or 'value') scales come from calibration."""
+        return getattr(self, role) not in self.DYNAMIC
 
     @property
     def static(self) -> bool:
-        """Whether any scale comes from calibration (every granularity but per_token)."""
-        return self.key is not Granularity.PER_TOKEN or self.value is not Granularity.PER_TOKEN
+        """Whether any scale comes from calibration (every granularity but per_token / per_group)."""
+        return self.is_static("key") or self.is_static("value")
 
     def describe(self) -> str:
         sym = "" if self.symmetric else " asymmetric"
         window = f", last {self.residual_window} tokens in full precision" if self.residual_window else ""
-        return f"{self.dtype.value}{sym}: keys {self.key.value}, values {self.value.value}{window}"
+
+        def what(g: Granularity) -> str:
+            return f"per_group ({self.group_size} positions)" if g is Granularity.PER_GROUP else g.value
+        return f"{self.dtype.value}{sym}: keys {what(self.key)}, values {what(self.value)}{window}"
 
 
 @dataclass(frozen=True)

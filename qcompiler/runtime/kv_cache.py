@@ -8,7 +8,16 @@ values, the codes and scales of ``qcompiler.core.kv_format`` (INT4 packed two pe
 quantized and appended to the codes; every read dequantizes the codes (``qcompiler::kv_cache_read``)
 and appends the window. The cache therefore gives back, at each decode step, exactly what the
 KV-cache pass computes in the graph for that position (tested), while holding the quantized format:
-``nbytes()`` measures what it holds.
+``nbytes()`` measures what it holds. With a window, an update of several tokens (a prefill, a chunk
+of one) reads them, and the window, in full precision and stores the tokens that left the window
+afterwards, as KIVI and transformers' ``QuantizedCache`` do: its attention is at least as precise as
+the graph's per-position window (which treats every position as a decode step), and the decode steps
+after it read the quantized cache as the graph does. Without a window every read is of the codes.
+
+per_group scales (``KVCacheSpec.group_size``): a block's scales are fixed when its first token leaves
+the window, from the whole block (which the window then holds), and kept per block ``[B, H, NB, D]``.
+Blocks start at the cache's first position, so under left padding a padded row's blocks hold its
+padding too (its pad keys widen those blocks' ranges; the attention still masks them).
 
 Under ``torch.compile`` the cache's update is traced into the graph; the KV-cache pass recognises
 its read op and adds no quantization of its own.
@@ -64,7 +73,15 @@ class QuantizedKVLayer(DynamicLayer):
                                    f"dimension, which is odd ({head_dim})")
         for role, states in zip(_ROLES, (key_states, value_states)):
             scale = zero = None
-            if self._granularity(role) is not Granularity.PER_TOKEN:
+            if self._granularity(role) is Granularity.PER_GROUP:     # no blocks yet: [B, H, 0, D] scales
+                empty, _ = kv_format.block_scale(states[:, :, :0], self.spec.group_size, self.spec.dtype.value,
+                                                 self.spec.symmetric)
+                self.codes[role] = kv_format.write(states[:, :, :0], self.spec, empty, None)[0]
+                self.scales[role] = empty
+                self.zeros[role] = None if self.spec.symmetric else empty.to(torch.uint8)
+                self._static[role] = (None, None)
+                continue
+            if self.spec.is_static(role):
                 lo, hi = self.stats[role]
                 if lo.shape[0] % heads or lo.shape[-1] != head_dim:
                     raise UnsupportedError(f"the calibration saw {role}s of {tuple(lo.shape)} heads x channels; this "
@@ -79,7 +96,12 @@ class QuantizedKVLayer(DynamicLayer):
         self.head_dim = head_dim
         self.is_initialized = True
 
-    def _store(self, role: str, states: torch.Tensor) -> None:
+    def _store(self, role: str, recent: torch.Tensor, spill: int) -> None:
+        """Quantize the ``spill`` oldest tokens of ``recent`` (the window and the new tokens) into the codes."""
+        states = recent[:, :, :spill]
+        if self._granularity(role) is Granularity.PER_GROUP:
+            self._store_grouped(role, recent, spill)
+            return
         scale, zero = self._static[role]
         codes, s, z = kv_format.write(states, self.spec, scale, zero)
         self.codes[role] = torch.cat([self.codes[role], codes], dim=-2)
@@ -88,9 +110,29 @@ class QuantizedKVLayer(DynamicLayer):
             if z is not None:
                 self.zeros[role] = torch.cat([self.zeros[role], z], dim=-2)
 
+    def _store_grouped(self, role: str, recent: torch.Tensor, spill: int) -> None:
+        """per_group: the scales of each block a spilled token opens come from the whole block, which
+        ``recent`` holds (the spec keeps group_size <= residual_window); then the tokens are written
+        with their blocks' scales."""
+        group, start = self.spec.group_size, self.codes[role].shape[-2]      # position of recent[..., 0, :]
+        have, need = self.scales[role].shape[-2], (start + spill - 1) // group + 1
+        if need > have:
+            first = have * group - start                                      # >= 0: the spill starts in a block
+            s, z = kv_format.block_scale(recent[:, :, first:first + (need - have) * group], group,
+                                         self.spec.dtype.value, self.spec.symmetric)
+            self.scales[role] = torch.cat([self.scales[role], s], dim=-2)
+            if z is not None:
+                self.zeros[role] = torch.cat([self.zeros[role], z], dim=-2)
+        blocks = torch.arange(start, start + spill, device=recent.device) // group
+        scale = self.scales[role].index_select(-2, blocks)
+        zero = self.zeros[role].index_select(-2, blocks) if self.zeros[role] is not None else None
+        codes, _, _ = kv_format.write(recent[:, :, :spill], self.spec, scale, zero)
+        self.codes[role] = torch.cat([self.codes[role], codes], dim=-2)
+
     def _read(self, role: str) -> torch.Tensor:
+        group = self.spec.group_size if self._granularity(role) is Granularity.PER_GROUP else 0
         return torch.ops.qcompiler.kv_cache_read(self.codes[role], self.scales[role], self.zeros[role],
-                                                 self.storage_name, self.head_dim, self.dtype)
+                                                 self.storage_name, self.head_dim, self.dtype, group)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,18 +140,21 @@ class QuantizedKVLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.cumulative_length += key_states.shape[-2]
+        # a prefill (several new tokens) with a window reads its own tokens in full precision
+        prefill = key_states.shape[-2] > 1 and self.spec.residual_window > 0
         out = []
         for role, new in zip(_ROLES, (key_states, value_states)):
             recent = torch.cat([self.keys if role == "key" else self.values, new], dim=-2)
+            read = torch.cat([self._read(role), recent], dim=-2) if prefill else None
             spill = recent.shape[-2] - self.spec.residual_window
             if spill > 0:
-                self._store(role, recent[:, :, :spill])
+                self._store(role, recent, spill)
                 recent = recent[:, :, spill:].clone()    # the window alone, not the tensor it was cut from
             if role == "key":
                 self.keys = recent
             else:
                 self.values = recent
-            out.append(torch.cat([self._read(role), recent], dim=-2))
+            out.append(read if prefill else torch.cat([self._read(role), recent], dim=-2))
         return out[0], out[1]
 
     def get_seq_length(self) -> int:
@@ -135,7 +180,7 @@ class QuantizedKVLayer(DynamicLayer):
         self.keys, self.values = fn(self.keys), fn(self.values)
         for role in _ROLES:
             self.codes[role] = fn(self.codes[role])
-            if self._static[role][0] is None:           # per-token scales have a batch dimension
+            if self._static[role][0] is None:           # per-token / per-group scales have a batch dimension
                 self.scales[role] = fn(self.scales[role])
                 if self.zeros[role] is not None:
                     self.zeros[role] = fn(self.zeros[role])

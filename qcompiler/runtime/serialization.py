@@ -333,7 +333,7 @@ def _kv_tensors(model: torch.nn.Module, recipe: Recipe, saved) -> tuple[dict[str
             lo, hi = (t.detach().float().cpu().contiguous() for t in s[role])
             out[f"{_KV}.{i}.{role}_min"], out[f"{_KV}.{i}.{role}_max"] = lo, hi
             g = _granularity(spec, role)
-            if g is not Granularity.PER_TOKEN:
+            if g not in KVCacheSpec.DYNAMIC:
                 scale, zero = _serving_scale((lo, hi), heads, g, spec)
                 out[f"{_KV}.{i}.{short}_scale"] = scale
                 if zero is not None:
@@ -391,7 +391,7 @@ def _kv_stats(weights: Path, recipe: Recipe, meta: dict[str, str], tensors: dict
     for i in range(n):
         for role, short in _ROLES:
             needed += [f"{_KV}.{i}.{role}_min", f"{_KV}.{i}.{role}_max"]
-            if _granularity(spec, role) is not Granularity.PER_TOKEN:
+            if spec.is_static(role):
                 needed.append(f"{_KV}.{i}.{short}_scale")
                 if not spec.symmetric:
                     needed.append(f"{_KV}.{i}.{short}_zero")
@@ -410,7 +410,7 @@ def _kv_stats(weights: Path, recipe: Recipe, meta: dict[str, str], tensors: dict
                                       f"{list(hi.shape)}; expected equal [observed heads, head_dim] with the heads a "
                                       f"multiple of kv_heads {heads}")
             g = _granularity(spec, role)
-            if g is not Granularity.PER_TOKEN:
+            if g not in KVCacheSpec.DYNAMIC:
                 want, want_zero = _serving_scale((lo, hi), heads, g, spec)
                 got, got_zero = tensors[f"{_KV}.{i}.{short}_scale"], tensors.get(f"{_KV}.{i}.{short}_zero")
                 if got.shape != want.shape or not torch.allclose(got.float(), want, rtol=1e-6, atol=0) or \

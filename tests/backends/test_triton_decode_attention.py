@@ -28,7 +28,9 @@ kernels = pytest.mark.skipif(not availability().runs_kernels,
                              reason=f"Triton kernels cannot run here: {availability().reason}")
 DEVICE = "cuda" if availability().mode == "gpu" else "cpu"
 DTYPES = ("int8", "uint8", "fp8_e4m3", "int4", "uint4")
-LAYOUTS = ("tensor", "head", "channel", "token")
+LAYOUTS = ("tensor", "head", "channel", "token", "group")
+#: positions per block of the "group" layout (per_group scales: [B, H, ceil(T / GROUP), D])
+GROUP = 3
 #: Triton against the reference: same float32 values, another summation order (observed ~2e-7 in fp32);
 #: in bf16 / fp16 both round the same float32 result, a few elements one ulp apart.
 KERNEL_BOUND = {torch.float32: 2e-6, torch.bfloat16: 4e-3, torch.float16: 5e-4}
@@ -69,7 +71,8 @@ def _codes(name: str, layout: str, b: int, h: int, t: int, d: int, gen: torch.Ge
         codes = vals.to(torch.uint8)
     else:
         codes = vals
-    shape = {"tensor": (), "head": (1, h, 1, 1), "channel": (1, h, 1, d), "token": (b, h, t, 1)}[layout]
+    shape = {"tensor": (), "head": (1, h, 1, 1), "channel": (1, h, 1, d), "token": (b, h, t, 1),
+             "group": (b, h, -(-t // GROUP), d)}[layout]
     scale = (torch.rand(shape, generator=gen) + 0.5) * unit
     zero = None
     if zero_hi is not None:
@@ -107,14 +110,15 @@ def make_case(k_dtype="int8", v_dtype=None, k_layout="head", v_layout=None, b=1,
     kw = torch.randn((b, hkv, tw, d), generator=gen).to(q_dtype)
     vw = torch.randn((b, hkv, tw, dv), generator=gen).to(q_dtype)
     am = _mask(mask, b, m, tq + tw, q_dtype, gen, pad)
-    args = [q, kc, ks, kz, kw, vc, vs, vz, vw, am, d ** -0.5, k_dtype, v_dtype]
+    args = [q, kc, ks, kz, kw, vc, vs, vz, vw, am, d ** -0.5, k_dtype, v_dtype,
+            GROUP if k_layout == "group" else 0, GROUP if v_layout == "group" else 0]
     return [a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args]
 
 
 # ----------------------------------------------------------------------------- float64 oracle
 
 
-def _decode64(codes, scale, zero, name: str, d: int) -> torch.Tensor:
+def _decode64(codes, scale, zero, name: str, d: int, group: int = 0) -> torch.Tensor:
     if name in ("int4", "uint4"):
         byte = codes.to(torch.int64)
         vals = torch.stack([byte & 0xF, byte >> 4], dim=-1).flatten(-2)[..., :d]
@@ -123,15 +127,19 @@ def _decode64(codes, scale, zero, name: str, d: int) -> torch.Tensor:
         vals = vals.double()
     else:
         vals = codes.to(torch.float64)          # int8 / uint8 / fp8 e4m3: exact in float64
+    if group:                                   # per_group: block t // group of each channel
+        block = torch.arange(codes.shape[-2]) // group
+        scale = scale[..., block, :]
+        zero = zero[..., block, :] if zero is not None else None
     if zero is not None:
         vals = vals - zero.double()
     return vals * scale.double()
 
 
 def attention64(q, k_codes, k_scale, k_zero, k_window, v_codes, v_scale, v_zero, v_window, attn_mask, sm_scale,
-                k_dtype, v_dtype) -> torch.Tensor:
-    k = torch.cat([_decode64(k_codes, k_scale, k_zero, k_dtype, k_window.shape[-1]), k_window.double()], dim=-2)
-    v = torch.cat([_decode64(v_codes, v_scale, v_zero, v_dtype, v_window.shape[-1]), v_window.double()], dim=-2)
+                k_dtype, v_dtype, k_group=0, v_group=0) -> torch.Tensor:
+    k = torch.cat([_decode64(k_codes, k_scale, k_zero, k_dtype, k_window.shape[-1], k_group), k_window.double()], -2)
+    v = torch.cat([_decode64(v_codes, v_scale, v_zero, v_dtype, v_window.shape[-1], v_group), v_window.double()], -2)
     g = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
     s = torch.einsum("bhmd,bhtd->bhmt", q.double(), k) * sm_scale
@@ -173,10 +181,10 @@ def test_reference_matches_float64(case):
 @pytest.mark.parametrize("mask", ["none", "bool", "float"])
 def test_reference_is_sdpa_over_the_cache_read(mask):
     """Same as ``scaled_dot_product_attention(enable_gqa=True)`` over ``kv_cache_read`` + window, in float32."""
-    args = make_case("uint4", "int8", "token", "head", b=2, m=3, mask=mask)
-    q, kc, ks, kz, kw, vc, vs, vz, vw, am, scale, kd, vd = args
-    k = torch.cat([torch.ops.qcompiler.kv_cache_read(kc, ks, kz, kd, kw.shape[-1], torch.float32), kw], dim=-2)
-    v = torch.cat([torch.ops.qcompiler.kv_cache_read(vc, vs, vz, vd, vw.shape[-1], torch.float32), vw], dim=-2)
+    args = make_case("uint4", "int8", "group", "head", b=2, m=3, mask=mask)
+    q, kc, ks, kz, kw, vc, vs, vz, vw, am, scale, kd, vd, kg, vg = args
+    k = torch.cat([torch.ops.qcompiler.kv_cache_read(kc, ks, kz, kd, kw.shape[-1], torch.float32, kg), kw], dim=-2)
+    v = torch.cat([torch.ops.qcompiler.kv_cache_read(vc, vs, vz, vd, vw.shape[-1], torch.float32, vg), vw], dim=-2)
     sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=am, scale=scale, enable_gqa=True)
     assert rel_err(torch.ops.qcompiler.kv_decode_attention(*args), sdpa) <= 1e-6
 
@@ -191,8 +199,9 @@ def test_reference_fully_masked_rows_and_empty_cache_give_zeros():
     assert torch.equal(torch.ops.qcompiler.kv_decode_attention(*empty), torch.zeros_like(empty[0]))
 
 
-def test_op_registration():
-    args = make_case("uint4", "int8", "token", "channel", b=2, m=3, mask="bool")
+@pytest.mark.parametrize("layouts", [("token", "channel"), ("group", "group")])
+def test_op_registration(layouts):
+    args = make_case("uint4", "int8", *layouts, b=2, m=3, mask="bool")
     torch.library.opcheck(torch.ops.qcompiler.kv_decode_attention.default, args,
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -264,7 +273,7 @@ def test_kernel_reads_what_kv_format_writes(launcher, name):
     k, v = torch.randn((2, 2, 24, 16), generator=gen), torch.randn((2, 2, 24, 16), generator=gen)
     kc, ks, kz = kv_format.write(k[:, :, :20], spec)
     vc, vs, vz = kv_format.write(v[:, :, :20], spec)
-    args = [q, kc, ks, kz, k[:, :, 20:], vc, vs, vz, v[:, :, 20:], None, 0.25, name, name]
+    args = [q, kc, ks, kz, k[:, :, 20:], vc, vs, vz, v[:, :, 20:], None, 0.25, name, name, 0, 0]
     args = [a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args]
     ref = torch.ops.qcompiler.kv_decode_attention(*args)
     _assert_close(launcher(*args), ref, KERNEL_BOUND[torch.float32])
@@ -304,7 +313,7 @@ def test_twin_op_runs_the_kernel_and_falls_back():
     _assert_close(torch.ops.qcompiler.triton_kv_decode_attention(*args), ref, KERNEL_BOUND[torch.float32])
     # keys and values split differently between codes and window: the reference takes it, the kernel does not
     keys, values = make_case("int8", tq=21, tw=2, seed=1), make_case("int8", tq=20, tw=3, seed=1)
-    odd = [values[0], *keys[1:5], *values[5:9], None, 0.25, "int8", "int8"]
+    odd = [values[0], *keys[1:5], *values[5:9], None, 0.25, "int8", "int8", 0, 0]
     assert "not split alike" in check_kv_decode_attention(*odd)
     assert torch.equal(torch.ops.qcompiler.triton_kv_decode_attention(*odd),
                        torch.ops.qcompiler.kv_decode_attention(*odd))
@@ -317,6 +326,9 @@ def test_checks_name_what_is_wrong():
     bad_scale = list(args)
     bad_scale[2] = torch.ones(2, 2, 20, 16, device=DEVICE)          # per token and channel: not a kv_format layout
     assert "k_scale" in check_kv_decode_attention(*bad_scale)
+    bad_group = list(args)
+    bad_group[13] = 4                                               # per_group blocks of 4: 5 blocks, not 20 rows
+    assert "per_group [2, 2, 5, 16]" in check_kv_decode_attention(*bad_group)
     bad_codes = list(args)
     bad_codes[11] = "int4"
     assert "k_codes" in check_kv_decode_attention(*bad_codes)
