@@ -17,7 +17,18 @@ def export_onnx(model, recipe, example_inputs, path, calibration=None, **kwargs)
     return _export_onnx(model, recipe, example_inputs, path, calibration, **kwargs)
 
 
-__all__ = ["backend", "quantize", "report", "kv_cache", "export_onnx", "Recipe", "recipes", "errors", "RecipeError", "CalibrationError",
-           "PassError", "UnsupportedError", "CompileReport", "LayerDecision", "PassContext", "PassManager",
-           "PassResult"]
+def save_compressed_tensors(model, path, recipe, *, tokenizer=None, overwrite=False):
+    """Write ``model`` (after ``quantize``) as a compressed-tensors checkpoint, the serving format transformers
+    and vLLM read; see ``qcompiler.export.compressed_tensors`` (imported on call: it needs compressed-tensors)."""
+    from qcompiler.export.compressed_tensors import save_compressed_tensors as _save
+    try:
+        rep = report(model)      # where SmoothQuant / AWQ scales fold
+    except ValueError:
+        rep = None
+    return _save(model, path, recipe, tokenizer=tokenizer, overwrite=overwrite, report=rep)
+
+
+__all__ = ["backend", "quantize", "report", "kv_cache", "export_onnx", "save_compressed_tensors", "Recipe", "recipes",
+           "errors", "RecipeError", "CalibrationError", "PassError", "UnsupportedError", "CompileReport", "LayerDecision",
+           "PassContext", "PassManager", "PassResult"]
 __version__ = "0.1.0"

@@ -2,7 +2,7 @@
 
     qcompiler                      the main job: fetch SmolLM2-135M, calibrate, quantize, evaluate, print the table
     qcompiler run ...              the same with options
-    qcompiler quantize ...         quantize a model and save it (safetensors + recipe JSON)
+    qcompiler quantize ...         quantize a model and save it (qcompiler's safetensors, or --format compressed-tensors)
     qcompiler eval PATH|MODEL      perplexity of a saved quantized model (no recalibration) or of a float model
     qcompiler recipes [NAME]       list the presets, or print one as JSON
     qcompiler export-onnx ...      quantize a model and write it as an ONNX Q/DQ graph for TensorRT
@@ -28,6 +28,8 @@ __all__ = ["main"]
 log = logging.getLogger(__name__)
 
 DEFAULT_RECIPES = "w8a16,w8a8-int8-sq-dynamic,w8a8-int8-sq"
+#: what `qcompiler quantize --format` writes: qcompiler's own checkpoint (the default) or compressed-tensors
+SAVE_FORMATS = ("qcompiler", "compressed-tensors")
 
 
 def _add_model(ap: argparse.ArgumentParser) -> None:
@@ -82,6 +84,9 @@ def _cmd_quantize(args) -> int:
     if args.no_calibration and recipe.requires_calibration:
         raise CalibrationError(f"--no-calibration: recipe {recipe.name!r} needs calibration data for "
                                f"{' and '.join(recipe.calibration_required_by)}")
+    if args.format == "compressed-tensors":   # refuse what the format cannot hold before quantizing
+        from qcompiler.export.compressed_tensors import check_recipe
+        check_recipe(recipe)
     protocol = _protocol(args)
     model, tok = models.load_model(args.model)
     calib = _calibration(args, tok, protocol) if recipe.needs_calibration and not args.no_calibration else None
@@ -92,9 +97,13 @@ def _cmd_quantize(args) -> int:
             raise
         raise CalibrationError(f"{e}; on the command line: --no-calibration") from None
     rep = report(model)
-    weights = save_quantized(model, args.out, recipe, tokenizer=tok, report=rep, source=args.model)
+    if args.format == "compressed-tensors":
+        from qcompiler.export.compressed_tensors import save_compressed_tensors
+        saved = save_compressed_tensors(model, args.out, recipe, tokenizer=tok, overwrite=True, report=rep)
+    else:
+        saved = save_quantized(model, args.out, recipe, tokenizer=tok, report=rep, source=args.model)
     print(rep.summary())
-    print(f"saved {weights}")
+    print(f"saved {saved}")
     return 0
 
 
@@ -190,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(q)
     q.add_argument("--recipe", required=True, help=f"preset ({', '.join(recipes.names())}) or a recipe .json file")
     q.add_argument("--out", required=True, type=Path, help="output folder")
+    q.add_argument("--format", choices=SAVE_FORMATS, default=SAVE_FORMATS[0],
+                   help="qcompiler (default): safetensors that qcompiler's `eval` and load_quantized read back; "
+                        "compressed-tensors: a checkpoint transformers and vLLM load (needs the compressed-tensors "
+                        "package; refuses what the format cannot express, see the README)")
     _add_protocol(q, eval_tokens=8192, calib_samples=128)
     q.add_argument("--no-calibration", action="store_true",
                    help="quantize without calibration data, for recipes that can (`qcompiler recipes` marks them): "

@@ -1,0 +1,456 @@
+"""Write a model quantized by ``qcompiler.quantize`` as a compressed-tensors checkpoint: the serving
+format vLLM reads and transformers loads (with the ``compressed-tensors`` package; the tests check
+transformers 5.24 with compressed-tensors 0.20.1 on CPU).
+
+``save_compressed_tensors(model, path, recipe, tokenizer=tok)`` writes ``config.json`` with a
+``quantization_config`` (``quant_method: compressed-tensors``), ``model.safetensors``,
+``recipe.json``, the generation config and the tokenizer. The layout is compressed-tensors' own: one
+``QuantizationScheme`` per config group, the format its ``infer_module_format`` picks
+(``pack-quantized`` for weight-only INT4 / INT8, ``int-quantized`` for W8A8 INT8,
+``float-quantized`` for FP8) and that format's compressor, fed the dequantized weight and
+qcompiler's scales so that it re-derives qcompiler's codes; they are checked code for code before
+the folder is moved into place.
+
+What a quantized layer becomes:
+
+- codes in compressed-tensors' signed convention: asymmetric (uint8 / uint4) codes and zero points
+  shifted down by 2^(bits-1), so ``(q - zero) * scale`` is unchanged; 7-bit (``reduce_range``)
+  codes are ordinary 8-bit codes;
+- float32 scales: ``[1]`` per tensor, ``[N, 1]`` per channel, ``[N, K / g]`` per group. A group
+  size that does not divide K (compressed-tensors needs whole groups) is written as groups of
+  gcd(g, K), each scale repeated: exact, but not a group size every vLLM kernel takes (logged).
+  A per-tensor weight-only INT4 / INT8 scale is written per channel, repeated (vLLM's W4A16 /
+  W8A16 schemes take channel or group scales only);
+- activations: a static per-tensor ``input_scale`` [1], or dynamic per token. The loader
+  computes dynamic scales itself: compressed-tensors' symmetric INT8 scale is absmax / 127.5
+  (qcompiler's absmax / 127), its FP8 scale absmax / 448 like qcompiler's;
+- a SmoothQuant / AWQ input scale that qcompiler folded into a norm (report ``smoothing``
+  ``norm:<fqn>``; eager modules apply it as ``inv_smooth``) goes into that norm's weight and bias,
+  checked on a probe input; a float linear reading the same norm gets the inverse on its columns;
+- linears kept in float are listed in ``ignore`` by module name, as transformers builds the model.
+
+Refused with ``UnsupportedError`` before anything is written: a KV-cache spec (a later slice),
+quantized embeddings, an input scale no norm absorbed (report smoothing ``explicit``), a layer
+transformers does not build as ``torch.nn.Linear`` (GPT-2's ``Conv1D``), a quantized weight that
+transformers ties to another tensor, and asymmetric weight-only integers: pack-quantized stores
+their zero points packed into int32, which transformers 5.24 with compressed-tensors 0.20.1 cannot
+load (it builds them unpacked; W8A8's int-quantized zero points load).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+from qcompiler import recipes
+from qcompiler.core.layer_quant import QuantizedWeight
+from qcompiler.errors import UnsupportedError
+from qcompiler.pipeline import CompileReport
+from qcompiler.recipes import Recipe
+from qcompiler.runtime.eager import QuantizedEmbedding, QuantizedLinear
+
+try:
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.compressors.format import infer_module_format
+    from compressed_tensors.compressors.model_compressors import ModelCompressor
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from compressed_tensors.config import CompressionFormat
+    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
+                                                 QuantizationStatus)
+except ImportError as e:   # an optional dependency: `pip install qcompiler[serving]`
+    raise ImportError("qcompiler.export.compressed_tensors needs the compressed-tensors package: "
+                      "pip install 'qcompiler[serving]' (or compressed-tensors==0.20.1)") from e
+
+__all__ = ["save_compressed_tensors", "check_recipe", "WEIGHTS_FILE"]
+
+log = logging.getLogger(__name__)
+WEIGHTS_FILE = "model.safetensors"
+_BITS = {"int8": 8, "uint8": 8, "int4": 4, "uint4": 4, "fp8_e4m3": 8}
+_UNSIGNED = ("uint8", "uint4")
+_PACKED = CompressionFormat.pack_quantized.value
+_FOLD_TOLERANCE = 1e-5     # relative error of a folded norm's output on the probe (float32)
+
+
+@dataclass
+class _Layer:
+    """One quantized linear as compressed-tensors writes it."""
+
+    fqn: str
+    module: QuantizedLinear
+    weights: QuantizationArgs
+    inputs: QuantizationArgs | None
+    group_size: int | None           # the group size written (gcd(g, K) for a g not dividing K)
+    format: str = field(init=False)  # the compressed-tensors format its scheme gets
+
+    def __post_init__(self):
+        scheme = QuantizationScheme(targets=["Linear"], weights=self.weights, input_activations=self.inputs)
+        self.format = CompressionFormat(infer_module_format(torch.nn.Linear, scheme)).value
+
+    def key(self) -> str:
+        dump = lambda a: None if a is None else a.model_dump()  # noqa: E731
+        return json.dumps([dump(self.weights), dump(self.inputs)], sort_keys=True)
+
+
+@dataclass
+class _Plan:
+    """What ``save_compressed_tensors`` writes, decided (and every refusal raised) before writing."""
+
+    layers: dict[str, _Layer]
+    ignore: list[str]
+    state_keys: list[str]                                        # float tensors, as transformers names them
+    norm_params: dict[str, torch.Tensor] = field(default_factory=dict)     # norm tensors with a scale folded in
+    column_scales: dict[str, torch.Tensor] = field(default_factory=dict)   # float linear fqn -> weight column factor
+
+
+def save_compressed_tensors(model: torch.nn.Module, path: str | Path, recipe: Recipe | str, *, tokenizer=None,
+                            overwrite: bool = False, report: CompileReport | None = None) -> Path:
+    """Write ``model`` (after ``qcompiler.quantize``) to the folder ``path`` as a compressed-tensors
+    checkpoint that ``transformers.AutoModelForCausalLM.from_pretrained(path)`` loads; returns ``path``.
+
+    The folder is written beside ``path`` under a temporary name and moved into place when complete;
+    an existing non-empty ``path`` is replaced only with ``overwrite=True``. ``report``: the model's
+    ``qcompiler.report(model)``, which says where a SmoothQuant / AWQ scale folds (the top-level
+    ``qcompiler.save_compressed_tensors`` passes it); needed only when a layer carries such a scale.
+
+    Raises:
+        UnsupportedError: the model or recipe uses what the format cannot express (module docstring);
+            the message names the layer or field. Nothing is written.
+        ValueError: the model has no ``QuantizedLinear``.
+        FileExistsError: ``path`` exists, is not empty, and ``overwrite`` is False.
+    """
+    recipe = recipes.resolve(recipe)
+    path = Path(path)
+    plan = _plan(model, recipe, report)
+    if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"save_compressed_tensors: {path} exists and is not empty; pass overwrite=True "
+                              "to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    try:
+        _write(model, recipe, plan, tmp, tokenizer)
+        _move_into_place(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("save_compressed_tensors: %d quantized linears, %d ignored, written to %s",
+             len(plan.layers), len(plan.ignore), path)
+    return path
+
+
+# ---- planning: every refusal happens here ------------------------------------------------------
+
+def check_recipe(recipe: Recipe | str) -> None:
+    """``UnsupportedError`` when ``recipe`` asks for what this export refuses whatever the model (a KV-cache
+    spec, quantized embeddings): lets a caller refuse before quantizing."""
+    recipe = recipes.resolve(recipe)
+    if recipe.kv_cache is not None:
+        raise UnsupportedError(f"save_compressed_tensors: recipe {recipe.name!r} quantizes the KV cache "
+                               f"(recipe.kv_cache: {recipe.kv_cache.describe()}); compressed-tensors KV-cache "
+                               "export (kv_cache_scheme) is not written yet: save a recipe without kv_cache")
+    if recipe.embedding is not None:
+        raise UnsupportedError(f"save_compressed_tensors: recipe {recipe.name!r} quantizes embedding tables "
+                               "(recipe.embedding); vLLM loads compressed-tensors quantization for linear layers, "
+                               "not embeddings: keep them in float (recipe.embedding=None)")
+
+
+def _plan(model: torch.nn.Module, recipe: Recipe, report: CompileReport | None) -> _Plan:
+    check_recipe(recipe)
+    embeddings = [f for f, m in model.named_modules() if isinstance(m, QuantizedEmbedding)]
+    if embeddings:
+        raise UnsupportedError(f"save_compressed_tensors: embeddings {embeddings} are quantized (recipe.embedding); "
+                               "vLLM loads compressed-tensors quantization for linear layers, not embedding tables: "
+                               "keep them in float (recipe.embedding=None)")
+    quantized = {f: m for f, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    if not quantized:
+        raise ValueError("save_compressed_tensors: the model has no QuantizedLinear; "
+                         "run qcompiler.quantize(model, ...) first")
+    skeleton = _skeleton(model)
+    not_linear = {f: type(skeleton.get_submodule(f)).__name__ for f in quantized
+                  if not isinstance(skeleton.get_submodule(f), torch.nn.Linear)}
+    if not_linear:
+        raise UnsupportedError(f"save_compressed_tensors: transformers builds the quantized layers "
+                               f"{_names(sorted(not_linear))} as {sorted(set(not_linear.values()))}, not torch.nn.Linear, and "
+                               "compressed-tensors quantizes only torch.nn.Linear (and Embedding) modules (GPT-2's "
+                               "Conv1D stores its weight transposed): keep them in float (fallback.keep_modules) or "
+                               "save with save_quantized")
+    tied = _tied_names(skeleton)
+    tied_quantized = sorted(f"{f}.weight" for f in quantized if f"{f}.weight" in tied)
+    if tied_quantized:
+        raise UnsupportedError(f"save_compressed_tensors: the quantized weights {tied_quantized} are tied to "
+                               f"{[tied[n] for n in tied_quantized]} in transformers (tie_word_embeddings), which "
+                               "would overwrite them on load: keep the layer in float (fallback.keep_op_kinds)")
+    layers = {f: _layer(f, m) for f, m in quantized.items()}
+    packed_zero = sorted(f for f, lay in layers.items() if not lay.weights.symmetric and lay.format == _PACKED)
+    if packed_zero:
+        raise UnsupportedError(f"save_compressed_tensors: layers {_names(packed_zero)} have asymmetric weight-only integer "
+                               "weights (weight.symmetric=False); the pack-quantized format stores their zero points "
+                               "packed into int32 [N / 8, groups] (compressed-tensors' compressor and vLLM), but "
+                               "transformers 5.24 with compressed-tensors 0.20.1 builds them unpacked ([N, groups] "
+                               "int8) and fails to load the checkpoint: use symmetric weights or save_quantized")
+    norm_params, column_scales = _smoothing_folds(model, quantized, report)
+    tied_columns = sorted(f"{f}.weight" for f in column_scales if f"{f}.weight" in tied)
+    if tied_columns:
+        raise UnsupportedError(f"save_compressed_tensors: float layers {tied_columns} read a norm that absorbs a "
+                               "SmoothQuant scale and would need their columns rescaled, but transformers ties them "
+                               f"to {[tied[n] for n in tied_columns]}")
+    ignore = [f for f, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear) and f not in quantized]
+    owned = tuple(f + "." for f in quantized)
+    state_keys = [k for k in skeleton.state_dict() if not k.startswith(owned) and k not in tied]
+    live = model.state_dict()
+    missing = [k for k in state_keys if k not in live]
+    if missing:
+        raise ValueError(f"save_compressed_tensors: the model lacks tensors that transformers builds from its config: "
+                         f"{missing[:5]}")
+    odd = [f for f, lay in layers.items() if lay.module.group_size and lay.group_size != lay.module.group_size]
+    if odd:
+        log.warning("save_compressed_tensors: group size %s does not divide the input size of %s; written as "
+                    "smaller groups with repeated scales (exact in transformers; vLLM's kernels may not take them)",
+                    layers[odd[0]].module.group_size, odd)
+    return _Plan(layers, ignore, state_keys, norm_params, column_scales)
+
+
+def _skeleton(model: torch.nn.Module) -> torch.nn.Module:
+    """The model transformers builds from ``model.config`` before loading weights, on the meta device."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise UnsupportedError(f"save_compressed_tensors: {type(model).__name__} has no .config; a Hugging Face "
+                               "model (PreTrainedModel) is needed to write config.json")
+    with torch.device("meta"):
+        return type(model)(copy.deepcopy(config)).eval()
+
+
+def _names(fqns: list[str], most: int = 8) -> str:
+    """A list of module names for a message, the first ``most`` of a long one."""
+    return str(fqns) if len(fqns) <= most else f"{fqns[:most]} and {len(fqns) - most} more"
+
+
+def _tied_names(skeleton: torch.nn.Module) -> dict[str, str]:
+    """Parameter name -> the name it is tied to (its first name), for every later name of a tied parameter."""
+    first: dict[int, str] = {}
+    tied = {}
+    for name, p in skeleton.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            tied[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return tied
+
+
+def _layer(fqn: str, m: QuantizedLinear) -> _Layer:
+    dtype = m.weight_dtype
+    if dtype not in _BITS:
+        raise UnsupportedError(f"save_compressed_tensors: layer {fqn!r} has weight dtype {dtype!r}; "
+                               f"compressed-tensors export takes {sorted(_BITS)}")
+    is_float = dtype == "fp8_e4m3"
+    kind = "float" if is_float else "int"
+    group_size = None
+    if m.w_scale.dim() == 0:
+        # per-tensor weight-only integers as per-channel (the scale repeated): vLLM's WNA16 takes no tensor strategy
+        strategy = "channel" if m.act_dtype is None and not is_float else "tensor"
+    elif m.group_size:
+        strategy, group_size = "group", math.gcd(m.group_size, m.in_features)
+    else:
+        strategy = "channel"
+    weights = QuantizationArgs(num_bits=_BITS[dtype], type=kind, symmetric=m.w_zero is None, strategy=strategy,
+                               group_size=group_size)
+    inputs = None
+    if m.act_dtype is not None:
+        if m.act_dtype not in ("int8", "fp8_e4m3"):
+            raise UnsupportedError(f"save_compressed_tensors: layer {fqn!r} quantizes its input to {m.act_dtype!r}; "
+                                   "compressed-tensors export takes int8 or fp8_e4m3 activations")
+        inputs = QuantizationArgs(num_bits=8, type="float" if m.act_dtype == "fp8_e4m3" else "int", symmetric=True,
+                                  strategy="token" if m.act_dynamic else "tensor", dynamic=bool(m.act_dynamic))
+    return _Layer(fqn, m, weights, inputs, group_size)
+
+
+def _smoothing_folds(model: torch.nn.Module, quantized: dict[str, QuantizedLinear], report: CompileReport | None
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The norm tensors with the layers' ``inv_smooth`` folded in, and the column factors of float
+    linears that read those norms; ``UnsupportedError`` for a scale no norm absorbs."""
+    smoothed = {f: m.inv_smooth for f, m in quantized.items() if m.inv_smooth is not None}
+    if not smoothed:
+        return {}, {}
+    if report is None:
+        raise UnsupportedError(f"save_compressed_tensors: layers {_names(sorted(smoothed))} scale their input "
+                               "(inv_smooth) and no qcompiler report says which norm absorbs the scale: pass "
+                               "report=qcompiler.report(model) (a model from load_quantized has none)")
+    decisions = report.layers
+    explicit = sorted(f for f in smoothed if not decisions.get(f) or not decisions[f].smoothing.startswith("norm:"))
+    if explicit:
+        globs = tuple(sorted({"*." + f.rpartition(".")[2] for f in explicit}))
+        raise UnsupportedError(f"save_compressed_tensors: layers {_names(explicit)} multiply their input by a SmoothQuant / "
+                               "AWQ scale (inv_smooth) that no preceding norm or linear absorbed (report smoothing "
+                               "'explicit'); compressed-tensors has no per-input-channel scale to hold it: keep these "
+                               f"layers in float (e.g. fallback.keep_modules={globs!r}) and quantize again")
+    by_norm: dict[str, dict[str, torch.Tensor]] = {}
+    for f, inv in smoothed.items():
+        by_norm.setdefault(decisions[f].smoothing.removeprefix("norm:"), {})[f] = inv
+    params, columns = {}, {}
+    for norm_fqn, members in by_norm.items():
+        first, inv = next(iter(members.items()))
+        inv = inv.float()
+        differ = sorted(f for f, v in members.items() if not torch.equal(v.float(), inv))
+        if differ:
+            raise UnsupportedError(f"save_compressed_tensors: the layers reading norm {norm_fqn!r} scale their input "
+                                   f"differently ({_names(differ)} vs {first!r}); one norm can absorb one scale")
+        for name, t in _fold_norm(model.get_submodule(norm_fqn), inv, norm_fqn).items():
+            params[f"{norm_fqn}.{name}"] = t
+        for f, d in decisions.items():          # float linears reading the same norm keep their outputs
+            if d.smoothing == f"norm:{norm_fqn}" and f not in quantized:
+                if not isinstance(model.get_submodule(f), torch.nn.Linear):
+                    raise UnsupportedError(f"save_compressed_tensors: float layer {f!r} reads norm {norm_fqn!r}, whose "
+                                           f"weights absorb a SmoothQuant scale, and is not a torch.nn.Linear whose "
+                                           "columns could absorb the inverse")
+                columns[f] = 1.0 / inv
+    return params, columns
+
+
+def _fold_norm(norm: torch.nn.Module, inv: torch.Tensor, fqn: str) -> dict[str, torch.Tensor]:
+    """``norm``'s parameters such that its output is multiplied by ``inv``: gain (and bias) times ``inv``,
+    or a ``1 + weight`` gain (Gemma) refolded; the form whose output matches on a probe input."""
+    own = {k: p.detach() for k, p in norm.named_parameters(recurse=False)}
+    if not own or any(p.shape != inv.shape for p in own.values()):
+        raise UnsupportedError(f"save_compressed_tensors: norm {fqn!r} ({type(norm).__name__}, parameters "
+                               f"{ {k: tuple(p.shape) for k, p in own.items()} }) has no per-channel gain of size "
+                               f"{inv.numel()} to absorb its readers' SmoothQuant / AWQ scale")
+    trial = copy.deepcopy(norm).float()
+    probe = torch.randn(16, inv.numel(), generator=torch.Generator().manual_seed(0)).to(inv.device)
+    forms = {"gain": lambda k, p: p * inv,
+             "1 + gain": lambda k, p: (1.0 + p) * inv - 1.0 if k == "weight" else p * inv}
+    with torch.no_grad():
+        want = trial(probe).float() * inv
+        for form, fold in forms.items():
+            folded = {k: fold(k, p.float()) for k, p in own.items()}
+            for k, v in folded.items():
+                getattr(trial, k).copy_(v)
+            got = trial(probe).float()
+            if float((got - want).norm() / want.norm().clamp(min=1e-30)) <= _FOLD_TOLERANCE:
+                log.debug("save_compressed_tensors: folded a scale into %s (%s)", fqn, form)
+                return {k: v.to(own[k].dtype) for k, v in folded.items()}
+    raise UnsupportedError(f"save_compressed_tensors: norm {fqn!r} ({type(norm).__name__}) cannot absorb its readers' "
+                           f"SmoothQuant / AWQ scale: neither form {list(forms)} of folding it into the norm's "
+                           "parameters reproduced the scaled output")
+
+
+# ---- writing -----------------------------------------------------------------------------------
+
+def _write(model: torch.nn.Module, recipe: Recipe, plan: _Plan, folder: Path, tokenizer) -> None:
+    live = model.state_dict()
+    tensors = {k: plan.norm_params.get(k, live[k]) for k in plan.state_keys}
+    for f, col in plan.column_scales.items():
+        w = tensors[f"{f}.weight"]
+        tensors[f"{f}.weight"] = (w.float() * col[None, :]).to(w.dtype)
+    groups = _config_groups(plan.layers)
+    for lay in plan.layers.values():
+        scheme = groups[lay.key()]
+        for name, t in _compress(lay, scheme).items():
+            tensors[f"{lay.fqn}.{name}"] = t
+    safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                                str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    model.config.to_json_file(str(folder / "config.json"))
+    formats = {lay.format for lay in plan.layers.values()}
+    config = QuantizationConfig(config_groups={f"group_{i}": s for i, s in enumerate(groups.values())},
+                                format=formats.pop() if len(formats) == 1 else CompressionFormat.mixed_precision.value,
+                                ignore=plan.ignore, quantization_status=QuantizationStatus.COMPRESSED)
+    ModelCompressor(quantization_config=config).update_config(str(folder))
+    (folder / "recipe.json").write_text(recipe.to_json())
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(str(folder))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+
+
+def _config_groups(layers: dict[str, _Layer]) -> dict[str, QuantizationScheme]:
+    """One scheme per distinct (weights, inputs): the most common one targets ``Linear``, the others
+    name their layers and come first (an exact name outranks a class in compressed-tensors' and vLLM's
+    matching; compressed-tensors tries targets in order)."""
+    members: dict[str, list[str]] = {}
+    for f, lay in layers.items():
+        members.setdefault(lay.key(), []).append(f)
+    main = max(members, key=lambda k: len(members[k]))
+    groups = {}
+    for key in sorted(members, key=lambda k: k == main):
+        lay = layers[members[key][0]]
+        groups[key] = QuantizationScheme(targets=["Linear"] if key == main else members[key], weights=lay.weights,
+                                         input_activations=lay.inputs, format=lay.format)
+    return groups
+
+
+def _compress(lay: _Layer, scheme: QuantizationScheme) -> dict[str, torch.Tensor]:
+    """The layer's tensors as ``scheme``'s compressor writes them, its codes checked against qcompiler's."""
+    m = lay.module
+    qw = QuantizedWeight.from_storage(m.w_q, m.w_scale, m.w_zero, m.weight_dtype, m.group_size or None, m.in_features)
+    offset = 2 ** (_BITS[m.weight_dtype] - 1) if m.weight_dtype in _UNSIGNED else 0
+    state = {"weight": qw.dequantize(torch.float32), "weight_scale": _layout(qw.scale.float(), lay)}
+    if qw.zero is not None:
+        state["weight_zero_point"] = _layout(qw.zero.to(torch.int16) - offset, lay).to(torch.int8)
+    if m.bias is not None:
+        state["bias"] = m.bias
+    if lay.inputs is not None and not lay.inputs.dynamic:
+        state["input_scale"] = m.act_scale.detach().float().reshape(1)
+    compressor = BaseCompressor.get_value_from_registry(lay.format)
+    out = compressor.compress(state, scheme)
+    codes = qw.q if m.weight_dtype == "fp8_e4m3" else (qw.q.to(torch.int16) - offset).to(torch.int8)
+    _check_codes(lay, out, codes, state.get("weight_zero_point"))
+    return out
+
+
+def _layout(t: torch.Tensor, lay: _Layer) -> torch.Tensor:
+    """A scale or zero point of qcompiler's layout in the written strategy's: ``[1]``, ``[N, 1]`` or
+    ``[N, K / group]`` (qcompiler's groups repeated when the written group is smaller)."""
+    n, k = lay.module.out_features, lay.module.in_features
+    strategy = lay.weights.strategy
+    if strategy == "tensor":
+        return t.reshape(1)
+    if strategy == "channel":
+        return t.reshape(-1, 1).expand(n, 1).contiguous() if t.dim() == 0 else t.reshape(n, 1)
+    index = torch.arange(0, k, lay.group_size, device=t.device) // lay.module.group_size
+    return t.index_select(1, index).contiguous()
+
+
+def _check_codes(lay: _Layer, out: dict[str, torch.Tensor], codes: torch.Tensor, zero: torch.Tensor | None) -> None:
+    """compressed-tensors re-derived the codes from the dequantized weight: they must be qcompiler's."""
+    bits = lay.weights.num_bits
+    if "weight_packed" in out:
+        written = unpack_from_int32(out["weight_packed"], bits, tuple(codes.shape))
+    else:
+        written = out["weight"]
+    same = written.dtype == codes.dtype and torch.equal(written.view(torch.uint8), codes.view(torch.uint8))
+    if same and zero is not None:
+        z = out.get("weight_zero_point")
+        if z is not None and z.dtype == torch.int32:   # packed along the output channels
+            z = unpack_from_int32(z, bits, tuple(zero.shape), packed_dim=0)
+        same = z is not None and torch.equal(z, zero)
+    if not same:
+        raise RuntimeError(f"save_compressed_tensors: internal error: compressed-tensors wrote codes for layer "
+                           f"{lay.fqn!r} that differ from qcompiler's")
+
+
+def _move_into_place(tmp: Path, path: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``path``; an existing ``path`` is moved aside first and
+    removed once the new folder is in place (restored if the rename fails)."""
+    if not path.exists():
+        tmp.rename(path)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+    old.rmdir()
+    path.rename(old)
+    try:
+        tmp.rename(path)
+    except BaseException:
+        old.rename(path)
+        raise
+    if old.is_dir():
+        shutil.rmtree(old)
+    else:
+        old.unlink()
