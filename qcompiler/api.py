@@ -21,7 +21,7 @@ from qcompiler.calibration.layerwise import LayerwiseCalibration
 from qcompiler.errors import CalibrationError, RecipeError, UnsupportedError
 from qcompiler.pipeline import Analysis, CalibrationData, CompileReport, Lowering, PassContext, PassManager
 from qcompiler.recipes import Recipe
-from qcompiler.core.kv_format import KV_STATS_ATTR
+from qcompiler.core.kv_format import KV_PATHS_ATTR, KV_STATS_ATTR
 from qcompiler.targets import registered_targets
 
 __all__ = ["QCompilerBackend", "backend", "quantize", "report", "kv_cache"]
@@ -305,6 +305,7 @@ class QCompilerBackend:
             if "kv_cache" in todo:       # read back by qcompiler.kv_cache(model)
                 self.root.__dict__[KV_STATS_ATTR] = (self.recipe.kv_cache,
                                                       list(self._tensor_stats["kv_cache"].values()))
+                self.root.__dict__[KV_PATHS_ATTR] = list(self._tensor_stats["kv_cache"])
         return dict(self._tensor_stats)
 
     def passes(self) -> list:

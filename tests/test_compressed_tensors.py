@@ -321,9 +321,72 @@ def test_refuses_gpt2_conv1d(tmp_path):
     _refused(model, recipes.get("w8a16"), tmp_path, UnsupportedError, r"transformer\.h\.0\.attn\.c_attn.*Conv1D")
 
 
-def test_refuses_a_kv_cache_spec(exported, tmp_path):
+# -- the KV cache: kv_cache_scheme and each attention's k_scale / v_scale ---------------------------
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("preset,strategy", [("kv-fp8", "tensor"), ("w8a16+kv-fp8", "tensor"),
+                                             ("fp8+kv-int8", "attn_head")])
+def test_kv_cache_scheme_holds_the_scales_qcompilers_cache_uses(arch, preset, strategy, tmp_path):
+    """The written k_scale / v_scale are the static scales of qcompiler's quantized cache, and
+    compressed-tensors' own fake quantization with them (what it applies to the keys and values
+    entering the cache) gives back bit for bit what qcompiler's cache reads (real keys and values of
+    the model, GQA included). transformers 5.24 does not apply kv_cache_scheme itself (compressed-tensors
+    0.20.1 hooks attentions with a ``past_key_values`` argument, which transformers 5 renamed ``cache``):
+    it loads the checkpoint, reporting the scales as unexpected, with the weights' logits."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+
+    model = tiny_model(arch)
+    qcompiler.quantize(model, preset, calibration=calibration_batches(), progress=False)
+    folder = qcompiler.save_compressed_tensors(model, tmp_path / "ct", preset)
+    scheme = _quantization_config(folder)["kv_cache_scheme"]
+    assert scheme["strategy"] == strategy and scheme["num_bits"] == 8 and scheme["symmetric"] and not scheme["dynamic"]
+    args = QuantizationArgs(**scheme)
+    cache, entering = qcompiler.kv_cache(model), {}
+    update = cache.update
+
+    def record(keys, values, layer_idx, *args, **kwargs):         # the keys and values each attention writes
+        entering[layer_idx] = (keys, values)
+        return update(keys, values, layer_idx, *args, **kwargs)
+    cache.update = record
+    with torch.no_grad():
+        model(input_ids=IDS, cache=cache, use_cache=True)
+    written = safetensors.torch.load_file(str(folder / "model.safetensors"))
+    kv_heads = getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads
+    for i, ours in enumerate(cache.layers):
+        for role, short, states in (("key", "k", entering[i][0]), ("value", "v", entering[i][1])):
+            scale = written[f"model.layers.{i}.self_attn.{short}_scale"]
+            assert scale.shape == ((1,) if strategy == "tensor" else (kv_heads, 1, 1))
+            assert torch.equal(scale.reshape(-1), ours._static[role][0].reshape(-1))
+            holder = torch.nn.Module()
+            holder.quantization_status = None
+            holder.register_parameter(f"{short}_scale", torch.nn.Parameter(scale, requires_grad=False))
+            theirs = forward_quantize(holder, states, short, args)
+            assert torch.equal(theirs, ours._read(role))
+    loaded = _load(folder)
+    with torch.no_grad():
+        assert rel_err(_logits(loaded, IDS), _logits(model, IDS)) < EXACT       # the weights; no KV quantization
+
+
+@pytest.mark.parametrize("kv,match", [
+    (dict(dtype="int4", key="per_group", value="per_token", symmetric=False, residual_window=128, group_size=64),
+     r"kv_cache.dtype='int4'"),
+    (dict(dtype="fp8_e4m3", key="per_tensor", value="per_tensor", residual_window=128), r"residual_window=128"),
+    (dict(dtype="int8", key="per_tensor", value="per_tensor", symmetric=False), r"kv_cache.symmetric=False"),
+    (dict(dtype="int8", key="per_channel", value="per_head"), r"kv_cache.key='per_channel' and kv_cache.value='per_head'"),
+    (dict(dtype="int8", key="per_token", value="per_token"), r"kv_cache.key / value 'per_token'"),
+])
+def test_refuses_a_kv_cache_the_scheme_cannot_express(kv, match, tmp_path):
+    from qcompiler.recipes import KVCacheSpec
+    recipe = recipes.get("w8a16").replace(name="w8a16-kv", kv_cache=KVCacheSpec(**kv))
+    with pytest.raises(UnsupportedError, match=match):
+        qcompiler.save_compressed_tensors(tiny_model("llama"), tmp_path / "x", recipe)
+    assert not any(tmp_path.iterdir())
+
+
+def test_refuses_a_kv_cache_without_its_calibration(exported, tmp_path):
     model, _ = exported("llama", "w8a16")
-    _refused(model, recipes.get("w8a16+kv-int8"), tmp_path, UnsupportedError, "recipe.kv_cache")
+    _refused(model, recipes.get("w8a16+kv-int8"), tmp_path, ValueError, "carries no KV-cache calibration")
 
 
 def test_refuses_quantized_embeddings(tmp_path):
@@ -399,7 +462,7 @@ def test_cli_format_compressed_tensors(tiny_cli, tmp_path, capsys):
 
 def test_cli_format_refusal_is_one_line(tiny_cli, tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(tiny_cli + ["--recipe", "w8a16+kv-int8", "--format", "compressed-tensors", "--out", str(out)]) == 2
+    assert main(tiny_cli + ["--recipe", "w8a16+kv-int4", "--format", "compressed-tensors", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("qcompiler: error: ") and "kv_cache" in err[0]
     assert not out.exists()

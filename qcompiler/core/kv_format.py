@@ -31,12 +31,15 @@ from qcompiler.recipes import Granularity, KVCacheSpec, QuantDtype
 
 __all__ = ["storage_name", "static_scale", "block_scale", "expand_blocks", "quantize_dequantize_blocks", "write",
            "read", "windowed_attention", "recent_positions", "recent_or_quantized", "windowed_values",
-           "KV_STATS_ATTR"]
+           "KV_STATS_ATTR", "KV_PATHS_ATTR"]
 
 #: where a model keeps its KV-cache calibration, ``(KVCacheSpec, [per attention in call order:
 #: {"key": (min, max), "value": (min, max)}, tensors [observed heads, head_dim]])``: set by the
 #: backend's calibration and by ``load_quantized``; read by ``qcompiler.kv_cache(model)``
 KV_STATS_ATTR = "_qcompiler_kv_stats"
+#: beside it, set by the backend's calibration: the path of the module that runs each attention (same
+#: order), e.g. ``model.layers.0.self_attn``, for formats that name the attention (compressed-tensors)
+KV_PATHS_ATTR = "_qcompiler_kv_paths"
 
 
 def storage_name(spec: KVCacheSpec) -> str:

@@ -27,10 +27,16 @@ What a quantized layer becomes:
 - a SmoothQuant / AWQ input scale that qcompiler folded into a norm (report ``smoothing``
   ``norm:<fqn>``; eager modules apply it as ``inv_smooth``) goes into that norm's weight and bias,
   checked on a probe input; a float linear reading the same norm gets the inverse on its columns;
-- linears kept in float are listed in ``ignore`` by module name, as transformers builds the model.
+- linears kept in float are listed in ``ignore`` by module name, as transformers builds the model;
+- a KV cache (``Recipe.kv_cache``) with static symmetric 8-bit scales per tensor or per KV head and no
+  residual window becomes the config's ``kv_cache_scheme`` (strategy ``tensor`` / ``attn_head``) and
+  each attention module's ``k_scale`` / ``v_scale`` ([1] / [kv heads, 1, 1], from the model's KV
+  calibration by ``kv_format.static_scale``): what transformers applies to the keys (after RoPE) and
+  values entering its cache, and, for FP8 per tensor, vLLM's ``kv_cache_dtype=fp8`` scales.
 
-Refused with ``UnsupportedError`` before anything is written: a KV-cache spec (a later slice),
-quantized embeddings, an input scale no norm absorbed (report smoothing ``explicit``), a layer
+Refused with ``UnsupportedError`` before anything is written: a KV cache the scheme cannot express
+(INT4, asymmetric, per channel / per token / per group, a residual window, keys and values of
+different granularities), quantized embeddings, an input scale no norm absorbed (report smoothing ``explicit``), a layer
 transformers does not build as ``torch.nn.Linear`` (GPT-2's ``Conv1D``), a quantized weight that
 transformers ties to another tensor, and asymmetric weight-only integers: pack-quantized stores
 their zero points packed into int32, which transformers 5.24 with compressed-tensors 0.20.1 cannot
@@ -52,10 +58,12 @@ import safetensors.torch
 import torch
 
 from qcompiler import recipes
+from qcompiler.core import kv_format
+from qcompiler.core.kv_format import KV_PATHS_ATTR, KV_STATS_ATTR
 from qcompiler.core.layer_quant import QuantizedWeight
 from qcompiler.errors import UnsupportedError
 from qcompiler.pipeline import CompileReport
-from qcompiler.recipes import Recipe
+from qcompiler.recipes import Granularity, QuantDtype, Recipe
 from qcompiler.runtime.eager import QuantizedEmbedding, QuantizedLinear
 
 try:
@@ -78,6 +86,8 @@ _BITS = {"int8": 8, "uint8": 8, "int4": 4, "uint4": 4, "fp8_e4m3": 8}
 _UNSIGNED = ("uint8", "uint4")
 _PACKED = CompressionFormat.pack_quantized.value
 _FOLD_TOLERANCE = 1e-5     # relative error of a folded norm's output on the probe (float32)
+#: KV-cache granularities kv_cache_scheme expresses, as its strategies
+_KV_STRATEGIES = {Granularity.PER_TENSOR: "tensor", Granularity.PER_HEAD: "attn_head"}
 
 
 @dataclass
@@ -109,6 +119,8 @@ class _Plan:
     state_keys: list[str]                                        # float tensors, as transformers names them
     norm_params: dict[str, torch.Tensor] = field(default_factory=dict)     # norm tensors with a scale folded in
     column_scales: dict[str, torch.Tensor] = field(default_factory=dict)   # float linear fqn -> weight column factor
+    kv_scheme: QuantizationArgs | None = None
+    kv_tensors: dict[str, torch.Tensor] = field(default_factory=dict)      # attention fqn.k_scale / .v_scale
 
 
 def save_compressed_tensors(model: torch.nn.Module, path: str | Path, recipe: Recipe | str, *, tokenizer=None,
@@ -152,10 +164,7 @@ def check_recipe(recipe: Recipe | str) -> None:
     """``UnsupportedError`` when ``recipe`` asks for what this export refuses whatever the model (a KV-cache
     spec, quantized embeddings): lets a caller refuse before quantizing."""
     recipe = recipes.resolve(recipe)
-    if recipe.kv_cache is not None:
-        raise UnsupportedError(f"save_compressed_tensors: recipe {recipe.name!r} quantizes the KV cache "
-                               f"(recipe.kv_cache: {recipe.kv_cache.describe()}); compressed-tensors KV-cache "
-                               "export (kv_cache_scheme) is not written yet: save a recipe without kv_cache")
+    _kv_scheme(recipe)
     if recipe.embedding is not None:
         raise UnsupportedError(f"save_compressed_tensors: recipe {recipe.name!r} quantizes embedding tables "
                                "(recipe.embedding); vLLM loads compressed-tensors quantization for linear layers, "
@@ -170,10 +179,12 @@ def _plan(model: torch.nn.Module, recipe: Recipe, report: CompileReport | None) 
                                "vLLM loads compressed-tensors quantization for linear layers, not embedding tables: "
                                "keep them in float (recipe.embedding=None)")
     quantized = {f: m for f, m in model.named_modules() if isinstance(m, QuantizedLinear)}
-    if not quantized:
+    if not quantized and recipe.kv_cache is None:
         raise ValueError("save_compressed_tensors: the model has no QuantizedLinear; "
                          "run qcompiler.quantize(model, ...) first")
     skeleton = _skeleton(model)
+    kv_scheme = _kv_scheme(recipe)
+    kv_tensors = _kv_scales(model, skeleton, recipe) if kv_scheme is not None else {}
     not_linear = {f: type(skeleton.get_submodule(f)).__name__ for f in quantized
                   if not isinstance(skeleton.get_submodule(f), torch.nn.Linear)}
     if not_linear:
@@ -215,7 +226,66 @@ def _plan(model: torch.nn.Module, recipe: Recipe, report: CompileReport | None) 
         log.warning("save_compressed_tensors: group size %s does not divide the input size of %s; written as "
                     "smaller groups with repeated scales (exact in transformers; vLLM's kernels may not take them)",
                     layers[odd[0]].module.group_size, odd)
-    return _Plan(layers, ignore, state_keys, norm_params, column_scales)
+    return _Plan(layers, ignore, state_keys, norm_params, column_scales, kv_scheme, kv_tensors)
+
+
+def _kv_scheme(recipe: Recipe) -> QuantizationArgs | None:
+    """``recipe.kv_cache`` as compressed-tensors' ``kv_cache_scheme`` (None without one);
+    ``UnsupportedError`` naming the field when the scheme cannot express it."""
+    spec = recipe.kv_cache
+    if spec is None:
+        return None
+    what = f"save_compressed_tensors: recipe {recipe.name!r} has kv_cache ({spec.describe()})"
+    fix = "(e.g. 'kv-fp8': fp8_e4m3 per_tensor, vLLM's k_scale / v_scale), or save_quantized"
+    if spec.dtype is QuantDtype.INT4:
+        raise UnsupportedError(f"{what}: kv_cache.dtype='int4'; compressed-tensors' kv_cache_scheme is applied by "
+                               f"vLLM and transformers as 8-bit keys and values: use int8 or fp8_e4m3 {fix}")
+    if spec.residual_window:
+        raise UnsupportedError(f"{what}: kv_cache.residual_window={spec.residual_window} keeps the last positions in "
+                               f"full precision, a policy of qcompiler's cache that kv_cache_scheme cannot express: "
+                               f"use residual_window=0 {fix}")
+    if not spec.symmetric:
+        raise UnsupportedError(f"{what}: kv_cache.symmetric=False; kv_cache_scheme scales are symmetric (vLLM reads no "
+                               f"zero point) {fix}")
+    if spec.key is not spec.value:
+        raise UnsupportedError(f"{what}: kv_cache.key='{spec.key.value}' and kv_cache.value='{spec.value.value}' "
+                               f"differ; one kv_cache_scheme covers keys and values {fix}")
+    if spec.key not in _KV_STRATEGIES:
+        raise UnsupportedError(f"{what}: kv_cache.key / value '{spec.key.value}'; kv_cache_scheme takes static "
+                               f"per_tensor or per_head scales {fix}")
+    return QuantizationArgs(num_bits=8, type="float" if spec.dtype is QuantDtype.FP8_E4M3 else "int",
+                            symmetric=True, strategy=_KV_STRATEGIES[spec.key], dynamic=False)
+
+
+def _kv_scales(model: torch.nn.Module, skeleton: torch.nn.Module, recipe: Recipe) -> dict[str, torch.Tensor]:
+    """``{attention fqn}.k_scale`` / ``.v_scale`` from the model's KV calibration, each attention named by
+    the module that runs it (found in calibration, ``KV_PATHS_ATTR``)."""
+    saved = model.__dict__.get(KV_STATS_ATTR)
+    spec = recipe.kv_cache
+    if saved is None or saved[0] != spec:
+        raise ValueError(f"save_compressed_tensors: recipe {recipe.name!r} has kv_cache ({spec.describe()}), but the "
+                         "model carries no KV-cache calibration for it: run qcompiler.quantize(model, recipe, "
+                         "calibration=batches) first")
+    stats, attentions = saved[1], model.__dict__.get(KV_PATHS_ATTR)
+    if attentions is None or len(attentions) != len(stats):
+        raise UnsupportedError("save_compressed_tensors: the model's KV-cache calibration does not name the modules "
+                               "that run its attentions (a model from load_quantized): quantize it with "
+                               "qcompiler.quantize(model, recipe, calibration=batches) to export its KV scales")
+    modules = dict(skeleton.named_modules())
+    odd = [f for f in attentions if f not in modules or f == ""]
+    if odd:
+        raise UnsupportedError(f"save_compressed_tensors: attentions {_names(odd, 3)} are not each run once by their own "
+                               "module (a module calling attention twice, or the model's root), so no "
+                               "<module>.k_scale / .v_scale name holds their scales")
+    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    shape = (1,) if spec.key is Granularity.PER_TENSOR else (heads, 1, 1)
+    out = {}
+    for fqn, entry in zip(attentions, stats):
+        for role, short in (("key", "k"), ("value", "v")):
+            scale, _ = kv_format.static_scale(entry[role], heads, spec.key, spec)
+            out[f"{fqn}.{short}_scale"] = scale.float().reshape(shape).contiguous()
+    return out
 
 
 def _skeleton(model: torch.nn.Module) -> torch.nn.Module:
@@ -354,13 +424,15 @@ def _write(model: torch.nn.Module, recipe: Recipe, plan: _Plan, folder: Path, to
         scheme = groups[lay.key()]
         for name, t in _compress(lay, scheme).items():
             tensors[f"{lay.fqn}.{name}"] = t
+    tensors.update(plan.kv_tensors)
     safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                                 str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     model.config.to_json_file(str(folder / "config.json"))
-    formats = {lay.format for lay in plan.layers.values()}
+    formats = {lay.format for lay in plan.layers.values()} or {CompressionFormat.dense.value}
     config = QuantizationConfig(config_groups={f"group_{i}": s for i, s in enumerate(groups.values())},
                                 format=formats.pop() if len(formats) == 1 else CompressionFormat.mixed_precision.value,
-                                ignore=plan.ignore, quantization_status=QuantizationStatus.COMPRESSED)
+                                ignore=plan.ignore, kv_cache_scheme=plan.kv_scheme,
+                                quantization_status=QuantizationStatus.COMPRESSED)
     ModelCompressor(quantization_config=config).update_config(str(folder))
     (folder / "recipe.json").write_text(recipe.to_json())
     generation = getattr(model, "generation_config", None)
@@ -377,6 +449,8 @@ def _config_groups(layers: dict[str, _Layer]) -> dict[str, QuantizationScheme]:
     members: dict[str, list[str]] = {}
     for f, lay in layers.items():
         members.setdefault(lay.key(), []).append(f)
+    if not members:                    # a KV-cache-only recipe: every linear in float
+        return {}
     main = max(members, key=lambda k: len(members[k]))
     groups = {}
     for key in sorted(members, key=lambda k: k == main):
