@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from collections import Counter
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import qcompiler
+from qcompiler import recipes
 from qcompiler.calibration.statistics import CalibrationCache
 from qcompiler.core.ops import GEMM_OPS
 from numerics_util import rel_err
@@ -83,6 +85,26 @@ def test_eager_quantize_matches_the_compiled_graph(arch, preset):
     assert rel_err(b, a) < 1e-4
     assert any(type(m).__name__ == "QuantizedLinear" for m in eager.modules())
     assert len(qcompiler.report(eager).quantized) == len(qcompiler.report(compiled).quantized)
+
+
+@pytest.mark.parametrize("preset", ["w8a8-int8-sq", "w8a8-int8-sq-dynamic"])
+def test_eager_asymmetric_int8_weights_with_int8_activations_match_the_compiled_graph(preset):
+    """No fused GEMM takes weight zero points with quantized activations: the graph leaves those linears as
+    Q/DQ, and the eager QuantizedLinear computes the same (it used to hand uint8 codes to the int8 GEMM,
+    dropping the zero points)."""
+    recipe = recipes.get(preset)
+    recipe = recipe.replace(name=f"{preset}-asym", weight=dataclasses.replace(recipe.weight, symmetric=False))
+    model, calib, x = tiny_model("llama"), calibration_batches(), token_batches(1, 10, seed=9)[0]
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=qcompiler.backend(recipe, calibration=calib, progress=False))
+    with torch.no_grad():
+        a = compiled(x).logits
+        plain = model(x).logits
+    eager = qcompiler.quantize(copy.deepcopy(model), recipe, calibration=calib, progress=False)
+    assert any(getattr(m, "w_zero", None) is not None for m in eager.modules())
+    with torch.no_grad():
+        b = eager(x).logits
+    assert rel_err(b, a) < 1e-5 < rel_err(a, plain)
 
 
 def test_generate_with_compiled_forward():

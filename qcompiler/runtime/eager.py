@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+import torch.nn.functional as F
 
 from qcompiler.core.formats import GemmFormat, gemm_format
 from qcompiler.core.layer_quant import QuantizedWeight, gather_rows
@@ -55,6 +56,11 @@ class QuantizedLinear(torch.nn.Module):
             (a, a_s), bias = _ops.quantize_per_token(x, self.act_dtype), self.bias
         else:
             a, a_s, bias = _ops.quantize(x, self.act_scale, None, self.act_dtype), self.act_scale, self.bias
+        if fmt.activation is not None and self.w_zero is not None:
+            # no fused GEMM takes weight zero points with quantized activations: Q/DQ and a float linear,
+            # as the compiled graph leaves such a linear unfused
+            w = _ops.dequantize(self.w_q, self.w_scale, self.w_zero, out_dtype)
+            return F.linear(_ops.dequantize(a, a_s, None, out_dtype), w, None if bias is None else bias.to(out_dtype))
         return self._gemm(fmt, fmt.arguments(a, a_s, self.w_q, self.w_scale, self.w_zero, bias, self.group_size,
                                              self.in_features, out_dtype))
 
