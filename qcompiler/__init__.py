@@ -28,7 +28,16 @@ def save_compressed_tensors(model, path, recipe, *, tokenizer=None, overwrite=Fa
     return _save(model, path, recipe, tokenizer=tokenizer, overwrite=overwrite, report=rep)
 
 
-__all__ = ["backend", "quantize", "report", "kv_cache", "export_onnx", "save_compressed_tensors", "Recipe", "recipes",
+def load_compressed_tensors(path):
+    """Load a compressed-tensors checkpoint folder (llm-compressor's, or ``save_compressed_tensors``'s) into
+    qcompiler's quantized modules; returns ``(model, recipe)``. See ``qcompiler.runtime.compressed_tensors_load``
+    (imported on call: it needs compressed-tensors)."""
+    from qcompiler.runtime.compressed_tensors_load import load_compressed_tensors as _load
+    return _load(path)
+
+
+__all__ = ["backend", "quantize", "report", "kv_cache", "export_onnx", "save_compressed_tensors",
+           "load_compressed_tensors", "Recipe", "recipes",
            "errors", "RecipeError", "CalibrationError", "PassError", "UnsupportedError", "CompileReport", "LayerDecision",
            "PassContext", "PassManager", "PassResult"]
 __version__ = "0.1.0"

@@ -32,13 +32,13 @@ PIP=("$VENV/bin/python" -m pip install --quiet)
 "${PIP[@]}" -c <(echo "torch==$TORCH_VERSION") \
     "llmcompressor==$LLMCOMPRESSOR_VERSION" "compressed-tensors==$COMPRESSED_TENSORS_VERSION" \
     gguf sentencepiece safetensors tqdm networkx
-# this repository, without dependencies: qcompiler.models / qcompiler.data for the same model
+# this repository, without dependencies: qcompiler.tools.models / qcompiler.tools.data for the same model
 # loading and calibration sampling as the benchmark
 "${PIP[@]}" --no-deps -e "$REPO"
 
 "$VENV/bin/python" - <<'PY'
 import importlib.metadata as md
-import qcompiler.data, qcompiler.models  # noqa: F401  (must import beside llm-compressor's transformers)
+import qcompiler.tools.data, qcompiler.tools.models  # noqa: F401  (must import beside llm-compressor's transformers)
 import llmcompressor  # noqa: F401
 for pkg in ("torch", "transformers", "llmcompressor", "compressed-tensors", "gguf"):
     print(f"{pkg}=={md.version(pkg)}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 from pathlib import Path
@@ -114,8 +115,17 @@ def _cmd_eval(args) -> int:
     if target.name == WEIGHTS_FILE and target.is_file():
         target = target.parent
     source = args.target
-    meta = saved_metadata(target) if (target / WEIGHTS_FILE).is_file() else {}   # a corrupt file stops here
-    if (target / "recipe.json").is_file() or meta.get("format", "").startswith("qcompiler"):
+    compressed = _is_compressed_tensors(target)
+    # a corrupt qcompiler weights file stops here
+    meta = saved_metadata(target) if not compressed and (target / WEIGHTS_FILE).is_file() else {}
+    if compressed:
+        # a compressed-tensors checkpoint (llm-compressor's, or `quantize --format compressed-tensors`); nothing
+        # in it names the source model: --model picks the protocol
+        from qcompiler.runtime.compressed_tensors_load import load_compressed_tensors
+        model, recipe = load_compressed_tensors(target)
+        tok = AutoTokenizer.from_pretrained(str(target))
+        label, source = f"{target} ({recipe.name})", ""
+    elif (target / "recipe.json").is_file() or meta.get("format", "").startswith("qcompiler"):
         # a folder written by `qcompiler quantize`: load_quantized names what is missing or broken;
         # otherwise a model name or a float Hugging Face folder (its weights say format 'pt')
         source = meta.get("source", "")
@@ -134,6 +144,16 @@ def _cmd_eval(args) -> int:
     print(f"{label}: perplexity {ppl:.3f} on the first {protocol.eval_tokens} tokens of {protocol.eval_text} "
           f"(context {protocol.context}, {len(windows)} windows)")
     return 0
+
+
+def _is_compressed_tensors(folder: Path) -> bool:
+    """Whether ``folder``'s config.json declares ``quantization_config.quant_method: compressed-tensors``."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    quant = config.get("quantization_config") if isinstance(config, dict) else None
+    return isinstance(quant, dict) and quant.get("quant_method") == "compressed-tensors"
 
 
 def _cmd_recipes(args) -> int:
@@ -211,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=_cmd_quantize)
 
     e = sub.add_parser("eval", help="perplexity of a saved quantized model folder, or of a float model by name")
-    e.add_argument("target", help="a folder written by `qcompiler quantize`, or a model name/folder")
+    e.add_argument("target", help="a folder written by `qcompiler quantize` (either --format), a compressed-tensors "
+                   "checkpoint (e.g. llm-compressor's), or a model name/folder")
     e.add_argument("--model", default=None, help="which protocol defaults to use (smollm2-135m or stories260K)")
     _add_protocol(e, eval_tokens=8192, calib_samples=128)
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
