@@ -1,20 +1,20 @@
 r"""KV-cache quantization: perplexity per KV preset, alone and composed with weight presets, beside
 the plain baselines a user gets without the compiler, under the project protocol.
 
-Regenerate (2 CPU cores, nothing else running):
+Regenerate (2 CPU cores; accuracy only, so other jobs change the time columns, not the figures):
 
-    python benchmarks/kv_cache.py --model smollm2-135m --presets kv-int8,kv-fp8,kv-fp8-r128,kv-int4,kv-int4@r0 \
+    python benchmarks/kv_cache.py --model smollm2-135m --presets kv-int8,kv-fp8,kv-fp8-r128,kv-int4 \
         --out benchmarks/results_kv_smollm2.md
     python benchmarks/kv_cache.py --model smollm2-135m --no-baselines \
-        --presets w8a8-int8-sq-dynamic,w8a8-int8-sq-dynamic+kv-int8,w8a8-int8-sq-dynamic+kv-fp8 \
+        --presets w8a8-int8-sq-dynamic,w8a8-int8-sq-dynamic+kv-int8,w8a8-int8-sq-dynamic+kv-fp8-r128,w8a8-int8-sq-dynamic+kv-int4 \
         --out benchmarks/results_kv_smollm2_composed.md
-    # long-context drift (not run yet: ~1 h on 2 cores)
-    python benchmarks/kv_cache.py --model smollm2-135m --context 4096 --eval-tokens 32768 \
-        --presets kv-int8,kv-fp8,kv-int4 --out benchmarks/results_kv_smollm2_ctx4096.md
+    # long-context drift (~40 min on 2 cores)
+    python benchmarks/kv_cache.py --model smollm2-135m --context 4096 --eval-tokens 16384 --no-baselines \
+        --presets kv-int8,kv-fp8-r128,kv-int4 --out benchmarks/results_kv_smollm2_ctx4096.md
     python benchmarks/kv_cache.py --model stories260K --out benchmarks/results_kv_stories260K.md
     # memory: the quantized cache (qcompiler.kv_cache) after a 4,096-token prompt, model in bf16
     python benchmarks/kv_cache.py --model smollm2-135m --memory --context 4096 \
-        --presets kv-int8,kv-fp8,kv-int4 --out benchmarks/results_kv_memory_smollm2.md
+        --presets kv-int8,kv-fp8,kv-fp8-r128,kv-int4 --out benchmarks/results_kv_memory_smollm2.md
 
 Baselines ("plain" rows): the outputs of the modules named ``k_proj`` / ``v_proj`` fake-quantized
 by forward hooks, what a user writes by hand: one static absmax scale per tensor (INT8, FP8, INT4;
