@@ -285,7 +285,18 @@ def _refused(model, recipe, tmp_path, exc, match):
     assert sorted(tmp_path.iterdir()) == before      # no folder, no temporary left behind
 
 
-@pytest.mark.parametrize("preset", ["w8a8-int8-sq", "w8a8-int8-sq-dynamic", "w4a16-awq"])
+@pytest.mark.parametrize("preset,bound", [("w8a8-int8-sq", FOLDED), ("w8a8-int8-sq-dynamic", DYNAMIC_INT8)])
+def test_smoothquant_presets_export_with_o_proj_folded_into_v_proj(tmp_path, preset, bound):
+    """The SmoothQuant pass folds o_proj's scale into v_proj's rows: nothing is kept in float for the export."""
+    model = tiny_model("llama")
+    qcompiler.quantize(model, preset, calibration=calibration_batches(), progress=False)
+    assert qcompiler.report(model).layers["model.layers.0.self_attn.o_proj"].smoothing == \
+        "linear:model.layers.0.self_attn.v_proj"
+    folder = qcompiler.save_compressed_tensors(model, tmp_path / "ct", preset)
+    assert rel_err(_logits(_load(folder), IDS), _logits(model, IDS)) < bound
+
+
+@pytest.mark.parametrize("preset", ["w4a16-awq"])       # AWQ under GQA: a per-channel scale no KV head can tie
 def test_refuses_a_scale_no_norm_absorbs(tmp_path, preset):
     model = tiny_model("llama")
     qcompiler.quantize(model, preset, calibration=calibration_batches(), progress=False)
