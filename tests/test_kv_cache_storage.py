@@ -54,6 +54,19 @@ def _decode_token_by_token(model, cache, x) -> torch.Tensor:
         return torch.cat([model(x[:, t:t + 1], cache=cache, use_cache=True).logits for t in range(x.shape[1])], 1)
 
 
+def _decode_equals_graph(arch: str, recipe, x: torch.Tensor) -> QuantizedKVCache:
+    """Assert that ``x`` decoded token by token through ``recipe``'s quantized cache gives the compiled
+    forward's logits (and not the float model's); return the cache."""
+    model, calib = tiny_model(arch), calibration_batches()
+    cache = qcompiler.kv_cache(model, recipe, calib, progress=False)
+    step = _decode_token_by_token(model, cache, x)
+    full = _graph_logits(model, recipe, x, calib)
+    with torch.no_grad():
+        plain = model(x).logits
+    assert _rel(step, full) < 1e-5 < _rel(plain, full)
+    return cache
+
+
 _CASES = [(arch, "kv-int8", 0) for arch in ARCHS] + [(arch, "kv-int4", 3) for arch in ARCHS] + \
     [("llama", "kv-fp8", 0), ("llama", "kv-int8", 3), ("qwen2", "kv-int4", 5), ("gpt2", "kv-fp8", 5)]
 
@@ -62,14 +75,8 @@ _CASES = [(arch, "kv-int8", 0) for arch in ARCHS] + [(arch, "kv-int4", 3) for ar
 def test_each_decode_step_reads_what_the_graph_pass_computes(arch, preset, window):
     """Token by token through the quantized cache (every query is a decode step) = the compiled
     forward with the KV-cache pass over the whole sequence, on every tiny architecture."""
-    model, x, calib = tiny_model(arch), token_batches(1, 11, seed=3)[0], calibration_batches()
-    recipe = _recipe(preset, window)
-    cache = qcompiler.kv_cache(model, recipe, calib, progress=False)
-    step = _decode_token_by_token(model, cache, x)
-    full = _graph_logits(model, recipe, x, calib)
-    with torch.no_grad():
-        plain = model(x).logits
-    assert _rel(step, full) < 1e-5 < _rel(plain, full)
+    x = token_batches(1, 11, seed=3)[0]
+    cache = _decode_equals_graph(arch, _recipe(preset, window), x)
     layer = cache.layers[0]
     held = layer.codes["key"].shape[-2]
     assert held == x.shape[1] - window and layer.keys.shape[-2] == window
@@ -269,15 +276,8 @@ def test_per_group_cache_decode_reads_what_the_graph_pass_computes(arch, name):
     """per_group scales (per head and channel, per block of 3 positions, from the block's range): token
     by token through the cache, each block's scales fixed when its first token leaves the window = the
     compiled forward's Q/DQ of the whole sequence in blocks, plain MHA, GQA and GPT-2's fused c_attn."""
-    spec = _PER_GROUP[name]
-    model, x, calib = tiny_model(arch), token_batches(1, 17, seed=3)[0], calibration_batches()
-    recipe = recipes.get("kv-int8").replace(name=f"kv-{name}", kv_cache=spec)
-    cache = qcompiler.kv_cache(model, recipe, progress=False)         # dynamic scales: no calibration
-    step = _decode_token_by_token(model, cache, x)
-    full = _graph_logits(model, recipe, x, calib)
-    with torch.no_grad():
-        plain = model(x).logits
-    assert _rel(step, full) < 1e-5 < _rel(plain, full)
+    spec, x = _PER_GROUP[name], token_batches(1, 17, seed=3)[0]
+    cache = _decode_equals_graph(arch, recipes.get("kv-int8").replace(name=f"kv-{name}", kv_cache=spec), x)
     layer = cache.layers[0]
     stored = x.shape[1] - spec.residual_window
     assert layer.codes["key"].shape[-2] == stored
