@@ -28,7 +28,13 @@ class Calibrate:
             return PassResult(gm, False, {"layers_with_stats": 0})
         all_stats = ctx.calibration.stats
         if all_stats is None and ctx.recipe.linears_require_calibration:
-            raise CalibrationError(f"recipe {ctx.recipe.name!r} needs calibration data: pass calibration=batches")
+            # a quantized model (backend(quantized=True)) may hold float linears the recipe keeps
+            from .fallback import rule_reason
+            wanting = [f for f in ctx.layer_plan if not rule_reason(ctx, f, statistics=False)]
+            if wanting:
+                raise CalibrationError(f"recipe {ctx.recipe.name!r} needs calibration data for "
+                                       f"{' and '.join(ctx.recipe.calibration_required_by)} of the float linears "
+                                       f"{wanting[:4]}{'...' if len(wanting) > 4 else ''}: pass calibration=batches")
         if all_stats is None:        # no calibration data, and the recipe can run without it
             ctx.analyses[Analysis.CALIBRATION] = {}
             ctx.analyses[Analysis.NO_CALIBRATION_DATA] = True

@@ -28,15 +28,16 @@ __all__ = ["FallbackRules", "SensitivityFallback", "rule_reason"]
 log = logging.getLogger(__name__)
 
 
-def rule_reason(ctx: PassContext, fqn: str) -> str:
-    """Why a rule keeps ``fqn`` in high precision ("" if none does)."""
+def rule_reason(ctx: PassContext, fqn: str, statistics: bool = True) -> str:
+    """Why a rule keeps ``fqn`` in high precision ("" if none does); ``statistics=False`` leaves out
+    the rule on missing calibration statistics."""
     d, fb = ctx.layer_plan[fqn], ctx.recipe.fallback
     if d.op_kind in fb.keep_op_kinds:
         return f"op kind {d.op_kind!r} is in fallback.keep_op_kinds"
     for glob in fb.keep_modules:
         if fnmatch.fnmatchcase(fqn, glob):
             return f"module path matches fallback.keep_modules glob {glob!r}"
-    if ctx.recipe.linears_require_calibration and fqn not in ctx.analyses.get(Analysis.CALIBRATION, {}):
+    if statistics and ctx.recipe.linears_require_calibration and fqn not in ctx.analyses.get(Analysis.CALIBRATION, {}):
         return "no calibration statistics for this linear's input (module not reached, or its input is not the linear's)"
     return ""
 

@@ -29,7 +29,7 @@ from torch.fx import GraphModule, Node
 
 from qcompiler.core.formats import ActivationSource, op_format
 from qcompiler.core.ops import GEMM_OPS
-from qcompiler.pipeline import META_KEY, PassContext, PassResult
+from qcompiler.pipeline import META_KEY, Analysis, PassContext, PassResult
 
 from .smoothquant import add_constant
 
@@ -98,9 +98,11 @@ class Lower:
         """Point each fused GEMM at the kernel chosen for it; record the choice per layer."""
         chooser = ctx.lowering.chooser(self.target, self.kernels)
         replaced: set[str] = set()
+        annotation = ctx.analyses.get(Analysis.ANNOTATE)
+        params = annotation.values if annotation is not None else {}
         for node in gemms:
             op = node.target.__name__.split(".")[-1]
-            args = [_resolve(a, gm, values) for a in node.args]
+            args = [_resolve(a, gm, values, params) for a in node.args]
             kernel_w = args[op_format(op).weight_arg]
             device = kernel_w.device if isinstance(kernel_w, torch.Tensor) else ctx.device
             source = _activation_source(node)
@@ -109,9 +111,10 @@ class Lower:
             if kernel.prepare is not None:
                 w_node = node.args[kernel.weight_arg]
                 prepared = add_constant(gm, f"{fqn or op}_{kernel.name}_weight",
-                                        kernel.prepare(getattr(gm, w_node.target), args), node)
+                                        kernel.prepare(args[kernel.weight_arg], args), node)
                 node.args = node.args[:kernel.weight_arg] + (prepared,) + node.args[kernel.weight_arg + 1:]
-                replaced.add(w_node.target)
+                if w_node.op == "get_attr":
+                    replaced.add(w_node.target)
             folded = kernel.from_float is not None and source is not None
             if folded:      # the float activation in place of the quantized one; the quantize op goes dead
                 node.args = (source[1],) + tuple(node.args[1:])
@@ -228,12 +231,16 @@ def _traced_values(gm: GraphModule, ctx: PassContext) -> dict[Node, object]:
     return values
 
 
-def _resolve(a, gm: GraphModule, values: dict[Node, object]):
-    """A node argument as a value: constants real, traced nodes fake, unknown nodes None."""
+def _resolve(a, gm: GraphModule, values: dict[Node, object], params: dict[str, torch.Tensor] | None = None):
+    """A node argument as a value: constants and parameters real (a model whose modules already hold
+    quantized weights, e.g. a loaded checkpoint, passes them as Dynamo's lifted parameters), traced
+    nodes fake, unknown nodes None."""
     if not isinstance(a, Node):
         return a
     if a.op == "get_attr":
         return getattr(gm, a.target)
+    if a.op == "placeholder" and params and a.name in params:
+        return params[a.name]
     return values.get(a)
 
 

@@ -19,7 +19,8 @@ from qcompiler.algorithms import registry as weight_algorithms
 from qcompiler.algorithms.gptq import too_few_rows_error
 from qcompiler.calibration.layerwise import LayerwiseCalibration
 from qcompiler.errors import CalibrationError, RecipeError, UnsupportedError
-from qcompiler.pipeline import Analysis, CalibrationData, CompileReport, Lowering, PassContext, PassManager
+from qcompiler.pipeline import (REPORT_ATTR, Analysis, CalibrationData, CompileReport, Lowering, PassContext,
+                                PassManager)
 from qcompiler.recipes import Recipe
 from qcompiler.core.kv_format import KV_PATHS_ATTR, KV_STATS_ATTR
 from qcompiler.targets import registered_targets
@@ -27,7 +28,7 @@ from qcompiler.targets import registered_targets
 __all__ = ["QCompilerBackend", "backend", "quantize", "report", "kv_cache"]
 
 log = logging.getLogger(__name__)
-_REPORT_ATTR = "_qcompiler_report"
+_REPORT_ATTR = REPORT_ATTR
 
 
 _as_recipe = _recipes.resolve     # kept for callers of the old private name
@@ -231,7 +232,8 @@ class QCompilerBackend:
     """
 
     def __init__(self, recipe: Recipe | str, calibration: Iterable | None = None, target: str = "reference",
-                 passes: Sequence = (), progress: bool = True, kernels: str | Mapping[str, str] = "auto"):
+                 passes: Sequence = (), progress: bool = True, kernels: str | Mapping[str, str] = "auto",
+                 quantized: bool = False):
         from qcompiler.backends import get_backend
         from qcompiler.backends.kernel_choice import check_policy
         self.recipe = _recipes.resolve(recipe)
@@ -239,10 +241,13 @@ class QCompilerBackend:
         check_policy(kernels)
         self.target, self.kernels = target, kernels
         self.extra_passes = tuple(passes)
-        if self.recipe.requires_calibration and calibration is None:
+        self.quantized = bool(quantized)
+        if self.recipe.requires_calibration and calibration is None and not self.quantized:
             raise CalibrationError(f"recipe {self.recipe.name!r} needs calibration data for "
                                    f"{' and '.join(self.recipe.calibration_required_by)}: pass calibration=batches "
-                                   "(an iterable of token-id tensors or dicts of model inputs)")
+                                   "(an iterable of token-id tensors or dicts of model inputs), or quantized=True for "
+                                   "a model whose layers already hold their quantized weights and scales "
+                                   "(qcompiler.quantize, load_quantized, load_compressed_tensors)")
         if isinstance(calibration, (CalibrationCache, LayerwiseCalibration)) or calibration is None:
             self.calibration = calibration
         elif self.recipe.layerwise:
@@ -276,8 +281,10 @@ class QCompilerBackend:
         root.__dict__[_REPORT_ATTR] = self.report   # read back by qcompiler.report(model)
 
     def _stats(self):
-        if self.calibration is None and not self.recipe.requires_calibration:
-            return None     # only optional readers (GPTQ with gptq.optional, sensitivity fallback): skipped
+        if self.calibration is None and (self.quantized or not self.recipe.requires_calibration):
+            # only optional readers (GPTQ with gptq.optional, sensitivity fallback): skipped; or a quantized
+            # model, whose float linears the calibrate pass refuses when the recipe would quantize them
+            return None
         if self.calibration is None:
             raise CalibrationError(f"recipe {self.recipe.name!r} needs calibration data: pass calibration=batches")
         if self.root is None:
@@ -401,7 +408,8 @@ class QCompilerBackend:
 
 
 def backend(recipe: Recipe | str, calibration: Iterable | None = None, target: str = "reference",
-            passes: Sequence = (), progress: bool = True, kernels: str | Mapping[str, str] = "auto") -> QCompilerBackend:
+            passes: Sequence = (), progress: bool = True, kernels: str | Mapping[str, str] = "auto",
+            quantized: bool = False) -> QCompilerBackend:
     """A ``torch.compile`` backend that quantizes with ``recipe`` (a ``Recipe`` or preset name).
 
     Args:
@@ -418,13 +426,18 @@ def backend(recipe: Recipe | str, calibration: Iterable | None = None, target: s
             int16-pair saturation on CPUs without VNNI, measured at build), "exact" (nothing
             weaker than the op's reference kernel), "reference" (the reference kernels), or a
             kernel name / ``{op: kernel name}``. The report names each layer's kernel and why.
+        quantized: the model's layers already hold their quantized weights and scales (a model from
+            ``qcompiler.quantize``, ``load_quantized`` or ``load_compressed_tensors``, compiled with the
+            recipe they return): no calibration is asked for; the backend lowers their ops to ``target``,
+            and a float linear the recipe would still quantize with calibration data raises
+            ``CalibrationError`` naming it.
 
     Creating a backend may reset Dynamo's compiled code of functions other qcompiler backends
     compiled, when that code has reached ``torch._dynamo.config.recompile_limit`` (see
     ``QCompilerBackend``): their models recompile, still quantized, at their next call. A model
     call that runs without this backend warns and counts in ``qcompiler.report(model)``.
     """
-    return QCompilerBackend(recipe, calibration, target, passes, progress, kernels)
+    return QCompilerBackend(recipe, calibration, target, passes, progress, kernels, quantized)
 
 
 def quantize(model: torch.nn.Module, recipe: Recipe | str, calibration: Iterable | None = None,

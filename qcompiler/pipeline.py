@@ -110,6 +110,10 @@ class TensorDecision:
     note: str = ""
 
 
+#: where a model keeps its CompileReport (``model.__dict__``; read by ``qcompiler.report``)
+REPORT_ATTR = "_qcompiler_report"
+
+
 @dataclass
 class CompileReport:
     """What was quantized, what fell back and why, per pass statistics and weight bytes."""

@@ -74,6 +74,8 @@ VARIANTS = {
     "w8a8-int8-sq": lambda: _keep(recipes.get("w8a8-int8-sq"), *NOT_FOLDABLE),
     "w8a8-int8-sq-dynamic": lambda: _keep(recipes.get("w8a8-int8-sq-dynamic"), *NOT_FOLDABLE),
     "w8a8-int8-asym": lambda: _weight(recipes.get("w8a8-int8-naive"), symmetric=False),
+    "w4a16-rtn-asym-g32": lambda: _weight(recipes.get("w4a16-rtn"), symmetric=False, group_size=32),
+    "w8a16-asym": lambda: _weight(recipes.get("w8a16"), symmetric=False),
 }
 TOLERANCE = {v: FOLDED if v.startswith("w8a8-int8-sq") else EXACT for v in VARIANTS}
 CASES = [(arch, v) for arch in ("llama", "qwen2") for v in VARIANTS]
@@ -211,18 +213,62 @@ def _generate(model, cache) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # -- torch.compile ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("variant", ["w8a16", "w4a16-gptq", "fp8-dynamic"])
-def test_loaded_model_compiles_with_its_recipe(written, variant):
-    """The backend leaves the loaded QuantizedLinear ops as they are and quantizes nothing else."""
+TARGET_CASES = [("w8a16", "reference"), ("w4a16-gptq", "reference"), ("fp8-dynamic", "reference"),
+                ("w8a8-int8-sq", "reference"), ("w8a8-int8-sq", "inductor"), ("w8a8-int8-sq", "triton"),
+                ("w8a8-int8-sq-dynamic", "reference"), ("w8a8-int8-sq-dynamic", "inductor"), ("fp8", "triton")]
+
+
+@pytest.mark.parametrize("variant, target", TARGET_CASES, ids=[f"{v}-{t}" for v, t in TARGET_CASES])
+def test_loaded_model_compiles_with_its_recipe(written, variant, target):
+    """The backend (quantized=True: no calibration, static scales included) lowers the loaded
+    QuantizedLinear ops to ``target`` and quantizes nothing else."""
     _, _, folder = written("llama", variant)
     loaded, recipe = qcompiler.load_compressed_tensors(folder)
     eager = _logits(loaded)
     torch._dynamo.reset()
-    compiled = torch.compile(loaded, backend=qcompiler.backend(recipe, progress=False))
+    compiled = torch.compile(loaded, backend=qcompiler.backend(recipe, target=target, progress=False, quantized=True))
     assert rel_err(_logits(compiled), eager) <= EXACT
     rep = qcompiler.report(compiled)
-    assert rep.graphs == 1 and not any(d.quantize for d in rep.layers.values())
+    assert rep.graphs == 1 and rep.target == target and not any(d.quantize for d in rep.layers.values())
     torch._dynamo.reset()
+
+
+def test_quantized_backend_still_asks_calibration_for_float_linears():
+    """quantized=True waives calibration only for what is already quantized: a float model is refused."""
+    torch._dynamo.reset()
+    compiled = torch.compile(tiny_model("llama"), backend=qcompiler.backend("w8a8-int8-sq", quantized=True,
+                                                                           progress=False))
+    with pytest.raises(Exception, match=r"needs calibration data for static activation scales and SmoothQuant of the "
+                                        r"float linears \['model.layers.0.self_attn.q_proj'"):
+        _logits(compiled)
+    torch._dynamo.reset()
+
+
+def test_loaded_model_reports_what_the_checkpoint_holds(written):
+    _, _, folder = written("llama", "w8a8-int8-sq")
+    loaded, recipe = qcompiler.load_compressed_tensors(folder)
+    rep = qcompiler.report(loaded)
+    assert rep.recipe == recipe.name
+    assert sorted(d.fqn for d in rep.quantized) == sorted(_linears(loaded))
+    kept = {d.fqn: d for d in rep.fallbacks}
+    assert set(kept) == {"model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj", "lm_head"}
+    assert kept["lm_head"].op_kind == "output_head" and "kept in float by the checkpoint" in kept["lm_head"].reason
+    assert all(d.act_format == "int8 per-tensor static" for d in rep.quantized)
+
+
+@pytest.mark.parametrize("variant", ["w4a16-gptq", "w8a8-int8-sq"])
+def test_loaded_checkpoint_exports_to_onnx(written, variant, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from qcompiler.export import export_onnx, onnxruntime_session
+    _, _, folder = written("llama", variant)
+    loaded, recipe = qcompiler.load_compressed_tensors(folder)
+    result = export_onnx(loaded, recipe, IDS, tmp_path / "m.onnx")
+    assert result.report.recipe == recipe.name and result.quantized_weight_count == sum(
+        m.in_features * m.out_features for m in _linears(loaded).values())
+    if variant.startswith("w4a16"):      # INT4 weights dequantized to float: onnxruntime agrees to float rounding
+        got = torch.from_numpy(onnxruntime_session(result.path).run(None, {"input_ids": IDS.numpy()})[0])
+        assert rel_err(got, _logits(loaded)) <= EXACT
 
 
 # -- what is accepted besides qcompiler's own layout -----------------------------------------------

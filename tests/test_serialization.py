@@ -58,6 +58,9 @@ def test_round_trip_is_bit_identical(arch, preset, tmp_path):
     q_before, q_after = _quantized_layers(model), _quantized_layers(loaded)
     assert q_before and sorted(q_before) == sorted(q_after)
     assert sorted(q_before) == sorted(d.fqn for d in rep.quantized)
+    loaded_rep = qcompiler.report(loaded)               # what the checkpoint holds, kept layers included
+    assert sorted(d.fqn for d in loaded_rep.quantized) == sorted(q_before)
+    assert sorted(d.fqn for d in loaded_rep.fallbacks) == sorted(d.fqn for d in rep.fallbacks)
     for fqn, m in q_before.items():
         n = q_after[fqn]
         assert (n.weight_dtype, n.group_size, n.act_dtype, n.act_dynamic, n.weight_format) == \

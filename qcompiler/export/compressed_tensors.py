@@ -38,9 +38,14 @@ Refused with ``UnsupportedError`` before anything is written: a KV cache the sch
 (INT4, asymmetric, per channel / per token / per group, a residual window, keys and values of
 different granularities), quantized embeddings, an input scale no norm absorbed (report smoothing ``explicit``), a layer
 transformers does not build as ``torch.nn.Linear`` (GPT-2's ``Conv1D``), a quantized weight that
-transformers ties to another tensor, and asymmetric weight-only integers: pack-quantized stores
-their zero points packed into int32, which transformers 5.24 with compressed-tensors 0.20.1 cannot
-load (it builds them unpacked; W8A8's int-quantized zero points load).
+transformers ties to another tensor.
+
+Asymmetric weight-only integers are written as pack-quantized with their zero points packed into
+int32 along the output channels (``[N * bits / 32, groups]``), compressed-tensors' own compressor's
+layout and what llm-compressor writes and vLLM reads. transformers 5.24 with compressed-tensors
+0.20.1 cannot load them (it builds the zero points unpacked, ``[N, groups]``, and refuses the shapes:
+llm-compressor issues #1618 / #1704), so saving logs a warning; ``load_compressed_tensors`` reads
+them. W8A8's int-quantized zero points are unpacked and load in transformers.
 """
 
 from __future__ import annotations
@@ -202,11 +207,13 @@ def _plan(model: torch.nn.Module, recipe: Recipe, report: CompileReport | None) 
     layers = {f: _layer(f, m) for f, m in quantized.items()}
     packed_zero = sorted(f for f, lay in layers.items() if not lay.weights.symmetric and lay.format == _PACKED)
     if packed_zero:
-        raise UnsupportedError(f"save_compressed_tensors: layers {_names(packed_zero)} have asymmetric weight-only integer "
-                               "weights (weight.symmetric=False); the pack-quantized format stores their zero points "
-                               "packed into int32 [N / 8, groups] (compressed-tensors' compressor and vLLM), but "
-                               "transformers 5.24 with compressed-tensors 0.20.1 builds them unpacked ([N, groups] "
-                               "int8) and fails to load the checkpoint: use symmetric weights or save_quantized")
+        log.warning("save_compressed_tensors: layers %s have asymmetric weight-only integer weights; written as "
+                    "pack-quantized with their zero points packed into int32 [N / %d, groups], the layout of "
+                    "compressed-tensors' compressor, llm-compressor and vLLM. transformers (5.24, with "
+                    "compressed-tensors 0.20.1) cannot load such checkpoints: it builds the zero points "
+                    "unpacked and refuses the shapes (llm-compressor issues #1618 / #1704); "
+                    "qcompiler.load_compressed_tensors and vLLM read them", _names(packed_zero),
+                    32 // layers[packed_zero[0]].weights.num_bits)
     norm_params, column_scales = _smoothing_folds(model, quantized, report)
     tied_columns = sorted(f"{f}.weight" for f in column_scales if f"{f}.weight" in tied)
     if tied_columns:

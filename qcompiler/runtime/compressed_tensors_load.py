@@ -53,6 +53,7 @@ from qcompiler.errors import CheckpointError, RecipeError, UnsupportedError
 from qcompiler.recipes import (ActivationSpec, FallbackSpec, Granularity, KVCacheSpec, QuantDtype, Recipe,
                                WeightSpec)
 from qcompiler.runtime.eager import QuantizedLinear
+from qcompiler.runtime.loaded_report import attach_loaded_report
 
 try:
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
@@ -111,6 +112,7 @@ def load_compressed_tensors(path: str | Path) -> tuple[torch.nn.Module, Recipe]:
     if kv is not None:
         model.__dict__[KV_STATS_ATTR] = (recipe.kv_cache, kv[0])     # read by qcompiler.kv_cache(model)
         model.__dict__[KV_PATHS_ATTR] = kv[1]                        # and by save_compressed_tensors
+    attach_loaded_report(model, recipe, f"compressed-tensors checkpoint {folder}")
     return model.eval(), recipe
 
 

@@ -39,6 +39,7 @@ import safetensors.torch
 import torch
 
 from qcompiler.runtime.eager import QuantizedEmbedding, QuantizedLinear
+from qcompiler.runtime.loaded_report import attach_loaded_report
 from qcompiler.core import kv_format
 from qcompiler.core.kv_format import KV_STATS_ATTR
 from qcompiler.core.layer_quant import QuantizedWeight
@@ -165,6 +166,7 @@ def load_quantized(path: str | Path) -> tuple[torch.nn.Module, Recipe]:
                               f"unexpected {unexpected[:5]}")
     if kv_stats is not None:
         model.__dict__[KV_STATS_ATTR] = kv_stats      # read by qcompiler.kv_cache(model)
+    attach_loaded_report(model, recipe, f"qcompiler checkpoint {path}")
     return model, recipe
 
 
