@@ -68,7 +68,8 @@ def _decode_equals_graph(arch: str, recipe, x: torch.Tensor) -> QuantizedKVCache
 
 
 _CASES = [(arch, "kv-int8", 0) for arch in ARCHS] + [(arch, "kv-int4", 3) for arch in ARCHS] + \
-    [("llama", "kv-fp8", 0), ("llama", "kv-int8", 3), ("qwen2", "kv-int4", 5), ("gpt2", "kv-fp8", 5)]
+    [("llama", "kv-fp8", 0), ("llama", "kv-int8", 3), ("qwen2", "kv-int4", 5), ("gpt2", "kv-fp8", 5),
+     ("llama", "kv-int8-dynamic", 0), ("gpt2", "kv-int8-dynamic", 3)]
 
 
 @pytest.mark.parametrize("arch,preset,window", _CASES, ids=[f"{a}-{p}-w{w}" for a, p, w in _CASES])
@@ -160,7 +161,8 @@ def test_the_cache_holds_codes_packed_int4_and_per_token_scales(key):
 
 # kv-int4 at head_dim 16, blocks of 4: per block and channel a float32 scale and a zero point cost more
 # than the 4-bit codes (SmolLM2: benchmarks/results_kv_memory_smollm2.md)
-@pytest.mark.parametrize("preset,ratio", [("kv-int8", 0.30), ("kv-fp8", 0.30), ("kv-int4", 0.45)])
+@pytest.mark.parametrize("preset,ratio", [("kv-int8", 0.30), ("kv-fp8", 0.30), ("kv-int4", 0.45),
+                                          ("kv-int8-dynamic", 0.33)])
 def test_memory_is_measured_from_the_held_tensors(preset, ratio):
     """nbytes() sums the storages the cache holds; against a float32 DynamicCache after the same prompt."""
     model, x = tiny_model("qwen2"), token_batches(2, 40, seed=3)
@@ -303,7 +305,7 @@ def test_per_group_codes_are_the_blocks_of_the_prefill_keys():
     assert layer.zeros["key"].dtype == torch.uint8 and layer.codes["key"].shape[-1] == layer.head_dim // 2
 
 
-@pytest.mark.parametrize("preset", ["kv-int8", "kv-int4", "per-group"])
+@pytest.mark.parametrize("preset", ["kv-int8", "kv-int8-dynamic", "kv-int4", "per-group"])
 def test_triton_target_decodes_with_the_fused_kernel_on_the_codes(preset):
     per_group = KVCacheSpec("int4", "per_group", "per_group", symmetric=False, residual_window=2, group_size=2)
     preset = _recipe(preset, 2) if preset != "per-group" else \

@@ -405,7 +405,7 @@ def test_calibration_free_presets():
     optional only in fp8-dynamic (llm-compressor's FP8_DYNAMIC needs no data); the GPTQ presets
     keep it required, their round-to-nearest forms being presets of their own."""
     free = {n for n in PRESETS if not recipes.get(n).requires_calibration}
-    assert free == {"w8a16", "w4a16-rtn", "fp8-dynamic", "kv-int4"}     # kv-int4: per-block and per-token scales
+    assert free == {"w8a16", "w4a16-rtn", "fp8-dynamic", "kv-int4", "kv-int8-dynamic"}   # per-block, per-token scales
     assert recipes.get("fp8-dynamic").gptq.optional and recipes.get("fp8-dynamic").needs_calibration
     assert recipes.get("w4a16-gptq").calibration_required_by == ("GPTQ",)
     assert recipes.get("w8a16-gptq").calibration_required_by == ("GPTQ",)

@@ -178,6 +178,18 @@ def _kv_int8() -> Recipe:
     return Recipe(name="kv-int8", fallback=_FLOAT_LINEARS, kv_cache=KVCacheSpec(QuantDtype.INT8))
 
 
+@register_recipe("kv-int8-dynamic")
+def _kv_int8_dynamic() -> Recipe:
+    # one scale per token and KV head for keys and for values, computed as each token is written (KIVI's
+    # values, transformers' QuantizedCache granularity at 8 bits); no calibration. Chosen on WikiText-2
+    # validation text (benchmarks/kv_window_validation.py, SmolLM2, context 1,024): static per-head +0.47%,
+    # per-head keys with per-token values +0.27%, per token +0.05%, static per-channel keys with per-token
+    # values +0.01% (not taken: a static key range calibrated on short text drifts at long context, as
+    # kv-int4's did). No vLLM / TensorRT form (their INT8 caches take static scales: kv-int8).
+    return Recipe(name="kv-int8-dynamic", fallback=_FLOAT_LINEARS,
+                  kv_cache=KVCacheSpec(QuantDtype.INT8, Granularity.PER_TOKEN, Granularity.PER_TOKEN))
+
+
 @register_recipe("kv-fp8")
 def _kv_fp8() -> Recipe:
     # vLLM's FP8 cache: one static scale for keys and one for values per layer (k_scale / v_scale)
