@@ -7,6 +7,7 @@ from qcompiler.errors import CalibrationError, PassError, RecipeError, Unsupport
 from qcompiler.recipes import Recipe
 from qcompiler.core import ops  # noqa: F401  (registers the qcompiler:: torch ops)
 from qcompiler.api import backend, kv_cache, quantize, report
+from qcompiler.rotation import rotate
 from qcompiler.pipeline import CompileReport, LayerDecision, PassContext, PassManager, PassResult
 
 
@@ -36,7 +37,7 @@ def load_compressed_tensors(path):
     return _load(path)
 
 
-__all__ = ["backend", "quantize", "report", "kv_cache", "export_onnx", "save_compressed_tensors",
+__all__ = ["backend", "quantize", "report", "kv_cache", "rotate", "export_onnx", "save_compressed_tensors",
            "load_compressed_tensors", "Recipe", "recipes",
            "errors", "RecipeError", "CalibrationError", "PassError", "UnsupportedError", "CompileReport", "LayerDecision",
            "PassContext", "PassManager", "PassResult"]

@@ -1,0 +1,231 @@
+"""``qcompiler.rotate``: fold a randomized Hadamard rotation of the residual stream into a model's
+weights (QuaRot / SpinQuant's offline rotation), found from the graph (``passes/residual_stream.py``).
+
+With ``Q`` orthogonal (``random_hadamard``), the stream ``x`` becomes ``x Q``: embedding tables
+``E -> E Q``; linears adding into the stream ``W -> Q^T W``, ``b -> Q^T b``; each norm's gain ``g`` is
+first folded into the columns of the linears reading it (``W -> W diag(g)``, the gain set to one),
+then those linears ``W -> W Q``. RMSNorm gives ``rms(x Q) = rms(x)``, so the float model computes the
+same function (to float rounding), while its weights and activations have their outlier channels
+spread over all channels: what makes them easier to quantize. A tied output head is untied (its
+folded gain differs from the embedding's table). The model is changed in place, on its own device
+and dtype; the arithmetic is float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from qcompiler.algorithms.hadamard import has_hadamard, random_hadamard
+from qcompiler.errors import UnsupportedError
+from qcompiler.pipeline import META_KEY, Analysis, PassContext
+from qcompiler.recipes import Recipe
+
+__all__ = ["rotate", "RotationResult"]
+
+
+@dataclass
+class RotationResult:
+    """What ``rotate`` changed, by parameter name."""
+
+    hidden: int
+    seed: int
+    embeddings: list[str] = field(default_factory=list)
+    writers: list[str] = field(default_factory=list)
+    readers: list[str] = field(default_factory=list)
+    norms_folded: list[str] = field(default_factory=list)
+    untied: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (f"rotated the residual stream (hidden {self.hidden}, randomized Hadamard, seed {self.seed}): "
+                f"{len(self.embeddings)} embedding table(s), {len(self.writers)} writing linears, "
+                f"{len(self.readers)} reading linears, {len(self.norms_folded)} norm gains folded"
+                + (f", untied {self.untied}" if self.untied else ""))
+
+
+def _capture(model: torch.nn.Module, example_input):
+    """(graph, annotation, parameter names by id) of ``model``'s forward on ``example_input``."""
+    from qcompiler.passes.annotate import Annotate
+    names: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        ctx = PassContext(Recipe(name="rotation-probe"), list(example_inputs),
+                          analyses={Analysis.PARAM_NAMES: names})
+        Annotate().run(gm, ctx)
+        graphs.append((gm, ctx.analyses[Analysis.ANNOTATE]))
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            torch.compile(model, backend=capture, dynamic=False)(**example_input)
+    finally:
+        torch._dynamo.reset()
+    if len(graphs) != 1:
+        raise UnsupportedError(f"qcompiler.rotate: the forward was captured as {len(graphs)} graphs (graph breaks); "
+                               "the residual stream must be seen whole")
+    return graphs[0][0], graphs[0][1], names
+
+
+def rotate(model: torch.nn.Module, seed: int = 0, example_input: dict | torch.Tensor | None = None) -> RotationResult:
+    """Rotate ``model``'s residual stream in place (module docstring); returns what changed.
+
+    Raises:
+        UnsupportedError: the graph does not allow the fold (LayerNorm reading the stream, a norm writing
+            it, graph breaks; the message names the node), or the hidden size has no Hadamard matrix here.
+    """
+    from qcompiler.passes.residual_stream import RotationRefused, find_residual_stream
+    if example_input is None:
+        example_input = torch.zeros(1, 8, dtype=torch.long)
+    if isinstance(example_input, torch.Tensor):
+        example_input = {"input_ids": example_input if example_input.dim() == 2 else example_input[None]}
+    device = next(model.parameters()).device
+    example_input = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in example_input.items()}
+    gm, ann, names = _capture(model, example_input)
+    try:
+        stream = find_residual_stream(gm, ann)
+    except RotationRefused as e:
+        raise UnsupportedError(f"qcompiler.rotate: {e}") from None
+    if not has_hadamard(stream.hidden):
+        raise UnsupportedError(f"qcompiler.rotate: hidden size {stream.hidden} has no Hadamard matrix from Sylvester "
+                               "and Paley-I blocks")
+    q = random_hadamard(stream.hidden, seed)
+    result = RotationResult(stream.hidden, seed)
+
+    def param(node):
+        return ann.values[node.name]
+
+    def fqn(node):
+        return ann.param_fqn[node.name]
+
+    # the new value of every parameter, by role; a parameter with two roles (tied) gets one per name
+    new: dict[str, torch.Tensor] = {}
+    owner: dict[str, torch.Tensor] = {}
+
+    def put(name: str, tensor: torch.Tensor, value: torch.Tensor) -> None:
+        if name in new and not torch.equal(new[name], value):
+            raise UnsupportedError(f"qcompiler.rotate: parameter {name} has two roles in the residual stream that "
+                                   "need different rotated values")
+        new[name], owner[name] = value, tensor
+
+    for e in stream.embeddings:
+        table = param(e.args[1])
+        name = _name_for(e.args[1], e.meta[META_KEY].fqn, names, table, fqn)
+        put(name, table, table.double() @ q)
+        result.embeddings.append(name)
+    for w in stream.writers:
+        weight_node = next(n for n in gm.graph.nodes if n.name == ann.linear_weight[w.name])
+        weight, transposed = param(weight_node), ann.weights[w.meta[META_KEY].fqn].transposed
+        w64 = weight.double().t() if transposed else weight.double()          # [d, K]
+        out = q.t() @ w64
+        put(ann.param_fqn[weight_node.name], weight, out.t() if transposed else out)
+        bias = _bias_node(w)
+        if bias is not None:
+            put(ann.param_fqn[bias.name], param(bias), q.t() @ param(bias).double())
+        result.writers.append(ann.param_fqn[weight_node.name])
+    for norm, readers in stream.norms.items():
+        gain_node = ann.norm_gain.get(norm.name)
+        gain = _gain_value(norm, gain_node, ann)
+        for r in readers:
+            weight_node = next(n for n in gm.graph.nodes if n.name == ann.linear_weight[r.name])
+            weight = param(weight_node)
+            transposed = ann.weights[r.meta[META_KEY].fqn].transposed
+            w64 = weight.double().t() if transposed else weight.double()      # [N, d]
+            out = (w64 * gain[None, :]) @ q
+            name = _name_for(weight_node, r.meta[META_KEY].fqn, names, weight, fqn)
+            put(name, weight, out.t() if transposed else out)
+            result.readers.append(name)
+        for name, tensor, value in _unit_gain(norm, gain_node, ann):
+            put(name, tensor, value)
+        result.norms_folded.append(norm.meta[META_KEY].fqn or norm.name)
+    _apply(model, new, owner, names, result)
+    return result
+
+
+def _name_for(node, role_fqn: str, names: dict[int, list[str]], tensor: torch.Tensor, fqn) -> str:
+    """The parameter name of ``node`` for the module ``role_fqn`` (tied parameters have several names)."""
+    for n in names.get(id(tensor), []):
+        if n.rsplit(".", 1)[0] == role_fqn:
+            return n
+    return fqn(node)
+
+
+def _bias_node(linear):
+    from qcompiler.passes.annotate import linear_parts
+    parts = linear_parts(linear, {a.name for a in linear.all_input_nodes if a.op == "placeholder"})
+    return parts.bias if parts is not None else None
+
+
+def _gain_value(norm, gain_node, ann) -> torch.Tensor:
+    from qcompiler.passes.annotate import eval_param_node
+    if gain_node is not None:
+        return eval_param_node(gain_node, ann.values).double().reshape(-1)
+    weight = norm.kwargs.get("weight", norm.args[2] if len(norm.args) > 2 else None)     # rms_norm(x, shape, w, eps)
+    if weight is None:
+        return torch.ones(1, dtype=torch.float64)
+    return eval_param_node(weight, ann.values).double().reshape(-1)
+
+
+def _unit_gain(norm, gain_node, ann) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """New values of the gain's parameters that make the gain one: the gain itself (``w`` -> ones) or
+    the parameter of ``1 + w`` (-> zeros), checked by evaluating the gain again."""
+    from qcompiler.passes.annotate import eval_param_node
+    node = gain_node if gain_node is not None else norm.kwargs.get("weight", norm.args[2] if len(norm.args) > 2 else None)
+    if node is None:
+        return []
+    placeholders = [n for n in _param_ancestors(node) if n.name in ann.values]
+    if len(placeholders) != 1:
+        raise UnsupportedError(f"qcompiler.rotate: the gain of norm {norm.name} depends on {len(placeholders)} "
+                               "parameters; cannot set it to one")
+    p = placeholders[0]
+    for candidate in (torch.ones_like(ann.values[p.name]), torch.zeros_like(ann.values[p.name])):
+        if torch.equal(eval_param_node(node, {**ann.values, p.name: candidate}).double(),
+                       torch.ones_like(eval_param_node(node, ann.values)).double()):
+            return [(ann.param_fqn[p.name], ann.values[p.name], candidate.double())]
+    raise UnsupportedError(f"qcompiler.rotate: no value of {ann.param_fqn[p.name]} makes the gain of norm {norm.name} "
+                           "one (neither w nor 1 + w)")
+
+
+def _param_ancestors(node):
+    out, stack, seen = [], [node], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            out.append(n)
+        stack.extend(n.all_input_nodes)
+    return out
+
+
+def _apply(model, new: dict[str, torch.Tensor], owner: dict[str, torch.Tensor], names, result) -> None:
+    """Write the new values: in place where every name of a parameter gets the same value, else
+    (tied parameters with different roles) each name its own ``Parameter``."""
+    by_tensor: dict[int, list[str]] = {}
+    for name, tensor in owner.items():
+        by_tensor.setdefault(id(tensor), []).append(name)
+    with torch.no_grad():
+        for tid, assigned in by_tensor.items():
+            tensor = owner[assigned[0]]
+            all_names = names.get(tid, assigned)
+            values = {n: new[n] for n in assigned}
+            same = len({id(v) for v in values.values()}) == 1 or all(
+                torch.equal(v, values[assigned[0]]) for v in values.values())
+            if same and set(assigned) >= set(all_names):
+                tensor.copy_(values[assigned[0]].to(tensor.dtype))
+                continue
+            for n in all_names:          # untie: every name its own parameter
+                module_path, _, attr = n.rpartition(".")
+                module = model.get_submodule(module_path) if module_path else model
+                value = values.get(n)
+                data = (value.to(tensor.dtype) if value is not None else tensor.detach().clone())
+                setattr(module, attr, torch.nn.Parameter(data.to(tensor.device), requires_grad=tensor.requires_grad))
+            result.untied.extend(sorted(all_names))
+    config = getattr(model, "config", None)
+    if result.untied and config is not None and getattr(config, "tie_word_embeddings", False):
+        config.tie_word_embeddings = False

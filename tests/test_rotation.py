@@ -1,0 +1,93 @@
+"""qcompiler.rotate: a randomized Hadamard rotation of the residual stream folded into the weights,
+found from the graph. The rotated float model computes the same logits (float64 model; RMSNorm's
+float32 internals bound the agreement at ~1e-7), its weights change, LayerNorm models are refused
+with the reason and left untouched."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+import qcompiler
+from qcompiler.algorithms.hadamard import hadamard, has_hadamard, random_hadamard
+from qcompiler.errors import UnsupportedError
+from numerics_util import rel_err
+from tiny_models import tiny_model, token_batches
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ROTATABLE = ("llama", "qwen2", "mistral", "gemma", "phi3")
+IDS = token_batches(2, 16, seed=3)[0]
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 12, 20, 24, 44, 48, 64, 576, 768, 2304])
+def test_hadamard_rows_are_orthogonal(n):
+    h = hadamard(n)
+    assert set(h.unique().tolist()) <= {-1.0, 1.0}
+    assert torch.equal(h @ h.T, n * torch.eye(n, dtype=torch.float64))
+
+
+def test_orders_without_a_construction_are_refused():
+    assert not has_hadamard(28) and not has_hadamard(6) and not has_hadamard(172)
+    with pytest.raises(ValueError, match="no Hadamard matrix of order 172"):
+        hadamard(172)
+
+
+def test_random_hadamard_is_orthogonal_and_seeded():
+    q = random_hadamard(576, seed=3)
+    assert (q @ q.T - torch.eye(576, dtype=torch.float64)).abs().max() < 1e-12
+    assert torch.equal(q, random_hadamard(576, seed=3)) and not torch.equal(q, random_hadamard(576, seed=4))
+    assert q.abs().max() == pytest.approx(1 / math.sqrt(576))     # spreads one channel over all
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+@pytest.mark.parametrize("arch", ROTATABLE)
+def test_rotated_model_computes_the_same_logits(arch):
+    model = tiny_model(arch).double()
+    before = copy.deepcopy(model.state_dict())
+    ref = _logits(model)
+    result = qcompiler.rotate(model, seed=1)
+    assert rel_err(_logits(model), ref) < 1e-5
+    layers = model.config.num_hidden_layers
+    assert len(result.embeddings) == 1 and len(result.writers) == 2 * layers
+    assert len(result.norms_folded) == 2 * layers + 1
+    changed = [k for k, v in model.state_dict().items() if k in before and not torch.equal(v, before[k])]
+    assert any("embed" in k for k in changed) and len(changed) >= len(result.readers) + len(result.writers)
+
+
+def test_tied_head_is_untied():
+    model = tiny_model("gemma").double()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ref = _logits(model)
+    result = qcompiler.rotate(model, seed=2)
+    assert sorted(result.untied) == ["lm_head.weight", "model.embed_tokens.weight"]
+    assert model.lm_head.weight is not model.model.embed_tokens.weight and not model.config.tie_word_embeddings
+    assert rel_err(_logits(model), ref) < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt"])
+def test_layernorm_models_are_refused_untouched(arch):
+    model = tiny_model(arch)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(UnsupportedError, match=r"\(layer_norm\) reads the residual stream: it subtracts the mean"):
+        qcompiler.rotate(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_rotation_spreads_an_outlier_channel():
+    """One embedding channel 50x the others: after the rotation no channel of the table stands out."""
+    model = tiny_model("llama").double()
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 5] *= 50
+    table = model.model.embed_tokens.weight
+    ratio_before = float(table.abs().amax(0).max() / table.abs().amax(0).median())
+    qcompiler.rotate(model, seed=0)
+    table = model.model.embed_tokens.weight
+    ratio_after = float(table.abs().amax(0).max() / table.abs().amax(0).median())
+    assert ratio_before > 20 and ratio_after < 2
