@@ -3,7 +3,7 @@ float and given presets without and with qcompiler.rotate. Source of the README'
 
     python benchmarks/rotation_validation.py w4a16-rtn
 """
-import torch, time, sys
+import torch, sys
 import qcompiler
 from qcompiler.tools.models import load_model
 from qcompiler.tools import texts, data
