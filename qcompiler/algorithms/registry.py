@@ -23,7 +23,7 @@ from qcompiler.core.layer_quant import QuantizedWeight, quantize_weight
 from qcompiler.recipes import register_algorithm_spec
 
 __all__ = ["WeightAlgorithm", "register_weight_algorithm", "registered_algorithms", "algorithm_of",
-           "needs_hessian", "has_input_scale", "input_scale", "quantize_linear", "scaled_stats"]
+           "needs_hessian", "block_tuner", "has_input_scale", "input_scale", "quantize_linear", "scaled_stats"]
 
 
 @dataclass(frozen=True)
@@ -36,16 +36,23 @@ class WeightAlgorithm:
         quantize: ``(fqn, w, stats, recipe, spec) -> (QuantizedWeight, note)``: ``w`` is the float32
             [N, K] weight (already multiplied by ``input_scale``'s ``s`` when there is one), ``stats``
             the linear's ``LayerStats`` (inputs divided by ``s``) or None without calibration.
-        needs_hessian: calibration accumulates each linear's input Hessian ``X^T X`` for it.
+        needs_hessian: calibration accumulates each linear's input Hessian ``X^T X`` for it (a bool, or
+            ``spec -> bool`` when the spec decides).
         input_scale: optional ``(stats, weights, recipe, spec, name) -> (alpha, s)``: a per-input-channel
             scale for the linears reading one input (weights become ``W * s``, the input ``x / s``), as AWQ.
+        tune_block: optional ``(run, entries, linears, weight_spec, spec) -> ({fqn: QuantizedWeight}, note)``:
+            after ``quantize`` gave each linear of a decoder block its first weights, layer-by-layer
+            calibration hands it the whole block to tune against the block's float output (SignRound;
+            ``qcompiler.algorithms.signround.signround_block`` documents the arguments). Needs
+            ``recipe.layerwise``.
     """
 
     name: str
     spec_type: type
     quantize: Callable[..., tuple[QuantizedWeight, str]]
-    needs_hessian: bool = False
+    needs_hessian: bool | Callable[[Any], bool] = False
     input_scale: Callable[..., tuple[float, torch.Tensor]] | None = None
+    tune_block: Callable[..., tuple[dict[str, QuantizedWeight], str]] | None = None
 
 
 _ALGORITHMS: dict[type, WeightAlgorithm] = {}
@@ -67,7 +74,7 @@ def register_weight_algorithm(algorithm: WeightAlgorithm) -> WeightAlgorithm:
 
 
 def _load_builtins() -> None:
-    from qcompiler.algorithms import awq, gptq  # noqa: F401  (each registers its algorithm on import)
+    from qcompiler.algorithms import awq, gptq, signround  # noqa: F401  (each registers its algorithm on import)
 
 
 def registered_algorithms() -> dict[type, WeightAlgorithm]:
@@ -92,7 +99,18 @@ def algorithm_of(recipe: Any) -> tuple[WeightAlgorithm, Any] | None:
 def needs_hessian(recipe: Any) -> bool:
     """Whether calibration must accumulate input Hessians for the recipe's weight algorithm."""
     found = algorithm_of(recipe)
-    return found is not None and found[0].needs_hessian
+    if found is None:
+        return False
+    algorithm, spec = found
+    return bool(algorithm.needs_hessian(spec) if callable(algorithm.needs_hessian) else algorithm.needs_hessian)
+
+
+def block_tuner(recipe: Any) -> tuple[Callable, Any] | None:
+    """``(tune_block, spec)`` when the recipe's weight algorithm tunes whole decoder blocks, else None."""
+    found = algorithm_of(recipe)
+    if found is None or found[0].tune_block is None:
+        return None
+    return found[0].tune_block, found[1]
 
 
 def has_input_scale(recipe: Any) -> bool:

@@ -8,6 +8,8 @@ to capture its inputs (and the statistics of linears before it); then for each b
 1. run it on the captured inputs with hooks on its linears (input statistics, Hessians);
 2. quantize its linears (AWQ scale per group of linears sharing an input, then GPTQ / AWQ
    clipping / RTN by ``qcompiler.algorithms.registry``), keeping each ``QuantizedWeight``;
+   With a block-tuning algorithm (SignRound), the block's quantized linears are then tuned together
+   against the block's float outputs on the captured inputs (``WeightAlgorithm.tune_block``);
 3. swap the block's weights for their dequantized values (and fake-quantize dynamic
    activations) and run it again: its outputs are the next block's inputs;
 4. drop the block's Hessians.
@@ -123,6 +125,7 @@ class LayerwiseCalibration:
         t0 = time.perf_counter()
         self.blocks_path, blocks = find_decoder_blocks(model)
         hessian = weight_algorithms.needs_hessian(self.recipe)
+        tuner = weight_algorithms.block_tuner(self.recipe)
         inputs: list[tuple[tuple, dict]] = []
 
         def capture(module, args, kwargs):
@@ -150,10 +153,14 @@ class LayerwiseCalibration:
         try:
             for i, block in enumerate(tqdm(blocks, desc="layer-by-layer", disable=not self.progress, leave=False)):
                 prefix = f"{block_prefix}{i}"
-                block_stats, keys, state = self._observe(block, prefix, inputs, hessian)
+                block_stats, keys, state, float_outputs = self._observe(block, prefix, inputs, hessian,
+                                                                        keep_outputs=tuner is not None)
                 self.peak_state_bytes = max(self.peak_state_bytes, state)
                 self.activation_bytes = max(self.activation_bytes, _tensor_bytes(inputs))
-                hooks = self._quantize_block(block, prefix, block_stats, keys, originals)
+                hooks, quantized = self._quantize_block(block, prefix, block_stats, keys, originals)
+                if tuner is not None and quantized:
+                    self._tune_block(block, prefix, i, inputs, float_outputs, quantized, tuner)
+                del float_outputs
                 try:
                     inputs = self._propagate(block, inputs)
                 finally:
@@ -179,17 +186,19 @@ class LayerwiseCalibration:
                  self.activation_bytes / 1e6)
         return stats
 
-    def _observe(self, block, prefix, inputs, hessian):
+    def _observe(self, block, prefix, inputs, hessian, keep_outputs: bool = False):
         keys: dict[str, tuple] = {}
         with observe_linear_inputs(block, self.samples_per_layer, len(inputs), self.seed, hessian, prefix) as acc:
             first_inputs = _record_input_keys(block, prefix, keys)
             try:
-                self._run_block(block, inputs)
+                outs = self._run_block(block, inputs)
             finally:
                 for hk in first_inputs:
                     hk.remove()
             state = sum(_acc_bytes(a) for a in acc.values())
-            return {p: a.finish(self.samples_per_layer) for p, a in acc.items()}, keys, state
+            outputs = [_hidden_out(o) for o in outs] if keep_outputs else None
+            del outs
+            return {p: a.finish(self.samples_per_layer) for p, a in acc.items()}, keys, state, outputs
 
     def _quantize_block(self, block, prefix, block_stats, keys, originals) -> list:
         recipe = self.recipe
@@ -205,6 +214,7 @@ class LayerwiseCalibration:
             owner = next((f for f in groups if x is not None and keys.get(f) is x), fqn)
             groups.setdefault(owner, []).append(fqn)
         hooks = []
+        quantized: dict[str, tuple] = {}
         act = recipe.activation
         for fqns in groups.values():
             ws = [(m[1].t() if m[2] else m[1]).detach().float() for m in (modules[f] for f in fqns)]
@@ -223,7 +233,47 @@ class LayerwiseCalibration:
                     param.copy_((eff.t() if transposed else eff).to(param.dtype))
                 if act is not None and act.dynamic:
                     hooks.append(module.register_forward_pre_hook(_fake_quant_input(act, s)))
-        return hooks
+                if s is None:
+                    quantized[fqn] = (param, transposed, w)
+        return hooks, quantized
+
+    def _tune_block(self, block, prefix, index, inputs, targets, quantized, tuner) -> None:
+        """Hand the block's quantized linears to the weight algorithm's block tuner (SignRound):
+        it runs the block on seeded mini-batches of the captured inputs against the float outputs."""
+        from torch.utils._pytree import tree_map_only
+        from qcompiler.algorithms.signround import BlockLinear
+        tune, spec = tuner
+        # captured under inference_mode: autograd may not save those tensors, so tune on copies
+        inputs = tree_map_only(torch.Tensor, lambda t: t.clone(), inputs)
+        sizes = [_hidden(a, k).shape[0] for a, k in inputs]
+        gen = torch.Generator().manual_seed(getattr(spec, "seed", 0) * 100003 + index)
+        weights = torch.tensor(sizes, dtype=torch.float64)
+        linears = {f: BlockLinear(f[len(prefix) + 1:] + ".weight", w, transposed, self.results[f].qweight)
+                   for f, (param, transposed, w) in quantized.items()}
+
+        def run(overrides, step):
+            e = int(torch.multinomial(weights, 1, generator=gen))
+            rows = torch.randperm(sizes[e], generator=gen)[:getattr(spec, "batch_size", sizes[e])]
+            args, kwargs = inputs[e]
+            h = _hidden(args, kwargs)[rows]
+            args, kwargs = ((h, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": h})
+            out = torch.func.functional_call(block, overrides, args, kwargs)
+            return _hidden_out(out), targets[e][rows]
+
+        frozen = [p for p in block.parameters() if p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            qweights, note = tune(run, len(inputs), linears, self.recipe.weight, spec)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+        for fqn, qw in qweights.items():
+            param, transposed, _ = quantized[fqn]
+            self.results[fqn] = LayerResult(qw, None, None, note)
+            eff = qw.dequantize()
+            with torch.no_grad():
+                param.copy_((eff.t() if transposed else eff).to(param.dtype))
 
     def _kept(self, fqn: str) -> bool:
         return any(fnmatch.fnmatchcase(fqn, g) for g in self.recipe.fallback.keep_modules)
@@ -239,7 +289,7 @@ class LayerwiseCalibration:
         outs = self._run_block(block, inputs)
         new = []
         for (args, kwargs), out in zip(inputs, outs):
-            hidden = out[0] if isinstance(out, (tuple, list)) else out
+            hidden = _hidden_out(out)
             if args:
                 new.append(((hidden, *args[1:]), kwargs))
             else:
@@ -249,6 +299,11 @@ class LayerwiseCalibration:
 
 def _hidden(args, kwargs) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
+
+
+def _hidden_out(out) -> torch.Tensor:
+    """A block's output hidden states (blocks return them alone or first in a tuple)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def _same(a, b) -> bool:

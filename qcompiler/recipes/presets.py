@@ -8,7 +8,7 @@ from typing import Callable
 
 from qcompiler.errors import RecipeError
 from .specs import (ActivationSpec, AWQSpec, Calibrator, FallbackSpec, GPTQSpec, Granularity, KVCacheSpec, QuantDtype,
-                    Recipe, SmoothQuantSpec, WeightSpec)
+                    Recipe, SignRoundSpec, SmoothQuantSpec, WeightSpec)
 
 __all__ = ["RECIPES", "register_recipe", "get", "names"]
 
@@ -153,6 +153,13 @@ def _w4a16_gptq() -> Recipe:
     # each group's clipping chosen by Hessian-weighted error (on SmolLM2: +19.9% vs +29.7% with minmax scales)
     return Recipe(name="w4a16-gptq", weight=dataclasses.replace(_INT4_G64, calibrator=Calibrator.MSE),
                   weight_algorithm=GPTQSpec(act_order=True, static_groups=True), layerwise=True)
+
+
+@register_recipe("w4a16-signround")
+def _w4a16_signround() -> Recipe:
+    # SignRound (AutoRound's algorithm): rounding offsets and clipping learned per block against the float
+    # block output; AutoRound's 200 steps at lr 1/steps, 4 calibration sequences per step
+    return Recipe(name="w4a16-signround", weight=_INT4_G64, weight_algorithm=SignRoundSpec(), layerwise=True)
 
 
 @register_recipe("w4a8-awq")

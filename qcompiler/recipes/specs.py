@@ -15,7 +15,7 @@ from qcompiler.errors import RecipeError
 
 __all__ = [
     "QuantDtype", "Granularity", "Calibrator", "WeightSpec", "ActivationSpec",
-    "SmoothQuantSpec", "GPTQSpec", "AWQSpec", "KVCacheSpec", "FallbackSpec", "Recipe", "OP_KINDS", "ALGORITHM_SPECS",
+    "SmoothQuantSpec", "GPTQSpec", "AWQSpec", "SignRoundSpec", "KVCacheSpec", "FallbackSpec", "Recipe", "OP_KINDS", "ALGORITHM_SPECS",
     "register_algorithm_spec",
 ]
 
@@ -293,6 +293,68 @@ class AWQSpec:
             raise RecipeError("recipe.awq needs per_channel or per_group weights, not per_tensor")
         if recipe.smoothquant is not None:
             raise RecipeError("recipe.awq and recipe.smoothquant both rescale input channels; choose one")
+
+
+@dataclass(frozen=True)
+class SignRoundSpec:
+    """SignRound (Cheng et al., "Optimize Weight Rounding via Signed Gradient Descent", the algorithm
+    of Intel's AutoRound): per decoder block, learn each weight's rounding offset ``v`` in
+    [-0.5, 0.5] and each scale's clipping factors in [min_clip, 1] by signed gradient descent on
+    the squared error between the block's output with quantized weights and its float output, on
+    the calibration inputs. Starts from ``init``'s codes (``v = 0``, clipping factors 1).
+
+    Args:
+        init: where the rounding starts: ``"rtn"`` (round to nearest with the weight spec's
+            clipping, AutoRound's start) or ``"gptq"`` (GPTQ's codes and scales, activation order with
+            static groups as ``w4a16-gptq``; the block tuning then refines them against the block's output).
+        iters: optimizer steps per block.
+        lr: step size of the signed updates, decayed linearly to zero (default ``1 / iters``:
+            the offsets can cross their whole range once).
+        batch_size: calibration sequences per step.
+        tune_clipping: also learn the clipping factors (else only the rounding).
+        min_clip: smallest clipping factor.
+        seed: mini-batch order.
+    """
+
+    init: str = "rtn"
+    iters: int = 200
+    lr: float | None = None
+    batch_size: int = 4
+    tune_clipping: bool = True
+    min_clip: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.init not in ("rtn", "gptq"):
+            raise RecipeError(f"signround.init={self.init!r} must be 'rtn' or 'gptq'")
+        _positive_int("signround", "iters", self.iters)
+        _positive_int("signround", "batch_size", self.batch_size)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise RecipeError(f"signround.seed={self.seed!r} must be an integer >= 0")
+        if self.lr is not None and not _number("signround", "lr", self.lr) > 0.0:
+            raise RecipeError(f"signround.lr={self.lr!r} must be > 0 (or null: 1 / iters)")
+        if not 0.0 < _number("signround", "min_clip", self.min_clip) <= 1.0:
+            raise RecipeError(f"signround.min_clip={self.min_clip!r} must be in (0, 1]")
+        _bool("signround", "tune_clipping", self.tune_clipping)
+
+    @property
+    def step_size(self) -> float:
+        return self.lr if self.lr is not None else 1.0 / self.iters
+
+    def check(self, recipe: "Recipe") -> None:
+        """The rules this spec sets on the rest of ``recipe`` (``RecipeError`` when one fails)."""
+        if recipe.weight.dtype is QuantDtype.FP8_E4M3:
+            raise RecipeError("recipe.signround learns integer rounding: weight.dtype must be int4 or int8, "
+                              "not 'fp8_e4m3'")
+        if recipe.weight.granularity not in (Granularity.PER_CHANNEL, Granularity.PER_GROUP):
+            raise RecipeError(f"recipe.signround needs per_channel or per_group weights, not "
+                              f"{recipe.weight.granularity.value}")
+        if not recipe.layerwise:
+            raise RecipeError("recipe.signround tunes each decoder block against its float output: it needs "
+                              "recipe.layerwise=True")
+        if recipe.activation is not None:
+            raise RecipeError("recipe.signround is weight-only here (W4A16 / W8A16): the activation "
+                              "fake-quantization has no gradient to learn through; set recipe.activation=None")
 
 
 @dataclass(frozen=True)
@@ -681,7 +743,7 @@ def _as_json(value: Any) -> str:
 
 #: spec types a weight algorithm is registered for, by class name (``Recipe.weight_algorithm`` JSON);
 #: filled by ``qcompiler.algorithms.registry.register_weight_algorithm``
-ALGORITHM_SPECS: dict[str, type] = {"GPTQSpec": GPTQSpec, "AWQSpec": AWQSpec}
+ALGORITHM_SPECS: dict[str, type] = {"GPTQSpec": GPTQSpec, "AWQSpec": AWQSpec, "SignRoundSpec": SignRoundSpec}
 
 
 def register_algorithm_spec(spec_type: type) -> None:
