@@ -389,7 +389,8 @@ def test_needs_calibration_matches_the_preset(name):
     r = recipes.get(name)
     static = r.activation is not None and not r.activation.dynamic
     gptq_required = r.gptq is not None and not r.gptq.optional
-    linears = static or r.smoothquant is not None or gptq_required or r.awq is not None
+    other_algorithm = r.weight_algorithm is not None and r.gptq is None and r.awq is None    # SignRound
+    linears = static or r.smoothquant is not None or gptq_required or r.awq is not None or other_algorithm
     required = linears or (r.kv_cache is not None and r.kv_cache.static)
     assert r.requires_calibration == required == bool(r.calibration_required_by)
     assert r.linears_require_calibration == linears

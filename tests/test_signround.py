@@ -15,7 +15,7 @@ import qcompiler
 from qcompiler import recipes
 from qcompiler.algorithms import registry as weight_algorithms
 from qcompiler.algorithms.gptq import gptq_quantize
-from qcompiler.algorithms.signround import BlockLinear, LearnableRounding, signround_block
+from qcompiler.algorithms.signround import GPTQ_START, BlockLinear, LearnableRounding, signround_block
 from qcompiler.core.layer_quant import quantize_weight
 from qcompiler.errors import RecipeError
 from qcompiler.recipes import (ActivationSpec, Calibrator, Granularity, QuantDtype, Recipe, SignRoundSpec,
@@ -96,7 +96,10 @@ def test_tuning_one_linear_lowers_its_output_error_below_round_to_nearest():
         rows = torch.randperm(8, generator=g)[:4]
         return torch.func.functional_call(linear, overrides, (x[rows],)), target[rows]
 
-    tuned, note = signround_block(run, 1, {"lin": BlockLinear("weight", w, False)}, spec,
+    def evaluate(overrides):
+        return float((torch.func.functional_call(linear, overrides, (x,)) - target).pow(2).mean())
+
+    tuned, note = signround_block(run, evaluate, {"lin": BlockLinear("weight", w, False)}, spec,
                                   SignRoundSpec(iters=150, batch_size=4))
     rtn = quantize_weight(w, spec)
     err_rtn = (x @ rtn.dequantize().t() - target).pow(2).mean()
@@ -131,26 +134,32 @@ def test_spec_rules_and_json_round_trip():
             SignRoundSpec(**bad)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_signround_model_output_is_closer_to_float_than_round_to_nearest(arch):
+@pytest.mark.parametrize("arch,init", [("llama", "rtn"), ("gpt2", "rtn"), ("llama", "gptq")])
+def test_signround_model_output_is_closer_to_float_than_its_start(arch, init):
     """Whole tiny model, layer by layer (GPT-2: Conv1D weights stored [K, N]); the output error on the
-    calibration batches is below RTN's."""
+    calibration batches is below that of the codes SignRound starts from (RTN), or no worse (GPTQ's)."""
     model = tiny_model(arch)
     batches = calibration_batches()
     spec = WeightSpec(QuantDtype.INT4, Granularity.PER_GROUP, group_size=32)
-    sr = Recipe(name="sr", weight=spec, weight_algorithm=SignRoundSpec(iters=60, batch_size=2), layerwise=True)
-    rtn = Recipe(name="rtn", weight=spec)
+    sr = Recipe(name="sr", weight=spec, weight_algorithm=SignRoundSpec(init=init, iters=60, batch_size=2),
+                layerwise=True)
+    rtn = (Recipe(name="rtn", weight=spec) if init == "rtn" else
+           Recipe(name="gptq", weight=spec, weight_algorithm=GPTQ_START, layerwise=True))
     x = torch.cat(batches)
     with torch.inference_mode():
         ref = model(input_ids=x).logits
 
     def err(recipe):
         q = tiny_model(arch)
-        qcompiler.quantize(q, recipe, calibration=batches if recipe is sr else None, progress=False)
+        qcompiler.quantize(q, recipe, calibration=batches if recipe.layerwise else None, progress=False)
         with torch.inference_mode():
             return float((q(input_ids=x).logits - ref).pow(2).mean()), q
 
     err_sr, q = err(sr)
     err_rtn, _ = err(rtn)
-    assert err_sr < err_rtn, (err_sr, err_rtn)
-    assert "signround from rtn, 60 steps" in str(qcompiler.report(q))
+    if init == "rtn":
+        assert err_sr < err_rtn, (err_sr, err_rtn)
+    else:   # GPTQ's codes are hard to improve on this random model: the guard keeps a block's start when
+        # tuning does not lower its calibration loss, so the result is never worse than GPTQ's
+        assert err_sr <= err_rtn * (1 + 1e-6), (err_sr, err_rtn)
+    assert f"signround from {init}, 60 steps" in str(qcompiler.report(q))

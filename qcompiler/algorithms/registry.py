@@ -40,7 +40,7 @@ class WeightAlgorithm:
             ``spec -> bool`` when the spec decides).
         input_scale: optional ``(stats, weights, recipe, spec, name) -> (alpha, s)``: a per-input-channel
             scale for the linears reading one input (weights become ``W * s``, the input ``x / s``), as AWQ.
-        tune_block: optional ``(run, entries, linears, weight_spec, spec) -> ({fqn: QuantizedWeight}, note)``:
+        tune_block: optional ``(run, evaluate, linears, weight_spec, spec) -> ({fqn: QuantizedWeight}, note)``:
             after ``quantize`` gave each linear of a decoder block its first weights, layer-by-layer
             calibration hands it the whole block to tune against the block's float output (SignRound;
             ``qcompiler.algorithms.signround.signround_block`` documents the arguments). Needs

@@ -136,12 +136,15 @@ class BlockLinear:
 
 
 def signround_block(run: Callable[[dict[str, torch.Tensor], int], tuple[torch.Tensor, torch.Tensor]],
-                    entries: int, linears: dict[str, BlockLinear], spec: WeightSpec, sr: SignRoundSpec
-                    ) -> tuple[dict[str, QuantizedWeight], str]:
+                    evaluate: Callable[[dict[str, torch.Tensor]], float], linears: dict[str, BlockLinear],
+                    spec: WeightSpec, sr: SignRoundSpec) -> tuple[dict[str, QuantizedWeight], str]:
     """Tune the rounding of ``linears`` (by fqn) of one block; returns their quantized weights and a note.
 
     ``run(overrides, step)`` runs the block on the mini-batch of step ``step`` with the named weights
-    replaced (``overrides``, block-relative names) and returns ``(output, float_target)``.
+    replaced (``overrides``, block-relative names) and returns ``(output, float_target)``;
+    ``evaluate(overrides)`` is the mean squared error over all the calibration inputs. The best step
+    by mini-batch loss (AutoRound's choice) is kept only if ``evaluate`` finds it better than the start,
+    so the block's calibration loss never rises.
     """
     t0 = time.perf_counter()
     learn = {}
@@ -158,7 +161,7 @@ def signround_block(run: Callable[[dict[str, torch.Tensor], int], tuple[torch.Te
             out[bl.param_name] = w.t() if bl.transposed else w
         return out
 
-    best_loss, best_state, first_loss = math.inf, None, None
+    best_loss, best_state = math.inf, None
     for step in range(sr.iters):
         with torch.enable_grad():
             out, target = run(overrides(), step)
@@ -167,8 +170,6 @@ def signround_block(run: Callable[[dict[str, torch.Tensor], int], tuple[torch.Te
                 p.grad = None
             loss.backward()
         value = float(loss.detach())
-        if first_loss is None:
-            first_loss = value
         if value < best_loss:
             best_loss, best_state = value, {f: lr.state() for f, lr in learn.items()}
         size = sr.step_size * (1.0 - step / sr.iters)
@@ -178,10 +179,21 @@ def signround_block(run: Callable[[dict[str, torch.Tensor], int], tuple[torch.Te
                     p.sub_(size * p.grad.sign())
         for lr in learn.values():
             lr.clamp_()
-    for f, lr in learn.items():
-        lr.load(best_state[f])
-    note = (f"signround from {sr.init}, {sr.iters} steps x {sr.batch_size} seq, block loss {first_loss:.3g} -> "
-            f"{best_loss:.3g} ({time.perf_counter() - t0:.1f} s / block)")
+    start_state = {f: [torch.zeros_like(lr.v), torch.ones_like(lr.clip_hi), torch.ones_like(lr.clip_lo)]
+                   for f, lr in learn.items()}
+
+    def loss_at(state) -> float:
+        for f, lr in learn.items():
+            lr.load(state[f])
+        with torch.no_grad():
+            return evaluate(overrides())
+
+    start, tuned = loss_at(start_state), loss_at(best_state)
+    kept = tuned < start
+    if not kept:
+        loss_at(start_state)
+    note = (f"signround from {sr.init}, {sr.iters} steps x {sr.batch_size} seq, block loss {start:.3g} -> "
+            f"{tuned:.3g}{'' if kept else ' (start kept)'} ({time.perf_counter() - t0:.1f} s / block)")
     return {f: lr.quantized() for f, lr in learn.items()}, note
 
 

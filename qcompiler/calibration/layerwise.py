@@ -260,11 +260,19 @@ class LayerwiseCalibration:
             out = torch.func.functional_call(block, overrides, args, kwargs)
             return _hidden_out(out), targets[e][rows]
 
+        def evaluate(overrides) -> float:
+            total, count = 0.0, 0
+            for (args, kwargs), target in zip(inputs, targets):
+                out = _hidden_out(torch.func.functional_call(block, overrides, args, kwargs))
+                total += float((out.float() - target.float()).pow(2).sum())
+                count += target.numel()
+            return total / max(count, 1)
+
         frozen = [p for p in block.parameters() if p.requires_grad]
         for p in frozen:
             p.requires_grad_(False)
         try:
-            qweights, note = tune(run, len(inputs), linears, self.recipe.weight, spec)
+            qweights, note = tune(run, evaluate, linears, self.recipe.weight, spec)
         finally:
             for p in frozen:
                 p.requires_grad_(True)
