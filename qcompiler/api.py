@@ -320,8 +320,12 @@ class QCompilerBackend:
         return default_passes(self.target, self.kernels) + list(self.extra_passes)
 
     def run_passes(self, gm: GraphModule, example_inputs, passes: list) -> GraphModule:
+        from qcompiler.rotation import check_rotated, rotation_of
         if self.root is None:
             self._adopt_root(_locate_root())
+        check_rotated(self.root, self.recipe)
+        if self.recipe.rotation is not None and not self.report.rotation:
+            self.report.rotation = rotation_of(self.root).summary()
         device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
         stats = self._stats() if self.recipe.needs_calibration else None   # before any pass runs
         ctx = PassContext(self.recipe, list(example_inputs), device, lowering=_LOWERING,
@@ -451,10 +455,15 @@ def quantize(model: torch.nn.Module, recipe: Recipe | str, calibration: Iterable
     first call per row-count bucket. Returns ``model``.
     """
     from qcompiler.runtime.eager import apply_plan
+    from qcompiler.rotation import apply_recipe_rotation
     qb = QCompilerBackend(recipe, calibration, "reference", progress=progress, kernels=kernels)
     if qb.calibration is not None:
         qb.calibration.check_vocabulary(model)
+    rotated = apply_recipe_rotation(model, qb.recipe)
     qb._adopt_root(model)
+    if rotated is not None:
+        qb.report.rotation = rotated.summary()
+        log.info("quantize: %s", qb.report.rotation)
     if example_input is None:
         first = qb.calibration.batches[0] if qb.calibration is not None else None
         example_input = first if first is not None else torch.zeros(1, 8, dtype=torch.long)

@@ -131,6 +131,7 @@ class CompileReport:
     kernel_choices: list[str] = field(default_factory=list)   # "op -> kernel [contract]: why", one per distinct choice
     runtime_fallbacks: dict[str, int] = field(default_factory=dict)   # "op ran ... : reason" -> calls
     tensors: dict[str, TensorDecision] = field(default_factory=dict)  # quantization targets beyond linears
+    rotation: str = ""           # what the recipe's rotation changed in the model (RotationResult.summary)
 
     def note_runtime_fallback(self, what: str) -> None:
         """Count a call in which a lowered kernel refused its arguments and another kernel ran."""
@@ -156,7 +157,7 @@ class CompileReport:
         return {"recipe": self.recipe, "target": self.target, "graphs": self.graphs,
                 "graph_runs": self.graph_runs, "bypassed_calls": self.bypassed_calls,
                 "calibration_s": self.calibration_s, "tensor_calibration_s": self.tensor_calibration_s,
-                "warnings": list(self.warnings),
+                "rotation": self.rotation, "warnings": list(self.warnings),
                 "passes": list(self.passes), "kernel_choices": list(self.kernel_choices),
                 "runtime_fallbacks": dict(self.runtime_fallbacks),
                 "layers": {k: asdict(v) for k, v in self.layers.items()},
@@ -175,6 +176,8 @@ class CompileReport:
         if self.graph_runs or self.bypassed_calls:
             lines.append(f"  graph runs: {self.graph_runs}; calls that ran without the backend "
                          f"(not quantized): {self.bypassed_calls}")
+        if self.rotation:
+            lines.append(f"  {self.rotation}")
         if self.calibration_s:
             lines.append(f"  calibration: {self.calibration_s:.1f} s")
         if self.tensor_calibration_s:

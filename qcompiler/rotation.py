@@ -22,7 +22,10 @@ from qcompiler.errors import UnsupportedError
 from qcompiler.pipeline import META_KEY, Analysis, PassContext
 from qcompiler.recipes import Recipe
 
-__all__ = ["rotate", "RotationResult"]
+__all__ = ["rotate", "RotationResult", "rotation_of", "apply_recipe_rotation", "check_rotated"]
+
+#: where ``rotate`` records what it did on the model (``model.__dict__``, not a module attribute)
+ROTATION_ATTR = "_qcompiler_rotation"
 
 
 @dataclass
@@ -143,7 +146,46 @@ def rotate(model: torch.nn.Module, seed: int = 0, example_input: dict | torch.Te
             put(name, tensor, value)
         result.norms_folded.append(norm.meta[META_KEY].fqn or norm.name)
     _apply(model, new, owner, names, result)
+    model.__dict__[ROTATION_ATTR] = result
     return result
+
+
+def rotation_of(model: torch.nn.Module) -> RotationResult | None:
+    """What ``rotate`` did to ``model``, or None if it was never rotated."""
+    return model.__dict__.get(ROTATION_ATTR)
+
+
+def apply_recipe_rotation(model: torch.nn.Module, recipe: Recipe, example_input=None) -> RotationResult | None:
+    """Rotate ``model`` as ``recipe.rotation`` asks, once: a model already rotated with the same seed is
+    left as is (a second rotation would not be wrong, but the recipe names one); another seed is an error."""
+    spec = recipe.rotation
+    if spec is None:
+        return None
+    done = rotation_of(model)
+    if done is not None:
+        if done.seed != spec.seed:
+            raise UnsupportedError(f"recipe {recipe.name!r} rotates with seed {spec.seed}, but the model was already "
+                                   f"rotated with seed {done.seed}")
+        return done
+    return rotate(model, seed=spec.seed, example_input=example_input)
+
+
+def check_rotated(model: torch.nn.Module | None, recipe: Recipe) -> None:
+    """Refuse to quantize, under a recipe with a rotation, a model that was not rotated: a
+    ``torch.compile`` backend sees the model only once its graph is captured, too late to change it."""
+    if recipe.rotation is None:
+        return
+    if model is None:
+        raise UnsupportedError(f"recipe {recipe.name!r} rotates the residual stream: compile a module "
+                               "(torch.compile(model, ...)) rotated with qcompiler.rotate, or use qcompiler.quantize")
+    done = rotation_of(model)
+    if done is None:
+        raise UnsupportedError(f"recipe {recipe.name!r} rotates the residual stream, which changes the model's weights "
+                               "before its graph is captured: call qcompiler.rotate(model, seed="
+                               f"{recipe.rotation.seed}) before torch.compile, or use qcompiler.quantize(model, recipe)")
+    if done.seed != recipe.rotation.seed:
+        raise UnsupportedError(f"recipe {recipe.name!r} rotates with seed {recipe.rotation.seed}, but the model was "
+                               f"rotated with seed {done.seed}")
 
 
 def _name_for(node, role_fqn: str, names: dict[int, list[str]], tensor: torch.Tensor, fqn) -> str:

@@ -59,9 +59,9 @@ def test_kv_presets_compose_with_weight_presets_and_round_trip_json():
     assert int4.dtype is QuantDtype.INT4 and int4.key is Granularity.PER_GROUP and not int4.symmetric
     assert 0 < int4.group_size <= int4.residual_window and not recipes.get("kv-int4").requires_calibration
     assert "linear" in recipes.get("kv-int8").fallback.keep_op_kinds     # on its own: weights stay float
-    with pytest.raises(RecipeError, match="one KV-cache preset"):
+    with pytest.raises(RecipeError, match="must be a KV-cache preset"):
         recipes.get("w8a16+w4a16-rtn")
-    with pytest.raises(RecipeError, match="already quantizes the KV cache"):
+    with pytest.raises(RecipeError, match="KV cache is quantized twice"):
         recipes.get("kv-int8+kv-fp8")
     with pytest.raises(RecipeError, match="unknown recipe 'nope'"):
         recipes.get("nope+kv-int8")

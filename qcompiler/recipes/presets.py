@@ -8,7 +8,7 @@ from typing import Callable
 
 from qcompiler.errors import RecipeError
 from .specs import (ActivationSpec, AWQSpec, Calibrator, FallbackSpec, GPTQSpec, Granularity, KVCacheSpec, QuantDtype,
-                    Recipe, SignRoundSpec, SmoothQuantSpec, WeightSpec)
+                    Recipe, RotationSpec, SignRoundSpec, SmoothQuantSpec, WeightSpec)
 
 __all__ = ["RECIPES", "register_recipe", "get", "names"]
 
@@ -32,21 +32,37 @@ def get(name: str) -> Recipe:
     """The preset called ``name``; ``RecipeError`` listing the known names otherwise.
 
     ``"BASE+KV"`` composes: preset BASE with the KV cache of the KV-cache preset KV (``kv-int8``,
-    ``kv-fp8``, ``kv-int4``), named ``BASE+KV``."""
+    ``kv-fp8``, ``kv-int4``), named ``BASE+KV``; ``"BASE+rot"`` adds a rotation of the residual stream
+    (``RotationSpec()``); both may follow BASE, once each, in either order."""
     if not isinstance(name, str):
         raise RecipeError(f"a preset name must be a string, got {type(name).__name__}")
-    base, plus, extra = name.partition("+")
-    if plus:
-        recipe, cache = get(base), get(extra)
-        if cache.kv_cache is None or "+" in extra:
-            raise RecipeError(f"recipe {name!r}: what follows '+' must be one KV-cache preset "
-                              f"({', '.join(n for n in sorted(RECIPES) if n.startswith('kv-'))}), not {extra!r}")
-        if recipe.kv_cache is not None:
-            raise RecipeError(f"recipe {name!r}: {base!r} already quantizes the KV cache")
-        return recipe.replace(name=name, kv_cache=cache.kv_cache)
-    if name not in RECIPES:
-        raise RecipeError(f"unknown recipe {name!r}; known: {sorted(RECIPES)} (or BASE+KV, e.g. 'w4a16-gptq+kv-fp8')")
-    return RECIPES[name]()
+    base, *extras = name.split("+")
+    if not extras:
+        if name not in RECIPES:
+            raise RecipeError(f"unknown recipe {name!r}; known: {sorted(RECIPES)} (or BASE+KV, e.g. "
+                              "'w4a16-gptq+kv-fp8', and BASE+rot)")
+        return RECIPES[name]()
+    recipe = get(base)
+    changes: dict = {}
+    for extra in extras:
+        if extra == ROTATION_SUFFIX:
+            if recipe.rotation is not None or "rotation" in changes:
+                raise RecipeError(f"recipe {name!r}: the rotation is given twice")
+            changes["rotation"] = RotationSpec()
+            continue
+        cache = get(extra) if extra in RECIPES else None
+        if cache is None or cache.kv_cache is None:
+            raise RecipeError(f"recipe {name!r}: what follows '+' must be a KV-cache preset "
+                              f"({', '.join(n for n in sorted(RECIPES) if n.startswith('kv-'))}) or "
+                              f"'{ROTATION_SUFFIX}', not {extra!r}")
+        if recipe.kv_cache is not None or "kv_cache" in changes:
+            raise RecipeError(f"recipe {name!r}: the KV cache is quantized twice ({base!r} or an earlier '+')")
+        changes["kv_cache"] = cache.kv_cache
+    return recipe.replace(name=name, **changes)
+
+
+#: ``BASE+rot``: the preset with a rotation of the residual stream
+ROTATION_SUFFIX = "rot"
 
 
 def resolve(recipe: "Recipe | str") -> Recipe:

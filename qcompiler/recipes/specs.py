@@ -15,7 +15,7 @@ from qcompiler.errors import RecipeError
 
 __all__ = [
     "QuantDtype", "Granularity", "Calibrator", "WeightSpec", "ActivationSpec",
-    "SmoothQuantSpec", "GPTQSpec", "AWQSpec", "SignRoundSpec", "KVCacheSpec", "FallbackSpec", "Recipe", "OP_KINDS", "ALGORITHM_SPECS",
+    "SmoothQuantSpec", "GPTQSpec", "AWQSpec", "SignRoundSpec", "RotationSpec", "KVCacheSpec", "FallbackSpec", "Recipe", "OP_KINDS", "ALGORITHM_SPECS",
     "register_algorithm_spec",
 ]
 
@@ -358,6 +358,23 @@ class SignRoundSpec:
 
 
 @dataclass(frozen=True)
+class RotationSpec:
+    """Rotate the residual stream before quantizing (QuaRot / SpinQuant's offline rotation,
+    ``qcompiler.rotate``): a randomized Hadamard ``Q`` folded into the embeddings, the linears that
+    write and read the stream and the norms' gains; the float model computes the same function.
+
+    Args:
+        seed: the random signs of ``Q`` (``qcompiler.algorithms.hadamard.random_hadamard``).
+    """
+
+    seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise RecipeError(f"rotation.seed={self.seed!r} must be an integer >= 0")
+
+
+@dataclass(frozen=True)
 class KVCacheSpec:
     """How the attention's key / value cache is quantized: the keys and values each attention writes
     are quantized where they enter the cache (after RoPE), so every later read sees what a cache
@@ -494,6 +511,9 @@ class Recipe:
             graph) by round-to-nearest with this spec: one scale per row (``per_channel``), per group of
             ``group_size`` along the row, or per tensor; int8, int4 or fp8_e4m3. Only the rows a call
             gathers are dequantized. None keeps them in float; ``fallback.keep_modules`` globs apply.
+        rotation: rotate the residual stream first (``RotationSpec``; ``qcompiler.quantize`` applies it
+            to the model's weights before calibrating; a ``torch.compile`` backend needs the model
+            rotated beforehand with ``qcompiler.rotate``). None: no rotation.
     """
 
     VERSION: ClassVar[int] = 2     # 2: GPTQ / AWQ in weight_algorithm (version 1's "gptq" / "awq" keys still read)
@@ -508,6 +528,7 @@ class Recipe:
     weight_algorithm: Any = None
     embedding: WeightSpec | None = None
     kv_cache: KVCacheSpec | None = None
+    rotation: RotationSpec | None = None
 
     def __post_init__(self):
         spec = self.weight_algorithm
@@ -539,6 +560,8 @@ class Recipe:
             raise RecipeError(f"recipe.embedding must be a WeightSpec or None, got {type(self.embedding).__name__}")
         if self.kv_cache is not None and not isinstance(self.kv_cache, KVCacheSpec):
             raise RecipeError(f"recipe.kv_cache must be a KVCacheSpec or None, got {type(self.kv_cache).__name__}")
+        if self.rotation is not None and not isinstance(self.rotation, RotationSpec):
+            raise RecipeError(f"recipe.rotation must be a RotationSpec or None, got {type(self.rotation).__name__}")
         _bool("recipe", "layerwise", self.layerwise)
         if self.layerwise and self.weight_algorithm_spec is None:
             raise RecipeError("recipe.layerwise=True needs a weight algorithm (recipe.weight_algorithm: GPTQ, AWQ or "
