@@ -108,6 +108,14 @@ def test_algorithms_run_with_weights_on_the_gpu(preset):
 
 GPU = "cuda"
 LAYERWISE = tuple(n for n in recipes.names() if recipes.get(n).layerwise)
+#: presets whose calibration runs autograd (SignRound's block tuning): the shadow device, a CPU tensor
+#: subclass, aborts the process in backward (checked: ``(x * 2).sum().backward()`` on a shadow tensor)
+BACKWARD = tuple(n for n in recipes.names() if type(recipes.get(n).weight_algorithm).__name__ == "SignRoundSpec")
+
+
+def _no_backward(preset: str) -> None:
+    if preset in BACKWARD:
+        pytest.skip(f"{preset}: its calibration runs backward, which the shadow device cannot (a real GPU can)")
 
 
 @pytest.fixture(scope="module")
@@ -180,6 +188,7 @@ def _assert_same_compile(preset, cpu, gpu, outputs, expected, constants=True):
 @pytest.mark.parametrize("preset", recipes.names())
 def test_every_preset_compiles_and_runs_with_the_model_on_the_gpu(preset, captured):
     """Calibration on the GPU model, every pass of the reference pipeline, the compiled graph run."""
+    _no_backward(preset)
     model, gm, inputs = captured
     cpu = _compile(preset, "reference", model, copy.deepcopy(gm), inputs, calibration_batches())
     expected = _outputs(cpu[1], inputs)
