@@ -9,6 +9,14 @@ same function (to float rounding), while its weights and activations have their 
 spread over all channels: what makes them easier to quantize. A tied output head is untied (its
 folded gain differs from the embedding's table). The model is changed in place, on its own device
 and dtype; the arithmetic is float64.
+
+``online=True`` also rotates the inputs of the linears that write the stream (their inputs come through an
+attention or a gated product, where nothing folds): a forward pre-hook on each such module applies
+``qcompiler::hadamard_transform`` (``D = online_hadamard(K)``, orthogonal) to its input, and its weight's
+columns take ``D^T`` (``W -> W D^T``, so ``(W D^T)(D x) = W x``). The hook is traced into the graph like the
+module's own code, so calibration, GPTQ and the compiled model all see the rotated input, and the
+Triton target runs the transform as its kernel. ``remove_online`` takes the hooks off (the weights then
+no longer compute the original function).
 """
 
 from __future__ import annotations
@@ -17,12 +25,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qcompiler.algorithms.hadamard import has_hadamard, random_hadamard
+from qcompiler.algorithms.hadamard import has_hadamard, online_factors, online_hadamard, random_hadamard
+from qcompiler.core.online_rotation import OnlineHadamard, online_modules, refuse_online
 from qcompiler.errors import UnsupportedError
 from qcompiler.pipeline import META_KEY, Analysis, PassContext
 from qcompiler.recipes import Recipe
 
-__all__ = ["rotate", "RotationResult", "rotation_of", "apply_recipe_rotation", "check_rotated"]
+__all__ = ["rotate", "RotationResult", "rotation_of", "apply_recipe_rotation", "check_rotated", "OnlineHadamard",
+           "remove_online", "online_modules", "refuse_online"]
 
 #: where ``rotate`` records what it did on the model (``model.__dict__``, not a module attribute)
 ROTATION_ATTR = "_qcompiler_rotation"
@@ -39,12 +49,27 @@ class RotationResult:
     readers: list[str] = field(default_factory=list)
     norms_folded: list[str] = field(default_factory=list)
     untied: list[str] = field(default_factory=list)
+    online: list[str] = field(default_factory=list)
+    online_refused: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def has_online(self) -> bool:
+        return bool(self.online or self.online_refused)
 
     def summary(self) -> str:
         return (f"rotated the residual stream (hidden {self.hidden}, randomized Hadamard, seed {self.seed}): "
                 f"{len(self.embeddings)} embedding table(s), {len(self.writers)} writing linears, "
                 f"{len(self.readers)} reading linears, {len(self.norms_folded)} norm gains folded"
-                + (f", untied {self.untied}" if self.untied else ""))
+                + (f", untied {self.untied}" if self.untied else "")
+                + (f"; online Hadamard on the inputs of {len(self.online)} writing linears" if self.online else "")
+                + (f"; no online transform for {self.online_refused}" if self.online_refused else ""))
+
+
+def remove_online(model: torch.nn.Module) -> None:
+    """Take the online transforms' hooks off ``model`` (``rotate(..., online=True)``)."""
+    for module in model.modules():
+        for key in [k for k, hook in module._forward_pre_hooks.items() if isinstance(hook, OnlineHadamard)]:
+            del module._forward_pre_hooks[key]
 
 
 def _capture(model: torch.nn.Module, example_input):
@@ -74,8 +99,11 @@ def _capture(model: torch.nn.Module, example_input):
     return graphs[0][0], graphs[0][1], names
 
 
-def rotate(model: torch.nn.Module, seed: int = 0, example_input: dict | torch.Tensor | None = None) -> RotationResult:
-    """Rotate ``model``'s residual stream in place (module docstring); returns what changed.
+def rotate(model: torch.nn.Module, seed: int = 0, example_input: dict | torch.Tensor | None = None,
+           online: bool = False) -> RotationResult:
+    """Rotate ``model``'s residual stream in place (module docstring); returns what changed. ``online``:
+    also an online Hadamard transform on each writing linear's input (a linear whose input size has no
+    online transform, or whose weight is not its own module's, keeps its input as is: ``online_refused``).
 
     Raises:
         UnsupportedError: the graph does not allow the fold (LayerNorm reading the stream, a norm writing
@@ -98,6 +126,7 @@ def rotate(model: torch.nn.Module, seed: int = 0, example_input: dict | torch.Te
                                "and Paley-I blocks")
     q = random_hadamard(stream.hidden, seed)
     result = RotationResult(stream.hidden, seed)
+    hooks: list[tuple[torch.nn.Module, OnlineHadamard]] = []
 
     def param(node):
         return ann.values[node.name]
@@ -125,6 +154,8 @@ def rotate(model: torch.nn.Module, seed: int = 0, example_input: dict | torch.Te
         weight, transposed = param(weight_node), ann.weights[w.meta[META_KEY].fqn].transposed
         w64 = weight.double().t() if transposed else weight.double()          # [d, K]
         out = q.t() @ w64
+        if online:
+            out = _online_fold(model, ann.param_fqn[weight_node.name], out, result, hooks)
         put(ann.param_fqn[weight_node.name], weight, out.t() if transposed else out)
         bias = _bias_node(w)
         if bias is not None:
@@ -146,8 +177,29 @@ def rotate(model: torch.nn.Module, seed: int = 0, example_input: dict | torch.Te
             put(name, tensor, value)
         result.norms_folded.append(norm.meta[META_KEY].fqn or norm.name)
     _apply(model, new, owner, names, result)
+    for module, hook in hooks:
+        module.register_forward_pre_hook(hook)
     model.__dict__[ROTATION_ATTR] = result
     return result
+
+
+def _online_fold(model, weight_name: str, w64: torch.Tensor, result: RotationResult, hooks: list) -> torch.Tensor:
+    """``w64`` [N, K] with ``D^T`` folded into its columns, and the module's hook queued; ``w64`` as is
+    (and the reason recorded) when there is no transform of order K or no module to hook."""
+    module_path, _, attr = weight_name.rpartition(".")
+    module = model.get_submodule(module_path) if module_path else model
+    k = w64.shape[1]
+    if attr != "weight" or not isinstance(module, torch.nn.Linear) and type(module).__name__ != "Conv1D":
+        result.online_refused[weight_name] = (f"the weight belongs to a {type(module).__name__}, whose input "
+                                              "is not the linear's alone")
+        return w64
+    if online_factors(k) is None:
+        result.online_refused[weight_name] = f"no online Hadamard transform of order {k}"
+        return w64
+    h_block, dense, scale = online_hadamard(k)
+    hooks.append((module, OnlineHadamard(h_block.to(w64.device), scale)))
+    result.online.append(weight_name)
+    return w64 @ dense.to(w64.device).t()
 
 
 def rotation_of(model: torch.nn.Module) -> RotationResult | None:
@@ -163,11 +215,20 @@ def apply_recipe_rotation(model: torch.nn.Module, recipe: Recipe, example_input=
         return None
     done = rotation_of(model)
     if done is not None:
-        if done.seed != spec.seed:
-            raise UnsupportedError(f"recipe {recipe.name!r} rotates with seed {spec.seed}, but the model was already "
-                                   f"rotated with seed {done.seed}")
+        _check_same(done, recipe)
         return done
-    return rotate(model, seed=spec.seed, example_input=example_input)
+    return rotate(model, seed=spec.seed, example_input=example_input, online=spec.online)
+
+
+def _check_same(done: RotationResult, recipe: Recipe) -> None:
+    spec = recipe.rotation
+    if done.seed != spec.seed:
+        raise UnsupportedError(f"recipe {recipe.name!r} rotates with seed {spec.seed}, but the model was already "
+                               f"rotated with seed {done.seed}")
+    if done.has_online != spec.online:
+        raise UnsupportedError(f"recipe {recipe.name!r} rotates {'with' if spec.online else 'without'} online "
+                               f"transforms, but the model was rotated {'with' if done.has_online else 'without'} "
+                               f"them (qcompiler.rotate(model, online={spec.online}))")
 
 
 def check_rotated(model: torch.nn.Module | None, recipe: Recipe) -> None:
@@ -182,10 +243,9 @@ def check_rotated(model: torch.nn.Module | None, recipe: Recipe) -> None:
     if done is None:
         raise UnsupportedError(f"recipe {recipe.name!r} rotates the residual stream, which changes the model's weights "
                                "before its graph is captured: call qcompiler.rotate(model, seed="
-                               f"{recipe.rotation.seed}) before torch.compile, or use qcompiler.quantize(model, recipe)")
-    if done.seed != recipe.rotation.seed:
-        raise UnsupportedError(f"recipe {recipe.name!r} rotates with seed {recipe.rotation.seed}, but the model was "
-                               f"rotated with seed {done.seed}")
+                               f"{recipe.rotation.seed}" + (", online=True" if recipe.rotation.online else "")
+                               + ") before torch.compile, or use qcompiler.quantize(model, recipe)")
+    _check_same(done, recipe)
 
 
 def _name_for(node, role_fqn: str, names: dict[int, list[str]], tensor: torch.Tensor, fqn) -> str:

@@ -14,12 +14,15 @@ import torch
 from .availability import GPU, availability, fp8_supported
 
 __all__ = ["CHECKS", "check_int8_gemm", "check_fp8_gemm", "check_weight_only_gemm", "check_int4_gemm",
-           "check_w4a8_gemm", "check_norm_quantize_per_token", "MAX_NORM_K"]
+           "check_w4a8_gemm", "check_norm_quantize_per_token", "check_hadamard_transform", "MAX_NORM_K",
+           "MAX_HADAMARD_TILE"]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _FP8 = torch.float8_e4m3fn
 #: The fused norm + quantize kernel keeps a row in registers.
 MAX_NORM_K = 32768
+#: The Hadamard kernel keeps a row as an [m rounded up to a power of two, n / m] tile in registers.
+MAX_HADAMARD_TILE = 32768
 
 
 def _tensors(*ts) -> list[torch.Tensor]:
@@ -157,7 +160,20 @@ def check_norm_quantize_per_token(x, norm, weight, bias, eps, smooth, dtype, nor
     return _device(x, weight, bias, smooth)
 
 
+def check_hadamard_transform(x, h_block, scale) -> str | None:
+    if x.dtype not in _FLOATS:
+        return f"x must be float32, float16 or bfloat16, got {x.dtype}"
+    n = x.shape[-1] if x.dim() else 0
+    m = h_block.shape[0] if h_block.dim() == 2 else 0
+    if not m or h_block.shape != (m, m) or n % m or (n // m) & (n // m - 1):
+        return f"x's last dim {n} is not h_block's order {m} times a power of two (h_block {tuple(h_block.shape)})"
+    tile = (1 << (m - 1).bit_length()) * (n // m)
+    if tile > MAX_HADAMARD_TILE:
+        return f"the row tile ({tile} values) is above the kernel's {MAX_HADAMARD_TILE}"
+    return _device(x, h_block)
+
+
 #: op name -> check
 CHECKS = {"int8_gemm": check_int8_gemm, "fp8_gemm": check_fp8_gemm, "weight_only_gemm": check_weight_only_gemm,
           "int4_gemm": check_int4_gemm, "w4a8_gemm": check_w4a8_gemm,
-          "norm_quantize_per_token": check_norm_quantize_per_token}
+          "norm_quantize_per_token": check_norm_quantize_per_token, "hadamard_transform": check_hadamard_transform}

@@ -49,6 +49,7 @@ KERNELS: dict[str, tuple[str, str]] = {
     "int4_gemm": ("gemm_weight_only", "int4_gemm"),
     "w4a8_gemm": ("gemm_w4a8", "w4a8_gemm"),
     "norm_quantize_per_token": ("norm_quant", "norm_quantize_per_token"),
+    "hadamard_transform": ("hadamard", "hadamard_transform"),
 }
 assert set(KERNELS) == set(TRITON_KERNEL_OPS), "every qcompiler::triton_<op> needs a launcher"
 

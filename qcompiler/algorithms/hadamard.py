@@ -4,6 +4,9 @@
 Sylvester blocks (powers of two) and Paley-I blocks (``q + 1`` for a prime ``q = 3 mod 4``: 4, 8, 12,
 20, 24, 32, 44, 48, ...), e.g. 576 = 12 x 12 x 4 (SmolLM2's hidden size). ``random_hadamard(n, seed)``
 is ``H @ diag(+-1) / sqrt(n)``: orthogonal, and it spreads one outlier channel evenly over all.
+``online_hadamard(n)``: the rotation ``qcompiler::hadamard_transform`` applies at run time,
+``(H_m kron H_p) / sqrt(n)`` with ``p`` the largest power of two that leaves an ``m`` with a Hadamard
+matrix (``online_factors``), so the transform is ``m`` fast Walsh-Hadamard transforms and an ``m x m`` mix.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import math
 
 import torch
 
-__all__ = ["hadamard", "random_hadamard", "has_hadamard"]
+__all__ = ["hadamard", "random_hadamard", "has_hadamard", "online_factors", "online_hadamard"]
 
 
 def _is_prime(q: int) -> bool:
@@ -74,3 +77,29 @@ def random_hadamard(n: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     signs = torch.randint(0, 2, (n,), generator=g, dtype=torch.float64) * 2 - 1
     return hadamard(n) * signs[None, :] / math.sqrt(n)
+
+
+def online_factors(n: int) -> tuple[int, int] | None:
+    """``(m, p)`` with ``n = m * p``, ``p`` the largest power of two for which ``hadamard(m)`` exists; None
+    when there is none (e.g. 1536 -> (12, 128), 576 -> (72, 8), 4096 -> (1, 4096))."""
+    p = n & -n if n > 0 else 0
+    while p >= 1:
+        if _hadamard(n // p) is not None:
+            return n // p, p
+        p //= 2
+    return None
+
+
+def online_hadamard(n: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(h_block, dense, scale)`` of the online transform of order ``n``: ``h_block`` [m, m] (+-1, float32)
+    and ``scale = 1 / sqrt(n)``, the arguments of ``qcompiler::hadamard_transform``, and the orthogonal matrix
+    it applies, ``dense = (h_block kron H_p) * scale`` (float64, ``y = dense @ x``); ``ValueError`` when ``n``
+    has no such factorization."""
+    f = online_factors(n)
+    if f is None:
+        raise ValueError(f"no online Hadamard transform of order {n}: no power-of-two factor p leaves n / p with a "
+                         "Hadamard matrix from Sylvester and Paley-I blocks")
+    m, p = f
+    h_block = _hadamard(m)
+    scale = 1.0 / math.sqrt(n)
+    return h_block.float(), torch.kron(h_block, _hadamard(p)) * scale, scale

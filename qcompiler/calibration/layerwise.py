@@ -75,14 +75,16 @@ class _StopForward(Exception):
 
 def _weight_orientation(module: torch.nn.Module, k: int) -> tuple[torch.nn.Parameter, bool] | None:
     """The module's weight and whether it is stored [K, N] (GPT-2's Conv1D), checked numerically:
-    the module must compute ``x @ W.T + b`` (or ``x @ W + b``); anything else is not a plain linear."""
+    the module must compute ``x @ W.T + b`` (or ``x @ W + b``); anything else is not a plain linear.
+    Its ``forward`` is probed without its hooks (an online rotation's pre-hook changes the input, and the
+    statistics were taken after it)."""
     params = dict(module.named_parameters(recurse=False))
     w, b = params.get("weight"), params.get("bias")
     if w is None or w.dim() != 2 or list(module.children()) or set(params) - {"weight", "bias"}:
         return None
     probe = torch.randn(3, k, generator=torch.Generator().manual_seed(0)).to(w)
     with torch.no_grad():
-        y = module(probe)
+        y = module.forward(probe)
         for transposed in (False, True):
             if w.shape[1 - int(transposed)] != k:
                 continue

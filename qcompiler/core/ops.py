@@ -16,6 +16,8 @@ Graphs carry them as ordinary ops, so they trace, compile and export:
 - ``qcompiler::norm_quantize_per_token(x, norm, weight, bias, eps, smooth, dtype, norm_dtype, mul_dtype,
   out_dtype) -> (x_q, scale)``: a norm, an unfolded SmoothQuant scale and dynamic per-token quantization
   as one op (written by ``passes/fuse_norm_quant.py`` for target "triton"; math below)
+- ``qcompiler::hadamard_transform(x, h_block, scale)``: an orthogonal Hadamard rotation along x's last dim,
+  ``scale * (h_block kron H_p) x`` (QuaRot's online transform; math in ``reference_kernels.hadamard_transform_ref``)
 - ``qcompiler::kv_cache_read(codes, scale, zero, dtype, head_dim, out_dtype, group=0)``: the keys or values a quantized
   KV cache holds (``qcompiler.runtime.kv_cache``; layout in ``qcompiler.core.kv_format``)
 - ``qcompiler::triton_<op>(<op's arguments>, *, int report_id=0)`` for each op in ``TRITON_KERNEL_OPS``:
@@ -49,7 +51,7 @@ from qcompiler.core import reference_kernels as ref
 
 __all__ = ["quantize", "dequantize", "quantize_per_token", "int8_gemm", "fp8_gemm", "weight_only_gemm",
            "dequantize_int4", "int4_gemm", "w4a8_gemm", "onednn_int8_mm", "onednn_linear",
-           "norm_quantize_per_token", "kv_cache_read", "GEMM_OPS", "QDQ_OPS", "TRITON_KERNEL_OPS", "triton_op"]
+           "norm_quantize_per_token", "hadamard_transform", "kv_cache_read", "GEMM_OPS", "QDQ_OPS", "TRITON_KERNEL_OPS", "triton_op"]
 
 _LIB = "qcompiler"
 
@@ -210,6 +212,21 @@ def _(x, norm, weight, bias, eps, smooth, dtype, norm_dtype, mul_dtype, out_dtyp
             x.new_empty((*x.shape[:-1], 1), dtype=torch.float32))
 
 
+@torch.library.custom_op(f"{_LIB}::hadamard_transform", mutates_args=())
+def hadamard_transform(x: torch.Tensor, h_block: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale * (h_block kron H_p) x`` along the last dim (``p = n / m`` a power of two), fp32 inside."""
+    n, m = x.shape[-1], h_block.shape[0]
+    if h_block.shape != (m, m) or m == 0 or n % m or (n // m) & (n // m - 1):
+        raise ValueError(f"hadamard_transform: x's last dim {n} must be h_block's order {m} times a power of two "
+                         f"(h_block {tuple(h_block.shape)})")
+    return ref.hadamard_transform_ref(x, h_block, scale)
+
+
+@hadamard_transform.register_fake
+def _(x, h_block, scale):
+    return torch.empty_like(x)
+
+
 @torch.library.custom_op(f"{_LIB}::kv_cache_read", mutates_args=())
 def kv_cache_read(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, dtype: str, head_dim: int,
                   out_dtype: torch.dtype, group: int = 0) -> torch.Tensor:
@@ -224,7 +241,8 @@ def _(codes, scale, zero, dtype, head_dim, out_dtype, group=0):
 
 
 #: ops with a Triton kernel, each declared again below as ``qcompiler::triton_<op>``
-TRITON_KERNEL_OPS = ("int8_gemm", "fp8_gemm", "weight_only_gemm", "int4_gemm", "w4a8_gemm", "norm_quantize_per_token")
+TRITON_KERNEL_OPS = ("int8_gemm", "fp8_gemm", "weight_only_gemm", "int4_gemm", "w4a8_gemm", "norm_quantize_per_token",
+                     "hadamard_transform")
 
 
 def _declare_triton_op(name: str) -> None:

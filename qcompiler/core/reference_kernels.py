@@ -16,7 +16,7 @@ from qcompiler.core import numerics
 from qcompiler.core.packing import unpack_int4
 
 __all__ = ["quantize_ref", "dequantize_ref", "int8_gemm_ref", "fp8_gemm_ref", "weight_only_gemm_ref", "dequantize_int4_ref", "int4_gemm_ref",
-           "w4a8_gemm_ref", "NORM_KINDS", "norm_quantize_per_token_ref"]
+           "w4a8_gemm_ref", "NORM_KINDS", "norm_quantize_per_token_ref", "hadamard_transform_ref"]
 
 #: ``norm`` values of ``qcompiler::norm_quantize_per_token``
 NORM_KINDS = ("none", "rms", "layer")
@@ -186,3 +186,30 @@ def kv_decode_attention_ref(q: torch.Tensor, k_codes: torch.Tensor, k_scale: tor
     out = torch.matmul(p.reshape(b, hkv, g * m, t), v).reshape(b, hq, m, v.shape[-1])
     out = torch.where(denom > 0, out / denom, torch.zeros_like(out))
     return out.to(q.dtype)
+
+
+def hadamard_transform_ref(x: torch.Tensor, h_block: torch.Tensor, scale: float) -> torch.Tensor:
+    """``qcompiler::hadamard_transform``: ``scale * (h_block kron H_p) x`` along the last dim, in float32
+    (float64 for a float64 x).
+
+    ``x`` [..., n] with ``n = m * p`` (``m = h_block.shape[0]``, ``p`` a power of two, ``H_p`` Sylvester's).
+    Each of the ``m`` slices of ``p`` values goes through the fast Walsh-Hadamard butterflies
+    (``a, b -> a + b, a - b`` at strides 1, 2, 4, ...), then slice ``i`` becomes
+    ``sum_j h_block[i, j] * slice_j``, summed in order ``j = 0 .. m-1``, then everything is multiplied by
+    ``scale``; the result is cast to x's dtype. The Triton kernel runs the same steps in the same order.
+    """
+    n, m = x.shape[-1], h_block.shape[0]
+    p = n // m
+    compute = torch.promote_types(x.dtype, torch.float32)
+    y = x.to(compute).reshape(-1, m, p)
+    h = 1
+    while h < p:
+        pairs = y.reshape(-1, m, p // (2 * h), 2, h)
+        a, b = pairs[..., 0, :], pairs[..., 1, :]
+        y = torch.stack([a + b, a - b], dim=-2).reshape(-1, m, p)
+        h *= 2
+    hb = h_block.to(compute)
+    acc = torch.zeros_like(y)
+    for j in range(m):
+        acc = acc + hb[:, j, None] * y[:, j:j + 1, :]
+    return (acc * scale).reshape(x.shape).to(x.dtype)

@@ -144,6 +144,8 @@ def save_compressed_tensors(model: torch.nn.Module, path: str | Path, recipe: Re
         ValueError: the model has no ``QuantizedLinear``.
         FileExistsError: ``path`` exists, is not empty, and ``overwrite`` is False.
     """
+    from qcompiler.core.online_rotation import refuse_online
+    refuse_online(model, "save_compressed_tensors")
     recipe = recipes.resolve(recipe)
     path = Path(path)
     plan = _plan(model, recipe, report)

@@ -293,6 +293,11 @@ def export_onnx(model: torch.nn.Module, recipe: Recipe | str, example_inputs, pa
     """
     recipe = resolve(recipe)
     check_exportable(recipe)
+    from qcompiler.core.online_rotation import refuse_online
+    if recipe.rotation is not None and recipe.rotation.online:
+        raise UnsupportedError(f"export_onnx: recipe {recipe.name!r} adds online Hadamard transforms, which the "
+                               "ONNX Q/DQ export does not write yet; use '+rot' (offline rotation only)")
+    refuse_online(model, "export_onnx")
     opset = _choose_opset(recipe, opset)
     inputs = _as_inputs(example_inputs)
     path = Path(path)

@@ -33,7 +33,8 @@ def get(name: str) -> Recipe:
 
     ``"BASE+KV"`` composes: preset BASE with the KV cache of the KV-cache preset KV (``kv-int8``,
     ``kv-fp8``, ``kv-int4``), named ``BASE+KV``; ``"BASE+rot"`` adds a rotation of the residual stream
-    (``RotationSpec()``); both may follow BASE, once each, in either order."""
+    (``RotationSpec()``), ``"BASE+rot-online"`` the rotation plus online Hadamard transforms
+    (``RotationSpec(online=True)``); a KV cache and a rotation may follow BASE, once each, in either order."""
     if not isinstance(name, str):
         raise RecipeError(f"a preset name must be a string, got {type(name).__name__}")
     base, *extras = name.split("+")
@@ -45,16 +46,16 @@ def get(name: str) -> Recipe:
     recipe = get(base)
     changes: dict = {}
     for extra in extras:
-        if extra == ROTATION_SUFFIX:
+        if extra in (ROTATION_SUFFIX, ONLINE_ROTATION_SUFFIX):
             if recipe.rotation is not None or "rotation" in changes:
                 raise RecipeError(f"recipe {name!r}: the rotation is given twice")
-            changes["rotation"] = RotationSpec()
+            changes["rotation"] = RotationSpec(online=extra == ONLINE_ROTATION_SUFFIX)
             continue
         cache = get(extra) if extra in RECIPES else None
         if cache is None or cache.kv_cache is None:
             raise RecipeError(f"recipe {name!r}: what follows '+' must be a KV-cache preset "
                               f"({', '.join(n for n in sorted(RECIPES) if n.startswith('kv-'))}) or "
-                              f"'{ROTATION_SUFFIX}', not {extra!r}")
+                              f"'{ROTATION_SUFFIX}' / '{ONLINE_ROTATION_SUFFIX}', not {extra!r}")
         if recipe.kv_cache is not None or "kv_cache" in changes:
             raise RecipeError(f"recipe {name!r}: the KV cache is quantized twice ({base!r} or an earlier '+')")
         changes["kv_cache"] = cache.kv_cache
@@ -63,6 +64,8 @@ def get(name: str) -> Recipe:
 
 #: ``BASE+rot``: the preset with a rotation of the residual stream
 ROTATION_SUFFIX = "rot"
+#: ``BASE+rot-online``: the rotation plus online Hadamard transforms on the stream writers' inputs
+ONLINE_ROTATION_SUFFIX = "rot-online"
 
 
 def resolve(recipe: "Recipe | str") -> Recipe:

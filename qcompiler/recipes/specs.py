@@ -365,13 +365,21 @@ class RotationSpec:
 
     Args:
         seed: the random signs of ``Q`` (``qcompiler.algorithms.hadamard.random_hadamard``).
+        online: also rotate the inputs of the linears that write the stream (``o_proj``, ``down_proj``:
+            their inputs come through an attention or a gated product, where no rotation folds) by an
+            online Hadamard transform ``D`` (``qcompiler::hadamard_transform``, QuaRot's online rotation),
+            its transpose folded into their weights' columns: their weights and inputs lose their outlier
+            channels too, at the cost of one transform per call.
     """
 
     seed: int = 0
+    online: bool = False
 
     def __post_init__(self):
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise RecipeError(f"rotation.seed={self.seed!r} must be an integer >= 0")
+        if not isinstance(self.online, bool):
+            raise RecipeError(f"rotation.online={self.online!r} must be a bool")
 
 
 @dataclass(frozen=True)

@@ -158,6 +158,14 @@ def _is_plain_linear(module: torch.nn.Module, weight: torch.Tensor) -> bool:
             and set(params) <= {"weight", "bias"})
 
 
+def _carry_hooks(old: torch.nn.Module, new: torch.nn.Module) -> None:
+    """The hooks on ``old`` (e.g. ``qcompiler.rotate``'s online transforms, which the plan was traced
+    with) go on ``new``."""
+    for attr in ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+                 "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+        getattr(new, attr).update(getattr(old, attr))
+
+
 def apply_plan(model: torch.nn.Module, contexts: list[PassContext], kernels: str | Mapping[str, str] = "auto",
                report: CompileReport | None = None) -> int:
     """Swap planned linears for ``QuantizedLinear`` (and planned embeddings for ``QuantizedEmbedding``);
@@ -196,6 +204,7 @@ def apply_plan(model: torch.nn.Module, contexts: list[PassContext], kernels: str
             new = QuantizedLinear(qweights[fqn], None if lw.bias is None else lw.bias.detach().clone(),
                                   None if act is None else act.dtype.value, bool(act and act.dynamic),
                                   d.act_scale, inv, fqn, kernels, report)
+            _carry_hooks(module, new)
             setattr(parent, child, new)
             swapped += 1
     return swapped

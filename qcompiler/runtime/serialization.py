@@ -61,6 +61,8 @@ def save_quantized(model: torch.nn.Module, path: str | Path, recipe: Recipe, *, 
     With ``recipe.kv_cache`` the model's KV-cache calibration is written too (``kv_cache.*``, see the
     module docstring); ``ValueError`` when it is missing for static scales or belongs to another spec.
     """
+    from qcompiler.core.online_rotation import refuse_online
+    refuse_online(model, "save_quantized")
     path = Path(path)
     layers = {}
     for fqn, m in model.named_modules():

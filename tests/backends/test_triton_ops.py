@@ -51,6 +51,8 @@ def _sample_args(name: str) -> tuple:
         "w4a8_gemm": (x.to(FP8), a_scale, w4, g_scale, None, bias, 32, k, F32),
         "norm_quantize_per_token": (x, "rms", torch.rand(k, generator=g) + 0.5, None, 1e-6,
                                     torch.rand(k, generator=g) + 0.5, "int8", F32, F32, F32),
+        "hadamard_transform": (x, torch.tensor([[1.0, 1, 1, 1], [-1, 1, -1, 1], [-1, 1, 1, -1], [-1, -1, 1, 1]]),
+                               k ** -0.5),      # a Paley block of order 4 (x 16 butterflies)
     }[name]
 
 

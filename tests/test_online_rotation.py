@@ -1,0 +1,125 @@
+"""Online Hadamard transforms (``qcompiler.rotate(..., online=True)``, recipes ``BASE+rot-online``): the
+inputs of the linears writing the residual stream go through ``qcompiler::hadamard_transform`` and their
+weights take ``D^T``. The float model computes the same logits (float64), the transform is in the traced
+graph on every target (the Triton target lowers it to its kernel), GPTQ / SmoothQuant / eager quantize see
+the rotated inputs, an outlier input channel of ``down_proj`` is spread, and outputs that cannot carry the
+transform (checkpoints, ONNX) refuse the model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qcompiler
+from qcompiler.errors import UnsupportedError
+from qcompiler.recipes import Recipe, RotationSpec, get
+from qcompiler.rotation import OnlineHadamard, online_modules, remove_online, rotation_of
+from numerics_util import rel_err
+from tiny_models import calibration_batches, tiny_model, token_batches
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ROTATABLE = ("llama", "qwen2", "mistral", "gemma", "phi3")
+IDS = token_batches(2, 16, seed=3)[0]
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+@pytest.mark.parametrize("arch", ROTATABLE)
+def test_online_rotation_keeps_the_logits_and_hooks_every_writer(arch):
+    model = tiny_model(arch).double()
+    ref = _logits(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = qcompiler.rotate(model, seed=1, online=True)
+    assert result.online and sorted(result.online) == sorted(result.writers) and not result.online_refused
+    assert sorted(online_modules(model)) == sorted(n.rsplit(".", 1)[0] for n in result.online)
+    assert rel_err(_logits(model), ref) < 1e-5
+    # the writers' weights differ from the offline rotation's by D^T on their columns
+    offline = tiny_model(arch).double()
+    qcompiler.rotate(offline, seed=1)
+    params = dict(offline.named_parameters())
+    for name in result.online:
+        assert not torch.allclose(dict(model.named_parameters())[name], params[name])
+        assert not torch.equal(before[name], params[name])
+    remove_online(model)        # without the transforms the weights compute something else
+    assert not online_modules(model) and rel_err(_logits(model), ref) > 0.01
+
+
+def test_online_rotation_spreads_an_outlier_input_channel_of_down_proj():
+    model = tiny_model("llama")
+    down = model.model.layers[0].mlp.down_proj
+    with torch.no_grad():
+        down.weight[:, 5] *= 50.0
+    col = lambda w: w.abs().amax(0)       # noqa: E731  per input channel
+    assert col(down.weight).max() / col(down.weight).median() > 20
+    qcompiler.rotate(model, seed=0, online=True)
+    w = model.model.layers[0].mlp.down_proj.weight
+    assert col(w).max() / col(w).median() < 4
+
+
+@pytest.mark.parametrize("target", ["reference", "inductor", "triton"])
+def test_compiled_model_runs_the_transform_on_every_target(target):
+    if target == "triton":
+        import triton_interpreter  # noqa: F401
+    model = tiny_model("llama")
+    ref = _logits(model)
+    qcompiler.rotate(model, seed=0, online=True)
+    torch._dynamo.reset()
+    be = qcompiler.backend("w8a16+rot-online", calibration=calibration_batches(), target=target, progress=False)
+    try:
+        with torch.no_grad():
+            out = torch.compile(model, backend=be, dynamic=False)(input_ids=IDS).logits
+    finally:
+        torch._dynamo.reset()
+    report = qcompiler.report(model)
+    assert "online Hadamard on the inputs of 4 writing linears" in str(report)
+    assert rel_err(out.double(), ref.double()) < 0.05      # w8a16 error only
+    if target == "triton":
+        from qcompiler.backends.triton import availability
+        if availability().runs_kernels:
+            assert "lowered_triton_hadamard_transform=4" in str(report)
+
+
+@pytest.mark.parametrize("preset", ["w4a16-gptq+rot-online", "w8a8-int8-sq-dynamic+rot-online+kv-int8"])
+def test_quantize_composes_with_online_rotation(preset):
+    """Eager quantize: GPTQ's Hessians and SmoothQuant's statistics are of the transformed inputs, and the
+    swapped ``QuantizedLinear`` keeps the transform (its hook)."""
+    model, base = tiny_model("llama"), tiny_model("llama")
+    qcompiler.quantize(model, preset, calibration=calibration_batches(), progress=False)
+    assert rotation_of(model).online and len(online_modules(model)) == 4
+    assert all(isinstance(h, OnlineHadamard) for n in online_modules(model)
+               for h in model.get_submodule(n)._forward_pre_hooks.values())
+    assert type(model.get_submodule(online_modules(model)[0])).__name__ == "QuantizedLinear"
+    with torch.inference_mode():
+        err = rel_err(model(input_ids=IDS).logits.double(), base(input_ids=IDS).logits.double())
+    assert err < 0.15      # measured: 0.10 (gptq), 0.011 (sq-dynamic); 0.93 when the hook is lost
+
+
+def test_recipe_names_json_and_mismatches():
+    r = get("w4a16-gptq+kv-int8+rot-online")
+    assert r.rotation == RotationSpec(seed=0, online=True) and r.kv_cache is not None
+    assert Recipe.from_json(r.to_json()) == r
+    assert get("w8a16+rot").rotation == RotationSpec()
+    with pytest.raises(Exception, match="rotation is given twice"):
+        get("w8a16+rot+rot-online")
+    with pytest.raises(Exception, match="rotation.online"):
+        RotationSpec(online="yes")
+    model = tiny_model("llama")
+    qcompiler.rotate(model, seed=0)           # offline only: a recipe asking for online transforms refuses it
+    with pytest.raises(UnsupportedError, match="online=True"):
+        qcompiler.quantize(model, "w8a16+rot-online", progress=False)
+
+
+def test_outputs_that_cannot_carry_the_transform_refuse_the_model(tmp_path):
+    model = tiny_model("llama")
+    qcompiler.quantize(model, "w8a16+rot-online", calibration=calibration_batches(), progress=False)
+    with pytest.raises(UnsupportedError, match="online Hadamard transform"):
+        qcompiler.save_compressed_tensors(model, tmp_path / "ct", "w8a16+rot-online")
+    assert not (tmp_path / "ct").exists()
+    from qcompiler.runtime.serialization import save_quantized
+    with pytest.raises(UnsupportedError, match="online Hadamard transform"):
+        save_quantized(model, tmp_path / "q", get("w8a16+rot-online"))
+    with pytest.raises(UnsupportedError, match="online Hadamard"):
+        qcompiler.export_onnx(tiny_model("llama"), "w4a16-rtn+rot-online", IDS, tmp_path / "m.onnx")
