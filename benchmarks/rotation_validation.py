@@ -1,26 +1,44 @@
-"""Rotation on SmolLM2, validation text only (second half of WikiText-2 valid, 8 windows of 1,024 tokens):
-float and given presets without and with qcompiler.rotate. Source of the README's rotation figures.
+"""Rotation on SmolLM2, validation text only (WikiText-2 valid: calibration from its first half, 128 x 512
+tokens at seeded offsets; evaluation on 8 windows of 1,024 tokens of its second half): float and the given
+presets without a rotation, with the offline rotation (``qcompiler.rotate``) and with online transforms too
+(``online=True``). Source of the README's rotation figures.
 
     python benchmarks/rotation_validation.py w4a16-rtn
+    python benchmarks/rotation_validation.py --modes none,rot,rot-online w8a8-int8-sq
 """
-import torch, sys
+import argparse
+import copy
+
+import torch
+
 import qcompiler
-from qcompiler.tools.models import load_model
-from qcompiler.tools import texts, data
+from qcompiler.tools import data, texts
 from qcompiler.tools.evaluate import perplexity
+from qcompiler.tools.models import load_model
+
+ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+ap.add_argument("presets", nargs="+", help="presets to quantize with (no '+rot' suffix: the modes add it)")
+ap.add_argument("--modes", default="none,rot", help="comma-separated: none, rot, rot-online (default: none,rot)")
+ap.add_argument("--calib-samples", type=int, default=128)
+args = ap.parse_args()
 torch.set_num_threads(2)
 model, tok = load_model("smollm2-135m")
 ids = data.tokenize_text(tok, open(texts.text_path("wikitext-valid")).read())
 half = ids.numel() // 2
 wins = data.eval_windows(ids[half:], 8192, 1024)
-fp = perplexity(model, wins, progress=False); print("fp32", fp, flush=True)
-for rot in (False, True):
+calib = data.calibration_batches(ids[:half], args.calib_samples, 512, seed=0)
+fp = perplexity(model, wins, progress=False)
+print("fp32", fp, flush=True)
+for mode in args.modes.split(","):
     m, _ = load_model("smollm2-135m")
-    if rot:
-        r = qcompiler.rotate(m, seed=0); print(r.summary(), flush=True)
-        p = perplexity(m, wins, progress=False); print("rotated float", p, f"{100*(p/fp-1):+.3f}%", flush=True)
-    for preset in sys.argv[1:]:
-        q = __import__("copy").deepcopy(m)
-        qcompiler.quantize(q, preset, progress=False)
+    if mode != "none":
+        r = qcompiler.rotate(m, seed=0, online=mode == "rot-online")
+        print(r.summary(), flush=True)
+        p = perplexity(m, wins, progress=False)
+        print(f"{mode} float", p, f"{100 * (p / fp - 1):+.3f}%", flush=True)
+    for preset in args.presets:
+        q = copy.deepcopy(m)
+        name = preset if mode == "none" else f"{preset}+{mode}"
+        qcompiler.quantize(q, name, calibration=calib, progress=False)
         p = perplexity(q, wins, progress=False)
-        print(("rot+" if rot else "") + preset, round(p, 4), f"{100*(p/fp-1):+.2f}%", flush=True)
+        print(name, round(p, 4), f"{100 * (p / fp - 1):+.2f}%", flush=True)
