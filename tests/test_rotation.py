@@ -142,3 +142,30 @@ def test_recipe_rotation_on_a_layernorm_model_is_refused_before_quantizing():
     with pytest.raises(UnsupportedError, match="qcompiler.rotate"):
         qcompiler.quantize(model, "w8a16+rot", progress=False)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+# -- rotated checkpoints -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["llama", "gemma"])     # gemma: tied head untied by the rotation
+def test_rotated_quantized_model_saves_and_reloads(arch, tmp_path):
+    """qcompiler's checkpoint and a compressed-tensors folder hold the rotated weights, embedding, unit gains
+    and untied head; reloaded (qcompiler, and transformers for compressed-tensors) they give the in-memory
+    rotated model's logits, without the rotation being applied again."""
+    from transformers import AutoModelForCausalLM
+    from qcompiler.recipes import get
+    from qcompiler.runtime.serialization import load_quantized, save_quantized
+    from tiny_models import calibration_batches
+    recipe = get("w8a16+rot")
+    model = tiny_model(arch)
+    qcompiler.quantize(model, recipe, calibration=calibration_batches(), progress=False)
+    with torch.inference_mode():
+        ref = model(input_ids=IDS).logits
+    save_quantized(model, tmp_path / "q", recipe)
+    loaded, loaded_recipe = load_quantized(tmp_path / "q")
+    assert loaded_recipe == recipe
+    with torch.inference_mode():
+        assert torch.equal(loaded(input_ids=IDS).logits, ref)
+    folder = qcompiler.save_compressed_tensors(model, tmp_path / "ct", recipe)
+    ct = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.inference_mode():
+        assert rel_err(ct(input_ids=IDS).logits.double(), ref.double()) < 1e-4
