@@ -3,7 +3,7 @@ inputs of the linears writing the residual stream go through ``qcompiler::hadama
 weights take ``D^T``. The float model computes the same logits (float64), the transform is in the traced
 graph on every target (the Triton target lowers it to its kernel), GPTQ / SmoothQuant / eager quantize see
 the rotated inputs, an outlier input channel of ``down_proj`` is spread, and outputs that cannot carry the
-transform (checkpoints, ONNX) refuse the model."""
+transform (compressed-tensors, ONNX) refuse the model; qcompiler's checkpoint records and restores it."""
 
 from __future__ import annotations
 
@@ -112,14 +112,25 @@ def test_recipe_names_json_and_mismatches():
         qcompiler.quantize(model, "w8a16+rot-online", progress=False)
 
 
+def test_qcompiler_checkpoint_keeps_the_online_transforms(tmp_path):
+    from qcompiler.runtime.serialization import load_quantized, save_quantized
+    recipe = get("w4a16-rtn+rot-online")
+    model = tiny_model("llama")
+    qcompiler.quantize(model, recipe, calibration=calibration_batches(), progress=False)
+    with torch.inference_mode():
+        ref = model(input_ids=IDS).logits
+    save_quantized(model, tmp_path / "q", recipe)
+    loaded, _ = load_quantized(tmp_path / "q")
+    assert sorted(online_modules(loaded)) == sorted(online_modules(model))
+    with torch.inference_mode():
+        assert torch.equal(loaded(input_ids=IDS).logits, ref)
+
+
 def test_outputs_that_cannot_carry_the_transform_refuse_the_model(tmp_path):
     model = tiny_model("llama")
     qcompiler.quantize(model, "w8a16+rot-online", calibration=calibration_batches(), progress=False)
     with pytest.raises(UnsupportedError, match="online Hadamard transform"):
         qcompiler.save_compressed_tensors(model, tmp_path / "ct", "w8a16+rot-online")
     assert not (tmp_path / "ct").exists()
-    from qcompiler.runtime.serialization import save_quantized
-    with pytest.raises(UnsupportedError, match="online Hadamard transform"):
-        save_quantized(model, tmp_path / "q", get("w8a16+rot-online"))
     with pytest.raises(UnsupportedError, match="online Hadamard"):
         qcompiler.export_onnx(tiny_model("llama"), "w4a16-rtn+rot-online", IDS, tmp_path / "m.onnx")

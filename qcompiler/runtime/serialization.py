@@ -61,8 +61,6 @@ def save_quantized(model: torch.nn.Module, path: str | Path, recipe: Recipe, *, 
     With ``recipe.kv_cache`` the model's KV-cache calibration is written too (``kv_cache.*``, see the
     module docstring); ``ValueError`` when it is missing for static scales or belongs to another spec.
     """
-    from qcompiler.core.online_rotation import refuse_online
-    refuse_online(model, "save_quantized")
     path = Path(path)
     layers = {}
     for fqn, m in model.named_modules():
@@ -81,6 +79,9 @@ def save_quantized(model: torch.nn.Module, path: str | Path, recipe: Recipe, *, 
             "source": source}
     if embeddings:
         meta["embeddings"] = json.dumps(embeddings)
+    online = _online_orders(model)
+    if online:
+        meta["online_hadamard"] = json.dumps(online)
     if kv_meta is not None:
         meta[_KV] = json.dumps(kv_meta)
     weights = path / WEIGHTS_FILE
@@ -168,8 +169,42 @@ def load_quantized(path: str | Path) -> tuple[torch.nn.Module, Recipe]:
                               f"unexpected {unexpected[:5]}")
     if kv_stats is not None:
         model.__dict__[KV_STATS_ATTR] = kv_stats      # read by qcompiler.kv_cache(model)
+    _restore_online(model, weights, meta.get("online_hadamard"))
     attach_loaded_report(model, recipe, f"qcompiler checkpoint {path}")
     return model, recipe
+
+
+def _online_orders(model: torch.nn.Module) -> dict[str, int]:
+    """{module: order} of the online Hadamard transforms on ``model``'s inputs (``rotate(..., online=True)``)."""
+    from qcompiler.core.online_rotation import OnlineHadamard, online_modules
+    orders = {}
+    for name in online_modules(model):
+        hooks = [h for h in model.get_submodule(name)._forward_pre_hooks.values() if isinstance(h, OnlineHadamard)]
+        if len(hooks) != 1:
+            raise ValueError(f"save_quantized: {name} has {len(hooks)} online Hadamard transforms; one is saved")
+        m, scale = hooks[0].h_block.shape[0], hooks[0].scale
+        orders[name] = round(scale ** -2)
+        from qcompiler.algorithms.hadamard import online_hadamard
+        block, _, _ = online_hadamard(orders[name])
+        if block.shape[0] != m or not torch.equal(block, hooks[0].h_block.cpu().float()):
+            raise ValueError(f"save_quantized: {name}'s online transform is not online_hadamard({orders[name]})")
+    return orders
+
+
+def _restore_online(model: torch.nn.Module, weights: Path, text: str | None) -> None:
+    """Put back the online transforms the checkpoint records (metadata ``online_hadamard``)."""
+    if not text:
+        return
+    from qcompiler.algorithms.hadamard import online_hadamard
+    from qcompiler.core.online_rotation import OnlineHadamard
+    try:
+        orders = json.loads(text)
+        for name, n in orders.items():
+            module = model.get_submodule(name)
+            block, _, scale = online_hadamard(int(n))
+            module.register_forward_pre_hook(OnlineHadamard(block, scale))
+    except (ValueError, AttributeError, TypeError) as e:
+        raise CheckpointError(f"{weights}: metadata 'online_hadamard' cannot be applied: {_one_line(e)}") from None
 
 
 _META_KEYS = ("format", "recipe", "layers")
