@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -153,7 +154,7 @@ def run_table(model_name: str, presets: list, protocol: Protocol | None = None, 
         s = evaluate.paired_prefill(model, runner, protocol.prefill_seq, vocab_size=vocab)
         return {"prefill_tok_s": s.tok_s, "speedup": s.speedup, "speedup_iqr": (s.low, s.high)}
 
-    rows = [Row("FP32", fp_ppl, weight_mb=fp_bytes / 1e6, prefill_tok_s=fp_speed)]
+    rows = _RowLog([Row("FP32", fp_ppl, weight_mb=fp_bytes / 1e6, prefill_tok_s=fp_speed)])
     facts["target"] = target
     float_variants = [("FP32 (inductor)", lambda: torch.compile(model, backend="inductor", dynamic=False))] \
         if target == "inductor" else []
@@ -195,7 +196,27 @@ def run_table(model_name: str, presets: list, protocol: Protocol | None = None, 
     if peers:
         rows += _torchao_rows(model, windows, fp_ppl, fp_bytes, speed_of, protocol, progress, facts)
     facts["load_end"] = _load()
-    return rows, facts
+    return list(rows), facts
+
+
+class _RowLog(list):
+    """The table's rows, each also logged (stderr) as it is measured, so a run stopped before the table is
+    written keeps the rows it finished."""
+
+    def __init__(self, rows):
+        super().__init__()
+        for r in rows:
+            self.append(r)
+
+    def append(self, row: Row) -> None:
+        super().append(row)
+        print(f"[row] {row.name}: ppl {row.ppl:.4f} ({row.delta_pct:+.2f}%), calib {row.calib_s:.0f} s",
+              file=sys.stderr, flush=True)
+
+    def __iadd__(self, rows):
+        for r in rows:
+            self.append(r)
+        return self
 
 
 def _onednn_gemm_backend(gm: torch.fx.GraphModule, example_inputs) -> torch.fx.GraphModule:
