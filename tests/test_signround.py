@@ -163,3 +163,30 @@ def test_signround_model_output_is_closer_to_float_than_its_start(arch, init):
         # tuning does not lower its calibration loss, so the result is never worse than GPTQ's
         assert err_sr <= err_rtn * (1 + 1e-6), (err_sr, err_rtn)
     assert f"signround from {init}, 60 steps" in str(qcompiler.report(q))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_block_tuner_starts_from_the_float_weights(arch, monkeypatch):
+    """Layer-by-layer calibration overwrites a block's parameters with their dequantized values before
+    tuning; the tuner must still get the float weights (a view of the parameter gave it the quantized ones)."""
+    model = tiny_model(arch)
+    floats = {n: p.detach().clone() for n, p in model.named_parameters()}
+    seen: dict[str, torch.Tensor] = {}
+    sr = SignRoundSpec(init="rtn", iters=1, batch_size=1)
+    found = weight_algorithms.algorithm_of(Recipe(name="sr", weight=SPECS["int4 g64 sym"], weight_algorithm=sr,
+                                                  layerwise=True))[0]
+
+    def spy(run, evaluate, linears, spec, spec_sr):
+        for fqn, lin in linears.items():
+            seen[fqn] = lin.weight.clone()
+        return {fqn: lin.init for fqn, lin in linears.items()}, "spy"
+
+    monkeypatch.setitem(weight_algorithms._ALGORITHMS, SignRoundSpec, dataclasses.replace(found, tune_block=spy))
+    recipe = Recipe(name="sr", weight=WeightSpec(QuantDtype.INT4, Granularity.PER_GROUP, group_size=32),
+                    weight_algorithm=sr, layerwise=True)
+    qcompiler.quantize(model, recipe, calibration=calibration_batches(), progress=False)
+    assert seen
+    for fqn, w in seen.items():
+        ref = floats[fqn + ".weight"]
+        ref = ref.t() if arch == "gpt2" else ref          # Conv1D stores [K, N]; the tuner gets [N, K]
+        assert torch.equal(w, ref.float()), fqn

@@ -32,7 +32,9 @@ from tqdm.auto import tqdm
 
 from qcompiler.core import layer_quant
 from qcompiler.algorithms import registry as weight_algorithms
-from qcompiler.calibration.statistics import LayerStats, StatsAccumulator, observe_linear_inputs, run_batches, validate_batches
+from qcompiler.calibration import distributed as dd
+from qcompiler.calibration.statistics import (LayerStats, StatsAccumulator, observe_linear_inputs, reduce_accumulators,
+                                              run_batches, validate_batches)
 from qcompiler.errors import CalibrationError
 from qcompiler.core.layer_quant import QuantizedWeight
 from qcompiler.recipes import Recipe
@@ -115,6 +117,8 @@ class LayerwiseCalibration:
         self.peak_state_bytes = 0      # largest one-block statistics (Hessians, samples) alive at once
         self.activation_bytes = 0      # captured block inputs (replayed per block)
         self.blocks_path = ""
+        self.world = dd.World()
+        self._source_rank = 0
 
     def check_vocabulary(self, model: torch.nn.Module) -> None:
         from qcompiler.calibration.statistics import CalibrationCache
@@ -128,6 +132,14 @@ class LayerwiseCalibration:
         self.blocks_path, blocks = find_decoder_blocks(model)
         hessian = weight_algorithms.needs_hessian(self.recipe)
         tuner = weight_algorithms.block_tuner(self.recipe)
+        world = self.world = dd.current_world()
+        if world.active and tuner is not None:
+            raise CalibrationError(f"recipe {self.recipe.name!r}: block tuning "
+                                   f"({type(tuner[1]).__name__}) does not run under torch.distributed yet "
+                                   f"({world.size} ranks); run it in one process")
+        # whole replay groups per rank: every block call computes on the same tensors at any rank count
+        local, offset = dd.shard_batches(self.batches, world, self.replay_batch)
+        progress = self.progress and world.is_writer
         inputs: list[tuple[tuple, dict]] = []
 
         def capture(module, args, kwargs):
@@ -138,25 +150,31 @@ class LayerwiseCalibration:
         h = blocks[0].register_forward_pre_hook(capture, with_kwargs=True)
         try:
             with observe_linear_inputs(model, self.samples_per_layer, len(self.batches), self.seed, hessian,
-                                       skip_prefix=block_prefix) as acc:
-                for b in self.batches:
+                                       skip_prefix=block_prefix, index_offset=offset) as acc:
+                for b in local:
                     try:
                         run_batches(_no_cache(model), [b], False)
                     except _StopForward:
                         pass
         finally:
             h.remove()
-        if len(inputs) != len(self.batches):
+        if len(inputs) != len(local):
             raise CalibrationError(f"layer-by-layer calibration: the first block ran on {len(inputs)} of "
-                                   f"{len(self.batches)} batches")
+                                   f"{len(local)} batches")
+        acc = reduce_accumulators(acc, world, "the layers before the first block", hessian)
         stats = {p: a.finish(self.samples_per_layer) for p, a in acc.items()}
         inputs = _merge_compatible(inputs, self.replay_batch)
+        # block calls (merged inputs) on each rank: this rank's first global call index, and the total
+        calls = dd.all_gather_objects(world, len(inputs), "gather of block-call counts", "the first block")
+        call_offset, n_calls = sum(calls[:world.rank]), sum(calls)
+        self._source_rank = next((r for r, c in enumerate(calls) if c), 0)
         originals: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
         try:
-            for i, block in enumerate(tqdm(blocks, desc="layer-by-layer", disable=not self.progress, leave=False)):
+            for i, block in enumerate(tqdm(blocks, desc="layer-by-layer", disable=not progress, leave=False)):
                 prefix = f"{block_prefix}{i}"
                 block_stats, keys, state, float_outputs = self._observe(block, prefix, inputs, hessian,
-                                                                        keep_outputs=tuner is not None)
+                                                                        keep_outputs=tuner is not None,
+                                                                        n_calls=n_calls, call_offset=call_offset)
                 self.peak_state_bytes = max(self.peak_state_bytes, state)
                 self.activation_bytes = max(self.activation_bytes, _tensor_bytes(inputs))
                 hooks, quantized = self._quantize_block(block, prefix, block_stats, keys, originals)
@@ -178,8 +196,9 @@ class LayerwiseCalibration:
         if "output_head" not in self.recipe.fallback.keep_op_kinds:
             # the output head is quantized: its inputs (after the last block) come from one float pass
             with observe_linear_inputs(model, self.samples_per_layer, len(self.batches), self.seed, hessian,
-                                       skip_prefix=block_prefix) as acc:
-                run_batches(_no_cache(model), self.batches, self.progress, desc="calibrating (after blocks)")
+                                       skip_prefix=block_prefix, index_offset=offset) as acc:
+                run_batches(_no_cache(model), local, progress, desc="calibrating (after blocks)")
+            acc = reduce_accumulators(acc, world, "the layers after the last block", hessian)
             stats.update({p: a.finish(self.samples_per_layer) for p, a in acc.items() if p not in stats})
         self.stats = stats
         self.seconds = time.perf_counter() - t0
@@ -188,19 +207,22 @@ class LayerwiseCalibration:
                  self.activation_bytes / 1e6)
         return stats
 
-    def _observe(self, block, prefix, inputs, hessian, keep_outputs: bool = False):
+    def _observe(self, block, prefix, inputs, hessian, keep_outputs: bool = False, n_calls: int | None = None,
+                 call_offset: int = 0):
         keys: dict[str, tuple] = {}
-        with observe_linear_inputs(block, self.samples_per_layer, len(inputs), self.seed, hessian, prefix) as acc:
+        with observe_linear_inputs(block, self.samples_per_layer, n_calls or len(inputs), self.seed, hessian, prefix,
+                                   index_offset=call_offset) as acc:
             first_inputs = _record_input_keys(block, prefix, keys)
             try:
                 outs = self._run_block(block, inputs)
             finally:
                 for hk in first_inputs:
                     hk.remove()
-            state = sum(_acc_bytes(a) for a in acc.values())
-            outputs = [_hidden_out(o) for o in outs] if keep_outputs else None
-            del outs
-            return {p: a.finish(self.samples_per_layer) for p, a in acc.items()}, keys, state, outputs
+        acc = reduce_accumulators(acc, self.world, f"block {prefix}", hessian)
+        state = sum(_acc_bytes(a) for a in acc.values())
+        outputs = [_hidden_out(o) for o in outs] if keep_outputs else None
+        del outs
+        return {p: a.finish(self.samples_per_layer) for p, a in acc.items()}, keys, state, outputs
 
     def _quantize_block(self, block, prefix, block_stats, keys, originals) -> list:
         recipe = self.recipe
@@ -218,15 +240,28 @@ class LayerwiseCalibration:
         hooks = []
         quantized: dict[str, tuple] = {}
         act = recipe.activation
-        for fqns in groups.values():
-            ws = [(m[1].t() if m[2] else m[1]).detach().float() for m in (modules[f] for f in fqns)]
-            st0 = block_stats[fqns[0]]
-            alpha, s = weight_algorithms.input_scale(st0, ws, recipe, ",".join(fqns))
-            for fqn, w in zip(fqns, ws):
-                st = weight_algorithms.scaled_stats(block_stats[fqn], s)
-                qw, note = weight_algorithms.quantize_linear(fqn, w if s is None else w * s[None, :], st, recipe)
-                self.results[fqn] = LayerResult(qw, s, alpha, note)
+        world = self.world
+        # the groups (linears sharing one input) as the first rank that ran inputs saw them; each group's
+        # work goes to one rank, by cost, and its results are broadcast from there
+        group_list = dd.broadcast_object(world, list(groups.values()), self._source_rank, "broadcast of the linear "
+                                         "groups", f"block {prefix}")
+        # copies: the parameters are overwritten with their dequantized values below, and a block tuner
+        # must start from the float weights
+        weights = {f: (m[1].t() if m[2] else m[1]).detach().float().clone() for f, m in modules.items()}
+        owners = dd.assign_by_cost([_group_cost([weights[f] for f in fqns]) for fqns in group_list], world)
+        own = {j: self._quantize_group(fqns, weights, block_stats)
+               for j, fqns in enumerate(group_list) if owners[j] == world.rank}
+        done = dict(own)
+        if world.active:
+            for r in range(world.size):
+                done.update(dd.broadcast_object(world, own if r == world.rank else None, r,
+                                                "broadcast of quantized weights", f"block {prefix}"))
+        for j, fqns in enumerate(group_list):
+            for fqn in fqns:
+                self.results[fqn] = result = done[j][fqn]
+                s = result.scale
                 module, param, transposed = modules[fqn]
+                qw, w = result.qweight, weights[fqn]
                 eff = qw.dequantize()
                 if s is not None:
                     eff = eff / s[None, :]
@@ -238,6 +273,18 @@ class LayerwiseCalibration:
                 if s is None:
                     quantized[fqn] = (param, transposed, w)
         return hooks, quantized
+
+    def _quantize_group(self, fqns: list[str], weights: dict, block_stats: dict) -> dict[str, LayerResult]:
+        """The weight algorithm on one group of linears reading the same input (AWQ's shared scale first)."""
+        recipe = self.recipe
+        ws = [weights[f] for f in fqns]
+        alpha, s = weight_algorithms.input_scale(block_stats[fqns[0]], ws, recipe, ",".join(fqns))
+        out = {}
+        for fqn, w in zip(fqns, ws):
+            st = weight_algorithms.scaled_stats(block_stats[fqn], s)
+            qw, note = weight_algorithms.quantize_linear(fqn, w if s is None else w * s[None, :], st, recipe)
+            out[fqn] = LayerResult(qw, s, alpha, note)
+        return out
 
     def _tune_block(self, block, prefix, index, inputs, targets, quantized, tuner) -> None:
         """Hand the block's quantized linears to the weight algorithm's block tuner (SignRound):
@@ -305,6 +352,13 @@ class LayerwiseCalibration:
             else:
                 new.append(((), {**kwargs, "hidden_states": hidden}))
         return new
+
+
+def _group_cost(weights: list[torch.Tensor]) -> float:
+    """Relative cost of quantizing linears that share an input of K channels (GPTQ: a K x K
+    factorization plus a sweep over N x K weights with K-wide updates)."""
+    k = weights[0].shape[1]
+    return float(k) ** 3 + float(sum(w.shape[0] for w in weights)) * k * k
 
 
 def _hidden(args, kwargs) -> torch.Tensor:

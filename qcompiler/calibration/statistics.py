@@ -13,6 +13,7 @@ import contextlib
 import logging
 import math
 import time
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 from qcompiler.errors import CalibrationError
 
 __all__ = ["LayerStats", "StatsAccumulator", "CalibrationCache", "validate_batches", "observe_linear_inputs",
+           "reduce_accumulators",
            "run_batches", "calibration_rows", "observe_tensors"]
 
 log = logging.getLogger(__name__)
@@ -41,12 +43,16 @@ class LayerStats:
 
 
 class StatsAccumulator:
-    """Accumulates ``LayerStats`` for one module from batches of input rows [M, K]."""
+    """Accumulates ``LayerStats`` for one module from batches of input rows [M, K].
+
+    Sums (|x| per channel, ``X^T X``) are kept in float64: each call adds a float32 term, and float64
+    sums of such terms do not depend on their order in practice, so statistics reduced over any number
+    of ranks (``reduce``) equal a single process's."""
 
     def __init__(self, k: int, device, hessian: bool):
         self.absmax = torch.zeros(k, device=device)
         self.abssum = torch.zeros(k, device=device, dtype=torch.float64)
-        self.xtx = torch.zeros(k, k, device=device) if hessian else None
+        self.xtx = torch.zeros(k, k, device=device, dtype=torch.float64) if hessian else None
         self.samples: list[torch.Tensor] = []
         self.tokens = 0
 
@@ -54,7 +60,7 @@ class StatsAccumulator:
         torch.maximum(self.absmax, rows.abs().amax(0), out=self.absmax)
         self.abssum += rows.abs().sum(0, dtype=torch.float64)
         if self.xtx is not None:
-            self.xtx += xtx if xtx is not None else rows.t() @ rows
+            self.xtx += xtx if xtx is not None else rows.t() @ rows      # float32 term, float64 sum
         self.samples.append(rows[sample_idx.to(rows.device)].cpu())
         self.tokens += rows.shape[0]
 
@@ -62,7 +68,46 @@ class StatsAccumulator:
         n = max(self.tokens, 1)
         return LayerStats(self.absmax.cpu(), torch.cat(self.samples)[:max_samples], self.tokens,
                           (self.abssum / n).float().cpu(),
-                          None if self.xtx is None else (self.xtx * (2.0 / n)).cpu())
+                          None if self.xtx is None else (self.xtx * (2.0 / n)).float().cpu())
+
+    def reduce(self, world, where: str) -> None:
+        """Combine this accumulator with the same module's on every rank of ``world`` (a
+        ``qcompiler.calibration.distributed.World``): max, sums, token counts, and the sampled rows
+        in rank order (= global batch order, the shards being contiguous)."""
+        from qcompiler.calibration import distributed as dd
+        if not world.active:
+            return
+        dd.all_reduce_(world, self.absmax, "max", "all-reduce of |x| maxima", where)
+        dd.all_reduce_(world, self.abssum, "sum", "all-reduce of |x| sums", where)
+        if self.xtx is not None:
+            dd.all_reduce_(world, self.xtx, "sum", "all-reduce of the Hessian X^T X", where)
+        tokens = torch.tensor([self.tokens], dtype=torch.int64)
+        self.tokens = int(dd.all_reduce_(world, tokens, "sum", "all-reduce of token counts", where))
+        gathered = dd.all_gather_objects(world, [s.cpu() for s in self.samples], "gather of sampled rows", where)
+        self.samples = [s for rank_samples in gathered for s in rank_samples]
+
+
+def reduce_accumulators(acc: dict[str, "StatsAccumulator"], world, where: str,
+                        hessian: bool) -> dict[str, "StatsAccumulator"]:
+    """``StatsAccumulator.reduce`` for every module any rank observed (a rank with no batches, or whose
+    batches never reached a module, contributes empty statistics); returns the accumulators in one order
+    on every rank (first seen on rank 0, then on rank 1, ...). Without a process group: ``acc``."""
+    if not world.active:
+        return acc
+    from qcompiler.calibration import distributed as dd
+    shapes = {path: a.absmax.shape[0] for path, a in acc.items()}
+    union: dict[str, int] = {}
+    for rank_shapes in dd.all_gather_objects(world, shapes, "gather of observed modules", where):
+        for path, k in rank_shapes.items():
+            if union.setdefault(path, k) != k:
+                raise dd.DistributedCalibrationError(f"{where}: module {path} has {k} input channels on one rank and "
+                                                     f"{union[path]} on another: the ranks run different models")
+    device = next((a.absmax.device for a in acc.values()), torch.device("cpu"))
+    out = {}
+    for path, k in union.items():
+        out[path] = acc.get(path) or StatsAccumulator(k, device, hessian)
+        out[path].reduce(world, f"{where}, {path}")
+    return out
 
 
 def validate_batches(batches: Iterable) -> list:
@@ -142,10 +187,15 @@ class CalibrationCache:
     def collect(self, model: torch.nn.Module) -> dict[str, LayerStats]:
         if self.stats is not None:
             return self.stats
+        from qcompiler.calibration.distributed import current_world, shard_batches
         self.check_vocabulary(model)
         t0 = time.perf_counter()
-        with observe_linear_inputs(model, self.samples_per_layer, len(self.batches), self.seed, self.hessian) as acc:
-            run_batches(model, self.batches, self.progress)
+        world = current_world()
+        local, offset = shard_batches(self.batches, world)   # all of them without a process group
+        with observe_linear_inputs(model, self.samples_per_layer, len(self.batches), self.seed, self.hessian,
+                                   index_offset=offset) as acc:
+            run_batches(model, local, self.progress and world.is_writer)
+        acc = reduce_accumulators(acc, world, "calibration", self.hessian)
         self.stats = {path: a.finish(self.samples_per_layer) for path, a in acc.items()}
         self.seconds = time.perf_counter() - t0
         log.info("calibration: %d batches, %d modules observed in %.1f s", len(self.batches), len(self.stats),
@@ -183,17 +233,27 @@ def observe_tensors(model: torch.nn.Module, batches: list, observers: Mapping[st
     return {name: obs.result() for name, obs in observers.items()}
 
 
+def _sample_seed(seed: int, call: int, path: str) -> int:
+    """A generator seed for one module's one call, the same in every process (no Python ``hash``)."""
+    return zlib.crc32(f"{seed}:{call}:{path}".encode())
+
+
 class observe_linear_inputs:
     """Context manager: forward pre-hooks on every module owning a 2-D float parameter (under
     ``root``, paths prefixed by ``prefix``) that accumulate its first float input's statistics.
     Yields ``{module path: StatsAccumulator}``. Inputs shared by several modules (q/k/v after one
-    norm) have their ``x^T x`` computed once per call."""
+    norm) have their ``x^T x`` computed once per call.
+
+    ``n_batches`` calls in all (over every rank) share ``samples_per_layer`` sampled rows; the rows of a
+    module's i-th call are drawn by a generator keyed on ``(seed, index_offset + i, module path)``, so a
+    rank whose shard starts at global call ``index_offset`` samples the rows a single process would."""
 
     def __init__(self, root: torch.nn.Module, samples_per_layer: int, n_batches: int, seed: int = 0,
-                 hessian: bool = False, prefix: str = "", skip_prefix: str | None = None):
+                 hessian: bool = False, prefix: str = "", skip_prefix: str | None = None, index_offset: int = 0):
         self.root, self.prefix, self.hessian, self.skip_prefix = root, prefix, hessian, skip_prefix
         self.per_batch = max(1, math.ceil(samples_per_layer / max(n_batches, 1)))
-        self.gen = torch.Generator().manual_seed(seed)
+        self.seed, self.index_offset = seed, index_offset
+        self.calls: dict[str, int] = {}
         self.acc: dict[str, StatsAccumulator] = {}
         self.handles: list = []
         self._shared: dict = {}
@@ -216,7 +276,10 @@ class observe_linear_inputs:
                 if self._shared.get("x") is not x:
                     self._shared = {"x": x, "xtx": rows.t() @ rows}
                 xtx = self._shared["xtx"]
-            idx = torch.randperm(rows.shape[0], generator=self.gen)[: self.per_batch]
+            call = self.calls.get(path, 0)
+            self.calls[path] = call + 1
+            gen = torch.Generator().manual_seed(_sample_seed(self.seed, self.index_offset + call, path))
+            idx = torch.randperm(rows.shape[0], generator=gen)[: self.per_batch]
             st.add(rows, idx, xtx)
         return hook
 

@@ -78,8 +78,6 @@ def _calibration(args, tok, protocol: bench.Protocol) -> list[torch.Tensor]:
 
 
 def _cmd_quantize(args) -> int:
-    from qcompiler.api import quantize, report
-    from qcompiler.runtime.serialization import save_quantized
     recipe = recipes.Recipe.from_json(Path(args.recipe).read_text()) if args.recipe.endswith(".json") \
         else recipes.get(args.recipe)
     if args.no_calibration and recipe.requires_calibration:
@@ -88,6 +86,18 @@ def _cmd_quantize(args) -> int:
     if args.format == "compressed-tensors":   # refuse what the format cannot hold before quantizing
         from qcompiler.export.compressed_tensors import check_recipe
         check_recipe(recipe)
+    from qcompiler.calibration.distributed import init_from_environment
+    world = init_from_environment(args.dist_timeout)    # under torchrun: one rank of the calibration
+    try:
+        return _quantize_and_save(args, recipe, world)
+    finally:
+        if world.active:
+            torch.distributed.destroy_process_group()
+
+
+def _quantize_and_save(args, recipe, world) -> int:
+    from qcompiler.api import quantize, report
+    from qcompiler.runtime.serialization import save_quantized
     protocol = _protocol(args)
     model, tok = models.load_model(args.model)
     calib = _calibration(args, tok, protocol) if recipe.needs_calibration and not args.no_calibration else None
@@ -98,13 +108,18 @@ def _cmd_quantize(args) -> int:
             raise
         raise CalibrationError(f"{e}; on the command line: --no-calibration") from None
     rep = report(model)
+    if not world.is_writer:      # every rank holds the same quantized model; rank 0 writes it
+        torch.distributed.barrier()
+        return 0
     if args.format == "compressed-tensors":
         from qcompiler.export.compressed_tensors import save_compressed_tensors
         saved = save_compressed_tensors(model, args.out, recipe, tokenizer=tok, overwrite=True, report=rep)
     else:
         saved = save_quantized(model, args.out, recipe, tokenizer=tok, report=rep, source=args.model)
     print(rep.summary())
-    print(f"saved {saved}")
+    print(f"saved {saved}" + (f" (calibrated on {world.size} ranks)" if world.active else ""))
+    if world.active:
+        torch.distributed.barrier()
     return 0
 
 
@@ -227,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-calibration", action="store_true",
                    help="quantize without calibration data, for recipes that can (`qcompiler recipes` marks them): "
                         "optional GPTQ and the sensitivity fallback are skipped with a warning")
+    q.add_argument("--dist-timeout", type=float, default=1800.0, metavar="S",
+                   help="under torchrun (`torchrun --nproc-per-node N -m qcompiler quantize ...`): seconds a rank waits "
+                        "for the others at a collective before the job stops with an error naming the layer "
+                        "(default 1800)")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=_cmd_quantize)
 

@@ -1,0 +1,199 @@
+"""Calibration on torch.distributed (``qcompiler.calibration.distributed``): the same statistics and the
+same quantized weights at 1, 2 and 4 ranks, and a clear error when a rank dies.
+
+Ranks are processes spawned here with the gloo backend on CPU (NCCL takes the same code path)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from qcompiler import recipes
+from qcompiler.calibration import distributed as dd
+from qcompiler.calibration.layerwise import LayerwiseCalibration
+from qcompiler.calibration.statistics import CalibrationCache
+from qcompiler.errors import CalibrationError
+from qcompiler.tools import models
+from tiny_models import tiny_model, token_batches
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+
+
+# --- pure helpers ---------------------------------------------------------------------------------------
+
+def test_shards_are_contiguous_balanced_and_cover_every_batch_once():
+    batches = list(range(37))
+    for size in (1, 2, 3, 4, 8, 64):
+        for unit in (1, 4, 8):
+            got = []
+            for rank in range(size):
+                shard, start = dd.shard_batches(batches, dd.World(rank, size), unit)
+                assert shard == batches[start:start + len(shard)]
+                assert start % unit == 0
+                got += shard
+            assert got == batches, (size, unit)
+
+
+def test_work_assignment_balances_cost_and_is_deterministic():
+    costs = [9.0, 1.0, 1.0, 4.0, 4.0, 1.0]
+    owners = dd.assign_by_cost(costs, dd.World(0, 2))
+    assert owners == dd.assign_by_cost(costs, dd.World(1, 2))
+    loads = [sum(c for c, o in zip(costs, owners) if o == r) for r in range(2)]
+    assert sorted(loads) == [10.0, 10.0]
+    assert dd.assign_by_cost(costs, dd.World()) == [0] * len(costs)
+
+
+def test_no_process_group_is_one_rank():
+    assert dd.current_world() == dd.World(0, 1) and not dd.current_world().active
+
+
+# --- spawned ranks --------------------------------------------------------------------------------------
+
+def _model(source: str) -> torch.nn.Module:
+    if source == "stories260K":
+        return models.load_model("stories260K")[0]
+    return tiny_model(source)
+
+
+def _batches(source: str) -> list[torch.Tensor]:
+    vocab = 512 if source == "stories260K" else 256
+    return [b % vocab for b in token_batches(16, 48, seed=3)]
+
+
+def _calibrate(source: str, preset: str) -> dict:
+    """Quantized weights (layer by layer) or statistics (one pass) of ``preset`` on ``source``."""
+    recipe = recipes.resolve(preset)
+    model = _model(source)
+    if recipe.layerwise:
+        cal = LayerwiseCalibration(_batches(source), recipe, progress=False, replay_batch=4)
+        cal.collect(model)
+        return {f: (r.qweight.q, r.qweight.scale, r.qweight.zero, r.scale) for f, r in cal.results.items()}
+    cal = CalibrationCache(_batches(source), recipe.samples_per_layer, progress=False, hessian=True)
+    return {f: (s.absmax, s.samples, s.tokens, s.absmean, s.hessian) for f, s in cal.collect(model).items()}
+
+
+def _rank_main(rank: int, size: int, store: str, source: str, preset: str, out: str, die: int,
+               hang: bool = False) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=size,
+                                         timeout=datetime.timedelta(seconds=8 if hang else 60))
+    try:
+        if rank == die:
+            from qcompiler.calibration.layerwise import LayerwiseCalibration as LC
+            real = LC._observe
+
+            def observe_then_die(self, block, prefix, *args, **kwargs):
+                if prefix.endswith(".1"):
+                    if hang:
+                        time.sleep(25)   # a rank that hangs past the 8 s timeout in block 1
+                    os._exit(3)          # a rank that dies in the middle of block 1
+                return real(self, block, prefix, *args, **kwargs)
+            LC._observe = observe_then_die
+        try:
+            result = _calibrate(source, preset)
+        except CalibrationError as e:
+            torch.save({"error": str(e), "type": type(e).__name__}, f"{out}.{rank}")
+            return
+        torch.save(result, f"{out}.{rank}")
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _run_ranks(tmp_path: Path, size: int, source: str, preset: str, die: int = -1, hang: bool = False) -> list:
+    """Run ``size`` ranks to the end (each joined on its own: a dead rank does not kill the others);
+    each rank's result, or None for a rank that wrote none."""
+    store, out = tmp_path / f"store{size}", tmp_path / f"out{size}"
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_rank_main, args=(r, size, str(store), source, preset, str(out), die, hang))
+             for r in range(size)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+        if p.is_alive():
+            p.kill()
+            pytest.fail(f"a rank did not finish in 300 s (preset {preset}, {size} ranks)")
+    codes = [p.exitcode for p in procs]
+    assert all(c == 0 for r, c in enumerate(codes) if r != die), codes
+    return [torch.load(f"{out}.{r}", weights_only=False) if Path(f"{out}.{r}").exists() else None
+            for r in range(size)]
+
+
+def _assert_identical(a: dict, b: dict) -> None:
+    assert list(a) == list(b)
+    for fqn in a:
+        for x, y in zip(a[fqn], b[fqn]):
+            if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+                assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y), fqn
+            else:
+                assert x == y, fqn
+
+
+@pytest.mark.parametrize("source,preset,sizes", [
+    ("llama", "w4a16-gptq", (2, 4)),           # Hessians reduced, GPTQ groups spread over ranks
+    ("llama", "w4a16-awq", (2,)),              # sampled rows gathered in batch order, AWQ scale search
+    ("gpt2", "w4a16-gptq", (2,)),              # Conv1D weights stored [K, N]
+    ("llama", "w8a8-int8-sq", (2,)),           # one calibration pass (no layer-by-layer): statistics
+])
+def test_results_are_bit_identical_at_any_number_of_ranks(tmp_path, source, preset, sizes):
+    torch.set_num_threads(1)
+    single = _calibrate(source, preset)
+    for size in sizes:
+        ranks = _run_ranks(tmp_path, size, source, preset)
+        for r, got in enumerate(ranks):
+            _assert_identical(single, got)
+
+
+@pytest.mark.skipif(models.shared_dir() is None, reason="../shared (stories260K) not found; CI provides it")
+def test_stories260k_gptq_is_bit_identical_on_two_ranks(tmp_path):
+    torch.set_num_threads(1)
+    single = _calibrate("stories260K", "w4a16-gptq")
+    rank0, rank1 = _run_ranks(tmp_path, 2, "stories260K", "w4a16-gptq")
+    _assert_identical(single, rank0)
+    _assert_identical(single, rank1)
+
+
+@pytest.mark.parametrize("hang", [False, True], ids=["dies", "hangs"])
+def test_a_rank_that_dies_or_hangs_stops_the_others_with_an_error_naming_the_layer(tmp_path, hang):
+    ranks = _run_ranks(tmp_path, 2, "llama", "w4a16-gptq", die=1, hang=hang)
+    assert ranks[1] is None                          # the dead rank wrote nothing
+    err = ranks[0]["error"]
+    assert ranks[0]["type"] == "DistributedCalibrationError"
+    assert "rank 0 of 2" in err and "block model.layers.1" in err and "Nothing was written" in err, err
+
+
+def test_block_tuning_is_refused_under_a_process_group(tmp_path):
+    for r in _run_ranks(tmp_path, 2, "llama", "w4a16-signround"):
+        assert r["type"] == "CalibrationError" and "does not run under torch.distributed" in r["error"], r
+
+
+@pytest.mark.skipif(models.shared_dir() is None, reason="../shared (stories260K) not found; CI provides it")
+def test_torchrun_quantize_writes_the_single_process_checkpoint(tmp_path):
+    """``torchrun --nproc-per-node 2 -m qcompiler quantize``: rank 0 writes a checkpoint whose tensors equal
+    those of the same command in one process."""
+    import subprocess
+    import sys
+    from safetensors.torch import load_file
+    from qcompiler.runtime.serialization import WEIGHTS_FILE
+    common = ["-m", "qcompiler", "quantize", "--model", "stories260K", "--recipe", "w4a16-gptq",
+              "--calib-samples", "16", "--calib-seq", "128", "-q"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one")], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--standalone", *common, "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count("saved ") == 1 and "(calibrated on 2 ranks)" in two.stdout, two.stdout[-2000:]
+    a, b = load_file(tmp_path / "one" / WEIGHTS_FILE), load_file(tmp_path / "two" / WEIGHTS_FILE)
+    assert a.keys() == b.keys() and any("layers.4" in k for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
