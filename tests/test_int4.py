@@ -171,7 +171,8 @@ def test_layerwise_bounds_calibration_state_and_feeds_quantized_inputs():
     recipe = recipes.get("w4a16-gptq")
     whole = CalibrationCache(calib, recipe.samples_per_layer, progress=False, hessian=True).collect(model)
     blocks_path, _ = find_decoder_blocks(model)
-    whole_bytes = sum(s.hessian.numel() * 4 + s.samples.numel() * 4 for f, s in whole.items()
+    # accumulated as they are held during calibration: X^T X in float64, sampled rows in float32
+    whole_bytes = sum(s.hessian.numel() * 8 + s.samples.numel() * 4 for f, s in whole.items()
                       if f.startswith(blocks_path + "."))
     lw = LayerwiseCalibration(calib, recipe, progress=False)
     stats = lw.collect(model)
