@@ -215,6 +215,21 @@ def test_a_bug_keeps_its_traceback(monkeypatch, tmp_path):
         main(["quantize", "--model", "tiny", "--recipe", "w4a16-rtn", "--out", str(tmp_path / "q")])
 
 
+def test_a_failed_collective_prints_its_line_and_leaves_at_once(monkeypatch, tmp_path, capsys):
+    """After a peer rank died the process must not run the interpreter's teardown (gloo can abort in it,
+    NCCL hang): the error line is printed, then ``os._exit(2)``."""
+    from qcompiler.calibration.distributed import DistributedCalibrationError
+    from qcompiler.tools import cli
+
+    def peer_died(name, **kw):
+        raise DistributedCalibrationError("rank 0 of 2: all_reduce at block model.layers.1 failed (peer gone)")
+    exits = []
+    monkeypatch.setattr(models, "load_model", peer_died)
+    monkeypatch.setattr(cli.os, "_exit", lambda code: exits.append(code))
+    assert main(["quantize", "--model", "tiny", "--recipe", "w4a16-rtn", "--out", str(tmp_path / "q")]) == 2
+    assert exits == [2] and "block model.layers.1" in _one_error_line(capsys)
+
+
 @pytest.fixture(scope="module")
 def saved_tiny(tmp_path_factory):
     recipe = Recipe(name="w8", weight=recipes.WeightSpec())

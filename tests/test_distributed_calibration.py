@@ -99,6 +99,8 @@ def _rank_main(rank: int, size: int, store: str, source: str, preset: str, out: 
             result = _calibrate(source, preset)
         except CalibrationError as e:
             torch.save({"error": str(e), "type": type(e).__name__}, f"{out}.{rank}")
+            if isinstance(e, dd.DistributedCalibrationError):
+                os._exit(0)   # as the CLI does: gloo can abort the teardown of a process whose peer died
             return
         torch.save(result, f"{out}.{rank}")
     finally:

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import safetensors
 import torch
 
 from qcompiler import recipes
+from qcompiler.calibration.distributed import DistributedCalibrationError
 from qcompiler.tools import bench, data, evaluate, models
 from qcompiler.errors import CalibrationError, QCompilerError
 
@@ -88,11 +90,10 @@ def _cmd_quantize(args) -> int:
         check_recipe(recipe)
     from qcompiler.calibration.distributed import init_from_environment
     world = init_from_environment(args.dist_timeout)    # under torchrun: one rank of the calibration
-    try:
-        return _quantize_and_save(args, recipe, world)
-    finally:
-        if world.active:
-            torch.distributed.destroy_process_group()
+    code = _quantize_and_save(args, recipe, world)
+    if world.active:     # not after a failed collective: tearing down a group that lost a peer can hang (NCCL)
+        torch.distributed.destroy_process_group()
+    return code
 
 
 def _quantize_and_save(args, recipe, world) -> int:
@@ -306,7 +307,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             log.info("details of the error below", exc_info=e)
         print(f"qcompiler: error: {' '.join(str(err).split())}", file=sys.stderr)
+        if isinstance(err, DistributedCalibrationError):
+            _exit_now(2)
         return 2
+
+
+def _exit_now(code: int) -> None:
+    """Leave at once with ``code``: after a peer rank died, gloo can abort the interpreter's teardown
+    (``terminate called without an active exception``, status -6) and NCCL can hang in it, either of which
+    would hide the one-line error and its status."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _user_error(e: BaseException) -> BaseException | None:
