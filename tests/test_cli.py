@@ -148,6 +148,37 @@ def test_fp8_dynamic_with_too_little_calibration_says_rows_and_no_calibration(ti
     assert not (tmp_path / "q").exists()
 
 
+def test_block_checkpoints_resume_to_the_same_checkpoint(tiny_cli, tmp_path):
+    """``--block-checkpoints DIR``: one file per decoder block; the same command again reads them all
+    (no block recomputed) and writes the same weights."""
+    from safetensors.torch import load_file
+    from qcompiler.calibration.layerwise import LayerwiseCalibration
+    from qcompiler.runtime.serialization import WEIGHTS_FILE
+    text, _ = tiny_cli
+    argv = ["--recipe", "w4a16-gptq", "--calib-samples", "2", "--calib-seq", "128",
+            "--block-checkpoints", str(tmp_path / "blocks")]
+    assert main(_quantize_argv(text, tmp_path / "a", *argv)) == 0
+    assert len(list((tmp_path / "blocks").glob("block-*.safetensors"))) == 2
+    observed = []
+    real = LayerwiseCalibration._observe
+    try:
+        LayerwiseCalibration._observe = lambda self, block, prefix, *a, **k: observed.append(prefix) or \
+            real(self, block, prefix, *a, **k)
+        assert main(_quantize_argv(text, tmp_path / "b", *argv)) == 0
+    finally:
+        LayerwiseCalibration._observe = real
+    assert observed == []
+    a, b = load_file(tmp_path / "a" / WEIGHTS_FILE), load_file(tmp_path / "b" / WEIGHTS_FILE)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_block_checkpoints_refused_for_a_one_pass_recipe(tiny_cli, tmp_path, capsys):
+    text, _ = tiny_cli
+    argv = _quantize_argv(text, tmp_path / "q", "--recipe", "w8a8-int8-sq", "--block-checkpoints", str(tmp_path / "b"))
+    assert main(argv) == 2
+    assert "calibrates in one pass, not layer by layer" in _one_error_line(capsys)
+
+
 def test_fp8_dynamic_with_one_calibration_sample_runs_gptq(tiny_cli, tmp_path, capsys):
     """--calib-samples 1 is one sequence of --calib-seq (512) tokens: GPTQ's 128 rows are there."""
     text, _ = tiny_cli

@@ -66,12 +66,12 @@ def _batches(source: str) -> list[torch.Tensor]:
     return [b % vocab for b in token_batches(16, 48, seed=3)]
 
 
-def _calibrate(source: str, preset: str) -> dict:
+def _calibrate(source: str, preset: str, ckpt: str | None = None) -> dict:
     """Quantized weights (layer by layer) or statistics (one pass) of ``preset`` on ``source``."""
     recipe = recipes.resolve(preset)
     model = _model(source)
     if recipe.layerwise:
-        cal = LayerwiseCalibration(_batches(source), recipe, progress=False, replay_batch=4)
+        cal = LayerwiseCalibration(_batches(source), recipe, progress=False, replay_batch=4, checkpoint_dir=ckpt)
         cal.collect(model)
         return {f: (r.qweight.q, r.qweight.scale, r.qweight.zero, r.scale) for f, r in cal.results.items()}
     cal = CalibrationCache(_batches(source), recipe.samples_per_layer, progress=False, hessian=True)
@@ -79,7 +79,7 @@ def _calibrate(source: str, preset: str) -> dict:
 
 
 def _rank_main(rank: int, size: int, store: str, source: str, preset: str, out: str, die: int,
-               hang: bool = False) -> None:
+               hang: bool = False, ckpt: str | None = None) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=size,
                                          timeout=datetime.timedelta(seconds=8 if hang else 60))
@@ -96,7 +96,7 @@ def _rank_main(rank: int, size: int, store: str, source: str, preset: str, out: 
                 return real(self, block, prefix, *args, **kwargs)
             LC._observe = observe_then_die
         try:
-            result = _calibrate(source, preset)
+            result = _calibrate(source, preset, ckpt)
         except CalibrationError as e:
             torch.save({"error": str(e), "type": type(e).__name__}, f"{out}.{rank}")
             if isinstance(e, dd.DistributedCalibrationError):
@@ -108,12 +108,13 @@ def _rank_main(rank: int, size: int, store: str, source: str, preset: str, out: 
             torch.distributed.destroy_process_group()
 
 
-def _run_ranks(tmp_path: Path, size: int, source: str, preset: str, die: int = -1, hang: bool = False) -> list:
+def _run_ranks(tmp_path: Path, size: int, source: str, preset: str, die: int = -1, hang: bool = False,
+               ckpt: str | None = None) -> list:
     """Run ``size`` ranks to the end (each joined on its own: a dead rank does not kill the others);
     each rank's result, or None for a rank that wrote none."""
     store, out = tmp_path / f"store{size}", tmp_path / f"out{size}"
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_rank_main, args=(r, size, str(store), source, preset, str(out), die, hang))
+    procs = [ctx.Process(target=_rank_main, args=(r, size, str(store), source, preset, str(out), die, hang, ckpt))
              for r in range(size)]
     for p in procs:
         p.start()
@@ -169,6 +170,30 @@ def test_a_rank_that_dies_or_hangs_stops_the_others_with_an_error_naming_the_lay
     err = ranks[0]["error"]
     assert ranks[0]["type"] == "DistributedCalibrationError"
     assert "rank 0 of 2" in err and "block model.layers.1" in err and "Nothing was written" in err, err
+
+
+def test_two_ranks_resume_a_single_process_run_stopped_after_block_0(tmp_path):
+    """Block results saved by one process (stopped when block 1 started) are taken by 2 ranks, which
+    compute the rest: the result equals one uninterrupted process's."""
+    torch.set_num_threads(1)
+    single = _calibrate("llama", "w4a16-gptq")
+    real = LayerwiseCalibration._observe
+
+    def stop_at_block_1(self, block, prefix, *args, **kwargs):
+        if prefix.endswith(".1"):
+            raise KeyboardInterrupt
+        return real(self, block, prefix, *args, **kwargs)
+    folder = tmp_path / "blocks"
+    LayerwiseCalibration._observe = stop_at_block_1
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _calibrate("llama", "w4a16-gptq", str(folder))
+    finally:
+        LayerwiseCalibration._observe = real
+    assert [p.name for p in folder.glob("block-*")] == ["block-00000.safetensors"]
+    for got in _run_ranks(tmp_path, 2, "llama", "w4a16-gptq", ckpt=str(folder)):
+        _assert_identical(single, got)
+    assert len(list(folder.glob("block-*"))) == 2    # the tiny llama's 2 blocks, the second by rank 0
 
 
 def test_block_tuning_is_refused_under_a_process_group(tmp_path):

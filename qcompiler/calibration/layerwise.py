@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import os
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -104,8 +105,11 @@ class LayerwiseCalibration:
     linear's quantized weight."""
 
     def __init__(self, batches: Iterable, recipe: Recipe, seed: int = 0, progress: bool = True,
-                 replay_batch: int = 8):
+                 replay_batch: int = 8, checkpoint_dir: str | os.PathLike | None = None):
         self.batches = validate_batches(batches)
+        # each completed block's results are saved here; a rerun resumes after the last one (resume.py)
+        self.checkpoint_dir = checkpoint_dir
+        self.resumed_blocks = 0
         self.replay_batch = replay_batch   # captured inputs replayed per block in groups of this many
         self.recipe = recipe
         self.samples_per_layer = recipe.samples_per_layer
@@ -169,9 +173,21 @@ class LayerwiseCalibration:
         call_offset, n_calls = sum(calls[:world.rank]), sum(calls)
         self._source_rank = next((r for r, c in enumerate(calls) if c), 0)
         originals: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        ckpt, resume_at = self._open_checkpoints(model, len(blocks))
         try:
             for i, block in enumerate(tqdm(blocks, desc="layer-by-layer", disable=not progress, leave=False)):
                 prefix = f"{block_prefix}{i}"
+                if i < resume_at:     # completed by an earlier run: its saved weights, then its outputs
+                    results, block_stats = ckpt.load(i, LayerResult)
+                    hooks = self._restore_block(block, prefix, results, originals)
+                    try:
+                        inputs = self._propagate(block, inputs)
+                    finally:
+                        for hk in hooks:
+                            hk.remove()
+                    self.results.update(results)
+                    stats.update(block_stats)
+                    continue
                 block_stats, keys, state, float_outputs = self._observe(block, prefix, inputs, hessian,
                                                                         keep_outputs=tuner is not None,
                                                                         n_calls=n_calls, call_offset=call_offset)
@@ -189,6 +205,8 @@ class LayerwiseCalibration:
                 for fqn, st in block_stats.items():
                     st.hessian = None    # done with this block: keep the bounded part only
                     stats[fqn] = st
+                if ckpt is not None:
+                    ckpt.save(i, {f: r for f, r in self.results.items() if f.startswith(prefix + ".")}, block_stats)
         finally:
             with torch.no_grad():
                 for p, orig in originals:
@@ -206,6 +224,50 @@ class LayerwiseCalibration:
                  "+ activations %.1f MB", len(blocks), len(self.results), self.seconds, self.peak_state_bytes / 1e6,
                  self.activation_bytes / 1e6)
         return stats
+
+    def _open_checkpoints(self, model, n_blocks: int):
+        """The per-block checkpoint folder (or None) and the number of blocks to take from it: the
+        blocks every rank finds saved."""
+        if self.checkpoint_dir is None:
+            return None, 0
+        from qcompiler.calibration.resume import BlockCheckpoints, fingerprint
+        ckpt = BlockCheckpoints(self.checkpoint_dir,
+                                fingerprint(model, self.recipe, self.batches, self.seed, self.replay_batch),
+                                writer=self.world.is_writer)
+        if self.world.active:     # the writer creates the folder and its manifest before anyone reads it
+            dd.collective(self.world, "barrier", "the checkpoint folder", torch.distributed.barrier)
+        found = dd.all_gather_objects(self.world, ckpt.completed(n_blocks), "gather of completed blocks",
+                                      "the checkpoint folder")
+        self.resumed_blocks = min(found)
+        if self.resumed_blocks:
+            log.info("layer-by-layer calibration: resuming after block %d of %d from %s", self.resumed_blocks,
+                     n_blocks, self.checkpoint_dir)
+        return ckpt, self.resumed_blocks
+
+    def _restore_block(self, block, prefix, results: dict, originals: list) -> list:
+        """Put a completed block's saved weights in place (as ``_quantize_block`` did); its hooks."""
+        hooks = []
+        for fqn, result in results.items():
+            module = block.get_submodule(fqn[len(prefix) + 1:])
+            found = _weight_orientation(module, result.qweight.shape[1])
+            if found is None:
+                raise CalibrationError(f"layer-by-layer checkpoint: {fqn} is no longer a linear of "
+                                       f"{result.qweight.shape[1]} input channels")
+            hooks += self._install(module, *found, result, originals)
+        return hooks
+
+    def _install(self, module, param, transposed: bool, result: LayerResult, originals: list) -> list:
+        """Overwrite ``param`` with ``result``'s dequantized weight (keeping the original in ``originals``);
+        the hook that fake-quantizes a dynamic activation, if any."""
+        s = result.scale
+        eff = result.qweight.dequantize()
+        if s is not None:
+            eff = eff / s[None, :]
+        originals.append((param, param.detach().clone()))
+        with torch.no_grad():
+            param.copy_((eff.t() if transposed else eff).to(param.dtype))
+        act = self.recipe.activation
+        return [module.register_forward_pre_hook(_fake_quant_input(act, s))] if act is not None and act.dynamic else []
 
     def _observe(self, block, prefix, inputs, hessian, keep_outputs: bool = False, n_calls: int | None = None,
                  call_offset: int = 0):
@@ -225,7 +287,6 @@ class LayerwiseCalibration:
         return {p: a.finish(self.samples_per_layer) for p, a in acc.items()}, keys, state, outputs
 
     def _quantize_block(self, block, prefix, block_stats, keys, originals) -> list:
-        recipe = self.recipe
         groups: dict[str, list[str]] = {}
         modules = {}
         for fqn, st in block_stats.items():
@@ -239,7 +300,6 @@ class LayerwiseCalibration:
             groups.setdefault(owner, []).append(fqn)
         hooks = []
         quantized: dict[str, tuple] = {}
-        act = recipe.activation
         world = self.world
         # the groups (linears sharing one input) as the first rank that ran inputs saw them; each group's
         # work goes to one rank, by cost, and its results are broadcast from there
@@ -259,19 +319,10 @@ class LayerwiseCalibration:
         for j, fqns in enumerate(group_list):
             for fqn in fqns:
                 self.results[fqn] = result = done[j][fqn]
-                s = result.scale
                 module, param, transposed = modules[fqn]
-                qw, w = result.qweight, weights[fqn]
-                eff = qw.dequantize()
-                if s is not None:
-                    eff = eff / s[None, :]
-                originals.append((param, param.detach().clone()))
-                with torch.no_grad():
-                    param.copy_((eff.t() if transposed else eff).to(param.dtype))
-                if act is not None and act.dynamic:
-                    hooks.append(module.register_forward_pre_hook(_fake_quant_input(act, s)))
-                if s is None:
-                    quantized[fqn] = (param, transposed, w)
+                hooks += self._install(module, param, transposed, result, originals)
+                if result.scale is None:
+                    quantized[fqn] = (param, transposed, weights[fqn])
         return hooks, quantized
 
     def _quantize_group(self, fqns: list[str], weights: dict, block_stats: dict) -> dict[str, LayerResult]:

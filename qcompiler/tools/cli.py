@@ -88,6 +88,9 @@ def _cmd_quantize(args) -> int:
     if args.format == "compressed-tensors":   # refuse what the format cannot hold before quantizing
         from qcompiler.export.compressed_tensors import check_recipe
         check_recipe(recipe)
+    if args.block_checkpoints and not recipe.layerwise:
+        raise CalibrationError(f"--block-checkpoints: recipe {recipe.name!r} calibrates in one pass, not layer by "
+                               "layer (recipe.layerwise=False): there are no blocks to resume from")
     from qcompiler.calibration.distributed import init_from_environment
     world = init_from_environment(args.dist_timeout)    # under torchrun: one rank of the calibration
     code = _quantize_and_save(args, recipe, world)
@@ -102,6 +105,9 @@ def _quantize_and_save(args, recipe, world) -> int:
     protocol = _protocol(args)
     model, tok = models.load_model(args.model)
     calib = _calibration(args, tok, protocol) if recipe.needs_calibration and not args.no_calibration else None
+    if args.block_checkpoints and calib is not None:
+        from qcompiler.calibration.layerwise import LayerwiseCalibration
+        calib = LayerwiseCalibration(calib, recipe, progress=not args.quiet, checkpoint_dir=args.block_checkpoints)
     try:
         quantize(model, recipe, calibration=calib, progress=not args.quiet)
     except CalibrationError as e:
@@ -243,6 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-calibration", action="store_true",
                    help="quantize without calibration data, for recipes that can (`qcompiler recipes` marks them): "
                         "optional GPTQ and the sensitivity fallback are skipped with a warning")
+    q.add_argument("--block-checkpoints", metavar="DIR",
+                   help="layer-by-layer recipes: save each completed decoder block's quantized weights and statistics "
+                        "in DIR; rerunning the same command resumes after the last saved block (same results bit for "
+                        "bit); a DIR written for another model, recipe or calibration set is refused")
     q.add_argument("--dist-timeout", type=float, default=1800.0, metavar="S",
                    help="under torchrun (`torchrun --nproc-per-node N -m qcompiler quantize ...`): seconds a rank waits "
                         "for the others at a collective before the job stops with an error naming the layer "
