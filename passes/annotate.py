@@ -200,7 +200,7 @@ class Annotate:
         heads = self._output_heads(gm)
         for fqn, node_names in ann.linears.items():
             node = next(n for n in gm.graph.nodes if n.name == node_names[0])
-            kind = "output_head" if any(n in heads for n in node_names) else "linear"
+            kind = "output_head" if any(n in heads for n in node_names) else "router" if _routes(node) else "linear"
             if kind == "output_head":
                 for n in gm.graph.nodes:
                     if n.name in node_names:
@@ -282,6 +282,30 @@ class Annotate:
         if candidates:
             return candidates[0]
         return stack_path or ann.param_fqn[weight.name].rsplit(".", 1)[0]
+
+
+_ROUTER_DEPTH = 4
+
+
+def _routes(linear: Node) -> bool:
+    """A mixture-of-experts router: the linear's output reaches a ``topk`` (the experts each token goes
+    to) within a few ops (softmax / sigmoid, casts, a bias), not through another linear or matmul. Its
+    op kind is ``router``: a discrete choice that rounding flips, kept in float by default."""
+    frontier, seen = [linear], {linear}
+    for _ in range(_ROUTER_DEPTH):
+        nxt = []
+        for n in frontier:
+            for u in n.users:
+                if u in seen or u.op not in ("call_function", "call_method"):
+                    continue
+                if _fname(u) == "topk":
+                    return True
+                if _fname(u) in ("linear", "matmul", "bmm", "addmm", "mm", "scaled_dot_product_attention"):
+                    continue
+                seen.add(u)
+                nxt.append(u)
+        frontier = nxt
+    return False
 
 
 def _ancestors(node: Node) -> list[Node]:

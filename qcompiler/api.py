@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import sys
 import time
 import warnings
@@ -268,7 +269,23 @@ class QCompilerBackend:
         self._tensor_stats: dict = {}          # quantization-target name -> its observer's result
         self._codes: weakref.WeakSet = weakref.WeakSet()   # code objects Dynamo compiled with this backend
         self._entry_watched = False
+        self._experts_warned = False
         _make_room(_COMPILED_CODES)            # room in Dynamo's cache for this backend's first compile
+
+    def _warn_fused_experts(self) -> None:
+        """Say (once) that weights of 3 or more dimensions stay in float: fused mixture-of-experts weights
+        (transformers 5 keeps a model's experts as one [experts, N, K] parameter) are not quantized yet."""
+        if self._experts_warned or self.root is None or "linear" in self.recipe.fallback.keep_op_kinds:
+            return
+        self._experts_warned = True
+        fused = [(n, tuple(p.shape)) for n, p in self.root.named_parameters() if p.dim() >= 3 and p.is_floating_point()]
+        if fused:
+            n_el = sum(math.prod(s) for _, s in fused)
+            msg = (f"{len(fused)} weights of 3 or more dimensions ({n_el / 1e6:.2f} M values, e.g. {fused[0][0]} "
+                   f"{list(fused[0][1])}: fused mixture-of-experts weights) stay in float: qcompiler quantizes "
+                   "2-D linear weights only, so these experts are not quantized")
+            self.report.warnings.append(msg)
+            warnings.warn(msg, stacklevel=3)
 
     def _adopt_root(self, root: torch.nn.Module | None) -> None:
         if root is None or self.root is not None:
@@ -339,6 +356,7 @@ class QCompilerBackend:
         self.report.graphs += 1
         log.info("graph %d: %d linears, %d quantized", self.report.graphs, len(ctx.layer_plan),
                  sum(d.quantize for d in ctx.layer_plan.values()))
+        self._warn_fused_experts()
         if not self.report.layers:
             # nothing quantizable so far (a later graph of a graph break may still bring linears)
             msg = f"graph {self.report.graphs} has nothing quantizable (no linear with a parameter weight); it runs in float"
@@ -454,7 +472,7 @@ def quantize(model: torch.nn.Module, recipe: Recipe | str, calibration: Iterable
     each on the kernel chosen for this machine under ``kernels`` (as in ``backend``), chosen at its
     first call per row-count bucket. Returns ``model``.
     """
-    from qcompiler.runtime.eager import apply_plan
+    from qcompiler.runtime.eager import apply_plan, quantize_unreached
     from qcompiler.rotation import apply_recipe_rotation
     qb = QCompilerBackend(recipe, calibration, "reference", progress=progress, kernels=kernels)
     if qb.calibration is not None:
@@ -485,6 +503,7 @@ def quantize(model: torch.nn.Module, recipe: Recipe | str, calibration: Iterable
         compiled(**kwargs)
     torch._dynamo.reset()
     swapped = apply_plan(model, contexts, kernels, qb.report)
+    swapped += quantize_unreached(model, qb.recipe, qb.report, kwargs, qb.calibration, kernels)
     log.info("quantize: %d linear modules replaced", swapped)
     return model
 

@@ -169,15 +169,19 @@ def test_gptq_minimum_rows_accepted():
     assert qb.calibration is not None
 
 
-def test_too_few_rows_reaching_one_layer_names_it():
-    """Rows are counted up front from the token ids; a linear that still sees fewer (an expert of a
-    mixture, say) is refused by name, with the same advice."""
+def test_too_few_rows_reaching_one_layer_rounds_it_to_nearest_saying_so():
+    """Rows are counted up front from the token ids (refused above); a linear that still sees fewer (an
+    expert of a mixture few tokens were routed to) is rounded to nearest, and its note says why."""
     from qcompiler.calibration.statistics import LayerStats
     from qcompiler.algorithms.registry import quantize_linear
+    from qcompiler.core.layer_quant import quantize_weight
     k = 64
+    w = torch.randn(32, k)
     st = LayerStats(torch.ones(k), torch.ones(4, k), tokens=40, hessian=torch.eye(k))
-    with pytest.raises(CalibrationError, match=r"experts.3.up: GPTQ needs at least 128 .* got 40;.*run without calibration"):
-        quantize_linear("experts.3.up", torch.randn(32, k), st, recipes.get("fp8-dynamic"))
+    recipe = recipes.get("fp8-dynamic")
+    qw, note = quantize_linear("experts.3.up", w, st, recipe)
+    assert note == "round to nearest: only 40 calibration rows reached it (GPTQ needs gptq.min_samples=128)"
+    assert torch.equal(qw.q, quantize_weight(w, recipe.weight).q)
 
 
 GOOD = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))

@@ -394,7 +394,11 @@ def _quantize_linear(fqn: str, w: torch.Tensor, st, recipe: Recipe, spec: GPTQSp
         raise CalibrationError(f"{fqn}: GPTQ needs the Hessian of this linear's inputs; no calibration "
                                "statistics reached it")
     if st.tokens < spec.min_samples:
-        raise too_few_rows_error(recipe, st.tokens, fqn)
+        # the calibration set has enough rows (counted up front: too_few_rows_error), but fewer reached this
+        # linear: a mixture-of-experts expert few tokens were routed to. Its Hessian is too thin for GPTQ.
+        from qcompiler.core.layer_quant import quantize_weight
+        return quantize_weight(w, recipe.weight), (f"round to nearest: only {st.tokens} calibration rows reached it "
+                                                   f"(GPTQ needs gptq.min_samples={spec.min_samples})")
     qw, info = gptq_quantize(w, st.hessian, recipe.weight, n_samples=st.tokens, block_size=spec.block_size,
                              dampening=spec.dampening, act_order=spec.act_order, static_groups=spec.static_groups,
                              min_samples=spec.min_samples, layer_name=fqn)

@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qcompiler.core import layer_quant
+from qcompiler.core.linear_probe import linear_orientation
 from qcompiler.algorithms import registry as weight_algorithms
 from qcompiler.calibration import distributed as dd
 from qcompiler.calibration.statistics import (LayerStats, StatsAccumulator, observe_linear_inputs, reduce_accumulators,
@@ -74,29 +75,6 @@ def find_decoder_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleLis
 
 class _StopForward(Exception):
     pass
-
-
-def _weight_orientation(module: torch.nn.Module, k: int) -> tuple[torch.nn.Parameter, bool] | None:
-    """The module's weight and whether it is stored [K, N] (GPT-2's Conv1D), checked numerically:
-    the module must compute ``x @ W.T + b`` (or ``x @ W + b``); anything else is not a plain linear.
-    Its ``forward`` is probed without its hooks (an online rotation's pre-hook changes the input, and the
-    statistics were taken after it)."""
-    params = dict(module.named_parameters(recurse=False))
-    w, b = params.get("weight"), params.get("bias")
-    if w is None or w.dim() != 2 or list(module.children()) or set(params) - {"weight", "bias"}:
-        return None
-    probe = torch.randn(3, k, generator=torch.Generator().manual_seed(0)).to(w)
-    with torch.no_grad():
-        y = module.forward(probe)
-        for transposed in (False, True):
-            if w.shape[1 - int(transposed)] != k:
-                continue
-            ref = probe @ (w if transposed else w.t())
-            if b is not None:
-                ref = ref + b
-            if y.shape == ref.shape and torch.allclose(y, ref, rtol=1e-4, atol=1e-5):
-                return w, transposed
-    return None
 
 
 class LayerwiseCalibration:
@@ -249,7 +227,7 @@ class LayerwiseCalibration:
         hooks = []
         for fqn, result in results.items():
             module = block.get_submodule(fqn[len(prefix) + 1:])
-            found = _weight_orientation(module, result.qweight.shape[1])
+            found = linear_orientation(module, result.qweight.shape[1])
             if found is None:
                 raise CalibrationError(f"layer-by-layer checkpoint: {fqn} is no longer a linear of "
                                        f"{result.qweight.shape[1]} input channels")
@@ -291,7 +269,7 @@ class LayerwiseCalibration:
         modules = {}
         for fqn, st in block_stats.items():
             module = block.get_submodule(fqn[len(prefix) + 1:]) if fqn != prefix else block
-            found = _weight_orientation(module, st.absmax.shape[0])
+            found = linear_orientation(module, st.absmax.shape[0])
             if found is None or self._kept(fqn):
                 continue
             modules[fqn] = (module, *found)

@@ -195,7 +195,7 @@ def _w8a16_gptq() -> Recipe:
 # ---- KV cache ---------------------------------------------------------------------------------
 # On their own the kv-* presets keep every linear in float (the cache is the only quantized tensor);
 # "BASE+kv-..." adds their cache to a weight preset.
-_FLOAT_LINEARS = FallbackSpec(keep_op_kinds=("embedding", "norm", "output_head", "linear"))
+_FLOAT_LINEARS = FallbackSpec(keep_op_kinds=("embedding", "norm", "output_head", "router", "linear"))
 
 
 @register_recipe("kv-int8")

@@ -41,7 +41,7 @@ class Calibrator(str, enum.Enum):
 
 
 #: Op kinds that annotation assigns and fallback rules may name.
-OP_KINDS = ("linear", "output_head", "embedding", "norm", "matmul", "attention")
+OP_KINDS = ("linear", "output_head", "router", "embedding", "norm", "matmul", "attention")
 
 
 def _choice(owner: str, name: str, value: Any, enum_type: type[enum.Enum], allowed=None):
@@ -470,7 +470,8 @@ class FallbackSpec:
 
     Args:
         keep_op_kinds: op kinds never quantized (see ``OP_KINDS``); ``output_head`` is the
-            linear that produces the graph's output (the LM head), found from the graph. Embedding
+            linear that produces the graph's output (the LM head), ``router`` a mixture-of-experts
+            router (a linear whose output reaches a ``topk``), both found from the graph. Embedding
             tables stay in float unless ``Recipe.embedding`` is set, which quantizes them whatever
             this says (``keep_modules`` still keeps one).
         keep_modules: ``fnmatch`` globs on module paths kept in high precision.
@@ -479,7 +480,7 @@ class FallbackSpec:
         max_fraction: cap on the share of linears the sensitivity rule may keep in float.
     """
 
-    keep_op_kinds: tuple[str, ...] = ("embedding", "norm", "output_head")
+    keep_op_kinds: tuple[str, ...] = ("embedding", "norm", "output_head", "router")
     keep_modules: tuple[str, ...] = ()
     min_sqnr_db: float | None = None
     max_fraction: float = 0.1

@@ -263,7 +263,7 @@ def _recipe(folder: Path, model: torch.nn.Module, qconfig: QuantizationConfig, l
             raise CheckpointError(f"{folder}: quantization_config.config_groups quantize no linear layer and there "
                                   "is no kv_cache_scheme")
         return Recipe(name="compressed-tensors kv", fallback=FallbackSpec(keep_op_kinds=(
-            "embedding", "norm", "output_head", "linear")), kv_cache=kv)
+            "embedding", "norm", "output_head", "router", "linear")), kv_cache=kv)
     counts: dict[int, list] = {}
     for scheme, _ in layers.values():
         counts.setdefault(id(scheme), [scheme, 0])[1] += 1

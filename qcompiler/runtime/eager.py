@@ -5,6 +5,8 @@ bucket and device, and records the choice in the report's layer entry when it ha
 
 from __future__ import annotations
 
+import fnmatch
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -12,6 +14,7 @@ import torch.nn.functional as F
 
 from qcompiler.core.formats import GemmFormat, gemm_format
 from qcompiler.core.layer_quant import QuantizedWeight, gather_rows
+from qcompiler.core.linear_probe import linear_orientation
 from qcompiler.pipeline import Analysis, CompileReport, PassContext
 
 __all__ = ["QuantizedLinear", "QuantizedEmbedding", "apply_plan"]
@@ -152,10 +155,10 @@ def _swap_embeddings(model: torch.nn.Module, ctx: PassContext) -> int:
     return swapped
 
 
-def _is_plain_linear(module: torch.nn.Module, weight: torch.Tensor) -> bool:
-    params = dict(module.named_parameters(recurse=False))
-    return (not list(module.children()) and any(p is weight for p in params.values())
-            and set(params) <= {"weight", "bias"})
+def _is_plain_linear(module: torch.nn.Module, weight: torch.Tensor, in_features: int) -> bool:
+    """``module`` computes a linear with ``weight`` and nothing else (``QuantizedLinear`` can stand in)."""
+    found = linear_orientation(module, in_features)
+    return found is not None and found[0] is weight
 
 
 def _carry_hooks(old: torch.nn.Module, new: torch.nn.Module) -> None:
@@ -187,7 +190,7 @@ def apply_plan(model: torch.nn.Module, contexts: list[PassContext], kernels: str
             # Folds into a producer linear live in that linear's weights; norm folds and explicit
             # scales are applied at this module's input in eager mode.
             inv = (1.0 / s).float() if s is not None and not d.smoothing.startswith("linear:") else None
-            if d.quantize and not _is_plain_linear(module, weight):
+            if d.quantize and not _is_plain_linear(module, weight, d.in_features):
                 # keep it in float (falls through: its float weights may still need the smoothing)
                 d.quantize, d.reason = False, "module is not a plain linear; eager mode cannot swap it (use torch.compile)"
             if not d.quantize:
@@ -208,3 +211,126 @@ def apply_plan(model: torch.nn.Module, contexts: list[PassContext], kernels: str
             setattr(parent, child, new)
             swapped += 1
     return swapped
+
+
+
+def quantize_unreached(model: torch.nn.Module, recipe, report: CompileReport, example: Mapping,
+                       calibration=None, kernels: str | Mapping[str, str] = "auto") -> int:
+    """The linears of the decoder blocks that no captured graph holds: a mixture-of-experts block whose
+    data-dependent expert loop Dynamo ran outside its graphs, an expert no token was routed to. Never
+    skipped silently: each gets a report entry and one warning counts them. A router among them (its
+    output reaches a ``topk``, seen by following ``example``'s forward) is an op of kind ``router``;
+    the others are quantized from what calibration left (a layer-by-layer result), else by round to
+    nearest from their weights when the recipe's activations need no calibrated scale (weight-only or
+    dynamic), else kept in float. Returns the modules swapped."""
+    from qcompiler.calibration.layerwise import find_decoder_blocks
+    from qcompiler.core import layer_quant
+    from qcompiler.errors import CalibrationError
+    from qcompiler.pipeline import LayerDecision
+    fb, act = recipe.fallback, recipe.activation
+    if recipe.weight is None or "linear" in fb.keep_op_kinds:
+        return 0
+    try:
+        blocks_path, _ = find_decoder_blocks(model)
+    except CalibrationError:
+        return 0
+    found: dict[str, tuple[torch.nn.Module, torch.Tensor]] = {}
+    for fqn, module in model.named_modules():
+        if not fqn.startswith(blocks_path + ".") or fqn in report.layers or isinstance(module, QuantizedLinear):
+            continue
+        w = getattr(module, "weight", None)
+        if isinstance(w, torch.nn.Parameter) and w.dim() == 2:
+            o = linear_orientation(module, w.shape[1]) or linear_orientation(module, w.shape[0])
+            if o is not None:
+                found[fqn] = (module, (w.t() if o[1] else w).detach().float())
+    if not found:
+        return 0
+    routers = _routers(model, {f: m for f, (m, _) in found.items()}, example)
+    results = getattr(calibration, "results", None) or {}
+    stats = getattr(calibration, "stats", None) or {}
+    swapped, kept = 0, 0
+    for fqn, (module, weight) in found.items():
+        n, k = weight.shape
+        d = LayerDecision(fqn, "router" if fqn in routers else "linear", k, n,
+                          weight_bytes_fp=module.weight.numel() * module.weight.element_size())
+        report.layers[fqn] = d
+        glob = next((g for g in fb.keep_modules if fnmatch.fnmatchcase(fqn, g)), None)
+        done = results.get(fqn)
+        where = ("outside the captured graphs" if fqn in stats else
+                 "outside the captured graphs, and no calibration token reached it")
+        reason = (f"op kind {d.op_kind!r} is in fallback.keep_op_kinds" if d.op_kind in fb.keep_op_kinds else
+                  f"module path matches fallback.keep_modules glob {glob!r}" if glob else
+                  f"it ran {where}: static activation scales need the graph's calibration"
+                  if done is None and act is not None and not act.dynamic else "")
+        if reason:
+            d.quantize, d.reason = False, reason
+            kept += 1
+            continue
+        qw, s = (done.qweight, done.scale) if done is not None else (layer_quant.quantize_weight(weight, recipe.weight), None)
+        d.weight_format, d.weight_bytes_q = qw.describe(), qw.nbytes()
+        if act is not None:
+            d.act_format = f"{act.dtype.value} per-token dynamic"
+        d.note = f"ran {where}: " + ("its layer-by-layer result" if done is not None else
+                                     "round to nearest from its weights")
+        bias = getattr(module, "bias", None)
+        new = QuantizedLinear(qw, None if bias is None else bias.detach().clone(),
+                              None if act is None else act.dtype.value, bool(act and act.dynamic), None,
+                              None if s is None else (1.0 / s).float(), fqn, kernels, report)
+        _carry_hooks(module, new)
+        parent_name, _, child = fqn.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        swapped += 1
+    unreached = sum(fqn not in stats for fqn in found)
+    msg = (f"{len(found)} linears of the decoder blocks ran outside the captured graphs (a data-dependent "
+           f"mixture-of-experts loop?){f', {unreached} of them reached by no calibration token' if unreached else ''}: "
+           f"{swapped} quantized in eager modules, {kept} kept in float (report: their notes and reasons)")
+    report.warnings.append(msg)
+    warnings.warn(msg, stacklevel=3)
+    return swapped
+
+
+_ROUTER_DEPTH = 4
+
+
+def _routers(model: torch.nn.Module, modules: Mapping[str, torch.nn.Module], example: Mapping) -> set[str]:
+    """The modules among ``modules`` whose output reaches a ``topk`` within a few ops in a forward of
+    ``example`` (mixture-of-experts routers), found by following their output tensors through every
+    torch op (a ``TorchFunctionMode``), not by names."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._pytree import tree_leaves
+    taint: dict[int, tuple[str, int]] = {}
+    alive: list[torch.Tensor] = []      # keep tainted tensors alive: ids must not be reused
+    routers: set[str] = set()
+    stop = {"linear", "matmul", "mm", "bmm", "addmm", "scaled_dot_product_attention"}
+
+    class Follow(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            srcs = [taint[id(t)] for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and id(t) in taint]
+            if srcs:
+                fqn, depth = min(srcs, key=lambda x: x[1])
+                name = getattr(func, "__name__", "")
+                if name == "topk":
+                    routers.add(fqn)
+                elif depth < _ROUTER_DEPTH and name not in stop:
+                    for t in tree_leaves(out):
+                        if isinstance(t, torch.Tensor):
+                            taint[id(t)] = (fqn, depth + 1)
+                            alive.append(t)
+            return out
+
+    def mark(fqn):
+        def hook(module, args, out):
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    taint[id(t)] = (fqn, 0)
+                    alive.append(t)
+        return hook
+    hooks = [m.register_forward_hook(mark(f)) for f, m in modules.items()]
+    try:
+        with torch.inference_mode(), Follow():
+            model(**example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return routers

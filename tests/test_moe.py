@@ -1,0 +1,190 @@
+"""Mixture-of-experts models (tiny Mixtral- and Qwen2-MoE-shaped, random): the router, found from the
+graph (a linear whose output reaches a ``topk``), stays in float; experts held in fused 3-D parameters
+(transformers 5) stay in float with a warning; everything else is quantized and the model runs, eagerly,
+layer by layer and under torch.compile."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import qcompiler
+from qcompiler import recipes
+from qcompiler.core.linear_probe import linear_orientation
+from qcompiler.recipes import FallbackSpec
+from tiny_models import token_batches
+
+_MOE = {
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                      shared_expert_intermediate_size=48),
+}
+
+
+def _moe_model(arch: str, **kw) -> torch.nn.Module:
+    cfg = AutoConfig.for_model(arch, vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, **_MOE[arch])
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg, **kw).eval()
+
+
+def _rel_to_float64(model, float_model, ids) -> float:
+    """Against the float model in float64 (its experts' loop: the default grouped GEMM takes no float64)."""
+    arch = float_model.config.model_type
+    ref = _moe_model(arch, experts_implementation="eager").double()
+    assert all(torch.equal(a, b.float()) for a, b in zip(float_model.parameters(), ref.parameters()))
+    with torch.no_grad():
+        want = ref(ids).logits
+        got = model(ids).logits.double()
+    return float((got - want).norm() / want.norm())
+
+
+@pytest.mark.parametrize("arch", sorted(_MOE))
+@pytest.mark.parametrize("preset,bound", [("w8a16", 0.02), ("w4a16-gptq", 0.15)])
+def test_routers_stay_in_float_and_fused_experts_are_reported(arch, preset, bound):
+    model, batches = _moe_model(arch), token_batches(4, 32, seed=1)
+    float_model = copy.deepcopy(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        qcompiler.quantize(model, preset, calibration=batches, progress=False)
+    rep = qcompiler.report(model)
+    routers = {f: d for f, d in rep.layers.items() if d.op_kind == "router"}
+    assert sorted(routers) == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
+    assert all(not d.quantize and "'router' is in fallback.keep_op_kinds" in d.reason for d in routers.values())
+    assert all(rep.layers[f"model.layers.{i}.self_attn.{p}_proj"].quantize for i in (0, 1) for p in "qkvo")
+    fused = [w for w in rep.warnings if "fused mixture-of-experts weights" in w]
+    assert len(fused) == 1 and "experts.gate_up_proj" in fused[0]
+    assert any("fused mixture-of-experts" in str(w.message) for w in caught)
+    assert _rel_to_float64(model, float_model, batches[0]) < bound
+
+
+def test_under_torch_compile_the_router_is_found_and_kept(arch="mixtral"):
+    model, batches = _moe_model(arch), token_batches(4, 32, seed=1)
+    float_model = copy.deepcopy(model)
+    qb = qcompiler.backend("w8a16", calibration=batches, progress=False)
+    compiled = torch.compile(model, backend=qb)
+    with torch.no_grad():
+        compiled(batches[0])
+    assert not qb.report.layers["model.layers.0.mlp.gate"].quantize
+    assert qb.report.layers["model.layers.0.mlp.gate"].op_kind == "router"
+    assert _rel_to_float64(compiled, float_model, batches[0]) < 0.02
+    torch._dynamo.reset()
+
+
+def test_a_router_asked_to_be_quantized_is_kept_in_eager_mode_with_the_reason():
+    """A recipe that leaves ``router`` out of keep_op_kinds quantizes the router's linear in the graph; eager
+    mode cannot swap the router module (it returns logits, scores and indices, not a linear's output), so it
+    stays in float saying so, and the model still runs."""
+    recipe = recipes.get("w8a16").replace(name="w8a16-routers",
+                                          fallback=FallbackSpec(keep_op_kinds=("embedding", "norm", "output_head")))
+    model, batches = _moe_model("mixtral"), token_batches(4, 32, seed=1)
+    float_model = copy.deepcopy(model)
+    qcompiler.quantize(model, recipe, calibration=batches, progress=False)
+    d = qcompiler.report(model).layers["model.layers.0.mlp.gate"]
+    assert not d.quantize and "not a plain linear" in d.reason
+    assert _rel_to_float64(model, float_model, batches[0]) < 0.02
+
+
+def test_linear_probe_tells_a_linear_from_a_module_that_computes_more():
+    from transformers.pytorch_utils import Conv1D
+    lin = torch.nn.Linear(16, 8)
+    assert linear_orientation(lin, 16) == (lin.weight, False)
+    conv = Conv1D(8, 16)
+    torch.nn.init.normal_(conv.weight)
+    assert linear_orientation(conv, 16) == (conv.weight, True)
+    half = torch.nn.Linear(16, 8).to(torch.bfloat16)
+    assert linear_orientation(half, 16) == (half.weight, False)
+    router = _moe_model("mixtral").model.layers[0].mlp.gate
+    assert linear_orientation(router, 64) is None           # returns (logits, scores, indices)
+
+    class Scaled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+    assert linear_orientation(Scaled(16, 8), 16) is None
+
+
+# --- experts as a ModuleList of linears, one never routed to ---------------------------------------------
+
+class _ListMoE(torch.nn.Module):
+    """A top-1 mixture of 4 gated-MLP experts held as ``nn.Linear`` modules; expert 3 is never chosen."""
+
+    def __init__(self, hidden: int, inter: int, n_experts: int = 4):
+        super().__init__()
+        self.router = torch.nn.Linear(hidden, n_experts, bias=False)
+        self.experts = torch.nn.ModuleList(torch.nn.ModuleDict(
+            {"gate": torch.nn.Linear(hidden, inter, bias=False), "up": torch.nn.Linear(hidden, inter, bias=False),
+             "down": torch.nn.Linear(inter, hidden, bias=False)}) for _ in range(n_experts))
+        self.register_buffer("blocked", torch.tensor([False, False, False, True]))
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        logits = self.router(x).masked_fill(self.blocked, float("-inf"))
+        weight, chosen = torch.softmax(logits, dim=-1).topk(1, dim=-1)
+        out = torch.zeros_like(x)
+        for e, ex in enumerate(self.experts):
+            rows = (chosen[:, 0] == e).nonzero()[:, 0]
+            if rows.numel() == 0:
+                continue
+            h = x[rows]
+            y = ex["down"](torch.nn.functional.silu(ex["gate"](h)) * ex["up"](h))
+            out.index_add_(0, rows, y * weight[rows])
+        return out.reshape(shape)
+
+
+def _list_moe_model() -> torch.nn.Module:
+    from tiny_models import tiny_model
+    model = tiny_model("llama")
+    torch.manual_seed(1)
+    for layer in model.model.layers:
+        layer.mlp = _ListMoE(64, 96)
+    return model.eval()
+
+
+@pytest.mark.parametrize("preset", ["w8a16", "w4a16-gptq", "w8a8-int8-sq"])
+def test_an_expert_no_token_reaches_is_reported_and_quantized_from_its_weights(preset):
+    model, batches = _list_moe_model(), token_batches(4, 32, seed=1)
+    float_model = copy.deepcopy(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        qcompiler.quantize(model, preset, calibration=batches, progress=False)
+    rep = qcompiler.report(model)
+    # Dynamo runs the data-dependent expert loop outside its graphs: the router is found by following its
+    # output to the topk, and kept in float
+    for i in (0, 1):
+        router = rep.layers[f"model.layers.{i}.mlp.router"]
+        assert router.op_kind == "router" and not router.quantize and "'router'" in router.reason
+    for i in (0, 1):
+        for p in ("gate", "up", "down"):
+            reached, blocked = (rep.layers[f"model.layers.{i}.mlp.experts.{e}.{p}"] for e in (0, 3))
+            if preset == "w8a8-int8-sq":     # static activation scales: nothing in the graphs to take them from
+                assert not reached.quantize and not blocked.quantize
+                assert "no calibration token reached it" in blocked.reason
+                assert "static activation scales need" in blocked.reason
+                continue
+            assert reached.quantize and blocked.quantize and blocked.weight_format
+            assert reached.note == "ran outside the captured graphs: " + (
+                "its layer-by-layer result" if preset == "w4a16-gptq" else "round to nearest from its weights")
+            assert blocked.note == ("ran outside the captured graphs, and no calibration token reached it: "
+                                    "round to nearest from its weights")
+            for e in (0, 3):
+                module = model.get_submodule(f"model.layers.{i}.mlp.experts.{e}.{p}")
+                assert type(module).__name__ == "QuantizedLinear"
+    msg = next(w for w in rep.warnings if "ran outside the captured graphs" in w)
+    assert msg.startswith("26 linears") and "6 of them reached by no calibration token" in msg, msg
+    assert any("ran outside the captured graphs" in str(w.message) for w in caught)
+    # the never-routed expert's quantized linears compute what its float ones do, within the format's rounding
+    if preset != "w8a8-int8-sq":
+        x = torch.randn(16, 96, generator=torch.Generator().manual_seed(0))
+        for p in ("gate", "up", "down"):
+            q = model.get_submodule(f"model.layers.1.mlp.experts.3.{p}")
+            f = float_model.get_submodule(f"model.layers.1.mlp.experts.3.{p}")
+            xi = x[:, :f.in_features]
+            with torch.no_grad():
+                want = xi.double() @ f.weight.double().t()
+                got = q(xi).double()
+            assert float((got - want).norm() / want.norm()) < (0.15 if preset == "w4a16-gptq" else 0.01), p
