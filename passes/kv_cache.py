@@ -492,6 +492,18 @@ class KVObserver(TorchFunctionMode):
         return {path: {role: (lo.cpu(), hi.cpu()) for role, (lo, hi) in entry.items()}
                 for path, entry in self.stats.items()}
 
+    @staticmethod
+    def merge(results: list[dict]) -> dict:
+        """The ranks' ``result()``s as one: minimum of minima, maximum of maxima (any order gives the same)."""
+        out: dict = {}
+        for res in results:
+            for path, entry in res.items():
+                mine = out.setdefault(path, {})
+                for role, (lo, hi) in entry.items():
+                    old = mine.get(role)
+                    mine[role] = (lo, hi) if old is None else (torch.minimum(old[0], lo), torch.maximum(old[1], hi))
+        return out
+
 
 def _observe(model: torch.nn.Module, spec: KVCacheSpec) -> KVObserver:
     return KVObserver(model)

@@ -16,6 +16,7 @@ from torch.fx import GraphModule
 
 from qcompiler.algorithms import registry as weight_algorithms
 from qcompiler.core.layer_quant import QuantizedWeight
+from qcompiler.errors import QCompilerError
 from qcompiler.pipeline import Analysis, PassContext, PassResult
 
 from .smoothquant import SmoothQuantFold
@@ -67,6 +68,7 @@ class WeightAlgorithm:
         layerwise = ctx.calibration.layerwise
         memo = ctx.analyses.setdefault(Analysis.MEMO, {})
         counts = {"from_layerwise": 0, "computed": 0}
+        self._compute_spread_over_ranks(ctx, stats, layerwise, memo)
         for fqn, d in ctx.layer_plan.items():
             if not d.quantize:
                 continue
@@ -91,6 +93,46 @@ class WeightAlgorithm:
             d.weight_bytes_q = qw.nbytes()
             d.note = f"{d.note}; {note}" if d.note else note
         return PassResult(gm, False, counts)
+
+
+    @staticmethod
+    def _compute_spread_over_ranks(ctx: PassContext, stats: dict, layerwise: dict, memo: dict) -> None:
+        """Under torch.distributed: the linears this pass would compute (GPTQ, AWQ clipping) are given to
+        ranks by cost (longest first onto the least loaded) and each result sent to every rank, into the
+        memo the loop below reads; one process computes them all in the loop."""
+        from qcompiler.calibration import distributed as dd
+        world = dd.current_world()
+        if not world.active:
+            return
+        ann = ctx.analyses[Analysis.ANNOTATE]
+        todo = []
+        for fqn, d in ctx.layer_plan.items():
+            s = ctx.analyses[Analysis.SMOOTHING].get(fqn)
+            lw = layerwise.get(fqn)
+            if d.quantize and not (lw is not None and _same_scale(lw.scale, s)) and ("weight_algorithm", fqn) not in memo:
+                todo.append((fqn, s))
+        if not todo:
+            return
+        costs = [float(ann.weights[f].w.shape[0]) * float(ann.weights[f].w.shape[1]) ** 2 for f, _ in todo]
+        owners = dd.assign_by_cost(costs, world)
+        mine = {}
+        for (fqn, s), owner in zip(todo, owners):
+            if owner == world.rank:
+                st = stats.get(fqn)
+                try:
+                    qw, note = weight_algorithms.quantize_linear(
+                        fqn, ann.weights[fqn].w, None if st is None else weight_algorithms.scaled_stats(st, s),
+                        ctx.recipe)
+                except QCompilerError as e:     # every rank raises it, none waits for a result that never comes
+                    mine[fqn] = e
+                    break
+                mine[fqn] = (qw.to("cpu"), note)
+        where = f"the weight algorithm of {len(todo)} linears"
+        for part in dd.all_gather_objects(world, mine, "gather of quantized weights", where):
+            for fqn, got in part.items():
+                if isinstance(got, Exception):
+                    raise got
+                memo[("weight_algorithm", fqn)] = (got[0].to(ann.weights[fqn].w.device), got[1])
 
 
 def _same_scale(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:

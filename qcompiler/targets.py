@@ -58,6 +58,9 @@ class TensorObserver(Protocol):
 
     def result(self) -> Any: ...
 
+    # Optional: ``merge(results: list) -> result``, the results of several ranks' shards as one (order-
+    # independent); with it, calibration under torch.distributed gives each rank a shard of the batches.
+
 
 _TARGETS: dict[str, QuantTarget] = {}
 

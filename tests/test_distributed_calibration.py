@@ -68,8 +68,26 @@ def _batches(source: str) -> list[torch.Tensor]:
 
 def _calibrate(source: str, preset: str, ckpt: str | None = None) -> dict:
     """Quantized weights (layer by layer) or statistics (one pass) of ``preset`` on ``source``."""
-    recipe = recipes.resolve(preset)
+    recipe = recipes.resolve(preset.split(":")[0])
     model = _model(source)
+    if preset.endswith(":one-pass"):     # the whole pipeline, GPTQ in the graph pass (no layer-by-layer)
+        import qcompiler
+        from qcompiler.algorithms import registry
+        recipe = recipes.resolve(preset.split(":")[0]).replace(layerwise=False)
+        real, computed = registry.quantize_linear, []
+        registry.quantize_linear = lambda fqn, *a, **k: computed.append(fqn) or real(fqn, *a, **k)
+        try:
+            qcompiler.quantize(model, recipe, calibration=_batches(source), progress=False)
+        finally:
+            registry.quantize_linear = real
+        if ckpt:     # where this process writes the linears it computed itself
+            torch.save(computed, ckpt)
+        return {n: (m.w_q, m.w_scale, m.w_zero) for n, m in model.named_modules() if hasattr(m, "w_q")}
+    if preset.startswith("kv-"):       # a quantization target's observer (the KV cache's key/value ranges)
+        from qcompiler.calibration.statistics import observe_tensors
+        from qcompiler.passes.kv_cache import KVObserver
+        res = observe_tensors(model, _batches(source), {"kv_cache": KVObserver(model)}, progress=False)["kv_cache"]
+        return {f"{path}/{role}": lohi for path, entry in res.items() for role, lohi in entry.items()}
     if recipe.layerwise:
         cal = LayerwiseCalibration(_batches(source), recipe, progress=False, replay_batch=4, checkpoint_dir=ckpt)
         cal.collect(model)
@@ -96,7 +114,8 @@ def _rank_main(rank: int, size: int, store: str, source: str, preset: str, out: 
                 return real(self, block, prefix, *args, **kwargs)
             LC._observe = observe_then_die
         try:
-            result = _calibrate(source, preset, ckpt)
+            # ckpt: the block-checkpoint folder, or for ":one-pass" where each rank lists the linears it computed
+            result = _calibrate(source, preset, f"{ckpt}.{rank}" if ckpt and preset.endswith(":one-pass") else ckpt)
         except CalibrationError as e:
             torch.save({"error": str(e), "type": type(e).__name__}, f"{out}.{rank}")
             if isinstance(e, dd.DistributedCalibrationError):
@@ -144,14 +163,21 @@ def _assert_identical(a: dict, b: dict) -> None:
     ("llama", "w4a16-awq", (2,)),              # sampled rows gathered in batch order, AWQ scale search
     ("gpt2", "w4a16-gptq", (2,)),              # Conv1D weights stored [K, N]
     ("llama", "w8a8-int8-sq", (2,)),           # one calibration pass (no layer-by-layer): statistics
+    ("qwen2", "kv-int8", (2,)),                # a quantization target's observer, merged over the shards
+    ("llama", "w4a16-gptq:one-pass", (2,)),    # GPTQ in the graph pass, linears spread over the ranks
 ])
 def test_results_are_bit_identical_at_any_number_of_ranks(tmp_path, source, preset, sizes):
     torch.set_num_threads(1)
-    single = _calibrate(source, preset)
+    one_pass = preset.endswith(":one-pass")
+    single = _calibrate(source, preset, str(tmp_path / "computed") if one_pass else None)
     for size in sizes:
-        ranks = _run_ranks(tmp_path, size, source, preset)
+        ranks = _run_ranks(tmp_path, size, source, preset, ckpt=str(tmp_path / "computed") if one_pass else None)
         for r, got in enumerate(ranks):
             _assert_identical(single, got)
+        if one_pass:       # each linear's GPTQ ran on one rank only
+            alone = torch.load(tmp_path / "computed")
+            shares = [torch.load(f"{tmp_path / 'computed'}.{r}") for r in range(size)]
+            assert sorted(sum(shares, [])) == sorted(alone) and all(0 < len(x) < len(alone) for x in shares)
 
 
 @pytest.mark.skipif(models.shared_dir() is None, reason="../shared (stories260K) not found; CI provides it")

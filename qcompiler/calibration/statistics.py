@@ -226,11 +226,21 @@ def observe_tensors(model: torch.nn.Module, batches: list, observers: Mapping[st
     (``qcompiler.targets.QuantTarget.observe``)."""
     if not observers:
         return {}
+    from qcompiler.calibration import distributed as dd
+    world = dd.current_world()
+    # under torch.distributed each rank observes its shard when every observer can merge the ranks' results
+    # (``merge(results)``, order-independent); otherwise every rank observes every batch
+    sharded = world.active and all(callable(getattr(obs, "merge", None)) for obs in observers.values())
+    local = dd.shard_batches(batches, world)[0] if sharded else batches
     with contextlib.ExitStack() as stack:
         for obs in observers.values():
             stack.enter_context(obs)
-        run_batches(model, batches, progress, desc="calibrating tensors")
-    return {name: obs.result() for name, obs in observers.items()}
+        run_batches(model, local, progress and world.is_writer, desc="calibrating tensors")
+    results = {name: obs.result() for name, obs in observers.items()}
+    if sharded:
+        gathered = dd.all_gather_objects(world, results, "gather of tensor observers", "the quantization targets")
+        results = {name: obs.merge([g[name] for g in gathered]) for name, obs in observers.items()}
+    return results
 
 
 def _sample_seed(seed: int, call: int, path: str) -> int:
