@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -108,9 +109,22 @@ def assign_by_cost(costs: Sequence[float], world: World) -> list[int]:
     return owner
 
 
+@dataclass
+class CollectiveTime:
+    """Wall time this process spent in collectives (waiting for slower ranks included), and their count."""
+
+    seconds: float = 0.0
+    calls: int = 0
+
+
+#: accumulated by ``collective``; benchmarks read and reset it
+COLLECTIVE_TIME = CollectiveTime()
+
+
 def collective(world: World, what: str, where: str, fn: Callable[..., Any], *args, **kwargs) -> Any:
     """Run one collective; a failure (a peer closed its connection, the timeout passed) becomes a
     ``DistributedCalibrationError`` naming this rank and ``where`` (the layer)."""
+    t0 = time.perf_counter()
     try:
         return fn(*args, **kwargs)
     except (RuntimeError, ValueError) as e:       # DistBackendError / DistNetworkError are RuntimeErrors
@@ -118,6 +132,9 @@ def collective(world: World, what: str, where: str, fn: Callable[..., Any], *arg
             f"rank {world.rank} of {world.size}: {what} at {where} failed ({' '.join(str(e).split())[:300]}); "
             "another rank died, hung past the process group's timeout or ran a different model or recipe. "
             "Nothing was written.") from e
+    finally:
+        COLLECTIVE_TIME.seconds += time.perf_counter() - t0
+        COLLECTIVE_TIME.calls += 1
 
 
 def all_gather_objects(world: World, obj: Any, what: str, where: str) -> list[Any]:
