@@ -188,3 +188,14 @@ def test_an_expert_no_token_reaches_is_reported_and_quantized_from_its_weights(p
                 want = xi.double() @ f.weight.double().t()
                 got = q(xi).double()
             assert float((got - want).norm() / want.norm()) < (0.15 if preset == "w4a16-gptq" else 0.01), p
+
+
+def test_layer_by_layer_calibration_keeps_the_router_in_float_as_the_graph_does():
+    """The blocks after an MoE block are calibrated on the outputs of its float router (the one the quantized
+    model runs), not of a quantized one."""
+    from qcompiler.calibration.layerwise import LayerwiseCalibration
+    model, batches = _list_moe_model(), token_batches(4, 32, seed=1)
+    cal = LayerwiseCalibration(batches, recipes.get("w4a16-gptq"), progress=False)
+    cal.collect(model)
+    assert "model.layers.0.mlp.experts.0.gate" in cal.results
+    assert not [f for f in cal.results if f.endswith("router")]

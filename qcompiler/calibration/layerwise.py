@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qcompiler.core import layer_quant
-from qcompiler.core.linear_probe import linear_orientation
+from qcompiler.core.linear_probe import find_routers, linear_orientation
 from qcompiler.algorithms import registry as weight_algorithms
 from qcompiler.calibration import distributed as dd
 from qcompiler.calibration.statistics import (LayerStats, StatsAccumulator, observe_linear_inputs, reduce_accumulators,
@@ -171,7 +171,7 @@ class LayerwiseCalibration:
                                                                         n_calls=n_calls, call_offset=call_offset)
                 self.peak_state_bytes = max(self.peak_state_bytes, state)
                 self.activation_bytes = max(self.activation_bytes, _tensor_bytes(inputs))
-                hooks, quantized = self._quantize_block(block, prefix, block_stats, keys, originals)
+                hooks, quantized = self._quantize_block(block, prefix, block_stats, keys, originals, inputs)
                 if tuner is not None and quantized:
                     self._tune_block(block, prefix, i, inputs, float_outputs, quantized, tuner)
                 del float_outputs
@@ -264,7 +264,7 @@ class LayerwiseCalibration:
         del outs
         return {p: a.finish(self.samples_per_layer) for p, a in acc.items()}, keys, state, outputs
 
-    def _quantize_block(self, block, prefix, block_stats, keys, originals) -> list:
+    def _quantize_block(self, block, prefix, block_stats, keys, originals, inputs) -> list:
         groups: dict[str, list[str]] = {}
         modules = {}
         for fqn, st in block_stats.items():
@@ -273,6 +273,9 @@ class LayerwiseCalibration:
             if found is None or self._kept(fqn):
                 continue
             modules[fqn] = (module, *found)
+        for fqn in self._routers(block, prefix, modules, inputs):
+            del modules[fqn]            # the graph keeps routers in float: so does calibration
+        for fqn in modules:
             x = keys.get(fqn)
             owner = next((f for f in groups if x is not None and keys.get(f) is x), fqn)
             groups.setdefault(owner, []).append(fqn)
@@ -360,6 +363,14 @@ class LayerwiseCalibration:
             eff = qw.dequantize()
             with torch.no_grad():
                 param.copy_((eff.t() if transposed else eff).to(param.dtype))
+
+    def _routers(self, block, prefix, modules: dict, inputs: list) -> set[str]:
+        """The block's mixture-of-experts routers among ``modules`` (kept in float when the recipe keeps op
+        kind ``router``), found by following one replayed call's ops (``find_routers``)."""
+        if "router" not in self.recipe.fallback.keep_op_kinds or not modules or not inputs:
+            return set()
+        args, kwargs = inputs[0]
+        return find_routers(lambda: block(*args, **kwargs), {f: m[0] for f, m in modules.items()})
 
     def _kept(self, fqn: str) -> bool:
         return any(fnmatch.fnmatchcase(fqn, g) for g in self.recipe.fallback.keep_modules)

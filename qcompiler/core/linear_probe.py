@@ -1,12 +1,17 @@
 """Is a module a plain linear? Checked numerically, not by its class: its ``forward`` must return
 ``x @ W.T + b`` (``nn.Linear``) or ``x @ W + b`` (GPT-2's Conv1D) for a probe ``x``. A module that holds
-one 2-D ``weight`` but computes more (an MoE router returning logits, scores and expert indices) is not."""
+one 2-D ``weight`` but computes more (an MoE router returning logits, scores and expert indices) is not.
+Is a linear a mixture-of-experts router? Its output reaches a ``topk``, followed op by op at run time
+(``find_routers``) where no graph holds it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from typing import Any
+
 import torch
 
-__all__ = ["linear_orientation"]
+__all__ = ["linear_orientation", "find_routers"]
 
 
 def linear_orientation(module: torch.nn.Module, k: int) -> tuple[torch.nn.Parameter, bool] | None:
@@ -37,3 +42,50 @@ def linear_orientation(module: torch.nn.Module, k: int) -> tuple[torch.nn.Parame
                                                        atol=tol * max(float(ref.abs().max()), 1e-6)):
                 return w, transposed
     return None
+
+
+_ROUTER_DEPTH = 4
+
+
+def find_routers(run: Callable[[], Any], modules: Mapping[str, torch.nn.Module]) -> set[str]:
+    """The modules among ``modules`` whose output reaches a ``topk`` within a few ops while ``run()`` runs
+    a forward (mixture-of-experts routers), found by following their output tensors through every torch op
+    (a ``TorchFunctionMode``), not by names."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._pytree import tree_leaves
+    taint: dict[int, tuple[str, int]] = {}
+    alive: list[torch.Tensor] = []      # keep tainted tensors alive: ids must not be reused
+    routers: set[str] = set()
+    stop = {"linear", "matmul", "mm", "bmm", "addmm", "scaled_dot_product_attention"}
+
+    class Follow(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            srcs = [taint[id(t)] for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and id(t) in taint]
+            if srcs:
+                fqn, depth = min(srcs, key=lambda x: x[1])
+                name = getattr(func, "__name__", "")
+                if name == "topk":
+                    routers.add(fqn)
+                elif depth < _ROUTER_DEPTH and name not in stop:
+                    for t in tree_leaves(out):
+                        if isinstance(t, torch.Tensor):
+                            taint[id(t)] = (fqn, depth + 1)
+                            alive.append(t)
+            return out
+
+    def mark(fqn):
+        def hook(module, args, out):
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    taint[id(t)] = (fqn, 0)
+                    alive.append(t)
+        return hook
+    hooks = [m.register_forward_hook(mark(f)) for f, m in modules.items()]
+    try:
+        with torch.inference_mode(), Follow():
+            run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return routers

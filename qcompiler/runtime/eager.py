@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from qcompiler.core.formats import GemmFormat, gemm_format
 from qcompiler.core.layer_quant import QuantizedWeight, gather_rows
-from qcompiler.core.linear_probe import linear_orientation
+from qcompiler.core.linear_probe import find_routers, linear_orientation
 from qcompiler.pipeline import Analysis, CompileReport, PassContext
 
 __all__ = ["QuantizedLinear", "QuantizedEmbedding", "apply_plan"]
@@ -245,7 +245,7 @@ def quantize_unreached(model: torch.nn.Module, recipe, report: CompileReport, ex
                 found[fqn] = (module, (w.t() if o[1] else w).detach().float())
     if not found:
         return 0
-    routers = _routers(model, {f: m for f, (m, _) in found.items()}, example)
+    routers = find_routers(lambda: model(**example), {f: m for f, (m, _) in found.items()})
     results = getattr(calibration, "results", None) or {}
     stats = getattr(calibration, "stats", None) or {}
     swapped, kept = 0, 0
@@ -288,49 +288,3 @@ def quantize_unreached(model: torch.nn.Module, recipe, report: CompileReport, ex
     warnings.warn(msg, stacklevel=3)
     return swapped
 
-
-_ROUTER_DEPTH = 4
-
-
-def _routers(model: torch.nn.Module, modules: Mapping[str, torch.nn.Module], example: Mapping) -> set[str]:
-    """The modules among ``modules`` whose output reaches a ``topk`` within a few ops in a forward of
-    ``example`` (mixture-of-experts routers), found by following their output tensors through every
-    torch op (a ``TorchFunctionMode``), not by names."""
-    from torch.overrides import TorchFunctionMode
-    from torch.utils._pytree import tree_leaves
-    taint: dict[int, tuple[str, int]] = {}
-    alive: list[torch.Tensor] = []      # keep tainted tensors alive: ids must not be reused
-    routers: set[str] = set()
-    stop = {"linear", "matmul", "mm", "bmm", "addmm", "scaled_dot_product_attention"}
-
-    class Follow(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            srcs = [taint[id(t)] for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and id(t) in taint]
-            if srcs:
-                fqn, depth = min(srcs, key=lambda x: x[1])
-                name = getattr(func, "__name__", "")
-                if name == "topk":
-                    routers.add(fqn)
-                elif depth < _ROUTER_DEPTH and name not in stop:
-                    for t in tree_leaves(out):
-                        if isinstance(t, torch.Tensor):
-                            taint[id(t)] = (fqn, depth + 1)
-                            alive.append(t)
-            return out
-
-    def mark(fqn):
-        def hook(module, args, out):
-            for t in tree_leaves(out):
-                if isinstance(t, torch.Tensor):
-                    taint[id(t)] = (fqn, 0)
-                    alive.append(t)
-        return hook
-    hooks = [m.register_forward_hook(mark(f)) for f, m in modules.items()]
-    try:
-        with torch.inference_mode(), Follow():
-            model(**example)
-    finally:
-        for h in hooks:
-            h.remove()
-    return routers
