@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
+from qcompiler.core.linear_probe import ROUTE_STOPS, ROUTER_DEPTH
 from qcompiler.pipeline import META_KEY, Analysis, LayerDecision, PassContext, PassResult
 
 __all__ = ["NodeInfo", "LinearParts", "LinearWeights", "GraphAnnotation", "Annotate", "linear_parts", "eval_param_node"]
@@ -284,15 +285,12 @@ class Annotate:
         return stack_path or ann.param_fqn[weight.name].rsplit(".", 1)[0]
 
 
-_ROUTER_DEPTH = 4
-
-
 def _routes(linear: Node) -> bool:
     """A mixture-of-experts router: the linear's output reaches a ``topk`` (the experts each token goes
     to) within a few ops (softmax / sigmoid, casts, a bias), not through another linear or matmul. Its
     op kind is ``router``: a discrete choice that rounding flips, kept in float by default."""
     frontier, seen = [linear], {linear}
-    for _ in range(_ROUTER_DEPTH):
+    for _ in range(ROUTER_DEPTH):
         nxt = []
         for n in frontier:
             for u in n.users:
@@ -300,7 +298,7 @@ def _routes(linear: Node) -> bool:
                     continue
                 if _fname(u) == "topk":
                     return True
-                if _fname(u) in ("linear", "matmul", "bmm", "addmm", "mm", "scaled_dot_product_attention"):
+                if _fname(u) in ROUTE_STOPS:
                     continue
                 seen.add(u)
                 nxt.append(u)

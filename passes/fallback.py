@@ -9,7 +9,6 @@ rows (after smoothing) and keeps the worst below ``min_sqnr_db`` in float, up to
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import math
 import warnings
@@ -31,12 +30,9 @@ log = logging.getLogger(__name__)
 def rule_reason(ctx: PassContext, fqn: str, statistics: bool = True) -> str:
     """Why a rule keeps ``fqn`` in high precision ("" if none does); ``statistics=False`` leaves out
     the rule on missing calibration statistics."""
-    d, fb = ctx.layer_plan[fqn], ctx.recipe.fallback
-    if d.op_kind in fb.keep_op_kinds:
-        return f"op kind {d.op_kind!r} is in fallback.keep_op_kinds"
-    for glob in fb.keep_modules:
-        if fnmatch.fnmatchcase(fqn, glob):
-            return f"module path matches fallback.keep_modules glob {glob!r}"
+    reason = ctx.recipe.fallback.keeps(ctx.layer_plan[fqn].op_kind, fqn)
+    if reason:
+        return reason
     if statistics and ctx.recipe.linears_require_calibration and fqn not in ctx.analyses.get(Analysis.CALIBRATION, {}):
         return "no calibration statistics for this linear's input (module not reached, or its input is not the linear's)"
     return ""

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["linear_orientation", "find_routers"]
+__all__ = ["linear_orientation", "find_routers", "ROUTER_DEPTH", "ROUTE_STOPS"]
 
 
 def linear_orientation(module: torch.nn.Module, k: int) -> tuple[torch.nn.Parameter, bool] | None:
@@ -44,7 +44,9 @@ def linear_orientation(module: torch.nn.Module, k: int) -> tuple[torch.nn.Parame
     return None
 
 
-_ROUTER_DEPTH = 4
+#: a router's output reaches its ``topk`` within this many ops, not through any of ``ROUTE_STOPS``
+ROUTER_DEPTH = 4
+ROUTE_STOPS = frozenset({"linear", "matmul", "mm", "bmm", "addmm", "scaled_dot_product_attention"})
 
 
 def find_routers(run: Callable[[], Any], modules: Mapping[str, torch.nn.Module]) -> set[str]:
@@ -56,7 +58,6 @@ def find_routers(run: Callable[[], Any], modules: Mapping[str, torch.nn.Module])
     taint: dict[int, tuple[str, int]] = {}
     alive: list[torch.Tensor] = []      # keep tainted tensors alive: ids must not be reused
     routers: set[str] = set()
-    stop = {"linear", "matmul", "mm", "bmm", "addmm", "scaled_dot_product_attention"}
 
     class Follow(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -67,7 +68,7 @@ def find_routers(run: Callable[[], Any], modules: Mapping[str, torch.nn.Module])
                 name = getattr(func, "__name__", "")
                 if name == "topk":
                     routers.add(fqn)
-                elif depth < _ROUTER_DEPTH and name not in stop:
+                elif depth < ROUTER_DEPTH and name not in ROUTE_STOPS:
                     for t in tree_leaves(out):
                         if isinstance(t, torch.Tensor):
                             taint[id(t)] = (fqn, depth + 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import fnmatch
 import json
 import types
 import typing
@@ -495,6 +496,13 @@ class FallbackSpec:
         _number("fallback", "min_sqnr_db", self.min_sqnr_db, optional=True)
         if not 0.0 <= _number("fallback", "max_fraction", self.max_fraction) <= 1.0:
             raise RecipeError(f"fallback.max_fraction={self.max_fraction!r} must be in [0, 1]")
+
+    def keeps(self, op_kind: str, fqn: str) -> str:
+        """Why the op-kind and module-path rules keep ``fqn`` in high precision ("" if they do not)."""
+        if op_kind in self.keep_op_kinds:
+            return f"op kind {op_kind!r} is in fallback.keep_op_kinds"
+        glob = next((g for g in self.keep_modules if fnmatch.fnmatchcase(fqn, g)), None)
+        return f"module path matches fallback.keep_modules glob {glob!r}" if glob is not None else ""
 
 
 @dataclass(frozen=True)

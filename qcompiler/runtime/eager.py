@@ -5,7 +5,6 @@ bucket and device, and records the choice in the report's layer entry when it ha
 
 from __future__ import annotations
 
-import fnmatch
 import warnings
 from collections.abc import Mapping
 
@@ -254,14 +253,12 @@ def quantize_unreached(model: torch.nn.Module, recipe, report: CompileReport, ex
         d = LayerDecision(fqn, "router" if fqn in routers else "linear", k, n,
                           weight_bytes_fp=module.weight.numel() * module.weight.element_size())
         report.layers[fqn] = d
-        glob = next((g for g in fb.keep_modules if fnmatch.fnmatchcase(fqn, g)), None)
         done = results.get(fqn)
         where = ("outside the captured graphs" if fqn in stats else
                  "outside the captured graphs, and no calibration token reached it")
-        reason = (f"op kind {d.op_kind!r} is in fallback.keep_op_kinds" if d.op_kind in fb.keep_op_kinds else
-                  f"module path matches fallback.keep_modules glob {glob!r}" if glob else
-                  f"it ran {where}: static activation scales need the graph's calibration"
-                  if done is None and act is not None and not act.dynamic else "")
+        reason = fb.keeps(d.op_kind, fqn) or (
+            f"it ran {where}: static activation scales need the graph's calibration"
+            if done is None and act is not None and not act.dynamic else "")
         if reason:
             d.quantize, d.reason = False, reason
             kept += 1
