@@ -470,7 +470,9 @@ def quantize(model: torch.nn.Module, recipe: Recipe | str, calibration: Iterable
     The graph is captured once to plan (same passes and numerics as ``backend``); then each
     quantized linear module is replaced by a ``QuantizedLinear`` that calls the same fused ops,
     each on the kernel chosen for this machine under ``kernels`` (as in ``backend``), chosen at its
-    first call per row-count bucket. Returns ``model``.
+    first call per row-count bucket. SmoothQuant / AWQ scales the plan folds into norms are written
+    into those norm modules' parameters, as the compiled graph and the exported checkpoints hold
+    them. Returns ``model``.
     """
     from qcompiler.runtime.eager import apply_plan, quantize_unreached
     from qcompiler.rotation import apply_recipe_rotation
@@ -505,7 +507,28 @@ def quantize(model: torch.nn.Module, recipe: Recipe | str, calibration: Iterable
     swapped = apply_plan(model, contexts, kernels, qb.report)
     swapped += quantize_unreached(model, qb.recipe, qb.report, kwargs, qb.calibration, kernels)
     log.info("quantize: %d linear modules replaced", swapped)
+    _fold_smoothing_into_norms(model, contexts, qb.report)
     return model
+
+
+def _fold_smoothing_into_norms(model: torch.nn.Module, contexts: list[PassContext], report: CompileReport) -> None:
+    """Put the SmoothQuant / AWQ scales the plan folds into norms into those norm modules, as the
+    compiled graph has them (the eager model then computes what its checkpoints hold); a norm module
+    the graphs call at more than one place keeps its scale at its linears' inputs."""
+    from collections import Counter
+    from qcompiler.runtime.norm_fold import fold_norm_smoothing
+    calls = Counter(fqn for ctx in contexts if Analysis.ANNOTATE in ctx.analyses
+                    for fqn in ctx.analyses[Analysis.ANNOTATE].norms.values())
+    keep = {f: f"the graph calls this norm module at {n} places" for f, n in calls.items() if n > 1}
+    folds = fold_norm_smoothing(model, report, keep)
+    for norm, why in folds.explicit.items():
+        for d in report.layers.values():
+            if d.smoothing == f"norm:{norm}" and d.quantize:
+                d.smoothing = "explicit"
+                note = f"input scale applied explicitly: {why}"
+                d.note = f"{d.note}; {note}" if d.note else note
+    if folds.folded:
+        log.info("quantize: SmoothQuant / AWQ scales folded into %d norm(s)", len(folds.folded))
 
 
 def kv_cache(model: torch.nn.Module, recipe: Recipe | str | None = None, calibration: Iterable | None = None,

@@ -354,11 +354,24 @@ def test_asymmetric_int8_with_activations_loads(exported):
     assert _logits(_load(folder), IDS).isfinite().all()
 
 
-def test_refuses_smoothing_without_a_report(exported, tmp_path):
+def test_quantize_leaves_smoothquant_scales_in_the_norms(exported):
+    model, _ = exported("llama", "w8a8-int8-sq")
+    report = qcompiler.report(model)
+    for fqn in ("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.gate_proj"):
+        assert report.layers[fqn].smoothing.startswith("norm:")
+        assert model.get_submodule(fqn).inv_smooth is None
+
+
+def test_refuses_an_input_scale_without_a_report(exported, tmp_path):
+    """A linear that still scales its input (``inv_smooth``: e.g. read from a checkpoint written before
+    ``qcompiler.quantize`` folded scales into norms) needs the report naming the norm that absorbs it."""
     from qcompiler.export.compressed_tensors import save_compressed_tensors
     model, _ = exported("llama", "w8a8-int8-sq")
+    stale = copy.deepcopy(model)
+    q = stale.get_submodule("model.layers.0.self_attn.q_proj")
+    q.inv_smooth = torch.full((q.in_features,), 0.5)
     with pytest.raises(UnsupportedError, match=r"pass report=qcompiler.report\(model\)"):
-        save_compressed_tensors(model, tmp_path / "ct", VARIANTS["w8a8-int8-sq"]())
+        save_compressed_tensors(stale, tmp_path / "ct", VARIANTS["w8a8-int8-sq"]())
     assert list(tmp_path.iterdir()) == []
 
 

@@ -70,6 +70,7 @@ from qcompiler.errors import UnsupportedError
 from qcompiler.pipeline import CompileReport
 from qcompiler.recipes import Granularity, QuantDtype, Recipe
 from qcompiler.runtime.eager import QuantizedEmbedding, QuantizedLinear
+from qcompiler.runtime.norm_fold import folded_norm_params
 
 try:
     from compressed_tensors.compressors import BaseCompressor
@@ -90,7 +91,6 @@ WEIGHTS_FILE = "model.safetensors"
 _BITS = {"int8": 8, "uint8": 8, "int4": 4, "uint4": 4, "fp8_e4m3": 8}
 _UNSIGNED = ("uint8", "uint4")
 _PACKED = CompressionFormat.pack_quantized.value
-_FOLD_TOLERANCE = 1e-5     # relative error of a folded norm's output on the probe (float32)
 #: KV-cache granularities kv_cache_scheme expresses, as its strategies
 _KV_STRATEGIES = {Granularity.PER_TENSOR: "tensor", Granularity.PER_HEAD: "attn_head"}
 
@@ -394,30 +394,13 @@ def _smoothing_folds(model: torch.nn.Module, quantized: dict[str, QuantizedLinea
 
 
 def _fold_norm(norm: torch.nn.Module, inv: torch.Tensor, fqn: str) -> dict[str, torch.Tensor]:
-    """``norm``'s parameters such that its output is multiplied by ``inv``: gain (and bias) times ``inv``,
-    or a ``1 + weight`` gain (Gemma) refolded; the form whose output matches on a probe input."""
-    own = {k: p.detach() for k, p in norm.named_parameters(recurse=False)}
-    if not own or any(p.shape != inv.shape for p in own.values()):
-        raise UnsupportedError(f"save_compressed_tensors: norm {fqn!r} ({type(norm).__name__}, parameters "
-                               f"{ {k: tuple(p.shape) for k, p in own.items()} }) has no per-channel gain of size "
-                               f"{inv.numel()} to absorb its readers' SmoothQuant / AWQ scale")
-    trial = copy.deepcopy(norm).float()
-    probe = torch.randn(16, inv.numel(), generator=torch.Generator().manual_seed(0)).to(inv.device)
-    forms = {"gain": lambda k, p: p * inv,
-             "1 + gain": lambda k, p: (1.0 + p) * inv - 1.0 if k == "weight" else p * inv}
-    with torch.no_grad():
-        want = trial(probe).float() * inv
-        for form, fold in forms.items():
-            folded = {k: fold(k, p.float()) for k, p in own.items()}
-            for k, v in folded.items():
-                getattr(trial, k).copy_(v)
-            got = trial(probe).float()
-            if float((got - want).norm() / want.norm().clamp(min=1e-30)) <= _FOLD_TOLERANCE:
-                log.debug("save_compressed_tensors: folded a scale into %s (%s)", fqn, form)
-                return {k: v.to(own[k].dtype) for k, v in folded.items()}
-    raise UnsupportedError(f"save_compressed_tensors: norm {fqn!r} ({type(norm).__name__}) cannot absorb its readers' "
-                           f"SmoothQuant / AWQ scale: neither form {list(forms)} of folding it into the norm's "
-                           "parameters reproduced the scaled output")
+    """``norm``'s parameters such that its output is multiplied by ``inv`` (``norm_fold.folded_norm_params``)."""
+    folded = folded_norm_params(norm, inv)
+    if isinstance(folded, str):
+        raise UnsupportedError(f"save_compressed_tensors: norm {fqn!r} cannot absorb its readers' SmoothQuant / AWQ "
+                               f"scale: {folded}")
+    log.debug("save_compressed_tensors: folded a scale into %s", fqn)
+    return folded
 
 
 # ---- writing -----------------------------------------------------------------------------------

@@ -2,24 +2,21 @@
 
 Each ``QuantizedLinear`` becomes a ``QDQLinear``: ``[x * inv_smooth] -> Q -> DQ`` on the
 activation (static per-tensor scale), ``DQ`` of the stored weight, a matmul. SmoothQuant / AWQ
-scales that the planner folded into a norm (``LayerDecision.smoothing == "norm:<path>"``) are
-applied at the linears' inputs in eager mode; ``fold_norm_smoothing`` folds them back into the
-norm's parameters, as the compiled graph has them, when the norm's output is linear in its
-parameters (RMSNorm, LayerNorm; checked numerically on a probe). Otherwise (Gemma's ``1 + w``
-gain) the scale stays an explicit ``Mul`` in front of the activation quantizer.
+scales that the planner folded into a norm (``LayerDecision.smoothing == "norm:<path>"``) are in
+that norm's parameters once ``qcompiler.quantize`` returns (``qcompiler.runtime.norm_fold``;
+``export_onnx`` runs ``fold_norm_smoothing`` again, which leaves a folded model as it is); a scale no norm could absorb stays an explicit ``Mul`` in front of the activation quantizer.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 
 from qcompiler.runtime.eager import QuantizedLinear
+from qcompiler.runtime.norm_fold import FoldResult, fold_norm_smoothing
 from qcompiler.errors import UnsupportedError
 from qcompiler.core.formats import gemm_format
-from qcompiler.pipeline import CompileReport
 
 from . import onnx_ops  # noqa: F401  (registers qcompiler_export::weight_dequantize)
 
@@ -89,106 +86,6 @@ class QDQLinear(torch.nn.Module):
         act = self.act_dtype or "float"
         return (f"{self.in_features} -> {self.out_features}, weight {self.weight_dtype} "
                 f"(axis {self.axis}, block {self.block_size}), activations {act}")
-
-
-@dataclass(frozen=True)
-class FoldResult:
-    """Norms whose SmoothQuant scale was folded into their parameters, and those left explicit (with why)."""
-
-    folded: tuple[str, ...]
-    explicit: dict[str, str]
-
-
-def _probe(k: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(4, k, generator=g) * 3.0
-
-
-def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return bool(torch.allclose(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max().clamp(min=1.0))))
-
-
-@torch.no_grad()
-def _fold_into_norm(norm: torch.nn.Module, inv: torch.Tensor) -> str | None:
-    """Scale ``norm``'s per-channel parameters by ``inv`` if that scales its output by ``inv``; else say why not
-    (and leave it unchanged)."""
-    params = [p for p in norm.parameters(recurse=False) if p.is_floating_point()]
-    if not params or any(p.shape != inv.shape for p in params) or list(norm.children()):
-        return f"{type(norm).__name__} does not hold only per-channel parameters of size {inv.numel()}"
-    x = _probe(inv.numel())
-    saved = [p.detach().clone() for p in params]
-    try:
-        want = norm(x) * inv
-        for p in params:
-            p.mul_(inv.to(p.dtype))
-        if _close(norm(x), want):
-            return None
-        why = f"{type(norm).__name__}'s output is not linear in its parameters"
-    except Exception as e:   # a module that is not a plain x -> norm(x) function
-        why = f"{type(norm).__name__} could not be probed ({type(e).__name__}: {e})"
-    for p, old in zip(params, saved):
-        p.copy_(old)
-    return why
-
-
-@torch.no_grad()
-def _scale_float_linear_input(module: torch.nn.Module, s: torch.Tensor) -> bool:
-    """Make float ``module(z)`` compute ``module_before(z * s)`` by scaling its weight's input dimension."""
-    w = getattr(module, "weight", None)
-    if not isinstance(w, torch.nn.Parameter) or w.dim() != 2:
-        return False
-    x = _probe(s.numel(), seed=1)
-    want = module(x * s)
-    saved = w.detach().clone()
-    for dim in (1, 0):                       # [N, K] (nn.Linear) first, then [K, N] (GPT-2 Conv1D)
-        if w.shape[dim] != s.numel():
-            continue
-        w.copy_(saved * (s[None, :] if dim == 1 else s[:, None]).to(w.dtype))
-        if _close(module(x), want):
-            return True
-    w.copy_(saved)
-    return False
-
-
-def _snapshot(modules: list[torch.nn.Module]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(p, p.detach().clone()) for m in modules for p in m.parameters(recurse=False)]
-
-
-def fold_norm_smoothing(model: torch.nn.Module, report: CompileReport) -> FoldResult:
-    """Fold SmoothQuant scales planned into norms (applied at the linears' inputs in eager mode)
-    back into the norms; the float linears of the same group take ``W * s`` as in the compiled graph."""
-    groups: dict[str, list[str]] = {}
-    for fqn, d in report.layers.items():
-        if d.smoothing.startswith("norm:"):
-            groups.setdefault(d.smoothing[len("norm:"):], []).append(fqn)
-    folded, explicit = [], {}
-    for norm_path, fqns in groups.items():
-        modules = [model.get_submodule(f) for f in fqns]
-        quantized = [m for m in modules if isinstance(m, QuantizedLinear)]
-        floats = [m for m in modules if not isinstance(m, QuantizedLinear)]
-        invs = [q.inv_smooth.float() for q in quantized if q.inv_smooth is not None]
-        if not invs:
-            continue
-        inv = invs[0]
-        if len(invs) != len(quantized) or any(not torch.equal(i, inv) for i in invs):
-            explicit[norm_path] = "its quantized linears do not share one smoothing scale"
-            continue
-        norm = model.get_submodule(norm_path)
-        saved = _snapshot([norm] + floats)
-        why = _fold_into_norm(norm, inv)
-        if why is None and not all(_scale_float_linear_input(m, 1.0 / inv) for m in floats):
-            why = "a float linear of its group could not take the scale"
-            with torch.no_grad():
-                for p, old in saved:
-                    p.copy_(old)
-        if why is not None:
-            explicit[norm_path] = why
-            log.info("SmoothQuant scale of %s stays an explicit Mul: %s", norm_path, why)
-            continue
-        for q in quantized:
-            q.inv_smooth = None
-        folded.append(norm_path)
-    return FoldResult(tuple(folded), explicit)
 
 
 def to_qdq_form(model: torch.nn.Module) -> int:
