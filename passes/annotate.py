@@ -183,6 +183,7 @@ class Annotate:
                 ann.linears.setdefault(fqn, []).append(node.name)
                 ann.linear_weight[node.name] = parts.weight.name
             elif name in ("layer_norm", "rms_norm", "group_norm"):
+                path = self._norm_fqn(node.all_input_nodes[1:], path, ann, names_by_id)
                 node.meta[META_KEY] = NodeInfo("norm", path)
                 ann.norms[node.name] = path
             elif name == "embedding":
@@ -192,9 +193,11 @@ class Annotate:
             elif name in ("matmul", "bmm", "baddbmm") or node.target is operator.matmul:
                 node.meta[META_KEY] = NodeInfo("matmul", path)
             elif name == "mul" and self._norm_gain(node, act_dependent, ann) is not None:
+                gain = self._norm_gain(node, act_dependent, ann)
+                path = self._norm_fqn([gain], path, ann, names_by_id)
                 node.meta[META_KEY] = NodeInfo("norm", path)
                 ann.norms[node.name] = path
-                ann.norm_gain[node.name] = self._norm_gain(node, act_dependent, ann)
+                ann.norm_gain[node.name] = gain
             else:
                 node.meta[META_KEY] = NodeInfo("other", path)
 
@@ -272,6 +275,17 @@ class Annotate:
             if passthrough:
                 stack.extend(n.all_input_nodes)
         return heads
+
+    @staticmethod
+    def _norm_fqn(params: list[Node], stack_path: str, ann: GraphAnnotation, names_by_id) -> str:
+        """The norm's module path from its parameters' names in the root model (the module stack of a
+        graph Dynamo resumed inside a submodule's forward, after a graph break, is relative to it)."""
+        candidates = [n.rsplit(".", 1)[0] for p in params for a in _ancestors(p) if a.name in ann.values
+                      for n in names_by_id.get(id(ann.values[a.name]), [])]
+        for c in candidates:
+            if not stack_path or c == stack_path or c.endswith("." + stack_path):
+                return c
+        return stack_path or (candidates[0] if candidates else "")
 
     @staticmethod
     def _linear_fqn(weight: Node, stack_path: str, ann: GraphAnnotation, names_by_id) -> str:

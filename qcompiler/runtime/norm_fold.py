@@ -131,7 +131,10 @@ def fold_norm_smoothing(model: torch.nn.Module, report: CompileReport,
             why = "its quantized linears do not share one smoothing scale"
         if why is None and floats and _tied(model, floats):
             why = "a float linear of its group shares its weight with another module (tied) and cannot take the scale"
-        norm = model.get_submodule(norm_path)
+        try:
+            norm = model.get_submodule(norm_path)
+        except AttributeError:
+            norm, why = None, why or f"no module {norm_path!r} in the model"
         params = folded_norm_params(norm, inv) if why is None else why
         if isinstance(params, str):
             why = params
