@@ -134,3 +134,14 @@ def test_outputs_that_cannot_carry_the_transform_refuse_the_model(tmp_path):
     assert not (tmp_path / "ct").exists()
     with pytest.raises(UnsupportedError, match="online Hadamard"):
         qcompiler.export_onnx(tiny_model("llama"), "w4a16-rtn+rot-online", IDS, tmp_path / "m.onnx")
+
+
+@pytest.mark.parametrize("preset, warns", [("w8a8-int8-sq+rot-online", True),
+                                           ("w8a8-int8-sq-dynamic+rot-online", False),
+                                           ("w8a8-int8-sq+rot", False)])
+def test_static_activations_with_online_transforms_warn(preset, warns, caplog):
+    from qcompiler.rotation import apply_recipe_rotation
+    model = tiny_model("llama")
+    with caplog.at_level("WARNING", logger="qcompiler.rotation"):
+        apply_recipe_rotation(model, qcompiler.recipes.get(preset))
+    assert ("cannot hold" in caplog.text) == warns
