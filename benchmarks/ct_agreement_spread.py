@@ -46,6 +46,31 @@ class _Perturb:
         return out * (1 + self.eps * torch.randn(out.shape, generator=g).to(out.dtype))
 
 
+def _per_linear(ours: torch.nn.Module, theirs: torch.nn.Module, ids: torch.Tensor) -> tuple[float, str]:
+    """The largest relative L2 difference (float64) of a linear's output when transformers' module gets the
+    input qcompiler's module got, and which linear."""
+    ins, outs, got, hooks = {}, {}, {}, []
+    mods = dict(theirs.named_modules())
+    for fqn, m in ours.named_modules():
+        if fqn in mods and hasattr(m, "in_features"):
+            hooks.append(m.register_forward_hook(
+                lambda mod, a, o, f=fqn: (ins.__setitem__(f, a[0].detach()), outs.__setitem__(f, o.detach()), None)[-1]))
+    with torch.inference_mode():
+        ours(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    hooks = [mods[f].register_forward_pre_hook(lambda mod, a, f=f: (ins[f],)) for f in ins]
+    hooks += [mods[f].register_forward_hook(lambda mod, a, o, f=f: (got.__setitem__(f, o.detach()), None)[-1])
+              for f in ins]
+    with torch.inference_mode():
+        theirs(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    errs = [(float((got[f].double() - outs[f].double()).norm() / outs[f].double().norm().clamp(min=1e-30)), f)
+            for f in ins]
+    return max(errs)
+
+
 def _stats(xs: list[float]) -> str:
     return (f"{statistics.mean(xs):.4f} | {statistics.stdev(xs):.4f} ({100 * statistics.stdev(xs) / statistics.mean(xs):.3f}%) "
             f"| {min(xs):.4f} – {max(xs):.4f} ({100 * (max(xs) / min(xs) - 1):.3f}%)")
@@ -57,6 +82,8 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="fp8-dynamic")
     ap.add_argument("--seeds", type=int, default=4, help="perturbed evaluations per side (besides the unperturbed one)")
     ap.add_argument("--eps", type=float, default=1e-6)
+    ap.add_argument("--no-calibration", action="store_true",
+                    help="quantize without calibration data (fp8-dynamic: round to nearest instead of GPTQ)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     cmd = "python benchmarks/ct_agreement_spread.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -68,7 +95,8 @@ def main(argv=None) -> int:
                                 protocol.context, bos_id=bos)
     recipe = _recipe(args.preset)
     calib = (data.calibration_batches(data.tokenize_text(tok, _text(protocol.calib_text)), protocol.calib_samples,
-                                      protocol.calib_seq, seed=0, bos_id=bos) if recipe.needs_calibration else None)
+                                      protocol.calib_seq, seed=0, bos_id=bos)
+             if recipe.needs_calibration and not args.no_calibration else None)
     qcompiler.quantize(model, recipe, calibration=calib, progress=False, kernels="exact")
     perturb = _Perturb(args.eps)
     seeds = [None] + list(range(1, args.seeds + 1))
@@ -77,6 +105,8 @@ def main(argv=None) -> int:
         folder = qcompiler.save_compressed_tensors(model, Path(work) / "ckpt", recipe, tokenizer=tok)
         theirs = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
         sides = {"qcompiler": model, "transformers": theirs}
+        worst = _per_linear(model, theirs, windows[0].reshape(1, -1)[:, :256])
+        print(f"per linear, same input: largest relative difference {worst[0]:.1e} ({worst[1]})", flush=True)
         for m in sides.values():
             m.get_input_embeddings().register_forward_hook(perturb)
         for seed in seeds:
@@ -99,7 +129,9 @@ def main(argv=None) -> int:
             f"`seed s`: the embedding output times `1 + {args.eps:g} N(0, 1)` (seeded, the same on both sides). "
             f"torch {torch.__version__}, CPU: {machine.describe()}.\n\n"
             f"| model | {head} | mean | std | range |\n|---|{'---|' * (len(seeds) + 3)}\n" + "\n".join(rows) +
-            f"\n\ntransformers vs qcompiler: unperturbed {unperturbed:+.3f}%, means {gap:+.3f}%.\n")
+            f"\n\ntransformers vs qcompiler: unperturbed {unperturbed:+.3f}%, means {gap:+.3f}%. Each linear fed "
+            f"qcompiler's input (first window, 256 tokens): largest relative output difference {worst[0]:.1e} "
+            f"({worst[1]}).\n")
     print(text)
     if args.out:
         args.out.write_text(text)
