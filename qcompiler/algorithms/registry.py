@@ -74,7 +74,7 @@ def register_weight_algorithm(algorithm: WeightAlgorithm) -> WeightAlgorithm:
 
 
 def _load_builtins() -> None:
-    from qcompiler.algorithms import awq, gptq, signround  # noqa: F401  (each registers its algorithm on import)
+    from qcompiler.algorithms import awq, gptq, signround, sparsegpt  # noqa: F401  (each registers its algorithm on import)
 
 
 def registered_algorithms() -> dict[type, WeightAlgorithm]:

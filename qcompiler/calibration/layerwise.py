@@ -83,8 +83,12 @@ class LayerwiseCalibration:
     linear's quantized weight."""
 
     def __init__(self, batches: Iterable, recipe: Recipe, seed: int = 0, progress: bool = True,
-                 replay_batch: int = 8, checkpoint_dir: str | os.PathLike | None = None):
+                 replay_batch: int = 8, checkpoint_dir: str | os.PathLike | None = None,
+                 linear_fn=None):
         self.batches = validate_batches(batches)
+        # (fqn, w, stats, recipe) -> (weight, note): the recipe's weight algorithm unless given
+        # (``qcompiler.sparsity.sparsify`` prunes in float with its own); the weight needs ``dequantize()``
+        self.linear_fn = linear_fn or weight_algorithms.quantize_linear
         # each completed block's results are saved here; a rerun resumes after the last one (resume.py)
         self.checkpoint_dir = checkpoint_dir
         self.resumed_blocks = 0
@@ -314,7 +318,7 @@ class LayerwiseCalibration:
         out = {}
         for fqn, w in zip(fqns, ws):
             st = weight_algorithms.scaled_stats(block_stats[fqn], s)
-            qw, note = weight_algorithms.quantize_linear(fqn, w if s is None else w * s[None, :], st, recipe)
+            qw, note = self.linear_fn(fqn, w if s is None else w * s[None, :], st, recipe)
             out[fqn] = LayerResult(qw, s, alpha, note)
         return out
 

@@ -8,7 +8,7 @@ from typing import Callable
 
 from qcompiler.errors import RecipeError
 from .specs import (ActivationSpec, AWQSpec, Calibrator, FallbackSpec, GPTQSpec, Granularity, KVCacheSpec, QuantDtype,
-                    Recipe, RotationSpec, SignRoundSpec, SmoothQuantSpec, WeightSpec)
+                    Recipe, RotationSpec, SignRoundSpec, SmoothQuantSpec, SparseGPTSpec, WeightSpec)
 
 __all__ = ["RECIPES", "register_recipe", "get", "names"]
 
@@ -190,6 +190,30 @@ def _w4a8_awq() -> Recipe:
 def _w8a16_gptq() -> Recipe:
     return Recipe(name="w8a16-gptq", weight=WeightSpec(QuantDtype.INT8, Granularity.PER_CHANNEL),
                   weight_algorithm=GPTQSpec(act_order=True, static_groups=True), layerwise=True)
+
+
+# ---- 2:4 sparsity ------------------------------------------------------------------------------
+# SparseGPT prunes every decoder linear to 2:4 and rounds the kept weights in the same sweep, block by block
+# (each block's Hessians from the outputs of the blocks already pruned). No sensitivity fallback: a pruned
+# linear's output SQNR is far below any quantization threshold, and a dense linear would not be sparse.
+# Float 2:4 (no quantization) is qcompiler.sparsify.
+
+@register_recipe("sparse24-fp8-dynamic")
+def _sparse24_fp8_dynamic() -> Recipe:
+    # llm-compressor's 2:4 + FP8 scheme: channel-wise FP8 weights, dynamic per-token FP8 activations
+    return Recipe(name="sparse24-fp8-dynamic", weight=WeightSpec(QuantDtype.FP8_E4M3, Granularity.PER_CHANNEL),
+                  activation=_FP8_PER_TOKEN, weight_algorithm=SparseGPTSpec(), layerwise=True)
+
+
+@register_recipe("sparse24-w8a8-int8-dynamic")
+def _sparse24_int8_dynamic() -> Recipe:
+    return Recipe(name="sparse24-w8a8-int8-dynamic", weight=WeightSpec(), activation=_DYNAMIC_INT8,
+                  weight_algorithm=SparseGPTSpec(), layerwise=True)
+
+
+@register_recipe("sparse24-w4a16")
+def _sparse24_w4a16() -> Recipe:
+    return Recipe(name="sparse24-w4a16", weight=_INT4_G64, weight_algorithm=SparseGPTSpec(), layerwise=True)
 
 
 # ---- KV cache ---------------------------------------------------------------------------------

@@ -359,6 +359,61 @@ class SignRoundSpec:
 
 
 @dataclass(frozen=True)
+class SparseGPTSpec:
+    """N:M semi-structured sparsity (2:4 by default: at most ``n`` non-zeros in each run of ``m``
+    consecutive input channels of a weight row), pruned and quantized in one sweep.
+
+    ``method="sparsegpt"`` (Frantar & Alistarh, "SparseGPT: Massive Language Models Can Be Accurately
+    Pruned in One-Shot", ICML 2023): columns left to right, each run of ``m`` columns' mask chosen by the
+    OBS saliency ``w^2 / [H^-1]_ii^2`` on the error-updated weights, every column's pruning and rounding
+    error spread over the later columns through the inverse Hessian (GPTQ's update). ``"magnitude"``:
+    the ``m - n`` smallest ``|w|`` of each run pruned, the rest rounded to nearest (no calibration).
+
+    Args:
+        method: ``"sparsegpt"`` or ``"magnitude"``.
+        n: non-zeros kept per run.
+        m: run length along the input channels; must divide ``block_size`` and every pruned linear's K.
+        block_size: columns per lazy batch update (a multiple of ``m``).
+        dampening: fraction of the mean Hessian diagonal added to it (raised, and reported, when the
+            Hessian is not positive definite).
+        min_samples: fewest calibration tokens per linear for a usable Hessian.
+    """
+
+    method: str = "sparsegpt"
+    n: int = 2
+    m: int = 4
+    block_size: int = 128
+    dampening: float = 0.01
+    min_samples: int = 128
+
+    def __post_init__(self):
+        if self.method not in ("sparsegpt", "magnitude"):
+            raise RecipeError(f"sparsegpt.method={self.method!r} must be 'sparsegpt' or 'magnitude'")
+        _positive_int("sparsegpt", "n", self.n)
+        _positive_int("sparsegpt", "m", self.m)
+        if self.n >= self.m:
+            raise RecipeError(f"sparsegpt.n={self.n} must be smaller than sparsegpt.m={self.m} (n non-zeros kept "
+                              "in each run of m input channels)")
+        _positive_int("sparsegpt", "block_size", self.block_size)
+        if self.block_size % self.m:
+            raise RecipeError(f"sparsegpt.block_size={self.block_size} must be a multiple of sparsegpt.m={self.m}")
+        _positive_int("sparsegpt", "min_samples", self.min_samples)
+        if not 0.0 < _number("sparsegpt", "dampening", self.dampening) < 1.0:
+            raise RecipeError(f"sparsegpt.dampening={self.dampening!r} must be in (0, 1)")
+
+    @property
+    def pattern(self) -> str:
+        return f"{self.n}:{self.m}"
+
+    def check(self, recipe: "Recipe") -> None:
+        """The rules this spec sets on the rest of ``recipe`` (``RecipeError`` when one fails)."""
+        w = recipe.weight
+        if w.granularity is Granularity.PER_GROUP and w.group_size % self.m:
+            raise RecipeError(f"recipe.sparsegpt: weight.group_size={w.group_size} must be a multiple of "
+                              f"sparsegpt.m={self.m} (a run of pruned channels may not straddle two scales)")
+
+
+@dataclass(frozen=True)
 class RotationSpec:
     """Rotate the residual stream before quantizing (QuaRot / SpinQuant's offline rotation,
     ``qcompiler.rotate``): a randomized Hadamard ``Q`` folded into the embeddings, the linears that
