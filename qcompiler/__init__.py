@@ -9,6 +9,7 @@ from qcompiler.core import ops  # noqa: F401  (registers the qcompiler:: torch o
 from qcompiler.api import backend, kv_cache, quantize, report
 from qcompiler.rotation import rotate
 from qcompiler.sparsity import sparsify
+from qcompiler.qat import convert, distillation_loss, prepare_qat
 from qcompiler.pipeline import CompileReport, LayerDecision, PassContext, PassManager, PassResult
 
 
@@ -38,7 +39,7 @@ def load_compressed_tensors(path):
     return _load(path)
 
 
-__all__ = ["backend", "quantize", "report", "kv_cache", "rotate", "sparsify", "export_onnx", "save_compressed_tensors",
+__all__ = ["backend", "quantize", "report", "kv_cache", "rotate", "sparsify", "prepare_qat", "convert", "distillation_loss", "export_onnx", "save_compressed_tensors",
            "load_compressed_tensors", "Recipe", "recipes",
            "errors", "RecipeError", "CalibrationError", "PassError", "UnsupportedError", "CompileReport", "LayerDecision",
            "PassContext", "PassManager", "PassResult"]

@@ -34,7 +34,8 @@ LAYERS = {
     "backends": ["qcompiler.backends", "qcompiler.backends.*"],
     # export_onnx(model, recipe, ...) quantizes through the API, then exports: an entry point like
     # qcompiler.quantize (the package and its exporter module); the export machinery sits beside runtime
-    "api": ["qcompiler.api", "qcompiler", "qcompiler.rotation", "qcompiler.export", "qcompiler.export.exporter"],
+    "api": ["qcompiler.api", "qcompiler", "qcompiler.rotation", "qcompiler.sparsity", "qcompiler.qat", "qcompiler.export",
+            "qcompiler.export.exporter"],
     "runtime": ["qcompiler.runtime", "qcompiler.runtime.*", "qcompiler.export.*"],
 }
 #: what each layer may import besides itself

@@ -1,0 +1,243 @@
+"""Quantization-aware training: ``prepare_qat`` puts a recipe's fake quantization into a model, the user
+trains it with their own loop, ``convert`` gives the quantized model ``qcompiler.quantize`` would.
+
+``prepare_qat`` runs the recipe's post-training plan first (``qcompiler.quantize``: the same passes, scales,
+fallback decisions and weight algorithm), then stands a ``FakeQuantLinear`` in for each ``QuantizedLinear``:
+a trainable latent weight, the plan's weight scales (and zero points), the recipe's activation quantization,
+all as the same Q/DQ arithmetic (``qcompiler.core.numerics``, ONNX semantics) with straight-through
+gradients: a rounded value passes its gradient to the value it came from where it is inside the format's
+range, and none where it saturated. With ``learn_scales`` the weight scales (and static activation scales)
+are trained too, with LSQ's gradient (Esser et al., "Learned Step Size Quantization", ICLR 2020):
+``(y - x) / s`` inside the range, ``y / s`` where clipped, scaled by ``1 / sqrt(n * qmax)`` per scale.
+
+The latent weight starts (``init="auto"``) at the float weight when the recipe rounds to nearest, so that
+``convert`` after zero steps gives round to nearest again, and at the plan's dequantized weight when the
+recipe has a weight algorithm (GPTQ, AWQ's clipping, SparseGPT), so that it gives that algorithm's codes:
+either way ``convert(prepare_qat(m))`` equals ``quantize(m)`` bit for bit before training.
+``distillation_loss`` is the KL divergence to a float teacher's logits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from qcompiler.core import numerics
+from qcompiler.core.layer_quant import QuantizedWeight, weight_qdtype
+from qcompiler.core.linear_probe import linear_orientation
+from qcompiler.errors import UnsupportedError
+from qcompiler.recipes import Recipe, resolve
+
+__all__ = ["FakeQuantLinear", "prepare_qat", "convert", "distillation_loss", "fake_quantize_ste"]
+
+
+class _FakeQuantize(torch.autograd.Function):
+    """``dequantize(quantize(x))`` forward; straight-through (clipped) gradient for ``x``, LSQ's for ``scale``."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero, dtype: str, block_size: int | None, lsq_factor: float):
+        q = numerics.quantize(x, scale, zero, dtype, block_size=block_size)
+        y = numerics.dequantize(q, scale, zero, x.dtype, block_size=block_size)
+        ctx.save_for_backward(x, y, scale, zero)
+        ctx.meta = (dtype, block_size, lsq_factor)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, y, scale, zero = ctx.saved_tensors
+        dtype, block_size, lsq_factor = ctx.meta
+        qmin, qmax = numerics.QRANGE[dtype]
+        s = numerics.expand_blocks(scale.float(), x, block_size)
+        v = x.float() / s
+        if zero is not None:
+            v = v + numerics.expand_blocks(zero.float(), x, block_size)
+        inside = (v >= qmin) & (v <= qmax)
+        grad_x = grad * inside
+        grad_scale = None
+        if ctx.needs_input_grad[1]:
+            local = torch.where(inside, (y.float() - x.float()) / s, y.float() / s) * grad.float()
+            grad_scale = _reduce_to(local, scale, block_size) * lsq_factor
+        return grad_x, grad_scale, None, None, None, None
+
+
+def _reduce_to(full: torch.Tensor, scale: torch.Tensor, block_size: int | None) -> torch.Tensor:
+    """Sum ``full`` [..., K] over the elements each entry of ``scale`` covers."""
+    if scale.dim() == 0:
+        return full.sum()
+    out = full
+    for d, (s, n) in enumerate(zip(scale.shape, full.shape)):
+        if s == 1 and n != 1:
+            out = out.sum(d, keepdim=True)
+        elif s != n:
+            block = block_size or -(-n // s)
+            pad = [0, 0] * (out.dim() - 1 - d) + [0, s * block - n]
+            out = F.pad(out, pad).unflatten(d, (s, block)).sum(d + 1)
+    return out
+
+
+def fake_quantize_ste(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, dtype: str,
+                      block_size: int | None = None) -> torch.Tensor:
+    """Fake quantization with straight-through gradients (and LSQ's for ``scale`` when it requires grad)."""
+    qmax = numerics.QRANGE[dtype][1]
+    per_scale = x.numel() / max(scale.numel(), 1)
+    return _FakeQuantize.apply(x, scale, zero, dtype, block_size, 1.0 / math.sqrt(per_scale * qmax))
+
+
+def _fake_quantize_per_token(x: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Dynamic per-token fake quantization: the scale follows the data (no gradient), the values straight through."""
+    q, s = numerics.quantize_per_token(x.detach(), dtype)
+    y = numerics.dequantize(q, s, None, x.dtype)
+    return x + (y - x).detach()
+
+
+class FakeQuantLinear(torch.nn.Module):
+    """A planned linear during QAT: ``linear(fq(x), fq(weight)) + bias`` with the plan's scales.
+
+    ``weight`` [N, K] is the trainable latent weight; ``w_scale`` (a parameter with ``learn_scales``),
+    ``w_zero``, ``act_scale`` as ``QuantizedLinear``'s buffers; ``source`` the ``QuantizedLinear`` it came from
+    (kernels, report), reused by ``convert``."""
+
+    def __init__(self, source, weight: torch.Tensor, qdtype: str, act_qdtype: str | None, learn_scales: bool):
+        super().__init__()
+        self.fqn, self.qdtype, self.act_qdtype = source.fqn, qdtype, act_qdtype
+        self.act_dynamic, self.group_size = source.act_dynamic, source.group_size or None
+        self.in_features, self.out_features = source.in_features, source.out_features
+        self.weight = torch.nn.Parameter(weight.detach().clone().float())
+        scale = source.w_scale.detach().clone().float()
+        if learn_scales:
+            self.w_scale = torch.nn.Parameter(scale)
+        else:
+            self.register_buffer("w_scale", scale)
+        self.register_buffer("w_zero", None if source.w_zero is None else source.w_zero.detach().clone())
+        self.register_buffer("bias", None if source.bias is None else source.bias.detach().clone().float())
+        act_scale = None if source.act_scale is None else source.act_scale.detach().clone().float()
+        if learn_scales and act_scale is not None:
+            self.act_scale = torch.nn.Parameter(act_scale)
+        else:
+            self.register_buffer("act_scale", act_scale)
+        self._source = (source,)          # a tuple: not a submodule (its buffers are not trained)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out_dtype = x.dtype
+        x = x.float()
+        if self.act_qdtype is not None:
+            x = (_fake_quantize_per_token(x, self.act_qdtype) if self.act_dynamic
+                 else fake_quantize_ste(x, self.act_scale.clamp(min=1e-12), None, self.act_qdtype))
+        w = fake_quantize_ste(self.weight, self.w_scale.clamp(min=1e-12), self.w_zero, self.qdtype, self.group_size)
+        return F.linear(x, w, self.bias).to(out_dtype)
+
+    def quantized_weight(self) -> QuantizedWeight:
+        """The latent weight rounded with the current scales: what ``convert`` stores."""
+        with torch.no_grad():
+            scale = self.w_scale.detach().clamp(min=1e-12).clone()
+            q = numerics.quantize(self.weight.detach(), scale, self.w_zero, self.qdtype, block_size=self.group_size)
+        source = self._source[0]
+        return QuantizedWeight(q, scale, None if self.w_zero is None else self.w_zero.clone(), source.weight_dtype,
+                               self.group_size, self.qdtype in ("int7", "uint7"))
+
+    def extra_repr(self) -> str:
+        act = f", act {self.act_qdtype}{' per-token' if self.act_dynamic else ''}" if self.act_qdtype else ""
+        return f"{self.fqn}: {self.in_features} -> {self.out_features}, weight {self.qdtype}{act}"
+
+
+def prepare_qat(model: torch.nn.Module, recipe: Recipe | str, calibration: Iterable | None = None, *,
+                init: str = "auto", learn_scales: bool = False, progress: bool = True,
+                kernels: str | Mapping[str, str] = "auto") -> torch.nn.Module:
+    """Put ``recipe``'s fake quantization into ``model`` in place for training; returns ``model``.
+
+    Args:
+        model: a float model whose parameters require grad (the latent weights train; everything else the
+            user's optimizer may train or freeze as they like).
+        recipe: a preset name or ``Recipe``; the linears it quantizes become ``FakeQuantLinear``.
+        calibration: as ``qcompiler.quantize`` (static scales, the weight algorithm, the fallback rule).
+        init: ``"float"`` (latent weights start at the float weights), ``"ptq"`` (at the plan's dequantized
+            weights), or ``"auto"`` (``"ptq"`` when the recipe has a weight algorithm, else ``"float"``).
+        learn_scales: train the weight scales and static activation scales (LSQ).
+        progress, kernels: as ``qcompiler.quantize`` (kernels: what ``convert`` will run).
+
+    Raises:
+        UnsupportedError: the recipe scales input channels (SmoothQuant, AWQ: not trainable here yet),
+            quantizes the KV cache or embeddings, or the model has no trainable parameters / grad is off.
+    """
+    from qcompiler.api import quantize
+    from qcompiler.algorithms import registry
+    from qcompiler.runtime.eager import QuantizedLinear, _carry_hooks
+
+    recipe = resolve(recipe)
+    if init not in ("auto", "float", "ptq"):
+        raise ValueError(f"prepare_qat: init={init!r} must be 'auto', 'float' or 'ptq'")
+    if not torch.is_grad_enabled():
+        raise UnsupportedError("prepare_qat: gradients are disabled here (torch.no_grad / inference_mode); QAT "
+                               "trains the latent weights: call it, and train, with grad enabled")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise UnsupportedError("prepare_qat: no parameter of the model requires grad; QAT trains the weights "
+                               "(model.requires_grad_(True))")
+    if any(isinstance(m, FakeQuantLinear) for m in model.modules()):
+        raise UnsupportedError("prepare_qat: the model is already prepared; call convert first")
+    refused = [what for what, present in (("SmoothQuant input scales (recipe.smoothquant)", recipe.smoothquant),
+                                          ("AWQ-style input scales", registry.has_input_scale(recipe)),
+                                          ("a quantized KV cache (recipe.kv_cache)", recipe.kv_cache),
+                                          ("quantized embeddings (recipe.embedding)", recipe.embedding)) if present]
+    if refused:
+        raise UnsupportedError(f"prepare_qat: recipe {recipe.name!r} has {' and '.join(refused)}, which QAT does "
+                               "not train yet; quantize them after training, or pick a recipe without them")
+    if init == "auto":
+        init = "ptq" if recipe.weight_algorithm is not None else "float"
+    before = dict(model.named_modules())
+    quantize(model, recipe, calibration, progress=progress, kernels=kernels)
+    qdtype = weight_qdtype(recipe.weight)
+    act_qdtype = None if recipe.activation is None else recipe.activation.dtype.value
+    for fqn, module in list(model.named_modules()):
+        if not isinstance(module, QuantizedLinear):
+            continue
+        if init == "float":
+            old = before[fqn]
+            found = linear_orientation(old, module.in_features)
+            if found is None:
+                raise UnsupportedError(f"prepare_qat: {fqn} is not a plain linear; use init='ptq'")
+            weight = found[0].t() if found[1] else found[0]
+        else:
+            weight = QuantizedWeight.from_storage(module.w_q, module.w_scale, module.w_zero, module.weight_dtype,
+                                                  module.group_size or None, module.in_features).dequantize()
+        fq = FakeQuantLinear(module, weight, qdtype, act_qdtype, learn_scales).to(module.w_scale.device)
+        _carry_hooks(module, fq)
+        parent_name, _, child = fqn.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, fq)
+    return model
+
+
+def convert(model: torch.nn.Module) -> torch.nn.Module:
+    """Replace every ``FakeQuantLinear`` by the ``QuantizedLinear`` of its trained weight and scales; returns
+    ``model``. ``UnsupportedError`` when the model was not prepared with ``prepare_qat``."""
+    from qcompiler.runtime.eager import QuantizedLinear, _carry_hooks
+
+    found = [(fqn, m) for fqn, m in model.named_modules() if isinstance(m, FakeQuantLinear)]
+    if not found:
+        raise UnsupportedError("convert: the model has no FakeQuantLinear; call qcompiler.prepare_qat(model, "
+                               "recipe, ...) first")
+    for fqn, fq in found:
+        source = fq._source[0]
+        act_scale = None if fq.act_scale is None else float(fq.act_scale.detach().clamp(min=1e-12))
+        new = QuantizedLinear(fq.quantized_weight(), None if fq.bias is None else fq.bias.detach().clone(),
+                              source.act_dtype, source.act_dynamic, act_scale, source.inv_smooth, source.fqn,
+                              source.kernels, source._report)
+        _carry_hooks(fq, new)
+        parent_name, _, child = fqn.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    return model
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``T^2 KL(softmax(teacher / T) || softmax(student / T))`` averaged over positions (``mask``: the ones
+    that count, e.g. not padding)."""
+    t = temperature
+    log_p = F.log_softmax(teacher_logits.detach().float() / t, dim=-1)
+    log_q = F.log_softmax(student_logits.float() / t, dim=-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    if mask is not None:
+        return (kl * mask).sum() / mask.sum().clamp(min=1) * t * t
+    return kl.mean() * t * t
