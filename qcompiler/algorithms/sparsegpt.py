@@ -77,7 +77,7 @@ def check_prunable(fqn: str, in_features: int, spec: SparseGPTSpec) -> None:
     if in_features % spec.m:
         raise UnsupportedError(f"{fqn}: {spec.pattern} sparsity prunes runs of sparsegpt.m={spec.m} input channels, "
                                f"but this linear has K={in_features} (not a multiple of {spec.m}); keep it dense with "
-                               "fallback.keep_modules")
+                               "fallback.keep_modules (sparsify: keep_modules=)")
 
 
 @dataclass(frozen=True)
