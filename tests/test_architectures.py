@@ -39,7 +39,9 @@ def test_preset_matches_fake_quant_reference(models, arch, preset):
     assert len(rep.quantized) >= 0.75 * n_linear, rep.summary()
     # quantization changed the output, but not beyond what 8 bits explain ...
     quant_err = rel_err(out, ref_float)
-    assert 1e-5 < quant_err < 0.2
+    # (2:4 presets prune half of every decoder linear's weights: their error is the pruning's)
+    sparse = isinstance(qb.recipe.weight_algorithm, qcompiler.recipes.SparseGPTSpec)
+    assert 1e-5 < quant_err < (0.8 if sparse else 0.2)
     # ... and the compiled graph computes the reference's math. Folding (w/s in a norm vs x/s after it)
     # rounds differently in fp32, which can move one activation across a static quantizer's step in
     # an early layer and spread to later ones: allow a quarter of the quantization error for that.
