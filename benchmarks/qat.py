@@ -58,7 +58,7 @@ def _train(student, teacher, batches, args) -> tuple[int, float, list[float]]:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         step += 1
         bar.update(1)
         bar.set_postfix(kl=f"{losses[-1]:.4f}")

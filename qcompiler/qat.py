@@ -13,7 +13,8 @@ are trained too, with LSQ's gradient (Esser et al., "Learned Step Size Quantizat
 The latent weight starts (``init="auto"``) at the float weight when the recipe rounds to nearest, so that
 ``convert`` after zero steps gives round to nearest again, and at the plan's dequantized weight when the
 recipe has a weight algorithm (GPTQ, AWQ's clipping, SparseGPT), so that it gives that algorithm's codes:
-either way ``convert(prepare_qat(m))`` equals ``quantize(m)`` bit for bit before training.
+either way ``convert(prepare_qat(m))`` equals ``quantize(m)`` bit for bit before training. A sparse recipe's
+(``SparseGPTSpec``) pruned weights stay 0 through training, so the N:M pattern survives ``convert``.
 ``distillation_loss`` is the KL divergence to a float teacher's logits.
 """
 
@@ -29,7 +30,7 @@ from qcompiler.core import numerics
 from qcompiler.core.layer_quant import QuantizedWeight, weight_qdtype
 from qcompiler.core.linear_probe import linear_orientation
 from qcompiler.errors import UnsupportedError
-from qcompiler.recipes import Recipe, resolve
+from qcompiler.recipes import Recipe, SparseGPTSpec, resolve
 
 __all__ = ["FakeQuantLinear", "prepare_qat", "convert", "distillation_loss", "fake_quantize_ste"]
 
@@ -100,8 +101,11 @@ class FakeQuantLinear(torch.nn.Module):
     ``w_zero``, ``act_scale`` as ``QuantizedLinear``'s buffers; ``source`` the ``QuantizedLinear`` it came from
     (kernels, report), reused by ``convert``."""
 
-    def __init__(self, source, weight: torch.Tensor, qdtype: str, act_qdtype: str | None, learn_scales: bool):
+    def __init__(self, source, weight: torch.Tensor, qdtype: str, act_qdtype: str | None, learn_scales: bool,
+                 pruned: torch.Tensor | None = None):
         super().__init__()
+        # a sparse recipe's pattern stays: pruned weights are held at 0 (and get no gradient)
+        self.register_buffer("pruned", pruned)
         self.fqn, self.qdtype, self.act_qdtype = source.fqn, qdtype, act_qdtype
         self.act_dynamic, self.group_size = source.act_dynamic, source.group_size or None
         self.in_features, self.out_features = source.in_features, source.out_features
@@ -126,14 +130,16 @@ class FakeQuantLinear(torch.nn.Module):
         if self.act_qdtype is not None:
             x = (_fake_quantize_per_token(x, self.act_qdtype) if self.act_dynamic
                  else fake_quantize_ste(x, self.act_scale.clamp(min=1e-12), None, self.act_qdtype))
-        w = fake_quantize_ste(self.weight, self.w_scale.clamp(min=1e-12), self.w_zero, self.qdtype, self.group_size)
+        w = self.weight if self.pruned is None else self.weight.masked_fill(self.pruned, 0.0)
+        w = fake_quantize_ste(w, self.w_scale.clamp(min=1e-12), self.w_zero, self.qdtype, self.group_size)
         return F.linear(x, w, self.bias).to(out_dtype)
 
     def quantized_weight(self) -> QuantizedWeight:
         """The latent weight rounded with the current scales: what ``convert`` stores."""
         with torch.no_grad():
             scale = self.w_scale.detach().clamp(min=1e-12).clone()
-            q = numerics.quantize(self.weight.detach(), scale, self.w_zero, self.qdtype, block_size=self.group_size)
+            w = self.weight.detach() if self.pruned is None else self.weight.detach().masked_fill(self.pruned, 0.0)
+            q = numerics.quantize(w, scale, self.w_zero, self.qdtype, block_size=self.group_size)
         source = self._source[0]
         return QuantizedWeight(q, scale, None if self.w_zero is None else self.w_zero.clone(), source.weight_dtype,
                                self.group_size, self.qdtype in ("int7", "uint7"))
@@ -184,6 +190,10 @@ def prepare_qat(model: torch.nn.Module, recipe: Recipe | str, calibration: Itera
     if refused:
         raise UnsupportedError(f"prepare_qat: recipe {recipe.name!r} has {' and '.join(refused)}, which QAT does "
                                "not train yet; quantize them after training, or pick a recipe without them")
+    def planned(module) -> torch.Tensor:
+        return QuantizedWeight.from_storage(module.w_q, module.w_scale, module.w_zero, module.weight_dtype,
+                                            module.group_size or None, module.in_features).dequantize()
+
     if init == "auto":
         init = "ptq" if recipe.weight_algorithm is not None else "float"
     before = dict(model.named_modules())
@@ -200,13 +210,22 @@ def prepare_qat(model: torch.nn.Module, recipe: Recipe | str, calibration: Itera
                 raise UnsupportedError(f"prepare_qat: {fqn} is not a plain linear; use init='ptq'")
             weight = found[0].t() if found[1] else found[0]
         else:
-            weight = QuantizedWeight.from_storage(module.w_q, module.w_scale, module.w_zero, module.weight_dtype,
-                                                  module.group_size or None, module.in_features).dequantize()
-        fq = FakeQuantLinear(module, weight, qdtype, act_qdtype, learn_scales).to(module.w_scale.device)
+            weight = planned(module)
+        # a sparse recipe (SparseGPTSpec): its zeros are the pattern, kept through training
+        pruned = _pruned(planned(module), recipe.weight_algorithm) \
+            if isinstance(recipe.weight_algorithm, SparseGPTSpec) else None
+        fq = FakeQuantLinear(module, weight, qdtype, act_qdtype, learn_scales, pruned).to(module.w_scale.device)
         _carry_hooks(module, fq)
         parent_name, _, child = fqn.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, fq)
     return model
+
+
+def _pruned(weight: torch.Tensor, spec: SparseGPTSpec) -> torch.Tensor:
+    """The positions a sparse plan pruned: in each run of ``spec.m`` input channels, its first ``m - n`` zeros
+    (a kept weight that rounded to 0 beyond those stays trainable)."""
+    zeros = (weight == 0).unflatten(-1, (-1, spec.m))
+    return (zeros & (zeros.cumsum(-1) <= spec.m - spec.n)).flatten(-2)
 
 
 def convert(model: torch.nn.Module) -> torch.nn.Module:

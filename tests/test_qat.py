@@ -61,7 +61,7 @@ def test_reduce_to_sums_each_scale_s_elements_with_a_partial_last_group():
 
 
 @pytest.mark.parametrize("preset,learn", [("w4a16-rtn", False), ("w4a16-gptq", False), ("w8a8-int8-naive", True),
-                                          ("fp8-dynamic", False), ("w8a16", True)])
+                                          ("fp8-dynamic", False), ("w8a16", True), ("sparse24-fp8-dynamic", False)])
 def test_convert_after_zero_steps_is_post_training_quantization_bit_for_bit(preset, learn):
     model, batches = tiny_model("llama"), calibration_batches()
     ptq = qcompiler.quantize(copy.deepcopy(model), preset, batches, progress=False)
@@ -116,6 +116,31 @@ def test_training_lowers_the_distillation_loss_and_convert_keeps_what_was_learne
     changed = sum(int((a.w_q != b.w_q).sum()) for a, b in zip(_linears(student, QuantizedLinear),
                                                                _linears(ptq, QuantizedLinear)))
     assert changed > 0
+
+
+def test_a_sparse_recipe_keeps_its_two_of_four_pattern_through_training():
+    from qcompiler.algorithms.sparsegpt import is_semi_structured
+    teacher, batches = tiny_model("llama"), calibration_batches()
+    teacher.requires_grad_(False)
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    qcompiler.prepare_qat(student, "sparse24-w8a8-int8-dynamic", batches, progress=False)
+    params = [m.weight for m in _linears(student, FakeQuantLinear)]
+    opt = torch.optim.Adam(params, lr=1e-3)
+    train = torch.cat(token_batches(2, 32, seed=5))
+    for _ in range(3):
+        with torch.no_grad():
+            target = teacher(train).logits
+        loss = qcompiler.distillation_loss(student(train).logits, target)
+        opt.zero_grad()
+        loss.backward()
+        for m in _linears(student, FakeQuantLinear):
+            assert not m.weight.grad[m.pruned].any()          # pruned weights get no gradient
+            assert int(m.pruned.sum()) == m.weight.numel() // 2     # two of each four, no more
+        opt.step()
+    qcompiler.convert(student)
+    for m in _linears(student, QuantizedLinear):
+        w = m.w_q.float() * m.w_scale
+        assert is_semi_structured(w), m.fqn
 
 
 def test_distillation_loss_is_the_kl_divergence_to_the_teacher():
