@@ -251,3 +251,65 @@ def test_stories260k_sparsegpt_loses_at_most_half_of_what_magnitude_pruning_lose
         delta[method] = evaluate.perplexity(pruned, windows, progress=False) / fp - 1
     # a 260K-parameter model loses much to 2:4 (magnitude ~30x perplexity): the bound is the ratio
     assert 0 < delta["sparsegpt"] <= 0.5 * delta["magnitude"], delta
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn, torch.float16, torch.bfloat16])
+def test_compressed_storage_round_trips_bit_for_bit_in_cutlass_layout(dtype):
+    from qcompiler.core import sparse24
+    w, _ = sparsegpt.magnitude_prune(torch.randn(64, 192, generator=torch.Generator().manual_seed(0)))
+    q = (w * 40).round().clamp(-127, 127).to(torch.int8) if dtype == torch.int8 else w.to(dtype)
+    values, meta = sparse24.compress(q)
+    assert values.shape == (64, 96) and values.dtype == dtype
+    back = sparse24.decompress(values, meta)
+    as_bits = (lambda t: t.view(torch.uint8)) if q.element_size() == 1 else (lambda t: t.view(torch.int16))
+    assert back.dtype == dtype and torch.equal(as_bits(back), as_bits(q))
+    ratio = sparse24.compressed_nbytes(values, meta) / (q.numel() * q.element_size())
+    assert ratio == (0.625 if q.element_size() == 1 else 0.5625)
+    assert "more than 2 non-zero" in sparse24.why_not_compressible(torch.ones(16, 64, dtype=torch.int8))
+    assert "rows must be a multiple of 16 and K of 64" in sparse24.why_not_compressible(q[:, :96].to(torch.int8))
+    assert "dtype float32" in sparse24.why_not_compressible(torch.zeros(32, 64))
+    with pytest.raises(ValueError, match="2:4 compression: .*more than 2"):
+        sparse24.compress(torch.ones(16, 64, dtype=torch.int8))
+
+
+def test_sparse_checkpoints_store_compressed_codes_and_reload_exactly(tmp_path):
+    import safetensors
+    from qcompiler.runtime.serialization import load_quantized, save_quantized, saved_metadata
+    model, batches = tiny_model("llama"), calibration_batches()
+    recipe = recipes.get("sparse24-w8a8-int8-dynamic")
+    qcompiler.quantize(model, recipe, batches, progress=False)
+    weights = save_quantized(model, tmp_path / "ck", recipe)
+    import json
+    layers = json.loads(saved_metadata(tmp_path / "ck")["layers"])
+    with safetensors.safe_open(str(weights), "pt") as f:
+        keys = set(f.keys())
+    q = "model.layers.0.self_attn.q_proj"
+    assert layers[q]["sparse24"] and f"{q}.w_q_values" in keys and f"{q}.w_q_meta" in keys and f"{q}.w_q" not in keys
+    down = "model.layers.0.mlp.down_proj"           # K = 96: not a multiple of 64, stored dense
+    assert "sparse24" not in layers[down] and f"{down}.w_q" in keys
+    assert sum(bool(s.get("sparse24")) for s in layers.values()) == 12
+    loaded, _ = load_quantized(tmp_path / "ck")
+    ids = token_batches(1, 16, seed=7)[0]
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    for a, b in zip(_quantized(loaded), _quantized(model)):
+        assert a.fqn == b.fqn and torch.equal(a.w_q, b.w_q)
+
+
+def _quantized(model):
+    return [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+
+
+def test_magnitude_pruning_needs_no_calibration_and_sparsegpt_says_it_does():
+    sparse = recipes.get("sparse24-fp8-dynamic")
+    assert sparse.calibration_required_by == ("SparseGPTSpec",)
+    magnitude = sparse.replace(weight_algorithm=SparseGPTSpec(method="magnitude"))
+    assert magnitude.calibration_required_by == ()
+    model = tiny_model("llama")
+    qcompiler.quantize(model, magnitude, None, progress=False)
+    linears = _quantized(model)
+    assert len(linears) == 14
+    for m in linears:
+        assert sparsegpt.is_semi_structured(m.w_q.float()), m.fqn
+    with pytest.raises(CalibrationError, match="needs calibration data for SparseGPTSpec"):
+        qcompiler.quantize(tiny_model("llama"), sparse, None, progress=False)

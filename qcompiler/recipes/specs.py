@@ -405,6 +405,11 @@ class SparseGPTSpec:
     def pattern(self) -> str:
         return f"{self.n}:{self.m}"
 
+    @property
+    def needs_calibration(self) -> bool:
+        """SparseGPT needs Hessians; magnitude pruning needs no data (unless the recipe is layer by layer)."""
+        return self.method == "sparsegpt"
+
     def check(self, recipe: "Recipe") -> None:
         """The rules this spec sets on the rest of ``recipe`` (``RecipeError`` when one fails)."""
         w = recipe.weight
@@ -685,7 +690,7 @@ class Recipe:
         elif self.gptq is not None:
             if not self.gptq.optional:
                 users.append("GPTQ")
-        elif self.weight_algorithm is not None:
+        elif self.weight_algorithm is not None and getattr(self.weight_algorithm, "needs_calibration", True):
             users.append(type(self.weight_algorithm).__name__)
         return tuple(users)
 

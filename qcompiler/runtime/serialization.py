@@ -20,6 +20,10 @@ the model runs them (the cache's layer order):
   per_head, ``[kv_heads, head_dim]`` per_channel; ``k_zero`` (``v_zero``) uint8 of the same shape
   for asymmetric integers. Dequantized value = (code - zero) * scale.
 
+2:4 weights (a ``SparseGPTSpec(n=2, m=4)`` recipe, symmetric 8-bit codes): ``{fqn}.w_q_values`` [N, K/2] and
+``{fqn}.w_q_meta`` in CUTLASS's sparse layout (``qcompiler.core.sparse24``) stand in for ``{fqn}.w_q``, and the
+layer's spec says ``"sparse24": true``; loading decompresses them, bit for bit.
+
 The metadata key ``kv_cache`` is JSON ``{"attentions": n, "kv_heads": H, "dtype": storage dtype
 name, "key": granularity, "value": granularity}``. A recipe with static KV scales whose file lacks
 these is a ``CheckpointError``; so are stored scales that disagree with the stored ranges. A
@@ -72,6 +76,7 @@ def save_quantized(model: torch.nn.Module, path: str | Path, recipe: Recipe, *, 
                   for fqn, m in model.named_modules() if isinstance(m, QuantizedEmbedding)}
     kv_stats = model.__dict__.get(KV_STATS_ATTR)
     kv_tensors, kv_meta = _kv_tensors(model, recipe, kv_stats)
+    sparse_tensors, dense_codes = _sparse24_tensors(model, recipe, layers)
     if not layers and not (recipe.kv_cache is not None and (kv_stats is not None or _float_linears(recipe))):
         raise ValueError("save_quantized: the model has no QuantizedLinear; run qcompiler.quantize(model, ...) first")
     path.mkdir(parents=True, exist_ok=True)
@@ -85,7 +90,7 @@ def save_quantized(model: torch.nn.Module, path: str | Path, recipe: Recipe, *, 
     if kv_meta is not None:
         meta[_KV] = json.dumps(kv_meta)
     weights = path / WEIGHTS_FILE
-    _save_model(model, weights, meta, kv_tensors)
+    _save_model(model, weights, meta, {**kv_tensors, **sparse_tensors}, drop=dense_codes)
     (path / "recipe.json").write_text(recipe.to_json())
     if report is not None:
         (path / "report.json").write_text(report.to_json())
@@ -161,7 +166,10 @@ def load_quantized(path: str | Path) -> tuple[torch.nn.Module, Recipe]:
         missing, unexpected = safetensors.torch.load_model(model, str(weights), strict=False)
     except RuntimeError as e:   # a float tensor whose shape differs from the config's
         raise CheckpointError(f"{weights} does not match the model rebuilt from {config_file}: {_one_line(e)}") from None
-    missing = [k for k in missing if not k.endswith("inv_freq")]
+    sparse = {f"{fqn}.w_q" for fqn, spec in layers.items() if spec.get("sparse24")}    # stored compressed
+    missing = [k for k in missing if not k.endswith("inv_freq") and k not in sparse]
+    unexpected = [k for k in unexpected if k.rpartition(".")[0] + ".w_q" not in sparse
+                  or not k.endswith((".w_q_values", ".w_q_meta"))]
     if recipe.kv_cache is not None:
         unexpected = [k for k in unexpected if not k.startswith(_KV + ".")]
     if missing or unexpected:
@@ -286,7 +294,8 @@ def _quantized_linear(weights: Path, model: torch.nn.Module, fqn: str, spec: dic
         module = model.get_submodule(fqn)
     except AttributeError:
         raise CheckpointError(f"{weights}: layer {fqn!r} is not a module of the model built from config.json") from None
-    needed = ["w_q", "w_scale"]
+    sparse = bool(spec.get("sparse24"))
+    needed = ["w_q_values", "w_q_meta", "w_scale"] if sparse else ["w_q", "w_scale"]
     if str(spec["weight_dtype"]).startswith("u"):    # uint8 / uint4: asymmetric, with zero-points
         needed.append("w_zero")
     if spec["act_dtype"] is not None and not spec["act_dynamic"]:
@@ -298,7 +307,11 @@ def _quantized_linear(weights: Path, model: torch.nn.Module, fqn: str, spec: dic
         raise CheckpointError(f"{weights}: layer {fqn!r} lacks tensors {lacking}")
     t = lambda name: tensors.get(f"{fqn}.{name}")  # noqa: E731
     try:
-        qw = QuantizedWeight.from_storage(t("w_q"), t("w_scale"), t("w_zero"), spec["weight_dtype"],
+        stored = t("w_q")
+        if sparse:
+            from qcompiler.core import sparse24
+            stored = sparse24.decompress(t("w_q_values"), t("w_q_meta"))
+        qw = QuantizedWeight.from_storage(stored, t("w_scale"), t("w_zero"), spec["weight_dtype"],
                                           spec["group_size"] or None, spec["in_features"])
         qw.reduce_range = reduce_range   # 7-bit int8 weights (the recipe's WeightSpec.reduce_range)
     except (RuntimeError, ValueError, TypeError) as e:
@@ -385,14 +398,45 @@ def _kv_tensors(model: torch.nn.Module, recipe: Recipe, saved) -> tuple[dict[str
                  "key": spec.key.value, "value": spec.value.value}
 
 
-def _save_model(model: torch.nn.Module, weights: Path, meta: dict[str, str], extra: dict[str, torch.Tensor]) -> None:
-    """``safetensors.torch.save_model`` plus the ``extra`` tensors in the same file (shared tensors
-    dropped as save_model drops them, so load_model finds them again)."""
-    if not extra:
+def _sparse24_tensors(model: torch.nn.Module, recipe: Recipe, layers: dict[str, dict]
+                      ) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """A 2:4 recipe's (``SparseGPTSpec(n=2, m=4)``) 8-bit weight codes compressed (``qcompiler.core.sparse24``):
+    ``({fqn.w_q_values / fqn.w_q_meta: tensor}, the dense ``fqn.w_q`` keys they replace)``; each such layer's spec
+    gets ``"sparse24": true``. A layer that does not compress (asymmetric or INT4 codes, a shape the layout does
+    not take) stays dense, logged with the reason."""
+    from qcompiler.core import sparse24
+    from qcompiler.recipes import SparseGPTSpec
+    spec = recipe.weight_algorithm
+    if not (isinstance(spec, SparseGPTSpec) and (spec.n, spec.m) == (2, 4)):
+        return {}, set()
+    tensors, replaced, dense = {}, set(), []
+    for fqn, m in model.named_modules():
+        if not isinstance(m, QuantizedLinear) or fqn not in layers:
+            continue
+        why = ("asymmetric or INT4 codes" if m.weight_dtype not in ("int8", "fp8_e4m3") or m.w_zero is not None
+               else sparse24.why_not_compressible(m.w_q))
+        if why:
+            dense.append(f"{fqn} ({why})")
+            continue
+        values, meta = sparse24.compress(m.w_q)
+        tensors[f"{fqn}.w_q_values"], tensors[f"{fqn}.w_q_meta"] = values, meta
+        replaced.add(f"{fqn}.w_q")
+        layers[fqn]["sparse24"] = True
+    if dense:
+        log.info("save_quantized: %d of %d 2:4 layers stored dense: %s", len(dense), len(dense) + len(replaced),
+                 "; ".join(dense[:4]) + (" ..." if len(dense) > 4 else ""))
+    return tensors, replaced
+
+
+def _save_model(model: torch.nn.Module, weights: Path, meta: dict[str, str], extra: dict[str, torch.Tensor],
+                drop: set[str] = frozenset()) -> None:
+    """``safetensors.torch.save_model`` plus the ``extra`` tensors in the same file, less the ``drop`` keys
+    (shared tensors dropped as save_model drops them, so load_model finds them again)."""
+    if not extra and not drop:
         safetensors.torch.save_model(model, str(weights), metadata=meta)
         return
     from safetensors.torch import _remove_duplicate_names
-    state = model.state_dict()
+    state = {k: v for k, v in model.state_dict().items() if k not in drop}
     for kept, removed in _remove_duplicate_names(state).items():
         for name in removed:
             meta.setdefault(name, kept)
