@@ -85,11 +85,14 @@ VARIANTS = {
     # cannot load (test_transformers_cannot_load_packed_zero_points); codes and round trip checked
     "w4a16-rtn-asym-g32": lambda: _weight(recipes.get("w4a16-rtn"), symmetric=False, group_size=32),
     "w8a16-asym": lambda: _weight(recipes.get("w8a16"), symmetric=False),
+    # 2:4 weights written dense (compressed-tensors 0.20's sparse-24-bitmask has no compressor left)
+    "sparse24-fp8-dynamic": lambda: recipes.get("sparse24-fp8-dynamic"),
+    "sparse24-w8a8-int8-dynamic": lambda: recipes.get("sparse24-w8a8-int8-dynamic"),
 }
 PACKED_ZERO_POINTS = ("w4a16-rtn-asym-g32", "w8a16-asym")
 TOLERANCE = {v: FOLDED if v.startswith(("w8a8-int8-sq", "w4a16-awq")) else EXACT for v in VARIANTS} \
-    | {"w8a8-int8-sq-dynamic": DYNAMIC_INT8}
-FORMAT = {v: "int-quantized" if v.startswith("w8a8") else "float-quantized" if v.startswith("fp8") else "pack-quantized"
+    | {"w8a8-int8-sq-dynamic": DYNAMIC_INT8, "sparse24-w8a8-int8-dynamic": DYNAMIC_INT8}
+FORMAT = {v: "int-quantized" if "w8a8" in v else "float-quantized" if "fp8" in v else "pack-quantized"
           for v in VARIANTS}
 CASES = ([("llama", v) for v in VARIANTS if v != "w8a8-int8-asym" and v not in PACKED_ZERO_POINTS]
          + [("qwen2", v) for v in ("w8a16", "w4a16-gptq", "w8a8-int8-sq-dynamic", "w8a8-int8-sq", "fp8-dynamic")]
