@@ -173,3 +173,16 @@ def test_bad_input_is_refused_clearly():
     model = qcompiler.prepare_qat(tiny_model("llama"), "w4a16-rtn", batches, progress=False)
     with pytest.raises(UnsupportedError, match="already prepared"):
         qcompiler.prepare_qat(model, "w4a16-rtn", batches, progress=False)
+
+
+def test_the_qat_example_trains_converts_and_reloads(monkeypatch, capsys):
+    import importlib.util
+    from pathlib import Path
+    from qcompiler.tools import models
+    monkeypatch.setattr(models, "shared_dir", lambda: None)          # the tiny random Llama: fast, no data
+    path = Path(__file__).resolve().parents[1] / "examples" / "qat.py"
+    spec = importlib.util.spec_from_file_location("qat_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    example.main(steps=3)
+    assert "saved and reloaded: same logits" in capsys.readouterr().out
