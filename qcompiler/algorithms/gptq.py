@@ -56,7 +56,7 @@ from qcompiler.core.layer_quant import QuantizedWeight, quantize_weight, weight_
 from qcompiler.recipes import GPTQSpec, Granularity, Recipe, WeightSpec
 from qcompiler.algorithms.registry import WeightAlgorithm, register_weight_algorithm
 
-__all__ = ["HessianAccumulator", "GPTQInfo", "gptq_quantize", "default_min_samples", "too_few_rows_error"]
+__all__ = ["HessianAccumulator", "GPTQInfo", "gptq_quantize", "default_min_samples", "too_few_rows_error", "prepared_problem"]
 
 log = logging.getLogger(__name__)
 
@@ -194,19 +194,7 @@ def gptq_quantize(w: torch.Tensor, hessian: HessianAccumulator | torch.Tensor, s
         raise ValueError(f"gptq_quantize: block_size={block_size!r} must be a positive integer")
     if not 0.0 <= dampening <= max_dampening:
         raise ValueError(f"gptq_quantize: dampening={dampening!r} must be in [0, max_dampening={max_dampening}]")
-    min_samples = default_min_samples(k) if min_samples is None else max(1, min_samples)
-    if n_samples < min_samples:
-        raise CalibrationError(f"{layer_name}: GPTQ needs at least {min_samples} calibration rows for "
-                               f"{k} input features, got {n_samples}")
-    if not torch.isfinite(h).all():
-        raise CalibrationError(f"{layer_name}: GPTQ Hessian contains NaN or Inf")
-
-    # The Hessian (accumulated where calibration keeps its statistics) meets the weight on its device.
-    h = h.detach().to(device=w.device, dtype=torch.float64).clone()
-    w = w.detach().float().clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    h, w, dead = prepared_problem(w, h, n_samples, min_samples, layer_name, "GPTQ")
     perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else None
     if perm is not None:
         h = h[perm][:, perm]
@@ -218,6 +206,26 @@ def gptq_quantize(w: torch.Tensor, hessian: HessianAccumulator | torch.Tensor, s
     log.debug("gptq %s: %dx%d %s loss %.4g damp %g (%.2fs)", layer_name, n_out, k,
               result.qweight.describe(), info.loss, used, info.seconds)
     return result.qweight, info
+
+
+def prepared_problem(w: torch.Tensor, h: torch.Tensor, n_samples: int, min_samples: int | None, layer_name: str,
+                     what: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Checks shared by the Hessian sweeps (GPTQ, SparseGPT), then float64 ``H`` and float32 ``W`` copies on ``w``'s
+    device with dead inputs (``H_ii == 0``) given ``H_ii = 1`` and a zero weight column: ``(h, w, dead)``."""
+    k = w.shape[1]
+    min_samples = default_min_samples(k) if min_samples is None else max(1, min_samples)
+    if n_samples < min_samples:
+        raise CalibrationError(f"{layer_name}: {what} needs at least {min_samples} calibration rows for "
+                               f"{k} input features, got {n_samples}")
+    if not torch.isfinite(h).all():
+        raise CalibrationError(f"{layer_name}: {what} Hessian contains NaN or Inf")
+    # The Hessian (accumulated where calibration keeps its statistics) meets the weight on its device.
+    h = h.detach().to(device=w.device, dtype=torch.float64).clone()
+    w = w.detach().float().clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    return h, w, dead
 
 
 def _inverse_hessian_factor(h: torch.Tensor, dampening: float, max_dampening: float, layer_name: str

@@ -39,7 +39,7 @@ from qcompiler.errors import CalibrationError, UnsupportedError
 from qcompiler.recipes import Granularity, Recipe, SparseGPTSpec, WeightSpec
 from qcompiler.algorithms.registry import WeightAlgorithm, register_weight_algorithm
 from qcompiler.algorithms.gptq import (_column_quantizer, _current_columns, _inverse_hessian_factor, _one_thread,
-                                       default_min_samples)
+                                       prepared_problem)
 
 __all__ = ["nm_prune_mask", "magnitude_prune", "is_semi_structured", "SparseGPTInfo", "SparseResult",
            "sparsegpt_prune", "check_prunable"]
@@ -131,17 +131,7 @@ def sparsegpt_prune(w: torch.Tensor, hessian: torch.Tensor, quant: WeightSpec | 
     grouped = quant is not None and quant.granularity is Granularity.PER_GROUP
     if grouped and quant.group_size % m:
         raise ValueError(f"sparsegpt_prune: group_size={quant.group_size} must be a multiple of m={m}")
-    min_samples = default_min_samples(k) if min_samples is None else max(1, min_samples)
-    if n_samples < min_samples:
-        raise CalibrationError(f"{layer_name}: SparseGPT needs at least {min_samples} calibration rows for {k} input "
-                               f"features, got {n_samples}")
-    if not torch.isfinite(hessian).all():
-        raise CalibrationError(f"{layer_name}: SparseGPT Hessian contains NaN or Inf")
-    h = hessian.detach().to(device=w.device, dtype=torch.float64).clone()
-    w = w.detach().float().clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    h, w, dead = prepared_problem(w, hessian, n_samples, min_samples, layer_name, "SparseGPT")
     with _one_thread():
         u, used = _inverse_hessian_factor(h, dampening, max_dampening, layer_name)
         weight, qweight, mask, loss = _sweep(w, u, quant, n, m, block_size, torch.diagonal(h).float())
