@@ -3,8 +3,8 @@
 SparseGPT (Frantar & Alistarh, "SparseGPT: Massive Language Models Can Be Accurately Pruned in
 One-Shot", ICML 2023, arXiv:2301.00774) is GPTQ's column sweep with a pruning step: at the first column
 of each run of ``m`` input channels it keeps, in every output row, the ``n`` weights of largest OBS
-saliency ``w_j^2 / [H^-1]_jj^2`` (on the error-updated weights, ``[H^-1]_jj`` read as the squared
-diagonal of the upper Cholesky factor of H^-1, as the reference does), sets the others to 0, rounds
+saliency ``w_j^2 / [H^-1]_jj`` (on the error-updated weights; ``[H^-1]_jj`` of the columns not yet reached
+is the squared diagonal of the upper Cholesky factor of H^-1, which the reference divides by), sets the others to 0, rounds
 the kept ones when a quantization spec is given, and spreads every column's error over the columns not
 yet reached (``qcompiler.algorithms.gptq``'s update, same factor, same lazy blocks). This follows the
 reference implementation (IST-DASLab/sparsegpt ``sparsegpt.py``: ``SparseGPT.fasterprune`` with

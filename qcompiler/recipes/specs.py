@@ -365,7 +365,7 @@ class SparseGPTSpec:
 
     ``method="sparsegpt"`` (Frantar & Alistarh, "SparseGPT: Massive Language Models Can Be Accurately
     Pruned in One-Shot", ICML 2023): columns left to right, each run of ``m`` columns' mask chosen by the
-    OBS saliency ``w^2 / [H^-1]_ii^2`` on the error-updated weights, every column's pruning and rounding
+    OBS saliency ``w^2 / [H^-1]_ii`` on the error-updated weights, every column's pruning and rounding
     error spread over the later columns through the inverse Hessian (GPTQ's update). ``"magnitude"``:
     the ``m - n`` smallest ``|w|`` of each run pruned, the rest rounded to nearest (no calibration).
 
