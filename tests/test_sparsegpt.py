@@ -272,11 +272,12 @@ def test_compressed_storage_round_trips_bit_for_bit_in_cutlass_layout(dtype):
         sparse24.compress(torch.ones(16, 64, dtype=torch.int8))
 
 
-def test_sparse_checkpoints_store_compressed_codes_and_reload_exactly(tmp_path):
+@pytest.mark.parametrize("preset", ["sparse24-w8a8-int8-dynamic", "sparse24-w4a16"])
+def test_sparse_checkpoints_store_compressed_codes_and_reload_exactly(tmp_path, preset):
     import safetensors
     from qcompiler.runtime.serialization import load_quantized, save_quantized, saved_metadata
     model, batches = tiny_model("llama"), calibration_batches()
-    recipe = recipes.get("sparse24-w8a8-int8-dynamic")
+    recipe = recipes.get(preset)
     qcompiler.quantize(model, recipe, batches, progress=False)
     weights = save_quantized(model, tmp_path / "ck", recipe)
     import json
@@ -285,6 +286,8 @@ def test_sparse_checkpoints_store_compressed_codes_and_reload_exactly(tmp_path):
         keys = set(f.keys())
     q = "model.layers.0.self_attn.q_proj"
     assert layers[q]["sparse24"] and f"{q}.w_q_values" in keys and f"{q}.w_q_meta" in keys and f"{q}.w_q" not in keys
+    with safetensors.safe_open(str(weights), "pt") as f:      # INT4: the kept codes two per byte
+        assert f.get_slice(f"{q}.w_q_values").get_shape() == [64, 64 // 4 if preset.endswith("w4a16") else 64 // 2]
     down = "model.layers.0.mlp.down_proj"           # K = 96: not a multiple of 64, stored dense
     assert "sparse24" not in layers[down] and f"{down}.w_q" in keys
     assert sum(bool(s.get("sparse24")) for s in layers.values()) == 12

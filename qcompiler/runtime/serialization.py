@@ -20,7 +20,8 @@ the model runs them (the cache's layer order):
   per_head, ``[kv_heads, head_dim]`` per_channel; ``k_zero`` (``v_zero``) uint8 of the same shape
   for asymmetric integers. Dequantized value = (code - zero) * scale.
 
-2:4 weights (a ``SparseGPTSpec(n=2, m=4)`` recipe, symmetric 8-bit codes): ``{fqn}.w_q_values`` [N, K/2] and
+2:4 weights (a ``SparseGPTSpec(n=2, m=4)`` recipe, symmetric INT8 / FP8 / INT4 codes; INT4's kept codes packed
+two per byte again): ``{fqn}.w_q_values`` [N, K/2] and
 ``{fqn}.w_q_meta`` in CUTLASS's sparse layout (``qcompiler.core.sparse24``) stand in for ``{fqn}.w_q``, and the
 layer's spec says ``"sparse24": true``; loading decompresses them, bit for bit.
 
@@ -47,6 +48,7 @@ from qcompiler.runtime.loaded_report import attach_loaded_report
 from qcompiler.core import kv_format
 from qcompiler.core.kv_format import KV_STATS_ATTR
 from qcompiler.core.layer_quant import QuantizedWeight
+from qcompiler.core.packing import pack_int4, unpack_int4
 from qcompiler.pipeline import CompileReport
 from qcompiler.errors import CheckpointError, RecipeError
 from qcompiler.recipes import Granularity, KVCacheSpec, Recipe
@@ -310,7 +312,12 @@ def _quantized_linear(weights: Path, model: torch.nn.Module, fqn: str, spec: dic
         stored = t("w_q")
         if sparse:
             from qcompiler.core import sparse24
-            stored = sparse24.decompress(t("w_q_values"), t("w_q_meta"))
+            values = t("w_q_values")
+            if spec["weight_dtype"] == "int4":
+                values = unpack_int4(values, spec["in_features"] // 2, signed=True)
+            stored = sparse24.decompress(values, t("w_q_meta"))
+            if spec["weight_dtype"] == "int4":
+                stored = pack_int4(stored)
         qw = QuantizedWeight.from_storage(stored, t("w_scale"), t("w_zero"), spec["weight_dtype"],
                                           spec["group_size"] or None, spec["in_features"])
         qw.reduce_range = reduce_range   # 7-bit int8 weights (the recipe's WeightSpec.reduce_range)
@@ -400,9 +407,9 @@ def _kv_tensors(model: torch.nn.Module, recipe: Recipe, saved) -> tuple[dict[str
 
 def _sparse24_tensors(model: torch.nn.Module, recipe: Recipe, layers: dict[str, dict]
                       ) -> tuple[dict[str, torch.Tensor], set[str]]:
-    """A 2:4 recipe's (``SparseGPTSpec(n=2, m=4)``) 8-bit weight codes compressed (``qcompiler.core.sparse24``):
+    """A 2:4 recipe's (``SparseGPTSpec(n=2, m=4)``) symmetric weight codes compressed (``qcompiler.core.sparse24``):
     ``({fqn.w_q_values / fqn.w_q_meta: tensor}, the dense ``fqn.w_q`` keys they replace)``; each such layer's spec
-    gets ``"sparse24": true``. A layer that does not compress (asymmetric or INT4 codes, a shape the layout does
+    gets ``"sparse24": true``. A layer that does not compress (asymmetric codes, a shape the layout does
     not take) stays dense, logged with the reason."""
     from qcompiler.core import sparse24
     from qcompiler.recipes import SparseGPTSpec
@@ -413,13 +420,17 @@ def _sparse24_tensors(model: torch.nn.Module, recipe: Recipe, layers: dict[str, 
     for fqn, m in model.named_modules():
         if not isinstance(m, QuantizedLinear) or fqn not in layers:
             continue
-        why = ("asymmetric or INT4 codes" if m.weight_dtype not in ("int8", "fp8_e4m3") or m.w_zero is not None
-               else sparse24.why_not_compressible(m.w_q))
+        int4 = m.weight_dtype == "int4"
+        codes = unpack_int4(m.w_q, m.in_features, signed=True) if int4 else m.w_q
+        why = ("asymmetric codes (a pruned weight holds the zero point, not 0)"
+               if m.weight_dtype not in ("int8", "fp8_e4m3", "int4") or m.w_zero is not None
+               else sparse24.why_not_compressible(codes))
         if why:
             dense.append(f"{fqn} ({why})")
             continue
-        values, meta = sparse24.compress(m.w_q)
-        tensors[f"{fqn}.w_q_values"], tensors[f"{fqn}.w_q_meta"] = values, meta
+        values, meta = sparse24.compress(codes)
+        # INT4: the kept codes packed two per byte again (qcompiler's packing of CUTLASS's int8 values)
+        tensors[f"{fqn}.w_q_values"], tensors[f"{fqn}.w_q_meta"] = (pack_int4(values) if int4 else values), meta
         replaced.add(f"{fqn}.w_q")
         layers[fqn]["sparse24"] = True
     if dense:
