@@ -17,6 +17,9 @@ calls inside it); per_token scales are computed as each token is written (one pe
 per_group scales per head and channel for each block of ``group_size`` positions of the cached sequence
 (always with a residual window at least that long, so the attention reads every block it quantizes whole).
 Under grouped-query attention the observed (repeated) heads are folded back onto the KV heads.
+``rotate`` / ``center`` (``kv_format.to_stored``): the Q/DQ is of ``x @ R - c``, read back through
+``kv_format.from_stored``; the observer records the rotated ranges, so scales and centers are those of
+what the codes hold.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 from torch.overrides import TorchFunctionMode
 
+from qcompiler.algorithms.hadamard import has_hadamard, random_hadamard
 from qcompiler.core import kv_format, numerics
 from qcompiler.errors import CalibrationError, UnsupportedError
 from qcompiler.pipeline import PassContext, TensorDecision
@@ -38,7 +42,7 @@ from qcompiler.targets import QuantTarget, register_target
 from .annotate import _module_path_from_stack
 from .smoothquant import add_constant
 
-__all__ = ["KV_CACHE", "KVObserver", "attention_inputs"]
+__all__ = ["KV_CACHE", "KVObserver", "attention_inputs", "kv_rotation"]
 
 _ops = torch.ops.qcompiler
 _SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
@@ -103,6 +107,23 @@ def _origin(node: Node) -> Node:
         if source is None:
             return node
         node = source
+
+
+_ROTATIONS: dict[int, torch.Tensor] = {}
+
+
+def kv_rotation(head_dim: int) -> torch.Tensor:
+    """The orthogonal matrix of ``KVCacheSpec.rotate``, float32 [head_dim, head_dim]: a randomized
+    Hadamard (seed 0). Built once per order and shared (do not modify it): a cache that first meets its
+    head_dim inside a compiled forward then finds it without a random generator, which Dynamo cannot trace."""
+    if head_dim in _ROTATIONS:
+        return _ROTATIONS[head_dim]
+    if not has_hadamard(head_dim):
+        raise UnsupportedError(f"recipe.kv_cache.rotate=True needs a Hadamard matrix of order head_dim={head_dim}, "
+                               "which has none here (orders 1, 2 and multiples of 4 built from Sylvester and Paley-I "
+                               "blocks): set kv_cache.rotate=False")
+    _ROTATIONS[head_dim] = random_hadamard(head_dim, seed=0).float()
+    return _ROTATIONS[head_dim]
 
 
 def _read_from_quantized_cache(read: Node) -> bool:
@@ -255,10 +276,34 @@ def _describe_scale(scale: torch.Tensor, granularity: Granularity, group: int = 
 
 # ---- the rewrite ----------------------------------------------------------------------------
 
-def _qdq(gm: GraphModule, x: Node, before: Node, granularity: Granularity, spec: KVCacheSpec, stats, name: str,
+def _qdq(gm: GraphModule, x: Node, before: Node, role: str, spec: KVCacheSpec, entry: dict | None, name: str,
          device: torch.device) -> tuple[Node, str]:
-    """Q/DQ of ``x`` inserted before ``before``: ``(dequantized node, description of its scales)``."""
+    """Q/DQ of ``x`` inserted before ``before``: ``(dequantized node, description of its scales)``;
+    of ``kv_format.to_stored(x)`` when the spec rotates or centers, read back through ``from_stored``."""
     out_dtype = _dtype(x)
+    graph = gm.graph
+    granularity = spec.key if role == "key" else spec.value
+    heads = _shape(x)[1]
+    if spec.rotate or spec.center:
+        rotation = center = None
+        matrix = kv_rotation(_shape(x)[-1]) if spec.rotate else None
+        if spec.rotate:
+            rotation = add_constant(gm, f"{name}_rotation", matrix.to(device), before)
+        if spec.center:
+            center = add_constant(gm, f"{name}_center", kv_format.static_center(entry[role], heads).to(device), before)
+        stats = kv_format.stored_stats(entry, role, heads, spec, matrix) if entry is not None else None
+        with graph.inserting_before(before):
+            x = graph.call_function(kv_format.to_stored, (x, rotation, center))
+        dq, info = _plain_qdq(gm, x, before, granularity, spec, stats, name, device, heads, torch.float32)
+        with graph.inserting_before(before):
+            dq = graph.call_function(kv_format.from_stored, (dq, rotation, center, out_dtype))
+        return dq, info
+    stats = entry[role] if entry is not None else None
+    return _plain_qdq(gm, x, before, granularity, spec, stats, name, device, heads, out_dtype)
+
+
+def _plain_qdq(gm: GraphModule, x: Node, before: Node, granularity: Granularity, spec: KVCacheSpec, stats, name: str,
+               device: torch.device, heads: int, out_dtype: torch.dtype) -> tuple[Node, str]:
     graph = gm.graph
     if granularity is Granularity.PER_GROUP:        # the whole cached sequence (positions from 0): blocks of it
         with graph.inserting_before(before):
@@ -276,7 +321,6 @@ def _qdq(gm: GraphModule, x: Node, before: Node, granularity: Granularity, spec:
                                                        out_dtype))
         scale = None
     else:
-        heads = _shape(x)[1]
         scale, zero = kv_format.static_scale(stats, heads, granularity, spec)
         s = add_constant(gm, f"{name}_scale", scale.to(device), before)
         z = add_constant(gm, f"{name}_zero", zero.to(device), before) if zero is not None else None
@@ -305,8 +349,7 @@ def _dequantized_read(gm: GraphModule, read: Node, before: Node, role: str, spec
     the new tokens' tensor) is, then the same layout steps (GQA repetition, crops) copied."""
     graph = gm.graph
     top, chain = _read_chain(read)
-    granularity = spec.key if role == "key" else spec.value
-    dq, info = _qdq(gm, top, before, granularity, spec, stats[role] if stats else None, f"{fqn}_{role}", device)
+    dq, info = _qdq(gm, top, before, role, spec, stats, f"{fqn}_{role}", device)
     prev, cur = top, dq
     with graph.inserting_before(before):
         for n in chain:
@@ -409,9 +452,7 @@ def _apply(gm: GraphModule, node: Node, fqn: str, spec: KVCacheSpec, ctx: PassCo
         return decision
     cached = []
     for role, (entry, consumer) in entries.items():
-        granularity = spec.key if role == "key" else spec.value
-        dq, info = _qdq(gm, entry, consumer, granularity, spec, stats[role] if stats else None, f"{fqn}_{role}",
-                        ctx.device)
+        dq, info = _qdq(gm, entry, consumer, role, spec, stats, f"{fqn}_{role}", ctx.device)
         consumer.replace_input_with(entry, dq)
         cached.append(f"{role}s {info}")
     decision.note = (f"{'; '.join(cached)}; {shape[1]} KV heads x {shape[-1]}, {where} (Q/DQ where "
@@ -429,9 +470,10 @@ class KVObserver(TorchFunctionMode):
     attention is a ``scaled_dot_product_attention`` call, or ``softmax(q @ k^T ...) @ v`` (a matmul,
     a softmax, then a matmul, in one module)."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, rotate: bool = False):
         super().__init__()
         self.model = model
+        self.rotate = rotate             # also record the ranges of key / value @ kv_rotation(head_dim), as "key_rotated"
         self.stats: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._stack: list[str] = []
         self._calls: dict[str, int] = {}
@@ -461,9 +503,13 @@ class KVObserver(TorchFunctionMode):
         entry = self.stats.setdefault(path if i == 0 else f"{path}#{i}", {})
         for role, t in (("key", key), ("value", value)):
             t = t.detach().float()
-            lo, hi = t.amin(dim=(0, 2)), t.amax(dim=(0, 2))
-            old = entry.get(role)
-            entry[role] = (lo, hi) if old is None else (torch.minimum(old[0], lo), torch.maximum(old[1], hi))
+            seen = [(role, t)]
+            if self.rotate:
+                seen.append((role + kv_format.ROTATED, t @ kv_rotation(t.shape[-1]).to(t.device)))
+            for name, x in seen:
+                lo, hi = x.amin(dim=(0, 2)), x.amax(dim=(0, 2))
+                old = entry.get(name)
+                entry[name] = (lo, hi) if old is None else (torch.minimum(old[0], lo), torch.maximum(old[1], hi))
 
     def __enter__(self):
         def push(name):
@@ -506,7 +552,7 @@ class KVObserver(TorchFunctionMode):
 
 
 def _observe(model: torch.nn.Module, spec: KVCacheSpec) -> KVObserver:
-    return KVObserver(model)
+    return KVObserver(model, rotate=spec.rotate)
 
 
 KV_CACHE = register_target(QuantTarget("kv_cache", spec=lambda recipe: recipe.kv_cache, find=_find, apply=_apply,

@@ -531,6 +531,15 @@ def _fold_smoothing_into_norms(model: torch.nn.Module, contexts: list[PassContex
         log.info("quantize: SmoothQuant / AWQ scales folded into %d norm(s)", len(folds.folded))
 
 
+def _head_dim(model) -> int | None:
+    """The attention heads' size from a Hugging Face config (``head_dim``, else hidden / heads), or None."""
+    config = getattr(getattr(model, "_orig_mod", model), "config", None)
+    head_dim = getattr(config, "head_dim", None)
+    if head_dim is None and getattr(config, "num_attention_heads", None):
+        head_dim = getattr(config, "hidden_size", 0) // config.num_attention_heads
+    return head_dim if isinstance(head_dim, int) and head_dim > 0 else None
+
+
 def kv_cache(model: torch.nn.Module, recipe: Recipe | str | None = None, calibration: Iterable | None = None,
              progress: bool = True):
     """A ``QuantizedKVCache`` for ``model`` under its recipe's ``kv_cache`` spec: pass it to
@@ -557,13 +566,13 @@ def kv_cache(model: torch.nn.Module, recipe: Recipe | str | None = None, calibra
                              "with a qcompiler backend, one quantized with qcompiler.quantize under a recipe with "
                              "kv_cache, or recipe= (and calibration=)")
         spec, stats = saved
-        return QuantizedKVCache(spec, stats if spec.static else None)
+        return QuantizedKVCache(spec, stats if spec.static else None, _head_dim(model))
     spec = qb.recipe.kv_cache
     if spec is None:
         raise RecipeError(f"qcompiler.kv_cache: recipe {qb.recipe.name!r} has no kv_cache (e.g. 'kv-int8', or "
                           "'BASE+kv-int8')")
     if not spec.static:
-        return QuantizedKVCache(spec)
+        return QuantizedKVCache(spec, head_dim=_head_dim(qb.root if qb.root is not None else model))
     if qb.root is None:
         root = getattr(model, "_orig_mod", model)
         if not isinstance(root, torch.nn.Module):

@@ -71,7 +71,8 @@ def _decode_equals_graph(arch: str, recipe, x: torch.Tensor) -> QuantizedKVCache
 
 _CASES = [(arch, "kv-int8", 0) for arch in ARCHS] + [(arch, "kv-int4", 3) for arch in ARCHS] + \
     [("llama", "kv-fp8", 0), ("llama", "kv-int8", 3), ("qwen2", "kv-int4", 5), ("gpt2", "kv-fp8", 5),
-     ("llama", "kv-int8-dynamic", 0), ("gpt2", "kv-int8-dynamic", 3)]
+     ("llama", "kv-int8-dynamic", 0), ("gpt2", "kv-int8-dynamic", 3), ("phi3", "kv-int8-rot", 0),
+     ("gemma", "kv-int8-rot", 3)]
 
 
 @pytest.mark.parametrize("arch,preset,window", _CASES, ids=[f"{a}-{p}-w{w}" for a, p, w in _CASES])

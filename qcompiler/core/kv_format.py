@@ -17,6 +17,11 @@ Layout of one role (keys or values) of one attention, tensors ``[batch, kv_heads
 
 ``read(write(x))`` is ``dequantize(quantize(x))`` with ONNX QuantizeLinear / DequantizeLinear
 semantics (``qcompiler.core.numerics``).
+
+A spec with ``rotate`` / ``center`` stores ``to_stored(x) = (x - c) @ R`` (float32; ``c`` [1, H, 1, D]
+the calibrated per-channel mid-range of ``x``, ``R`` [head_dim, head_dim] orthogonal) and reads
+``from_stored(y) = y @ R^T + c``: the codes, scales and zero points above are those of ``to_stored(x)``,
+the scales from its range (``stored_stats``).
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ from qcompiler.core import numerics
 from qcompiler.core.packing import pack_int4, unpack_int4
 from qcompiler.recipes import Granularity, KVCacheSpec, QuantDtype
 
-__all__ = ["storage_name", "static_scale", "block_scale", "expand_blocks", "quantize_dequantize_blocks", "write",
+__all__ = ["storage_name", "static_center", "stored_stats", "ROTATED", "to_stored", "from_stored", "stored_query",
+           "stored_window", "attention_output", "static_scale",
+           "block_scale", "expand_blocks", "quantize_dequantize_blocks", "write",
            "read", "windowed_attention", "recent_positions", "recent_or_quantized", "windowed_values",
            "KV_STATS_ATTR", "KV_PATHS_ATTR"]
 
@@ -40,12 +47,84 @@ KV_STATS_ATTR = "_qcompiler_kv_stats"
 #: beside it, set by the backend's calibration: the path of the module that runs each attention (same
 #: order), e.g. ``model.layers.0.self_attn``, for formats that name the attention (compressed-tensors)
 KV_PATHS_ATTR = "_qcompiler_kv_paths"
+#: the suffix of a calibration entry's role holding the range of ``x @ R`` (``KVCacheSpec.rotate``)
+ROTATED = "_rotated"
 
 
 def storage_name(spec: KVCacheSpec) -> str:
     """The codes' dtype name: int8 / uint8 / fp8_e4m3 / int4 / uint4."""
     name = spec.dtype.value
     return name if spec.symmetric else numerics.UNSIGNED[name]
+
+
+def static_center(stats: tuple[torch.Tensor, torch.Tensor], heads: int) -> torch.Tensor:
+    """The ``center`` offsets, float32 [1, heads, 1, head_dim]: the mid-range ``(min + max) / 2`` of
+    each KV head's channels, from observed ``(min, max)`` [observed heads, head_dim] (folded onto
+    ``heads`` as ``static_scale`` does)."""
+    lo, hi = stats
+    rep = lo.shape[0] // heads
+    lo, hi = lo.reshape(heads, rep, -1).amin(1), hi.reshape(heads, rep, -1).amax(1)
+    return ((lo.float() + hi.float()) / 2).reshape(1, heads, 1, -1)
+
+
+def stored_stats(entry: dict, role: str, heads: int, spec: KVCacheSpec, rotation: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The observed ``(min, max)`` [observed heads, head_dim] of what the codes of ``role`` hold,
+    ``to_stored(x)``: from ``entry`` (one attention's calibration: ``{role: (min, max)}`` of ``x`` and,
+    when the spec rotates, ``{role + "_rotated": ...}`` of ``x @ R``); centering shifts each stored
+    channel by a constant (``c`` or ``c @ R``), so the shifted range is exact."""
+    lo, hi = entry[role + ROTATED] if spec.rotate else entry[role]
+    if spec.center:
+        shift = static_center(entry[role], heads)[0, :, 0]                 # [H, D]
+        if spec.rotate:
+            shift = shift @ rotation.to(shift.device).float()
+        rep = lo.shape[0] // heads
+        shift = shift[:, None].expand(-1, rep, -1).reshape(lo.shape)
+        lo, hi = lo - shift, hi - shift
+    return lo, hi
+
+
+def to_stored(x: torch.Tensor, rotation: torch.Tensor | None, center: torch.Tensor | None) -> torch.Tensor:
+    """``x`` [B, H, T, D] as a rotated / centered cache quantizes it: ``(x - center) @ rotation`` in float32."""
+    y = x.float()
+    if center is not None:
+        y = y - center
+    return y @ rotation if rotation is not None else y
+
+
+def from_stored(y: torch.Tensor, rotation: torch.Tensor | None, center: torch.Tensor | None,
+                out_dtype: torch.dtype) -> torch.Tensor:
+    """The inverse of ``to_stored``: ``y @ rotation^T + center``, in ``out_dtype``."""
+    y = y.float()
+    if rotation is not None:
+        y = y @ rotation.T
+    if center is not None:
+        y = y + center
+    return y.to(out_dtype)
+
+
+def stored_query(query: torch.Tensor, rotation: torch.Tensor | None) -> torch.Tensor:
+    """The query a rotated cache's attention scores take against the stored keys: ``q @ R`` (same dtype);
+    ``q . (k_stored @ R^T + c) = (q @ R) . k_stored + q . c``, and softmax drops ``q . c`` (one
+    constant per query)."""
+    return query if rotation is None else (query.float() @ rotation).to(query.dtype)
+
+
+def stored_window(window: torch.Tensor, rotation: torch.Tensor | None, center: torch.Tensor | None) -> torch.Tensor:
+    """The full-precision window in the stored form, ``to_stored`` in its own dtype, so an attention over
+    stored codes and window reads both alike."""
+    return to_stored(window, rotation, center).to(window.dtype)
+
+
+def attention_output(out: torch.Tensor, rotation: torch.Tensor | None, center: torch.Tensor | None) -> torch.Tensor:
+    """An attention's output [B, heads, T, D] over stored values back in the values' own form:
+    ``out @ R^T + c`` (the probabilities sum to one), ``c`` repeated over the query heads of a KV head."""
+    y = out.float()
+    if rotation is not None:
+        y = y @ rotation.T
+    if center is not None:
+        y = y + center.repeat_interleave(out.shape[1] // center.shape[1], dim=1)
+    return y.to(out.dtype)
 
 
 def static_scale(stats: tuple[torch.Tensor, torch.Tensor], heads: int, granularity: Granularity,

@@ -18,8 +18,8 @@ Graphs carry them as ordinary ops, so they trace, compile and export:
   as one op (written by ``passes/fuse_norm_quant.py`` for target "triton"; math below)
 - ``qcompiler::hadamard_transform(x, h_block, scale)``: an orthogonal Hadamard rotation along x's last dim,
   ``scale * (h_block kron H_p) x`` (QuaRot's online transform; math in ``reference_kernels.hadamard_transform_ref``)
-- ``qcompiler::kv_cache_read(codes, scale, zero, dtype, head_dim, out_dtype, group=0)``: the keys or values a quantized
-  KV cache holds (``qcompiler.runtime.kv_cache``; layout in ``qcompiler.core.kv_format``)
+- ``qcompiler::kv_cache_read(codes, scale, zero, dtype, head_dim, out_dtype, group=0, rotation=None, center=None)``:
+  the keys or values a quantized KV cache holds (``qcompiler.runtime.kv_cache``; layout in ``qcompiler.core.kv_format``)
 - ``qcompiler::triton_<op>(<op's arguments>, *, int report_id=0)`` for each op in ``TRITON_KERNEL_OPS``:
   the op computed by its Triton kernel. Same schema and fake kernel as ``<op>`` plus ``report_id``
   (the compile report that records run-time fallbacks, 0 = none); the CPU and CUDA kernels are
@@ -229,14 +229,20 @@ def _(x, h_block, scale):
 
 @torch.library.custom_op(f"{_LIB}::kv_cache_read", mutates_args=())
 def kv_cache_read(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, dtype: str, head_dim: int,
-                  out_dtype: torch.dtype, group: int = 0) -> torch.Tensor:
+                  out_dtype: torch.dtype, group: int = 0, rotation: torch.Tensor | None = None,
+                  center: torch.Tensor | None = None) -> torch.Tensor:
     """The keys or values a quantized KV cache stores as ``codes`` (layout in ``qcompiler.core.kv_format``;
-    ``group`` > 0: per_group scales, one per block of ``group`` positions)."""
-    return kv_format.read(codes, scale, zero, dtype, head_dim, out_dtype, group).contiguous()
+    ``group`` > 0: per_group scales, one per block of ``group`` positions); with ``rotation`` / ``center``
+    (a rotated / centered cache) the codes are of ``kv_format.to_stored(x)`` and the read is
+    ``from_stored`` of them."""
+    if rotation is None and center is None:
+        return kv_format.read(codes, scale, zero, dtype, head_dim, out_dtype, group).contiguous()
+    stored = kv_format.read(codes, scale, zero, dtype, head_dim, torch.float32, group)
+    return kv_format.from_stored(stored, rotation, center, out_dtype).contiguous()
 
 
 @kv_cache_read.register_fake
-def _(codes, scale, zero, dtype, head_dim, out_dtype, group=0):
+def _(codes, scale, zero, dtype, head_dim, out_dtype, group=0, rotation=None, center=None):
     return codes.new_empty((*codes.shape[:-1], head_dim), dtype=out_dtype)
 
 

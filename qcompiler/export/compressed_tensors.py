@@ -253,6 +253,11 @@ def _kv_scheme(recipe: Recipe) -> QuantizationArgs | None:
         raise UnsupportedError(f"{what}: kv_cache.residual_window={spec.residual_window} keeps the last positions in "
                                f"full precision, a policy of qcompiler's cache that kv_cache_scheme cannot express: "
                                f"use residual_window=0 {fix}")
+    if spec.rotate or spec.center:
+        which = " and ".join(f"kv_cache.{f}=True" for f in ("rotate", "center") if getattr(spec, f))
+        raise UnsupportedError(f"{what}: {which} stores the keys and values transformed (rotated per head / less a "
+                               f"per-channel offset), which kv_cache_scheme cannot express (vLLM and transformers read "
+                               f"plain scaled values): set them False {fix}")
     if not spec.symmetric:
         raise UnsupportedError(f"{what}: kv_cache.symmetric=False; kv_cache_scheme scales are symmetric (vLLM reads no "
                                f"zero point) {fix}")

@@ -5,7 +5,8 @@ each (TensorRT activations take one per-tensor scale, zero-point 0: rules 'activ
 and 'zero-point'). Refused before any work, naming ``recipe.kv_cache`` and why
 (``check_kv_exportable``): INT4 keys or values (TensorRT's INT4 is for weights only), per_token
 scales (computed as each token is written: no static Q/DQ), per_head / per_channel scales (a
-per-axis activation scale), asymmetric integers (zero-points), and a full-precision
+per-axis activation scale), asymmetric integers (zero-points), rotated or centered caches (not
+written: they need MatMul / Add nodes around the Q/DQ), and a full-precision
 ``residual_window`` (a cache policy no Q/DQ graph expresses).
 
 How: the attention of the quantized copy runs through ``qcompiler_kv_qdq``, a transformers
@@ -63,6 +64,11 @@ def check_kv_exportable(recipe: Recipe) -> None:
                if dynamic else "TensorRT activation Q/DQ (keys and values included) take one static per-tensor scale")
         raise UnsupportedError(f"{what} has {has} scales; {why} (rule 'activation-per-tensor'): export with {fix} "
                                "(e.g. 'kv-fp8', or KVCacheSpec('int8', 'per_tensor', 'per_tensor')), or kv_cache=None")
+    if spec.rotate or spec.center:
+        which = " and ".join(f"kv_cache.{f}=True" for f in ("rotate", "center") if getattr(spec, f))
+        raise UnsupportedError(f"{what}: {which} quantizes the keys and values rotated per head / less a per-channel "
+                               "offset, which the KV Q/DQ export does not write (it places one Q/DQ pair on K and on "
+                               "V): export with them False")
     if not spec.symmetric:
         raise UnsupportedError(f"{what} is asymmetric; TensorRT needs zero-points 0 (rule 'zero-point'): export with "
                                "kv_cache.symmetric=True")

@@ -465,6 +465,14 @@ class KVCacheSpec:
             unquantized, older ones quantized; 0 quantizes every cached token.
         group_size: positions per block of the per_group scales (blocks start at position 0);
             at most ``residual_window``, so a block is complete before any of its tokens is quantized.
+        rotate: multiply each head's keys and values by one orthogonal matrix (a randomized Hadamard
+            of order head_dim, seed 0) before quantizing them, and by its transpose on read: attention
+            scores and outputs are unchanged in exact arithmetic, while a channel outlier is spread
+            over the head (QuaRot's / ModelOpt's rotated KV). Scales come from the rotated values.
+        center: subtract each head and channel's calibrated mid-range ``(min + max) / 2`` (after the
+            rotation, when both are set) before quantizing, and add it back on read, so the codes
+            spend their range on the deviation from a channel's constant offset (an affine KV cache);
+            needs calibration whatever the scales' granularity.
     """
 
     dtype: QuantDtype = QuantDtype.INT8
@@ -473,6 +481,8 @@ class KVCacheSpec:
     symmetric: bool = True
     residual_window: int = 0
     group_size: int = 0
+    rotate: bool = False
+    center: bool = False
 
     #: the granularities a KV cache supports (per_group has no meaning for a cache)
     GRANULARITIES: ClassVar[tuple[Granularity, ...]] = (Granularity.PER_TENSOR, Granularity.PER_HEAD,
@@ -487,6 +497,8 @@ class KVCacheSpec:
             object.__setattr__(self, name, _choice("kv_cache", name, getattr(self, name), Granularity,
                                                    self.GRANULARITIES))
         _bool("kv_cache", "symmetric", self.symmetric)
+        _bool("kv_cache", "rotate", self.rotate)
+        _bool("kv_cache", "center", self.center)
         if isinstance(self.residual_window, bool) or not isinstance(self.residual_window, int) \
                 or self.residual_window < 0:
             raise RecipeError(f"kv_cache.residual_window={self.residual_window!r} must be an integer >= 0 (tokens)")
@@ -513,16 +525,20 @@ class KVCacheSpec:
 
     @property
     def static(self) -> bool:
-        """Whether any scale comes from calibration (every granularity but per_token / per_group)."""
-        return self.is_static("key") or self.is_static("value")
+        """Whether the cache needs calibration: a scale from it (every granularity but per_token /
+        per_group) or the ``center`` offsets."""
+        return self.center or self.is_static("key") or self.is_static("value")
 
     def describe(self) -> str:
         sym = "" if self.symmetric else " asymmetric"
         window = f", last {self.residual_window} tokens in full precision" if self.residual_window else ""
+        transform = ", ".join(w for w, on in (("rotated per head", self.rotate), ("centered per channel", self.center))
+                              if on)
 
         def what(g: Granularity) -> str:
             return f"per_group ({self.group_size} positions)" if g is Granularity.PER_GROUP else g.value
-        return f"{self.dtype.value}{sym}: keys {what(self.key)}, values {what(self.value)}{window}"
+        return (f"{self.dtype.value}{sym}{' ' + transform if transform else ''}: keys {what(self.key)}, "
+                f"values {what(self.value)}{window}")
 
 
 @dataclass(frozen=True)

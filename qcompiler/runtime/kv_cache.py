@@ -19,6 +19,9 @@ the window, from the whole block (which the window then holds), and kept per blo
 Blocks start at the cache's first position, so under left padding a padded row's blocks hold its
 padding too (its pad keys widen those blocks' ranges; the attention still masks them).
 
+``rotate`` / ``center``: the codes are those of ``kv_format.to_stored(x)`` (rotated, centered; the
+window stays as given) and each read goes back through ``kv_format.from_stored`` (in ``kv_cache_read``).
+
 Under ``torch.compile`` the cache's update is traced into the graph; the KV-cache pass recognises
 its read op and adds no quantization of its own.
 """
@@ -33,6 +36,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from qcompiler.core import kv_format
 from qcompiler.core.kv_format import KV_STATS_ATTR
 from qcompiler.errors import CalibrationError, UnsupportedError
+from qcompiler.passes.kv_cache import kv_rotation
 from qcompiler.recipes import Granularity, KVCacheSpec
 
 __all__ = ["QuantizedKVCache", "QuantizedKVLayer", "KV_STATS_ATTR"]
@@ -55,12 +59,15 @@ class QuantizedKVLayer(DynamicLayer):
                                    "calibration's key / value ranges (build it with qcompiler.kv_cache)")
         self.spec = spec
         self.stats = stats
+        if spec.rotate and stats is not None:
+            kv_rotation(stats["key"][0].shape[-1])       # built here, outside any compiled forward
         self.storage_name = kv_format.storage_name(spec)
         self.cumulative_length = 0
         self.codes: dict[str, torch.Tensor] = {}
         self.scales: dict[str, torch.Tensor] = {}
         self.zeros: dict[str, torch.Tensor | None] = {}
         self._static: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+        self._transform: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}    # (rotation, center)
 
     def _granularity(self, role: str) -> Granularity:
         return self.spec.key if role == "key" else self.spec.value
@@ -71,8 +78,20 @@ class QuantizedKVLayer(DynamicLayer):
         if self.spec.dtype.value == "int4" and head_dim % 2:
             raise UnsupportedError(f"recipe.kv_cache.dtype='int4' packs two values per byte along the head "
                                    f"dimension, which is odd ({head_dim})")
+        rotation = kv_rotation(head_dim).to(self.device) if self.spec.rotate else None
         for role, states in zip(_ROLES, (key_states, value_states)):
             scale = zero = None
+            stats = self.stats[role] if self.stats is not None else None
+            if stats is not None and (stats[0].shape[0] % heads or stats[0].shape[-1] != head_dim):
+                raise UnsupportedError(f"the calibration saw {role}s of {tuple(stats[0].shape)} heads x channels; "
+                                       f"this layer caches {heads} heads x {head_dim}")
+            center = None
+            if self.spec.center:
+                center = kv_format.static_center(stats, heads).to(self.device)
+            if stats is not None and (self.spec.rotate or self.spec.center):
+                stats = kv_format.stored_stats(self.stats, role, heads, self.spec, rotation)
+            self._transform[role] = (rotation, center)
+            states = self._stored(role, states)
             if self._granularity(role) is Granularity.PER_GROUP:     # no blocks yet: [B, H, 0, D] scales
                 empty, _ = kv_format.block_scale(states[:, :, :0], self.spec.group_size, self.spec.dtype.value,
                                                  self.spec.symmetric)
@@ -82,11 +101,7 @@ class QuantizedKVLayer(DynamicLayer):
                 self._static[role] = (None, None)
                 continue
             if self.spec.is_static(role):
-                lo, hi = self.stats[role]
-                if lo.shape[0] % heads or lo.shape[-1] != head_dim:
-                    raise UnsupportedError(f"the calibration saw {role}s of {tuple(lo.shape)} heads x channels; this "
-                                           f"layer caches {heads} heads x {head_dim}")
-                scale, zero = kv_format.static_scale(self.stats[role], heads, self._granularity(role), self.spec)
+                scale, zero = kv_format.static_scale(stats, heads, self._granularity(role), self.spec)
                 scale, zero = scale.to(self.device), zero.to(self.device) if zero is not None else None
             self._static[role] = (scale, zero)
             codes, s, z = kv_format.write(states[:, :, :0], self.spec, scale, zero)
@@ -96,8 +111,14 @@ class QuantizedKVLayer(DynamicLayer):
         self.head_dim = head_dim
         self.is_initialized = True
 
+    def _stored(self, role: str, states: torch.Tensor) -> torch.Tensor:
+        """``states`` as the codes hold them: rotated / centered (float32) when the spec says so."""
+        rotation, center = self._transform.get(role, (None, None))
+        return states if rotation is None and center is None else kv_format.to_stored(states, rotation, center)
+
     def _store(self, role: str, recent: torch.Tensor, spill: int) -> None:
         """Quantize the ``spill`` oldest tokens of ``recent`` (the window and the new tokens) into the codes."""
+        recent = self._stored(role, recent)
         states = recent[:, :, :spill]
         if self._granularity(role) is Granularity.PER_GROUP:
             self._store_grouped(role, recent, spill)
@@ -131,8 +152,9 @@ class QuantizedKVLayer(DynamicLayer):
 
     def _read(self, role: str) -> torch.Tensor:
         group = self.spec.group_size if self._granularity(role) is Granularity.PER_GROUP else 0
+        rotation, center = self._transform[role]
         return torch.ops.qcompiler.kv_cache_read(self.codes[role], self.scales[role], self.zeros[role],
-                                                 self.storage_name, self.head_dim, self.dtype, group)
+                                                 self.storage_name, self.head_dim, self.dtype, group, rotation, center)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,9 +232,13 @@ class QuantizedKVCache(Cache):
     observer's result, in call order), needed for static scales; without static scales layers are
     added as the model asks for them."""
 
-    def __init__(self, spec: KVCacheSpec, stats: Sequence[Stats] | None = None):
+    def __init__(self, spec: KVCacheSpec, stats: Sequence[Stats] | None = None, head_dim: int | None = None):
+        """``head_dim``: the heads' size, for a rotated spec without calibration (``rotate`` with
+        per_token / per_group scales), so its rotation is built here rather than in a compiled forward."""
         if not isinstance(spec, KVCacheSpec):
             raise TypeError(f"QuantizedKVCache takes a KVCacheSpec, got {type(spec).__name__}")
+        if spec.rotate and head_dim is not None:
+            kv_rotation(head_dim)
         self.spec = spec
         if stats is not None:
             super().__init__(layers=[QuantizedKVLayer(spec, s) for s in stats])

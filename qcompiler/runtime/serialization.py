@@ -357,8 +357,24 @@ def _kv_heads(model: torch.nn.Module, observed: int) -> int:
     return heads if isinstance(heads, int) and heads > 0 and observed % heads == 0 else observed
 
 
-def _serving_scale(stats, heads: int, granularity: Granularity, spec: KVCacheSpec):
-    """``kv_format.static_scale`` without its broadcast dimensions: [], [H] or [H, D]."""
+def _kv_ranges(spec: KVCacheSpec, role: str) -> tuple[str, ...]:
+    """The calibration ranges stored for ``role``: its own, and under ``rotate`` the rotated one."""
+    return (role, role + kv_format.ROTATED) if spec.rotate else (role,)
+
+
+def _serving_center(stats, heads: int) -> torch.Tensor:
+    """``kv_format.static_center`` as [H, D] (``KVCacheSpec.center``)."""
+    return kv_format.static_center(stats, heads).reshape(heads, -1).contiguous()
+
+
+def _serving_scale(entry: dict, role: str, heads: int, granularity: Granularity, spec: KVCacheSpec):
+    """``kv_format.static_scale`` of the stored values' range (``kv_format.stored_stats``) without its
+    broadcast dimensions: [], [H] or [H, D]."""
+    stats = entry[role]
+    if spec.rotate or spec.center:
+        from qcompiler.passes.kv_cache import kv_rotation
+        rotation = kv_rotation(stats[0].shape[-1]) if spec.rotate else None
+        stats = kv_format.stored_stats(entry, role, heads, spec, rotation)
     scale, zero = kv_format.static_scale(stats, heads, granularity, spec)
     shape = {Granularity.PER_TENSOR: (), Granularity.PER_HEAD: (heads,)}.get(granularity, (heads, -1))
     return scale.float().reshape(shape).contiguous(), None if zero is None else zero.reshape(shape).contiguous()
@@ -388,12 +404,15 @@ def _kv_tensors(model: torch.nn.Module, recipe: Recipe, saved) -> tuple[dict[str
     heads = _kv_heads(model, math.gcd(*(s[r][0].shape[0] for s in stats for r, _ in _ROLES))) if stats else 0
     out: dict[str, torch.Tensor] = {}
     for i, s in enumerate(stats):
+        s = {name: tuple(t.detach().float().cpu().contiguous() for t in pair) for name, pair in s.items()}
         for role, short in _ROLES:
-            lo, hi = (t.detach().float().cpu().contiguous() for t in s[role])
-            out[f"{_KV}.{i}.{role}_min"], out[f"{_KV}.{i}.{role}_max"] = lo, hi
+            for name in _kv_ranges(spec, role):
+                out[f"{_KV}.{i}.{name}_min"], out[f"{_KV}.{i}.{name}_max"] = s[name]
+            if spec.center:
+                out[f"{_KV}.{i}.{short}_center"] = _serving_center(s[role], heads)
             g = _granularity(spec, role)
             if g not in KVCacheSpec.DYNAMIC:
-                scale, zero = _serving_scale((lo, hi), heads, g, spec)
+                scale, zero = _serving_scale(s, role, heads, g, spec)
                 out[f"{_KV}.{i}.{short}_scale"] = scale
                 if zero is not None:
                     out[f"{_KV}.{i}.{short}_zero"] = zero
@@ -484,7 +503,9 @@ def _kv_stats(weights: Path, recipe: Recipe, meta: dict[str, str], tensors: dict
     needed = []
     for i in range(n):
         for role, short in _ROLES:
-            needed += [f"{_KV}.{i}.{role}_min", f"{_KV}.{i}.{role}_max"]
+            needed += [f"{_KV}.{i}.{name}_{end}" for name in _kv_ranges(spec, role) for end in ("min", "max")]
+            if spec.center:
+                needed.append(f"{_KV}.{i}.{short}_center")
             if spec.is_static(role):
                 needed.append(f"{_KV}.{i}.{short}_scale")
                 if not spec.symmetric:
@@ -497,21 +518,27 @@ def _kv_stats(weights: Path, recipe: Recipe, meta: dict[str, str], tensors: dict
     stats = []
     for i in range(n):
         entry = {}
+        for role, _ in _ROLES:
+            for name in _kv_ranges(spec, role):
+                lo, hi = tensors[f"{_KV}.{i}.{name}_min"].float(), tensors[f"{_KV}.{i}.{name}_max"].float()
+                if lo.dim() != 2 or lo.shape != hi.shape or heads <= 0 or lo.shape[0] % heads:
+                    raise CheckpointError(f"{weights}: {_KV}.{i}.{name}_min / _max have shapes {list(lo.shape)} / "
+                                          f"{list(hi.shape)}; expected equal [observed heads, head_dim] with the heads "
+                                          f"a multiple of kv_heads {heads}")
+                entry[name] = (lo.contiguous(), hi.contiguous())
         for role, short in _ROLES:
-            lo, hi = tensors[f"{_KV}.{i}.{role}_min"].float(), tensors[f"{_KV}.{i}.{role}_max"].float()
-            if lo.dim() != 2 or lo.shape != hi.shape or heads <= 0 or lo.shape[0] % heads:
-                raise CheckpointError(f"{weights}: {_KV}.{i}.{role}_min / _max have shapes {list(lo.shape)} / "
-                                      f"{list(hi.shape)}; expected equal [observed heads, head_dim] with the heads a "
-                                      f"multiple of kv_heads {heads}")
+            if spec.center and not torch.allclose(tensors[f"{_KV}.{i}.{short}_center"].float(),
+                                                  _serving_center(entry[role], heads), rtol=1e-6, atol=0):
+                raise CheckpointError(f"{weights}: {_KV}.{i}.{short}_center is not the mid-range of the stored {role} "
+                                      "range: the file was changed after save_quantized wrote it")
             g = _granularity(spec, role)
             if g not in KVCacheSpec.DYNAMIC:
-                want, want_zero = _serving_scale((lo, hi), heads, g, spec)
+                want, want_zero = _serving_scale(entry, role, heads, g, spec)
                 got, got_zero = tensors[f"{_KV}.{i}.{short}_scale"], tensors.get(f"{_KV}.{i}.{short}_zero")
                 if got.shape != want.shape or not torch.allclose(got.float(), want, rtol=1e-6, atol=0) or \
                         (want_zero is not None and (got_zero is None or not torch.equal(got_zero, want_zero))):
                     raise CheckpointError(f"{weights}: {_KV}.{i}.{short}_scale (shape {list(got.shape)}) is not the "
                                           f"scale of the stored {role} range ({list(want.shape)}): the file was "
                                           "changed after save_quantized wrote it")
-            entry[role] = (lo.contiguous(), hi.contiguous())
         stats.append(entry)
     return spec, stats
