@@ -3,6 +3,8 @@ weight format, float ``sparsify``, and bad input."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -272,12 +274,17 @@ def test_compressed_storage_round_trips_bit_for_bit_in_cutlass_layout(dtype):
         sparse24.compress(torch.ones(16, 64, dtype=torch.int8))
 
 
-@pytest.mark.parametrize("preset", ["sparse24-w8a8-int8-dynamic", "sparse24-w4a16"])
+@pytest.mark.parametrize("preset", ["sparse24-w8a8-int8-dynamic", "sparse24-w4a16", "sparse24-w4a16+asym",
+                                    "sparse24-w8a8-int8-dynamic+asym"])
 def test_sparse_checkpoints_store_compressed_codes_and_reload_exactly(tmp_path, preset):
+    """Symmetric codes compress as they are; asymmetric ones around their zero points (a pruned weight's code)."""
     import safetensors
     from qcompiler.runtime.serialization import load_quantized, save_quantized, saved_metadata
     model, batches = tiny_model("llama"), calibration_batches()
+    preset, asym = preset.removesuffix("+asym"), preset.endswith("+asym")
     recipe = recipes.get(preset)
+    if asym:
+        recipe = recipe.replace(name=f"{preset}-asym", weight=dataclasses.replace(recipe.weight, symmetric=False))
     qcompiler.quantize(model, recipe, batches, progress=False)
     weights = save_quantized(model, tmp_path / "ck", recipe)
     import json
@@ -297,6 +304,28 @@ def test_sparse_checkpoints_store_compressed_codes_and_reload_exactly(tmp_path, 
         assert torch.equal(loaded(ids).logits, model(ids).logits)
     for a, b in zip(_quantized(loaded), _quantized(model)):
         assert a.fqn == b.fqn and torch.equal(a.w_q, b.w_q)
+    if asym:                                        # the zero points are what the pruned positions hold
+        m = next(m for m in _quantized(model) if m.fqn == q)
+        assert m.w_zero is not None and bool((m.w_zero != 0).any())
+
+
+def test_asymmetric_codes_compress_around_their_zero_points():
+    """Kept codes equal to 0 or to the zero point, and runs of 4 that look fully pruned, come back bit for bit."""
+    from qcompiler.core import sparse24
+    g = torch.Generator().manual_seed(0)
+    keep = torch.rand(32, 128, generator=g).reshape(32, 32, 4).argsort(-1).argsort(-1).reshape(32, 128) < 2
+    zero = torch.randint(0, 256, (32, 1), generator=g).to(torch.uint8).expand(32, 128).contiguous()
+    codes = torch.randint(0, 256, (32, 128), generator=g).to(torch.uint8)
+    codes[:, ::7] = 0
+    codes = torch.where(keep, codes, zero)
+    codes[0, :8] = zero[0, :8]
+    values, meta = sparse24.compress_around(codes, zero)
+    assert values.shape == (32, 64) and torch.equal(sparse24.decompress_around(values, meta, zero), codes)
+    signed = torch.where(keep, torch.randint(-127, 128, (32, 128), generator=g, dtype=torch.int8), 0)
+    assert all(torch.equal(a, b) for a, b in zip(sparse24.compress_around(signed, torch.zeros_like(signed)),
+                                                 sparse24.compress(signed)))     # CUTLASS's own values and metadata
+    with pytest.raises(ValueError, match="more than 2"):
+        sparse24.compress_around(codes, zero.flip(0))
 
 
 def _quantized(model):

@@ -5,8 +5,10 @@ The conversion is torch's own (``torch.sparse._semi_structured_conversions``, pl
 on CPU): 8-bit codes (int8, and FP8 E4M3 by its bytes) compress to int8 values with int32 metadata
 (2 bits per kept value), 16-bit floats to int16 metadata: the ``packed`` / ``meta`` pair of
 ``torch.sparse.SparseSemiStructuredTensorCUTLASS``. A pruned position must hold the code 0: true of
-symmetric formats, whose pruned weights round to 0 (an asymmetric code holds its zero point instead, so
-those stay dense). Sizes the conversion takes: rows in multiples of 16 (8-bit) or 32 (16-bit), K in
+symmetric formats, whose pruned weights round to 0. An asymmetric code holds its zero point there instead:
+``compress_around(q, fill)`` takes the kept positions from ``q != fill`` (``fill``: each position's zero
+point), and ``decompress_around`` puts ``fill`` back around the kept codes; the values are CUTLASS's order
+all the same (a quad's two kept codes in position order, quads in row order), the metadata the positions'. Sizes the conversion takes: rows in multiples of 16 (8-bit) or 32 (16-bit), K in
 multiples of 64 (8-bit) or 32 (16-bit). 8-bit codes take 0.625x their dense bytes, 16-bit 0.5625x.
 """
 
@@ -14,11 +16,12 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["why_not_compressible", "compress", "decompress", "compressed_nbytes"]
+__all__ = ["why_not_compressible", "compress", "decompress", "compress_around", "decompress_around",
+           "compressed_nbytes"]
 
 _ROWS = {1: 16, 2: 32}          # element bytes -> row multiple
 _COLS = {1: 64, 2: 32}          # element bytes -> K multiple (the metadata columns interleave in pairs)
-_AS_BYTES = {torch.float8_e4m3fn: torch.int8}
+_AS_BYTES = {torch.float8_e4m3fn: torch.int8, torch.uint8: torch.int8}
 
 
 def why_not_compressible(q: torch.Tensor) -> str:
@@ -57,6 +60,38 @@ def decompress(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     from torch.sparse._semi_structured_conversions import sparse_semi_structured_to_dense_cutlass
     dense = sparse_semi_structured_to_dense_cutlass(_bytes(values).contiguous(), meta)
     return dense.view(values.dtype) if values.dtype in _AS_BYTES else dense
+
+
+def _kept(meta: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """bool [n, k]: the two positions of each run of 4 that ``meta`` keeps."""
+    return decompress(torch.ones(n, k // 2, dtype=torch.int8), meta) != 0
+
+
+def compress_around(q: torch.Tensor, fill: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values [N, K/2], metadata)`` of a 2:4 ``q`` whose pruned positions hold ``fill`` (same shape and
+    dtype, e.g. each position's zero point) rather than 0; ``ValueError`` saying why when it does not compress."""
+    if fill.shape != q.shape or fill.dtype != q.dtype:
+        raise ValueError(f"2:4 compression: fill has shape {tuple(fill.shape)} / {fill.dtype}, codes "
+                         f"{tuple(q.shape)} / {q.dtype}")
+    indicator = (_bytes(q) != _bytes(fill)).to(torch.int8)
+    why = why_not_compressible(indicator) or why_not_compressible(q).replace("more than 2 non-zero codes in some "
+                                                                             "run of 4", "")
+    if why:
+        raise ValueError(f"2:4 compression: {why}")
+    _, meta = compress(indicator)
+    kept = _kept(meta, *q.shape)
+    return q[kept].reshape(q.shape[0], q.shape[1] // 2), meta
+
+
+def decompress_around(values: torch.Tensor, meta: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """The dense [N, K] codes of ``compress_around``'s output: ``fill`` with the kept codes put back, bit for bit."""
+    n, k = fill.shape
+    if values.shape != (n, k // 2) or values.dtype != fill.dtype:
+        raise ValueError(f"2:4 decompression: values {tuple(values.shape)} / {values.dtype} do not fit fill "
+                         f"{tuple(fill.shape)} / {fill.dtype}")
+    out = fill.clone()
+    out[_kept(meta, n, k)] = values.reshape(-1)
+    return out
 
 
 def compressed_nbytes(values: torch.Tensor, meta: torch.Tensor) -> int:

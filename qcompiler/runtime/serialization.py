@@ -312,11 +312,15 @@ def _quantized_linear(weights: Path, model: torch.nn.Module, fqn: str, spec: dic
         stored = t("w_q")
         if sparse:
             from qcompiler.core import sparse24
-            values = t("w_q_values")
-            if spec["weight_dtype"] == "int4":
-                values = unpack_int4(values, spec["in_features"] // 2, signed=True)
-            stored = sparse24.decompress(values, t("w_q_meta"))
-            if spec["weight_dtype"] == "int4":
+            values, int4 = t("w_q_values"), spec["weight_dtype"] in ("int4", "uint4")
+            if int4:
+                values = unpack_int4(values, spec["in_features"] // 2, signed=spec["weight_dtype"] == "int4")
+            if t("w_zero") is None:
+                stored = sparse24.decompress(values, t("w_q_meta"))
+            else:                                    # asymmetric: the pruned positions hold their zero points
+                fill = _zero_fill(t("w_zero"), (spec["out_features"], spec["in_features"]), spec["group_size"])
+                stored = sparse24.decompress_around(values, t("w_q_meta"), fill)
+            if int4:
                 stored = pack_int4(stored)
         qw = QuantizedWeight.from_storage(stored, t("w_scale"), t("w_zero"), spec["weight_dtype"],
                                           spec["group_size"] or None, spec["in_features"])
@@ -426,10 +430,10 @@ def _kv_tensors(model: torch.nn.Module, recipe: Recipe, saved) -> tuple[dict[str
 
 def _sparse24_tensors(model: torch.nn.Module, recipe: Recipe, layers: dict[str, dict]
                       ) -> tuple[dict[str, torch.Tensor], set[str]]:
-    """A 2:4 recipe's (``SparseGPTSpec(n=2, m=4)``) symmetric weight codes compressed (``qcompiler.core.sparse24``):
-    ``({fqn.w_q_values / fqn.w_q_meta: tensor}, the dense ``fqn.w_q`` keys they replace)``; each such layer's spec
-    gets ``"sparse24": true``. A layer that does not compress (asymmetric codes, a shape the layout does
-    not take) stays dense, logged with the reason."""
+    """A 2:4 recipe's (``SparseGPTSpec(n=2, m=4)``) weight codes compressed (``qcompiler.core.sparse24``;
+    asymmetric ones around their zero points, ``compress_around``): ``({fqn.w_q_values / fqn.w_q_meta:
+    tensor}, the dense ``fqn.w_q`` keys they replace)``; each such layer's spec gets ``"sparse24": true``.
+    A layer that does not compress (a shape the layout does not take) stays dense, logged with the reason."""
     from qcompiler.core import sparse24
     from qcompiler.recipes import SparseGPTSpec
     spec = recipe.weight_algorithm
@@ -439,15 +443,17 @@ def _sparse24_tensors(model: torch.nn.Module, recipe: Recipe, layers: dict[str, 
     for fqn, m in model.named_modules():
         if not isinstance(m, QuantizedLinear) or fqn not in layers:
             continue
-        int4 = m.weight_dtype == "int4"
-        codes = unpack_int4(m.w_q, m.in_features, signed=True) if int4 else m.w_q
-        why = ("asymmetric codes (a pruned weight holds the zero point, not 0)"
-               if m.weight_dtype not in ("int8", "fp8_e4m3", "int4") or m.w_zero is not None
-               else sparse24.why_not_compressible(codes))
+        int4 = m.weight_dtype in ("int4", "uint4")
+        codes = unpack_int4(m.w_q, m.in_features, signed=m.weight_dtype == "int4") if int4 else m.w_q
+        fill = None if m.w_zero is None else _zero_fill(m.w_zero, codes.shape, m.group_size)
+        if m.weight_dtype not in ("int8", "uint8", "fp8_e4m3", "int4", "uint4"):
+            why = f"weight dtype {m.weight_dtype}"
+        else:
+            why = sparse24.why_not_compressible(codes if fill is None else (codes != fill).to(torch.int8))
         if why:
             dense.append(f"{fqn} ({why})")
             continue
-        values, meta = sparse24.compress(codes)
+        values, meta = sparse24.compress(codes) if fill is None else sparse24.compress_around(codes, fill)
         # INT4: the kept codes packed two per byte again (qcompiler's packing of CUTLASS's int8 values)
         tensors[f"{fqn}.w_q_values"], tensors[f"{fqn}.w_q_meta"] = (pack_int4(values) if int4 else values), meta
         replaced.add(f"{fqn}.w_q")
@@ -456,6 +462,16 @@ def _sparse24_tensors(model: torch.nn.Module, recipe: Recipe, layers: dict[str, 
         log.info("save_quantized: %d of %d 2:4 layers stored dense: %s", len(dense), len(dense) + len(replaced),
                  "; ".join(dense[:4]) + (" ..." if len(dense) > 4 else ""))
     return tensors, replaced
+
+
+def _zero_fill(zero: torch.Tensor, shape: tuple[int, int], group_size: int) -> torch.Tensor:
+    """Each weight position's zero point [N, K] (the code a pruned weight holds), from per-channel [N, 1]
+    or per-group [N, ceil(K / group)] zero points."""
+    n, k = shape
+    z = zero.reshape(n, -1)
+    if group_size and z.shape[1] > 1:
+        z = z.repeat_interleave(group_size, dim=1)[:, :k]
+    return z.expand(n, k).contiguous()
 
 
 def _save_model(model: torch.nn.Module, weights: Path, meta: dict[str, str], extra: dict[str, torch.Tensor],
