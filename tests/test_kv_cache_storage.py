@@ -308,13 +308,20 @@ def test_per_group_codes_are_the_blocks_of_the_prefill_keys():
     assert layer.zeros["key"].dtype == torch.uint8 and layer.codes["key"].shape[-1] == layer.head_dim // 2
 
 
-@pytest.mark.parametrize("preset", ["kv-int8", "kv-int8-dynamic", "kv-int4", "per-group"])
+_TRITON_SPECS = {"per-group": KVCacheSpec("int4", "per_group", "per_group", symmetric=False, residual_window=2,
+                                          group_size=2),
+                 "int4-token-rot": KVCacheSpec("int4", "per_token", "per_token", residual_window=2, rotate=True),
+                 "fp8-rot-center": KVCacheSpec("fp8_e4m3", "per_tensor", "per_tensor", rotate=True, center=True)}
+
+
+@pytest.mark.parametrize("preset", ["kv-int8", "kv-int8-dynamic", "kv-int4", "kv-int8-rot", *_TRITON_SPECS])
 def test_triton_target_decodes_with_the_fused_kernel_on_the_codes(preset):
-    per_group = KVCacheSpec("int4", "per_group", "per_group", symmetric=False, residual_window=2, group_size=2)
-    preset = _recipe(preset, 2) if preset != "per-group" else \
-        recipes.get("kv-int8").replace(name=preset, kv_cache=per_group)
     """Target "triton": each decode step's attention is one qcompiler::triton_kv_decode_attention
-    (the kernel reads the codes; interpreter on CPU) and gives the eager cache's logits."""
+    (the kernel reads the codes; interpreter on CPU) and gives the eager cache's logits. A rotated /
+    centered cache: the kernel reads the stored form, with the query rotated, the window in the stored
+    form and the output taken back (``kv_format.attention_output``)."""
+    spec = _TRITON_SPECS.get(preset)
+    preset = _recipe(preset, 2) if spec is None else recipes.get("kv-int8").replace(name=preset, kv_cache=spec)
     pytest.importorskip("triton")
     model, x, calib = tiny_model("qwen2"), torch.cat(token_batches(2, 10, seed=3)), calibration_batches()
     qb = qcompiler.backend(preset, calibration=calib, progress=False, target="triton")
@@ -330,6 +337,8 @@ def test_triton_target_decodes_with_the_fused_kernel_on_the_codes(preset):
         ref_steps = torch.cat([model(x[:, t:t + 1], cache=eager, use_cache=True).logits for t in range(7, 10)], 1)
     fused = [n for g in qb.graphs for n in g.graph.nodes
              if n.target is torch.ops.qcompiler.triton_kv_decode_attention.default]
+    outputs = [n for g in qb.graphs for n in g.graph.nodes if n.target is kv_format.attention_output]
     assert len(fused) >= model.config.num_hidden_layers
+    assert len(outputs) == (len(fused) if preset.kv_cache.rotate or preset.kv_cache.center else 0)
     assert not qb.report.runtime_fallbacks
     assert _rel(pre, ref_pre) < 1e-6 and _rel(steps, ref_steps) < 1e-5

@@ -261,31 +261,3 @@ def test_exporters_refuse_a_transformed_cache_naming_the_field(export, tmp_path)
         from qcompiler.export.compressed_tensors import _kv_scheme
         with pytest.raises(UnsupportedError, match=r"kv_cache.center=True .*kv_cache_scheme cannot express"):
             _kv_scheme(recipe)
-
-
-@pytest.mark.parametrize("name,window", [("fp8-tensor-rot-center", 2), ("int8-head-center", 0),
-                                         ("int4-token-rot", 2)])
-def test_triton_target_fuses_the_decode_attention_on_the_stored_form(name, window):
-    """Target "triton": the decode kernel reads the transformed cache's codes, with the query rotated, the
-    window in the stored form and the output taken back; it gives the eager cache's logits (GQA model)."""
-    pytest.importorskip("triton")
-    recipe = _recipe(dataclasses.replace(_SPECS[name], residual_window=window))
-    model, x, calib = tiny_model("qwen2"), torch.cat(token_batches(2, 10, seed=3)), calibration_batches()
-    qb = qcompiler.backend(recipe, calibration=calib, progress=False, target="triton")
-    compiled = torch.compile(model, backend=qb)
-    cache = qcompiler.kv_cache(compiled)
-    with torch.no_grad():
-        pre = compiled(x[:, :7], cache=cache, use_cache=True).logits
-        steps = torch.cat([compiled(x[:, t:t + 1], cache=cache, use_cache=True).logits for t in range(7, 10)], 1)
-    torch._dynamo.reset()
-    eager = qcompiler.kv_cache(model, recipe, calib, progress=False)
-    with torch.no_grad():
-        ref_pre = model(x[:, :7], cache=eager, use_cache=True).logits
-        ref_steps = torch.cat([model(x[:, t:t + 1], cache=eager, use_cache=True).logits for t in range(7, 10)], 1)
-        plain = torch.cat([model(x[:, :t + 1]).logits[:, -1:] for t in range(7, 10)], 1)
-    fused = [n for g in qb.graphs for n in g.graph.nodes
-             if n.target is torch.ops.qcompiler.triton_kv_decode_attention.default]
-    outputs = [n for g in qb.graphs for n in g.graph.nodes if n.target is kv_format.attention_output]
-    assert len(fused) >= model.config.num_hidden_layers and len(outputs) == len(fused)
-    assert not qb.report.runtime_fallbacks
-    assert _rel(pre, ref_pre) < 1e-6 and _rel(steps, ref_steps) < 1e-5 < _rel(steps, plain)
