@@ -17,9 +17,9 @@ calls inside it); per_token scales are computed as each token is written (one pe
 per_group scales per head and channel for each block of ``group_size`` positions of the cached sequence
 (always with a residual window at least that long, so the attention reads every block it quantizes whole).
 Under grouped-query attention the observed (repeated) heads are folded back onto the KV heads.
-``rotate`` / ``center`` (``kv_format.to_stored``): the Q/DQ is of ``x @ R - c``, read back through
-``kv_format.from_stored``; the observer records the rotated ranges, so scales and centers are those of
-what the codes hold.
+``rotate`` / ``center`` (``kv_format.to_stored``): the Q/DQ is of ``(x - c) @ R``, read back through
+``kv_format.from_stored``; the observer also records the rotated ranges, from which
+``kv_format.stored_stats`` gives the stored form's range (the scales of what the codes hold).
 """
 
 from __future__ import annotations
@@ -297,7 +297,9 @@ def _qdq(gm: GraphModule, x: Node, before: Node, role: str, spec: KVCacheSpec, e
         dq, info = _plain_qdq(gm, x, before, granularity, spec, stats, name, device, heads, torch.float32)
         with graph.inserting_before(before):
             dq = graph.call_function(kv_format.from_stored, (dq, rotation, center, out_dtype))
-        return dq, info
+        how = " and ".join(w for w, on in (("centered per channel", spec.center), ("rotated per head", spec.rotate))
+                           if on)
+        return dq, f"{info}, {how}"
     stats = entry[role] if entry is not None else None
     return _plain_qdq(gm, x, before, granularity, spec, stats, name, device, heads, out_dtype)
 

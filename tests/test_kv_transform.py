@@ -181,6 +181,8 @@ def test_compiled_transformed_cache_equals_the_hand_fake_quantization(arch, name
         plain = model(x).logits
     kv = [d for d in qb.report.tensors.values() if d.kind == "kv_cache"]
     assert kv and all(d.quantize for d in kv)
+    assert all(("rotated per head" in d.note) == spec.rotate and ("centered per channel" in d.note) == spec.center
+               for d in kv), [d.note for d in kv]
     kv_heads = getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads
     raw = _hand_ranges(model, calib, spec, kv_heads)
     stored = _hand_ranges(model, calib, spec, kv_heads, raw)
