@@ -12,9 +12,14 @@ Regenerate (2 CPU cores; accuracy only, so other jobs change the time columns, n
     python benchmarks/kv_cache.py --model smollm2-135m --context 4096 --eval-tokens 16384 --no-baselines \
         --presets kv-int8,kv-fp8-r128,kv-int4 --out benchmarks/results_kv_smollm2_ctx4096.md
     python benchmarks/kv_cache.py --model stories260K --out benchmarks/results_kv_stories260K.md
+    # the rotated / centered INT8 cache beside kv-int8, at 1,024 and 4,096
+    python benchmarks/kv_cache.py --model smollm2-135m --no-baselines --presets kv-int8,kv-int8-rot \
+        --out benchmarks/results_kv_rot_smollm2.md
+    python benchmarks/kv_cache.py --model smollm2-135m --context 4096 --eval-tokens 16384 --no-baselines \
+        --presets kv-int8-rot --out benchmarks/results_kv_rot_smollm2_ctx4096.md
     # memory: the quantized cache (qcompiler.kv_cache) after a 4,096-token prompt, model in bf16
     python benchmarks/kv_cache.py --model smollm2-135m --memory --context 4096 \
-        --presets kv-int8,kv-fp8,kv-fp8-r128,kv-int4 --out benchmarks/results_kv_memory_smollm2.md
+        --presets kv-int8,kv-int8-rot,kv-fp8,kv-fp8-r128,kv-int4 --out benchmarks/results_kv_memory_smollm2.md
 
 Baselines ("plain" rows): the outputs of the modules named ``k_proj`` / ``v_proj`` fake-quantized
 by forward hooks, what a user writes by hand: one static absmax scale per tensor (INT8, FP8, INT4;
