@@ -288,7 +288,8 @@ def _qdq(gm: GraphModule, x: Node, before: Node, role: str, spec: KVCacheSpec, e
         rotation = center = None
         matrix = kv_rotation(_shape(x)[-1]) if spec.rotate else None
         if spec.rotate:
-            rotation = add_constant(gm, f"{name}_rotation", matrix.to(device), before)
+            # its own copy: one tensor under two names would be one buffer on the CPU and two after .to(device)
+            rotation = add_constant(gm, f"{name}_rotation", matrix.to(device, copy=True), before)
         if spec.center:
             center = add_constant(gm, f"{name}_center", kv_format.static_center(entry[role], heads).to(device), before)
         stats = kv_format.stored_stats(entry, role, heads, spec, matrix) if entry is not None else None
