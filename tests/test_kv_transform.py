@@ -227,7 +227,10 @@ def test_each_decode_step_reads_what_the_graph_pass_computes(name, window):
     spec = dataclasses.replace(_SPECS[name], residual_window=window)
     x = token_batches(1, 11, seed=3)[0]
     cache = _decode_equals_graph("llama", _recipe(spec), x)
-    assert cache.layers[0].codes["key"].shape[-2] == x.shape[1] - window
+    layer = cache.layers[0]
+    assert layer.codes["key"].shape[-2] == x.shape[1] - window
+    held = {t.data_ptr() for t in layer.tensors()}              # nbytes counts the rotation and the centers
+    assert all(t.data_ptr() in held for role in ("key", "value") for t in layer._transform[role] if t is not None)
 
 
 def test_checkpoint_keeps_the_centers_and_rotated_ranges(tmp_path):

@@ -186,7 +186,8 @@ class QuantizedKVLayer(DynamicLayer):
         return -1
 
     def tensors(self) -> list[torch.Tensor]:
-        """Every tensor this layer holds: codes, scales, zero points, the full-precision window."""
+        """Every tensor this layer holds: codes, scales, zero points, the full-precision window, and a
+        rotated / centered cache's rotation and centers."""
         if not self.is_initialized:
             return []
         held = [self.keys, self.values]
@@ -194,6 +195,7 @@ class QuantizedKVLayer(DynamicLayer):
             held += [self.codes[role], self.scales[role]]
             if self.zeros[role] is not None:
                 held.append(self.zeros[role])
+            held += [t for t in self._transform.get(role, ()) if t is not None]
         return held
 
     def _map_batch(self, fn) -> None:
