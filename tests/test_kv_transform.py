@@ -22,16 +22,10 @@ from qcompiler.passes.kv_cache import kv_rotation
 from qcompiler.recipes import Granularity, KVCacheSpec, Recipe
 from qcompiler.runtime.serialization import WEIGHTS_FILE, load_quantized, save_quantized
 from safetensors import safe_open
+from test_kv_cache_storage import _decode_equals_graph, _fresh_dynamo  # noqa: F401  (autouse fixture)
 from tiny_models import calibration_batches, tiny_model, token_batches
 
 _SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -223,7 +217,6 @@ def test_rotation_and_centering_lower_the_error_of_outlier_channels():
                                          ("fp8-token-rot-center", 0), ("int4-token-rot", 2)])
 def test_each_decode_step_reads_what_the_graph_pass_computes(name, window):
     """Token by token through ``QuantizedKVCache`` (codes of the stored form) = the compiled forward."""
-    from test_kv_cache_storage import _decode_equals_graph
     spec = dataclasses.replace(_SPECS[name], residual_window=window)
     x = token_batches(1, 11, seed=3)[0]
     cache = _decode_equals_graph("llama", _recipe(spec), x)

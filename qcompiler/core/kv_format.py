@@ -61,10 +61,16 @@ def static_center(stats: tuple[torch.Tensor, torch.Tensor], heads: int) -> torch
     """The ``center`` offsets, float32 [1, heads, 1, head_dim]: the mid-range ``(min + max) / 2`` of
     each KV head's channels, from observed ``(min, max)`` [observed heads, head_dim] (folded onto
     ``heads`` as ``static_scale`` does)."""
+    lo, hi = _fold_heads(stats, heads)
+    return ((lo.float() + hi.float()) / 2).reshape(1, heads, 1, -1)
+
+
+def _fold_heads(stats: tuple[torch.Tensor, torch.Tensor], heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Observed ``(min, max)`` [observed heads, head_dim] folded onto ``heads`` KV heads, [H, D] each
+    (grouped-query attention repeats each KV head over consecutive observed heads)."""
     lo, hi = stats
     rep = lo.shape[0] // heads
-    lo, hi = lo.reshape(heads, rep, -1).amin(1), hi.reshape(heads, rep, -1).amax(1)
-    return ((lo.float() + hi.float()) / 2).reshape(1, heads, 1, -1)
+    return lo.reshape(heads, rep, -1).amin(1), hi.reshape(heads, rep, -1).amax(1)
 
 
 def stored_stats(entry: dict, role: str, heads: int, spec: KVCacheSpec, rotation: torch.Tensor | None
@@ -134,9 +140,7 @@ def static_scale(stats: tuple[torch.Tensor, torch.Tensor], heads: int, granulari
     ``[batch, heads, tokens, head_dim]``."""
     if granularity is Granularity.PER_TOKEN:
         raise ValueError("per_token scales are computed as tokens are written, not from calibration")
-    lo, hi = stats
-    rep = lo.shape[0] // heads
-    lo, hi = lo.reshape(heads, rep, -1).amin(1), hi.reshape(heads, rep, -1).amax(1)     # [H, D]
+    lo, hi = _fold_heads(stats, heads)                                                    # [H, D]
     if granularity is Granularity.PER_TENSOR:
         lo, hi = lo.amin(), hi.amax()
     elif granularity is Granularity.PER_HEAD:

@@ -469,7 +469,7 @@ class KVCacheSpec:
             of order head_dim, seed 0) before quantizing them, and by its transpose on read: attention
             scores and outputs are unchanged in exact arithmetic, while a channel outlier is spread
             over the head (QuaRot's / ModelOpt's rotated KV). Scales come from the rotated values.
-        center: subtract each head and channel's calibrated mid-range ``(min + max) / 2`` (after the
+        center: subtract each head and channel's calibrated mid-range ``(min + max) / 2`` (before the
             rotation, when both are set) before quantizing, and add it back on read, so the codes
             spend their range on the deviation from a channel's constant offset (an affine KV cache);
             needs calibration whatever the scales' granularity.

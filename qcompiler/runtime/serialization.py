@@ -49,6 +49,7 @@ from qcompiler.core import kv_format
 from qcompiler.core.kv_format import KV_STATS_ATTR
 from qcompiler.core.layer_quant import QuantizedWeight
 from qcompiler.core.packing import pack_int4, unpack_int4
+from qcompiler.passes.kv_cache import kv_rotation
 from qcompiler.pipeline import CompileReport
 from qcompiler.errors import CheckpointError, RecipeError
 from qcompiler.recipes import Granularity, KVCacheSpec, Recipe
@@ -376,7 +377,6 @@ def _serving_scale(entry: dict, role: str, heads: int, granularity: Granularity,
     broadcast dimensions: [], [H] or [H, D]."""
     stats = entry[role]
     if spec.rotate or spec.center:
-        from qcompiler.passes.kv_cache import kv_rotation
         rotation = kv_rotation(stats[0].shape[-1]) if spec.rotate else None
         stats = kv_format.stored_stats(entry, role, heads, spec, rotation)
     scale, zero = kv_format.static_scale(stats, heads, granularity, spec)
@@ -446,14 +446,11 @@ def _sparse24_tensors(model: torch.nn.Module, recipe: Recipe, layers: dict[str, 
         int4 = m.weight_dtype in ("int4", "uint4")
         codes = unpack_int4(m.w_q, m.in_features, signed=m.weight_dtype == "int4") if int4 else m.w_q
         fill = None if m.w_zero is None else _zero_fill(m.w_zero, codes.shape, m.group_size)
-        if m.weight_dtype not in ("int8", "uint8", "fp8_e4m3", "int4", "uint4"):
-            why = f"weight dtype {m.weight_dtype}"
-        else:
-            why = sparse24.why_not_compressible(codes if fill is None else (codes != fill).to(torch.int8))
-        if why:
-            dense.append(f"{fqn} ({why})")
+        try:
+            values, meta = sparse24.compress(codes) if fill is None else sparse24.compress_around(codes, fill)
+        except ValueError as e:
+            dense.append(f"{fqn} ({str(e).removeprefix('2:4 compression: ')})")
             continue
-        values, meta = sparse24.compress(codes) if fill is None else sparse24.compress_around(codes, fill)
         # INT4: the kept codes packed two per byte again (qcompiler's packing of CUTLASS's int8 values)
         tensors[f"{fqn}.w_q_values"], tensors[f"{fqn}.w_q_meta"] = (pack_int4(values) if int4 else values), meta
         replaced.add(f"{fqn}.w_q")
