@@ -23,6 +23,10 @@ Rotated / centered caches (the kv-*-rot presets), 2026-12-04 (Intel Xeon AMX, 2 
         fp8_e4m3:per_head:per_head:sym:0+rot+center fp8_e4m3:per_token:per_token:sym:0+rot+center \
         int8:per_head:per_head:sym:0 int8:per_head:per_head:sym:0+rot int8:per_head:per_head:sym:0+center \
         int8:per_head:per_head:sym:0+rot+center int4:per_token:per_token:sym:0+rot+center
+
+gave FP32 24.572; fp8 per tensor +0.35%, +rot +0.33%, +rot+center +0.55%; fp8 per head +rot+center +0.58%,
+per token +rot+center +0.38%; int8 per head +0.51%, +rot +0.22%, +center +0.18%, +rot+center +0.06%
+(kv-int8-rot); int4 per token +rot+center, no window, +5.24%.
 """
 import argparse
 
