@@ -68,9 +68,11 @@ M_VALUES = (1, 16, 128, 2048, 8192)
 GROUP = 128
 W4A8_G128 = Recipe(name="w4a8-g128", weight=WeightSpec(QuantDtype.INT4, Granularity.PER_GROUP, group_size=GROUP),
                    activation=ActivationSpec(QuantDtype.FP8_E4M3, Granularity.PER_TOKEN))
+W4A8_INT8_G128 = W4A8_G128.replace(name="w4a8-int8-g128",
+                                   activation=ActivationSpec(QuantDtype.INT8, Granularity.PER_TOKEN))
 W4A16_G128 = Recipe(name="w4a16-g128", weight=WeightSpec(QuantDtype.INT4, Granularity.PER_GROUP, group_size=GROUP))
 E2E_RECIPES = {"w8a16": "w8a16", "w4a16-g128": W4A16_G128, "w8a8-int8-sq-dynamic": "w8a8-int8-sq-dynamic",
-               "fp8-dynamic": "fp8-dynamic", "w4a8-g128": W4A8_G128}
+               "fp8-dynamic": "fp8-dynamic", "w4a8-g128": W4A8_G128, "w4a8-int8-g128": W4A8_INT8_G128}
 
 
 def linear_shapes(cfg: dict) -> list[tuple[str, int, int]]:
@@ -195,6 +197,8 @@ def methods(env: Env, m: int, n: int, k: int, gen: torch.Generator, torchao: boo
         Method("W4A16 g128", "bf16", 4, 2, lambda: kr["int4_gemm"](o["x"], o["w4"], o["sw4"], None, None, GROUP, k)),
         Method("W4A8 g128", "fp8", 4, 1,
                lambda: kr["w4a8_gemm"](o["af8"], o["saf8"], o["w4"], o["sw4"], None, None, GROUP, k, dt)),
+        Method("W4A8 int8 g128", "int8", 4, 1,
+               lambda: kr["w4a8_gemm"](o["a8"], o["sa8"], o["w4"], o["sw4"], None, None, GROUP, k, dt)),
     ]
     if env.gpu and m <= 16:
         # the decode path's alternative (the default is the FMA kernel, backends/triton/gemm_decode.py)

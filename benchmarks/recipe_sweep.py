@@ -57,6 +57,20 @@ FP32 15.471, RTN +34.31%, 1024 rows +18.08% (0.53x RTN), 4096 rows +15.20% (0.44
     python benchmarks/recipe_sweep.py --eval valid --windows 16 \
         "s4kduo=R('w4a16-awq').replace(samples_per_layer=4096, weight_algorithm=AWQSpec(samples=4096, duo_scaling=True))" \
         "s8k=R('w4a16-awq').replace(samples_per_layer=8192, weight_algorithm=AWQSpec(samples=8192))"
+The choice behind ``w4a8-int8-sq-gptq`` (INT4 g64 weights, INT8 per-token dynamic activations;
+2026-12-04, AMD EPYC AVX2, 2 threads, frozen installs of the working tree; valid, 16 windows, FP32
+15.471, 64 x 512 calibration): RTN +38.13%; ``w4a16-gptq``'s recipe (layer by layer) +15.15%, the
+same on whole-model Hessians +15.24%; ``w4a8-awq``'s +17.06%; SmoothQuant alpha 0.5 then GPTQ
+(whole-model) +9.87%, with alpha searched per layer group +9.13% (808 s calibration against 462 s):
+
+    python benchmarks/recipe_sweep.py --eval valid --windows 16 \
+        "rtn=R('w4a16-rtn').replace(activation=ActivationSpec('int8', 'per_token'))" \
+        "gptq=R('w4a16-gptq').replace(activation=ActivationSpec('int8', 'per_token'))" \
+        "awq=R('w4a8-awq').replace(activation=ActivationSpec('int8', 'per_token'))" \
+        "gptqsq=R('w4a16-gptq').replace(activation=ActivationSpec('int8', 'per_token'), layerwise=False, smoothquant=SmoothQuantSpec(alpha=0.5))"
+    python benchmarks/recipe_sweep.py --eval valid --windows 16 \
+        "gptqwhole=R('w4a16-gptq').replace(activation=ActivationSpec('int8', 'per_token'), layerwise=False)" \
+        "gptqsqsearch=R('w4a16-gptq').replace(activation=ActivationSpec('int8', 'per_token'), layerwise=False, smoothquant=SmoothQuantSpec(alpha=0.5, search=True))"
 """
 
 from __future__ import annotations

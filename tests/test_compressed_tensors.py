@@ -78,6 +78,7 @@ VARIANTS = {
     "w8a8-int8-sq": lambda: _keep(recipes.get("w8a8-int8-sq"), *NOT_FOLDABLE),
     "fp8": lambda: recipes.get("fp8"),
     "fp8-dynamic": lambda: recipes.get("fp8-dynamic"),
+    "w4a8-int8-sq-gptq": lambda: recipes.get("w4a8-int8-sq-gptq"),
     # asymmetric INT8 weights with INT8 activations: int-quantized keeps its zero points unpacked, which
     # transformers loads (qcompiler's own CPU run of them fails in torch._int_mm: codes checked only)
     "w8a8-int8-asym": lambda: _weight(recipes.get("w8a8-int8-naive"), symmetric=False),
@@ -91,8 +92,9 @@ VARIANTS = {
 }
 PACKED_ZERO_POINTS = ("w4a16-rtn-asym-g32", "w8a16-asym")
 TOLERANCE = {v: FOLDED if v.startswith(("w8a8-int8-sq", "w4a16-awq")) else EXACT for v in VARIANTS} \
-    | {"w8a8-int8-sq-dynamic": DYNAMIC_INT8, "sparse24-w8a8-int8-dynamic": DYNAMIC_INT8}
-FORMAT = {v: "int-quantized" if "w8a8" in v else "float-quantized" if "fp8" in v else "pack-quantized"
+    | {"w8a8-int8-sq-dynamic": DYNAMIC_INT8, "sparse24-w8a8-int8-dynamic": DYNAMIC_INT8, "w4a8-int8-sq-gptq": DYNAMIC_INT8}
+# (W4A8 INT8: compressed-tensors' infer_module_format picks int-quantized, int4 codes one per int8 byte)
+FORMAT = {v: "int-quantized" if "w8a8" in v or "w4a8-int8" in v else "float-quantized" if "fp8" in v else "pack-quantized"
           for v in VARIANTS}
 CASES = ([("llama", v) for v in VARIANTS if v != "w8a8-int8-asym" and v not in PACKED_ZERO_POINTS]
          + [("qwen2", v) for v in ("w8a16", "w4a16-gptq", "w8a8-int8-sq-dynamic", "w8a8-int8-sq", "fp8-dynamic")]
@@ -157,9 +159,10 @@ class _CompressedTensorsInt8(torch.nn.Module):
         return F.linear(numerics.fake_quantize(x, scale, None, "int8"), self.w, self.b)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_dynamic_int8_differs_only_by_the_scale_rule(exported, arch):
-    model, folder = exported(arch, "w8a8-int8-sq-dynamic")
+@pytest.mark.parametrize("arch, variant", [("llama", "w8a8-int8-sq-dynamic"), ("qwen2", "w8a8-int8-sq-dynamic"),
+                                           ("llama", "w4a8-int8-sq-gptq")])
+def test_dynamic_int8_differs_only_by_the_scale_rule(exported, arch, variant):
+    model, folder = exported(arch, variant)
     ct_rule = copy.deepcopy(model)
     for fqn, m in list(ct_rule.named_modules()):
         if isinstance(m, QuantizedLinear):

@@ -71,6 +71,7 @@ VARIANTS = {
     "w4a16-gptq-g128": lambda: _weight(recipes.get("w4a16-gptq"), group_size=128),
     "fp8": lambda: recipes.get("fp8"),
     "fp8-dynamic": lambda: recipes.get("fp8-dynamic"),
+    "w4a8-int8-sq-gptq": lambda: recipes.get("w4a8-int8-sq-gptq"),
     "w8a8-int8-sq": lambda: _keep(recipes.get("w8a8-int8-sq"), *NOT_FOLDABLE),
     "w8a8-int8-sq-dynamic": lambda: _keep(recipes.get("w8a8-int8-sq-dynamic"), *NOT_FOLDABLE),
     "w8a8-int8-asym": lambda: _weight(recipes.get("w8a8-int8-naive"), symmetric=False),
@@ -216,7 +217,8 @@ def _generate(model, cache) -> tuple[torch.Tensor, torch.Tensor]:
 # -- torch.compile ---------------------------------------------------------------------------------
 TARGET_CASES = [("w8a16", "reference"), ("w4a16-gptq", "reference"), ("fp8-dynamic", "reference"),
                 ("w8a8-int8-sq", "reference"), ("w8a8-int8-sq", "inductor"), ("w8a8-int8-sq", "triton"),
-                ("w8a8-int8-sq-dynamic", "reference"), ("w8a8-int8-sq-dynamic", "inductor"), ("fp8", "triton")]
+                ("w8a8-int8-sq-dynamic", "reference"), ("w8a8-int8-sq-dynamic", "inductor"), ("fp8", "triton"),
+                ("w4a8-int8-sq-gptq", "reference"), ("w4a8-int8-sq-gptq", "inductor")]
 
 
 @pytest.mark.parametrize("variant, target", TARGET_CASES, ids=[f"{v}-{t}" for v, t in TARGET_CASES])
@@ -431,9 +433,10 @@ BAD = {   # id: (checkpoint, config mutation, tensors mutation, error, message)
                                 CheckpointError, rf"{Q_PROJ}.*weight_zero_point is non-zero"),
     "per-tensor-dynamic-activations": ("w8a8-int8-sq", _set("*.input_activations.dynamic", True), None,
                                        UnsupportedError, r"strategy='tensor', dynamic=True\)"),
-    "w4a8-int": ("w4a16-rtn", _set("*.input_activations", {"num_bits": 8, "type": "int", "strategy": "token",
-                                                           "dynamic": True}), None,
-                 UnsupportedError, r"int4 weights with int8 activations; no qcompiler GEMM"),
+    "w4a8-int-asym-activations": ("w4a16-rtn", _set("*.input_activations", {"num_bits": 8, "type": "int",
+                                                                            "strategy": "token", "dynamic": True,
+                                                                            "symmetric": False}), None,
+                                  UnsupportedError, r"qcompiler takes symmetric 8-bit activations"),
     "embedding": ("w4a16-rtn", lambda c: _main_group(c)["targets"].append("Embedding"), None, UnsupportedError,
                   r"'model.embed_tokens' \(Embedding\) is quantized"),
     "unexpected-tensor": ("w4a16-rtn", None, _put(f"{Q_PROJ}.weight_global_scale", torch.ones(1)), CheckpointError,

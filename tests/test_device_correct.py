@@ -242,7 +242,8 @@ def _on_cpu(preset: str, captured):
     return cpu, _outputs(cpu[1], inputs)
 
 
-@pytest.mark.parametrize("preset", ("w8a8-int8-sq", "w8a8-int8-sq-dynamic", "fp8", "w8a16", "w4a16-rtn", "w4a8-awq"))
+@pytest.mark.parametrize("preset", ("w8a8-int8-sq", "w8a8-int8-sq-dynamic", "fp8", "w8a16", "w4a16-rtn", "w4a8-awq",
+                                    "w4a8-int8-sq-gptq"))
 def test_triton_lowers_every_gemm_of_a_model_on_the_gpu(preset, captured, triton_on_a_gpu, monkeypatch):
     """The triton pipeline on the GPU model: every fused GEMM (and norm + quantize) passes the Triton
     checks on the traced values and constants, none keeps its reference kernel for their devices."""

@@ -363,6 +363,9 @@ def test_int4_initializer_is_onnx_int4_packing(k):
     ("w8a16", "gemm-activation"),
     (Recipe(name="asym", weight=WeightSpec(dtype="int4", granularity="per_group", group_size=32, symmetric=False)),
      "zero-point"),
+    (Recipe(name="w4a8-int8-static", weight=WeightSpec(dtype="int4", granularity="per_group", group_size=64),
+            activation=ActivationSpec(dtype="int8", granularity="per_tensor")),
+     "INT4 weights with INT8 activations.*'gemm-activation'"),
 ])
 def test_unexportable_recipe_is_refused_before_any_work(tmp_path, recipe, match):
     model = torch.nn.Module()          # never touched: the refusal comes first

@@ -76,7 +76,7 @@ def test_int4_ops_match_dequantized_float(k, group, sym):
 
 
 # -- presets through the pipeline ---------------------------------------------------------------
-INT4_PRESETS = ["w4a16-rtn", "w4a16-gptq", "w4a16-awq", "w4a8-awq"]
+INT4_PRESETS = ["w4a16-rtn", "w4a16-gptq", "w4a16-awq", "w4a8-awq", "w4a8-int8-sq-gptq"]
 
 
 @pytest.mark.parametrize("preset", INT4_PRESETS)

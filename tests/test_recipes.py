@@ -217,8 +217,6 @@ BAD_SPECS = [
     ("recipe.activation", lambda: Recipe(activation="int8")),
     ("recipe.smoothquant", lambda: Recipe(activation=INT8_STATIC, smoothquant=0.5)),
     ("recipe.smoothquant", lambda: Recipe(smoothquant=SmoothQuantSpec())),
-    ("weight.dtype='int4' with activation.dtype='int8'",
-     lambda: Recipe(weight=WeightSpec("int4", "per_group", 32), activation=INT8_STATIC)),
     ("weight.dtype='int8' with activation.dtype='fp8_e4m3'",
      lambda: Recipe(weight=WeightSpec("int8"), activation=FP8_DYNAMIC)),
     ("weight.dtype='fp8_e4m3' with activation.dtype='int8'",

@@ -20,7 +20,7 @@ from qcompiler.recipes import Recipe
 from qcompiler.runtime.serialization import WEIGHTS_FILE, load_quantized, save_quantized, saved_metadata
 from tiny_models import VOCAB, tiny_model, token_batches
 
-PRESETS = ["w8a8-int8-sq", "fp8-dynamic", "w8a16", "w4a16-gptq", "w4a8-awq"]
+PRESETS = ["w8a8-int8-sq", "fp8-dynamic", "w8a16", "w4a16-gptq", "w4a8-awq", "w4a8-int8-sq-gptq"]
 
 
 def _quantized_layers(model: torch.nn.Module) -> dict[str, QuantizedLinear]:

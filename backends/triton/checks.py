@@ -130,10 +130,10 @@ def _packed(a, w_packed, w_scale, w_zero, bias, group_size, in_features) -> str 
 
 
 def check_w4a8_gemm(a_q, a_scale, w_packed, w_scale, w_zero, bias, group_size, in_features, out_dtype) -> str | None:
-    if not fp8_supported():
+    if a_q.dtype not in (_FP8, torch.int8):
+        return f"a_q must be float8_e4m3fn or int8, got {a_q.dtype}"
+    if a_q.dtype == _FP8 and not fp8_supported():
         return "fp8 tl.dot needs a GPU of compute capability 8.9 or newer"
-    if a_q.dtype != _FP8:
-        return f"a_q must be float8_e4m3fn, got {a_q.dtype}"
     if out_dtype not in _FLOATS:
         return f"out_dtype {out_dtype} is not one of float32, float16, bfloat16"
     return _act_scale(a_scale, _rows(a_q)) or _packed(a_q, w_packed, w_scale, w_zero, bias, group_size, in_features)

@@ -1,14 +1,16 @@
-"""W4A8 GEMM: FP8 E4M3 activations x packed INT4 weights, fp32 accumulate.
+"""W4A8 GEMM: FP8 E4M3 or INT8 activations x packed INT4 weights.
 
 ``C = (a_q * a_scale) @ dequantize_int4(W).T + bias`` in ``out_dtype``, with ``a_q``
-float8_e4m3fn [..., K], ``a_scale`` float32 0-d or [..., 1], the weight in the
+float8_e4m3fn or int8 [..., K], ``a_scale`` float32 0-d or [..., 1], the weight in the
 ``qcompiler.core.packing`` layout (``w_packed`` uint8 [N, ceil(K / 2)], ``w_scale`` 0-d / [N, 1] /
 [N, G], ``w_zero`` None (int4) or uint8 [N, G] (uint4)) and ``bias`` [N] or None.
 
 Integer weights ``q - z`` lie in [-15, 15], which fp8 e4m3 holds exactly, so when a K tile
 lies inside one scale group (per-tensor, per-channel, or BLOCK_K dividing the group size) the
 tile is an fp8 x fp8 ``tl.dot`` — exact products, fp32 sums past each 32-deep wgmma partial
-(``IMPRECISE_ACC``; see ``gemm_w8a8``) — scaled by the group's [N] scales after the dot.
+(``IMPRECISE_ACC``; see ``gemm_w8a8``) — scaled by the group's [N] scales after the dot. INT8
+activations take an int8 x int8 -> int32 ``tl.dot`` per tile instead (the weight tile ``q - z`` as
+int8): exact sums within the tile, converted to fp32 and scaled as above.
 Other group sizes dequantize the tile to fp32 (``(q - z) * s`` per element) and take an fp32
 dot. The activation scale is applied once, in the epilogue. Small M uses split-K as in
 ``gemm_weight_only``.
@@ -39,7 +41,7 @@ def _w4a8_gemm_kernel(
     stride_am, stride_wn, stride_sn, stride_cm, stride_cs,
     # meta-parameters
     SIGNED: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_ZERO: tl.constexpr, A_PER_ROW: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SOFT_BF16: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFT_BF16: tl.constexpr, IS_FP8: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr, IMPRECISE_ACC: tl.constexpr,
 ):
@@ -65,7 +67,8 @@ def _w4a8_gemm_kernel(
         kk = k0 + offs_k
         k_ok = kk < K
         a = tl.load(a_ptr + rows[:, None] * stride_am + kk[None, :], mask=k_ok[None, :], other=0)
-        a = a.to(tl.float8e4nv, bitcast=True)
+        if IS_FP8:
+            a = a.to(tl.float8e4nv, bitcast=True)
         q = int4_tile(w_ptr, cols, k0, K, KB, stride_wn, SIGNED, BLOCK_N, BLOCK_K, N)
         if SCALE_MODE == 3:
             g = kk // group_size
@@ -83,11 +86,18 @@ def _w4a8_gemm_kernel(
                     z = tl.load(z_ptr + cols * stride_sn + g).to(tl.int32)[:, None]
             if HAS_ZERO:
                 q = tl.where(k_ok[None, :], q - z, 0)
-            w = q.to(tl.float32).to(tl.float8e4nv)           # exact: |q - z| <= 15
-            if SCALE_MODE == 2:
-                acc += tl.dot(a, tl.trans(w), max_num_imprecise_acc=IMPRECISE_ACC) * s
+            if IS_FP8:
+                w = q.to(tl.float32).to(tl.float8e4nv)           # exact: |q - z| <= 15
+                if SCALE_MODE == 2:
+                    acc += tl.dot(a, tl.trans(w), max_num_imprecise_acc=IMPRECISE_ACC) * s
+                else:
+                    acc = tl.dot(a, tl.trans(w), acc, max_num_imprecise_acc=IMPRECISE_ACC)
             else:
-                acc = tl.dot(a, tl.trans(w), acc, max_num_imprecise_acc=IMPRECISE_ACC)
+                part = tl.dot(a, tl.trans(q.to(tl.int8))).to(tl.float32)   # exact int32 tile sums
+                if SCALE_MODE == 2:
+                    acc += part * s
+                else:
+                    acc += part
     if SCALE_MODE < 2:
         acc = acc * s
     if A_PER_ROW:
@@ -114,7 +124,9 @@ def w4a8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, w_packed: torch.Tensor, 
         raise ValueError(f"w4a8_gemm: {reason}")
     k = in_features
     lead, n = a_q.shape[:-1], w_packed.shape[0]
-    a2 = a_q.reshape(-1, k).contiguous().view(torch.uint8)
+    is_fp8 = a_q.dtype == torch.float8_e4m3fn
+    a2 = a_q.reshape(-1, k).contiguous()
+    a2 = a2.view(torch.uint8) if is_fp8 else a2
     m = a2.shape[0]
     out = torch.empty((m, n), dtype=out_dtype, device=a_q.device)
     if m == 0:
@@ -144,7 +156,7 @@ def w4a8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, w_packed: torch.Tensor, 
             m, n, k, w.shape[1], block, k_per_split,
             a2.stride(0), w.stride(0), stride_sn, dst.stride(-2), dst.stride(0) if split > 1 else 0,
             SIGNED=z is None, SCALE_MODE=tile_mode, HAS_ZERO=z is not None, A_PER_ROW=a_per_row,
-            HAS_BIAS=b is not None, SOFT_BF16=interp,
+            HAS_BIAS=b is not None, SOFT_BF16=interp, IS_FP8=is_fp8,
             IMPRECISE_ACC=fp8_imprecise_acc(cfg.block_k), **meta)
         if split > 1:
             splitk_reduce(dst, b, out, soft_bf16=interp)
@@ -155,7 +167,8 @@ def w4a8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, w_packed: torch.Tensor, 
 
     if config is None:
         config = cfgs.choose_config(m, n, k, kind="w4a8",
-                                    variant=(mode, block, z is not None, a_per_row, b is not None, out_dtype),
+                                    variant=(mode, block, z is not None, a_per_row, b is not None, out_dtype,
+                                             a_q.dtype),
                                     interpreter=interp, bench=cfgs.bencher(launch), valid=valid)
     launch(config)
     return out.reshape(*lead, n)

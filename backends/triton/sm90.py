@@ -128,16 +128,17 @@ def default_kernels(capability: int = 90) -> list[Compiled]:
                      BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k),
                 capability=capability, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 name=f"W4A16 g128 {phase} FMA (gemm_decode) {_label(cfg)}"))
-        if capability >= 89:
-            cfg = cfgs.default_config(m, 4096, 4096, kind="w4a8")
+        cfg = cfgs.default_config(m, 4096, 4096, kind="w4a8")
+        for act in ("fp8", "int8") if capability >= 89 else ("int8",):
             out.append(compile_kernel(
                 _w4a8_gemm_kernel,
-                {"a_ptr": "*u8", "a_scale_ptr": "*fp32", "w_ptr": "*u8", "s_ptr": "*fp32", "z_ptr": "*fp32",
-                 "bias_ptr": "*fp32", "c_ptr": "*bf16" if cfg.split_k == 1 else "*fp32"},
+                {"a_ptr": "*u8" if act == "fp8" else "*i8", "a_scale_ptr": "*fp32", "w_ptr": "*u8", "s_ptr": "*fp32",
+                 "z_ptr": "*fp32", "bias_ptr": "*fp32", "c_ptr": "*bf16" if cfg.split_k == 1 else "*fp32"},
                 dict(SIGNED=True, SCALE_MODE=GROUP_ALIGNED, HAS_ZERO=False, A_PER_ROW=True, HAS_BIAS=False,
-                     SOFT_BF16=False, IMPRECISE_ACC=fp8_imprecise_acc(cfg.block_k), **_tiles(cfg)),
+                     SOFT_BF16=False, IS_FP8=act == "fp8", IMPRECISE_ACC=fp8_imprecise_acc(cfg.block_k),
+                     **_tiles(cfg)),
                 capability=capability, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                name=f"W4A8 g128 {phase} {_label(cfg)}"))
+                name=f"W4A8 {act} g128 {phase} {_label(cfg)}"))
     out.append(compile_kernel(
         _norm_quant_kernel,
         {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "smooth_ptr": "*fp32", "q_ptr": "*i8",

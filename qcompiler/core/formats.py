@@ -70,8 +70,11 @@ GEMM_FORMATS: tuple[GemmFormat, ...] = (
     GemmFormat("weight_only_gemm", "byte", None, 1, (0,), _weight_only_args),
     GemmFormat("int4_gemm", "int4", None, 1, (0,), _int4_args),
     GemmFormat("w4a8_gemm", "int4", "fp8_e4m3", 2, (0, 1), _w4a8_args),
+    GemmFormat("w4a8_gemm", "int4", "int8", 2, (0, 1), _w4a8_args),   # the same op: a_q's dtype says which
 )
-_BY_OP = {f.op: f for f in GEMM_FORMATS}
+_BY_OP: dict[str, GemmFormat] = {}
+for _f in GEMM_FORMATS:   # one op may take several activation dtypes, in the same argument layout
+    _BY_OP.setdefault(_f.op, _f)
 
 
 def weight_kind(weight_dtype: str) -> str:
@@ -96,7 +99,8 @@ def gemm_format(weight: str, activation: str | None) -> GemmFormat:
 
 
 def op_format(op: str) -> GemmFormat:
-    """The format of the fused op named ``op`` (``"int8_gemm"``; a packet's or overload's name works too)."""
+    """The format of the fused op named ``op`` (``"int8_gemm"``; a packet's or overload's name works too): its
+    argument layout (an op serving several activation dtypes, like ``w4a8_gemm``, has one layout)."""
     return _BY_OP[op.split("::")[-1].split(".")[0]]
 
 

@@ -10,7 +10,7 @@ Graphs carry them as ordinary ops, so they trace, compile and export:
 - packed INT4 (layout in ``qcompiler.core.packing``): ``qcompiler::dequantize_int4(w_packed, w_scale, w_zero,
   group_size, in_features, out_dtype)``, ``qcompiler::int4_gemm(x, w_packed, w_scale, w_zero, bias,
   group_size, in_features)`` (W4A16) and ``qcompiler::w4a8_gemm(a_q, a_scale, w_packed, w_scale, w_zero,
-  bias, group_size, in_features, out_dtype)`` (INT4 weights, FP8 activations)
+  bias, group_size, in_features, out_dtype)`` (INT4 weights, FP8 or INT8 activations: ``a_q``'s dtype)
 - ``qcompiler::onednn_int8_mm(a_q, w_packed, n)`` and ``qcompiler::onednn_linear(x, w, bias)``: the
   oneDNN cores of CPU kernel choices (``qcompiler.backends.gemm_kernels``)
 - ``qcompiler::norm_quantize_per_token(x, norm, weight, bias, eps, smooth, dtype, norm_dtype, mul_dtype,

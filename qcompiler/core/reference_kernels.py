@@ -115,7 +115,7 @@ def int4_gemm_ref(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor
 def w4a8_gemm_ref(a_q: torch.Tensor, a_scale: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
                   w_zero: torch.Tensor | None, bias: torch.Tensor | None, group_size: int, in_features: int,
                   out_dtype: torch.dtype) -> torch.Tensor:
-    """W4A8: ``(a_q * a_scale) @ dequantize_int4(w).T + bias``, float32 accumulate."""
+    """W4A8 (``a_q`` fp8 or int8): ``(a_q * a_scale) @ dequantize_int4(w).T + bias``, float32 accumulate."""
     a = a_q.float() * a_scale.float()
     w = dequantize_int4_ref(w_packed, w_scale, w_zero, group_size, in_features, torch.float32)
     out = torch.nn.functional.linear(a, w, None if bias is None else bias.float())

@@ -6,8 +6,8 @@ transformers 5.24 with compressed-tensors 0.20.1 on CPU).
 ``quantization_config`` (``quant_method: compressed-tensors``), ``model.safetensors``,
 ``recipe.json``, the generation config and the tokenizer. The layout is compressed-tensors' own: one
 ``QuantizationScheme`` per config group, the format its ``infer_module_format`` picks
-(``pack-quantized`` for weight-only INT4 / INT8, ``int-quantized`` for W8A8 INT8,
-``float-quantized`` for FP8) and that format's compressor, fed the dequantized weight and
+(``pack-quantized`` for weight-only INT4 / INT8, ``int-quantized`` for W8A8 INT8 and for INT4
+weights with INT8 activations — one 4-bit code per int8, unpacked — ``float-quantized`` for FP8) and that format's compressor, fed the dequantized weight and
 qcompiler's scales so that it re-derives qcompiler's codes; they are checked code for code before
 the folder is moved into place.
 

@@ -158,6 +158,10 @@ def check_exportable(recipe: Recipe) -> None:
     if w.granularity is Granularity.PER_GROUP and w.dtype is not QuantDtype.INT4:
         raise UnsupportedError(f"recipe {recipe.name!r} has per-group {w.dtype.value} weights; TensorRT blocks INT4 "
                                "weights only (rule 'weight-block')")
+    if w.dtype is QuantDtype.INT4 and act is not None and act.dtype is QuantDtype.INT8:
+        raise UnsupportedError(f"recipe {recipe.name!r} has INT4 weights with INT8 activations; TensorRT's INT4 GEMMs "
+                               "read float (weight-only) or FP8 activations (rule 'gemm-activation'): use 'w4a8-awq' "
+                               "(FP8 activations) or a W4A16 preset")
 
 
 def _choose_opset(recipe: Recipe, opset: int | None) -> int:
@@ -284,8 +288,9 @@ def export_onnx(model: torch.nn.Module, recipe: Recipe | str, example_inputs, pa
 
     Raises:
         UnsupportedError: the recipe cannot be expressed for TensorRT (dynamic activations,
-            asymmetric weights, non-INT4 weight-only, too low an opset; a kv_cache that is INT4,
-            per_token, per_head / per_channel, asymmetric or keeps a residual window), or its
+            asymmetric weights, non-INT4 weight-only, INT4 weights with INT8 activations, too low an
+            opset; a kv_cache that is INT4, per_token, per_head / per_channel, asymmetric or keeps a
+            residual window), or its
             kv_cache cannot be placed in this model's attention.
         CalibrationError: the recipe has a kv_cache and neither calibration nor a model carrying
             its KV calibration was given.

@@ -637,9 +637,6 @@ class Recipe:
         if self.smoothquant is not None and not isinstance(self.smoothquant, SmoothQuantSpec):
             raise RecipeError("recipe.smoothquant must be a SmoothQuantSpec or None")
         if self.activation is not None:
-            if self.weight.dtype is QuantDtype.INT4 and self.activation.dtype is QuantDtype.INT8:
-                raise RecipeError("weight.dtype='int4' with activation.dtype='int8' is not supported; "
-                                  "expected activation dtype 'fp8_e4m3' or no activation quantization")
             if self.weight.dtype is QuantDtype.INT8 and self.activation.dtype is QuantDtype.FP8_E4M3:
                 raise RecipeError("weight.dtype='int8' with activation.dtype='fp8_e4m3' is not supported; "
                                   "use weight dtype 'fp8_e4m3'")

@@ -36,9 +36,10 @@ INT4_G32 = Recipe(name="int4-g32", weight=WeightSpec(dtype=QuantDtype.INT4, gran
 W4A8_G32 = Recipe(name="w4a8-g32", weight=WeightSpec(dtype=QuantDtype.INT4, granularity=Granularity.PER_GROUP,
                                                     group_size=32),
                   activation=ActivationSpec(QuantDtype.FP8_E4M3, Granularity.PER_TOKEN))
+W4A8_INT8_G32 = W4A8_G32.replace(name="w4a8-int8-g32", activation=ActivationSpec(QuantDtype.INT8, Granularity.PER_TOKEN))
 FP8_WEIGHT_ONLY = Recipe(name="fp8-weight-only", weight=WeightSpec(dtype=QuantDtype.FP8_E4M3), activation=None)
 RECIPES = {"w8a8-int8-sq-dynamic": "w8a8-int8-sq-dynamic", "fp8-dynamic": "fp8-dynamic", "w8a16": "w8a16",
-           "int4-g32": INT4_G32, "w4a8-g32": W4A8_G32}
+           "int4-g32": INT4_G32, "w4a8-g32": W4A8_G32, "w4a8-int8-g32": W4A8_INT8_G32}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

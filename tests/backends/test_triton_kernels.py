@@ -280,14 +280,21 @@ def test_fma_decode_split_k_is_deterministic_and_leaves_its_counters_at_zero():
 # ----------------------------------------------------------------------------- W4A8
 
 
+def _w4a8_activations(shape, dtype, g):
+    """fp8 e4m3 or int8 activation codes of ``shape``."""
+    a = torch.randn(shape, generator=g) * 100
+    return a.to(torch.float8_e4m3fn) if dtype == "fp8" else a.round().clamp(-127, 127).to(torch.int8)
+
+
+@pytest.mark.parametrize("act", ["fp8", "int8"])
 @pytest.mark.parametrize("case", _cases(INT4_FORMATS, ("sym-channel", "asym-g64", "sym-g6-nondividing")),
                          ids=_case_id)
-def test_w4a8_gemm_matches_reference(case):
+def test_w4a8_gemm_matches_reference(case, act):
     mnk, config, fmt = case
     m, n, k = mnk
-    g = _gen((mnk, fmt, config, "w4a8"))
+    g = _gen((mnk, fmt, config, "w4a8") if act == "fp8" else (mnk, fmt, config, "w4a8", act))
     q, packed, scale, zero, group = _int4(fmt, n, k, g)
-    a = (torch.randn(m, k, generator=g) * 100).to(torch.float8_e4m3fn)
+    a = _w4a8_activations((m, k), act, g)
     sa = (torch.rand(m, 1, generator=g) + 0.01) / 50 if m % 2 else torch.tensor(0.013)
     bias = torch.randn(n, generator=g)
     out = w4a8_gemm(*_dev(a, sa, packed, scale, zero, bias), group, k, torch.float32, config=FORCED.get(config))
@@ -295,10 +302,11 @@ def test_w4a8_gemm_matches_reference(case):
     _check(out, ref64, mag, torch.float32, ref.w4a8_gemm_ref(a, sa, packed, scale, zero, bias, group, k, torch.float32))
 
 
-def test_w4a8_gemm_bf16_output():
-    g = _gen("w4a8-bf16")
+@pytest.mark.parametrize("act", ["fp8", "int8"])
+def test_w4a8_gemm_bf16_output(act):
+    g = _gen("w4a8-bf16" if act == "fp8" else f"w4a8-bf16-{act}")
     q, packed, scale, zero, group = _int4("sym-g32", 64, 96, g)
-    a = (torch.randn(2, 5, 96, generator=g) * 100).to(torch.float8_e4m3fn)
+    a = _w4a8_activations((2, 5, 96), act, g)
     sa = (torch.rand(2, 5, 1, generator=g) + 0.01) / 50
     out = w4a8_gemm(*_dev(a, sa, packed, scale, zero, None), group, 96, torch.bfloat16)
     ref64, mag = gemm_ref64(a.reshape(10, 96), sa.reshape(10, 1), _weight64(q, scale, zero, group, 96),

@@ -54,7 +54,18 @@ _SCRIPT = textwrap.dedent("""
         out["norm_fp8" if fp8 else "norm_int8"] = sorted(set(re.findall(r"\\b((?:sqrt|div|rsqrt|rcp)\\.[a-z0-9.]+)",
                                                                           c.ptx)))
     from qcompiler.backends.triton.gemm_decode import _decode_kernel
+    from qcompiler.backends.triton.gemm_w4a8 import _w4a8_gemm_kernel
     from qcompiler.backends.triton.gemm_weight_only import GROUP_ALIGNED
+    for kind in ("fp8", "int8"):       # W4A8, g128 aligned tiles: fp8 or int8 activations
+        c = sm90.compile_kernel(
+            _w4a8_gemm_kernel,
+            {"a_ptr": "*u8" if kind == "fp8" else "*i8", "a_scale_ptr": "*fp32", "w_ptr": "*u8", "s_ptr": "*fp32",
+             "z_ptr": "*fp32", "bias_ptr": "*fp32", "c_ptr": "*bf16"},
+            dict(SIGNED=True, SCALE_MODE=GROUP_ALIGNED, HAS_ZERO=False, A_PER_ROW=True, HAS_BIAS=False,
+                 SOFT_BF16=False, IS_FP8=kind == "fp8", IMPRECISE_ACC=fp8_imprecise_acc(cfg.block_k),
+                 **sm90._tiles(cfg)),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        out[f"w4a8_{kind}"] = re.findall(r"wgmma\\.mma_async\\.sync\\.aligned\\.m\\d+n\\d+k\\d+\\.[a-z0-9.]+", c.ptx)[:1]
     for m in (1, 16):
         cfg = cfgs.default_config(m, 4096, 4096, kind="int4")
         if not cfgs.fits_groups(cfg, 128):
@@ -90,6 +101,12 @@ def test_fp8_dot_promotes_each_wgmma_partial_to_fp32(sm90_facts):
     assert fp8["depth"] == ["32"]                       # not Triton's sm_90 default of 2**30
     assert fp8["wgmma"] and fp8["wgmma"][0].endswith("f32.e4m3.e4m3")   # still on the tensor cores
     assert sm90_facts["int8"]["depth"] == [] and sm90_facts["int8"]["wgmma"][0].endswith("s32.s8.s8")
+
+
+def test_w4a8_takes_the_tensor_cores_with_fp8_or_int8_activations(sm90_facts):
+    """The W4A8 kernel's group-aligned tiles: an e4m3 wgmma for fp8 activations, an s8 one (int32 sums) for int8."""
+    assert sm90_facts["w4a8_fp8"] and sm90_facts["w4a8_fp8"][0].endswith("f32.e4m3.e4m3")
+    assert sm90_facts["w4a8_int8"] and sm90_facts["w4a8_int8"][0].endswith("s32.s8.s8")
 
 
 @pytest.mark.parametrize("kind", ["norm_int8", "norm_fp8"])
