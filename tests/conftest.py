@@ -16,6 +16,15 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture
+def fresh_dynamo():
+    """Each test compiles from a reset Dynamo and leaves it reset. Use with
+    ``pytestmark = pytest.mark.usefixtures("fresh_dynamo")``."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny graphs: several OpenMP threads only contend on a shared CPU. Use with

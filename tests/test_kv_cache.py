@@ -21,11 +21,7 @@ from tiny_models import ARCHS, calibration_batches, tiny_model, token_batches
 _SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 # -- the spec and the presets -------------------------------------------------------------------

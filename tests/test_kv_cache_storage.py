@@ -21,11 +21,7 @@ from qcompiler.runtime.kv_cache import QuantizedKVCache
 from tiny_models import ARCHS, calibration_batches, tiny_model, token_batches
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def _recipe(preset: str, window: int = 0):

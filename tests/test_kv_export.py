@@ -37,15 +37,8 @@ from numerics_util import rel_err
 from test_serialization import _drop, _rewrite
 from tiny_models import VOCAB, calibration_batches, tiny_model, token_batches
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning",
-                                        "ignore::FutureWarning")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning", "ignore::FutureWarning"),
+              pytest.mark.usefixtures("fresh_dynamo")]
 
 
 def _quantized(arch: str, recipe, attn: str | None = None) -> torch.nn.Module:

@@ -22,10 +22,11 @@ from qcompiler.passes.kv_cache import kv_rotation
 from qcompiler.recipes import Granularity, KVCacheSpec, Recipe
 from qcompiler.runtime.serialization import WEIGHTS_FILE, load_quantized, save_quantized
 from safetensors import safe_open
-from test_kv_cache_storage import _decode_equals_graph, _fresh_dynamo  # noqa: F401  (autouse fixture)
+from test_kv_cache_storage import _decode_equals_graph
 from tiny_models import calibration_batches, tiny_model, token_batches
 
 _SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
