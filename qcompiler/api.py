@@ -474,6 +474,15 @@ def quantize(model: torch.nn.Module, recipe: Recipe | str, calibration: Iterable
     into those norm modules' parameters, as the compiled graph and the exported checkpoints hold
     them. Returns ``model``.
     """
+    _quantize_planned(model, recipe, calibration, example_input, progress, kernels)
+    return model
+
+
+def _quantize_planned(model: torch.nn.Module, recipe: Recipe | str, calibration: Iterable | None = None,
+                      example_input: torch.Tensor | dict | None = None, progress: bool = True,
+                      kernels: str | Mapping[str, str] = "auto") -> list[PassContext]:
+    """``quantize``, returning the planning contexts (the float weights each linear was quantized from,
+    after smoothing: ``prepare_qat`` starts its latent weights there)."""
     from qcompiler.runtime.eager import apply_plan, quantize_unreached
     from qcompiler.rotation import apply_recipe_rotation
     qb = QCompilerBackend(recipe, calibration, "reference", progress=progress, kernels=kernels)
@@ -508,7 +517,7 @@ def quantize(model: torch.nn.Module, recipe: Recipe | str, calibration: Iterable
     swapped += quantize_unreached(model, qb.recipe, qb.report, kwargs, qb.calibration, kernels)
     log.info("quantize: %d linear modules replaced", swapped)
     _fold_smoothing_into_norms(model, contexts, qb.report)
-    return model
+    return contexts
 
 
 def _fold_smoothing_into_norms(model: torch.nn.Module, contexts: list[PassContext], report: CompileReport) -> None:

@@ -15,6 +15,8 @@ The latent weight starts (``init="auto"``) at the float weight when the recipe r
 recipe has a weight algorithm (GPTQ, AWQ's clipping, SparseGPT), so that it gives that algorithm's codes:
 either way ``convert(prepare_qat(m))`` equals ``quantize(m)`` bit for bit before training. A sparse recipe's
 (``SparseGPTSpec``) pruned weights stay 0 through training, so the N:M pattern survives ``convert``.
+SmoothQuant / AWQ input scales are not trained: they stay where the plan put them (in the norms, or at the
+linear's input as ``inv_smooth``) and the latent weights are the scaled ones.
 ``distillation_loss`` is the KL divergence to a float teacher's logits.
 """
 
@@ -117,6 +119,8 @@ class FakeQuantLinear(torch.nn.Module):
             self.register_buffer("w_scale", scale)
         self.register_buffer("w_zero", None if source.w_zero is None else source.w_zero.detach().clone())
         self.register_buffer("bias", None if source.bias is None else source.bias.detach().clone().float())
+        # a SmoothQuant / AWQ scale not folded upstream (fixed: the plan's choice)
+        self.register_buffer("inv_smooth", None if source.inv_smooth is None else source.inv_smooth.detach().clone())
         act_scale = None if source.act_scale is None else source.act_scale.detach().clone().float()
         if learn_scales and act_scale is not None:
             self.act_scale = torch.nn.Parameter(act_scale)
@@ -126,6 +130,8 @@ class FakeQuantLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out_dtype = x.dtype
+        if self.inv_smooth is not None:
+            x = x * self.inv_smooth
         x = x.float()
         if self.act_qdtype is not None:
             x = (_fake_quantize_per_token(x, self.act_qdtype) if self.act_dynamic
@@ -165,11 +171,14 @@ def prepare_qat(model: torch.nn.Module, recipe: Recipe | str, calibration: Itera
         progress, kernels: as ``qcompiler.quantize`` (kernels: what ``convert`` will run).
 
     Raises:
-        UnsupportedError: the recipe scales input channels (SmoothQuant, AWQ: not trainable here yet),
-            quantizes the KV cache or embeddings, or the model has no trainable parameters / grad is off.
+        UnsupportedError: the recipe quantizes the KV cache or embeddings (not trained here yet), or the
+            model has no trainable parameters / grad is off.
+
+    SmoothQuant / AWQ input scales stay what the plan chose (folded into the norms as ``quantize`` folds
+    them, or applied at the linear's input): the latent weights are the scaled ones, ``W * s``.
     """
-    from qcompiler.api import quantize
-    from qcompiler.algorithms import registry
+    from qcompiler.api import _quantize_planned
+    from qcompiler.pipeline import Analysis
     from qcompiler.runtime.eager import QuantizedLinear, _carry_hooks
 
     recipe = resolve(recipe)
@@ -183,9 +192,7 @@ def prepare_qat(model: torch.nn.Module, recipe: Recipe | str, calibration: Itera
                                "(model.requires_grad_(True))")
     if any(isinstance(m, FakeQuantLinear) for m in model.modules()):
         raise UnsupportedError("prepare_qat: the model is already prepared; call convert first")
-    refused = [what for what, present in (("SmoothQuant input scales (recipe.smoothquant)", recipe.smoothquant),
-                                          ("AWQ-style input scales", registry.has_input_scale(recipe)),
-                                          ("a quantized KV cache (recipe.kv_cache)", recipe.kv_cache),
+    refused = [what for what, present in (("a quantized KV cache (recipe.kv_cache)", recipe.kv_cache),
                                           ("quantized embeddings (recipe.embedding)", recipe.embedding)) if present]
     if refused:
         raise UnsupportedError(f"prepare_qat: recipe {recipe.name!r} has {' and '.join(refused)}, which QAT does "
@@ -197,18 +204,26 @@ def prepare_qat(model: torch.nn.Module, recipe: Recipe | str, calibration: Itera
     if init == "auto":
         init = "ptq" if recipe.weight_algorithm is not None else "float"
     before = dict(model.named_modules())
-    quantize(model, recipe, calibration, progress=progress, kernels=kernels)
+    contexts = _quantize_planned(model, recipe, calibration, progress=progress, kernels=kernels)
+    # the float weights the plan quantized: smoothing (W * s) and producer row scales already applied
+    planned_float = {fqn: ctx.analyses[Analysis.ANNOTATE].weights[fqn].w for ctx in contexts
+                     for fqn in ctx.layer_plan if fqn in ctx.analyses.get(Analysis.ANNOTATE, {}).weights} \
+        if init == "float" else {}
     qdtype = weight_qdtype(recipe.weight)
     act_qdtype = None if recipe.activation is None else recipe.activation.dtype.value
     for fqn, module in list(model.named_modules()):
         if not isinstance(module, QuantizedLinear):
             continue
-        if init == "float":
-            old = before[fqn]
-            found = linear_orientation(old, module.in_features)
+        if init == "float" and fqn in planned_float:
+            weight = planned_float[fqn]
+        elif init == "float":
+            # a linear the captured graphs did not hold (quantized from its module's weights)
+            found = linear_orientation(before[fqn], module.in_features)
             if found is None:
                 raise UnsupportedError(f"prepare_qat: {fqn} is not a plain linear; use init='ptq'")
             weight = found[0].t() if found[1] else found[0]
+            if module.inv_smooth is not None:
+                weight = weight.float() / module.inv_smooth.float()
         else:
             weight = planned(module)
         # a sparse recipe (SparseGPTSpec): its zeros are the pattern, kept through training

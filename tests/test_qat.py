@@ -23,6 +23,10 @@ def _linears(model, cls):
     return [m for m in model.modules() if isinstance(m, cls)]
 
 
+def _norms(model):
+    return [p for n, p in model.named_parameters() if "norm" in n]
+
+
 @pytest.mark.parametrize("dtype,scale_shape,block", [("int4", (6, 2), 8), ("uint4", (6, 1), None),
                                                     ("int8", (), None), ("fp8_e4m3", (6, 1), None)])
 def test_straight_through_gradient_passes_inside_the_range_and_lsq_reaches_each_scale(dtype, scale_shape, block):
@@ -61,7 +65,9 @@ def test_reduce_to_sums_each_scale_s_elements_with_a_partial_last_group():
 
 
 @pytest.mark.parametrize("preset,learn", [("w4a16-rtn", False), ("w4a16-gptq", False), ("w8a8-int8-naive", True),
-                                          ("fp8-dynamic", False), ("w8a16", True), ("sparse24-fp8-dynamic", False)])
+                                          ("fp8-dynamic", False), ("w8a16", True), ("sparse24-fp8-dynamic", False),
+                                          ("w8a8-int8-sq", True), ("w8a8-int8-sq-dynamic", False),
+                                          ("w4a16-awq", False), ("w4a8-awq", False)])
 def test_convert_after_zero_steps_is_post_training_quantization_bit_for_bit(preset, learn):
     model, batches = tiny_model("llama"), calibration_batches()
     ptq = qcompiler.quantize(copy.deepcopy(model), preset, batches, progress=False)
@@ -69,6 +75,11 @@ def test_convert_after_zero_steps_is_post_training_quantization_bit_for_bit(pres
     fakes = _linears(model, FakeQuantLinear)
     assert len(fakes) == len(_linears(ptq, QuantizedLinear)) > 0
     assert all(isinstance(f.w_scale, torch.nn.Parameter) == learn for f in fakes)
+    for f, q in zip(fakes, _linears(ptq, QuantizedLinear)):     # SmoothQuant / AWQ scales left at the input
+        assert (f.inv_smooth is None) == (q.inv_smooth is None) and (q.inv_smooth is None or
+                                                                     torch.equal(f.inv_smooth, q.inv_smooth))
+    for a, b in zip(_norms(model), _norms(ptq)):                  # ... and those folded into the norms
+        assert torch.equal(a, b)
     ids = token_batches(1, 16, seed=7)[0]
     with torch.no_grad():
         ref = ptq(ids).logits
@@ -116,6 +127,33 @@ def test_training_lowers_the_distillation_loss_and_convert_keeps_what_was_learne
     changed = sum(int((a.w_q != b.w_q).sum()) for a, b in zip(_linears(student, QuantizedLinear),
                                                                _linears(ptq, QuantizedLinear)))
     assert changed > 0
+
+
+@pytest.mark.parametrize("preset,learn,init,lr", [("w8a8-int8-sq", True, "auto", 1e-5),
+                                                  ("w4a16-awq", False, "float", 1e-4)])
+def test_recipes_with_smoothquant_or_awq_scales_train_and_convert_keeps_what_was_learned(preset, learn, init, lr):
+    teacher, batches = tiny_model("llama"), calibration_batches()
+    teacher.requires_grad_(False)
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    qcompiler.prepare_qat(student, preset, batches, learn_scales=learn, init=init, progress=False)
+    params = [p for m in _linears(student, FakeQuantLinear) for p in m.parameters()]
+    opt = torch.optim.Adam(params, lr=lr)
+    train = torch.cat(token_batches(4, 32, seed=5))
+    with torch.no_grad():
+        target = teacher(train).logits
+        before = float(qcompiler.distillation_loss(student(train).logits, target))
+    for _ in range(15):
+        loss = qcompiler.distillation_loss(student(train).logits, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        trained = student(train).logits
+    qcompiler.convert(student)
+    with torch.no_grad():
+        after = float(qcompiler.distillation_loss(student(train).logits, target))
+        assert rel_err(student(train).logits, trained) < 1e-5
+    assert after < 0.8 * before, (before, after)      # about 0.5x / 0.25x here
 
 
 def test_a_sparse_recipe_keeps_its_two_of_four_pattern_through_training():
@@ -166,8 +204,8 @@ def test_bad_input_is_refused_clearly():
         qcompiler.prepare_qat(tiny_model("llama"), "w4a16-rtn", batches, progress=False)
     with pytest.raises(UnsupportedError, match="no parameter of the model requires grad"):
         qcompiler.prepare_qat(tiny_model("llama").requires_grad_(False), "w4a16-rtn", batches, progress=False)
-    with pytest.raises(UnsupportedError, match="SmoothQuant input scales"):
-        qcompiler.prepare_qat(tiny_model("llama"), "w8a8-int8-sq", batches, progress=False)
+    with pytest.raises(UnsupportedError, match="a quantized KV cache"):
+        qcompiler.prepare_qat(tiny_model("llama"), "w8a8-int8-sq+kv-int8", batches, progress=False)
     with pytest.raises(ValueError, match="init='best'"):
         qcompiler.prepare_qat(tiny_model("llama"), "w4a16-rtn", batches, init="best", progress=False)
     model = qcompiler.prepare_qat(tiny_model("llama"), "w4a16-rtn", batches, progress=False)
