@@ -9,7 +9,14 @@ Regenerate (2 CPU cores, ~30 min per row for SmolLM2):
         --out benchmarks/results_qat_smollm2.md --append
 
 Training text: the calibration text of the model's protocol (WikiText-2 validation for SmolLM2), random
-windows of ``--seq`` tokens; perplexity on the protocol's test windows, which training never sees. The loss
+windows of ``--seq`` tokens; perplexity on the protocol's test windows, which training never sees.
+``--eval valid`` (for choosing the learning rates and steps; never the test windows) scores the first
+``--windows`` x context tokens of the calibration text instead, and calibrates and trains on the rest of it,
+as ``benchmarks/recipe_sweep.py --eval valid`` does:
+
+    for lr in 2e-5 5e-5 1e-4; do python benchmarks/qat.py --model smollm2-135m --preset w4a16-rtn \
+        --learn-scales --steps 100 --minutes 40 --lr $lr --scale-lr 1e-5 --eval valid --windows 16 \
+        --out benchmarks/results_qat_sweep_smollm2.md --append; done The loss
 is the KL divergence to the float model's logits (``qcompiler.distillation_loss``); AdamW on the latent
 weights (``--lr``) and, with ``--learn-scales``, the weight scales (``--scale-lr``); everything else frozen.
 """
@@ -79,6 +86,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=256, help="tokens per sequence")
     ap.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate of the latent weights")
     ap.add_argument("--scale-lr", type=float, default=1e-4, help="AdamW learning rate of the scales")
+    ap.add_argument("--eval", choices=("test", "valid"), default="test",
+                    help="score the protocol's test windows (default) or held-out calibration text (for sweeps)")
+    ap.add_argument("--windows", type=int, default=16, help="with --eval valid: windows scored")
     ap.add_argument("--out", type=Path, help="write (or with --append, extend) the markdown table")
     ap.add_argument("--append", action="store_true", help="add the row to an existing --out table")
     args = ap.parse_args(argv)
@@ -86,9 +96,18 @@ def main(argv=None) -> int:
     protocol = PROTOCOLS[args.model]
     teacher, tok = models.load_model(args.model)
     bos = tok.bos_token_id if protocol.bos else None
-    windows = data.eval_windows(data.tokenize_text(tok, _text(protocol.eval_text)), protocol.eval_tokens,
-                                protocol.context, bos_id=bos)
     train_ids = data.tokenize_text(tok, _text(protocol.calib_text))
+    if args.eval == "valid":     # the scored windows first, calibration and training on the rest: no overlap
+        scored = args.windows * protocol.context
+        if train_ids.numel() < 2 * scored:
+            ap.error(f"--windows {args.windows} leaves too little of {protocol.calib_text} to train on")
+        windows = data.eval_windows(train_ids[:scored], scored, protocol.context, bos_id=bos)
+        train_ids = train_ids[scored:]
+        eval_desc = f"the first {scored} tokens of {protocol.calib_text} (held out from calibration and training)"
+    else:
+        windows = data.eval_windows(data.tokenize_text(tok, _text(protocol.eval_text)), protocol.eval_tokens,
+                                    protocol.context, bos_id=bos)
+        eval_desc = f"{protocol.eval_text} (first {protocol.eval_tokens} tokens)"
     calib = data.calibration_batches(train_ids, protocol.calib_samples, protocol.calib_seq, seed=0, bos_id=bos)
     rows = data.calibration_batches(train_ids, 4096, args.seq, seed=1, bos_id=bos)
     batches = [torch.cat(rows[i:i + args.batch]) for i in range(0, len(rows) - args.batch + 1, args.batch)]
@@ -118,9 +137,10 @@ def main(argv=None) -> int:
            f"{first:.4f} -> {last:.4f} | {fp:.3f} | {ptq:.3f} ({100 * (ptq / fp - 1):+.2f}%) | "
            f"{qat:.3f} ({100 * (qat / fp - 1):+.2f}%) | {100 * recovered:.1f}% |")
     header = (f"# {args.model}: quantization-aware training (CPU)\n\n"
-              f"Perplexity on {protocol.eval_text} (first {protocol.eval_tokens} tokens, context {protocol.context}, "
-              f"{len(windows)} windows); PTQ calibration {protocol.calib_samples} x {protocol.calib_seq} tokens and QAT "
-              f"training windows of {args.seq} tokens, both from {protocol.calib_text} (never the test windows). "
+              f"Perplexity on {eval_desc} (context {protocol.context}, {len(windows)} windows); PTQ calibration "
+              f"{protocol.calib_samples} x {protocol.calib_seq} tokens and QAT training windows of {args.seq} "
+              f"tokens, both from {protocol.calib_text}{' (the rest of it)' if args.eval == 'valid' else ''} "
+              f"(never the scored windows). "
               f"Loss: KL to the float model's logits; AdamW on the latent weights (and scales with LSQ); batch "
               f"{args.batch} x {args.seq}. Recovered: (PTQ - QAT) / (PTQ - FP32) perplexity. CPU: "
               f"{machine.describe()}, {torch.get_num_threads()} threads.\n\n"
