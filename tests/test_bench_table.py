@@ -69,3 +69,28 @@ def test_fallback_notes_group_linears_kept_for_one_reason():
     assert note.startswith("30 linears (op kind 'linear' is in fallback.keep_op_kinds; model.layers.0.mlp.up_proj, ")
     assert "model.layers.29.mlp.up_proj)" in note and "layers.17" not in note
     assert note.endswith("; model.layers.3.self_attn.o_proj (output SQNR 12.0 dB < 20.0)")
+
+
+def test_a_rotation_recipe_row_quantizes_a_rotated_copy_and_leaves_the_model_as_it_was():
+    """A backend sees the model after Dynamo captured it, too late to rotate it: the table rotates a copy."""
+    import copy
+
+    import torch
+
+    import qcompiler
+    from qcompiler.tools import data, evaluate, models
+    from qcompiler.tools.bench import Protocol, _text, run_table
+    if models.shared_dir() is None:
+        pytest.skip("needs ../shared (stories260K and its texts)")
+    protocol = Protocol("tinystories-eval", 2048, 256, True, "tinystories-calib", calib_samples=8, calib_seq=128)
+    rows, _ = run_table("stories260K", ["w8a16+rot"], protocol, progress=False, prefill=False)
+    assert rows[0].name == "FP32" and rows[-1].name == "w8a16+rot"
+    model, tok = models.load_model("stories260K")
+    windows = data.eval_windows(data.tokenize_text(tok, _text(protocol.eval_text)), 2048, 256, bos_id=tok.bos_token_id)
+    assert rows[0].ppl == evaluate.perplexity(model, windows, progress=False)      # FP32 after the row: unrotated
+    calib = data.calibration_batches(data.tokenize_text(tok, _text(protocol.calib_text)), 8, 128, seed=0,
+                                     bos_id=tok.bos_token_id)
+    eager = qcompiler.quantize(copy.deepcopy(model), "w8a16+rot", calib, progress=False)
+    assert qcompiler.report(eager).rotation
+    torch._dynamo.reset()
+    assert rows[-1].ppl == pytest.approx(evaluate.perplexity(eager, windows, progress=False), rel=1e-4)

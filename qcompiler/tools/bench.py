@@ -4,6 +4,7 @@ CPU prefill speed per preset, under one protocol. Used by the CLI's main job and
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import sys
@@ -174,10 +175,17 @@ def run_table(model_name: str, presets: list, protocol: Protocol | None = None, 
         recipe = recipes.resolve(preset)
         name = recipe.name + (f" (kernels={kernels})" if kernels != "auto" else "")
         torch._dynamo.reset()
-        own = recipe.layerwise or recipe.gptq is not None or recipe.samples_per_layer != 1024
+        subject = model
+        if recipe.rotation is not None:
+            # a backend sees the model after Dynamo captured it: the rotation goes into a copy first
+            from qcompiler.rotation import apply_recipe_rotation
+            subject = copy.deepcopy(model)
+            apply_recipe_rotation(subject, recipe)
+        own = (recipe.layerwise or recipe.gptq is not None or recipe.samples_per_layer != 1024
+               or recipe.rotation is not None)      # the shared cache holds the unrotated model's statistics
         qb = api.backend(recipe, calibration=calib if own else cache, target=target, progress=progress,
                          kernels=kernels)
-        compiled = torch.compile(model, backend=qb, dynamic=False)
+        compiled = torch.compile(subject, backend=qb, dynamic=False)
         t0 = time.perf_counter()
         ppl = evaluate.perplexity(compiled, windows, progress=progress, desc=name)
         eval_and_compile = time.perf_counter() - t0
@@ -191,6 +199,7 @@ def run_table(model_name: str, presets: list, protocol: Protocol | None = None, 
                         fallbacks=[f"{d.fqn} ({d.reason})" for d in decoder if not d.quantize],
                         decoder_linears=len(decoder), kernels=kernel_summary(rep), **speed_of(compiled)))
         log.info("%s: ppl %.3f, eval+compile %.1f s", name, ppl, eval_and_compile)
+        del compiled, subject
     for extra in extra_rows:
         rows += extra(model, windows, calib, fp_ppl, facts)
     if peers:
