@@ -10,6 +10,12 @@ llm-compressor's AWQ oneshot runs, which is then cached; ~3 min for stories260K)
     python benchmarks/int4.py --model smollm2-135m --out benchmarks/results_int4_smollm2.md
     python benchmarks/int4.py --model stories260K --no-peers --out benchmarks/results_int4_stories260K.md
 
+Rotation (issue 19: the residual stream rotated, ``+rot``; with online Hadamard transforms, ``+rot-online``),
+beside the unrotated GPTQ, at group 64 / 32 asymmetric / 128:
+
+    python benchmarks/int4.py --model smollm2-135m --methods w4a16-gptq,w4a16-gptq+rot --g128 --no-peers \
+        --no-memory --no-w8a16 --out benchmarks/results_int4_rot_smollm2.md
+
 The W4A8 INT8-activation table (issue 19's W4A8 row, beside the W4A16 GPTQ it starts from):
 
     python benchmarks/int4.py --model smollm2-135m --methods w4a16-gptq,w4a8-int8-sq-gptq --no-peers --no-memory \
@@ -38,9 +44,10 @@ from qcompiler.calibration.layerwise import LayerwiseCalibration
 
 HEADLINE = ["w4a16-rtn", "w4a16-awq", "w4a16-gptq", "w4a8-awq", "w4a8-int8-sq-gptq"]
 W4A8_INT8_TARGET = 20.0     # issue 19: a W4A8 with INT8 per-token activations within +20% of FP32
+W4A16_TARGETS = {"g64 sym": 7.0, "g128 sym": 9.0}    # issue 19: the best W4A16 preset at each group size
 
 
-def recipes_for(names: list[str], variants: bool, w8a16: bool = True) -> list:
+def recipes_for(names: list[str], variants: bool, w8a16: bool = True, g128: bool = False) -> list:
     out = []
     for name in names:
         r = qcompiler.recipes.get(name)
@@ -49,6 +56,8 @@ def recipes_for(names: list[str], variants: bool, w8a16: bool = True) -> list:
             # the same recipe (algorithm, calibrator) at group 32 with integer zero-points
             out.append(r.replace(name=f"{name} g32 asym", weight=dataclasses.replace(r.weight, group_size=32,
                                                                                        symmetric=False)))
+        if g128:
+            out.append(r.replace(name=f"{name} g128 sym", weight=dataclasses.replace(r.weight, group_size=128)))
     if w8a16:
         out.append(qcompiler.recipes.get("w8a16-gptq"))
     return out
@@ -112,6 +121,7 @@ def main(argv=None) -> int:
                          "AWQ ~52 min; cached and reused, see benchmarks/peers/README.md)")
     ap.add_argument("--no-memory", action="store_true", help="skip the calibration-memory comparison")
     ap.add_argument("--no-w8a16", action="store_true", help="skip the w8a16-gptq row")
+    ap.add_argument("--g128", action="store_true", help="add each method's group-128 symmetric row")
     ap.add_argument("--out", type=Path, help="write the markdown table here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -121,7 +131,7 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"--peers: unknown llm-compressor method(s) {unknown}; choose from gptq, awq")
     extra = [llmcompressor_rows(peers)] if peers else []
-    rows, facts = run_table(args.model, recipes_for(names, not args.no_variants, not args.no_w8a16), prefill=False,
+    rows, facts = run_table(args.model, recipes_for(names, not args.no_variants, not args.no_w8a16, args.g128), prefill=False,
                             progress=sys.stderr.isatty(), extra_rows=extra)
     by_name = {r.name: r for r in rows}
     lines = []
@@ -138,6 +148,13 @@ def main(argv=None) -> int:
         verdict = "meets" if w4a8.delta_pct <= W4A8_INT8_TARGET else "misses"
         lines.append(f"\nW4A8 with INT8 per-token activations: w4a8-int8-sq-gptq g64 sym Δ {w4a8.delta_pct:+.2f}% "
                      f"({verdict} the ≤ +{W4A8_INT8_TARGET:.0f}% target)")
+    for group, target in W4A16_TARGETS.items():
+        candidates = [r for r in rows if r.name.startswith("w4a16") and r.name.endswith(f" {group}")]
+        if candidates:
+            best = min(candidates, key=lambda r: r.delta_pct)
+            verdict = "meets" if best.delta_pct <= target else "misses"
+            lines.append(f"\nBest W4A16 at {group} in this table: {best.name} Δ {best.delta_pct:+.2f}% "
+                         f"({verdict} issue 19's ≤ +{target:.0f}% target)")
     for r in rows:
         if r.name.startswith("llm-compressor"):
             lines.append(f"- peer {r.name}: Δ {r.delta_pct:+.2f}%")
