@@ -13,8 +13,8 @@ llm-compressor's AWQ oneshot runs, which is then cached; ~3 min for stories260K)
 Rotation (issue 19: the residual stream rotated, ``+rot``; with online Hadamard transforms, ``+rot-online``),
 beside the unrotated GPTQ, at group 64 / 32 asymmetric / 128:
 
-    python benchmarks/int4.py --model smollm2-135m --methods w4a16-gptq,w4a16-gptq+rot --g128 --no-peers \
-        --no-memory --no-w8a16 --out benchmarks/results_int4_rot_smollm2.md
+    python benchmarks/int4.py --model smollm2-135m --methods w4a16-gptq,w4a16-gptq+rot-online --g128 \
+        --no-variants --no-peers --no-memory --no-w8a16 --out benchmarks/results_int4_rot_smollm2.md
 
 The W4A8 INT8-activation table (issue 19's W4A8 row, beside the W4A16 GPTQ it starts from):
 

@@ -5,6 +5,10 @@ presets without a rotation, with the offline rotation (``qcompiler.rotate``) and
 
     python benchmarks/rotation_validation.py w4a16-rtn
     python benchmarks/rotation_validation.py --modes none,rot,rot-online w8a8-int8-sq
+    python benchmarks/rotation_validation.py --modes none,rot,rot-online w4a16-gptq
+
+The last, 2026-12-04 (AMD EPYC AVX2, 2 threads, frozen install of 4f660f7): FP32 24.572; ``w4a16-gptq``
++11.50%, ``w4a16-gptq+rot`` +7.69%, ``w4a16-gptq+rot-online`` +6.53% (the rotated float models within 1e-6).
 """
 import argparse
 import copy

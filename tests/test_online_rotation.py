@@ -2,8 +2,9 @@
 inputs of the linears writing the residual stream go through ``qcompiler::hadamard_transform`` and their
 weights take ``D^T``. The float model computes the same logits (float64), the transform is in the traced
 graph on every target (the Triton target lowers it to its kernel), GPTQ / SmoothQuant / eager quantize see
-the rotated inputs, an outlier input channel of ``down_proj`` is spread, and outputs that cannot carry the
-transform (compressed-tensors, ONNX) refuse the model; qcompiler's checkpoint records and restores it."""
+the rotated inputs, an outlier input channel of ``down_proj`` is spread, the ONNX export writes each transform
+as two float MatMuls, compressed-tensors (which cannot carry it) refuses the model; qcompiler's checkpoint
+records and restores it."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 
 import qcompiler
 from qcompiler.errors import UnsupportedError
-from qcompiler.recipes import Recipe, RotationSpec, get
+from qcompiler.recipes import Recipe, RotationSpec, WeightSpec, get
 from qcompiler.rotation import OnlineHadamard, online_modules, remove_online, rotation_of
 from numerics_util import rel_err
 from tiny_models import calibration_batches, tiny_model, token_batches
@@ -132,8 +133,50 @@ def test_outputs_that_cannot_carry_the_transform_refuse_the_model(tmp_path):
     with pytest.raises(UnsupportedError, match="online Hadamard transform"):
         qcompiler.save_compressed_tensors(model, tmp_path / "ct", "w8a16+rot-online")
     assert not (tmp_path / "ct").exists()
-    with pytest.raises(UnsupportedError, match="online Hadamard"):
-        qcompiler.export_onnx(tiny_model("llama"), "w4a16-rtn+rot-online", IDS, tmp_path / "m.onnx")
+
+
+@pytest.mark.parametrize("m,p", [(1, 16), (12, 8), (20, 4), (1, 1)])
+def test_the_dense_form_is_the_transform(m, p):
+    from qcompiler.core.online_rotation import DenseHadamard
+    from qcompiler.core.reference_kernels import hadamard_transform_ref
+    from qcompiler.algorithms.hadamard import hadamard
+    h = hadamard(m) if m > 1 else torch.ones(1, 1)
+    x = torch.randn(3, 5, m * p, dtype=torch.float64, generator=torch.Generator().manual_seed(m + p))
+    scale = (m * p) ** -0.5
+    (dense,) = DenseHadamard(h, m * p, scale)(None, (x.float(),))
+    assert rel_err(dense.double(), hadamard_transform_ref(x, h.double(), scale)) < 1e-6
+
+
+# 7-bit weights: onnxruntime's CPU int8 GEMM is exact with them on every x86 CPU (tests/test_export_onnx.py)
+W8A8_7BIT_ONLINE = get("w8a8-int8-sq+rot-online").replace(name="w8a8-int8-sq-7bit+rot-online",
+                                                          weight=WeightSpec(reduce_range=True))
+
+
+@pytest.mark.parametrize("preset", ["w4a16-rtn+rot-online", W8A8_7BIT_ONLINE], ids=["w4a16", "w8a8-7bit"])
+def test_the_onnx_export_writes_the_transforms_as_matmuls(tmp_path, preset):
+    import copy
+    import onnx
+    import onnx.numpy_helper
+    from qcompiler.core.online_rotation import to_dense_hooks
+    from qcompiler.export import check_tensorrt, export_onnx, onnxruntime_session
+    model, calib = tiny_model("llama"), calibration_batches()
+    reference = qcompiler.quantize(copy.deepcopy(model), preset, calibration=calib, progress=False)
+    result = export_onnx(model, preset, IDS, tmp_path / "m.onnx", calibration=calib, progress=False)
+    assert not online_modules(model)                          # the export rotated a copy
+    graph = onnx.load(str(result.path)).graph
+    hadamards = {i.name for i in graph.initializer if len(i.dims) == 2 and i.dims[0] == i.dims[1]
+                 and bool((onnx.numpy_helper.to_array(i).__abs__() == 1).all())}
+    transforms = [n for n in graph.node if n.op_type == "MatMul" and any(i in hadamards for i in n.input)]
+    hooks = [h for name in online_modules(reference)
+             for h in reference.get_submodule(name)._forward_pre_hooks.values() if isinstance(h, OnlineHadamard)]
+    assert len(hooks) == 4 and len(transforms) == sum(1 + (h.h_block.shape[0] > 1) for h in hooks)
+    check_tensorrt(onnx.load(str(result.path)))
+    got = torch.from_numpy(onnxruntime_session(result.path).run(None, {"input_ids": IDS.numpy()})[0])
+    # the dense form rounds differently from the butterflies (1e-7): with static INT8 activations a value
+    # on a rounding boundary may flip, so the exact comparison is against the model with the dense hooks
+    to_dense_hooks(reference)
+    err = rel_err(got, _logits(reference))
+    assert err < 1e-4, err
 
 
 @pytest.mark.parametrize("preset, warns", [("w8a8-int8-sq+rot-online", True),

@@ -12,6 +12,9 @@ DequantizeLinear: INT8 / FP8 ``[K, N]`` per-channel on axis 1 straight into the 
 ``[N, K]`` blocked along axis 1 then ``Transpose``; then ``Add`` of the bias. Float layers
 (fallback, output head, norms, attention) stay float32. Batch and sequence axes are dynamic.
 
+Online Hadamard transforms (a rotation with ``online=True``) become two float MatMuls with constant
+matrices in front of the linear's activation Q/DQ (``online_rotation.DenseHadamard``).
+
 With ``recipe.kv_cache`` (static per-tensor INT8 / FP8 keys and values; other KV formats are
 refused, ``kv_qdq.check_kv_exportable``): each attention computes
 ``softmax((q * scaling) @ DQ(Q(K^T)) + mask) @ DQ(Q(V))``, one static per-tensor scale for its keys
@@ -38,6 +41,7 @@ from onnx import TensorProto
 
 from qcompiler import api
 from qcompiler.core.kv_format import KV_STATS_ATTR
+from qcompiler.core.online_rotation import to_dense_hooks
 from qcompiler.runtime.eager import QuantizedLinear
 from qcompiler.errors import RecipeError, UnsupportedError
 from qcompiler.pipeline import CompileReport
@@ -298,11 +302,6 @@ def export_onnx(model: torch.nn.Module, recipe: Recipe | str, example_inputs, pa
     """
     recipe = resolve(recipe)
     check_exportable(recipe)
-    from qcompiler.core.online_rotation import refuse_online
-    if recipe.rotation is not None and recipe.rotation.online:
-        raise UnsupportedError(f"export_onnx: recipe {recipe.name!r} adds online Hadamard transforms, which the "
-                               "ONNX Q/DQ export does not write yet; use '+rot' (offline rotation only)")
-    refuse_online(model, "export_onnx")
     opset = _choose_opset(recipe, opset)
     inputs = _as_inputs(example_inputs)
     path = Path(path)
@@ -317,6 +316,10 @@ def export_onnx(model: torch.nn.Module, recipe: Recipe | str, example_inputs, pa
         report = api.report(qmodel)
     folds = fold_norm_smoothing(qmodel, report)
     n_qdq = to_qdq_form(qmodel)
+    # online Hadamard transforms (rotation online=True): two float MatMuls with constant matrices each
+    n_online = to_dense_hooks(qmodel)
+    if n_online:
+        log.info("export_onnx: %d online Hadamard transforms written as MatMuls", n_online)
     if n_qdq == 0 and recipe.kv_cache is None:
         log.warning("export_onnx: no linear was quantized; the graph is float")
     log.info("export_onnx: planned in %.1f s, %d quantized linears", time.perf_counter() - t0, n_qdq)

@@ -89,10 +89,14 @@ class QDQLinear(torch.nn.Module):
 
 
 def to_qdq_form(model: torch.nn.Module) -> int:
-    """Replace every ``QuantizedLinear`` of ``model`` by a ``QDQLinear``; returns how many."""
+    """Replace every ``QuantizedLinear`` of ``model`` by a ``QDQLinear`` (with its hooks: an online
+    Hadamard transform stays on the module's input); returns how many."""
+    from qcompiler.runtime.eager import _carry_hooks
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, QuantizedLinear)]
     for name, m in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QDQLinear(m))
+        new = QDQLinear(m)
+        _carry_hooks(m, new)
+        setattr(parent, child, new)
     return len(targets)
