@@ -206,9 +206,11 @@ def prepare_qat(model: torch.nn.Module, recipe: Recipe | str, calibration: Itera
     before = dict(model.named_modules())
     contexts = _quantize_planned(model, recipe, calibration, progress=progress, kernels=kernels)
     # the float weights the plan quantized: smoothing (W * s) and producer row scales already applied
-    planned_float = {fqn: ctx.analyses[Analysis.ANNOTATE].weights[fqn].w for ctx in contexts
-                     for fqn in ctx.layer_plan if fqn in ctx.analyses.get(Analysis.ANNOTATE, {}).weights} \
-        if init == "float" else {}
+    planned_float = {}
+    for ctx in contexts if init == "float" else ():
+        ann = ctx.analyses.get(Analysis.ANNOTATE)
+        weights = getattr(ann, "weights", {})
+        planned_float.update({fqn: weights[fqn].w for fqn in ctx.layer_plan if fqn in weights})
     qdtype = weight_qdtype(recipe.weight)
     act_qdtype = None if recipe.activation is None else recipe.activation.dtype.value
     for fqn, module in list(model.named_modules()):
