@@ -27,6 +27,26 @@ def _norms(model):
     return [p for n, p in model.named_parameters() if "norm" in n]
 
 
+def _distil_and_convert(student, teacher, params, lr: float, steps: int, train) -> float:
+    """Adam on ``params`` against the teacher's logits (every step reaches each parameter), then ``convert``,
+    which must keep what the fake-quant model computed; returns the converted model's loss."""
+    opt = torch.optim.Adam(params, lr=lr)
+    with torch.no_grad():
+        target = teacher(train).logits
+    for _ in range(steps):
+        loss = qcompiler.distillation_loss(student(train).logits, target)
+        opt.zero_grad()
+        loss.backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+        opt.step()
+    with torch.no_grad():
+        trained = student(train).logits
+    qcompiler.convert(student)
+    with torch.no_grad():
+        assert rel_err(student(train).logits, trained) < 1e-5
+        return float(qcompiler.distillation_loss(student(train).logits, target))
+
+
 @pytest.mark.parametrize("dtype,scale_shape,block", [("int4", (6, 2), 8), ("uint4", (6, 1), None),
                                                     ("int8", (), None), ("fp8_e4m3", (6, 1), None)])
 def test_straight_through_gradient_passes_inside_the_range_and_lsq_reaches_each_scale(dtype, scale_shape, block):
@@ -106,23 +126,10 @@ def test_training_lowers_the_distillation_loss_and_convert_keeps_what_was_learne
     student.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=1e-4)
     train = torch.cat(token_batches(4, 32, seed=5))
     with torch.no_grad():
-        target = teacher(train).logits
-        before = float(qcompiler.distillation_loss(ptq(train).logits, target))
-    for _ in range(30):
-        loss = qcompiler.distillation_loss(student(train).logits, target)
-        opt.zero_grad()
-        loss.backward()
-        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
-        opt.step()
-    with torch.no_grad():
-        trained = student(train).logits
-    qcompiler.convert(student)
-    with torch.no_grad():
-        after = float(qcompiler.distillation_loss(student(train).logits, target))
-        assert rel_err(student(train).logits, trained) < 1e-5
+        before = float(qcompiler.distillation_loss(ptq(train).logits, teacher(train).logits))
+    after = _distil_and_convert(student, teacher, params, 1e-4, 30, train)
     assert after < 0.5 * before, (before, after)        # 0.16x here
     changed = sum(int((a.w_q != b.w_q).sum()) for a, b in zip(_linears(student, QuantizedLinear),
                                                                _linears(ptq, QuantizedLinear)))
@@ -137,22 +144,10 @@ def test_recipes_with_smoothquant_or_awq_scales_train_and_convert_keeps_what_was
     student = copy.deepcopy(teacher).requires_grad_(True)
     qcompiler.prepare_qat(student, preset, batches, learn_scales=learn, init=init, progress=False)
     params = [p for m in _linears(student, FakeQuantLinear) for p in m.parameters()]
-    opt = torch.optim.Adam(params, lr=lr)
     train = torch.cat(token_batches(4, 32, seed=5))
     with torch.no_grad():
-        target = teacher(train).logits
-        before = float(qcompiler.distillation_loss(student(train).logits, target))
-    for _ in range(15):
-        loss = qcompiler.distillation_loss(student(train).logits, target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        trained = student(train).logits
-    qcompiler.convert(student)
-    with torch.no_grad():
-        after = float(qcompiler.distillation_loss(student(train).logits, target))
-        assert rel_err(student(train).logits, trained) < 1e-5
+        before = float(qcompiler.distillation_loss(student(train).logits, teacher(train).logits))
+    after = _distil_and_convert(student, teacher, params, lr, 15, train)
     assert after < 0.8 * before, (before, after)      # about 0.5x / 0.25x here
 
 
