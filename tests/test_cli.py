@@ -38,9 +38,11 @@ def _ppl(text: str) -> float:
 def test_recipes_lists_every_preset(capsys):
     assert main(["recipes"]) == 0
     out = capsys.readouterr().out
-    listed = [line.split()[0] for line in out.splitlines() if line.strip()]
+    table, _, footer = out.partition("\n\n")
+    listed = [line.split()[0] for line in table.splitlines() if line.strip()]
     assert listed == recipes.names()
-    assert "weight-only" in out and "SmoothQuant" in out
+    assert "weight-only" in out and "SmoothQuant" in out and "BASE+rot-online" in footer
+    assert [line.split()[2] for line in table.splitlines() if line.startswith("kv-")] == ["float"] * 6
     free = {line.split()[0] for line in out.splitlines() if line.endswith(", runs without calibration")}
     assert free == {n for n in recipes.names() if not recipes.get(n).requires_calibration} >= {"fp8-dynamic", "w8a16"}
 

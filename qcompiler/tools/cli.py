@@ -182,14 +182,37 @@ def _cmd_recipes(args) -> int:
     if args.name:
         print(recipes.get(args.name).to_json())
     else:
+        width = max(len(n) for n in recipes.names()) + 2
         for n in recipes.names():
-            r = recipes.get(n)
-            act = "weight-only" if r.activation is None else \
-                f"{r.activation.dtype.value} {'per-token dynamic' if r.activation.dynamic else 'per-tensor static'}"
-            print(f"{n:<22} weights {r.weight.dtype.value} {r.weight.granularity.value:<12} activations {act}"
-                  + (", SmoothQuant" if r.smoothquant else "")
-                  + ("" if r.requires_calibration else ", runs without calibration"))
+            print(_recipe_line(n, recipes.get(n), width))
+        print("\nCompose: BASE+KV (a weight preset with a kv-* preset's cache, e.g. w4a16-gptq+kv-fp8), BASE+rot (the "
+              "residual stream rotated), BASE+rot-online (rotated, with online Hadamard transforms); "
+              "`qcompiler recipes NAME` prints one as JSON.")
     return 0
+
+
+def _recipe_line(name: str, r: recipes.Recipe, width: int = 24) -> str:
+    """One line of ``qcompiler recipes``: weights (or float when every linear is kept), activations, algorithm,
+    KV cache, rotation, and whether it runs without calibration."""
+    w = r.weight
+    if "linear" in r.fallback.keep_op_kinds:
+        weights = "float"
+    else:
+        group = f" g{w.group_size}" if w.granularity is recipes.Granularity.PER_GROUP else ""
+        weights = f"{w.dtype.value} {w.granularity.value}{group}{'' if w.symmetric else ' asym'}"
+    act = ("float" if weights == "float" else "weight-only") if r.activation is None else \
+        f"{r.activation.dtype.value} {'per-token dynamic' if r.activation.dynamic else 'per-tensor static'}"
+    extras = [e for e, on in (("SmoothQuant", r.smoothquant),) if on]
+    if r.weight_algorithm is not None:
+        algorithm = type(r.weight_algorithm).__name__.removesuffix("Spec")
+        extras.append(algorithm + (" (with calibration data)" if getattr(r.weight_algorithm, "optional", False) else ""))
+    if r.kv_cache is not None:
+        extras.append(f"KV cache {r.kv_cache.describe()}")
+    if r.rotation is not None:
+        extras.append("rotated" + (" with online transforms" if r.rotation.online else ""))
+    if not r.requires_calibration:
+        extras.append("runs without calibration")
+    return f"{name:<{width}}weights {weights:<22} activations {act}" + "".join(f", {e}" for e in extras)
 
 
 def _cmd_export_onnx(args) -> int:
