@@ -21,7 +21,9 @@ The W4A8 INT8-activation table (issue 19's W4A8 row, beside the W4A16 GPTQ it st
     python benchmarks/int4.py --model smollm2-135m --methods w4a16-gptq,w4a8-int8-sq-gptq --no-peers --no-memory \
         --no-w8a16 --out benchmarks/results_w4a8_int8_smollm2.md
 
-The peer rows drive llm-compressor in its own virtual environment (benchmarks/peers/).
+The peer rows drive llm-compressor in its own virtual environment (benchmarks/peers/); ``--autoround
+default,best`` adds Intel's AutoRound rows the same way (``benchmarks/peers/autoround_peer.py``; hours each for
+SmolLM2 on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -110,6 +112,24 @@ def llmcompressor_rows(methods: list[str]):
     return rows
 
 
+def autoround_rows(settings: list[str]):
+    """Peer rows: Intel's AutoRound (W4A16 g64 sym) in its own venv, evaluated here (benchmarks/peers/)."""
+    def rows(model, windows, calib, fp_ppl, facts) -> list[Row]:
+        sys.path.insert(0, str(Path(__file__).parent / "peers"))
+        from autoround_peer import run_autoround_peer
+        out = []
+        for setting in settings:
+            try:
+                r = run_autoround_peer(setting, facts["model"], windows=windows, fp_ppl=fp_ppl)
+            except Exception as e:   # its venv failed to build or the tool failed: say so under the table
+                facts.setdefault("peer_errors", []).append(f"AutoRound {setting}: {type(e).__name__}: {e}")
+                continue
+            out.append(r["row"])
+            facts.setdefault("peer_notes", []).append(r["note"])
+        return out
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m", choices=sorted(PROTOCOLS))
@@ -119,6 +139,8 @@ def main(argv=None) -> int:
     ap.add_argument("--peers", default="gptq,awq",
                     help="llm-compressor methods to run as peer rows (oneshots on 2 idle CPU cores: GPTQ ~6 min, "
                          "AWQ ~52 min; cached and reused, see benchmarks/peers/README.md)")
+    ap.add_argument("--autoround", default="", help="AutoRound peer rows: comma-separated settings (default, best); "
+                    "hours each for SmolLM2 on 2 CPU cores")
     ap.add_argument("--no-memory", action="store_true", help="skip the calibration-memory comparison")
     ap.add_argument("--no-w8a16", action="store_true", help="skip the w8a16-gptq row")
     ap.add_argument("--g128", action="store_true", help="add each method's group-128 symmetric row")
@@ -131,6 +153,8 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"--peers: unknown llm-compressor method(s) {unknown}; choose from gptq, awq")
     extra = [llmcompressor_rows(peers)] if peers else []
+    if args.autoround:
+        extra.append(autoround_rows([x for x in args.autoround.split(",") if x]))
     rows, facts = run_table(args.model, recipes_for(names, not args.no_variants, not args.no_w8a16, args.g128), prefill=False,
                             progress=sys.stderr.isatty(), extra_rows=extra)
     by_name = {r.name: r for r in rows}
