@@ -21,6 +21,8 @@ Regenerate (2 CPU cores; accuracy only, so other jobs change the time columns, n
         --presets w8a8-int8-sq-dynamic,w8a8-int8-sq-dynamic+kv-int8-rot --out benchmarks/results_kv_rot_smollm2_composed.md
     python benchmarks/kv_cache.py --model smollm2-135m --no-baselines \
         --presets w4a16-gptq,w4a16-gptq+kv-int8-rot --out benchmarks/results_kv_rot_smollm2_composed_gptq.md
+    python benchmarks/kv_cache.py --model smollm2-135m --no-baselines \
+        --presets w4a16-gptq,w4a16-gptq+kv-int8,w4a16-gptq+kv-fp8-r128 --out benchmarks/results_kv_smollm2_composed_gptq_more.md
     # memory: the quantized cache (qcompiler.kv_cache) after a 4,096-token prompt, model in bf16
     python benchmarks/kv_cache.py --model smollm2-135m --memory --context 4096 \
         --presets kv-int8,kv-int8-rot,kv-fp8,kv-fp8-r128,kv-int4 --out benchmarks/results_kv_memory_smollm2.md
