@@ -14,8 +14,8 @@ windows of ``--seq`` tokens; perplexity on the protocol's test windows, which tr
 ``--windows`` x context tokens of the calibration text instead, and calibrates and trains on the rest of it,
 as ``benchmarks/recipe_sweep.py --eval valid`` does:
 
-    for lr in 2e-5 5e-5 1e-4; do python benchmarks/qat.py --model smollm2-135m --preset w4a16-rtn \
-        --learn-scales --steps 100 --minutes 40 --lr $lr --scale-lr 1e-5 --eval valid --windows 16 \
+    for lr in 5e-5 1e-4; do python benchmarks/qat.py --model smollm2-135m --preset w4a16-rtn \
+        --learn-scales --steps 50 --minutes 40 --lr $lr --scale-lr 1e-5 --eval valid --windows 16 \
         --out benchmarks/results_qat_sweep_smollm2.md --append; done The loss
 is the KL divergence to the float model's logits (``qcompiler.distillation_loss``); AdamW on the latent
 weights (``--lr``) and, with ``--learn-scales``, the weight scales (``--scale-lr``); everything else frozen.
