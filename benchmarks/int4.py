@@ -89,45 +89,40 @@ def calibration_memory(model_name: str) -> str:
             f"({sum(p.numel() * 4 for p in model.parameters()) / 1e6:.0f} MB fp32) are resident in both.")
 
 
-def llmcompressor_rows(methods: list[str]):
-    """Peer rows: llm-compressor's GPTQ / AWQ (W4A16 g64 sym) in its own venv, evaluated here (benchmarks/peers/)."""
+def _peer_rows(tool: str, options: list[str], run) -> callable:
+    """Peer rows of ``tool`` (one per option), each from ``run(option, windows, fp_ppl, facts) -> {"row", "note"}``;
+    a failure (its venv, the tool) is said under the table instead of stopping it."""
     def rows(model, windows, calib, fp_ppl, facts) -> list[Row]:
-        sys.path.insert(0, str(Path(__file__).parent))
-        try:
-            from peers.llmcompressor_peer import run_llmcompressor_peer
-        except ImportError as e:
-            facts.setdefault("peer_errors", []).append(f"llm-compressor driver not importable: {e}")
-            return []
         out = []
-        for method in methods:
+        for option in options:
             try:
-                r = run_llmcompressor_peer(method, None, facts["protocol"], model=model, windows=windows,
-                                           fp_ppl=fp_ppl, progress=False, timeout_s=None)
-            except Exception as e:   # its venv failed to build or the tool failed: say so under the table
-                facts.setdefault("peer_errors", []).append(f"llm-compressor {method}: {type(e).__name__}: {e}")
+                r = run(option, model, windows, fp_ppl, facts)
+            except Exception as e:
+                facts.setdefault("peer_errors", []).append(f"{tool} {option}: {type(e).__name__}: {e}")
                 continue
             out.append(r["row"])
             facts.setdefault("peer_notes", []).append(r["note"])
         return out
     return rows
+
+
+def llmcompressor_rows(methods: list[str]):
+    """Peer rows: llm-compressor's GPTQ / AWQ (W4A16 g64 sym) in its own venv, evaluated here (benchmarks/peers/)."""
+    def run(method, model, windows, fp_ppl, facts):
+        sys.path.insert(0, str(Path(__file__).parent))
+        from peers.llmcompressor_peer import run_llmcompressor_peer
+        return run_llmcompressor_peer(method, None, facts["protocol"], model=model, windows=windows,
+                                      fp_ppl=fp_ppl, progress=False, timeout_s=None)
+    return _peer_rows("llm-compressor", methods, run)
 
 
 def autoround_rows(settings: list[str]):
     """Peer rows: Intel's AutoRound (W4A16 g64 sym) in its own venv, evaluated here (benchmarks/peers/)."""
-    def rows(model, windows, calib, fp_ppl, facts) -> list[Row]:
+    def run(setting, model, windows, fp_ppl, facts):
         sys.path.insert(0, str(Path(__file__).parent / "peers"))
         from autoround_peer import run_autoround_peer
-        out = []
-        for setting in settings:
-            try:
-                r = run_autoround_peer(setting, facts["model"], windows=windows, fp_ppl=fp_ppl)
-            except Exception as e:   # its venv failed to build or the tool failed: say so under the table
-                facts.setdefault("peer_errors", []).append(f"AutoRound {setting}: {type(e).__name__}: {e}")
-                continue
-            out.append(r["row"])
-            facts.setdefault("peer_notes", []).append(r["note"])
-        return out
-    return rows
+        return run_autoround_peer(setting, facts["model"], windows=windows, fp_ppl=fp_ppl)
+    return _peer_rows("AutoRound", settings, run)
 
 
 def main(argv=None) -> int:
