@@ -11,6 +11,12 @@ saturate int16 pair sums, which would be a kernel difference, not a checkpoint o
     python benchmarks/compressed_tensors_agreement.py --model stories260K \
         --out benchmarks/results_ct_agreement_stories260K.md
 
+For a dynamic-activation preset the two models part through rounding flips of the per-token scales
+(``benchmarks/ct_agreement_spread.py`` measures that spread); scoring the whole test text averages it down:
+
+    python benchmarks/compressed_tensors_agreement.py --model smollm2-135m --eval-tokens 0 \
+        --presets fp8-dynamic,w8a8-int8-sq-dynamic --out benchmarks/results_ct_agreement_smollm2_full.md
+
 A preset name may carry weight-spec overrides after a colon: ``w4a16-rtn:g32-asym`` (group size 32,
 asymmetric: the layout the GGUF source of SmolLM2 was quantized with) or ``w4a16-gptq:g128``.
 A checkpoint transformers cannot load is a row saying why (asymmetric weight-only: packed zero
@@ -100,11 +106,16 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="smollm2-135m", choices=sorted(PROTOCOLS))
     ap.add_argument("--presets", default=PRESETS, help=f"comma-separated presets (default: {PRESETS})")
     ap.add_argument("--out", type=Path, help="write the markdown table to this file")
+    ap.add_argument("--eval-tokens", type=int, default=None,
+                    help="score the first N tokens of the evaluation text instead of the protocol's (0: all of "
+                         "it): more tokens average out the chaotic part of a dynamic-activation difference")
     args = ap.parse_args(argv)
     cmd = "python benchmarks/compressed_tensors_agreement.py " + " ".join(sys.argv[1:] if argv is None else argv)
     import compressed_tensors
     import transformers
     protocol = PROTOCOLS[args.model]
+    if args.eval_tokens is not None:
+        protocol = dataclasses.replace(protocol, eval_tokens=args.eval_tokens or None)
     _, tok = models.load_model(args.model)
     bos = tok.bos_token_id if protocol.bos else None
     windows = data.eval_windows(data.tokenize_text(tok, _text(protocol.eval_text)), protocol.eval_tokens,
