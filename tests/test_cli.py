@@ -181,6 +181,38 @@ def test_block_checkpoints_refused_for_a_one_pass_recipe(tiny_cli, tmp_path, cap
     assert "calibrates in one pass, not layer by layer" in _one_error_line(capsys)
 
 
+def test_offload_dir_maps_the_blocks_and_writes_the_same_checkpoint(tiny_cli, tmp_path, capsys):
+    """``--offload-dir DIR``: one memory-mapped file per decoder block; the checkpoint is the one the same
+    command writes without it."""
+    from safetensors.torch import load_file
+    from qcompiler.runtime.serialization import WEIGHTS_FILE
+    text, _ = tiny_cli
+    argv = ["--recipe", "w4a16-gptq", "--calib-samples", "2", "--calib-seq", "128"]
+    assert main(_quantize_argv(text, tmp_path / "a", *argv)) == 0
+    assert main(_quantize_argv(text, tmp_path / "b", *argv, "--offload-dir", str(tmp_path / "off"))) == 0
+    assert "offloaded 2 decoder blocks" in capsys.readouterr().out
+    assert len(list((tmp_path / "off").glob("block-*.safetensors"))) == 2
+    a, b = load_file(tmp_path / "a" / WEIGHTS_FILE), load_file(tmp_path / "b" / WEIGHTS_FILE)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("flag,value", [("--offload-dir", "off"), ("--calibration-device", "cpu")])
+def test_block_at_a_time_flags_refused_for_a_one_pass_recipe(tiny_cli, tmp_path, capsys, flag, value):
+    text, _ = tiny_cli
+    argv = _quantize_argv(text, tmp_path / "q", "--recipe", "w8a8-int8-sq", flag, value)
+    assert main(argv) == 2
+    line = _one_error_line(capsys)
+    assert flag in line and "calibrates in one pass, not layer by layer" in line
+
+
+def test_an_unknown_calibration_device_is_one_error_line(tiny_cli, tmp_path, capsys):
+    text, _ = tiny_cli
+    argv = _quantize_argv(text, tmp_path / "q", "--recipe", "w4a16-gptq", "--calibration-device", "nodevice:3")
+    assert main(argv) == 2
+    assert "--calibration-device nodevice:3" in _one_error_line(capsys)
+    assert not (tmp_path / "q").exists()
+
+
 def test_fp8_dynamic_with_one_calibration_sample_runs_gptq(tiny_cli, tmp_path, capsys):
     """--calib-samples 1 is one sequence of --calib-seq (512) tokens: GPTQ's 128 rows are there."""
     text, _ = tiny_cli

@@ -10,23 +10,27 @@ to capture its inputs (and the statistics of linears before it); then for each b
    clipping / RTN by ``qcompiler.algorithms.registry``), keeping each ``QuantizedWeight``;
    With a block-tuning algorithm (SignRound), the block's quantized linears are then tuned together
    against the block's float outputs on the captured inputs (``WeightAlgorithm.tune_block``);
-3. swap the block's weights for their dequantized values (and fake-quantize dynamic
-   activations) and run it again: its outputs are the next block's inputs;
-4. drop the block's Hessians.
+3. put the block's dequantized weights in place (and fake-quantize dynamic activations) and run
+   it again: its outputs are the next block's inputs;
+4. put the block's float weights back and drop its Hessians.
 
 Calibration state alive at once is one block's Hessians and the captured activations, not
-every linear's (``peak_state_bytes`` and ``activation_bytes`` measure them). The model's float weights are restored at
-the end; the graph passes take the kept weights by module path (``results``).
+every linear's (``peak_state_bytes`` and ``activation_bytes`` measure them). Weights are swapped by
+assignment, never written into: the float tensors stay as they are (memory-mapped ones stay on disk,
+``qcompiler.calibration.offload``), and no copy of the model's weights is kept. With
+``execution_device`` each block moves there for its turn and back after it (the captured activations
+live there), so that device holds one block at a time; results and statistics come back to the
+model's device. The graph passes take the kept weights by module path (``results``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import logging
 import os
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -39,6 +43,7 @@ from qcompiler.calibration.statistics import (LayerStats, StatsAccumulator, obse
                                               run_batches, validate_batches)
 from qcompiler.errors import CalibrationError
 from qcompiler.core.layer_quant import QuantizedWeight
+from torch.utils._pytree import tree_map_only
 from qcompiler.recipes import Recipe
 
 __all__ = ["LayerwiseCalibration", "LayerResult", "find_decoder_blocks"]
@@ -46,7 +51,7 @@ __all__ = ["LayerwiseCalibration", "LayerResult", "find_decoder_blocks"]
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclasses.dataclass
 class LayerResult:
     """What layer-by-layer calibration decided for one linear."""
 
@@ -84,7 +89,7 @@ class LayerwiseCalibration:
 
     def __init__(self, batches: Iterable, recipe: Recipe, seed: int = 0, progress: bool = True,
                  replay_batch: int = 8, checkpoint_dir: str | os.PathLike | None = None,
-                 linear_fn=None):
+                 linear_fn=None, execution_device: str | torch.device | None = None):
         self.batches = validate_batches(batches)
         # (fqn, w, stats, recipe) -> (weight, note): the recipe's weight algorithm unless given
         # (``qcompiler.sparsity.sparsify`` prunes in float with its own); the weight needs ``dequantize()``
@@ -93,6 +98,8 @@ class LayerwiseCalibration:
         self.checkpoint_dir = checkpoint_dir
         self.resumed_blocks = 0
         self.replay_batch = replay_batch   # captured inputs replayed per block in groups of this many
+        # where each block runs (one at a time); None: where the model is
+        self.execution_device = None if execution_device is None else torch.device(execution_device)
         self.recipe = recipe
         self.samples_per_layer = recipe.samples_per_layer
         self.seed = seed
@@ -154,14 +161,17 @@ class LayerwiseCalibration:
         calls = dd.all_gather_objects(world, len(inputs), "gather of block-call counts", "the first block")
         call_offset, n_calls = sum(calls[:world.rank]), sum(calls)
         self._source_rank = next((r for r, c in enumerate(calls) if c), 0)
-        originals: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        if self.execution_device is not None:
+            inputs = _to(inputs, self.execution_device)
         ckpt, resume_at = self._open_checkpoints(model, len(blocks))
-        try:
-            for i, block in enumerate(tqdm(blocks, desc="layer-by-layer", disable=not progress, leave=False)):
-                prefix = f"{block_prefix}{i}"
+        for i, block in enumerate(tqdm(blocks, desc="layer-by-layer", disable=not progress, leave=False)):
+            prefix = f"{block_prefix}{i}"
+            swaps: list[tuple] = []      # (module, name, tensor to put back), undone in reverse order
+            try:
+                home = self._onload(block, swaps)
                 if i < resume_at:     # completed by an earlier run: its saved weights, then its outputs
                     results, block_stats = ckpt.load(i, LayerResult)
-                    hooks = self._restore_block(block, prefix, results, originals)
+                    hooks = self._restore_block(block, prefix, results, swaps)
                     try:
                         inputs = self._propagate(block, inputs)
                     finally:
@@ -175,7 +185,7 @@ class LayerwiseCalibration:
                                                                         n_calls=n_calls, call_offset=call_offset)
                 self.peak_state_bytes = max(self.peak_state_bytes, state)
                 self.activation_bytes = max(self.activation_bytes, _tensor_bytes(inputs))
-                hooks, quantized = self._quantize_block(block, prefix, block_stats, keys, originals, inputs)
+                hooks, quantized = self._quantize_block(block, prefix, block_stats, keys, swaps, inputs)
                 if tuner is not None and quantized:
                     self._tune_block(block, prefix, i, inputs, float_outputs, quantized, tuner)
                 del float_outputs
@@ -186,13 +196,14 @@ class LayerwiseCalibration:
                         hk.remove()
                 for fqn, st in block_stats.items():
                     st.hessian = None    # done with this block: keep the bounded part only
-                    stats[fqn] = st
+                    stats[fqn] = _to(st, home)
+                mine = [f for f in self.results if f.startswith(prefix + ".")]
+                self.results.update({f: _to(self.results[f], home) for f in mine})
                 if ckpt is not None:
-                    ckpt.save(i, {f: r for f, r in self.results.items() if f.startswith(prefix + ".")}, block_stats)
-        finally:
-            with torch.no_grad():
-                for p, orig in originals:
-                    p.copy_(orig)
+                    ckpt.save(i, {f: self.results[f] for f in mine}, {f: stats[f] for f in block_stats})
+            finally:
+                for module, name, tensor in reversed(swaps):
+                    _assign(module, name, tensor)
         if "output_head" not in self.recipe.fallback.keep_op_kinds:
             # the output head is quantized: its inputs (after the last block) come from one float pass
             with observe_linear_inputs(model, self.samples_per_layer, len(self.batches), self.seed, hessian,
@@ -226,7 +237,29 @@ class LayerwiseCalibration:
                      n_blocks, self.checkpoint_dir)
         return ckpt, self.resumed_blocks
 
-    def _restore_block(self, block, prefix, results: dict, originals: list) -> list:
+    def _onload(self, block, swaps: list) -> torch.device:
+        """Move the block to ``execution_device`` (recording in ``swaps`` what to put back); the device
+        its weights came from."""
+        first = next(iter(block.parameters()), None)
+        home = first.device if first is not None else torch.device("cpu")
+        dev = self.execution_device
+        if dev is None:
+            return home
+        moved: dict[int, torch.Tensor] = {}
+        for module in block.modules():
+            for table in (module._parameters, module._buffers):
+                for name, t in list(table.items()):
+                    if t is None or t.device == dev:
+                        continue
+                    if id(t) not in moved:
+                        copy = t.detach().to(dev)
+                        moved[id(t)] = torch.nn.Parameter(copy, requires_grad=t.requires_grad) \
+                            if isinstance(t, torch.nn.Parameter) else copy
+                    swaps.append((module, name, t))
+                    _assign(module, name, moved[id(t)])
+        return home
+
+    def _restore_block(self, block, prefix, results: dict, swaps: list) -> list:
         """Put a completed block's saved weights in place (as ``_quantize_block`` did); its hooks."""
         hooks = []
         for fqn, result in results.items():
@@ -235,19 +268,19 @@ class LayerwiseCalibration:
             if found is None:
                 raise CalibrationError(f"layer-by-layer checkpoint: {fqn} is no longer a linear of "
                                        f"{result.qweight.shape[1]} input channels")
-            hooks += self._install(module, *found, result, originals)
+            hooks += self._install(module, *found, result, swaps)
         return hooks
 
-    def _install(self, module, param, transposed: bool, result: LayerResult, originals: list) -> list:
-        """Overwrite ``param`` with ``result``'s dequantized weight (keeping the original in ``originals``);
+    def _install(self, module, param, transposed: bool, result: LayerResult, swaps: list) -> list:
+        """Put ``result``'s dequantized weight in the place of ``param`` (recording the original in ``swaps``);
         the hook that fake-quantizes a dynamic activation, if any."""
         s = result.scale
-        eff = result.qweight.dequantize()
+        eff = result.qweight.to(param.device).dequantize()
         if s is not None:
+            s = s.to(param.device)
             eff = eff / s[None, :]
-        originals.append((param, param.detach().clone()))
-        with torch.no_grad():
-            param.copy_((eff.t() if transposed else eff).to(param.dtype))
+        swaps.append((module, "weight", param))
+        _put_weight(module, param, eff, transposed)
         act = self.recipe.activation
         return [module.register_forward_pre_hook(_fake_quant_input(act, s))] if act is not None and act.dynamic else []
 
@@ -268,7 +301,7 @@ class LayerwiseCalibration:
         del outs
         return {p: a.finish(self.samples_per_layer) for p, a in acc.items()}, keys, state, outputs
 
-    def _quantize_block(self, block, prefix, block_stats, keys, originals, inputs) -> list:
+    def _quantize_block(self, block, prefix, block_stats, keys, swaps, inputs) -> list:
         groups: dict[str, list[str]] = {}
         modules = {}
         for fqn, st in block_stats.items():
@@ -290,8 +323,7 @@ class LayerwiseCalibration:
         # work goes to one rank, by cost, and its results are broadcast from there
         group_list = dd.broadcast_object(world, list(groups.values()), self._source_rank, "broadcast of the linear "
                                          "groups", f"block {prefix}")
-        # copies: the parameters are overwritten with their dequantized values below, and a block tuner
-        # must start from the float weights
+        # float32 copies: what the algorithms work on (a block tuner starts from them too)
         weights = {f: (m[1].t() if m[2] else m[1]).detach().float().clone() for f, m in modules.items()}
         owners = dd.assign_by_cost([_group_cost([weights[f] for f in fqns]) for fqns in group_list], world)
         own = {j: self._quantize_group(fqns, weights, block_stats)
@@ -305,9 +337,9 @@ class LayerwiseCalibration:
             for fqn in fqns:
                 self.results[fqn] = result = done[j][fqn]
                 module, param, transposed = modules[fqn]
-                hooks += self._install(module, param, transposed, result, originals)
+                hooks += self._install(module, param, transposed, result, swaps)
                 if result.scale is None:
-                    quantized[fqn] = (param, transposed, weights[fqn])
+                    quantized[fqn] = (module, param, transposed, weights[fqn])
         return hooks, quantized
 
     def _quantize_group(self, fqns: list[str], weights: dict, block_stats: dict) -> dict[str, LayerResult]:
@@ -325,7 +357,6 @@ class LayerwiseCalibration:
     def _tune_block(self, block, prefix, index, inputs, targets, quantized, tuner) -> None:
         """Hand the block's quantized linears to the weight algorithm's block tuner (SignRound):
         it runs the block on seeded mini-batches of the captured inputs against the float outputs."""
-        from torch.utils._pytree import tree_map_only
         from qcompiler.algorithms.signround import BlockLinear
         tune, spec = tuner
         # captured under inference_mode: autograd may not save those tensors, so tune on copies
@@ -334,7 +365,7 @@ class LayerwiseCalibration:
         gen = torch.Generator().manual_seed(getattr(spec, "seed", 0) * 100003 + index)
         weights = torch.tensor(sizes, dtype=torch.float64)
         linears = {f: BlockLinear(f[len(prefix) + 1:] + ".weight", w, transposed, self.results[f].qweight)
-                   for f, (param, transposed, w) in quantized.items()}
+                   for f, (module, param, transposed, w) in quantized.items()}
 
         def run(overrides, step):
             e = int(torch.multinomial(weights, 1, generator=gen))
@@ -362,11 +393,9 @@ class LayerwiseCalibration:
             for p in frozen:
                 p.requires_grad_(True)
         for fqn, qw in qweights.items():
-            param, transposed, _ = quantized[fqn]
+            module, param, transposed, _ = quantized[fqn]
             self.results[fqn] = LayerResult(qw, None, None, note)
-            eff = qw.dequantize()
-            with torch.no_grad():
-                param.copy_((eff.t() if transposed else eff).to(param.dtype))
+            _put_weight(module, param, qw.dequantize(), transposed)
 
     def _routers(self, block, prefix, modules: dict, inputs: list) -> set[str]:
         """The block's mixture-of-experts routers among ``modules`` (kept in float when the recipe keeps op
@@ -396,6 +425,29 @@ class LayerwiseCalibration:
             else:
                 new.append(((), {**kwargs, "hidden_states": hidden}))
         return new
+
+
+def _assign(module: torch.nn.Module, name: str, tensor) -> None:
+    (module._parameters if name in module._parameters else module._buffers)[name] = tensor
+
+
+def _put_weight(module: torch.nn.Module, like: torch.Tensor, eff: torch.Tensor, transposed: bool) -> None:
+    """``module.weight`` becomes ``eff`` (an [N, K] float weight) in ``like``'s layout, dtype and device: a new
+    tensor, so the one it replaces (float, possibly memory-mapped) is never written."""
+    w = (eff.t() if transposed else eff).to(device=like.device, dtype=like.dtype).contiguous()
+    module._parameters["weight"] = torch.nn.Parameter(w, requires_grad=False)
+
+
+def _to(obj, device: torch.device):
+    """Captured inputs, a ``LayerResult`` or ``LayerStats`` with their tensors on ``device``."""
+    if isinstance(obj, LayerResult):
+        return dataclasses.replace(obj, qweight=obj.qweight.to(device),
+                                   scale=None if obj.scale is None else obj.scale.to(device))
+    if isinstance(obj, LayerStats):
+        return dataclasses.replace(obj, **{f.name: getattr(obj, f.name).to(device)
+                                           for f in dataclasses.fields(obj)
+                                           if isinstance(getattr(obj, f.name), torch.Tensor)})
+    return tree_map_only(torch.Tensor, lambda t: t.to(device), obj)
 
 
 def _group_cost(weights: list[torch.Tensor]) -> float:

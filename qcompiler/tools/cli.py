@@ -88,9 +88,17 @@ def _cmd_quantize(args) -> int:
     if args.format == "compressed-tensors":   # refuse what the format cannot hold before quantizing
         from qcompiler.export.compressed_tensors import check_recipe
         check_recipe(recipe)
-    if args.block_checkpoints and not recipe.layerwise:
-        raise CalibrationError(f"--block-checkpoints: recipe {recipe.name!r} calibrates in one pass, not layer by "
-                               "layer (recipe.layerwise=False): there are no blocks to resume from")
+    for flag, value in (("--block-checkpoints", args.block_checkpoints), ("--offload-dir", args.offload_dir),
+                        ("--calibration-device", args.calibration_device)):
+        if value and not recipe.layerwise:
+            raise CalibrationError(f"{flag}: recipe {recipe.name!r} calibrates in one pass, not layer by layer "
+                                   "(recipe.layerwise=False): it has no blocks to take one at a time")
+    if args.calibration_device:
+        try:
+            torch.empty(0, device=args.calibration_device)
+        except (RuntimeError, ValueError) as e:
+            raise CalibrationError(f"--calibration-device {args.calibration_device}: {str(e).splitlines()[0]}") \
+                from None
     from qcompiler.calibration.distributed import init_from_environment
     world = init_from_environment(args.dist_timeout)    # under torchrun: one rank of the calibration
     code = _quantize_and_save(args, recipe, world)
@@ -104,10 +112,16 @@ def _quantize_and_save(args, recipe, world) -> int:
     from qcompiler.runtime.serialization import save_quantized
     protocol = _protocol(args)
     model, tok = models.load_model(args.model)
+    if args.offload_dir:
+        from qcompiler.calibration.offload import offload_blocks
+        done = offload_blocks(model, args.offload_dir)
+        print(f"offloaded {len(done.files)} decoder blocks ({done.nbytes / 1e6:.1f} MB) to {done.folder} "
+              "(memory-mapped)")
     calib = _calibration(args, tok, protocol) if recipe.needs_calibration and not args.no_calibration else None
-    if args.block_checkpoints and calib is not None:
+    if (args.block_checkpoints or args.calibration_device) and calib is not None:
         from qcompiler.calibration.layerwise import LayerwiseCalibration
-        calib = LayerwiseCalibration(calib, recipe, progress=not args.quiet, checkpoint_dir=args.block_checkpoints)
+        calib = LayerwiseCalibration(calib, recipe, progress=not args.quiet, checkpoint_dir=args.block_checkpoints,
+                                     execution_device=args.calibration_device)
     try:
         quantize(model, recipe, calibration=calib, progress=not args.quiet)
     except CalibrationError as e:
@@ -276,6 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layer-by-layer recipes: save each completed decoder block's quantized weights and statistics "
                         "in DIR; rerunning the same command resumes after the last saved block (same results bit for "
                         "bit); a DIR written for another model, recipe or calibration set is refused")
+    q.add_argument("--offload-dir", metavar="DIR",
+                   help="layer-by-layer recipes: write each decoder block's float weights to DIR (safetensors) and "
+                        "memory-map them, so the blocks need no RAM of their own while one block at a time is "
+                        "calibrated (same results bit for bit); keep DIR until the command ends")
+    q.add_argument("--calibration-device", metavar="DEV",
+                   help="layer-by-layer recipes: run each decoder block's calibration (forwards, Hessians, GPTQ) on "
+                        "DEV (e.g. cuda:0), one block there at a time; the model stays where it is")
     q.add_argument("--dist-timeout", type=float, default=1800.0, metavar="S",
                    help="under torchrun (`torchrun --nproc-per-node N -m qcompiler quantize ...`): seconds a rank waits "
                         "for the others at a collective before the job stops with an error naming the layer "
