@@ -7,24 +7,49 @@ presets without a rotation, with the offline rotation (``qcompiler.rotate``) and
     python benchmarks/rotation_validation.py --modes none,rot,rot-online w8a8-int8-sq
     python benchmarks/rotation_validation.py --modes none,rot,rot-online w4a16-gptq
 
+A variant may also be ``label=expr``, a recipe expression as in ``benchmarks/recipe_sweep.py`` (over ``R``,
+``rep`` and the recipe classes), e.g. SignRound from GPTQ's codes:
+
+    python benchmarks/rotation_validation.py --modes rot-online \
+        "sr-gptq-50=R('w4a16-signround').replace(weight_algorithm=SignRoundSpec(init='gptq', iters=50, batch_size=1))"
+
 The last, 2026-12-04 (AMD EPYC AVX2, 2 threads, frozen install of 4f660f7): FP32 24.572; ``w4a16-gptq``
 +11.50%, ``w4a16-gptq+rot`` +7.69%, ``w4a16-gptq+rot-online`` +6.53% (the rotated float models within 1e-6).
 """
 import argparse
 import copy
+import dataclasses
+import time
 
 import torch
 
 import qcompiler
+from qcompiler import recipes
 from qcompiler.tools import data, texts
 from qcompiler.tools.evaluate import perplexity
 from qcompiler.tools.models import load_model
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-ap.add_argument("presets", nargs="+", help="presets to quantize with (no '+rot' suffix: the modes add it)")
+ap.add_argument("presets", nargs="+", help="presets to quantize with (no '+rot' suffix: the modes add it), or "
+                                          "label=expr recipe expressions")
 ap.add_argument("--modes", default="none,rot", help="comma-separated: none, rot, rot-online (default: none,rot)")
 ap.add_argument("--calib-samples", type=int, default=128)
 args = ap.parse_args()
+namespace = {**vars(recipes), "R": recipes.get, "rep": dataclasses.replace}   # the recipe classes too
+
+
+def _variant(text: str, mode: str):
+    """(name, what ``qcompiler.quantize`` takes) for a preset name or ``label=expr`` in ``mode``."""
+    label, eq, expr = text.partition("=")
+    if not eq:
+        return (text, text) if mode == "none" else (f"{text}+{mode}",) * 2
+    recipe = eval(expr, namespace)   # noqa: S307 (a developer's own expressions)
+    if mode != "none":
+        recipe = recipe.replace(rotation=recipes.RotationSpec(seed=0, online=mode == "rot-online"))
+        label = f"{label}+{mode}"
+    return label, recipe.replace(name=label)
+
+
 torch.set_num_threads(2)
 model, tok = load_model("smollm2-135m")
 ids = data.tokenize_text(tok, open(texts.text_path("wikitext-valid")).read())
@@ -42,7 +67,9 @@ for mode in args.modes.split(","):
         print(f"{mode} float", p, f"{100 * (p / fp - 1):+.3f}%", flush=True)
     for preset in args.presets:
         q = copy.deepcopy(m)
-        name = preset if mode == "none" else f"{preset}+{mode}"
-        qcompiler.quantize(q, name, calibration=calib, progress=False)
+        name, recipe = _variant(preset, mode)
+        t0 = time.perf_counter()
+        qcompiler.quantize(q, recipe, calibration=calib, progress=False)
+        seconds = time.perf_counter() - t0
         p = perplexity(q, wins, progress=False)
-        print(name, round(p, 4), f"{100 * (p / fp - 1):+.2f}%", flush=True)
+        print(name, round(p, 4), f"{100 * (p / fp - 1):+.2f}%", f"(quantize {seconds:.0f} s)", flush=True)
