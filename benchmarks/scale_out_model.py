@@ -8,8 +8,9 @@ collectives) and memory per rank. docs/scale-out.md explains it; its tables are 
 What the model follows (qcompiler/calibration/layerwise.py, statistics.py, distributed.py, algorithms/gptq.py):
 each rank replays its shard of the calibration batches through the block twice (observe, then propagate
 with quantized weights); X^T X is one float32 matmul per distinct linear input, summed in float64 and
-all-reduced per linear (q, k and v each hold a copy); the linears sharing an input are one GPTQ group,
-groups go to ranks by cost and each rank's results are broadcast (QuantizedWeight holds INT4 unpacked, one
+summed once per group of linears sharing an input onto the rank that quantizes the group (a reduce, not an
+all-reduce: modelled as a pipelined ring, each byte crossing a link once); the linears sharing an input are
+one GPTQ group, groups go to ranks by cost and each rank's results are broadcast (QuantizedWeight holds INT4 unpacked, one
 byte per weight); GPTQ per linear is a K x K factorization and a sweep of K columns (one Python step each).
 Not modelled: stragglers, the first block's capture, the output head, checkpoint writes.
 """
@@ -93,8 +94,8 @@ def block_costs(arch: Arch, hw: Hardware, ranks: int, nodes: int, tokens: int, s
     comm = 0.0
     if ranks > 1:
         bw = hw.inter_bw if nodes > 1 else hw.intra_bw
-        hessian_bytes = sum(8 * k * k for _, _, k, _ in lin)          # float64, one per linear
-        comm = 2 * (ranks - 1) / ranks * hessian_bytes / bw            # ring all-reduce
+        hessian_bytes = sum(8 * k * k for k in distinct_k.values())  # float64, one per group (input)
+        comm = hessian_bytes / bw                                      # reduce onto the group's owner
         comm += arch.block_params() / bw                               # every result broadcast once (1 byte/weight)
     return {"forward": fwd, "hessian": hess, "gptq": gptq, "collectives": comm}
 

@@ -88,6 +88,25 @@ def _calibrate(source: str, preset: str, ckpt: str | None = None) -> dict:
         from qcompiler.passes.kv_cache import KVObserver
         res = observe_tensors(model, _batches(source), {"kv_cache": KVObserver(model)}, progress=False)["kv_cache"]
         return {f"{path}/{role}": lohi for path, entry in res.items() for role, lohi in entry.items()}
+    if preset.endswith(":traffic"):     # the tensor collectives of layer-by-layer calibration, as (op, shape, dtype)
+        calls, dist = [], torch.distributed
+        real = {name: getattr(dist, name) for name in ("all_reduce", "reduce")}
+
+        def spy(name):
+            return lambda t, *a, **k: calls.append((name, tuple(t.shape), str(t.dtype))) or real[name](t, *a, **k)
+        dist.all_reduce, dist.reduce = spy("all_reduce"), spy("reduce")
+        try:
+            cal = LayerwiseCalibration(_batches(source), recipe, progress=False, replay_batch=4)
+            group, computed = cal._quantize_group, []
+
+            def quantize_group(fqns, weights, block_stats):   # what this rank quantizes, and from a Hessian?
+                computed.extend((f, block_stats[f].hessian is not None) for f in fqns)
+                return group(fqns, weights, block_stats)
+            cal._quantize_group = quantize_group
+            cal.collect(model)
+        finally:
+            dist.all_reduce, dist.reduce = real["all_reduce"], real["reduce"]
+        return {"calls": calls, "computed": computed, "quantized": sorted(cal.results)}
     if recipe.layerwise:
         cal = LayerwiseCalibration(_batches(source), recipe, progress=False, replay_batch=4, checkpoint_dir=ckpt)
         cal.collect(model)
@@ -181,6 +200,22 @@ def test_results_are_bit_identical_at_any_number_of_ranks(tmp_path, source, pres
 
 
 @pytest.mark.skipif(models.shared_dir() is None, reason="../shared (stories260K) not found; CI provides it")
+def test_each_groups_hessian_goes_once_to_the_rank_that_quantizes_it(tmp_path):
+    """Layer by layer on 2 ranks: no Hessian is all-reduced; each group of linears sharing an input (q/k/v,
+    o, gate/up, down in each of the 2 blocks) sends one K x K float64 sum, to its owner only."""
+    torch.set_num_threads(1)
+    ranks = _run_ranks(tmp_path, 2, "llama", "w4a16-gptq:traffic")
+    for r in ranks:
+        square = [c for c in r["calls"] if len(c[1]) == 2 and c[1][0] == c[1][1] and c[2] == "torch.float64"]
+        assert [c[0] for c in square] == ["reduce"] * 8, square
+        assert sorted(c[1][0] for c in square) == sorted([64, 64, 64, 64, 96, 96, 64, 64])
+    # each rank quantizes its share, every one of those from a Hessian; together, every linear once
+    for r in ranks:
+        assert r["computed"] and all(has for _, has in r["computed"])
+    done = sorted(f for r in ranks for f, _ in r["computed"])
+    assert done == ranks[0]["quantized"] == ranks[1]["quantized"]
+
+
 def test_stories260k_gptq_is_bit_identical_on_two_ranks(tmp_path):
     torch.set_num_threads(1)
     single = _calibrate("stories260K", "w4a16-gptq")

@@ -10,7 +10,8 @@ user's own ``torch.distributed.init_process_group``), calibration runs on every 
   ``X^T X`` (accumulated in float64) with SUM, token counts with SUM, and the sampled rows gathered in
   global batch order (rows are drawn by a generator keyed on the global call index, not on the shard);
 - layer by layer, the weight algorithm's work of a block (GPTQ / AWQ / RTN per group of linears sharing an
-  input) is assigned to ranks by estimated cost and each result broadcast from its owner.
+  input) is assigned to ranks by estimated cost and each result broadcast from its owner; the group's
+  ``X^T X`` (one for the group: its linears read the same input) is summed onto its owner only.
 
 With float64 sums of float32 terms, the reduced statistics and therefore the quantized weights are the
 same at 1, 2 or 4 ranks (tests/test_distributed_calibration.py checks it bit for bit). Every collective
@@ -153,6 +154,17 @@ def broadcast_object(world: World, obj: Any, src: int, what: str, where: str) ->
     box = [obj if world.rank == src else None]
     collective(world, what, where, torch.distributed.broadcast_object_list, box, src=src)
     return box[0]
+
+
+def reduce_(world: World, tensor: torch.Tensor, dst: int, what: str, where: str) -> torch.Tensor:
+    """In-place sum of a CPU or CUDA tensor onto rank ``dst`` (the other ranks' copies are left undefined)."""
+    if world.active:
+        device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+        t = tensor.to(device)
+        collective(world, what, where, torch.distributed.reduce, t, dst=dst, op=torch.distributed.ReduceOp.SUM)
+        if t is not tensor and world.rank == dst:
+            tensor.copy_(t)
+    return tensor
 
 
 def all_reduce_(world: World, tensor: torch.Tensor, op: str, what: str, where: str) -> torch.Tensor:

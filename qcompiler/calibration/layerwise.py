@@ -39,8 +39,8 @@ from qcompiler.core import layer_quant
 from qcompiler.core.linear_probe import find_routers, linear_orientation
 from qcompiler.algorithms import registry as weight_algorithms
 from qcompiler.calibration import distributed as dd
-from qcompiler.calibration.statistics import (LayerStats, StatsAccumulator, observe_linear_inputs, reduce_accumulators,
-                                              run_batches, validate_batches)
+from qcompiler.calibration.statistics import (LayerStats, StatsAccumulator, hessian_from, observe_linear_inputs,
+                                              reduce_accumulators, run_batches, validate_batches)
 from qcompiler.errors import CalibrationError
 from qcompiler.core.layer_quant import QuantizedWeight
 from torch.utils._pytree import tree_map_only
@@ -112,6 +112,7 @@ class LayerwiseCalibration:
         self.blocks_path = ""
         self.world = dd.World()
         self._source_rank = 0
+        self._partial_xtx: dict[str, torch.Tensor] = {}   # this rank's X^T X of the block, before the reduce
 
     def check_vocabulary(self, model: torch.nn.Module) -> None:
         from qcompiler.calibration.statistics import CalibrationCache
@@ -295,8 +296,14 @@ class LayerwiseCalibration:
             finally:
                 for hk in first_inputs:
                     hk.remove()
-        acc = reduce_accumulators(acc, self.world, f"block {prefix}", hessian)
+        # under a process group each group's X^T X is summed onto the rank that quantizes it (_quantize_block)
+        deferred = self.world.active and hessian
+        acc = reduce_accumulators(acc, self.world, f"block {prefix}", hessian, reduce_hessians=not deferred)
         state = sum(_acc_bytes(a) for a in acc.values())
+        if deferred:
+            self._partial_xtx = {p: a.xtx for p, a in acc.items()}
+            for a in acc.values():
+                a.xtx = None
         outputs = [_hidden_out(o) for o in outs] if keep_outputs else None
         del outs
         return {p: a.finish(self.samples_per_layer) for p, a in acc.items()}, keys, state, outputs
@@ -326,6 +333,7 @@ class LayerwiseCalibration:
         # float32 copies: what the algorithms work on (a block tuner starts from them too)
         weights = {f: (m[1].t() if m[2] else m[1]).detach().float().clone() for f, m in modules.items()}
         owners = dd.assign_by_cost([_group_cost([weights[f] for f in fqns]) for fqns in group_list], world)
+        self._reduce_hessians(prefix, group_list, owners, block_stats)
         own = {j: self._quantize_group(fqns, weights, block_stats)
                for j, fqns in enumerate(group_list) if owners[j] == world.rank}
         done = dict(own)
@@ -341,6 +349,19 @@ class LayerwiseCalibration:
                 if result.scale is None:
                     quantized[fqn] = (module, param, transposed, weights[fqn])
         return hooks, quantized
+
+    def _reduce_hessians(self, prefix: str, group_list: list, owners: list[int], block_stats: dict) -> None:
+        """Sum each group's ``X^T X`` (one per group: its linears read the same input, so their partial sums
+        are equal) onto the group's owner, the only rank that reads it; the owner's linears get the Hessian."""
+        partial, self._partial_xtx = self._partial_xtx, {}
+        for j, fqns in enumerate(group_list):
+            xtx = partial.get(fqns[0])
+            if xtx is None:
+                continue
+            dd.reduce_(self.world, xtx, owners[j], "reduce of the Hessian X^T X", f"block {prefix}, {fqns[0]}")
+            if owners[j] == self.world.rank:
+                for f in fqns:
+                    block_stats[f].hessian = hessian_from(xtx, block_stats[f].tokens)
 
     def _quantize_group(self, fqns: list[str], weights: dict, block_stats: dict) -> dict[str, LayerResult]:
         """The weight algorithm on one group of linears reading the same input (AWQ's shared scale first)."""

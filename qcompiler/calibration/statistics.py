@@ -42,6 +42,11 @@ class LayerStats:
     hessian: torch.Tensor | None = None
 
 
+def hessian_from(xtx: torch.Tensor, tokens: int) -> torch.Tensor:
+    """GPTQ's Hessian ``2/n X^T X`` (float32, on the CPU) from the float64 sum ``X^T X`` of ``n`` tokens."""
+    return (xtx * (2.0 / max(tokens, 1))).float().cpu()
+
+
 class StatsAccumulator:
     """Accumulates ``LayerStats`` for one module from batches of input rows [M, K].
 
@@ -68,18 +73,19 @@ class StatsAccumulator:
         n = max(self.tokens, 1)
         return LayerStats(self.absmax.cpu(), torch.cat(self.samples)[:max_samples], self.tokens,
                           (self.abssum / n).float().cpu(),
-                          None if self.xtx is None else (self.xtx * (2.0 / n)).float().cpu())
+                          None if self.xtx is None else hessian_from(self.xtx, self.tokens))
 
-    def reduce(self, world, where: str) -> None:
+    def reduce(self, world, where: str, hessian: bool = True) -> None:
         """Combine this accumulator with the same module's on every rank of ``world`` (a
         ``qcompiler.calibration.distributed.World``): max, sums, token counts, and the sampled rows
-        in rank order (= global batch order, the shards being contiguous)."""
+        in rank order (= global batch order, the shards being contiguous). ``hessian=False`` leaves
+        ``X^T X`` this rank's partial sum (for the caller to reduce where it is needed)."""
         from qcompiler.calibration import distributed as dd
         if not world.active:
             return
         dd.all_reduce_(world, self.absmax, "max", "all-reduce of |x| maxima", where)
         dd.all_reduce_(world, self.abssum, "sum", "all-reduce of |x| sums", where)
-        if self.xtx is not None:
+        if self.xtx is not None and hessian:
             dd.all_reduce_(world, self.xtx, "sum", "all-reduce of the Hessian X^T X", where)
         tokens = torch.tensor([self.tokens], dtype=torch.int64)
         self.tokens = int(dd.all_reduce_(world, tokens, "sum", "all-reduce of token counts", where))
@@ -88,10 +94,11 @@ class StatsAccumulator:
 
 
 def reduce_accumulators(acc: dict[str, "StatsAccumulator"], world, where: str,
-                        hessian: bool) -> dict[str, "StatsAccumulator"]:
+                        hessian: bool, reduce_hessians: bool = True) -> dict[str, "StatsAccumulator"]:
     """``StatsAccumulator.reduce`` for every module any rank observed (a rank with no batches, or whose
     batches never reached a module, contributes empty statistics); returns the accumulators in one order
-    on every rank (first seen on rank 0, then on rank 1, ...). Without a process group: ``acc``."""
+    on every rank (first seen on rank 0, then on rank 1, ...). Without a process group: ``acc``.
+    ``reduce_hessians=False``: each ``X^T X`` stays this rank's partial sum."""
     if not world.active:
         return acc
     from qcompiler.calibration import distributed as dd
@@ -106,7 +113,7 @@ def reduce_accumulators(acc: dict[str, "StatsAccumulator"], world, where: str,
     out = {}
     for path, k in union.items():
         out[path] = acc.get(path) or StatsAccumulator(k, device, hessian)
-        out[path].reduce(world, f"{where}, {path}")
+        out[path].reduce(world, f"{where}, {path}", hessian=reduce_hessians)
     return out
 
 
