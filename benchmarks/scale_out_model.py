@@ -10,7 +10,8 @@ each rank replays its shard of the calibration batches through the block twice (
 with quantized weights); X^T X is one float32 matmul per distinct linear input, summed in float64 and
 summed once per group of linears sharing an input onto the rank that quantizes the group (a reduce, not an
 all-reduce: modelled as a pipelined ring, each byte crossing a link once); the linears sharing an input are
-one GPTQ group, groups go to ranks by cost and each rank's results are broadcast (QuantizedWeight holds INT4 unpacked, one
+one GPTQ group, groups (or slices of a heavy group's output rows) go to ranks by cost and each rank's results
+are broadcast (QuantizedWeight holds INT4 unpacked, one
 byte per weight); GPTQ per linear is a K x K factorization and a sweep of K columns (one Python step each).
 Not modelled: stragglers, the first block's capture, the output head, checkpoint writes.
 """
@@ -18,6 +19,7 @@ Not modelled: stragglers, the first block's capture, the output head, checkpoint
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from dataclasses import dataclass
 
@@ -82,20 +84,38 @@ def block_costs(arch: Arch, hw: Hardware, ranks: int, nodes: int, tokens: int, s
     fwd = 2 * (2 * arch.block_params() + attn_flops) * local / hw.fwd_flops        # observe + propagate
     distinct_k = {g: k for _, _, k, g in lin}
     hess = sum(2 * local * k * k for k in distinct_k.values()) / hw.fp32_flops
-    # GPTQ: groups (one input) to ranks by cost, the critical path is the costliest rank's sum
-    groups: dict[str, float] = {}
+    # GPTQ: units of work to ranks by the code's cost estimate (layerwise._group_cost, k^3 + sum N k^2): a
+    # group, or slices of its output rows when it alone outweighs a rank's share and its row sweeps outweigh
+    # its factorization (layerwise._units); the critical path is the costliest rank's time
+    members: dict[str, list[tuple[int, int]]] = {}
     for _, n, k, g in lin:
-        flops = 3 * k ** 3 + 2 * n * k * k                # Cholesky, inverse, Cholesky of H^-1; the lazy updates
-        groups[g] = groups.get(g, 0.0) + flops / hw.fp32_flops + k * hw.step_s
-    loads = [0.0] * ranks
-    for cost in sorted(groups.values(), reverse=True):
-        loads[loads.index(min(loads))] += cost
-    gptq = max(loads)
+        members.setdefault(g, []).append((n, k))
+    estimate = {g: ms[0][1] ** 3 + sum(n * k * k for n, k in ms) for g, ms in members.items()}
+    share = sum(estimate.values()) / ranks
+    units, split = [], set()
+    for g, ms in members.items():
+        k = ms[0][1]
+        parts = min(ranks, max(1, math.ceil(estimate[g] / share - 1e-9)))
+        if parts > 1 and estimate[g] - k ** 3 < k ** 3:
+            parts = 1
+        if parts > 1:
+            split.add(g)
+        # each slice repeats the factorizations (3K^3 per linear: Cholesky, inverse, Cholesky of H^-1) and
+        # every column step (K per linear, latency-bound); only the lazy updates (2 N K^2) divide
+        seconds = sum((3 * k ** 3 + 2 * n / parts * k * k) / hw.fp32_flops + k * hw.step_s for n, k in ms)
+        units += [(estimate[g] / parts, seconds)] * parts
+    loads, times = [0.0] * ranks, [0.0] * ranks
+    for cost, seconds in sorted(units, key=lambda u: -u[0]):
+        r = loads.index(min(loads))
+        loads[r] += cost
+        times[r] += seconds
+    gptq = max(times)
     comm = 0.0
     if ranks > 1:
         bw = hw.inter_bw if nodes > 1 else hw.intra_bw
-        hessian_bytes = sum(8 * k * k for k in distinct_k.values())  # float64, one per group (input)
-        comm = hessian_bytes / bw                                      # reduce onto the group's owner
+        # float64, one per group (input): a reduce onto its owner, an all-reduce when its rows are split
+        comm = sum(8 * k * k * (2 * (ranks - 1) / ranks if g in split else 1.0)
+                   for g, k in distinct_k.items()) / bw
         comm += arch.block_params() / bw                               # every result broadcast once (1 byte/weight)
     return {"forward": fwd, "hessian": hess, "gptq": gptq, "collectives": comm}
 

@@ -97,16 +97,19 @@ def _calibrate(source: str, preset: str, ckpt: str | None = None) -> dict:
         dist.all_reduce, dist.reduce = spy("all_reduce"), spy("reduce")
         try:
             cal = LayerwiseCalibration(_batches(source), recipe, progress=False, replay_batch=4)
-            group, computed = cal._quantize_group, []
+            group, computed, units = cal._quantize_group, [], []
 
             def quantize_group(fqns, weights, block_stats):   # what this rank quantizes, and from a Hessian?
-                computed.extend((f, block_stats[f].hessian is not None) for f in fqns)
+                computed.extend((f, block_stats[f].hessian is not None, weights[f].shape[0]) for f in fqns)
                 return group(fqns, weights, block_stats)
             cal._quantize_group = quantize_group
+            real_units = cal._units
+            cal._units = lambda *a: units.append(real_units(*a)) or units[-1]
             cal.collect(model)
         finally:
             dist.all_reduce, dist.reduce = real["all_reduce"], real["reduce"]
-        return {"calls": calls, "computed": computed, "quantized": sorted(cal.results)}
+        return {"calls": calls, "computed": computed, "units": units, "quantized": sorted(cal.results),
+                "weights": {f: (r.qweight.q, r.qweight.scale, r.qweight.zero) for f, r in cal.results.items()}}
     if recipe.layerwise:
         cal = LayerwiseCalibration(_batches(source), recipe, progress=False, replay_batch=4, checkpoint_dir=ckpt)
         cal.collect(model)
@@ -211,9 +214,27 @@ def test_each_groups_hessian_goes_once_to_the_rank_that_quantizes_it(tmp_path):
         assert sorted(c[1][0] for c in square) == sorted([64, 64, 64, 64, 96, 96, 64, 64])
     # each rank quantizes its share, every one of those from a Hessian; together, every linear once
     for r in ranks:
-        assert r["computed"] and all(has for _, has in r["computed"])
-    done = sorted(f for r in ranks for f, _ in r["computed"])
+        assert r["computed"] and all(has for _, has, _ in r["computed"])
+    done = sorted(f for r in ranks for f, _, _ in r["computed"])
     assert done == ranks[0]["quantized"] == ranks[1]["quantized"]
+
+
+def test_a_group_heavier_than_a_ranks_share_is_split_by_output_rows(tmp_path):
+    """4 ranks on the tiny Llama: gate/up (K 64, 192 rows) outweighs a quarter of a block's GPTQ work, so its
+    rows go to 2 ranks (its Hessian all-reduced to both); down_proj (K 96, 64 rows: the factorization
+    dominates) stays whole. The joined slices equal one process's weights bit for bit."""
+    torch.set_num_threads(1)
+    ranks = _run_ranks(tmp_path, 4, "llama", "w4a16-gptq:traffic")
+    units = ranks[0]["units"]
+    assert len(units) == 2 and all(u == ranks[1]["units"][b] for b, u in enumerate(units))
+    for block in units:
+        split = {j: n for j, i, n in block if n > 1}
+        assert list(split.values()) == [2], block                      # one group, in two slices
+    rows = [(f, n) for r in ranks for f, _, n in r["computed"] if "gate_proj" in f or "up_proj" in f]
+    assert sorted(n for _, n in rows) == [48] * 8                       # 96 rows each, as 2 x 48
+    square = [c for c in ranks[0]["calls"] if len(c[1]) == 2 and c[1][0] == c[1][1] and c[2] == "torch.float64"]
+    assert [c[0] for c in square].count("all_reduce") == 2             # the split group's Hessian, per block
+    _assert_identical(ranks[0]["weights"], _calibrate("llama", "w4a16-gptq"))
 
 
 def test_stories260k_gptq_is_bit_identical_on_two_ranks(tmp_path):

@@ -416,4 +416,4 @@ def _quantize_linear(fqn: str, w: torch.Tensor, st, recipe: Recipe, spec: GPTQSp
     return qw, note
 
 
-register_weight_algorithm(WeightAlgorithm("gptq", GPTQSpec, _quantize_linear, needs_hessian=True))
+register_weight_algorithm(WeightAlgorithm("gptq", GPTQSpec, _quantize_linear, needs_hessian=True, rows_separable=True))

@@ -23,7 +23,7 @@ from qcompiler.core.layer_quant import QuantizedWeight, quantize_weight
 from qcompiler.recipes import register_algorithm_spec
 
 __all__ = ["WeightAlgorithm", "register_weight_algorithm", "registered_algorithms", "algorithm_of",
-           "needs_hessian", "block_tuner", "has_input_scale", "input_scale", "quantize_linear", "scaled_stats"]
+           "needs_hessian", "block_tuner", "rows_separable", "has_input_scale", "input_scale", "quantize_linear", "scaled_stats"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,9 @@ class WeightAlgorithm:
             ``spec -> bool`` when the spec decides).
         input_scale: optional ``(stats, weights, recipe, spec, name) -> (alpha, s)``: a per-input-channel
             scale for the linears reading one input (weights become ``W * s``, the input ``x / s``), as AWQ.
+        rows_separable: ``quantize`` computes each output row from that row and the statistics alone (GPTQ:
+            rows are independent given the Hessian), so slices of rows may be quantized apart (on several
+            ranks) and joined, bit for bit, when the weights have a scale per row (per channel / group).
         tune_block: optional ``(run, evaluate, linears, weight_spec, spec) -> ({fqn: QuantizedWeight}, note)``:
             after ``quantize`` gave each linear of a decoder block its first weights, layer-by-layer
             calibration hands it the whole block to tune against the block's float output (SignRound;
@@ -53,6 +56,7 @@ class WeightAlgorithm:
     needs_hessian: bool | Callable[[Any], bool] = False
     input_scale: Callable[..., tuple[float, torch.Tensor]] | None = None
     tune_block: Callable[..., tuple[dict[str, QuantizedWeight], str]] | None = None
+    rows_separable: bool = False
 
 
 _ALGORITHMS: dict[type, WeightAlgorithm] = {}
@@ -111,6 +115,20 @@ def block_tuner(recipe: Any) -> tuple[Callable, Any] | None:
     if found is None or found[0].tune_block is None:
         return None
     return found[0].tune_block, found[1]
+
+
+def rows_separable(recipe: Any) -> bool:
+    """Whether slices of a linear's output rows may be quantized apart and joined bit for bit: weights with a
+    scale per row (per channel / group), round to nearest or an algorithm registered ``rows_separable``,
+    no input scale (AWQ searches one per group of linears from all rows) and no block tuning."""
+    from qcompiler.recipes import Granularity
+    if recipe.weight is None or recipe.weight.granularity not in (Granularity.PER_CHANNEL, Granularity.PER_GROUP):
+        return False
+    found = algorithm_of(recipe)
+    if found is None:
+        return True
+    algorithm = found[0]
+    return algorithm.rows_separable and algorithm.input_scale is None and algorithm.tune_block is None
 
 
 def has_input_scale(recipe: Any) -> bool:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import logging
+import math
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -332,34 +333,73 @@ class LayerwiseCalibration:
                                          "groups", f"block {prefix}")
         # float32 copies: what the algorithms work on (a block tuner starts from them too)
         weights = {f: (m[1].t() if m[2] else m[1]).detach().float().clone() for f, m in modules.items()}
-        owners = dd.assign_by_cost([_group_cost([weights[f] for f in fqns]) for fqns in group_list], world)
-        self._reduce_hessians(prefix, group_list, owners, block_stats)
-        own = {j: self._quantize_group(fqns, weights, block_stats)
-               for j, fqns in enumerate(group_list) if owners[j] == world.rank}
+        # units of work: a group, or a slice of its output rows when the group alone outweighs a rank's share
+        units = self._units(group_list, weights)
+        owners = dd.assign_by_cost([_group_cost([_rows(weights[f], i, n) for f in group_list[j]])
+                                    for j, i, n in units], world)
+        group_owners: dict[int, set[int]] = {}
+        for (j, _, _), o in zip(units, owners):
+            group_owners.setdefault(j, set()).add(o)
+        self._reduce_hessians(prefix, group_list, group_owners, block_stats)
+        own = {u: self._quantize_group(group_list[j], {f: _rows(weights[f], i, n) for f in group_list[j]}, block_stats)
+               for u, (j, i, n) in enumerate(units) if owners[u] == world.rank}
         done = dict(own)
         if world.active:
             for r in range(world.size):
                 done.update(dd.broadcast_object(world, own if r == world.rank else None, r,
                                                 "broadcast of quantized weights", f"block {prefix}"))
         for j, fqns in enumerate(group_list):
+            parts = [done[u] for u, (g, _, _) in enumerate(units) if g == j]
             for fqn in fqns:
-                self.results[fqn] = result = done[j][fqn]
+                self.results[fqn] = result = _join_rows([part[fqn] for part in parts])
                 module, param, transposed = modules[fqn]
                 hooks += self._install(module, param, transposed, result, swaps)
                 if result.scale is None:
                     quantized[fqn] = (module, param, transposed, weights[fqn])
         return hooks, quantized
 
-    def _reduce_hessians(self, prefix: str, group_list: list, owners: list[int], block_stats: dict) -> None:
+    def _units(self, group_list: list, weights: dict) -> list[tuple[int, int, int]]:
+        """``(group index, slice index, slices)`` per unit of work: slice ``i`` of ``n`` holds rows
+        ``[N i / n, N (i + 1) / n)`` of each of the group's linears. Under a process group, a group whose cost exceeds a
+        rank's share of the block is cut into slices of output rows (up to one per rank), when the algorithm
+        computes each row alone given the Hessian (``WeightAlgorithm.rows_separable``: GPTQ, round to nearest)
+        and the weights have a scale per row (per channel or group); the slices' results, joined, are the
+        whole group's bit for bit (each row's arithmetic does not depend on the others)."""
+        whole = [(j, 0, 1) for j in range(len(group_list))]
+        size = self.world.size
+        if size < 2 or self.linear_fn is not weight_algorithms.quantize_linear \
+                or not weight_algorithms.rows_separable(self.recipe):
+            return whole
+        costs = [_group_cost([weights[f] for f in fqns]) for fqns in group_list]
+        share = sum(costs) / size
+        units = []
+        for j, fqns in enumerate(group_list):
+            rows = min(weights[f].shape[0] for f in fqns)
+            parts = min(size, rows, max(1, math.ceil(costs[j] / share - 1e-9)))
+            # a slice repeats the group's K x K factorization: only worth it when the row sweeps dominate
+            k = weights[fqns[0]].shape[1]
+            if parts > 1 and costs[j] - float(k) ** 3 < float(k) ** 3:
+                parts = 1
+            units += [(j, i, parts) for i in range(parts)]
+        return units
+
+    def _reduce_hessians(self, prefix: str, group_list: list, group_owners: dict[int, set[int]],
+                         block_stats: dict) -> None:
         """Sum each group's ``X^T X`` (one per group: its linears read the same input, so their partial sums
-        are equal) onto the group's owner, the only rank that reads it; the owner's linears get the Hessian."""
+        are equal) onto the group's owner, the only rank that reads it (every rank when the group's rows are
+        split over several); the owners' linears get the Hessian."""
         partial, self._partial_xtx = self._partial_xtx, {}
         for j, fqns in enumerate(group_list):
             xtx = partial.get(fqns[0])
             if xtx is None:
                 continue
-            dd.reduce_(self.world, xtx, owners[j], "reduce of the Hessian X^T X", f"block {prefix}, {fqns[0]}")
-            if owners[j] == self.world.rank:
+            owners = group_owners[j]
+            where = f"block {prefix}, {fqns[0]}"
+            if len(owners) == 1:
+                dd.reduce_(self.world, xtx, next(iter(owners)), "reduce of the Hessian X^T X", where)
+            else:
+                dd.all_reduce_(self.world, xtx, "sum", "all-reduce of the Hessian X^T X", where)
+            if self.world.rank in owners:
                 for f in fqns:
                     block_stats[f].hessian = hessian_from(xtx, block_stats[f].tokens)
 
@@ -469,6 +509,23 @@ def _to(obj, device: torch.device):
                                            for f in dataclasses.fields(obj)
                                            if isinstance(getattr(obj, f.name), torch.Tensor)})
     return tree_map_only(torch.Tensor, lambda t: t.to(device), obj)
+
+
+def _rows(w: torch.Tensor, i: int, parts: int) -> torch.Tensor:
+    """Rows ``[N i / parts, N (i + 1) / parts)`` of an [N, K] weight (all of it for one part)."""
+    n = w.shape[0]
+    return w if parts == 1 else w[n * i // parts:n * (i + 1) // parts]
+
+
+def _join_rows(parts: list[LayerResult]) -> LayerResult:
+    """One linear's result from its row slices' results, in order (the result itself when unsplit)."""
+    if len(parts) == 1:
+        return parts[0]
+    qws = [p.qweight for p in parts]
+    cat = lambda ts: torch.cat(ts, dim=0)   # noqa: E731
+    qweight = dataclasses.replace(qws[0], q=cat([q.q for q in qws]), scale=cat([q.scale for q in qws]),
+                                  zero=None if qws[0].zero is None else cat([q.zero for q in qws]))
+    return dataclasses.replace(parts[0], qweight=qweight)
 
 
 def _group_cost(weights: list[torch.Tensor]) -> float:
