@@ -40,6 +40,7 @@ from qcompiler.core import layer_quant
 from qcompiler.core.linear_probe import find_routers, linear_orientation
 from qcompiler.algorithms import registry as weight_algorithms
 from qcompiler.calibration import distributed as dd
+from qcompiler.calibration.offload import release_free_memory
 from qcompiler.calibration.statistics import (LayerStats, StatsAccumulator, hessian_from, observe_linear_inputs,
                                               reduce_accumulators, run_batches, validate_batches)
 from qcompiler.errors import CalibrationError
@@ -206,6 +207,8 @@ class LayerwiseCalibration:
             finally:
                 for module, name, tensor in reversed(swaps):
                     _assign(module, name, tensor)
+                del swaps
+                release_free_memory()   # the block's transient tensors: back to the OS, not kept as heap
         if "output_head" not in self.recipe.fallback.keep_op_kinds:
             # the output head is quantized: its inputs (after the last block) come from one float pass
             with observe_linear_inputs(model, self.samples_per_layer, len(self.batches), self.seed, hessian,

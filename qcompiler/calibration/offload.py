@@ -17,6 +17,9 @@ one on the accelerator.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -28,7 +31,7 @@ from safetensors.torch import save_file
 
 from qcompiler.errors import CalibrationError
 
-__all__ = ["OffloadedBlocks", "offload_blocks"]
+__all__ = ["OffloadedBlocks", "offload_blocks", "release_free_memory"]
 
 _MANIFEST = "offload.json"
 
@@ -41,6 +44,27 @@ class OffloadedBlocks:
     blocks_path: str        # module path of the decoder blocks' ModuleList
     files: tuple[Path, ...]
     nbytes: int             # bytes of tensors now memory-mapped instead of held in memory
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None on another C library."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_free_memory() -> bool:
+    """Hand the C heap's free pages back to the operating system (glibc ``malloc_trim(0)``): tensors freed
+    between long-lived small allocations otherwise stay counted in the process's resident memory. Returns
+    whether anything could be asked (False on a C library without ``malloc_trim``)."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
 
 
 def _block_tensors(block: torch.nn.Module, where: str) -> dict[str, torch.Tensor]:
@@ -116,4 +140,5 @@ def offload_blocks(model: torch.nn.Module, folder: str | os.PathLike) -> Offload
         files.append(path)
         total += sum(t.numel() * t.element_size() for t in mapped.values())
     (folder / _MANIFEST).write_text(json.dumps({"blocks_path": blocks_path, "blocks": len(files)}) + "\n")
+    release_free_memory()     # the in-memory copies just freed
     return OffloadedBlocks(folder, blocks_path, tuple(files), total)
