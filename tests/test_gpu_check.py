@@ -20,7 +20,7 @@ def test_gpu_check_dry_run_walks_every_step(tmp_path):
                          env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     summary = (tmp_path / "summary.md").read_text()
-    for step in ("env", "kernel-tests", "kernels", "e2e", "kv-tests", "kv-attention"):
+    for step in ("env", "kernel-tests", "kernels", "e2e", "kv-tests", "kv-attention", "sparse24"):
         assert f"| {step} | ok |" in summary, summary
     assert "tests collected" in (tmp_path / "kernel-tests.log").read_text()
     e2e = (tmp_path / "results_dry_e2e.md").read_text()
@@ -28,3 +28,4 @@ def test_gpu_check_dry_run_walks_every_step(tmp_path):
     kernels = (tmp_path / "results_dry_kernels.md").read_text()
     assert "| Llama-3-8B |" in kernels and "W4A8 int8 g128" in kernels
     assert "| int4 KIVI" in (tmp_path / "results_dry_kv_attention.md").read_text()
+    assert "fp8_e4m3: stored pair = torch's CUTLASS conversion: True" in (tmp_path / "sparse24.log").read_text()
