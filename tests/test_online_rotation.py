@@ -83,7 +83,12 @@ def test_compiled_model_runs_the_transform_on_every_target(target):
             assert "lowered_triton_hadamard_transform=4" in str(report)
 
 
-@pytest.mark.parametrize("preset", ["w4a16-gptq+rot-online", "w8a8-int8-sq-dynamic+rot-online+kv-int8"])
+SIGNROUND_ONLINE = get("w4a16-signround+rot-online")
+SIGNROUND_ONLINE = SIGNROUND_ONLINE.replace(weight_algorithm=type(SIGNROUND_ONLINE.weight_algorithm)(iters=8, batch_size=2))
+
+
+@pytest.mark.parametrize("preset", ["w4a16-gptq+rot-online", "w8a8-int8-sq-dynamic+rot-online+kv-int8",
+                                    SIGNROUND_ONLINE], ids=["gptq", "sq-dynamic-kv", "signround"])
 def test_quantize_composes_with_online_rotation(preset):
     """Eager quantize: GPTQ's Hessians and SmoothQuant's statistics are of the transformed inputs, and the
     swapped ``QuantizedLinear`` keeps the transform (its hook)."""
@@ -145,6 +150,24 @@ def test_the_dense_form_is_the_transform(m, p):
     scale = (m * p) ** -0.5
     (dense,) = DenseHadamard(h, m * p, scale)(None, (x.float(),))
     assert rel_err(dense.double(), hadamard_transform_ref(x, h.double(), scale)) < 1e-6
+
+
+@pytest.mark.parametrize("m,p", [(1, 16), (12, 8), (20, 4)])
+def test_the_transform_backpropagates_its_transpose(m, p):
+    """Gradients flow through ``qcompiler::hadamard_transform`` (SignRound's block tuning and QAT train through
+    online transforms): the input's gradient is the dense matrix's transpose times the output's (float64 ref)."""
+    from qcompiler.algorithms.hadamard import hadamard
+    from qcompiler.core.ops import hadamard_transform
+    h = hadamard(m) if m > 1 else torch.ones(1, 1)
+    n, scale = m * p, (m * p) ** -0.5
+    gen = torch.Generator().manual_seed(m * 31 + p)
+    x = torch.randn(4, n, generator=gen, requires_grad=True)
+    g = torch.randn(4, n, generator=gen)
+    hadamard_transform(x, h, scale).backward(g)
+    dense = hadamard_transform(torch.eye(n), h, scale).double().t()      # column j = transform of e_j
+    want = g.double() @ dense                                             # dx = D^T dy, rows as vectors
+    assert rel_err(x.grad.double(), want) < 1e-6
+    assert m == 1 or not torch.equal(h, h.t())                            # the transpose matters (Paley blocks)
 
 
 # 7-bit weights: onnxruntime's CPU int8 GEMM is exact with them on every x86 CPU (tests/test_export_onnx.py)

@@ -227,6 +227,20 @@ def _(x, h_block, scale):
     return torch.empty_like(x)
 
 
+def _hadamard_setup(ctx, inputs, output):
+    _, h_block, scale = inputs
+    ctx.h_block, ctx.scale = h_block, scale
+
+
+def _hadamard_backward(ctx, grad):
+    # y = scale (h_block kron H_p) x, so dx = scale (h_block^T kron H_p) dy (Sylvester's H_p is symmetric)
+    return hadamard_transform(grad.contiguous(), ctx.h_block.t().contiguous(), ctx.scale), None, None
+
+
+# block tuning (SignRound) and QAT backpropagate through a model's online transforms
+hadamard_transform.register_autograd(_hadamard_backward, setup_context=_hadamard_setup)
+
+
 @torch.library.custom_op(f"{_LIB}::kv_cache_read", mutates_args=())
 def kv_cache_read(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, dtype: str, head_dim: int,
                   out_dtype: torch.dtype, group: int = 0, rotation: torch.Tensor | None = None,
