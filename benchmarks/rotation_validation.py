@@ -16,7 +16,7 @@ A variant may also be ``label=expr``, a recipe expression as in ``benchmarks/rec
 The last, 2026-12-04 (AMD EPYC AVX2, 2 threads, frozen install of 4f660f7): FP32 24.572; ``w4a16-gptq``
 +11.50%, ``w4a16-gptq+rot`` +7.69%, ``w4a16-gptq+rot-online`` +6.53% (the rotated float models within 1e-6).
 SignRound from GPTQ's codes under the same online rotation (the command above), 2026-12-05 (AMD EPYC AVX2,
-frozen install of 2a0b0a2-level code, mostly idle machine): ``sr-gptq-25+rot-online`` **+9.84%** (quantize
+frozen install of ac36b9e, mostly idle machine): ``sr-gptq-25+rot-online`` **+9.84%** (quantize
 1,272 s): 25 signed-gradient steps of one sequence per block make GPTQ's +6.53% worse, and take 21 minutes.
 """
 import argparse
