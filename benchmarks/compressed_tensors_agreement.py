@@ -20,7 +20,11 @@ For a dynamic-activation preset the two models part through rounding flips of th
 A preset name may carry weight-spec overrides after a colon: ``w4a16-rtn:g32-asym`` (group size 32,
 asymmetric: the layout the GGUF source of SmolLM2 was quantized with) or ``w4a16-gptq:g128``.
 A checkpoint transformers cannot load is a row saying why (asymmetric weight-only: packed zero
-points, README), never a number.
+points, README), never a number. A name ending in ``@int-quantized`` writes asymmetric weight-only
+layers in the layout transformers loads (``save_compressed_tensors(..., asymmetric_format=...)``):
+
+    python benchmarks/compressed_tensors_agreement.py --model smollm2-135m \
+        --presets w4a16-rtn:g32-asym@int-quantized,w4a16-gptq:asym@int-quantized
 """
 from __future__ import annotations
 
@@ -45,6 +49,7 @@ PRESETS = "w8a16,w4a16-rtn,w4a16-gptq,w4a16-gptq:g128,w4a16-rtn:g32-asym,fp8-dyn
 
 
 def _recipe(name: str):
+    name = name.partition("@")[0]
     base, _, tweaks = name.partition(":")
     recipe = recipes.get(base)
     changes = {}
@@ -78,7 +83,9 @@ def _row(model_name: str, name: str, windows, calib, progress: bool, work: Path)
     qcompiler.quantize(model, recipe, calibration=calib if recipe.needs_calibration else None, progress=progress,
                        kernels="exact")
     quantize_s = time.perf_counter() - t0
-    folder = qcompiler.save_compressed_tensors(model, work / name.replace(":", "-"), recipe, tokenizer=tok)
+    layout = name.partition("@")[2] or "pack-quantized"
+    folder = qcompiler.save_compressed_tensors(model, work / name.replace(":", "-").replace("@", "-"), recipe,
+                                               tokenizer=tok, asymmetric_format=layout)
     mb = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 1e6
     ours = evaluate.perplexity(model, windows, progress=progress, desc=f"{name} qcompiler")
     first = windows[0][None] if windows[0].dim() == 1 else windows[0]

@@ -20,7 +20,7 @@ def export_onnx(model, recipe, example_inputs, path, calibration=None, **kwargs)
     return _export_onnx(model, recipe, example_inputs, path, calibration, **kwargs)
 
 
-def save_compressed_tensors(model, path, recipe, *, tokenizer=None, overwrite=False):
+def save_compressed_tensors(model, path, recipe, *, tokenizer=None, overwrite=False, asymmetric_format="pack-quantized"):
     """Write ``model`` (after ``quantize``) as a compressed-tensors checkpoint, the serving format transformers
     and vLLM read; see ``qcompiler.export.compressed_tensors`` (imported on call: it needs compressed-tensors)."""
     from qcompiler.export.compressed_tensors import save_compressed_tensors as _save
@@ -28,7 +28,8 @@ def save_compressed_tensors(model, path, recipe, *, tokenizer=None, overwrite=Fa
         rep = report(model)      # where SmoothQuant / AWQ scales fold
     except ValueError:
         rep = None
-    return _save(model, path, recipe, tokenizer=tokenizer, overwrite=overwrite, report=rep)
+    return _save(model, path, recipe, tokenizer=tokenizer, overwrite=overwrite, report=rep,
+                 asymmetric_format=asymmetric_format)
 
 
 def load_compressed_tensors(path):

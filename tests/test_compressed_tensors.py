@@ -343,7 +343,8 @@ def test_saving_packed_zero_points_warns_about_transformers(tmp_path, caplog):
     qcompiler.quantize(model, recipe, progress=False)
     with caplog.at_level("WARNING", logger="qcompiler.export.compressed_tensors"):
         qcompiler.save_compressed_tensors(model, tmp_path / "ct", recipe)
-    assert "transformers (5.24, with compressed-tensors 0.20.1) cannot load" in caplog.text
+    assert "transformers (5.24-5.25, with compressed-tensors 0.20.1) cannot load" in caplog.text
+    assert "asymmetric_format='int-quantized'" in caplog.text
 
 
 @pytest.mark.xfail(strict=True, raises=(RuntimeError, ValueError),
@@ -353,6 +354,32 @@ def test_saving_packed_zero_points_warns_about_transformers(tmp_path, caplog):
 def test_transformers_cannot_load_packed_zero_points(exported):
     model, folder = exported("llama", "w4a16-rtn-asym-g32")
     assert rel_err(_logits(_load(folder), IDS), _logits(model, IDS)) <= EXACT
+
+
+@pytest.mark.parametrize("variant", PACKED_ZERO_POINTS)
+def test_asymmetric_weight_only_as_int_quantized_loads_in_transformers(variant, tmp_path):
+    """``asymmetric_format="int-quantized"``: one code per byte and unpacked zero points, which transformers
+    loads (the packed layout it refuses is the test above); logits equal qcompiler's, the read-back too."""
+    model, recipe = _quantized("llama", variant)
+    folder = qcompiler.save_compressed_tensors(model, tmp_path / "ct", recipe, asymmetric_format="int-quantized")
+    config = _quantization_config(folder)
+    assert config["format"] == "int-quantized"
+    assert {g["format"] for g in config["config_groups"].values()} == {"int-quantized"}
+    written = safetensors.torch.load_file(folder / "model.safetensors")
+    m = model.get_submodule("model.layers.0.mlp.down_proj")
+    groups = m.in_features // m.group_size if m.group_size else 1
+    assert written["model.layers.0.mlp.down_proj.weight"].dtype == torch.int8
+    assert written["model.layers.0.mlp.down_proj.weight_zero_point"].shape == (m.out_features, groups)
+    assert rel_err(_logits(_load(folder), IDS), _logits(model, IDS)) <= EXACT
+    loaded, _ = qcompiler.load_compressed_tensors(folder)
+    assert torch.equal(_logits(loaded.eval(), IDS), _logits(model, IDS))
+
+
+def test_refuses_an_unknown_asymmetric_format(tmp_path):
+    model, recipe = _quantized("llama", "w8a16-asym")
+    with pytest.raises(ValueError, match=r"asymmetric_format='packed'.*pack-quantized.*int-quantized"):
+        qcompiler.save_compressed_tensors(model, tmp_path / "ct", recipe, asymmetric_format="packed")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_asymmetric_int8_with_activations_loads(exported):
@@ -524,6 +551,22 @@ def test_cli_format_compressed_tensors(tiny_cli, tmp_path, capsys):
     assert _quantization_config(out)["format"] == "pack-quantized"
     assert _logits(_load(out), IDS).shape == (1, IDS.shape[1], VOCAB)
     assert f"saved {out}" in capsys.readouterr().out
+
+
+def test_cli_asymmetric_format_int_quantized(tiny_cli, tmp_path, capsys):
+    recipe = tmp_path / "asym.json"
+    recipe.write_text(VARIANTS["w4a16-rtn-asym-g32"]().to_json())
+    out = tmp_path / "out"
+    assert main(tiny_cli + ["--recipe", str(recipe), "--format", "compressed-tensors", "--out", str(out),
+                            "--ct-asymmetric-format", "int-quantized"]) == 0
+    assert _quantization_config(out)["format"] == "int-quantized"
+    assert _logits(_load(out), IDS).isfinite().all()
+    capsys.readouterr()
+    assert main(tiny_cli + ["--recipe", str(recipe), "--out", str(tmp_path / "own"),
+                            "--ct-asymmetric-format", "int-quantized"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "applies to --format compressed-tensors only" in err[0]
+    assert not (tmp_path / "own").exists()
 
 
 def test_cli_format_refusal_is_one_line(tiny_cli, tmp_path, capsys):

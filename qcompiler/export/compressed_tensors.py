@@ -40,12 +40,15 @@ different granularities), quantized embeddings, an input scale no norm absorbed 
 transformers does not build as ``torch.nn.Linear`` (GPT-2's ``Conv1D``), a quantized weight that
 transformers ties to another tensor.
 
-Asymmetric weight-only integers are written as pack-quantized with their zero points packed into
-int32 along the output channels (``[N * bits / 32, groups]``), compressed-tensors' own compressor's
-layout and what llm-compressor writes and vLLM reads. transformers 5.24 with compressed-tensors
-0.20.1 cannot load them (it builds the zero points unpacked, ``[N, groups]``, and refuses the shapes:
-llm-compressor issues #1618 / #1704), so saving logs a warning; ``load_compressed_tensors`` reads
-them. W8A8's int-quantized zero points are unpacked and load in transformers.
+Asymmetric weight-only integers are written by default as pack-quantized with their zero points packed
+into int32 along the output channels (``[N * bits / 32, groups]``), compressed-tensors' own compressor's
+layout and what llm-compressor writes and vLLM reads. transformers 5.24-5.25 with compressed-tensors
+0.20.1 cannot load them (when it builds the empty compressed model, compressed-tensors' pack-quantized
+compressor keeps the zero points unpacked, ``[N, groups]``, and transformers refuses the checkpoint's
+shapes: llm-compressor issues #1618 / #1704), so saving logs a warning. ``asymmetric_format="int-quantized"``
+writes them in the layout transformers loads: one code per int8 byte and unpacked int8 zero points (the
+layout of W8A8's zero points), twice the weight bytes of INT4 packing and not a format vLLM's weight-only
+schemes take. ``load_compressed_tensors`` reads both.
 """
 
 from __future__ import annotations
@@ -91,6 +94,9 @@ WEIGHTS_FILE = "model.safetensors"
 _BITS = {"int8": 8, "uint8": 8, "int4": 4, "uint4": 4, "fp8_e4m3": 8}
 _UNSIGNED = ("uint8", "uint4")
 _PACKED = CompressionFormat.pack_quantized.value
+_INT = CompressionFormat.int_quantized.value
+#: how asymmetric weight-only integers may be written: vLLM's layout (default) or transformers'
+ASYMMETRIC_FORMATS = (_PACKED, _INT)
 #: KV-cache granularities kv_cache_scheme expresses, as its strategies
 _KV_STRATEGIES = {Granularity.PER_TENSOR: "tensor", Granularity.PER_HEAD: "attn_head"}
 
@@ -112,7 +118,7 @@ class _Layer:
 
     def key(self) -> str:
         dump = lambda a: None if a is None else a.model_dump()  # noqa: E731
-        return json.dumps([dump(self.weights), dump(self.inputs)], sort_keys=True)
+        return json.dumps([dump(self.weights), dump(self.inputs), self.format], sort_keys=True)
 
 
 @dataclass
@@ -129,7 +135,8 @@ class _Plan:
 
 
 def save_compressed_tensors(model: torch.nn.Module, path: str | Path, recipe: Recipe | str, *, tokenizer=None,
-                            overwrite: bool = False, report: CompileReport | None = None) -> Path:
+                            overwrite: bool = False, report: CompileReport | None = None,
+                            asymmetric_format: str = _PACKED) -> Path:
     """Write ``model`` (after ``qcompiler.quantize``) to the folder ``path`` as a compressed-tensors
     checkpoint that ``transformers.AutoModelForCausalLM.from_pretrained(path)`` loads; returns ``path``.
 
@@ -137,6 +144,9 @@ def save_compressed_tensors(model: torch.nn.Module, path: str | Path, recipe: Re
     an existing non-empty ``path`` is replaced only with ``overwrite=True``. ``report``: the model's
     ``qcompiler.report(model)``, which says where a SmoothQuant / AWQ scale folds (the top-level
     ``qcompiler.save_compressed_tensors`` passes it); needed only when a layer carries such a scale.
+    ``asymmetric_format``: the format of asymmetric weight-only integer layers, ``"pack-quantized"``
+    (vLLM and llm-compressor's layout; transformers 5.25 cannot load it) or ``"int-quantized"`` (one code
+    per byte, zero points unpacked: transformers loads it, vLLM's weight-only schemes do not).
 
     Raises:
         UnsupportedError: the model or recipe uses what the format cannot express (module docstring);
@@ -146,9 +156,12 @@ def save_compressed_tensors(model: torch.nn.Module, path: str | Path, recipe: Re
     """
     from qcompiler.core.online_rotation import refuse_online
     refuse_online(model, "save_compressed_tensors")
+    if asymmetric_format not in ASYMMETRIC_FORMATS:
+        raise ValueError(f"save_compressed_tensors: asymmetric_format={asymmetric_format!r}; expected one of "
+                         f"{list(ASYMMETRIC_FORMATS)}")
     recipe = recipes.resolve(recipe)
     path = Path(path)
-    plan = _plan(model, recipe, report)
+    plan = _plan(model, recipe, report, asymmetric_format)
     if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
         raise FileExistsError(f"save_compressed_tensors: {path} exists and is not empty; pass overwrite=True "
                               "to replace it")
@@ -178,7 +191,8 @@ def check_recipe(recipe: Recipe | str) -> None:
                                "not embeddings: keep them in float (recipe.embedding=None)")
 
 
-def _plan(model: torch.nn.Module, recipe: Recipe, report: CompileReport | None) -> _Plan:
+def _plan(model: torch.nn.Module, recipe: Recipe, report: CompileReport | None,
+          asymmetric_format: str = _PACKED) -> _Plan:
     check_recipe(recipe)
     embeddings = [f for f, m in model.named_modules() if isinstance(m, QuantizedEmbedding)]
     if embeddings:
@@ -208,14 +222,18 @@ def _plan(model: torch.nn.Module, recipe: Recipe, report: CompileReport | None) 
                                "would overwrite them on load: keep the layer in float (fallback.keep_op_kinds)")
     layers = {f: _layer(f, m) for f, m in quantized.items()}
     packed_zero = sorted(f for f, lay in layers.items() if not lay.weights.symmetric and lay.format == _PACKED)
-    if packed_zero:
+    if packed_zero and asymmetric_format == _INT:
+        for f in packed_zero:
+            layers[f].format = _INT
+    elif packed_zero:
         log.warning("save_compressed_tensors: layers %s have asymmetric weight-only integer weights; written as "
                     "pack-quantized with their zero points packed into int32 [N / %d, groups], the layout of "
-                    "compressed-tensors' compressor, llm-compressor and vLLM. transformers (5.24, with "
+                    "compressed-tensors' compressor, llm-compressor and vLLM. transformers (5.24-5.25, with "
                     "compressed-tensors 0.20.1) cannot load such checkpoints: it builds the zero points "
                     "unpacked and refuses the shapes (llm-compressor issues #1618 / #1704); "
-                    "qcompiler.load_compressed_tensors and vLLM read them", _names(packed_zero),
-                    32 // layers[packed_zero[0]].weights.num_bits)
+                    "qcompiler.load_compressed_tensors and vLLM read them. For transformers, save with "
+                    "asymmetric_format='int-quantized' (CLI: --ct-asymmetric-format int-quantized)",
+                    _names(packed_zero), 32 // layers[packed_zero[0]].weights.num_bits)
     norm_params, column_scales = _smoothing_folds(model, quantized, report)
     tied_columns = sorted(f"{f}.weight" for f in column_scales if f"{f}.weight" in tied)
     if tied_columns:

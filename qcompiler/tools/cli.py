@@ -85,6 +85,9 @@ def _cmd_quantize(args) -> int:
     if args.no_calibration and recipe.requires_calibration:
         raise CalibrationError(f"--no-calibration: recipe {recipe.name!r} needs calibration data for "
                                f"{' and '.join(recipe.calibration_required_by)}")
+    if args.ct_asymmetric_format != "pack-quantized" and args.format != "compressed-tensors":
+        raise ValueError(f"--ct-asymmetric-format {args.ct_asymmetric_format}: applies to --format compressed-tensors "
+                         f"only, not --format {args.format}")
     if args.format == "compressed-tensors":   # refuse what the format cannot hold before quantizing
         from qcompiler.export.compressed_tensors import check_recipe
         check_recipe(recipe)
@@ -134,7 +137,8 @@ def _quantize_and_save(args, recipe, world) -> int:
         return 0
     if args.format == "compressed-tensors":
         from qcompiler.export.compressed_tensors import save_compressed_tensors
-        saved = save_compressed_tensors(model, args.out, recipe, tokenizer=tok, overwrite=True, report=rep)
+        saved = save_compressed_tensors(model, args.out, recipe, tokenizer=tok, overwrite=True, report=rep,
+                                        asymmetric_format=args.ct_asymmetric_format)
     else:
         saved = save_quantized(model, args.out, recipe, tokenizer=tok, report=rep, source=args.model)
     print(rep.summary())
@@ -282,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="qcompiler (default): safetensors that qcompiler's `eval` and load_quantized read back; "
                         "compressed-tensors: a checkpoint transformers and vLLM load (needs the compressed-tensors "
                         "package; refuses what the format cannot express, see the README)")
+    q.add_argument("--ct-asymmetric-format", choices=("pack-quantized", "int-quantized"), default="pack-quantized",
+                   help="--format compressed-tensors, asymmetric weight-only integers (e.g. group-32 asymmetric "
+                        "INT4): pack-quantized (default; vLLM's and llm-compressor's layout, which transformers "
+                        "5.25 cannot load) or int-quantized (one code per byte, zero points unpacked: transformers "
+                        "loads it, vLLM's weight-only kernels do not)")
     _add_protocol(q, eval_tokens=8192, calib_samples=128)
     q.add_argument("--no-calibration", action="store_true",
                    help="quantize without calibration data, for recipes that can (`qcompiler recipes` marks them): "
