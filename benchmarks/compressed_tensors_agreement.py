@@ -18,7 +18,12 @@ For a dynamic-activation preset the two models part through rounding flips of th
         --presets fp8-dynamic,w8a8-int8-sq-dynamic --out benchmarks/results_ct_agreement_smollm2_full.md
 
 A preset name may carry weight-spec overrides after a colon: ``w4a16-rtn:g32-asym`` (group size 32,
-asymmetric: the layout the GGUF source of SmolLM2 was quantized with) or ``w4a16-gptq:g128``.
+asymmetric: the layout the GGUF source of SmolLM2 was quantized with) or ``w4a16-gptq:g128``, or keep
+modules in float: ``w8a8-int8-sq:float_o_proj`` (``fallback.keep_modules`` += ``*o_proj``: the layers whose
+SmoothQuant / AWQ scale no norm absorbs, which compressed-tensors cannot express):
+
+    python benchmarks/compressed_tensors_agreement.py --model smollm2-135m \
+        --presets fp8,w8a8-int8-sq:float_o_proj,w4a16-awq:float_o_proj
 A checkpoint transformers cannot load is a row saying why (asymmetric weight-only: packed zero
 points, README), never a number. A name ending in ``@int-quantized`` writes asymmetric weight-only
 layers in the layout transformers loads (``save_compressed_tensors(..., asymmetric_format=...)``):
@@ -52,16 +57,22 @@ def _recipe(name: str):
     name = name.partition("@")[0]
     base, _, tweaks = name.partition(":")
     recipe = recipes.get(base)
-    changes = {}
+    changes, keep = {}, []
     for t in filter(None, tweaks.split("-")):
         if t.startswith("g") and t[1:].isdigit():
             changes["group_size"] = int(t[1:])
         elif t == "asym":
             changes["symmetric"] = False
+        elif t.startswith("float_") and len(t) > 6:
+            keep.append("*" + t[6:])
         else:
-            raise SystemExit(f"{name}: unknown override {t!r} (gN, asym)")
+            raise SystemExit(f"{name}: unknown override {t!r} (gN, asym, float_<module name suffix>)")
     if changes:
         recipe = recipe.replace(name=name, weight=dataclasses.replace(recipe.weight, **changes))
+    if keep:
+        fallback = recipe.fallback
+        recipe = recipe.replace(name=name, fallback=dataclasses.replace(
+            fallback, keep_modules=tuple(fallback.keep_modules) + tuple(keep)))
     return recipe
 
 
