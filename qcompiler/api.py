@@ -274,7 +274,8 @@ class QCompilerBackend:
 
     def _warn_fused_experts(self) -> None:
         """Say (once) that weights of 3 or more dimensions stay in float: fused mixture-of-experts weights
-        (transformers 5 keeps a model's experts as one [experts, N, K] parameter) are not quantized yet."""
+        (transformers 5 keeps a model's experts as one [experts, N, K] parameter) are not quantized in the
+        compiled graphs (``qcompiler.quantize`` quantizes them for weight-only recipes)."""
         if self._experts_warned or self.root is None or "linear" in self.recipe.fallback.keep_op_kinds:
             return
         self._experts_warned = True
@@ -282,8 +283,9 @@ class QCompilerBackend:
         if fused:
             n_el = sum(math.prod(s) for _, s in fused)
             msg = (f"{len(fused)} weights of 3 or more dimensions ({n_el / 1e6:.2f} M values, e.g. {fused[0][0]} "
-                   f"{list(fused[0][1])}: fused mixture-of-experts weights) stay in float: qcompiler quantizes "
-                   "2-D linear weights only, so these experts are not quantized")
+                   f"{list(fused[0][1])}: fused mixture-of-experts weights) stay in float: the compiled graphs quantize "
+                   "2-D linear weights only (qcompiler.quantize(model, ...) quantizes fused experts for "
+                   "weight-only recipes)")
             self.report.warnings.append(msg)
             warnings.warn(msg, stacklevel=3)
 
@@ -484,8 +486,10 @@ def _quantize_planned(model: torch.nn.Module, recipe: Recipe | str, calibration:
     """``quantize``, returning the planning contexts (the float weights each linear was quantized from,
     after smoothing: ``prepare_qat`` starts its latent weights there)."""
     from qcompiler.runtime.eager import apply_plan, quantize_unreached
+    from qcompiler.runtime.fused_experts import quantize_fused_experts
     from qcompiler.rotation import apply_recipe_rotation
     qb = QCompilerBackend(recipe, calibration, "reference", progress=progress, kernels=kernels)
+    qb._experts_warned = True      # quantize_fused_experts reports the fused experts itself
     if qb.calibration is not None:
         qb.calibration.check_vocabulary(model)
     rotated = apply_recipe_rotation(model, qb.recipe)
@@ -516,6 +520,9 @@ def _quantize_planned(model: torch.nn.Module, recipe: Recipe | str, calibration:
     swapped = apply_plan(model, contexts, kernels, qb.report)
     swapped += quantize_unreached(model, qb.recipe, qb.report, kwargs, qb.calibration, kernels)
     log.info("quantize: %d linear modules replaced", swapped)
+    experts = quantize_fused_experts(model, qb.recipe, qb.report)
+    if experts:
+        log.info("quantize: %d fused expert weights quantized", experts)
     _fold_smoothing_into_norms(model, contexts, qb.report)
     return contexts
 

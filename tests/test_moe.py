@@ -1,11 +1,13 @@
 """Mixture-of-experts models (tiny Mixtral- and Qwen2-MoE-shaped, random): the router, found from the
 graph (a linear whose output reaches a ``topk``), stays in float; experts held in fused 3-D parameters
-(transformers 5) stay in float with a warning; everything else is quantized and the model runs, eagerly,
-layer by layer and under torch.compile."""
+(transformers 5) are quantized per expert by ``qcompiler.quantize`` for weight-only recipes (in float with a
+warning for recipes that quantize activations, and under torch.compile); everything else is quantized and the
+model runs, eagerly, layer by layer and under torch.compile."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 
 import pytest
@@ -16,6 +18,7 @@ import qcompiler
 from qcompiler import recipes
 from qcompiler.core.linear_probe import linear_orientation
 from qcompiler.recipes import FallbackSpec
+from qcompiler.runtime.fused_experts import QuantizedExperts, quantized_experts
 from tiny_models import token_batches
 
 _MOE = {
@@ -44,7 +47,7 @@ def _rel_to_float64(model, float_model, ids) -> float:
 
 
 @pytest.mark.parametrize("arch", sorted(_MOE))
-@pytest.mark.parametrize("preset,bound", [("w8a16", 0.02), ("w4a16-gptq", 0.15)])
+@pytest.mark.parametrize("preset,bound", [("w8a16", 0.02), ("w4a16-gptq", 0.15), ("w8a8-int8-sq-dynamic", 0.02)])
 def test_routers_stay_in_float_and_fused_experts_are_reported(arch, preset, bound):
     model, batches = _moe_model(arch), token_batches(4, 32, seed=1)
     float_model = copy.deepcopy(model)
@@ -56,10 +59,88 @@ def test_routers_stay_in_float_and_fused_experts_are_reported(arch, preset, boun
     assert sorted(routers) == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
     assert all(not d.quantize and "'router' is in fallback.keep_op_kinds" in d.reason for d in routers.values())
     assert all(rep.layers[f"model.layers.{i}.self_attn.{p}_proj"].quantize for i in (0, 1) for p in "qkvo")
+    experts = {f: d for f, d in rep.tensors.items() if d.kind == "experts"}
+    assert sorted(experts) == [f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("down_proj", "gate_up_proj")]
     fused = [w for w in rep.warnings if "fused mixture-of-experts weights" in w]
-    assert len(fused) == 1 and "experts.gate_up_proj" in fused[0]
-    assert any("fused mixture-of-experts" in str(w.message) for w in caught)
+    if preset == "w8a8-int8-sq-dynamic":     # weight-only quantization of the experts would change the format
+        assert all(not d.quantize and "quantizes activations" in d.reason for d in experts.values())
+        assert len(fused) == 1 and "experts.gate_up_proj" in fused[0]
+        assert any("fused mixture-of-experts" in str(w.message) for w in caught)
+        assert not quantized_experts(model)
+    else:
+        assert all(d.quantize and d.bytes_q < d.bytes_fp / (1.9 if preset == "w8a16" else 3.5) for d in experts.values())
+        assert not fused and not any("fused mixture-of-experts" in str(w.message) for w in caught)
+        assert sorted(quantized_experts(model)) == sorted(experts)
+        if preset == "w4a16-gptq":
+            assert all("GPTQ runs on 2-D linears" in d.note for d in experts.values())
     assert _rel_to_float64(model, float_model, batches[0]) < bound
+
+
+def _densify_experts(model) -> None:
+    """Put each quantized fused expert weight of ``model`` back as a float parameter holding its dequantized values."""
+    for key, q in quantized_experts(model).items():
+        fqn, _, name = key.rpartition(".")
+        module = model.get_submodule(fqn)
+        del module._buffers[name]
+        module.register_parameter(name, torch.nn.Parameter(q.dequantize(), requires_grad=False))
+
+
+@pytest.mark.parametrize("arch", sorted(_MOE))
+@pytest.mark.parametrize("implementation", ["eager", "grouped_mm", "batched_mm"])
+def test_quantized_fused_experts_compute_their_dequantized_weights(arch, implementation):
+    """Whichever experts implementation runs (the eager loop takes one expert at a time, the grouped GEMM
+    transposes the whole tensor, the batched one indexes it per token), the model computes what the float
+    model computes with the dequantized expert weights; each expert's codes are its own round to nearest."""
+    from qcompiler.core.layer_quant import quantize_weight
+    model, batches = _moe_model(arch), token_batches(4, 32, seed=1)
+    float_model = copy.deepcopy(model)
+    qcompiler.quantize(model, "w4a16-rtn", calibration=batches, progress=False)
+    model.config._experts_implementation = implementation
+    q = model.model.layers[1].mlp.experts.down_proj
+    assert isinstance(q, QuantizedExperts) and q.shape == float_model.model.layers[1].mlp.experts.down_proj.shape
+    w = float_model.model.layers[1].mlp.experts.down_proj.detach()
+    spec = recipes.get("w4a16-rtn").weight
+    assert all(torch.equal(q.experts[e].q, quantize_weight(w[e], spec).q) for e in range(w.shape[0]))
+    assert not torch.equal(q[2], w[2]) and torch.equal(q[2], q.experts[2].dequantize())
+    calls = []
+    expert = QuantizedExperts.expert
+    QuantizedExperts.expert = lambda self, e: calls.append(e) or expert(self, e)
+    try:
+        with torch.no_grad():
+            got = model(batches[0]).logits
+    finally:
+        QuantizedExperts.expert = expert
+    assert calls
+    _densify_experts(model)
+    assert not quantized_experts(model)
+    with torch.no_grad():
+        want = model(batches[0]).logits
+    assert float((got - want).norm() / want.norm()) < 1e-6
+
+
+def test_fused_experts_follow_the_model_to_another_dtype_and_stay_quantized():
+    model = _moe_model("mixtral")
+    qcompiler.quantize(model, "w8a16", calibration=token_batches(2, 16, seed=1), progress=False)
+    model.to(torch.bfloat16)
+    q = model.model.layers[0].mlp.experts.gate_up_proj
+    assert isinstance(q, QuantizedExperts) and q.dtype == torch.bfloat16 and q[0].dtype == torch.bfloat16
+    with torch.no_grad():
+        assert model(token_batches(1, 8, seed=2)[0]).logits.isfinite().all()
+
+
+def test_fused_experts_kept_by_the_fallback_rules_stay_float_with_the_reason():
+    recipe = recipes.get("w8a16")
+    recipe = recipe.replace(fallback=dataclasses.replace(recipe.fallback, keep_modules=("*.layers.1.mlp.experts.*",)))
+    model = _moe_model("qwen2_moe")
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        qcompiler.quantize(model, recipe, calibration=token_batches(2, 16, seed=1), progress=False)
+    rep = qcompiler.report(model)
+    kept = rep.tensors["model.layers.1.mlp.experts.down_proj"]
+    assert not kept.quantize and "keep_modules glob '*.layers.1.mlp.experts.*'" in kept.reason
+    assert isinstance(model.model.layers[1].mlp.experts.down_proj, torch.nn.Parameter)
+    assert rep.tensors["model.layers.0.mlp.experts.down_proj"].quantize
+    assert any("fused mixture-of-experts" in w for w in rep.warnings)
 
 
 def test_under_torch_compile_the_router_is_found_and_kept(arch="mixtral"):
@@ -199,3 +280,48 @@ def test_layer_by_layer_calibration_keeps_the_router_in_float_as_the_graph_does(
     cal.collect(model)
     assert "model.layers.0.mlp.experts.0.gate" in cal.results
     assert not [f for f in cal.results if f.endswith("router")]
+
+
+# --- quantized fused experts in checkpoints -------------------------------------------------------------------
+
+@pytest.mark.parametrize("preset", ["w4a16-rtn", "w8a16"])
+def test_quantized_fused_experts_save_and_load_bit_for_bit(preset, tmp_path):
+    from qcompiler.runtime.serialization import load_quantized, save_quantized
+    model, batches = _moe_model("qwen2_moe"), token_batches(2, 16, seed=1)
+    qcompiler.quantize(model, preset, calibration=batches, progress=False)
+    save_quantized(model, tmp_path / "q", recipes.get(preset))
+    loaded, _ = load_quantized(tmp_path / "q")
+    assert sorted(quantized_experts(loaded)) == sorted(quantized_experts(model))
+    with torch.no_grad():
+        assert torch.equal(loaded(batches[0]).logits, model(batches[0]).logits)
+    rep = qcompiler.report(loaded)
+    d = rep.tensors["model.layers.0.mlp.experts.gate_up_proj"]
+    assert d.kind == "experts" and d.format.endswith("4 experts") and 0 < d.bytes_q < d.bytes_fp
+
+
+def test_a_checkpoint_missing_an_experts_tensor_is_refused_by_name(tmp_path):
+    import safetensors.torch
+    from qcompiler.errors import CheckpointError
+    from qcompiler.runtime.serialization import load_quantized, save_quantized
+    model = _moe_model("mixtral")
+    qcompiler.quantize(model, "w8a16", calibration=token_batches(2, 16, seed=1), progress=False)
+    save_quantized(model, tmp_path / "q", recipes.get("w8a16"))
+    file = tmp_path / "q" / "model.safetensors"
+    with safetensors.safe_open(str(file), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    del tensors["model.layers.1.mlp.experts.down_proj.scale"]
+    safetensors.torch.save_file(tensors, str(file), metadata=meta)
+    with pytest.raises(CheckpointError, match=r"lacks tensor 'model\.layers\.1\.mlp\.experts\.down_proj\.scale'"):
+        load_quantized(tmp_path / "q")
+
+
+def test_exports_refuse_quantized_fused_experts_by_name(tmp_path):
+    from qcompiler.errors import UnsupportedError
+    model, batches = _moe_model("mixtral"), token_batches(2, 16, seed=1)
+    qcompiler.quantize(model, "w4a16-rtn", calibration=batches, progress=False)
+    with pytest.raises(UnsupportedError, match=r"save_compressed_tensors: .*model\.layers\.0\.mlp\.experts\.down_proj"):
+        qcompiler.save_compressed_tensors(model, tmp_path / "ct", "w4a16-rtn")
+    assert not (tmp_path / "ct").exists()
+    with pytest.raises(UnsupportedError, match=r"export_onnx: .*fused mixture-of-experts.*keep_op_kinds"):
+        qcompiler.export_onnx(model, "w4a16-rtn", batches[0], tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()

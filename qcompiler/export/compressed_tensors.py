@@ -155,7 +155,9 @@ def save_compressed_tensors(model: torch.nn.Module, path: str | Path, recipe: Re
         FileExistsError: ``path`` exists, is not empty, and ``overwrite`` is False.
     """
     from qcompiler.core.online_rotation import refuse_online
+    from qcompiler.runtime.fused_experts import refuse_experts
     refuse_online(model, "save_compressed_tensors")
+    refuse_experts(model, "save_compressed_tensors")
     if asymmetric_format not in ASYMMETRIC_FORMATS:
         raise ValueError(f"save_compressed_tensors: asymmetric_format={asymmetric_format!r}; expected one of "
                          f"{list(ASYMMETRIC_FORMATS)}")

@@ -300,8 +300,10 @@ def export_onnx(model: torch.nn.Module, recipe: Recipe | str, example_inputs, pa
             its KV calibration was given.
         TensorRTLegalityError: the graph broke a rule of ``tensorrt_rules.RULES`` (names the node).
     """
+    from qcompiler.runtime.fused_experts import refuse_experts
     recipe = resolve(recipe)
     check_exportable(recipe)
+    refuse_experts(model, "export_onnx")
     opset = _choose_opset(recipe, opset)
     inputs = _as_inputs(example_inputs)
     path = Path(path)

@@ -42,7 +42,7 @@ class Calibrator(str, enum.Enum):
 
 
 #: Op kinds that annotation assigns and fallback rules may name.
-OP_KINDS = ("linear", "output_head", "router", "embedding", "norm", "matmul", "attention")
+OP_KINDS = ("linear", "output_head", "router", "embedding", "norm", "matmul", "attention", "experts")
 
 
 def _choice(owner: str, name: str, value: Any, enum_type: type[enum.Enum], allowed=None):
@@ -548,7 +548,8 @@ class FallbackSpec:
     Args:
         keep_op_kinds: op kinds never quantized (see ``OP_KINDS``); ``output_head`` is the
             linear that produces the graph's output (the LM head), ``router`` a mixture-of-experts
-            router (a linear whose output reaches a ``topk``), both found from the graph. Embedding
+            router (a linear whose output reaches a ``topk``), both found from the graph; ``experts``
+            fused mixture-of-experts weights (``qcompiler.runtime.fused_experts``). Embedding
             tables stay in float unless ``Recipe.embedding`` is set, which quantizes them whatever
             this says (``keep_modules`` still keeps one).
         keep_modules: ``fnmatch`` globs on module paths kept in high precision.

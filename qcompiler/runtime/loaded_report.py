@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from qcompiler.pipeline import REPORT_ATTR, CompileReport, LayerDecision
+from qcompiler.pipeline import REPORT_ATTR, CompileReport, LayerDecision, TensorDecision
 from qcompiler.recipes import Recipe
 from qcompiler.runtime.eager import QuantizedLinear
+from qcompiler.runtime.fused_experts import quantized_experts
 
 __all__ = ["attach_loaded_report"]
 
@@ -36,6 +37,10 @@ def attach_loaded_report(model: torch.nn.Module, recipe: Recipe, origin: str) ->
         else:
             continue
         report.layers[fqn] = d
+    for key, t in quantized_experts(model).items():
+        report.tensors[key] = TensorDecision(key, "experts", format=f"{t.experts[0].describe()}, {len(t.experts)} experts",
+                                             bytes_fp=t.numel() * t.element_size(), bytes_q=t.nbytes_quantized(),
+                                             note=f"loaded from {origin}")
     model.__dict__[REPORT_ATTR] = report
     return report
 

@@ -43,6 +43,7 @@ import safetensors
 import safetensors.torch
 import torch
 
+from qcompiler.runtime import fused_experts
 from qcompiler.runtime.eager import QuantizedEmbedding, QuantizedLinear
 from qcompiler.runtime.loaded_report import attach_loaded_report
 from qcompiler.core import kv_format
@@ -80,7 +81,9 @@ def save_quantized(model: torch.nn.Module, path: str | Path, recipe: Recipe, *, 
     kv_stats = model.__dict__.get(KV_STATS_ATTR)
     kv_tensors, kv_meta = _kv_tensors(model, recipe, kv_stats)
     sparse_tensors, dense_codes = _sparse24_tensors(model, recipe, layers)
-    if not layers and not (recipe.kv_cache is not None and (kv_stats is not None or _float_linears(recipe))):
+    experts_tensors, experts_meta = fused_experts.experts_tensors(model)
+    if not layers and not experts_meta and not (recipe.kv_cache is not None and (kv_stats is not None or
+                                                                                  _float_linears(recipe))):
         raise ValueError("save_quantized: the model has no QuantizedLinear; run qcompiler.quantize(model, ...) first")
     path.mkdir(parents=True, exist_ok=True)
     meta = {"format": _FORMAT, "recipe": recipe.to_json(indent=None), "layers": json.dumps(layers),
@@ -92,8 +95,10 @@ def save_quantized(model: torch.nn.Module, path: str | Path, recipe: Recipe, *, 
         meta["online_hadamard"] = json.dumps(online)
     if kv_meta is not None:
         meta[_KV] = json.dumps(kv_meta)
+    if experts_meta:
+        meta[fused_experts.META_KEY] = json.dumps(experts_meta)
     weights = path / WEIGHTS_FILE
-    _save_model(model, weights, meta, {**kv_tensors, **sparse_tensors}, drop=dense_codes)
+    _save_model(model, weights, meta, {**kv_tensors, **sparse_tensors, **experts_tensors}, drop=dense_codes)
     (path / "recipe.json").write_text(recipe.to_json())
     if report is not None:
         (path / "report.json").write_text(report.to_json())
@@ -143,11 +148,13 @@ def load_quantized(path: str | Path) -> tuple[torch.nn.Module, Recipe]:
             recipe = Recipe.from_json(meta["recipe"])
         except RecipeError as e:
             raise CheckpointError(f"{weights}: metadata 'recipe' is not a valid recipe: {e}") from None
-        layers = _layer_specs(weights, meta["layers"], allow_empty=recipe.kv_cache is not None)
+        experts_meta = _json_meta(weights, meta, fused_experts.META_KEY)
+        layers = _layer_specs(weights, meta["layers"], allow_empty=recipe.kv_cache is not None or bool(experts_meta))
         embeddings = _embedding_specs(weights, meta.get("embeddings", "{}"))
         keys = set(f.keys())
         tensors = {k: f.get_tensor(k) for k in keys if k.rsplit(".", 1)[0] in layers or k.rsplit(".", 1)[0] in embeddings}
         kv_stats = _kv_stats(weights, recipe, meta, {k: f.get_tensor(k) for k in keys if k.startswith(_KV + ".")})
+        experts = {k: f.get_tensor(k) for k in keys if k.rpartition(".")[0] in experts_meta}
     config_file = path / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{config_file} not found: the model's architecture is read from it "
@@ -166,6 +173,10 @@ def load_quantized(path: str | Path) -> tuple[torch.nn.Module, Recipe]:
         parent_name, _, child = fqn.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     try:
+        fused_experts.restore_experts(model, experts_meta, experts, str(weights))
+    except ValueError as e:
+        raise CheckpointError(_one_line(e)) from None
+    try:
         missing, unexpected = safetensors.torch.load_model(model, str(weights), strict=False)
     except RuntimeError as e:   # a float tensor whose shape differs from the config's
         raise CheckpointError(f"{weights} does not match the model rebuilt from {config_file}: {_one_line(e)}") from None
@@ -175,6 +186,7 @@ def load_quantized(path: str | Path) -> tuple[torch.nn.Module, Recipe]:
                   or not k.endswith((".w_q_values", ".w_q_meta"))]
     if recipe.kv_cache is not None:
         unexpected = [k for k in unexpected if not k.startswith(_KV + ".")]
+    unexpected = [k for k in unexpected if k.rpartition(".")[0] not in experts_meta]
     if missing or unexpected:
         raise CheckpointError(f"{weights} does not match the model rebuilt from {config_file}: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")
@@ -219,6 +231,17 @@ def _restore_online(model: torch.nn.Module, weights: Path, text: str | None) -> 
 
 
 _META_KEYS = ("format", "recipe", "layers")
+
+
+def _json_meta(weights: Path, meta: dict[str, str], key: str) -> dict:
+    """``meta[key]`` parsed as a JSON object ({} when absent); ``CheckpointError`` when it does not parse."""
+    try:
+        value = json.loads(meta.get(key) or "{}")
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{weights}: metadata {key!r} is not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{weights}: metadata {key!r} is not a JSON object")
+    return value
 _LAYER_KEYS = ("weight_dtype", "group_size", "act_dtype", "act_dynamic", "in_features", "out_features")
 
 
