@@ -520,7 +520,7 @@ def _quantize_planned(model: torch.nn.Module, recipe: Recipe | str, calibration:
     swapped = apply_plan(model, contexts, kernels, qb.report)
     swapped += quantize_unreached(model, qb.recipe, qb.report, kwargs, qb.calibration, kernels)
     log.info("quantize: %d linear modules replaced", swapped)
-    experts = quantize_fused_experts(model, qb.recipe, qb.report)
+    experts = quantize_fused_experts(model, qb.recipe, qb.report, getattr(qb.calibration, "expert_results", None))
     if experts:
         log.info("quantize: %d fused expert weights quantized", experts)
     _fold_smoothing_into_norms(model, contexts, qb.report)

@@ -58,6 +58,9 @@ def test_no_process_group_is_one_rank():
 def _model(source: str) -> torch.nn.Module:
     if source == "stories260K":
         return models.load_model("stories260K")[0]
+    if source == "mixtral":        # fused 3-D experts, calibrated expert by expert
+        from test_moe import _moe_model
+        return _moe_model("mixtral")
     return tiny_model(source)
 
 
@@ -113,7 +116,9 @@ def _calibrate(source: str, preset: str, ckpt: str | None = None) -> dict:
     if recipe.layerwise:
         cal = LayerwiseCalibration(_batches(source), recipe, progress=False, replay_batch=4, checkpoint_dir=ckpt)
         cal.collect(model)
-        return {f: (r.qweight.q, r.qweight.scale, r.qweight.zero, r.scale) for f, r in cal.results.items()}
+        experts = {f"{key}[{e}]": (qw.q, qw.scale, qw.zero, note) for key, (qws, note) in cal.expert_results.items()
+                   for e, qw in enumerate(qws)}
+        return {f: (r.qweight.q, r.qweight.scale, r.qweight.zero, r.scale) for f, r in cal.results.items()} | experts
     cal = CalibrationCache(_batches(source), recipe.samples_per_layer, progress=False, hessian=True)
     return {f: (s.absmax, s.samples, s.tokens, s.absmean, s.hessian) for f, s in cal.collect(model).items()}
 
@@ -187,11 +192,15 @@ def _assert_identical(a: dict, b: dict) -> None:
     ("llama", "w8a8-int8-sq", (2,)),           # one calibration pass (no layer-by-layer): statistics
     ("qwen2", "kv-int8", (2,)),                # a quantization target's observer, merged over the shards
     ("llama", "w4a16-gptq:one-pass", (2,)),    # GPTQ in the graph pass, linears spread over the ranks
+    ("mixtral", "w4a16-gptq", (2,)),           # fused experts: per-expert Hessians all-reduced
 ])
 def test_results_are_bit_identical_at_any_number_of_ranks(tmp_path, source, preset, sizes):
     torch.set_num_threads(1)
     one_pass = preset.endswith(":one-pass")
     single = _calibrate(source, preset, str(tmp_path / "computed") if one_pass else None)
+    if source == "mixtral":
+        notes = [v[3] for f, v in single.items() if f.endswith("]")]   # 2 layers x 2 fused weights x 4 experts
+        assert len(notes) == 16 and all(n.startswith("per expert, from its routed tokens: gptq damp") for n in notes)
     for size in sizes:
         ranks = _run_ranks(tmp_path, size, source, preset, ckpt=str(tmp_path / "computed") if one_pass else None)
         for r, got in enumerate(ranks):

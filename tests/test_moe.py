@@ -71,8 +71,8 @@ def test_routers_stay_in_float_and_fused_experts_are_reported(arch, preset, boun
         assert all(d.quantize and d.bytes_q < d.bytes_fp / (1.9 if preset == "w8a16" else 3.5) for d in experts.values())
         assert not fused and not any("fused mixture-of-experts" in str(w.message) for w in caught)
         assert sorted(quantized_experts(model)) == sorted(experts)
-        if preset == "w4a16-gptq":
-            assert all("GPTQ runs on 2-D linears" in d.note for d in experts.values())
+        if preset == "w4a16-gptq":     # few tokens per expert here: GPTQ's min_samples sends them to RTN, noted
+            assert all(d.note.startswith("per expert, from its routed tokens: ") for d in experts.values())
     assert _rel_to_float64(model, float_model, batches[0]) < bound
 
 
@@ -325,3 +325,91 @@ def test_exports_refuse_quantized_fused_experts_by_name(tmp_path):
     with pytest.raises(UnsupportedError, match=r"export_onnx: .*fused mixture-of-experts.*keep_op_kinds"):
         qcompiler.export_onnx(model, "w4a16-rtn", batches[0], tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
+
+
+# --- fused experts calibrated expert by expert (layer by layer, Hessian-based algorithms) -----------------------
+
+def _expert_inputs(float_model, batch, layer: int):
+    """Each expert's inputs in ``layer`` of the float model on ``batch``: ``({e: gate_up rows}, {e: down rows})``,
+    recomputed here from the experts module's own arguments (tokens and the experts the router chose)."""
+    experts = float_model.model.layers[layer].mlp.experts
+    seen = {}
+    h = experts.register_forward_pre_hook(lambda m, args: seen.update(x=args[0], idx=args[1]))
+    try:
+        with torch.no_grad():
+            float_model(batch)
+    finally:
+        h.remove()
+    x, idx = seen["x"], seen["idx"]
+    up_rows, down_rows = {}, {}
+    for e in range(experts.gate_up_proj.shape[0]):
+        _, tokens = torch.where((idx == e).t())      # the eager loop's order: by top-k slot, then token
+        if tokens.numel():
+            rows = x[tokens]
+            gate, up = torch.nn.functional.linear(rows, experts.gate_up_proj[e]).chunk(2, dim=-1)
+            up_rows[e], down_rows[e] = rows, experts.act_fn(gate) * up
+    return up_rows, down_rows
+
+
+def _blocked_router(model, expert: int) -> list:
+    """Forward hooks on every router so that ``expert`` is never chosen (its slots go to expert 0)."""
+    def hook(module, args, out):
+        logits, scores, index = out
+        return logits, scores, torch.where(index == expert, torch.zeros_like(index), index)
+    return [layer.mlp.gate.register_forward_hook(hook) for layer in model.model.layers]
+
+
+@pytest.mark.parametrize("arch", sorted(_MOE))
+def test_gptq_runs_per_expert_on_the_tokens_routed_to_it(arch):
+    """Layer by layer, each expert of a fused weight gets GPTQ from its own Hessian: the codes equal GPTQ run
+    here on the inputs recomputed from the float model for the tokens its router sent to it (block 0, where
+    the calibration inputs are the float model's); an expert no token reaches is rounded to nearest from its
+    weights, and the report says which."""
+    from qcompiler.algorithms.gptq import gptq_quantize
+    from qcompiler.core.layer_quant import quantize_weight
+    model, batches = _moe_model(arch, experts_implementation="eager"), token_batches(8, 64, seed=1)
+    float_model = copy.deepcopy(model)
+    for m in (model, float_model):
+        _blocked_router(m, 3)
+    recipe = recipes.get("w4a16-gptq")
+    gptq = recipe.weight_algorithm
+    qcompiler.quantize(model, recipe, calibration=batches, progress=False)
+    up_rows, down_rows = _expert_inputs(float_model, torch.cat(batches), 0)
+    assert sorted(up_rows) == [0, 1, 2]
+    for name, rows_by_expert in (("gate_up_proj", up_rows), ("down_proj", down_rows)):
+        q = getattr(model.model.layers[0].mlp.experts, name)
+        w = getattr(float_model.model.layers[0].mlp.experts, name).detach()
+        assert isinstance(q, QuantizedExperts)
+        for e in range(4):
+            if e not in rows_by_expert:
+                assert torch.equal(q.experts[e].q, quantize_weight(w[e], recipe.weight).q)
+                continue
+            rows = rows_by_expert[e].float()
+            assert rows.shape[0] >= gptq.min_samples
+            xtx = (rows.t() @ rows).double()
+            want, _ = gptq_quantize(w[e].float(), (xtx * (2.0 / rows.shape[0])).float(), recipe.weight,
+                                    n_samples=rows.shape[0], block_size=gptq.block_size, dampening=gptq.dampening,
+                                    act_order=gptq.act_order, static_groups=gptq.static_groups,
+                                    min_samples=gptq.min_samples)
+            assert torch.equal(q.experts[e].q, want.q), f"{name} expert {e}"
+            assert not torch.equal(want.q, quantize_weight(w[e], recipe.weight).q)   # GPTQ is not RTN here
+    note = qcompiler.report(model).tensors["model.layers.1.mlp.experts.down_proj"].note
+    assert note.startswith("per expert, from its routed tokens: gptq damp")
+    assert "experts [3] reached by no calibration token: round to nearest from their weights" in note
+
+
+def test_per_expert_results_resume_from_block_checkpoints(tmp_path):
+    """A rerun that resumes after the saved blocks puts back their per-expert results: same weights."""
+    from qcompiler.calibration.layerwise import LayerwiseCalibration
+    batches = token_batches(8, 64, seed=1)
+    recipe = recipes.get("w4a16-gptq")
+    first = LayerwiseCalibration(batches, recipe, progress=False, checkpoint_dir=tmp_path / "ck")
+    first.collect(_moe_model("mixtral"))
+    again = LayerwiseCalibration(batches, recipe, progress=False, checkpoint_dir=tmp_path / "ck")
+    again.collect(_moe_model("mixtral"))
+    assert again.resumed_blocks == 2
+    assert sorted(again.expert_results) == sorted(first.expert_results) and len(first.expert_results) == 4
+    for key, (qws, note) in first.expert_results.items():
+        assert again.expert_results[key][1] == note
+        assert all(torch.equal(a.q, b.q) and torch.equal(a.scale, b.scale)
+                   for a, b in zip(qws, again.expert_results[key][0]))

@@ -44,7 +44,8 @@ from qcompiler.calibration.offload import release_free_memory
 from qcompiler.calibration.statistics import (LayerStats, StatsAccumulator, hessian_from, observe_linear_inputs,
                                               reduce_accumulators, run_batches, validate_batches)
 from qcompiler.errors import CalibrationError
-from qcompiler.core.layer_quant import QuantizedWeight
+from qcompiler.core.layer_quant import QuantizedWeight, quantize_weight
+from qcompiler.runtime.fused_experts import block_fused_experts, expert_key, record_expert_inputs
 from torch.utils._pytree import tree_map_only
 from qcompiler.recipes import Recipe
 
@@ -108,6 +109,9 @@ class LayerwiseCalibration:
         self.progress = progress
         self.stats: dict[str, LayerStats] | None = None
         self.results: dict[str, LayerResult] = {}
+        # fused mixture-of-experts weights calibrated per expert: {key: ([QuantizedWeight per expert], note)}
+        self.expert_results: dict[str, tuple[list, str]] = {}
+        self._expert_stats: dict[str, LayerStats] = {}
         self.seconds = 0.0
         self.peak_state_bytes = 0      # largest one-block statistics (Hessians, samples) alive at once
         self.activation_bytes = 0      # captured block inputs (replayed per block)
@@ -174,6 +178,7 @@ class LayerwiseCalibration:
                 home = self._onload(block, swaps)
                 if i < resume_at:     # completed by an earlier run: its saved weights, then its outputs
                     results, block_stats = ckpt.load(i, LayerResult)
+                    results = self._restore_experts(block, prefix, results, swaps)
                     hooks = self._restore_block(block, prefix, results, swaps)
                     try:
                         inputs = self._propagate(block, inputs)
@@ -189,6 +194,7 @@ class LayerwiseCalibration:
                 self.peak_state_bytes = max(self.peak_state_bytes, state)
                 self.activation_bytes = max(self.activation_bytes, _tensor_bytes(inputs))
                 hooks, quantized = self._quantize_block(block, prefix, block_stats, keys, swaps, inputs)
+                expert_results = self._quantize_experts(block, prefix, swaps, home)
                 if tuner is not None and quantized:
                     self._tune_block(block, prefix, i, inputs, float_outputs, quantized, tuner)
                 del float_outputs
@@ -203,7 +209,8 @@ class LayerwiseCalibration:
                 mine = [f for f in self.results if f.startswith(prefix + ".")]
                 self.results.update({f: _to(self.results[f], home) for f in mine})
                 if ckpt is not None:
-                    ckpt.save(i, {f: self.results[f] for f in mine}, {f: stats[f] for f in block_stats})
+                    ckpt.save(i, {**{f: self.results[f] for f in mine}, **expert_results},
+                              {f: stats[f] for f in block_stats})
             finally:
                 for module, name, tensor in reversed(swaps):
                     _assign(module, name, tensor)
@@ -292,14 +299,19 @@ class LayerwiseCalibration:
     def _observe(self, block, prefix, inputs, hessian, keep_outputs: bool = False, n_calls: int | None = None,
                  call_offset: int = 0):
         keys: dict[str, tuple] = {}
+        # fused experts: each expert's Hessian, from the tokens routed to it (Hessian-based algorithms only)
+        experts = block_fused_experts(block, prefix, self.recipe) if hessian else {}
         with observe_linear_inputs(block, self.samples_per_layer, n_calls or len(inputs), self.seed, hessian, prefix,
-                                   index_offset=call_offset) as acc:
+                                   index_offset=call_offset) as acc, record_expert_inputs(experts) as expert_acc:
             first_inputs = _record_input_keys(block, prefix, keys)
             try:
                 outs = self._run_block(block, inputs)
             finally:
                 for hk in first_inputs:
                     hk.remove()
+        if experts:
+            expert_acc = reduce_accumulators(expert_acc, self.world, f"block {prefix} (experts)", True)
+            self._expert_stats = {k: a.finish(0) for k, a in expert_acc.items()}
         # under a process group each group's X^T X is summed onto the rank that quantizes it (_quantize_block)
         deferred = self.world.active and hessian
         acc = reduce_accumulators(acc, self.world, f"block {prefix}", hessian, reduce_hessians=not deferred)
@@ -360,6 +372,55 @@ class LayerwiseCalibration:
                 if result.scale is None:
                     quantized[fqn] = (module, param, transposed, weights[fqn])
         return hooks, quantized
+
+    def _quantize_experts(self, block, prefix, swaps, home) -> dict[str, LayerResult]:
+        """The weight algorithm on each expert of the block's fused expert weights, from its own Hessian (an
+        expert no calibration token reached: round to nearest, noted); their dequantized weights put in place
+        for the next blocks (recorded in ``swaps``). Every rank computes all experts (statistics all-reduced:
+        the same results). Returns the block's per-expert results, for the block checkpoint."""
+        experts = block_fused_experts(block, prefix, self.recipe) if self._expert_stats else {}
+        stats, self._expert_stats = self._expert_stats, {}
+        out = {}
+        for key, (module, name, transposed) in experts.items():
+            p = getattr(module, name)
+            qws, unreached = [], []
+            for e in range(p.shape[0]):
+                w = (p[e].t() if transposed else p[e]).detach().float()
+                st = stats.get(expert_key(key, e))
+                if st is None or st.tokens == 0:
+                    qw, note = quantize_weight(w, self.recipe.weight), "round to nearest: no calibration token reached it"
+                    unreached.append(e)
+                else:
+                    qw, note = self.linear_fn(expert_key(key, e), w, st, self.recipe)
+                qws.append(qw)
+                out[expert_key(key, e)] = LayerResult(qw, None, None, note)
+            self._put_experts(module, name, transposed, qws, swaps)
+            self.expert_results[key] = ([qw.to(home) for qw in qws], _experts_note(out, key, len(qws), unreached))
+        return out
+
+    def _put_experts(self, module, name, transposed, qws, swaps) -> None:
+        p = getattr(module, name)
+        dense = torch.stack([(qw.to(p.device).dequantize(p.dtype).t() if transposed else
+                              qw.to(p.device).dequantize(p.dtype)) for qw in qws])
+        swaps.append((module, name, p))
+        _assign(module, name, torch.nn.Parameter(dense, requires_grad=False))
+
+    def _restore_experts(self, block, prefix, results: dict, swaps: list) -> dict:
+        """Put a completed block's saved per-expert results in place (as ``_quantize_experts`` did); the other
+        results."""
+        experts = block_fused_experts(block, prefix, self.recipe)
+        for key, (module, name, transposed) in experts.items():
+            count = getattr(module, name).shape[0]
+            found = [results.get(expert_key(key, e)) for e in range(count)]
+            if any(r is None for r in found):
+                raise CalibrationError(f"layer-by-layer checkpoint: block {prefix} lacks the per-expert results of "
+                                       f"{key}: written by another version? Remove the checkpoint folder")
+            qws = [r.qweight for r in found]
+            self._put_experts(module, name, transposed, qws, swaps)
+            unreached = [e for e, r in enumerate(found) if "no calibration token" in r.note]
+            self.expert_results[key] = (qws, _experts_note({expert_key(key, e): r for e, r in enumerate(found)},
+                                                           key, count, unreached))
+        return {f: r for f, r in results.items() if not f.endswith("]")}
 
     def _units(self, group_list: list, weights: dict) -> list[tuple[int, int, int]]:
         """``(group index, slice index, slices)`` per unit of work: slice ``i`` of ``n`` holds rows
@@ -489,6 +550,15 @@ class LayerwiseCalibration:
             else:
                 new.append(((), {**kwargs, "hidden_states": hidden}))
         return new
+
+
+def _experts_note(results: dict, key: str, count: int, unreached: list[int]) -> str:
+    """One report note for a fused expert weight calibrated expert by expert."""
+    notes = sorted({results[expert_key(key, e)].note for e in range(count) if e not in unreached})
+    note = f"per expert, from its routed tokens: {'; '.join(notes) or '-'}"
+    if unreached:
+        note += (f"; experts {unreached} reached by no calibration token: round to nearest from their weights")
+    return note
 
 
 def _assign(module: torch.nn.Module, name: str, tensor) -> None:

@@ -6,17 +6,20 @@ transformers 5 keeps a model's experts as one 3-D parameter per projection (Mixt
 (``is_transposed``: ``[experts, K, N]`` instead of ``[experts, N, K]``) and runs them by a loop over the
 routed experts (``eager``), a grouped GEMM (``grouped_mm``) or a batched one (``batched_mm``).
 
-``quantize_fused_experts`` quantizes each expert's ``[N, K]`` slice with the recipe's weight spec (round to
-nearest from the weights, so an expert no calibration token reaches is quantized like any other) and puts a
+``quantize_fused_experts`` quantizes each expert's ``[N, K]`` slice with the recipe's weight spec and puts a
 ``QuantizedExperts`` tensor in the parameter's place: a tensor subclass holding the codes and scales, with the
 float parameter's shape and dtype, that every experts implementation reads unchanged. Taking one expert
 (``weights[e]``: the eager loop) dequantizes that expert only; any other use (a transpose for the grouped GEMM,
 an index for the batched one) sees the whole dequantized tensor. The module's code is not touched.
 
+How: layer by layer with a Hessian-based algorithm (GPTQ; SignRound's GPTQ start), each expert from its own
+Hessian, over the tokens the router sent to it (``record_expert_inputs`` follows the experts' eager loop;
+``LayerwiseCalibration``): an expert no calibration token reaches is rounded to nearest from its weights, and the
+report note names it. Otherwise (no algorithm, AWQ, one-pass calibration) round to nearest from the weights.
+
 Limits (said, not silent): weight-only recipes (a recipe that quantizes activations keeps the experts in float
-with a warning); round to nearest for every recipe (GPTQ / AWQ / SignRound run on 2-D linears: their per-expert
-statistics are not collected for fused experts); experts modules without transformers' layout attribute stay in
-float; a model holding them runs eagerly (``torch.compile`` does not trace this subclass).
+with a warning); experts modules without transformers' layout attribute stay in float; graphs compiled by
+``qcompiler.backend`` keep them in float (its passes quantize 2-D linears).
 """
 
 from __future__ import annotations
@@ -131,10 +134,11 @@ def put_quantized_experts(module: torch.nn.Module, name: str, t: QuantizedExpert
     module.register_buffer(name, t, persistent=False)
 
 
-def quantize_fused_experts(model: torch.nn.Module, recipe, report) -> int:
+def quantize_fused_experts(model: torch.nn.Module, recipe, report, results: dict | None = None) -> int:
     """Quantize ``model``'s fused expert weights with ``recipe.weight`` (see the module docstring); each gets a
     ``report.tensors`` entry (kind ``experts``), and what stays in float a reason there and one warning.
-    Returns the tensors quantized."""
+    ``results``: ``{key: ([QuantizedWeight per expert], note)}`` from layer-by-layer calibration (per-expert
+    GPTQ), taken as they are. Returns the tensors quantized."""
     import warnings
 
     from qcompiler.pipeline import TensorDecision
@@ -162,15 +166,20 @@ def quantize_fused_experts(model: torch.nn.Module, recipe, report) -> int:
             kept.append(key)
             continue
         w = p.detach()
-        experts = [quantize_weight(w[e].t() if transposed else w[e], recipe.weight) for e in range(w.shape[0])]
+        done_here = (results or {}).get(key)
+        if done_here is not None:
+            experts, d.note = done_here
+            experts = [qw.to(p.device) for qw in experts]
+        else:
+            experts = [quantize_weight(w[e].t() if transposed else w[e], recipe.weight) for e in range(w.shape[0])]
+            algorithm = recipe.weight_algorithm
+            d.note = "round to nearest from its weights, expert by expert" + (
+                f" ({type(algorithm).__name__.removesuffix('Spec')} takes per-expert statistics from layer-by-layer "
+                "calibration of Hessian-based algorithms only)" if algorithm is not None else "")
         q = QuantizedExperts(experts, transposed, p.dtype)
         put_quantized_experts(module, name, q)
         d.format = f"{experts[0].describe()}, {len(experts)} experts"
         d.bytes_q = q.nbytes_quantized()
-        algorithm = recipe.weight_algorithm
-        d.note = "round to nearest from its weights, expert by expert" + (
-            f" ({type(algorithm).__name__.removesuffix('Spec')} runs on 2-D linears; its per-expert statistics "
-            "are not collected for fused experts)" if algorithm is not None else "")
         done += 1
     if kept:
         n_el = sum(math.prod(p.shape) for f, _, n, p in found if (f"{f}.{n}" if f else n) in kept)
@@ -180,6 +189,91 @@ def quantize_fused_experts(model: torch.nn.Module, recipe, report) -> int:
         warnings.warn(msg, stacklevel=3)
     return done
 
+
+
+# ---- per-expert calibration (layer by layer) --------------------------------------------------------
+
+def expert_key(key: str, e: int) -> str:
+    """The name of expert ``e`` of the fused weight ``key`` in statistics and results: ``key[e]``."""
+    return f"{key}[{e}]"
+
+
+def block_fused_experts(block: torch.nn.Module, prefix: str, recipe) -> dict[str, tuple[torch.nn.Module, str, bool]]:
+    """``{key: (module, parameter name, transposed)}``: the fused expert weights of ``block`` (module path
+    ``prefix``) that ``quantize_fused_experts`` would quantize with ``recipe``."""
+    out = {}
+    if recipe.weight is None or recipe.activation is not None:
+        return out
+    for fqn, module, name, p in fused_expert_weights(block):
+        key = f"{prefix}.{fqn}.{name}" if fqn else f"{prefix}.{name}"
+        transposed = getattr(module, LAYOUT_ATTR, None)
+        if p.dim() == 3 and isinstance(transposed, bool) and not (recipe.fallback.keeps("experts", key)
+                                                                  or recipe.fallback.keeps("linear", key)):
+            out[key] = (module, name, transposed)
+    return out
+
+
+class record_expert_inputs(torch.overrides.TorchFunctionMode):
+    """Context manager: while it is active, each expert's inputs to the fused weights ``experts``
+    (``block_fused_experts``) accumulate in ``StatsAccumulator``s keyed ``expert_key(key, e)`` (|x| and, with
+    ``hessian``, ``X^T X``; no sampled rows). The experts modules run transformers' eager loop meanwhile
+    (``config._experts_implementation = "eager"``, put back on exit): it takes one expert's weight
+    (``weight[e]``) and applies it with ``F.linear`` (or a matmul for transposed weights), which this mode
+    sees. Yields the accumulators."""
+
+    def __init__(self, experts: dict[str, tuple[torch.nn.Module, str, bool]], hessian: bool = True):
+        super().__init__()
+        self.experts, self.hessian = experts, hessian
+        self.acc: dict = {}
+        self._params: dict[int, tuple[str, bool]] = {}
+        self._slices: dict[int, tuple[str, int, torch.Tensor]] = {}
+        self._configs: list = []
+
+    def __enter__(self):
+        for key, (module, name, transposed) in self.experts.items():
+            self._params[id(getattr(module, name))] = (key, transposed)
+            config = getattr(module, "config", None)
+            if config is not None and getattr(config, "_experts_implementation", "eager") != "eager":
+                self._configs.append((config, config._experts_implementation))
+                config._experts_implementation = "eager"
+        super().__enter__()
+        return self.acc
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        for config, value in reversed(self._configs):
+            config._experts_implementation = value
+        self._configs.clear()
+        self._slices.clear()
+
+    def _add(self, key: str, e: int, x: torch.Tensor) -> None:
+        from qcompiler.calibration.statistics import StatsAccumulator
+        rows = x.detach().reshape(-1, x.shape[-1]).float()
+        name = expert_key(key, e)
+        st = self.acc.get(name)
+        if st is None:
+            st = self.acc[name] = StatsAccumulator(rows.shape[1], rows.device, self.hessian)
+        st.add(rows, torch.empty(0, dtype=torch.long))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is torch.Tensor.__getitem__ and id(args[0]) in self._params:
+            index = args[1]
+            if isinstance(index, torch.Tensor) and index.numel() == 1:
+                index = int(index)
+            if isinstance(index, int):
+                self._slices[id(out)] = (*self._params[id(args[0])], index % args[0].shape[0], out)
+        elif func is torch.nn.functional.linear and len(args) > 1 and id(args[1]) in self._slices:
+            key, transposed, e, _ = self._slices[id(args[1])]
+            if not transposed:
+                self._add(key, e, args[0])
+        elif func in (torch.matmul, torch.Tensor.__matmul__, torch.mm) and len(args) > 1 \
+                and id(args[1]) in self._slices:
+            key, transposed, e, _ = self._slices[id(args[1])]
+            if transposed:
+                self._add(key, e, args[0])
+        return out
 
 
 # ---- checkpoints: save_quantized / load_quantized -------------------------------------------------
