@@ -9,7 +9,9 @@ owns (what an out-of-memory kill counts), ``RssFile`` the file pages it has mapp
 weights read so far: page cache the kernel may drop again and read back). Phases: the model loaded
 (and offloaded), ``collect`` (layer-by-layer calibration: every block's quantized weights), then
 ``qcompiler.quantize`` with that calibration (the graph passes and the quantized modules). Both modes
-must give the same quantized weights (checked, bit for bit).
+must give the same quantized weights (checked, bit for bit). Modes: blocks in memory, blocks memory-mapped
+(``offload_blocks``), and blocks plus each block's sampled calibration rows memory-mapped
+(``LayerwiseCalibration(samples_dir=...)``, what ``qcompiler quantize --offload-dir`` does).
 """
 from __future__ import annotations
 
@@ -60,6 +62,11 @@ class _Sampler:
         self._thread.join()
 
 
+#: the blocks in memory; memory-mapped from disk; and the sampled calibration rows on disk too (the CLI's
+#: --offload-dir: LayerwiseCalibration(samples_dir=...))
+MODES = ("in-memory", "offloaded", "offloaded+rows")
+
+
 def _child(args) -> None:
     import qcompiler
     from qcompiler import recipes
@@ -76,7 +83,7 @@ def _child(args) -> None:
     batches = data.calibration_batches(data.tokenize_text(tok, _text(protocol.calib_text)), args.calib_samples,
                                        protocol.calib_seq, seed=0, bos_id=bos)
     with tempfile.TemporaryDirectory(prefix="offload-") as work:
-        if args.child == "offloaded":
+        if args.child != "in-memory":
             done = offload_blocks(model, work)
             row["offloaded_mb"] = done.nbytes / 1e6
         import gc
@@ -85,7 +92,8 @@ def _child(args) -> None:
         from qcompiler.calibration.layerwise import find_decoder_blocks
         row["block_float_mb"] = sum(t.numel() * t.element_size() for t in find_decoder_blocks(model)[1].parameters()) / 1e6
         recipe = recipes.resolve(args.preset)
-        cal = LayerwiseCalibration(batches, recipe, progress=False)
+        cal = LayerwiseCalibration(batches, recipe, progress=False,
+                                   samples_dir=work if args.child == "offloaded+rows" else None)
         t0 = time.perf_counter()
         cal.collect(model)
         row["collect_s"] = time.perf_counter() - t0
@@ -111,14 +119,14 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path)
-    ap.add_argument("--child", choices=["in-memory", "offloaded"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         _child(args)
         return 0
     cmd = "python benchmarks/offload_memory.py " + " ".join(sys.argv[1:] if argv is None else argv)
     rows = []
-    for mode in ("in-memory", "offloaded"):
+    for mode in MODES:
         child = [sys.executable, __file__, "--child", mode, "--model", args.model, "--preset", args.preset,
                  "--calib-samples", str(args.calib_samples), "--threads", str(args.threads)]
         out = subprocess.run(child, capture_output=True, text=True)

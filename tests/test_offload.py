@@ -135,6 +135,29 @@ def test_calibrating_an_offloaded_model_gives_the_same_results_and_never_writes_
         assert _copied_kb(f) == 0, f"{f.name}: {_copied_kb(f)} kB of mapped weights were written (copied into memory)"
 
 
+@pytest.mark.parametrize("preset", ["w4a16-gptq", "w4a16-awq"])
+def test_sampled_rows_go_to_disk_block_by_block_with_the_same_results(tmp_path, preset):
+    """``samples_dir``: each block's sampled input rows are written there and memory-mapped; calibration and the
+    statistics (rows included) are the same bit for bit, and the rows are file pages, not process memory."""
+    ref = _calibrate(tiny_model("llama"), preset)
+    cal = _calibrate(tiny_model("llama"), preset, samples_dir=tmp_path / "rows")
+    _same_results(ref, cal)
+    files = sorted((tmp_path / "rows").glob("samples-*.safetensors"))
+    assert [f.name for f in files] == ["samples-00000.safetensors", "samples-00001.safetensors"]
+    block = [f for f in cal.stats if f.startswith("model.layers.")]
+    assert block and all(_mapped_from(cal.stats[f].samples, files[int(f.split(".")[2])]) for f in block)
+    assert all(_copied_kb(f) == 0 for f in files)
+    if preset == "w4a16-gptq":       # a quantize of the model with rows on disk: the same quantized weights
+        from qcompiler.runtime.eager import QuantizedLinear
+        models = []
+        for kw in ({}, {"samples_dir": tmp_path / "rows2"}):
+            model = tiny_model("llama")
+            calib = LayerwiseCalibration(token_batches(8, 24, seed=3), recipes.resolve(preset), progress=False, **kw)
+            qcompiler.quantize(model, preset, calibration=calib, progress=False)
+            models.append({f: m.w_q for f, m in model.named_modules() if isinstance(m, QuantizedLinear)})
+        assert models[0] and all(torch.equal(models[0][f], models[1][f]) for f in models[0])
+
+
 def test_signround_block_tuning_runs_on_an_offloaded_model(tmp_path):
     recipe = recipes.resolve("w4a16-signround")
     from dataclasses import replace

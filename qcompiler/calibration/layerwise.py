@@ -32,6 +32,7 @@ import math
 import os
 import time
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -40,7 +41,7 @@ from qcompiler.core import layer_quant
 from qcompiler.core.linear_probe import find_routers, linear_orientation
 from qcompiler.algorithms import registry as weight_algorithms
 from qcompiler.calibration import distributed as dd
-from qcompiler.calibration.offload import release_free_memory
+from qcompiler.calibration.offload import release_free_memory, write_mapped
 from qcompiler.calibration.statistics import (LayerStats, StatsAccumulator, hessian_from, observe_linear_inputs,
                                               reduce_accumulators, run_batches, validate_batches)
 from qcompiler.errors import CalibrationError
@@ -92,7 +93,8 @@ class LayerwiseCalibration:
 
     def __init__(self, batches: Iterable, recipe: Recipe, seed: int = 0, progress: bool = True,
                  replay_batch: int = 8, checkpoint_dir: str | os.PathLike | None = None,
-                 linear_fn=None, execution_device: str | torch.device | None = None):
+                 linear_fn=None, execution_device: str | torch.device | None = None,
+                 samples_dir: str | os.PathLike | None = None):
         self.batches = validate_batches(batches)
         # (fqn, w, stats, recipe) -> (weight, note): the recipe's weight algorithm unless given
         # (``qcompiler.sparsity.sparsify`` prunes in float with its own); the weight needs ``dequantize()``
@@ -103,6 +105,8 @@ class LayerwiseCalibration:
         self.replay_batch = replay_batch   # captured inputs replayed per block in groups of this many
         # where each block runs (one at a time); None: where the model is
         self.execution_device = None if execution_device is None else torch.device(execution_device)
+        # each block's sampled input rows are written here and memory-mapped (offload.write_mapped); None: in memory
+        self.samples_dir = None if samples_dir is None else Path(samples_dir)
         self.recipe = recipe
         self.samples_per_layer = recipe.samples_per_layer
         self.seed = seed
@@ -186,7 +190,7 @@ class LayerwiseCalibration:
                         for hk in hooks:
                             hk.remove()
                     self.results.update(results)
-                    stats.update(block_stats)
+                    stats.update(self._spill_samples(i, block_stats))
                     continue
                 block_stats, keys, state, float_outputs = self._observe(block, prefix, inputs, hessian,
                                                                         keep_outputs=tuner is not None,
@@ -206,6 +210,7 @@ class LayerwiseCalibration:
                 for fqn, st in block_stats.items():
                     st.hessian = None    # done with this block: keep the bounded part only
                     stats[fqn] = _to(st, home)
+                stats.update(self._spill_samples(i, {f: stats[f] for f in block_stats}))
                 mine = [f for f in self.results if f.startswith(prefix + ".")]
                 self.results.update({f: _to(self.results[f], home) for f in mine})
                 if ckpt is not None:
@@ -229,6 +234,19 @@ class LayerwiseCalibration:
                  "+ activations %.1f MB", len(blocks), len(self.results), self.seconds, self.peak_state_bytes / 1e6,
                  self.activation_bytes / 1e6)
         return stats
+
+    def _spill_samples(self, index: int, block_stats: dict[str, LayerStats]) -> dict[str, LayerStats]:
+        """With ``samples_dir``: the block's statistics with their sampled rows (CPU) written to
+        ``samples-NNNNN.safetensors`` and memory-mapped from it (the same bits); else as they are."""
+        if self.samples_dir is None:
+            return block_stats
+        rows = {f: st.samples for f, st in block_stats.items() if st.samples.device.type == "cpu"}
+        if not rows:
+            return block_stats
+        self.samples_dir.mkdir(parents=True, exist_ok=True)
+        suffix = f"-rank{self.world.rank}" if self.world.active else ""
+        mapped = write_mapped(self.samples_dir / f"samples-{index:05d}{suffix}.safetensors", rows)
+        return {f: dataclasses.replace(st, samples=mapped[f]) if f in mapped else st for f, st in block_stats.items()}
 
     def _open_checkpoints(self, model, n_blocks: int):
         """The per-block checkpoint folder (or None) and the number of blocks to take from it: the

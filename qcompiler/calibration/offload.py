@@ -12,7 +12,9 @@ at the end, so an offloaded block stays on disk through calibration and only the
 worked on (its weights, Hessians and dequantized copies) is in memory at once, beside the
 captured activations and the quantized results (a quarter of the float weights for INT4 codes
 held as bytes). With ``LayerwiseCalibration(execution_device=...)`` that block is also the only
-one on the accelerator.
+one on the accelerator. ``LayerwiseCalibration(samples_dir=...)`` (the CLI's ``--offload-dir`` sets it) writes
+each block's sampled input rows (``samples_per_layer`` x K float32 per linear, kept for the graph passes after
+calibration) to ``samples-NNNNN.safetensors`` there and maps them the same way.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from safetensors.torch import save_file
 
 from qcompiler.errors import CalibrationError
 
-__all__ = ["OffloadedBlocks", "offload_blocks", "release_free_memory"]
+__all__ = ["OffloadedBlocks", "offload_blocks", "release_free_memory", "write_mapped"]
 
 _MANIFEST = "offload.json"
 
@@ -104,6 +106,16 @@ def _set(block: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
     (owner._parameters if leaf in owner._parameters else owner._buffers)[leaf] = tensor
 
 
+def write_mapped(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Write ``tensors`` (CPU) to the safetensors file ``path`` (atomically: temporary file, then rename) and
+    return them memory-mapped from it, by name: the same bits, in file-backed pages."""
+    tmp = path.with_suffix(".safetensors.tmp")
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
 def offload_blocks(model: torch.nn.Module, folder: str | os.PathLike) -> OffloadedBlocks:
     """Move every decoder block's parameters and buffers to memory-mapped safetensors under ``folder``.
 
@@ -121,13 +133,7 @@ def offload_blocks(model: torch.nn.Module, folder: str | os.PathLike) -> Offload
         _shared_outside(model, block, where)
         tensors = _block_tensors(block, where)
         path = folder / f"block-{i:05d}.safetensors"
-        tmp = path.with_suffix(".safetensors.tmp")
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, path)
-        mapped = {}
-        with safe_open(str(path), framework="pt") as f:
-            for k in f.keys():
-                mapped[k] = f.get_tensor(k)
+        mapped = write_mapped(path, tensors)
         # every name of a shared tensor gets the one new tensor: sharing inside the block survives
         new: dict[int, torch.Tensor] = {}
         for k, t in tensors.items():

@@ -121,10 +121,10 @@ def _quantize_and_save(args, recipe, world) -> int:
         print(f"offloaded {len(done.files)} decoder blocks ({done.nbytes / 1e6:.1f} MB) to {done.folder} "
               "(memory-mapped)")
     calib = _calibration(args, tok, protocol) if recipe.needs_calibration and not args.no_calibration else None
-    if (args.block_checkpoints or args.calibration_device) and calib is not None:
+    if (args.block_checkpoints or args.calibration_device or args.offload_dir) and calib is not None:
         from qcompiler.calibration.layerwise import LayerwiseCalibration
         calib = LayerwiseCalibration(calib, recipe, progress=not args.quiet, checkpoint_dir=args.block_checkpoints,
-                                     execution_device=args.calibration_device)
+                                     execution_device=args.calibration_device, samples_dir=args.offload_dir)
     try:
         quantize(model, recipe, calibration=calib, progress=not args.quiet)
     except CalibrationError as e:
@@ -302,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--offload-dir", metavar="DIR",
                    help="layer-by-layer recipes: write each decoder block's float weights to DIR (safetensors) and "
                         "memory-map them, so the blocks need no RAM of their own while one block at a time is "
-                        "calibrated (same results bit for bit); keep DIR until the command ends")
+                        "calibrated, and each block's sampled calibration rows too (same results bit for bit); "
+                        "keep DIR until the command ends")
     q.add_argument("--calibration-device", metavar="DEV",
                    help="layer-by-layer recipes: run each decoder block's calibration (forwards, Hessians, GPTQ) on "
                         "DEV (e.g. cuda:0), one block there at a time; the model stays where it is")
