@@ -151,7 +151,7 @@ def main(argv=None) -> int:
             "(layer-by-layer calibration) and during `qcompiler.quantize` (graph passes, quantized modules); "
             "`RssFile` peaks (mapped file pages: page cache the kernel can drop). "
             f"torch {torch.__version__}, {args.threads} threads, CPU: {machine.describe()}. Quantized weights "
-            f"{'identical in both modes (same digest)' if same else '**differ between the modes**'}.\n\n"
+            f"{'identical in every mode (same digest)' if same else '**differ between the modes**'}.\n\n"
             "| blocks | RssAnon loaded | RssAnon peak, collect | RssFile peak, collect | RssAnon peak, quantize | "
             "RssFile peak, quantize | collect s | quantize s | weights digest |\n"
             "|---|---|---|---|---|---|---|---|---|\n" + body + "\n")
