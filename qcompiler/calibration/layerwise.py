@@ -46,7 +46,7 @@ from qcompiler.calibration.statistics import (LayerStats, StatsAccumulator, hess
                                               reduce_accumulators, run_batches, validate_batches)
 from qcompiler.errors import CalibrationError
 from qcompiler.core.layer_quant import QuantizedWeight, quantize_weight
-from qcompiler.runtime.fused_experts import block_fused_experts, expert_key, record_expert_inputs
+from qcompiler.calibration.expert_inputs import block_fused_experts, expert_key, record_expert_inputs
 from torch.utils._pytree import tree_map_only
 from qcompiler.recipes import Recipe
 

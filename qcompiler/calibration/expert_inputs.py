@@ -1,0 +1,109 @@
+"""Fused mixture-of-experts weights in calibration: which ones a recipe quantizes, and each expert's inputs
+(the tokens its router sent to it) for per-expert statistics. ``qcompiler.runtime.fused_experts`` holds the
+quantized form."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from qcompiler.calibration.statistics import StatsAccumulator
+
+__all__ = ["LAYOUT_ATTR", "fused_expert_weights", "expert_key", "block_fused_experts", "record_expert_inputs"]
+
+#: the attribute transformers' experts interface sets on an experts module: its weights are [E, K, N] when True
+LAYOUT_ATTR = "is_transposed"
+
+
+def fused_expert_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module, str, torch.Tensor]]:
+    """``(module fqn, module, parameter name, parameter)`` for every float parameter of 3 or more dimensions
+    (fused mixture-of-experts weights, or any other); ``quantize_fused_experts`` says which it can take."""
+    for fqn, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            if p.dim() >= 3 and p.is_floating_point():
+                yield fqn, module, name, p
+
+
+def expert_key(key: str, e: int) -> str:
+    """The name of expert ``e`` of the fused weight ``key`` in statistics and results: ``key[e]``."""
+    return f"{key}[{e}]"
+
+
+def block_fused_experts(block: torch.nn.Module, prefix: str, recipe) -> dict[str, tuple[torch.nn.Module, str, bool]]:
+    """``{key: (module, parameter name, transposed)}``: the fused expert weights of ``block`` (module path
+    ``prefix``) that ``quantize_fused_experts`` would quantize with ``recipe``."""
+    out = {}
+    if recipe.weight is None or recipe.activation is not None:
+        return out
+    for fqn, module, name, p in fused_expert_weights(block):
+        key = f"{prefix}.{fqn}.{name}" if fqn else f"{prefix}.{name}"
+        transposed = getattr(module, LAYOUT_ATTR, None)
+        if p.dim() == 3 and isinstance(transposed, bool) and not (recipe.fallback.keeps("experts", key)
+                                                                  or recipe.fallback.keeps("linear", key)):
+            out[key] = (module, name, transposed)
+    return out
+
+
+class record_expert_inputs(torch.overrides.TorchFunctionMode):
+    """Context manager: while it is active, each expert's inputs to the fused weights ``experts``
+    (``block_fused_experts``) accumulate in ``StatsAccumulator``s keyed ``expert_key(key, e)`` (|x| and, with
+    ``hessian``, ``X^T X``; no sampled rows). The experts modules run transformers' eager loop meanwhile
+    (``config._experts_implementation = "eager"``, put back on exit): it takes one expert's weight
+    (``weight[e]``) and applies it with ``F.linear`` (or a matmul for transposed weights), which this mode
+    sees. Yields the accumulators."""
+
+    def __init__(self, experts: dict[str, tuple[torch.nn.Module, str, bool]], hessian: bool = True):
+        super().__init__()
+        self.experts, self.hessian = experts, hessian
+        self.acc: dict = {}
+        self._params: dict[int, tuple[str, bool]] = {}
+        self._slices: dict[int, tuple[str, int, torch.Tensor]] = {}
+        self._configs: list = []
+
+    def __enter__(self):
+        for key, (module, name, transposed) in self.experts.items():
+            self._params[id(getattr(module, name))] = (key, transposed)
+            config = getattr(module, "config", None)
+            if config is not None and getattr(config, "_experts_implementation", "eager") != "eager":
+                self._configs.append((config, config._experts_implementation))
+                config._experts_implementation = "eager"
+        super().__enter__()
+        return self.acc
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        for config, value in reversed(self._configs):
+            config._experts_implementation = value
+        self._configs.clear()
+        self._slices.clear()
+
+    def _add(self, key: str, e: int, x: torch.Tensor) -> None:
+        rows = x.detach().reshape(-1, x.shape[-1]).float()
+        name = expert_key(key, e)
+        st = self.acc.get(name)
+        if st is None:
+            st = self.acc[name] = StatsAccumulator(rows.shape[1], rows.device, self.hessian)
+        st.add(rows, torch.empty(0, dtype=torch.long))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is torch.Tensor.__getitem__ and id(args[0]) in self._params:
+            index = args[1]
+            if isinstance(index, torch.Tensor) and index.numel() == 1:
+                index = int(index)
+            if isinstance(index, int):
+                self._slices[id(out)] = (*self._params[id(args[0])], index % args[0].shape[0], out)
+        elif func is torch.nn.functional.linear and len(args) > 1 and id(args[1]) in self._slices:
+            key, transposed, e, _ = self._slices[id(args[1])]
+            if not transposed:
+                self._add(key, e, args[0])
+        elif func in (torch.matmul, torch.Tensor.__matmul__, torch.mm) and len(args) > 1 \
+                and id(args[1]) in self._slices:
+            key, transposed, e, _ = self._slices[id(args[1])]
+            if transposed:
+                self._add(key, e, args[0])
+        return out
+
+
