@@ -10,7 +10,8 @@ import torch
 
 from qcompiler.calibration.statistics import StatsAccumulator
 
-__all__ = ["LAYOUT_ATTR", "fused_expert_weights", "expert_key", "block_fused_experts", "record_expert_inputs"]
+__all__ = ["LAYOUT_ATTR", "fused_expert_weights", "float_reason", "expert_key", "block_fused_experts",
+           "record_expert_inputs"]
 
 #: the attribute transformers' experts interface sets on an experts module: its weights are [E, K, N] when True
 LAYOUT_ATTR = "is_transposed"
@@ -30,19 +31,30 @@ def expert_key(key: str, e: int) -> str:
     return f"{key}[{e}]"
 
 
+def float_reason(module: torch.nn.Module, key: str, p: torch.Tensor, recipe) -> str:
+    """Why the fused weight ``p`` (``module``'s, path ``key``) stays in float under ``recipe``; "" when it is
+    quantized."""
+    reason = recipe.fallback.keeps("experts", key) or recipe.fallback.keeps("linear", key)
+    if not reason and p.dim() != 3:
+        reason = f"a {p.dim()}-D weight {list(p.shape)}: fused experts are [experts, N, K]"
+    if not reason and not isinstance(getattr(module, LAYOUT_ATTR, None), bool):
+        reason = (f"its module ({type(module).__name__}) does not say its layout (no boolean "
+                  f"{LAYOUT_ATTR!r}, set by transformers' experts interface)")
+    if not reason and recipe.activation is not None:
+        reason = (f"recipe {recipe.name!r} quantizes activations; fused experts are quantized weight-only "
+                  "(their inputs are not quantized), so they stay in float for it")
+    return reason
+
+
 def block_fused_experts(block: torch.nn.Module, prefix: str, recipe) -> dict[str, tuple[torch.nn.Module, str, bool]]:
     """``{key: (module, parameter name, transposed)}``: the fused expert weights of ``block`` (module path
-    ``prefix``) that ``quantize_fused_experts`` would quantize with ``recipe``."""
-    out = {}
-    if recipe.weight is None or recipe.activation is not None:
-        return out
-    for fqn, module, name, p in fused_expert_weights(block):
-        key = f"{prefix}.{fqn}.{name}" if fqn else f"{prefix}.{name}"
-        transposed = getattr(module, LAYOUT_ATTR, None)
-        if p.dim() == 3 and isinstance(transposed, bool) and not (recipe.fallback.keeps("experts", key)
-                                                                  or recipe.fallback.keeps("linear", key)):
-            out[key] = (module, name, transposed)
-    return out
+    ``prefix``) that ``quantize_fused_experts`` quantizes with ``recipe`` (``float_reason`` empty)."""
+    if recipe.weight is None:
+        return {}
+    return {key: (module, name, getattr(module, LAYOUT_ATTR))
+            for fqn, module, name, p in fused_expert_weights(block)
+            for key in [f"{prefix}.{fqn}.{name}" if fqn else f"{prefix}.{name}"]
+            if not float_reason(module, key, p, recipe)}
 
 
 class record_expert_inputs(torch.overrides.TorchFunctionMode):

@@ -25,12 +25,10 @@ with a warning); experts modules without transformers' layout attribute stay in 
 from __future__ import annotations
 
 import math
-from typing import Iterator
-
 import torch
 from torch.utils._pytree import tree_map_only
 
-from qcompiler.calibration.expert_inputs import LAYOUT_ATTR, fused_expert_weights
+from qcompiler.calibration.expert_inputs import LAYOUT_ATTR, float_reason, fused_expert_weights
 from qcompiler.core.layer_quant import QuantizedWeight, quantize_weight
 
 __all__ = ["QuantizedExperts", "fused_expert_weights", "quantize_fused_experts", "quantized_experts", "refuse_experts"]
@@ -85,9 +83,9 @@ class QuantizedExperts(torch.Tensor):
                 return this.expert(int(args[2]) % count)
             if func is _aten.index.Tensor and len(args[1]) == 1 and args[1][0] is not None \
                     and args[1][0].dtype in (torch.int64, torch.int32):
-                index = args[1][0]
-                rows = [this.expert(int(e) % count) for e in index.reshape(-1).tolist()]
-                return torch.stack(rows).reshape(*index.shape, *this.shape[1:])
+                index = args[1][0] % count
+                used, where = index.unique(return_inverse=True)      # each expert dequantized once
+                return torch.stack([this.expert(int(e)) for e in used.tolist()])[where]
             if func in (_aten.detach.default, _aten.alias.default):
                 return this
             if func is _aten._to_copy.default and set(kwargs) <= {"dtype", "device", "layout", "memory_format",
@@ -130,7 +128,6 @@ def quantize_fused_experts(model: torch.nn.Module, recipe, report, results: dict
     import warnings
 
     from qcompiler.pipeline import TensorDecision
-    fb = recipe.fallback
     found = list(fused_expert_weights(model))
     if not found or recipe.weight is None:
         return 0
@@ -140,15 +137,7 @@ def quantize_fused_experts(model: torch.nn.Module, recipe, report, results: dict
         d = TensorDecision(key, "experts", bytes_fp=p.numel() * p.element_size())
         report.tensors[key] = d
         transposed = getattr(module, LAYOUT_ATTR, None)
-        reason = fb.keeps("experts", key) or fb.keeps("linear", key)
-        if not reason and p.dim() != 3:
-            reason = f"a {p.dim()}-D weight {list(p.shape)}: fused experts are [experts, N, K]"
-        if not reason and not isinstance(transposed, bool):
-            reason = (f"its module ({type(module).__name__}) does not say its layout (no boolean "
-                      f"{LAYOUT_ATTR!r}, set by transformers' experts interface)")
-        if not reason and recipe.activation is not None:
-            reason = (f"recipe {recipe.name!r} quantizes activations; fused experts are quantized weight-only "
-                      "(their inputs are not quantized), so they stay in float for it")
+        reason = float_reason(module, key, p, recipe)
         if reason:
             d.quantize, d.reason = False, reason
             kept.append(key)
