@@ -18,6 +18,20 @@ The last, 2026-12-04 (AMD EPYC AVX2, 2 threads, frozen install of 4f660f7): FP32
 SignRound from GPTQ's codes under the same online rotation (the command above), 2026-12-05 (AMD EPYC AVX2,
 frozen install of ac36b9e, mostly idle machine): ``sr-gptq-25+rot-online`` **+9.84%** (quantize
 1,272 s): 25 signed-gradient steps of one sequence per block make GPTQ's +6.53% worse, and take 21 minutes.
+
+Fitted to the float model's output (``target='float-model'``, 2026-12-05, AMD EPYC AVX2, frozen installs of the
+working tree before 2026-12-05's commit, cores shared with unit tests):
+
+    python benchmarks/rotation_validation.py --modes rot-online,none \
+        "gptaq=R('w4a16-gptq').replace(weight_algorithm=rep(R('w4a16-gptq').weight_algorithm_spec, target='float-model'))"
+    python benchmarks/rotation_validation.py --modes rot-online \
+        "sr-gptq-25-fm=R('w4a16-signround').replace(weight_algorithm=SignRoundSpec(init='gptq', iters=25, batch_size=1, target='float-model'))"
+
+GPTQ on the float-model target weight diverges: ``gptaq+rot-online`` +605.87%, ``gptaq`` +804.90% (the
+corrections grow block by block, 7% -> 17% of the weight's norm over SmolLM2's first five blocks: every linear of
+a block fits the same upstream error from one pass of float-weight activations). SignRound against the float
+stream's block outputs (GPTQ's start unchanged): ``sr-gptq-25-fm+rot-online`` **+8.29%** (against +9.84% with
+the quantized-inputs target; still worse than GPTQ's +6.53%), quantize 1,860 s.
 """
 import argparse
 import copy

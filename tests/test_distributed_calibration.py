@@ -5,6 +5,7 @@ Ranks are processes spawned here with the gloo backend on CPU (NCCL takes the sa
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import time
@@ -72,6 +73,8 @@ def _batches(source: str) -> list[torch.Tensor]:
 def _calibrate(source: str, preset: str, ckpt: str | None = None) -> dict:
     """Quantized weights (layer by layer) or statistics (one pass) of ``preset`` on ``source``."""
     recipe = recipes.resolve(preset.split(":")[0])
+    if preset.endswith(":float-model"):     # fitted to the float model's output: X_q^T X_f all-reduced too
+        recipe = recipe.replace(weight_algorithm=dataclasses.replace(recipe.weight_algorithm_spec, target="float-model"))
     model = _model(source)
     if preset.endswith(":one-pass"):     # the whole pipeline, GPTQ in the graph pass (no layer-by-layer)
         import qcompiler
@@ -193,6 +196,7 @@ def _assert_identical(a: dict, b: dict) -> None:
     ("qwen2", "kv-int8", (2,)),                # a quantization target's observer, merged over the shards
     ("llama", "w4a16-gptq:one-pass", (2,)),    # GPTQ in the graph pass, linears spread over the ranks
     ("mixtral", "w4a16-gptq", (2,)),           # fused experts: per-expert Hessians all-reduced
+    ("llama", "w4a16-gptq:float-model", (2,)),  # the float stream beside the quantized one, X_q^T X_f all-reduced
 ])
 def test_results_are_bit_identical_at_any_number_of_ranks(tmp_path, source, preset, sizes):
     torch.set_num_threads(1)

@@ -4,6 +4,8 @@ without recomputing the completed blocks; a folder from another run is refused."
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -56,7 +58,13 @@ def _same(a: LayerwiseCalibration, b: LayerwiseCalibration) -> None:
         assert (st.absmean is None) == (o.absmean is None) and (st.absmean is None or torch.equal(st.absmean, o.absmean))
 
 
-@pytest.mark.parametrize("preset", ["w4a16-gptq", "w4a16-awq"])
+# GPTQ fitted to the float model's output: the resumed run rebuilds the float stream through the completed blocks
+_FLOAT_MODEL = recipes.get("w4a16-gptq").replace(
+    name="w4a16-gptq-float-model",
+    weight_algorithm=dataclasses.replace(recipes.get("w4a16-gptq").weight_algorithm_spec, target="float-model"))
+
+
+@pytest.mark.parametrize("preset", ["w4a16-gptq", "w4a16-awq", _FLOAT_MODEL], ids=["gptq", "awq", "gptq-float-model"])
 def test_a_stopped_run_resumes_after_its_last_block_with_identical_results(tmp_path, preset):
     whole, _ = _run(preset)
     with pytest.raises(_Killed):

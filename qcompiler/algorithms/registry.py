@@ -23,7 +23,7 @@ from qcompiler.core.layer_quant import QuantizedWeight, quantize_weight
 from qcompiler.recipes import register_algorithm_spec
 
 __all__ = ["WeightAlgorithm", "register_weight_algorithm", "registered_algorithms", "algorithm_of",
-           "needs_hessian", "block_tuner", "rows_separable", "has_input_scale", "input_scale", "quantize_linear", "scaled_stats"]
+           "needs_hessian", "block_tuner", "fits_float_model", "dampening", "rows_separable", "has_input_scale", "input_scale", "quantize_linear", "scaled_stats"]
 
 
 @dataclass(frozen=True)
@@ -115,6 +115,25 @@ def block_tuner(recipe: Any) -> tuple[Callable, Any] | None:
     if found is None or found[0].tune_block is None:
         return None
     return found[0].tune_block, found[1]
+
+
+def fits_float_model(recipe: Any) -> bool:
+    """Whether the recipe's weight algorithm fits each layer to the float model's own output (its spec's
+    ``target`` is ``"float-model"``: layer-by-layer calibration runs a float stream beside the quantized one,
+    ``qcompiler.calibration.float_reference``) rather than to the float layer on the quantized inputs."""
+    found = algorithm_of(recipe)
+    return found is not None and getattr(found[1], "target", None) == FLOAT_MODEL
+
+
+#: the ``target`` of a weight-algorithm spec that fits layers to the float model's output
+FLOAT_MODEL = "float-model"
+
+
+def dampening(recipe: Any) -> float:
+    """The fraction of the Hessian's mean diagonal the recipe's weight algorithm adds to it (GPTQ's
+    ``dampening``; 0.01 when its spec has none)."""
+    found = algorithm_of(recipe)
+    return float(getattr(found[1], "dampening", 0.01)) if found is not None else 0.01
 
 
 def rows_separable(recipe: Any) -> bool:

@@ -25,6 +25,7 @@ model's device. The graph passes take the kept weights by module path (``results
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import logging
@@ -47,6 +48,7 @@ from qcompiler.calibration.statistics import (LayerStats, StatsAccumulator, hess
 from qcompiler.errors import CalibrationError
 from qcompiler.core.layer_quant import QuantizedWeight, quantize_weight
 from qcompiler.calibration.expert_inputs import block_fused_experts, expert_key, record_expert_inputs
+from qcompiler.calibration.float_reference import float_target_weight, paired_linear_inputs
 from torch.utils._pytree import tree_map_only
 from qcompiler.recipes import Recipe
 
@@ -123,6 +125,8 @@ class LayerwiseCalibration:
         self.world = dd.World()
         self._source_rank = 0
         self._partial_xtx: dict[str, torch.Tensor] = {}   # this rank's X^T X of the block, before the reduce
+        # with a float-model target: the block's 2/n X_q^T X_f per linear (float_reference)
+        self._float_cross: dict[str, torch.Tensor] = {}
 
     def check_vocabulary(self, model: torch.nn.Module) -> None:
         from qcompiler.calibration.statistics import CalibrationCache
@@ -136,6 +140,7 @@ class LayerwiseCalibration:
         self.blocks_path, blocks = find_decoder_blocks(model)
         hessian = weight_algorithms.needs_hessian(self.recipe)
         tuner = weight_algorithms.block_tuner(self.recipe)
+        fits_float = weight_algorithms.fits_float_model(self.recipe)
         world = self.world = dd.current_world()
         if world.active and tuner is not None:
             raise CalibrationError(f"recipe {self.recipe.name!r}: block tuning "
@@ -174,6 +179,8 @@ class LayerwiseCalibration:
         self._source_rank = next((r for r, c in enumerate(calls) if c), 0)
         if self.execution_device is not None:
             inputs = _to(inputs, self.execution_device)
+        # the float model's activations beside the quantized model's (the same before the first block)
+        float_inputs = inputs if fits_float else None
         ckpt, resume_at = self._open_checkpoints(model, len(blocks))
         for i, block in enumerate(tqdm(blocks, desc="layer-by-layer", disable=not progress, leave=False)):
             prefix = f"{block_prefix}{i}"
@@ -181,6 +188,8 @@ class LayerwiseCalibration:
             try:
                 home = self._onload(block, swaps)
                 if i < resume_at:     # completed by an earlier run: its saved weights, then its outputs
+                    if float_inputs is not None:
+                        float_inputs = self._propagate(block, float_inputs)
                     results, block_stats = ckpt.load(i, LayerResult)
                     results = self._restore_experts(block, prefix, results, swaps)
                     hooks = self._restore_block(block, prefix, results, swaps)
@@ -194,7 +203,10 @@ class LayerwiseCalibration:
                     continue
                 block_stats, keys, state, float_outputs = self._observe(block, prefix, inputs, hessian,
                                                                         keep_outputs=tuner is not None,
-                                                                        n_calls=n_calls, call_offset=call_offset)
+                                                                        n_calls=n_calls, call_offset=call_offset,
+                                                                        float_inputs=float_inputs)
+                if float_inputs is not None:
+                    float_inputs = _with_hidden(float_inputs, float_outputs)
                 self.peak_state_bytes = max(self.peak_state_bytes, state)
                 self.activation_bytes = max(self.activation_bytes, _tensor_bytes(inputs))
                 hooks, quantized = self._quantize_block(block, prefix, block_stats, keys, swaps, inputs)
@@ -315,18 +327,39 @@ class LayerwiseCalibration:
         return [module.register_forward_pre_hook(_fake_quant_input(act, s))] if act is not None and act.dynamic else []
 
     def _observe(self, block, prefix, inputs, hessian, keep_outputs: bool = False, n_calls: int | None = None,
-                 call_offset: int = 0):
+                 call_offset: int = 0, float_inputs: list | None = None):
+        """Run the (float) block on the captured inputs, accumulating its linears' statistics; the statistics,
+        input keys, state bytes and the block's outputs (``keep_outputs``). With ``float_inputs`` (the float
+        model's activations, call for call) the block also runs on those, each call just before the quantized
+        stream's, and the outputs returned are the float stream's; with Hessians and no block tuner, each
+        linear's ``X_q^T X_f`` lands in ``_float_cross``."""
         keys: dict[str, tuple] = {}
         # fused experts: each expert's Hessian, from the tokens routed to it (Hessian-based algorithms only)
         experts = block_fused_experts(block, prefix, self.recipe) if hessian else {}
-        with observe_linear_inputs(block, self.samples_per_layer, n_calls or len(inputs), self.seed, hessian, prefix,
-                                   index_offset=call_offset) as acc, record_expert_inputs(experts) as expert_acc:
-            first_inputs = _record_input_keys(block, prefix, keys)
-            try:
-                outs = self._run_block(block, inputs)
-            finally:
-                for hk in first_inputs:
-                    hk.remove()
+        observe = observe_linear_inputs(block, self.samples_per_layer, n_calls or len(inputs), self.seed, hessian,
+                                        prefix, index_offset=call_offset)
+        record = record_expert_inputs(experts)
+        # GPTQ fitted to the float model's output (W*); a block tuner fits the float stream's block outputs
+        # instead, from its algorithm's usual start
+        pairs = paired_linear_inputs(block, prefix) if float_inputs is not None and hessian and \
+            weight_algorithms.block_tuner(self.recipe) is None else None
+        outs, float_outs = [], []
+        first_inputs = _record_input_keys(block, prefix, keys)
+        try:
+            with torch.inference_mode():
+                for c, (args, kwargs) in enumerate(inputs):
+                    if float_inputs is not None:     # statistics hooks off: only the pairing records
+                        fargs, fkwargs = float_inputs[c]
+                        with pairs.recording() if pairs is not None else contextlib.nullcontext():
+                            float_outs.append(_hidden_out(block(*fargs, **fkwargs)))
+                    with observe, record, pairs.pairing() if pairs is not None else contextlib.nullcontext():
+                        outs.append(block(*args, **kwargs))
+        finally:
+            for hk in first_inputs:
+                hk.remove()
+            if pairs is not None:
+                pairs.__exit__(None, None, None)
+        acc, expert_acc = observe.acc, record.acc
         if experts:
             expert_acc = reduce_accumulators(expert_acc, self.world, f"block {prefix} (experts)", True)
             self._expert_stats = {k: a.finish(0) for k, a in expert_acc.items()}
@@ -338,7 +371,20 @@ class LayerwiseCalibration:
             self._partial_xtx = {p: a.xtx for p, a in acc.items()}
             for a in acc.values():
                 a.xtx = None
-        outputs = [_hidden_out(o) for o in outs] if keep_outputs else None
+        self._float_cross = {}
+        if pairs is not None:
+            for p, a in acc.items():     # every rank's modules, in one order (a rank without rows adds zeros)
+                k = a.absmax.shape[0]
+                cross = pairs.cross.get(p)
+                if cross is None:
+                    cross = torch.zeros(k, k, dtype=torch.float64, device=a.absmax.device)
+                if self.world.active:
+                    dd.all_reduce_(self.world, cross, "sum", "all-reduce of X_q^T X_f", f"block {prefix}, {p}")
+                self._float_cross[p] = hessian_from(cross, a.tokens)
+        if float_inputs is not None:
+            outputs = float_outs
+        else:
+            outputs = [_hidden_out(o) for o in outs] if keep_outputs else None
         del outs
         return {p: a.finish(self.samples_per_layer) for p, a in acc.items()}, keys, state, outputs
 
@@ -486,15 +532,22 @@ class LayerwiseCalibration:
                     block_stats[f].hessian = hessian_from(xtx, block_stats[f].tokens)
 
     def _quantize_group(self, fqns: list[str], weights: dict, block_stats: dict) -> dict[str, LayerResult]:
-        """The weight algorithm on one group of linears reading the same input (AWQ's shared scale first)."""
+        """The weight algorithm on one group of linears reading the same input (AWQ's shared scale first);
+        with a float-model target, on each linear's ``float_target_weight``."""
         recipe = self.recipe
         ws = [weights[f] for f in fqns]
         alpha, s = weight_algorithms.input_scale(block_stats[fqns[0]], ws, recipe, ",".join(fqns))
         out = {}
         for fqn, w in zip(fqns, ws):
             st = weight_algorithms.scaled_stats(block_stats[fqn], s)
-            qw, note = self.linear_fn(fqn, w if s is None else w * s[None, :], st, recipe)
-            out[fqn] = LayerResult(qw, s, alpha, note)
+            w = w if s is None else w * s[None, :]
+            cross = self._float_cross.get(fqn)
+            if cross is not None and st.hessian is not None:
+                if s is not None:
+                    cross = cross / (s[:, None] * s[None, :]).to(cross)
+                w = float_target_weight(w, st.hessian, cross, weight_algorithms.dampening(recipe), fqn)
+            qw, note = self.linear_fn(fqn, w, st, recipe)
+            out[fqn] = LayerResult(qw, s, alpha, note if cross is None else f"{note}, float-model target")
         return out
 
     def _tune_block(self, block, prefix, index, inputs, targets, quantized, tuner) -> None:
@@ -559,15 +612,18 @@ class LayerwiseCalibration:
         return outs
 
     def _propagate(self, block, inputs):
-        outs = self._run_block(block, inputs)
-        new = []
-        for (args, kwargs), out in zip(inputs, outs):
-            hidden = _hidden_out(out)
-            if args:
-                new.append(((hidden, *args[1:]), kwargs))
-            else:
-                new.append(((), {**kwargs, "hidden_states": hidden}))
-        return new
+        return _with_hidden(inputs, [_hidden_out(o) for o in self._run_block(block, inputs)])
+
+
+def _with_hidden(inputs: list, hiddens: list) -> list:
+    """The block calls ``inputs`` with their hidden states replaced by ``hiddens`` (the next block's inputs)."""
+    new = []
+    for (args, kwargs), hidden in zip(inputs, hiddens):
+        if args:
+            new.append(((hidden, *args[1:]), kwargs))
+        else:
+            new.append(((), {**kwargs, "hidden_states": hidden}))
+    return new
 
 
 def _experts_note(results: dict, key: str, count: int, unreached: list[int]) -> str:

@@ -211,6 +211,21 @@ def _positive_int(owner: str, name: str, value: Any) -> int:
     return value
 
 
+#: what a weight algorithm fits each layer to (``GPTQSpec.target``, ``SignRoundSpec.target``)
+FIT_TARGETS = ("quantized-inputs", "float-model")
+
+
+def _target(section: str, value) -> None:
+    if value not in FIT_TARGETS:
+        raise RecipeError(f"{section}.target={value!r} must be one of {', '.join(map(repr, FIT_TARGETS))}")
+
+
+def _target_needs_layerwise(section: str, target: str, recipe: "Recipe") -> None:
+    if target == "float-model" and not recipe.layerwise:
+        raise RecipeError(f"recipe.{section}.target='float-model' runs the float model's activations beside the "
+                          "quantized model's, block by block: it needs recipe.layerwise=True")
+
+
 @dataclass(frozen=True)
 class GPTQSpec:
     """GPTQ (Frantar et al., 2022): quantize columns in order, compensating each one's error
@@ -228,6 +243,12 @@ class GPTQSpec:
             no activations, quantized by round-to-nearest): without calibration data it is
             skipped, with a warning. Only valid when nothing else in the recipe needs calibration
             (``Recipe.calibration_required_by``).
+        target: what each linear is fitted to: ``"quantized-inputs"``, the float linear's output on
+            the quantized model's inputs (GPTQ's); or ``"float-model"``, the float model's own output
+            (GPTAQ's asymmetric calibration: the layer also corrects the error of the blocks before it;
+            ``qcompiler.calibration.float_reference``). ``"float-model"`` needs ``recipe.layerwise``;
+            fused experts stay fitted to their quantized inputs. Measured on SmolLM2 W4: it diverges
+            (``benchmarks/rotation_validation.py``), so no preset uses it.
     """
 
     block_size: int = 128
@@ -236,6 +257,7 @@ class GPTQSpec:
     static_groups: bool = False
     min_samples: int = 128
     optional: bool = False
+    target: str = "quantized-inputs"
 
     def __post_init__(self):
         _positive_int("gptq", "block_size", self.block_size)
@@ -244,9 +266,11 @@ class GPTQSpec:
             raise RecipeError(f"gptq.dampening={self.dampening!r} must be in (0, 1)")
         for name in ("act_order", "static_groups", "optional"):
             _bool("gptq", name, getattr(self, name))
+        _target("gptq", self.target)
 
     def check(self, recipe: "Recipe") -> None:
         """The rules this spec sets on the rest of ``recipe`` (``RecipeError`` when one fails)."""
+        _target_needs_layerwise("gptq", self.target, recipe)
         if self.optional:
             others = [u for u in recipe.calibration_required_by if u != "GPTQ"]
             if others:
@@ -315,6 +339,11 @@ class SignRoundSpec:
         tune_clipping: also learn the clipping factors (else only the rounding).
         min_clip: smallest clipping factor.
         seed: mini-batch order.
+        target: the block output the tuning fits: ``"quantized-inputs"``, the float block's on the
+            quantized model's inputs; or ``"float-model"``, the float model's own (AutoRound's default:
+            the block also corrects the error of the blocks before it). The start (``init``) is the same
+            either way: GPTQ's start stays fitted to the quantized inputs (``GPTQSpec.target``'s
+            ``"float-model"`` made SmolLM2 diverge, ``benchmarks/rotation_validation.py``).
     """
 
     init: str = "rtn"
@@ -324,6 +353,7 @@ class SignRoundSpec:
     tune_clipping: bool = True
     min_clip: float = 0.5
     seed: int = 0
+    target: str = "quantized-inputs"
 
     def __post_init__(self):
         if self.init not in ("rtn", "gptq"):
@@ -337,6 +367,7 @@ class SignRoundSpec:
         if not 0.0 < _number("signround", "min_clip", self.min_clip) <= 1.0:
             raise RecipeError(f"signround.min_clip={self.min_clip!r} must be in (0, 1]")
         _bool("signround", "tune_clipping", self.tune_clipping)
+        _target("signround", self.target)
 
     @property
     def step_size(self) -> float:
@@ -344,6 +375,7 @@ class SignRoundSpec:
 
     def check(self, recipe: "Recipe") -> None:
         """The rules this spec sets on the rest of ``recipe`` (``RecipeError`` when one fails)."""
+        _target_needs_layerwise("signround", self.target, recipe)
         if recipe.weight.dtype is QuantDtype.FP8_E4M3:
             raise RecipeError("recipe.signround learns integer rounding: weight.dtype must be int4 or int8, "
                               "not 'fp8_e4m3'")
