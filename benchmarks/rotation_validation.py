@@ -27,9 +27,9 @@ working tree before 2026-12-05's commit, cores shared with unit tests):
     python benchmarks/rotation_validation.py --modes rot-online \
         "sr-gptq-25-fm=R('w4a16-signround').replace(weight_algorithm=SignRoundSpec(init='gptq', iters=25, batch_size=1, target='float-model'))"
 
-GPTQ on the float-model target weight diverges: ``gptaq+rot-online`` +605.87%, ``gptaq`` +804.90% (the
-corrections grow block by block, 7% -> 17% of the weight's norm over SmolLM2's first five blocks: every linear of
-a block fits the same upstream error from one pass of float-weight activations). SignRound against the float
+GPTQ on the float-model target weight diverges: ``gptaq+rot-online`` +605.87%, ``gptaq`` +804.90% (not
+investigated; suspected: every linear of a block fits the same upstream error from one pass of float-weight
+activations, where GPTAQ runs the block's linears in sequence). SignRound against the float
 stream's block outputs (GPTQ's start unchanged): ``sr-gptq-25-fm+rot-online`` **+8.29%** (against +9.84% with
 the quantized-inputs target; still worse than GPTQ's +6.53%), quantize 1,860 s.
 """

@@ -122,11 +122,8 @@ def fits_float_model(recipe: Any) -> bool:
     ``target`` is ``"float-model"``: layer-by-layer calibration runs a float stream beside the quantized one,
     ``qcompiler.calibration.float_reference``) rather than to the float layer on the quantized inputs."""
     found = algorithm_of(recipe)
-    return found is not None and getattr(found[1], "target", None) == FLOAT_MODEL
-
-
-#: the ``target`` of a weight-algorithm spec that fits layers to the float model's output
-FLOAT_MODEL = "float-model"
+    from qcompiler.recipes.specs import FLOAT_MODEL_TARGET
+    return found is not None and getattr(found[1], "target", None) == FLOAT_MODEL_TARGET
 
 
 def dampening(recipe: Any) -> float:

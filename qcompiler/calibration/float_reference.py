@@ -25,7 +25,7 @@ import contextlib
 
 import torch
 
-from qcompiler.calibration.statistics import _first_float
+from qcompiler.calibration.statistics import _first_float, linear_input_dims
 from qcompiler.errors import CalibrationError
 
 __all__ = ["paired_linear_inputs", "float_target_weight"]
@@ -47,8 +47,7 @@ class paired_linear_inputs:
         self._shared: tuple = ()
         self.handles = []
         for path, module in block.named_modules():
-            dims = {d for p in module.parameters(recurse=False)
-                    if p.dim() == 2 and p.is_floating_point() for d in p.shape}
+            dims = linear_input_dims(module)
             if dims:
                 fqn = f"{prefix}.{path}" if path else prefix
                 self.handles.append(module.register_forward_pre_hook(self._hook(fqn, dims), with_kwargs=True))

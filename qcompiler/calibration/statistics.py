@@ -250,6 +250,11 @@ def observe_tensors(model: torch.nn.Module, batches: list, observers: Mapping[st
     return results
 
 
+def linear_input_dims(module: torch.nn.Module) -> set[int]:
+    """The dimensions of ``module``'s own 2-D float parameters (empty: not a linear-like module to observe)."""
+    return {d for p in module.parameters(recurse=False) if p.dim() == 2 and p.is_floating_point() for d in p.shape}
+
+
 def _sample_seed(seed: int, call: int, path: str) -> int:
     """A generator seed for one module's one call, the same in every process (no Python ``hash``)."""
     return zlib.crc32(f"{seed}:{call}:{path}".encode())
@@ -302,8 +307,7 @@ class observe_linear_inputs:
 
     def __enter__(self) -> dict[str, StatsAccumulator]:
         for path, module in self.root.named_modules():
-            dims = {d for p in module.parameters(recurse=False)
-                    if p.dim() == 2 and p.is_floating_point() for d in p.shape}
+            dims = linear_input_dims(module)
             if dims and not (self.skip_prefix and path.startswith(self.skip_prefix)):
                 full = f"{self.prefix}.{path}" if self.prefix and path else (self.prefix or path)
                 self.handles.append(module.register_forward_pre_hook(self._hook(full, dims), with_kwargs=True))

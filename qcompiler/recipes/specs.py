@@ -211,8 +211,10 @@ def _positive_int(owner: str, name: str, value: Any) -> int:
     return value
 
 
+#: the ``target`` that fits each layer to the float model's own output (``GPTQSpec``, ``SignRoundSpec``)
+FLOAT_MODEL_TARGET = "float-model"
 #: what a weight algorithm fits each layer to (``GPTQSpec.target``, ``SignRoundSpec.target``)
-FIT_TARGETS = ("quantized-inputs", "float-model")
+FIT_TARGETS = ("quantized-inputs", FLOAT_MODEL_TARGET)
 
 
 def _target(section: str, value) -> None:
@@ -221,7 +223,7 @@ def _target(section: str, value) -> None:
 
 
 def _target_needs_layerwise(section: str, target: str, recipe: "Recipe") -> None:
-    if target == "float-model" and not recipe.layerwise:
+    if target == FLOAT_MODEL_TARGET and not recipe.layerwise:
         raise RecipeError(f"recipe.{section}.target='float-model' runs the float model's activations beside the "
                           "quantized model's, block by block: it needs recipe.layerwise=True")
 
