@@ -73,8 +73,11 @@ def _batches(source: str) -> list[torch.Tensor]:
 def _calibrate(source: str, preset: str, ckpt: str | None = None) -> dict:
     """Quantized weights (layer by layer) or statistics (one pass) of ``preset`` on ``source``."""
     recipe = recipes.resolve(preset.split(":")[0])
-    if preset.endswith(":float-model"):     # fitted to the float model's output: X_q^T X_f all-reduced too
+    options = preset.split(":")[1:]
+    if "float-model" in options:     # fitted to the float model's output: X_q^T X_f all-reduced too
         recipe = recipe.replace(weight_algorithm=dataclasses.replace(recipe.weight_algorithm_spec, target="float-model"))
+    if "true-sequential" in options:     # one calibration pass per dependency level of each block
+        recipe = recipe.replace(weight_algorithm=dataclasses.replace(recipe.weight_algorithm_spec, true_sequential=True))
     model = _model(source)
     if preset.endswith(":one-pass"):     # the whole pipeline, GPTQ in the graph pass (no layer-by-layer)
         import qcompiler
@@ -197,6 +200,8 @@ def _assert_identical(a: dict, b: dict) -> None:
     ("llama", "w4a16-gptq:one-pass", (2,)),    # GPTQ in the graph pass, linears spread over the ranks
     ("mixtral", "w4a16-gptq", (2,)),           # fused experts: per-expert Hessians all-reduced
     ("llama", "w4a16-gptq:float-model", (2,)),  # the float stream beside the quantized one, X_q^T X_f all-reduced
+    # levels found on the first rank with inputs and broadcast; each level's Hessians reduced and spread again
+    ("llama", "w4a16-gptq:float-model:true-sequential", (2,)),
 ])
 def test_results_are_bit_identical_at_any_number_of_ranks(tmp_path, source, preset, sizes):
     torch.set_num_threads(1)

@@ -50,6 +50,9 @@ def test_float_target_weight_is_the_least_squares_fit_of_the_float_output():
     # the dampening pulls the correction, not the weight, toward zero
     damped = float_target_weight(w, xq.T @ xq, xq.T @ xf, dampening=0.5)
     assert 0 < float((damped - w).norm()) < float((want - w).norm())
+    # alpha takes that fraction of the correction (GPTAQ's scaling)
+    quarter = float_target_weight(w, xq.T @ xq, xq.T @ xf, dampening=0.0, alpha=0.25)
+    torch.testing.assert_close(quarter - w, 0.25 * (want - w), rtol=1e-9, atol=1e-12)
 
 
 def test_float_target_weight_keeps_the_weight_where_the_streams_agree_and_dead_inputs():
@@ -202,7 +205,14 @@ def test_the_target_is_validated_and_round_trips():
         SignRoundSpec(target="model")
     with pytest.raises(RecipeError, match="layerwise=True"):
         _recipe("float-model").replace(layerwise=False)
+    for alpha in (0.0, 1.5, float("nan")):
+        with pytest.raises(RecipeError, match="target_alpha"):
+            GPTQSpec(target="float-model", target_alpha=alpha)
+    with pytest.raises(RecipeError, match="needs gptq.target='float-model'"):
+        GPTQSpec(target_alpha=0.25)
+    r = _recipe("float-model", target_alpha=0.25)
+    assert Recipe.from_json(r.to_json()) == r and weight_algorithms.target_alpha(r) == 0.25
+    assert weight_algorithms.target_alpha(recipes.get("w4a16-rtn")) == 1.0
     r = _recipe("float-model")
-    assert Recipe.from_json(r.to_json()) == r
     assert weight_algorithms.fits_float_model(r) and not weight_algorithms.fits_float_model(_recipe("quantized-inputs"))
     assert not weight_algorithms.fits_float_model(recipes.get("w4a16-rtn"))

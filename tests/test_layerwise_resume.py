@@ -58,13 +58,16 @@ def _same(a: LayerwiseCalibration, b: LayerwiseCalibration) -> None:
         assert (st.absmean is None) == (o.absmean is None) and (st.absmean is None or torch.equal(st.absmean, o.absmean))
 
 
-# GPTQ fitted to the float model's output: the resumed run rebuilds the float stream through the completed blocks
+# GPTQ fitted to the float model's output: the resumed run rebuilds the float stream through the completed blocks;
+# true_sequential: the blocks after the resume calibrated level by level
 _FLOAT_MODEL = recipes.get("w4a16-gptq").replace(
     name="w4a16-gptq-float-model",
-    weight_algorithm=dataclasses.replace(recipes.get("w4a16-gptq").weight_algorithm_spec, target="float-model"))
+    weight_algorithm=dataclasses.replace(recipes.get("w4a16-gptq").weight_algorithm_spec, target="float-model",
+                                         true_sequential=True))
 
 
-@pytest.mark.parametrize("preset", ["w4a16-gptq", "w4a16-awq", _FLOAT_MODEL], ids=["gptq", "awq", "gptq-float-model"])
+@pytest.mark.parametrize("preset", ["w4a16-gptq", "w4a16-awq", _FLOAT_MODEL],
+                         ids=["gptq", "awq", "gptq-float-model-true-sequential"])
 def test_a_stopped_run_resumes_after_its_last_block_with_identical_results(tmp_path, preset):
     whole, _ = _run(preset)
     with pytest.raises(_Killed):

@@ -126,6 +126,20 @@ def fits_float_model(recipe: Any) -> bool:
     return found is not None and getattr(found[1], "target", None) == FLOAT_MODEL_TARGET
 
 
+def true_sequential(recipe: Any) -> bool:
+    """Whether layer-by-layer calibration gives each linear of a block the inputs of a block whose linears it
+    depends on are already quantized (its spec's ``true_sequential``), rather than one float pass for all."""
+    found = algorithm_of(recipe)
+    return found is not None and bool(getattr(found[1], "true_sequential", False))
+
+
+def target_alpha(recipe: Any) -> float:
+    """With a float-model target: the fraction of the correction toward the float model's output that the
+    recipe's weight algorithm applies (its spec's ``target_alpha``; 1.0 when it has none)."""
+    found = algorithm_of(recipe)
+    return float(getattr(found[1], "target_alpha", 1.0)) if found is not None else 1.0
+
+
 def dampening(recipe: Any) -> float:
     """The fraction of the Hessian's mean diagonal the recipe's weight algorithm adds to it (GPTQ's
     ``dampening``; 0.01 when its spec has none)."""

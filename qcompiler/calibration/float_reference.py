@@ -15,13 +15,15 @@ Its least-squares split makes this GPTQ on another weight: with ``H = X_q^T X_q`
 (``W* X_q^T`` is the projection of ``W X_f^T`` on the row space of ``X_q``), so GPTQ run on ``W*`` against the
 usual Hessian minimizes the asymmetric objective: each GPTQ step keeps the not-yet-quantized columns at the
 optimum given the fixed ones, and ``W*`` is that optimum before the first (``float_target_weight``; written
-``W* = W + W (C - H)^T H^-1`` with ``H`` dampened as GPTQ dampens it, so only the correction is dampened).
+``W* = W + W (C - H)^T H^-1`` with ``H`` dampened as GPTQ dampens it, so only the correction is dampened;
+``GPTQSpec.target_alpha`` scales the correction, as GPTAQ's reference code scales its own by 0.25).
 ``paired_linear_inputs`` accumulates ``C`` from the two streams, call by call.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Collection
 
 import torch
 
@@ -38,9 +40,9 @@ class paired_linear_inputs:
     Run the block on a call's float-model activations inside ``recording()`` (each linear's input is kept),
     then on the same call's quantized-model activations inside ``pairing()``: each linear adds
     ``X_q^T X_f`` (a float32 term to a float64 sum, as ``X^T X``) for its rows. ``cross`` holds the sums by
-    path; use as a context manager (the hooks are removed on exit)."""
+    path; use as a context manager (the hooks are removed on exit). ``only``: the paths to pair (None: all)."""
 
-    def __init__(self, block: torch.nn.Module, prefix: str):
+    def __init__(self, block: torch.nn.Module, prefix: str, only: Collection[str] | None = None):
         self.cross: dict[str, torch.Tensor] = {}
         self._stored: dict[str, list[torch.Tensor]] = {}
         self._phase: str | None = None
@@ -50,6 +52,8 @@ class paired_linear_inputs:
             dims = linear_input_dims(module)
             if dims:
                 fqn = f"{prefix}.{path}" if path else prefix
+                if only is not None and fqn not in only:
+                    continue
                 self.handles.append(module.register_forward_pre_hook(self._hook(fqn, dims), with_kwargs=True))
 
     def _hook(self, fqn: str, dims: set[int]):
@@ -112,13 +116,14 @@ class paired_linear_inputs:
 
 
 def float_target_weight(w: torch.Tensor, xtx: torch.Tensor, cross: torch.Tensor, dampening: float,
-                        name: str = "?") -> torch.Tensor:
-    """``W* = W + W D^T (H + d I)^-1`` with ``D = C - H = X_q^T (X_f - X_q)`` (float64 solve, returned in ``w``'s
+                        name: str = "?", alpha: float = 1.0) -> torch.Tensor:
+    """``W* = W + alpha W D^T (H + d I)^-1`` with ``D = C - H = X_q^T (X_f - X_q)`` (float64 solve, returned in ``w``'s
     dtype): the float weight whose output on the quantized inputs is, in least squares, the float model's output
     (undamped, ``W C^T H^-1``). ``xtx`` is ``H = X_q^T X_q`` and ``cross`` is ``C = X_q^T X_f``, on one scale (sums,
     or both ``2/n``); ``d`` is ``dampening`` times the mean of ``H``'s diagonal, GPTQ's. Only the correction is
     dampened, so where the two streams agree ``W* = W`` exactly (GPTAQ's form); inputs no quantized row reached
-    (zero diagonal) keep their weight."""
+    (zero diagonal) keep their weight. ``alpha`` < 1 takes that fraction of the correction (GPTAQ's reference
+    code scales its correction term by 0.25)."""
     k = w.shape[1]
     if tuple(xtx.shape) != (k, k) or tuple(cross.shape) != (k, k):
         raise CalibrationError(f"{name}: Hessian {tuple(xtx.shape)} and cross-covariance {tuple(cross.shape)} "
@@ -137,4 +142,4 @@ def float_target_weight(w: torch.Tensor, xtx: torch.Tensor, cross: torch.Tensor,
     if not torch.isfinite(delta).all():
         raise CalibrationError(f"{name}: the float-model target weight is not finite (Hessian too ill-conditioned; "
                                "raise gptq.dampening)")
-    return (w.double() + delta).to(w.dtype)
+    return (w.double() + alpha * delta).to(w.dtype)

@@ -49,6 +49,7 @@ from qcompiler.errors import CalibrationError
 from qcompiler.core.layer_quant import QuantizedWeight, quantize_weight
 from qcompiler.calibration.expert_inputs import block_fused_experts, expert_key, record_expert_inputs
 from qcompiler.calibration.float_reference import float_target_weight, paired_linear_inputs
+from qcompiler.calibration.sequential import called_once, dependency_levels, stop_when_called
 from torch.utils._pytree import tree_map_only
 from qcompiler.recipes import Recipe
 
@@ -127,6 +128,7 @@ class LayerwiseCalibration:
         self._partial_xtx: dict[str, torch.Tensor] = {}   # this rank's X^T X of the block, before the reduce
         # with a float-model target: the block's 2/n X_q^T X_f per linear (float_reference)
         self._float_cross: dict[str, torch.Tensor] = {}
+        self._float_stream = [False]    # set while a block runs the float stream (_float_pass)
 
     def check_vocabulary(self, model: torch.nn.Module) -> None:
         from qcompiler.calibration.statistics import CalibrationCache
@@ -141,6 +143,7 @@ class LayerwiseCalibration:
         hessian = weight_algorithms.needs_hessian(self.recipe)
         tuner = weight_algorithms.block_tuner(self.recipe)
         fits_float = weight_algorithms.fits_float_model(self.recipe)
+        sequential = weight_algorithms.true_sequential(self.recipe)
         world = self.world = dd.current_world()
         if world.active and tuner is not None:
             raise CalibrationError(f"recipe {self.recipe.name!r}: block tuning "
@@ -205,11 +208,31 @@ class LayerwiseCalibration:
                                                                         keep_outputs=tuner is not None,
                                                                         n_calls=n_calls, call_offset=call_offset,
                                                                         float_inputs=float_inputs)
+                block_float_inputs = float_inputs
                 if float_inputs is not None:
                     float_inputs = _with_hidden(float_inputs, float_outputs)
                 self.peak_state_bytes = max(self.peak_state_bytes, state)
                 self.activation_bytes = max(self.activation_bytes, _tensor_bytes(inputs))
-                hooks, quantized = self._quantize_block(block, prefix, block_stats, keys, swaps, inputs)
+                modules, group_list = self._linear_groups(block, prefix, block_stats, keys, inputs)
+                stages, once = self._stages(block, prefix, modules, group_list, inputs) if sequential \
+                    else ([list(range(len(group_list)))], set())
+                hooks, quantized = [], {}
+                for level, stage in enumerate(stages):
+                    groups = [group_list[j] for j in stage]
+                    if level:   # the linears of this level, on a pass with the levels before it quantized
+                        originals = {f[len(prefix) + 1:] + ".weight": modules[f][1] for f in quantized_so_far}
+                        members = {f for g in groups for f in g}
+                        st, _, state, _ = self._observe(block, prefix, inputs, hessian, n_calls=n_calls,
+                                                        call_offset=call_offset, float_inputs=block_float_inputs,
+                                                        only=members, float_params=originals,
+                                                        stop_after=members if members <= once else None)
+                        block_stats.update(st)
+                        self.peak_state_bytes = max(self.peak_state_bytes, state)
+                    new_hooks, new_quantized = self._quantize_groups(prefix, modules, groups, block_stats, swaps)
+                    hooks += new_hooks
+                    quantized.update(new_quantized)
+                    quantized_so_far = [f for g in groups for f in g] + (quantized_so_far if level else [])
+                del block_float_inputs
                 expert_results = self._quantize_experts(block, prefix, swaps, home)
                 if tuner is not None and quantized:
                     self._tune_block(block, prefix, i, inputs, float_outputs, quantized, tuner)
@@ -324,36 +347,68 @@ class LayerwiseCalibration:
         swaps.append((module, "weight", param))
         _put_weight(module, param, eff, transposed)
         act = self.recipe.activation
-        return [module.register_forward_pre_hook(_fake_quant_input(act, s))] if act is not None and act.dynamic else []
+        return [module.register_forward_pre_hook(_fake_quant_input(act, s, self._float_stream))] \
+            if act is not None and act.dynamic else []
+
+    @contextlib.contextmanager
+    def _float_pass(self):
+        """The block runs the float stream: the activation hooks of linears already quantized stand aside."""
+        self._float_stream[0] = True
+        try:
+            yield
+        finally:
+            self._float_stream[0] = False
 
     def _observe(self, block, prefix, inputs, hessian, keep_outputs: bool = False, n_calls: int | None = None,
-                 call_offset: int = 0, float_inputs: list | None = None):
-        """Run the (float) block on the captured inputs, accumulating its linears' statistics; the statistics,
+                 call_offset: int = 0, float_inputs: list | None = None, only: set[str] | None = None,
+                 float_params: dict | None = None, stop_after: set[str] | None = None):
+        """Run the block on the captured inputs, accumulating its linears' statistics; the statistics,
         input keys, state bytes and the block's outputs (``keep_outputs``). With ``float_inputs`` (the float
         model's activations, call for call) the block also runs on those, each call just before the quantized
         stream's, and the outputs returned are the float stream's; with Hessians and no block tuner, each
-        linear's ``X_q^T X_f`` lands in ``_float_cross``."""
+        linear's ``X_q^T X_f`` lands in ``_float_cross``. ``only``: the linears to observe (a later level of
+        ``true_sequential``: no fused experts, no input keys); ``float_params``: the float weights of the linears
+        already quantized in place, which the float stream runs with; ``stop_after``: linears after which each
+        call stops (their inputs are all that is needed; no outputs are returned)."""
         keys: dict[str, tuple] = {}
         # fused experts: each expert's Hessian, from the tokens routed to it (Hessian-based algorithms only)
-        experts = block_fused_experts(block, prefix, self.recipe) if hessian else {}
+        experts = block_fused_experts(block, prefix, self.recipe) if hessian and only is None else {}
         observe = observe_linear_inputs(block, self.samples_per_layer, n_calls or len(inputs), self.seed, hessian,
-                                        prefix, index_offset=call_offset)
+                                        prefix, index_offset=call_offset, only=only)
         record = record_expert_inputs(experts)
         # GPTQ fitted to the float model's output (W*); a block tuner fits the float stream's block outputs
         # instead, from its algorithm's usual start
-        pairs = paired_linear_inputs(block, prefix) if float_inputs is not None and hessian and \
+        pairs = paired_linear_inputs(block, prefix, only) if float_inputs is not None and hessian and \
             weight_algorithms.block_tuner(self.recipe) is None else None
         outs, float_outs = [], []
-        first_inputs = _record_input_keys(block, prefix, keys)
+        first_inputs = _record_input_keys(block, prefix, keys) if only is None else []
+        stopper = stop_when_called(block, prefix, stop_after, _StopForward) if stop_after else None
+
+        def call(fn):
+            if stopper is None:
+                return fn()
+            stopper.reset()
+            try:
+                fn()
+            except _StopForward:
+                pass
+            return None
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), stopper or contextlib.nullcontext():
                 for c, (args, kwargs) in enumerate(inputs):
                     if float_inputs is not None:     # statistics hooks off: only the pairing records
                         fargs, fkwargs = float_inputs[c]
-                        with pairs.recording() if pairs is not None else contextlib.nullcontext():
-                            float_outs.append(_hidden_out(block(*fargs, **fkwargs)))
+                        with pairs.recording() if pairs is not None else contextlib.nullcontext(), \
+                                self._float_pass():
+                            out = call(lambda: torch.func.functional_call(block, float_params, fargs, fkwargs,
+                                                                          strict=False)
+                                       if float_params else block(*fargs, **fkwargs))
+                            if out is not None:
+                                float_outs.append(_hidden_out(out))
                     with observe, record, pairs.pairing() if pairs is not None else contextlib.nullcontext():
-                        outs.append(block(*args, **kwargs))
+                        out = call(lambda: block(*args, **kwargs))
+                        if out is not None:
+                            outs.append(out)
         finally:
             for hk in first_inputs:
                 hk.remove()
@@ -388,7 +443,10 @@ class LayerwiseCalibration:
         del outs
         return {p: a.finish(self.samples_per_layer) for p, a in acc.items()}, keys, state, outputs
 
-    def _quantize_block(self, block, prefix, block_stats, keys, swaps, inputs) -> list:
+    def _linear_groups(self, block, prefix, block_stats, keys, inputs) -> tuple[dict, list[list[str]]]:
+        """The block's linears to quantize (``{fqn: (module, weight, transposed)}``, routers and kept modules
+        left out) and their groups (linears reading one input), in the order of the block's calls as the
+        first rank that ran inputs saw them."""
         groups: dict[str, list[str]] = {}
         modules = {}
         for fqn, st in block_stats.items():
@@ -403,13 +461,32 @@ class LayerwiseCalibration:
             x = keys.get(fqn)
             owner = next((f for f in groups if x is not None and keys.get(f) is x), fqn)
             groups.setdefault(owner, []).append(fqn)
+        group_list = dd.broadcast_object(self.world, list(groups.values()), self._source_rank,
+                                         "broadcast of the linear groups", f"block {prefix}")
+        return modules, group_list
+
+    def _stages(self, block, prefix, modules, group_list, inputs) -> tuple[list[list[int]], set[str]]:
+        """``true_sequential``'s levels: lists of indices into ``group_list``, each group one level after the
+        deepest group whose weights change its input (``dependency_levels``), and the linears the block calls
+        once per call (a level's pass may stop when they have run), both from the first replayed call on the
+        first rank that ran inputs, broadcast."""
+        found = None
+        if self.world.rank == self._source_rank:
+            args, kwargs = inputs[0]
+            found = (dependency_levels(block, prefix, [[(f, modules[f][1]) for f in g] for g in group_list],
+                                       args, kwargs),
+                     called_once(block, prefix, [f for g in group_list for f in g], args, kwargs))
+        return dd.broadcast_object(self.world, found, self._source_rank, "broadcast of the sequential levels",
+                                   f"block {prefix}")
+
+    def _quantize_groups(self, prefix, modules, group_list, block_stats, swaps) -> tuple[list, dict]:
+        """The weight algorithm on ``group_list``'s linears (each group's work on one rank, by cost; results
+        broadcast), their dequantized weights put in place (recorded in ``swaps``); the activation hooks and,
+        for a block tuner, ``{fqn: (module, weight, transposed, float32 weight)}``."""
         hooks = []
         quantized: dict[str, tuple] = {}
         world = self.world
-        # the groups (linears sharing one input) as the first rank that ran inputs saw them; each group's
-        # work goes to one rank, by cost, and its results are broadcast from there
-        group_list = dd.broadcast_object(world, list(groups.values()), self._source_rank, "broadcast of the linear "
-                                         "groups", f"block {prefix}")
+        modules = {f: modules[f] for g in group_list for f in g}
         # float32 copies: what the algorithms work on (a block tuner starts from them too)
         weights = {f: (m[1].t() if m[2] else m[1]).detach().float().clone() for f, m in modules.items()}
         # units of work: a group, or a slice of its output rows when the group alone outweighs a rank's share
@@ -545,7 +622,8 @@ class LayerwiseCalibration:
             if cross is not None and st.hessian is not None:
                 if s is not None:
                     cross = cross / (s[:, None] * s[None, :]).to(cross)
-                w = float_target_weight(w, st.hessian, cross, weight_algorithms.dampening(recipe), fqn)
+                w = float_target_weight(w, st.hessian, cross, weight_algorithms.dampening(recipe), fqn,
+                                        alpha=weight_algorithms.target_alpha(recipe))
             qw, note = self.linear_fn(fqn, w, st, recipe)
             out[fqn] = LayerResult(qw, s, alpha, note if cross is None else f"{note}, float-model target")
         return out
@@ -737,8 +815,10 @@ def _merge_compatible(inputs: list, group: int) -> list:
     return merged
 
 
-def _fake_quant_input(act, s):
+def _fake_quant_input(act, s, float_stream: list[bool]):
     def hook(module, args):
+        if float_stream[0]:
+            return None
         x = args[0]
         xs = x if s is None else x / s
         y = layer_quant.fake_quant_act(xs.float(), act, None).to(x.dtype)

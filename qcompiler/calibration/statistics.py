@@ -14,7 +14,7 @@ import logging
 import math
 import time
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -268,11 +268,14 @@ class observe_linear_inputs:
 
     ``n_batches`` calls in all (over every rank) share ``samples_per_layer`` sampled rows; the rows of a
     module's i-th call are drawn by a generator keyed on ``(seed, index_offset + i, module path)``, so a
-    rank whose shard starts at global call ``index_offset`` samples the rows a single process would."""
+    rank whose shard starts at global call ``index_offset`` samples the rows a single process would.
+    ``only``: the full paths to observe (None: every module)."""
 
     def __init__(self, root: torch.nn.Module, samples_per_layer: int, n_batches: int, seed: int = 0,
-                 hessian: bool = False, prefix: str = "", skip_prefix: str | None = None, index_offset: int = 0):
+                 hessian: bool = False, prefix: str = "", skip_prefix: str | None = None, index_offset: int = 0,
+                 only: Collection[str] | None = None):
         self.root, self.prefix, self.hessian, self.skip_prefix = root, prefix, hessian, skip_prefix
+        self.only = None if only is None else set(only)
         self.per_batch = max(1, math.ceil(samples_per_layer / max(n_batches, 1)))
         self.seed, self.index_offset = seed, index_offset
         self.calls: dict[str, int] = {}
@@ -310,6 +313,8 @@ class observe_linear_inputs:
             dims = linear_input_dims(module)
             if dims and not (self.skip_prefix and path.startswith(self.skip_prefix)):
                 full = f"{self.prefix}.{path}" if self.prefix and path else (self.prefix or path)
+                if self.only is not None and full not in self.only:
+                    continue
                 self.handles.append(module.register_forward_pre_hook(self._hook(full, dims), with_kwargs=True))
         return self.acc
 

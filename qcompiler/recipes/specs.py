@@ -251,6 +251,14 @@ class GPTQSpec:
             ``qcompiler.calibration.float_reference``). ``"float-model"`` needs ``recipe.layerwise``;
             fused experts stay fitted to their quantized inputs. Measured on SmolLM2 W4: it diverges
             (``benchmarks/rotation_validation.py``), so no preset uses it.
+        target_alpha: with ``target="float-model"``, the fraction of the correction ``W* - W`` toward the float
+            model's output that GPTQ starts from, in (0, 1] (GPTAQ's reference code scales its correction by
+            0.25); must stay 1.0 with the default target.
+        true_sequential: within each decoder block, each linear's statistics come from a pass in which the
+            linears it depends on are already quantized (GPTQ's ``--true-sequential``: q/k/v, then ``o_proj``
+            on their quantized outputs, then the MLP); else every linear of the block is calibrated on one pass
+            of the float block. One more pass of the block per dependency level found (linears that do not
+            feed each other share one). Needs ``recipe.layerwise``.
     """
 
     block_size: int = 128
@@ -260,19 +268,29 @@ class GPTQSpec:
     min_samples: int = 128
     optional: bool = False
     target: str = "quantized-inputs"
+    target_alpha: float = 1.0
+    true_sequential: bool = False
 
     def __post_init__(self):
         _positive_int("gptq", "block_size", self.block_size)
         _positive_int("gptq", "min_samples", self.min_samples)
         if not 0.0 < _number("gptq", "dampening", self.dampening) < 1.0:
             raise RecipeError(f"gptq.dampening={self.dampening!r} must be in (0, 1)")
-        for name in ("act_order", "static_groups", "optional"):
+        for name in ("act_order", "static_groups", "optional", "true_sequential"):
             _bool("gptq", name, getattr(self, name))
         _target("gptq", self.target)
+        if not 0.0 < _number("gptq", "target_alpha", self.target_alpha) <= 1.0:
+            raise RecipeError(f"gptq.target_alpha={self.target_alpha!r} must be in (0, 1]")
+        if self.target_alpha != 1.0 and self.target != FLOAT_MODEL_TARGET:
+            raise RecipeError(f"gptq.target_alpha={self.target_alpha!r} scales the float-model target's correction: "
+                              f"it needs gptq.target='float-model' (target is {self.target!r})")
 
     def check(self, recipe: "Recipe") -> None:
         """The rules this spec sets on the rest of ``recipe`` (``RecipeError`` when one fails)."""
         _target_needs_layerwise("gptq", self.target, recipe)
+        if self.true_sequential and not recipe.layerwise:
+            raise RecipeError("recipe.gptq.true_sequential=True calibrates each block's linears in dependency order, "
+                              "block by block: it needs recipe.layerwise=True")
         if self.optional:
             others = [u for u in recipe.calibration_required_by if u != "GPTQ"]
             if others:
