@@ -32,6 +32,20 @@ investigated; suspected: every linear of a block fits the same upstream error fr
 activations, where GPTAQ runs the block's linears in sequence). SignRound against the float
 stream's block outputs (GPTQ's start unchanged): ``sr-gptq-25-fm+rot-online`` **+8.29%** (against +9.84% with
 the quantized-inputs target; still worse than GPTQ's +6.53%), quantize 1,860 s.
+
+Calibrating each block's linears in dependency order (``true_sequential=True``, 2026-12-05, AMD EPYC AVX2, frozen
+installs of the working tree before commit 18e3d94, the second with the level passes' early stop; cores shared with
+unit tests during the first and with the whole test suite during the second, so the seconds are high):
+
+    python benchmarks/rotation_validation.py --modes rot-online \
+        "gptq-ts=R('w4a16-gptq').replace(weight_algorithm=rep(R('w4a16-gptq').weight_algorithm_spec, true_sequential=True))"
+    python benchmarks/rotation_validation.py --modes rot-online \
+        "gptaq-ts=R('w4a16-gptq').replace(weight_algorithm=rep(R('w4a16-gptq').weight_algorithm_spec, true_sequential=True, target='float-model'))"
+
+``gptq-ts+rot-online`` +6.49% (quantize 1,679 s): no gain over ``w4a16-gptq+rot-online``'s +6.53%.
+``gptaq-ts+rot-online`` **+3.77%** (quantize 4,446 s): the float-model target, which diverged without
+``true_sequential``, is the best W4A16 on validation text so far once each linear sees its block's earlier linears
+quantized (GPTAQ's own procedure).
 """
 import argparse
 import copy

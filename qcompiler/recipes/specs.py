@@ -249,8 +249,9 @@ class GPTQSpec:
             the quantized model's inputs (GPTQ's); or ``"float-model"``, the float model's own output
             (GPTAQ's asymmetric calibration: the layer also corrects the error of the blocks before it;
             ``qcompiler.calibration.float_reference``). ``"float-model"`` needs ``recipe.layerwise``;
-            fused experts stay fitted to their quantized inputs. Measured on SmolLM2 W4: it diverges
-            (``benchmarks/rotation_validation.py``), so no preset uses it.
+            fused experts stay fitted to their quantized inputs. Measured on SmolLM2 W4 validation text
+            (``benchmarks/rotation_validation.py``): it diverges without ``true_sequential`` (+606%) and beats
+            plain GPTQ with it (+3.77% against +6.53%, online rotations both); no preset uses it yet.
         target_alpha: with ``target="float-model"``, the fraction of the correction ``W* - W`` toward the float
             model's output that GPTQ starts from, in (0, 1] (GPTAQ's reference code scales its correction by
             0.25); must stay 1.0 with the default target.
@@ -363,7 +364,7 @@ class SignRoundSpec:
             quantized model's inputs; or ``"float-model"``, the float model's own (AutoRound's default:
             the block also corrects the error of the blocks before it). The start (``init``) is the same
             either way: GPTQ's start stays fitted to the quantized inputs (``GPTQSpec.target``'s
-            ``"float-model"`` made SmolLM2 diverge, ``benchmarks/rotation_validation.py``).
+            ``"float-model"`` without ``true_sequential`` made SmolLM2 diverge, ``benchmarks/rotation_validation.py``).
     """
 
     init: str = "rtn"
