@@ -21,7 +21,7 @@ from qcompiler.calibration.float_reference import float_target_weight, paired_li
 from qcompiler.calibration.layerwise import LayerwiseCalibration, find_decoder_blocks
 from qcompiler.errors import CalibrationError, RecipeError
 from qcompiler.recipes import GPTQSpec, Granularity, QuantDtype, Recipe, SignRoundSpec, WeightSpec
-from tiny_models import ARCHS, calibration_batches, tiny_model
+from tiny_models import ARCHS, calibration_batches, linear_inputs, tiny_model
 
 SPEC = WeightSpec(QuantDtype.INT4, Granularity.PER_GROUP, group_size=16)
 
@@ -91,22 +91,6 @@ def test_pairing_sums_the_cross_products_of_matching_calls():
             lin(calls[0][1])
 
 
-def _linear_inputs(model, batches, fqns) -> dict[str, torch.Tensor]:
-    """The inputs of the named linears over ``batches`` (float64 rows), by forward pre-hooks."""
-    rows: dict[str, list] = {f: [] for f in fqns}
-    mods = dict(model.named_modules())
-    hooks = [mods[f].register_forward_pre_hook(lambda m, a, f=f: rows[f].append(a[0].reshape(-1, a[0].shape[-1])))
-             for f in fqns]
-    try:
-        with torch.inference_mode():
-            for b in batches:
-                model(input_ids=b)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {f: torch.cat(r).double() for f, r in rows.items()}
-
-
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_layerwise_gptq_fits_each_linear_to_the_float_models_output(arch):
     """Block 0 (nothing upstream quantized): GPTQ's codes bit for bit. Block 1: each linear's codes are GPTQ's
@@ -125,13 +109,13 @@ def test_layerwise_gptq_fits_each_linear_to_the_float_models_output(arch):
     for f in first:
         assert torch.equal(fit.results[f].qweight.q, plain.results[f].qweight.q), f
         assert "float-model target" in fit.results[f].note
-    x_float = _linear_inputs(model, batches, second)
+    x_float = linear_inputs(model, batches, second)
     transposed = arch == "gpt2"           # Conv1D stores [K, N]
     mods = dict(model.named_modules())
     for f in first:                        # the quantized stream: block 0 as calibration left it
         w = fit.results[f].qweight.dequantize()
         mods[f].weight.data = (w.t() if transposed else w).contiguous()
-    x_quant = _linear_inputs(model, batches, second)
+    x_quant = linear_inputs(model, batches, second)
     ref = tiny_model(arch)
     refs = dict(ref.named_modules())
     better = 0

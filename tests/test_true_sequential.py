@@ -21,7 +21,7 @@ from qcompiler.calibration.layerwise import LayerwiseCalibration, find_decoder_b
 from qcompiler.calibration.sequential import dependency_levels
 from qcompiler.errors import RecipeError
 from qcompiler.recipes import GPTQSpec, Granularity, QuantDtype, Recipe, WeightSpec
-from tiny_models import ARCHS, calibration_batches, tiny_model
+from tiny_models import ARCHS, calibration_batches, linear_inputs, tiny_model
 
 SPEC = WeightSpec(QuantDtype.INT4, Granularity.PER_GROUP, group_size=16)
 
@@ -104,21 +104,6 @@ def test_independent_branches_share_a_level_and_unreached_groups_wait_for_every_
     assert dependency_levels(block, "m", groups, (x,), {"rare": True}) == [[0, 1], [2], [3, 4]]
 
 
-def _linear_inputs(model, batches, fqns) -> dict[str, torch.Tensor]:
-    rows: dict[str, list] = {f: [] for f in fqns}
-    mods = dict(model.named_modules())
-    hooks = [mods[f].register_forward_pre_hook(lambda m, a, f=f: rows[f].append(a[0].reshape(-1, a[0].shape[-1])))
-             for f in fqns]
-    try:
-        with torch.inference_mode():
-            for b in batches:
-                model(input_ids=b)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {f: torch.cat(r).double() for f, r in rows.items()}
-
-
 _LEVELS = {"llama": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
                      ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]],
            "gpt2": [["attn.c_attn"], ["attn.c_proj"], ["mlp.c_fc"], ["mlp.c_proj"]]}
@@ -142,9 +127,9 @@ def test_each_level_is_gptq_on_the_inputs_of_the_levels_before_it_quantized(arch
     model, ref = tiny_model(arch), tiny_model(arch)
     mods, refs = dict(model.named_modules()), dict(ref.named_modules())
     levels = [[f"{path}.0.{n}" for n in lv] for lv in _LEVELS[arch]]
-    x_float = _linear_inputs(ref, batches, [f for lv in levels for f in lv])
+    x_float = linear_inputs(ref, batches, [f for lv in levels for f in lv])
     for depth, level in enumerate(levels):
-        x_quant = _linear_inputs(model, batches, level)
+        x_quant = linear_inputs(model, batches, level)
         for f in level:
             xq = x_quant[f]
             n = xq.shape[0]

@@ -46,3 +46,19 @@ def token_batches(n: int, seq: int, seed: int = 1) -> list[torch.Tensor]:
 def calibration_batches(seed: int = 1) -> list[torch.Tensor]:
     """4 x 32 tokens: the 128 rows GPTQ needs at least (the fp8 presets run it)."""
     return token_batches(4, 32, seed)
+
+
+def linear_inputs(model, batches, fqns) -> dict[str, torch.Tensor]:
+    """The inputs of the named linears over ``batches`` (float64 rows), by forward pre-hooks."""
+    rows: dict[str, list] = {f: [] for f in fqns}
+    mods = dict(model.named_modules())
+    hooks = [mods[f].register_forward_pre_hook(lambda m, a, f=f: rows[f].append(a[0].reshape(-1, a[0].shape[-1])))
+             for f in fqns]
+    try:
+        with torch.inference_mode():
+            for b in batches:
+                model(input_ids=b)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {f: torch.cat(r).double() for f, r in rows.items()}
