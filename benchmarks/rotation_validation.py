@@ -45,7 +45,13 @@ unit tests during the first and with the whole test suite during the second, so 
 ``gptq-ts+rot-online`` +6.49% (quantize 1,679 s): no gain over ``w4a16-gptq+rot-online``'s +6.53%.
 ``gptaq-ts+rot-online`` **+3.77%** (quantize 4,446 s): the float-model target, which diverged without
 ``true_sequential``, is the best W4A16 on validation text so far once each linear sees its block's earlier linears
-quantized (GPTAQ's own procedure).
+quantized (GPTAQ's own procedure). With GPTAQ's reference scaling of the correction (frozen install of 18e3d94,
+machine otherwise idle but for a few minutes of unit tests):
+
+    python benchmarks/rotation_validation.py --modes rot-online \
+        "gptaq-ts-a25=R('w4a16-gptq').replace(weight_algorithm=rep(R('w4a16-gptq').weight_algorithm_spec, true_sequential=True, target='float-model', target_alpha=0.25))"
+
+``gptaq-ts-a25+rot-online`` **+3.28%** (quantize 2,050 s).
 """
 import argparse
 import copy
