@@ -214,13 +214,14 @@ class LayerwiseCalibration:
                 self.peak_state_bytes = max(self.peak_state_bytes, state)
                 self.activation_bytes = max(self.activation_bytes, _tensor_bytes(inputs))
                 modules, group_list = self._linear_groups(block, prefix, block_stats, keys, inputs)
-                stages, once = self._stages(block, prefix, modules, group_list, inputs) if sequential \
+                levels, once = self._levels(block, prefix, modules, group_list, inputs) if sequential \
                     else ([list(range(len(group_list)))], set())
                 hooks, quantized = [], {}
-                for level, stage in enumerate(stages):
-                    groups = [group_list[j] for j in stage]
+                for level, indices in enumerate(levels):
+                    groups = [group_list[j] for j in indices]
                     if level:   # the linears of this level, on a pass with the levels before it quantized
-                        originals = {f[len(prefix) + 1:] + ".weight": modules[f][1] for f in quantized_so_far}
+                        done = [f for earlier in levels[:level] for j in earlier for f in group_list[j]]
+                        originals = {f[len(prefix) + 1:] + ".weight": modules[f][1] for f in done}
                         members = {f for g in groups for f in g}
                         st, _, state, _ = self._observe(block, prefix, inputs, hessian, n_calls=n_calls,
                                                         call_offset=call_offset, float_inputs=block_float_inputs,
@@ -231,7 +232,6 @@ class LayerwiseCalibration:
                     new_hooks, new_quantized = self._quantize_groups(prefix, modules, groups, block_stats, swaps)
                     hooks += new_hooks
                     quantized.update(new_quantized)
-                    quantized_so_far = [f for g in groups for f in g] + (quantized_so_far if level else [])
                 del block_float_inputs
                 expert_results = self._quantize_experts(block, prefix, swaps, home)
                 if tuner is not None and quantized:
@@ -465,7 +465,7 @@ class LayerwiseCalibration:
                                          "broadcast of the linear groups", f"block {prefix}")
         return modules, group_list
 
-    def _stages(self, block, prefix, modules, group_list, inputs) -> tuple[list[list[int]], set[str]]:
+    def _levels(self, block, prefix, modules, group_list, inputs) -> tuple[list[list[int]], set[str]]:
         """``true_sequential``'s levels: lists of indices into ``group_list``, each group one level after the
         deepest group whose weights change its input (``dependency_levels``), and the linears the block calls
         once per call (a level's pass may stop when they have run), both from the first replayed call on the

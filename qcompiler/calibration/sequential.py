@@ -17,6 +17,11 @@ from qcompiler.calibration.statistics import _first_float
 __all__ = ["dependency_levels", "called_once", "stop_when_called"]
 
 
+def _module(block: torch.nn.Module, prefix: str, fqn: str) -> torch.nn.Module:
+    """The module of ``block`` at full path ``fqn`` (``prefix`` is the block's own path)."""
+    return block.get_submodule(fqn[len(prefix) + 1:]) if fqn != prefix else block
+
+
 def _group_inputs(block: torch.nn.Module, prefix: str, groups: list[list[tuple[str, torch.Tensor]]],
                   args: tuple, kwargs: dict, overrides: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
     """Each group's input (its first linear's, first call) when the block runs ``(args, kwargs)`` with
@@ -24,8 +29,7 @@ def _group_inputs(block: torch.nn.Module, prefix: str, groups: list[list[tuple[s
     seen: dict[int, torch.Tensor] = {}
     handles = []
     for j, group in enumerate(groups):
-        fqn = group[0][0]
-        module = block.get_submodule(fqn[len(prefix) + 1:]) if fqn != prefix else block
+        module = _module(block, prefix, group[0][0])
 
         def hook(module, a, k, j=j):
             x = _first_float(a, k)
@@ -42,8 +46,7 @@ def _group_inputs(block: torch.nn.Module, prefix: str, groups: list[list[tuple[s
 
 
 def _param_path(block: torch.nn.Module, prefix: str, fqn: str, param: torch.Tensor) -> str:
-    module = block.get_submodule(fqn[len(prefix) + 1:]) if fqn != prefix else block
-    name = next(n for n, p in module.named_parameters(recurse=False) if p is param)
+    name = next(n for n, p in _module(block, prefix, fqn).named_parameters(recurse=False) if p is param)
     return f"{fqn[len(prefix) + 1:]}.{name}" if fqn != prefix else name
 
 
@@ -78,8 +81,8 @@ def called_once(block: torch.nn.Module, prefix: str, fqns: list[str], args: tupl
     counts = dict.fromkeys(fqns, 0)
     handles = []
     for fqn in fqns:
-        module = block.get_submodule(fqn[len(prefix) + 1:]) if fqn != prefix else block
-        handles.append(module.register_forward_pre_hook(lambda m, a, fqn=fqn: counts.__setitem__(fqn, counts[fqn] + 1)))
+        handles.append(_module(block, prefix, fqn).register_forward_pre_hook(
+            lambda m, a, fqn=fqn: counts.__setitem__(fqn, counts[fqn] + 1)))
     try:
         with torch.inference_mode():
             block(*args, **kwargs)
@@ -110,8 +113,7 @@ class stop_when_called:
 
     def __enter__(self) -> "stop_when_called":
         for fqn in self.fqns:
-            module = self.block.get_submodule(fqn[len(self.prefix) + 1:]) if fqn != self.prefix else self.block
-            self.handles.append(module.register_forward_hook(self._hook(fqn)))
+            self.handles.append(_module(self.block, self.prefix, fqn).register_forward_hook(self._hook(fqn)))
         return self
 
     def __exit__(self, *exc) -> None:
