@@ -152,6 +152,48 @@ def test_the_dense_form_is_the_transform(m, p):
     assert rel_err(dense.double(), hadamard_transform_ref(x, h.double(), scale)) < 1e-6
 
 
+def _spec_steps_token_by_token(x, h_block, scale):
+    """The documented steps of ``qcompiler::hadamard_transform`` for one token at a time: butterflies at strides
+    1, 2, 4, ... on each of the m slices, then slice i = sum over j = 0 .. m-1 of h_block[i, j] * slice j."""
+    m = h_block.shape[0]
+    rows = x.reshape(-1, x.shape[-1]).float()
+    out = []
+    for row in rows:
+        y = [row[j * (row.numel() // m):(j + 1) * (row.numel() // m)].clone() for j in range(m)]
+        for s in y:
+            h = 1
+            while h < s.numel():
+                for start in range(0, s.numel(), 2 * h):
+                    a, b = s[start:start + h].clone(), s[start + h:start + 2 * h].clone()
+                    s[start:start + h], s[start + h:start + 2 * h] = a + b, a - b
+                h *= 2
+        slices = []
+        for i in range(m):
+            acc = torch.zeros_like(y[0])
+            for j in range(m):
+                acc = acc + h_block[i, j] * y[j]
+            slices.append(acc * scale)
+        out.append(torch.cat(slices))
+    return torch.stack(out).reshape(x.shape)
+
+
+@pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
+@pytest.mark.parametrize("n,shape", [(576, (2, 3)), (1536, (2,)), (96, (4, 5)), (16, (3,))])
+def test_the_reference_kernel_adds_in_the_documented_order(n, shape, contiguous):
+    """The reference kernel's layout (tokens innermost, chunked) changes no addition: it equals the documented
+    steps run token by token bit for bit (the Triton kernel is held to the same steps), from a contiguous or a
+    strided input (left as it was), and returns a contiguous tensor as its fake kernel says."""
+    from qcompiler.algorithms.hadamard import online_hadamard
+    from qcompiler.core.reference_kernels import hadamard_transform_ref
+    h_block, _, scale = online_hadamard(n)
+    x = torch.randn(n, *shape, generator=torch.Generator().manual_seed(n)).movedim(0, -1)
+    x = x.contiguous() if contiguous else x
+    before = x.clone()
+    out = hadamard_transform_ref(x, h_block, scale)
+    assert out.is_contiguous() and out.shape == x.shape and torch.equal(x, before)
+    assert torch.equal(out, _spec_steps_token_by_token(x, h_block, scale))
+
+
 @pytest.mark.parametrize("m,p", [(1, 16), (12, 8), (20, 4)])
 def test_the_transform_backpropagates_its_transpose(m, p):
     """Gradients flow through ``qcompiler::hadamard_transform`` (SignRound's block tuning and QAT train through

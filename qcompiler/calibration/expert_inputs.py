@@ -74,6 +74,8 @@ class record_expert_inputs(torch.overrides.TorchFunctionMode):
         self._configs: list = []
 
     def __enter__(self):
+        if not self.experts:     # nothing to watch: no mode, so no Python call on every torch function
+            return self.acc
         for key, (module, name, transposed) in self.experts.items():
             self._params[id(getattr(module, name))] = (key, transposed)
             config = getattr(module, "config", None)
@@ -84,6 +86,8 @@ class record_expert_inputs(torch.overrides.TorchFunctionMode):
         return self.acc
 
     def __exit__(self, *exc):
+        if not self.experts:
+            return
         super().__exit__(*exc)
         for config, value in reversed(self._configs):
             config._experts_implementation = value

@@ -201,15 +201,30 @@ def hadamard_transform_ref(x: torch.Tensor, h_block: torch.Tensor, scale: float)
     n, m = x.shape[-1], h_block.shape[0]
     p = n // m
     compute = torch.promote_types(x.dtype, torch.float32)
-    y = x.to(compute).reshape(-1, m, p)
+    # Laid out [n, tokens] so that every step below runs over long contiguous rows (the token-major layout
+    # has rows of p values, as short as 8): the same additions in the same order, 6-17x faster on CPU.
+    rows = x.reshape(-1, n)
+    tokens = rows.shape[0]
+    y = torch.empty((n, tokens), dtype=compute, device=x.device)
+    y.copy_(rows.t())    # a fresh buffer: the butterflies below write into it
+    y = y.view(m, p, tokens)
+    out = torch.empty_like(y)
     h = 1
     while h < p:
-        pairs = y.reshape(-1, m, p // (2 * h), 2, h)
-        a, b = pairs[..., 0, :], pairs[..., 1, :]
-        y = torch.stack([a + b, a - b], dim=-2).reshape(-1, m, p)
+        a, o = y.view(m, p // (2 * h), 2, h * tokens), out.view(m, p // (2 * h), 2, h * tokens)
+        torch.add(a[:, :, 0], a[:, :, 1], out=o[:, :, 0])
+        torch.sub(a[:, :, 0], a[:, :, 1], out=o[:, :, 1])
+        y, out = out, y
         h *= 2
+    y, acc = y.view(m, p * tokens), out.view(m, p * tokens).zero_()
     hb = h_block.to(compute)
-    acc = torch.zeros_like(y)
-    for j in range(m):
-        acc = acc + hb[:, j, None] * y[:, j:j + 1, :]
-    return (acc * scale).reshape(x.shape).to(x.dtype)
+    for start in range(0, p * tokens, _HADAMARD_CHUNK):    # a chunk of acc stays in cache across the m steps
+        a, ys = acc[:, start:start + _HADAMARD_CHUNK], y[:, start:start + _HADAMARD_CHUNK]
+        for j in range(m):
+            a.add_(hb[:, j, None] * ys[j])
+    return acc.mul_(scale).view(n, tokens).t().to(x.dtype).contiguous().view(x.shape)
+
+
+#: columns of ``hadamard_transform_ref``'s [m, p * tokens] accumulator summed per pass (fastest of 1k-16k on a
+#: Xeon core for SmolLM2's 576 = 72 x 8 and 1536 = 12 x 128)
+_HADAMARD_CHUNK = 4096
