@@ -194,6 +194,15 @@ def test_the_reference_kernel_adds_in_the_documented_order(n, shape, contiguous)
     assert torch.equal(out, _spec_steps_token_by_token(x, h_block, scale))
 
 
+def test_the_reference_kernel_multiplies_then_adds_for_any_block():
+    """A block with entries other than +-1 (no exact products): each product is rounded, then added, as the
+    documented steps say."""
+    from qcompiler.core.reference_kernels import hadamard_transform_ref
+    g = torch.Generator().manual_seed(3)
+    h_block, x = torch.randn(3, 3, generator=g), torch.randn(5, 24, generator=g)
+    assert torch.equal(hadamard_transform_ref(x, h_block, 0.3), _spec_steps_token_by_token(x, h_block, 0.3))
+
+
 @pytest.mark.parametrize("m,p", [(1, 16), (12, 8), (20, 4)])
 def test_the_transform_backpropagates_its_transpose(m, p):
     """Gradients flow through ``qcompiler::hadamard_transform`` (SignRound's block tuning and QAT train through
