@@ -177,14 +177,18 @@ def _spec_steps_token_by_token(x, h_block, scale):
     return torch.stack(out).reshape(x.shape)
 
 
+@pytest.mark.parametrize("chunk_tokens", [None, 2], ids=["one-chunk", "chunks-of-2"])
 @pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
 @pytest.mark.parametrize("n,shape", [(576, (2, 3)), (1536, (2,)), (96, (4, 5)), (16, (3,))])
-def test_the_reference_kernel_adds_in_the_documented_order(n, shape, contiguous):
-    """The reference kernel's layout (tokens innermost, chunked) changes no addition: it equals the documented
+def test_the_reference_kernel_adds_in_the_documented_order(n, shape, contiguous, chunk_tokens, monkeypatch):
+    """The reference kernel's layout (token chunks, tokens innermost) changes no addition: it equals the documented
     steps run token by token bit for bit (the Triton kernel is held to the same steps), from a contiguous or a
     strided input (left as it was), and returns a contiguous tensor as its fake kernel says."""
     from qcompiler.algorithms.hadamard import online_hadamard
+    from qcompiler.core import reference_kernels
     from qcompiler.core.reference_kernels import hadamard_transform_ref
+    if chunk_tokens:     # several token chunks, the last one short
+        monkeypatch.setattr(reference_kernels, "_HADAMARD_CACHE_FLOATS", chunk_tokens * n)
     h_block, _, scale = online_hadamard(n)
     x = torch.randn(n, *shape, generator=torch.Generator().manual_seed(n)).movedim(0, -1)
     x = x.contiguous() if contiguous else x
