@@ -16,6 +16,12 @@ beside the unrotated GPTQ, at group 64 / 32 asymmetric / 128:
     python benchmarks/int4.py --model smollm2-135m --methods w4a16-gptq,w4a16-gptq+rot-online --g128 \
         --no-variants --no-peers --no-memory --no-w8a16 --out benchmarks/results_int4_rot_smollm2.md
 
+GPTAQ (``w4a16-gptaq``: fitted to the float model's output, true-sequential) with the same rotation, at group 64 and
+128 (issue 19's W4A16 targets):
+
+    python benchmarks/int4.py --model smollm2-135m --methods w4a16-gptaq+rot-online --g128 --no-variants --no-peers \
+        --no-memory --no-w8a16 --out benchmarks/results_int4_gptaq_smollm2.md
+
 The W4A8 INT8-activation table (issue 19's W4A8 row, beside the W4A16 GPTQ it starts from):
 
     python benchmarks/int4.py --model smollm2-135m --methods w4a16-gptq,w4a8-int8-sq-gptq --no-peers --no-memory \

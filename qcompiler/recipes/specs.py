@@ -251,7 +251,8 @@ class GPTQSpec:
             ``qcompiler.calibration.float_reference``). ``"float-model"`` needs ``recipe.layerwise``;
             fused experts stay fitted to their quantized inputs. Measured on SmolLM2 W4 validation text
             (``benchmarks/rotation_validation.py``): it diverges without ``true_sequential`` (+606%) and beats
-            plain GPTQ with it (+3.77% against +6.53%, online rotations both); no preset uses it yet.
+            plain GPTQ with it (+3.77% against +6.53%, online rotations both; +3.28% at ``target_alpha=0.25``, the
+            ``w4a16-gptaq`` preset).
         target_alpha: with ``target="float-model"``, the fraction of the correction ``W* - W`` toward the float
             model's output that GPTQ starts from, in (0, 1] (GPTAQ's reference code scales its correction by
             0.25); must stay 1.0 with the default target.
