@@ -128,8 +128,8 @@ def float_target_weight(w: torch.Tensor, xtx: torch.Tensor, cross: torch.Tensor,
     if tuple(xtx.shape) != (k, k) or tuple(cross.shape) != (k, k):
         raise CalibrationError(f"{name}: Hessian {tuple(xtx.shape)} and cross-covariance {tuple(cross.shape)} "
                                f"do not match the weight {tuple(w.shape)}")
-    h = xtx.double()
-    d = cross.double() - h
+    h = xtx.to(w.device, torch.float64)       # statistics live on the CPU; the solve runs on the weight's device
+    d = cross.to(w.device, torch.float64) - h
     diag = torch.diagonal(h)
     dead = diag == 0
     if bool(dead.all()):
