@@ -209,7 +209,7 @@ def hadamard_transform_ref(x: torch.Tensor, h_block: torch.Tensor, scale: float)
     signs = bool((hb.abs() == 1).all())
     # A chunk of tokens at a time, laid out [n, tokens] so that every step runs over contiguous rows of the
     # chunk's tokens (the token-major layout has rows of p values, as short as 8) while the chunk stays in
-    # cache: the same additions in the same order, 10-13x faster on CPU (SmolLM2's 576 and 1536 inputs).
+    # cache: the same additions in the same order, 5-8x faster on CPU (benchmarks/hadamard_kernel.py).
     per_chunk = max(1, _HADAMARD_CACHE_FLOATS // n)
     result = torch.empty((tokens, n), dtype=x.dtype, device=x.device)
     buffers = torch.empty((2, n * min(per_chunk, tokens)), dtype=compute, device=x.device)
@@ -234,6 +234,6 @@ def hadamard_transform_ref(x: torch.Tensor, h_block: torch.Tensor, scale: float)
     return result.view(x.shape)
 
 
-#: floats of one token chunk in ``hadamard_transform_ref`` (512 KB in float32; fastest of 64k-512k floats on a
-#: Xeon core for SmolLM2's 576 = 72 x 8 and 1536 = 12 x 128)
+#: floats of one token chunk in ``hadamard_transform_ref`` (512 KB in float32: the chunk's two buffers stay in a
+#: core's L2 cache through every step)
 _HADAMARD_CACHE_FLOATS = 1 << 17
