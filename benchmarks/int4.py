@@ -180,9 +180,13 @@ def main(argv=None) -> int:
             verdict = "meets" if best.delta_pct <= target else "misses"
             lines.append(f"\nBest W4A16 at {group} in this table: {best.name} Δ {best.delta_pct:+.2f}% "
                          f"({verdict} issue 19's ≤ +{target:.0f}% target)")
+    ours = [r for r in rows if r.name.startswith("w4a16") and r.name.endswith(" g64 sym")]
+    best = min(ours, key=lambda r: r.delta_pct) if ours else None
     for r in rows:
-        if r.name.startswith("llm-compressor"):
-            lines.append(f"- peer {r.name}: Δ {r.delta_pct:+.2f}%")
+        if r.name.startswith(("llm-compressor", "AutoRound")):
+            versus = "" if best is None else (f" ({best.name} {'beats' if best.delta_pct < r.delta_pct else 'does not beat'}"
+                                              f" it: Δ {best.delta_pct:+.2f}%)")
+            lines.append(f"- peer {r.name}: Δ {r.delta_pct:+.2f}%{versus}")
     for n in facts.get("peer_notes", []):
         lines.append(f"- {n}")
     for e in facts.get("peer_errors", []):

@@ -205,3 +205,57 @@ def test_a_level_pass_stops_once_its_linears_have_run(monkeypatch):
     LayerwiseCalibration(calibration_batches(), _recipe(True), progress=False).collect(model)
     assert [r[0] for r in reached] == ["o_proj", "gate_proj,up_proj", "down_proj"]
     assert reached[0][1] == reached[1][1] == 0 and reached[2][1] > 0
+
+
+def _block_calls(model) -> list[int]:
+    """A counter of block 0's forward calls while calibration runs (pre-hook; the caller removes nothing: the
+    model is thrown away)."""
+    _, blocks = find_decoder_blocks(model)
+    n = [0]
+    blocks[0].register_forward_pre_hook(lambda m, a: n.__setitem__(0, n[0] + 1))
+    return n
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_kept_float_inputs_give_the_same_bits_with_fewer_block_passes(arch):
+    """With the float-model target, the float stream's linear inputs kept from one float-only pass (the default)
+    give the same codes, scales and statistics as rerunning the float stream on every level's pass
+    (``float_cache_bytes=0``), and block 0 runs fewer times; a budget below the block's inputs falls back to the
+    rerunning path."""
+    batches = calibration_batches()
+    recipe = _recipe(True, "float-model", 0.25)
+    runs = {}
+    for budget in (4 << 30, 0, 1):
+        model = tiny_model(arch)
+        calls = _block_calls(model)
+        cal = LayerwiseCalibration(batches, recipe, progress=False, float_cache_bytes=budget)
+        stats = cal.collect(model)
+        runs[budget] = (cal, stats, calls[0])
+    (kept, kstats, kcalls), (rerun, rstats, rcalls), (_, _, small_calls) = runs.values()
+    assert kept.results.keys() == rerun.results.keys() and kept.results
+    for f, r in kept.results.items():
+        o = rerun.results[f]
+        assert torch.equal(r.qweight.q, o.qweight.q) and torch.equal(r.qweight.scale, o.qweight.scale), f
+    assert list(kstats) == list(rstats)
+    for f, st in kstats.items():
+        for field in ("absmax", "samples", "absmean"):
+            assert torch.equal(getattr(st, field), getattr(rstats[f], field)), (f, field)
+        assert st.tokens == rstats[f].tokens
+    assert kcalls < rcalls and small_calls == rcalls + 1    # the budget check ran one float call, then fell back
+
+
+def test_structural_probes_run_on_the_first_sequence_of_a_merged_call():
+    """``_one_sequence``: a merged call (batch-1 masks and positions broadcast over the hidden states' batch) is cut
+    to its first sequence; a call whose other tensors carry the batch is left whole."""
+    from qcompiler.calibration.layerwise import _one_sequence
+    hidden = torch.randn(8, 5, 4)
+    mask, pos = torch.zeros(1, 1, 5, 5), (torch.randn(1, 5, 2), torch.randn(1, 5, 2))
+    args, kwargs = _one_sequence(((hidden,), {"attention_mask": mask, "position_embeddings": pos,
+                                              "cache_position": torch.arange(5)}))
+    assert torch.equal(args[0], hidden[:1]) and kwargs["attention_mask"] is mask
+    args, kwargs = _one_sequence(((), {"hidden_states": hidden, "attention_mask": mask}))
+    assert args == () and torch.equal(kwargs["hidden_states"], hidden[:1])
+    whole = ((hidden,), {"attention_mask": torch.zeros(8, 1, 5, 5)})
+    assert _one_sequence(whole) is whole
+    single = ((hidden[:1],), {})
+    assert _one_sequence(single) is single

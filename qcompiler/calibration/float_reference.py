@@ -40,7 +40,9 @@ class paired_linear_inputs:
     Run the block on a call's float-model activations inside ``recording()`` (each linear's input is kept),
     then on the same call's quantized-model activations inside ``pairing()``: each linear adds
     ``X_q^T X_f`` (a float32 term to a float64 sum, as ``X^T X``) for its rows. ``cross`` holds the sums by
-    path; use as a context manager (the hooks are removed on exit). ``only``: the paths to pair (None: all)."""
+    path; use as a context manager (the hooks are removed on exit). ``only``: the paths to pair (None: all).
+    ``take()`` after ``recording()`` hands over a call's float inputs, for ``pairing(recorded)`` to pair again
+    later without rerunning the float stream (``true_sequential``'s level passes)."""
 
     def __init__(self, block: torch.nn.Module, prefix: str, only: Collection[str] | None = None):
         self.cross: dict[str, torch.Tensor] = {}
@@ -93,9 +95,18 @@ class paired_linear_inputs:
         finally:
             self._phase = None
 
+    def take(self) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The float inputs the last ``recording()`` kept, ``{path: [(input, float32 rows), ...]}`` in call order;
+        this object forgets them."""
+        stored, self._stored = self._stored, {}
+        return stored
+
     @contextlib.contextmanager
-    def pairing(self):
-        """The block runs on the quantized model's activations of the same call: add ``X_q^T X_f``."""
+    def pairing(self, recorded: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] | None = None):
+        """The block runs on the quantized model's activations of the same call: add ``X_q^T X_f``. ``recorded``:
+        that call's float inputs from ``take()`` (left as they are), instead of the last ``recording()``'s."""
+        if recorded is not None:
+            self._stored = {path: list(queue) for path, queue in recorded.items()}
         self._phase = "quantized"
         try:
             yield

@@ -14,6 +14,11 @@ to capture its inputs (and the statistics of linears before it); then for each b
    it again: its outputs are the next block's inputs;
 4. put the block's float weights back and drop its Hessians.
 
+With a float-model target (``GPTQSpec.target``) a second stream of activations runs through the float blocks beside
+the quantized one (``float_reference``). With ``true_sequential`` as well, each block runs that float stream once,
+keeping its linears' inputs (up to ``float_cache_bytes``), and then one quantized-stream pass per dependency level,
+each observing only that level's linears: the same statistics, bit for bit, as rerunning both streams per level.
+
 Calibration state alive at once is one block's Hessians and the captured activations, not
 every linear's (``peak_state_bytes`` and ``activation_bytes`` measure them). Weights are swapped by
 assignment, never written into: the float tensors stay as they are (memory-mapped ones stay on disk,
@@ -50,7 +55,7 @@ from qcompiler.core.layer_quant import QuantizedWeight, quantize_weight
 from qcompiler.calibration.expert_inputs import block_fused_experts, expert_key, record_expert_inputs
 from qcompiler.calibration.float_reference import float_target_weight, paired_linear_inputs
 from qcompiler.calibration.sequential import called_once, dependency_levels, stop_when_called
-from torch.utils._pytree import tree_map_only
+from torch.utils._pytree import tree_leaves, tree_map_only
 from qcompiler.recipes import Recipe
 
 __all__ = ["LayerwiseCalibration", "LayerResult", "find_decoder_blocks"]
@@ -97,7 +102,7 @@ class LayerwiseCalibration:
     def __init__(self, batches: Iterable, recipe: Recipe, seed: int = 0, progress: bool = True,
                  replay_batch: int = 8, checkpoint_dir: str | os.PathLike | None = None,
                  linear_fn=None, execution_device: str | torch.device | None = None,
-                 samples_dir: str | os.PathLike | None = None):
+                 samples_dir: str | os.PathLike | None = None, float_cache_bytes: int = 4 << 30):
         self.batches = validate_batches(batches)
         # (fqn, w, stats, recipe) -> (weight, note): the recipe's weight algorithm unless given
         # (``qcompiler.sparsity.sparsify`` prunes in float with its own); the weight needs ``dequantize()``
@@ -110,6 +115,10 @@ class LayerwiseCalibration:
         self.execution_device = None if execution_device is None else torch.device(execution_device)
         # each block's sampled input rows are written here and memory-mapped (offload.write_mapped); None: in memory
         self.samples_dir = None if samples_dir is None else Path(samples_dir)
+        # with a float-model target and ``true_sequential``: a block's float-stream linear inputs are kept (up to
+        # this many bytes, estimated from its first call) so its level passes run the quantized stream only;
+        # over it (or 0), each level pass reruns the float stream. The results are the same bits either way.
+        self.float_cache_bytes = float_cache_bytes
         self.recipe = recipe
         self.samples_per_layer = recipe.samples_per_layer
         self.seed = seed
@@ -204,35 +213,52 @@ class LayerwiseCalibration:
                     self.results.update(results)
                     stats.update(self._spill_samples(i, block_stats))
                     continue
-                block_stats, keys, state, float_outputs = self._observe(block, prefix, inputs, hessian,
-                                                                        keep_outputs=tuner is not None,
-                                                                        n_calls=n_calls, call_offset=call_offset,
-                                                                        float_inputs=float_inputs)
+                # with a float-model target and levels: the float stream alone first, its linear inputs kept, and
+                # each level (the first too) observed on a quantized-stream pass of its own
+                recorded = self._record_float_stream(block, prefix, float_inputs) \
+                    if float_inputs is not None and sequential and hessian and tuner is None else None
+                if recorded is not None:
+                    float_outputs, keys, recorded, cache_bytes = recorded
+                    widths = {f: queue[0][1].shape[1] for call in recorded for f, queue in call.items()}
+                    block_stats = {}
+                else:
+                    block_stats, keys, state, float_outputs = self._observe(
+                        block, prefix, inputs, hessian, keep_outputs=tuner is not None, n_calls=n_calls,
+                        call_offset=call_offset, float_inputs=float_inputs)
+                    widths = {f: st.absmax.shape[0] for f, st in block_stats.items()}
+                    self.peak_state_bytes = max(self.peak_state_bytes, state)
                 block_float_inputs = float_inputs
                 if float_inputs is not None:
                     float_inputs = _with_hidden(float_inputs, float_outputs)
-                self.peak_state_bytes = max(self.peak_state_bytes, state)
                 self.activation_bytes = max(self.activation_bytes, _tensor_bytes(inputs))
-                modules, group_list = self._linear_groups(block, prefix, block_stats, keys, inputs)
+                modules, group_list = self._linear_groups(block, prefix, widths, keys, inputs)
+                del keys
                 levels, once = self._levels(block, prefix, modules, group_list, inputs) if sequential \
                     else ([list(range(len(group_list)))], set())
+                # observed linears in no group (kept in float, routers): observed with the first level
+                grouped = {f for g in group_list for f in g}
+                unquantized = {f for f in widths if f not in grouped}
                 hooks, quantized = [], {}
                 for level, indices in enumerate(levels):
                     groups = [group_list[j] for j in indices]
-                    if level:   # the linears of this level, on a pass with the levels before it quantized
+                    if level or recorded is not None:
+                        # the linears of this level, on a pass with the levels before it quantized
                         done = [f for earlier in levels[:level] for j in earlier for f in group_list[j]]
                         originals = {f[len(prefix) + 1:] + ".weight": modules[f][1] for f in done}
-                        members = {f for g in groups for f in g}
-                        st, _, state, _ = self._observe(block, prefix, inputs, hessian, n_calls=n_calls,
-                                                        call_offset=call_offset, float_inputs=block_float_inputs,
-                                                        only=members, float_params=originals,
-                                                        stop_after=members if members <= once else None)
+                        members = {f for g in groups for f in g} | (unquantized if level == 0 else set())
+                        st, _, state, _ = self._observe(
+                            block, prefix, inputs, hessian, n_calls=n_calls, call_offset=call_offset,
+                            float_inputs=None if recorded is not None else block_float_inputs,
+                            float_recorded=recorded, only=members, float_params=originals,
+                            stop_after=members if members <= once else None)
                         block_stats.update(st)
-                        self.peak_state_bytes = max(self.peak_state_bytes, state)
+                        self.peak_state_bytes = max(self.peak_state_bytes,
+                                                    state + (cache_bytes if recorded is not None else 0))
                     new_hooks, new_quantized = self._quantize_groups(prefix, modules, groups, block_stats, swaps)
                     hooks += new_hooks
                     quantized.update(new_quantized)
-                del block_float_inputs
+                del block_float_inputs, recorded
+                block_stats = {f: block_stats[f] for f in widths if f in block_stats}   # the block's call order
                 expert_results = self._quantize_experts(block, prefix, swaps, home)
                 if tuner is not None and quantized:
                     self._tune_block(block, prefix, i, inputs, float_outputs, quantized, tuner)
@@ -359,9 +385,40 @@ class LayerwiseCalibration:
         finally:
             self._float_stream[0] = False
 
+    def _record_float_stream(self, block, prefix, float_inputs: list):
+        """The block on the float stream alone, each call's linear inputs kept (``paired_linear_inputs.take``):
+        ``(float outputs, input keys, [kept inputs per call], bytes kept)``; or None when the block has fused
+        experts (their pass records expert inputs), under a process group, or when the kept inputs would exceed
+        ``float_cache_bytes`` (estimated from the first call, scaled by the calls' sizes)."""
+        if self.float_cache_bytes <= 0 or not float_inputs or self.world.active or \
+                block_fused_experts(block, prefix, self.recipe):
+            return None     # under a process group every rank must take one path: the one that needs no agreement
+        keys: dict[str, torch.Tensor] = {}
+        pairs = paired_linear_inputs(block, prefix)
+        key_hooks = _record_input_keys(block, prefix, keys)
+        recorded, outputs, kept = [], [], 0
+        try:
+            with torch.inference_mode(), self._float_pass():
+                for c, (args, kwargs) in enumerate(float_inputs):
+                    with pairs.recording():
+                        outputs.append(_hidden_out(block(*args, **kwargs)))
+                    recorded.append(pairs.take())
+                    if c == 0:
+                        kept = _kept_bytes(recorded)
+                        sizes = [_hidden_numel(call) for call in float_inputs]
+                        if kept * sum(sizes) / max(sizes[0], 1) > self.float_cache_bytes:
+                            return None
+        finally:
+            for hk in key_hooks:
+                hk.remove()
+            pairs.__exit__(None, None, None)
+        kept = _kept_bytes(recorded)
+        return outputs, keys, recorded, kept
+
     def _observe(self, block, prefix, inputs, hessian, keep_outputs: bool = False, n_calls: int | None = None,
                  call_offset: int = 0, float_inputs: list | None = None, only: set[str] | None = None,
-                 float_params: dict | None = None, stop_after: set[str] | None = None):
+                 float_params: dict | None = None, stop_after: set[str] | None = None,
+                 float_recorded: list[dict] | None = None):
         """Run the block on the captured inputs, accumulating its linears' statistics; the statistics,
         input keys, state bytes and the block's outputs (``keep_outputs``). With ``float_inputs`` (the float
         model's activations, call for call) the block also runs on those, each call just before the quantized
@@ -369,7 +426,9 @@ class LayerwiseCalibration:
         linear's ``X_q^T X_f`` lands in ``_float_cross``. ``only``: the linears to observe (a later level of
         ``true_sequential``: no fused experts, no input keys); ``float_params``: the float weights of the linears
         already quantized in place, which the float stream runs with; ``stop_after``: linears after which each
-        call stops (their inputs are all that is needed; no outputs are returned)."""
+        call stops (their inputs are all that is needed; no outputs are returned); ``float_recorded``: instead of
+        ``float_inputs``, the float stream's linear inputs of each call as ``_record_float_stream`` kept them (the
+        float stream does not run; no outputs are returned)."""
         keys: dict[str, tuple] = {}
         # fused experts: each expert's Hessian, from the tokens routed to it (Hessian-based algorithms only)
         experts = block_fused_experts(block, prefix, self.recipe) if hessian and only is None else {}
@@ -378,8 +437,8 @@ class LayerwiseCalibration:
         record = record_expert_inputs(experts)
         # GPTQ fitted to the float model's output (W*); a block tuner fits the float stream's block outputs
         # instead, from its algorithm's usual start
-        pairs = paired_linear_inputs(block, prefix, only) if float_inputs is not None and hessian and \
-            weight_algorithms.block_tuner(self.recipe) is None else None
+        pairs = paired_linear_inputs(block, prefix, only) if (float_inputs is not None or float_recorded is not None) \
+            and hessian and weight_algorithms.block_tuner(self.recipe) is None else None
         outs, float_outs = [], []
         first_inputs = _record_input_keys(block, prefix, keys) if only is None else []
         stopper = stop_when_called(block, prefix, stop_after, _StopForward) if stop_after else None
@@ -405,7 +464,8 @@ class LayerwiseCalibration:
                                        if float_params else block(*fargs, **fkwargs))
                             if out is not None:
                                 float_outs.append(_hidden_out(out))
-                    with observe, record, pairs.pairing() if pairs is not None else contextlib.nullcontext():
+                    with observe, record, pairs.pairing(None if float_recorded is None else float_recorded[c]) \
+                            if pairs is not None else contextlib.nullcontext():
                         out = call(lambda: block(*args, **kwargs))
                         if out is not None:
                             outs.append(out)
@@ -443,15 +503,15 @@ class LayerwiseCalibration:
         del outs
         return {p: a.finish(self.samples_per_layer) for p, a in acc.items()}, keys, state, outputs
 
-    def _linear_groups(self, block, prefix, block_stats, keys, inputs) -> tuple[dict, list[list[str]]]:
+    def _linear_groups(self, block, prefix, widths: dict[str, int], keys, inputs) -> tuple[dict, list[list[str]]]:
         """The block's linears to quantize (``{fqn: (module, weight, transposed)}``, routers and kept modules
         left out) and their groups (linears reading one input), in the order of the block's calls as the
-        first rank that ran inputs saw them."""
+        first rank that ran inputs saw them. ``widths``: the observed modules' input widths, in call order."""
         groups: dict[str, list[str]] = {}
         modules = {}
-        for fqn, st in block_stats.items():
+        for fqn, k in widths.items():
             module = block.get_submodule(fqn[len(prefix) + 1:]) if fqn != prefix else block
-            found = linear_orientation(module, st.absmax.shape[0])
+            found = linear_orientation(module, k)
             if found is None or self._kept(fqn):
                 continue
             modules[fqn] = (module, *found)
@@ -468,11 +528,11 @@ class LayerwiseCalibration:
     def _levels(self, block, prefix, modules, group_list, inputs) -> tuple[list[list[int]], set[str]]:
         """``true_sequential``'s levels: lists of indices into ``group_list``, each group one level after the
         deepest group whose weights change its input (``dependency_levels``), and the linears the block calls
-        once per call (a level's pass may stop when they have run), both from the first replayed call on the
-        first rank that ran inputs, broadcast."""
+        once per call (a level's pass may stop when they have run), both from the first sequence of the first
+        replayed call on the first rank that ran inputs, broadcast."""
         found = None
         if self.world.rank == self._source_rank:
-            args, kwargs = inputs[0]
+            args, kwargs = _one_sequence(inputs[0])
             found = (dependency_levels(block, prefix, [[(f, modules[f][1]) for f in g] for g in group_list],
                                        args, kwargs),
                      called_once(block, prefix, [f for g in group_list for f in g], args, kwargs))
@@ -673,10 +733,10 @@ class LayerwiseCalibration:
 
     def _routers(self, block, prefix, modules: dict, inputs: list) -> set[str]:
         """The block's mixture-of-experts routers among ``modules`` (kept in float when the recipe keeps op
-        kind ``router``), found by following one replayed call's ops (``find_routers``)."""
+        kind ``router``), found by following the ops of one replayed call's first sequence (``find_routers``)."""
         if "router" not in self.recipe.fallback.keep_op_kinds or not modules or not inputs:
             return set()
-        args, kwargs = inputs[0]
+        args, kwargs = _one_sequence(inputs[0])
         return find_routers(lambda: block(*args, **kwargs), {f: m[0] for f, m in modules.items()})
 
     def _kept(self, fqn: str) -> bool:
@@ -702,6 +762,41 @@ def _with_hidden(inputs: list, hiddens: list) -> list:
         else:
             new.append(((), {**kwargs, "hidden_states": hidden}))
     return new
+
+
+def _one_sequence(call: tuple) -> tuple:
+    """A block call on its first sequence only: ``call`` with its hidden states cut to batch 1 when it is a merged
+    call (``_merge_compatible``: every other tensor of two or more dimensions has batch 1, so it broadcasts);
+    otherwise ``call`` itself. For structural probes, which need one sequence, not the whole batch."""
+    args, kwargs = call
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() < 2 or hidden.shape[0] == 1:
+        return call
+    rest = [t for t in tree_leaves((args[1:] if args else (), kwargs))
+            if isinstance(t, torch.Tensor) and t is not hidden]
+    if any(t.dim() >= 2 and t.shape[0] != 1 for t in rest):
+        return call
+    return _with_hidden([call], [hidden[:1]])[0]
+
+
+def _hidden_numel(call: tuple) -> int:
+    """The number of elements of a block call's hidden states (its first positional argument, or
+    ``hidden_states``)."""
+    args, kwargs = call
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    return hidden.numel() if isinstance(hidden, torch.Tensor) else 0
+
+
+def _kept_bytes(recorded: Iterable[dict]) -> int:
+    """Bytes of ``paired_linear_inputs.take()``'s kept inputs: each distinct input once (q/k/v share one), and its
+    float32 rows where they are a copy (another dtype, or a non-contiguous input) rather than a view."""
+    seen: dict[int, int] = {}
+    for call in recorded:
+        for queue in call.values():
+            for x, rows in queue:
+                copied = x.dtype != rows.dtype or not x.is_contiguous()
+                seen[id(x)] = x.numel() * x.element_size() + (rows.numel() * rows.element_size() if copied else 0)
+    return sum(seen.values())
 
 
 def _experts_note(results: dict, key: str, count: int, unreached: list[int]) -> str:
