@@ -22,14 +22,22 @@ GPTAQ (``w4a16-gptaq``: fitted to the float model's output, true-sequential) wit
     python benchmarks/int4.py --model smollm2-135m --methods w4a16-gptaq+rot-online --g128 --no-variants --no-peers \
         --no-memory --no-w8a16 --out benchmarks/results_int4_gptaq_smollm2.md
 
+GPTAQ with and without the rotation beside the peers at group 64 (issue 19's single table; the AutoRound oneshot
+and llm-compressor's are cached, see benchmarks/peers/README.md; add ``--autoround default,best`` and ``--peers
+gptq,awq`` for every peer row):
+
+    python benchmarks/int4.py --model smollm2-135m --methods w4a16-gptaq+rot-online,w4a16-gptaq --peers gptq \
+        --autoround default --no-variants --no-memory --no-w8a16 --out benchmarks/results_int4_gptaq_peers_smollm2.md
+
 The W4A8 INT8-activation table (issue 19's W4A8 row, beside the W4A16 GPTQ it starts from):
 
     python benchmarks/int4.py --model smollm2-135m --methods w4a16-gptq,w4a8-int8-sq-gptq --no-peers --no-memory \
         --no-w8a16 --out benchmarks/results_w4a8_int8_smollm2.md
 
 The peer rows drive llm-compressor in its own virtual environment (benchmarks/peers/); ``--autoround
-default,best`` adds Intel's AutoRound rows the same way (``benchmarks/peers/autoround_peer.py``; hours each for
-SmolLM2 on 2 CPU cores).
+default,best`` adds Intel's AutoRound rows the same way (``benchmarks/peers/autoround_peer.py``; its oneshots are
+cached and reused like llm-compressor's: on 2 Xeon cores ~20 min of tuning for ``default``, about five times that
+for ``best``).
 """
 
 from __future__ import annotations
@@ -141,7 +149,7 @@ def main(argv=None) -> int:
                     help="llm-compressor methods to run as peer rows (oneshots on 2 idle CPU cores: GPTQ ~6 min, "
                          "AWQ ~52 min; cached and reused, see benchmarks/peers/README.md)")
     ap.add_argument("--autoround", default="", help="AutoRound peer rows: comma-separated settings (default, best); "
-                    "hours each for SmolLM2 on 2 CPU cores")
+                    "cached; SmolLM2 on 2 CPU cores: ~20 min (default), ~2 h (best)")
     ap.add_argument("--no-memory", action="store_true", help="skip the calibration-memory comparison")
     ap.add_argument("--no-w8a16", action="store_true", help="skip the w8a16-gptq row")
     ap.add_argument("--g128", action="store_true", help="add each method's group-128 symmetric row")

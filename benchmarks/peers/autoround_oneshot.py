@@ -75,8 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     from qcompiler.tools import models
 
     model, tok = models.load_model(args.model, dtype=torch.float32)
-    if getattr(model.config, "quantization_config", None) is not None:     # the GGUF loader's marker
+    # the GGUF loader's markers on a model whose tensors are all dequantized float32: without them transformers'
+    # save_pretrained refuses the model ("quantized with gguf and is not serializable")
+    if getattr(model.config, "quantization_config", None) is not None:
         delattr(model.config, "quantization_config")
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     kwargs = {k: v for k, v in (("iters", args.iters), ("batch_size", args.batch_size), ("lr", args.lr))
               if v is not None}
@@ -117,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
             "load_average": [load0[0], load1[0]],
             "linears": len(linears), "max_distinct_per_group": worst,
             "rounded_not_quantized": rounded,
-            "patches": ["model name_or_path cleared before saving: AutoRound's post-save FP32 restore from the source "
+            "patches": ["the GGUF loader's quantization_config and hf_quantizer removed (the tensors are dequantized "
+                        "float32; transformers refuses to save a gguf-quantized model)",
+                        "model name_or_path cleared before saving: AutoRound's post-save FP32 restore from the source "
                         "folder would overwrite its fake-quantized weights"]}
     (args.out / "meta.json").write_text(json.dumps(meta, indent=2))
     print(json.dumps(meta))

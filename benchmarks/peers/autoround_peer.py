@@ -4,8 +4,11 @@ our evaluator and protocol.
 
 Settings: ``default`` (AutoRound's own: 200 iterations, its learning rate and batch size) and ``best``
 (AutoRound's "best" recipe: 1000 iterations, 512 calibration sequences: the protocol's sequences cycled);
-``--iters`` overrides the iterations (a quick check). On 2 CPU cores the SmolLM2 rows take hours (AutoRound
-tunes every decoder block with a forward and backward per iteration), so run them alone.
+``--iters`` overrides the iterations (a quick check). AutoRound tunes every decoder block with a forward and backward
+per iteration: on 2 Xeon cores SmolLM2's ``default`` took ~20 min of tuning, and ``best`` has five times the
+iterations, so run them alone. The oneshot's result is cached (``<cache>/peers/autoround/<model>-<setting>``) and
+reused when the version, settings and calibration tokens match (``--rerun`` runs it again); its output goes to
+``oneshot.log`` there while it runs.
 
     python benchmarks/peers/autoround_peer.py --model stories260K --setting default --iters 20
     python benchmarks/peers/autoround_peer.py --model smollm2-135m --setting default

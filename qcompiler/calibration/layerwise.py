@@ -90,6 +90,11 @@ def find_decoder_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleLis
     return best
 
 
+# the result note of an expert no calibration token reached (quantized from its weights alone); a resumed block
+# reads it back from its checkpoint to report those experts again
+UNREACHED_EXPERT_NOTE = "round to nearest: no calibration token reached it"
+
+
 class _StopForward(Exception):
     pass
 
@@ -589,7 +594,7 @@ class LayerwiseCalibration:
                 w = (p[e].t() if transposed else p[e]).detach().float()
                 st = stats.get(expert_key(key, e))
                 if st is None or st.tokens == 0:
-                    qw, note = quantize_weight(w, self.recipe.weight), "round to nearest: no calibration token reached it"
+                    qw, note = quantize_weight(w, self.recipe.weight), UNREACHED_EXPERT_NOTE
                     unreached.append(e)
                 else:
                     qw, note = self.linear_fn(expert_key(key, e), w, st, self.recipe)
@@ -618,7 +623,7 @@ class LayerwiseCalibration:
                                        f"{key}: written by another version? Remove the checkpoint folder")
             qws = [r.qweight for r in found]
             self._put_experts(module, name, transposed, qws, swaps)
-            unreached = [e for e, r in enumerate(found) if "no calibration token" in r.note]
+            unreached = [e for e, r in enumerate(found) if r.note == UNREACHED_EXPERT_NOTE]
             self.expert_results[key] = (qws, _experts_note({expert_key(key, e): r for e, r in enumerate(found)},
                                                            key, count, unreached))
         return {f: r for f, r in results.items() if not f.endswith("]")}
