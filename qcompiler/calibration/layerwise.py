@@ -220,10 +220,11 @@ class LayerwiseCalibration:
                     continue
                 # with a float-model target and levels: the float stream alone first, its linear inputs kept, and
                 # each level (the first too) observed on a quantized-stream pass of its own
-                recorded = self._record_float_stream(block, prefix, float_inputs) \
+                kept = self._record_float_stream(block, prefix, float_inputs) \
                     if float_inputs is not None and sequential and hessian and tuner is None else None
-                if recorded is not None:
-                    float_outputs, keys, recorded, cache_bytes = recorded
+                recorded = None
+                if kept is not None:
+                    float_outputs, keys, recorded, cache_bytes = kept
                     widths = {f: queue[0][1].shape[1] for call in recorded for f, queue in call.items()}
                     block_stats = {}
                 else:
@@ -262,7 +263,7 @@ class LayerwiseCalibration:
                     new_hooks, new_quantized = self._quantize_groups(prefix, modules, groups, block_stats, swaps)
                     hooks += new_hooks
                     quantized.update(new_quantized)
-                del block_float_inputs, recorded
+                del block_float_inputs, recorded, kept
                 block_stats = {f: block_stats[f] for f in widths if f in block_stats}   # the block's call order
                 expert_results = self._quantize_experts(block, prefix, swaps, home)
                 if tuner is not None and quantized:
@@ -410,7 +411,7 @@ class LayerwiseCalibration:
                     recorded.append(pairs.take())
                     if c == 0:
                         kept = _kept_bytes(recorded)
-                        sizes = [_hidden_numel(call) for call in float_inputs]
+                        sizes = [_hidden(*call).numel() for call in float_inputs]
                         if kept * sum(sizes) / max(sizes[0], 1) > self.float_cache_bytes:
                             return None
         finally:
@@ -774,7 +775,7 @@ def _one_sequence(call: tuple) -> tuple:
     call (``_merge_compatible``: every other tensor of two or more dimensions has batch 1, so it broadcasts);
     otherwise ``call`` itself. For structural probes, which need one sequence, not the whole batch."""
     args, kwargs = call
-    hidden = args[0] if args else kwargs.get("hidden_states")
+    hidden = _hidden(args, kwargs)
     if not isinstance(hidden, torch.Tensor) or hidden.dim() < 2 or hidden.shape[0] == 1:
         return call
     rest = [t for t in tree_leaves((args[1:] if args else (), kwargs))
@@ -782,14 +783,6 @@ def _one_sequence(call: tuple) -> tuple:
     if any(t.dim() >= 2 and t.shape[0] != 1 for t in rest):
         return call
     return _with_hidden([call], [hidden[:1]])[0]
-
-
-def _hidden_numel(call: tuple) -> int:
-    """The number of elements of a block call's hidden states (its first positional argument, or
-    ``hidden_states``)."""
-    args, kwargs = call
-    hidden = args[0] if args else kwargs.get("hidden_states")
-    return hidden.numel() if isinstance(hidden, torch.Tensor) else 0
 
 
 def _kept_bytes(recorded: Iterable[dict]) -> int:
