@@ -27,13 +27,13 @@ from dataclasses import dataclass, field
 import torch
 
 from qcompiler.algorithms.hadamard import has_hadamard, online_factors, online_hadamard, random_hadamard
-from qcompiler.core.online_rotation import OnlineHadamard, online_modules, refuse_online
+from qcompiler.core.online_rotation import OnlineHadamard, online_modules
 from qcompiler.errors import UnsupportedError
 from qcompiler.pipeline import META_KEY, Analysis, PassContext
 from qcompiler.recipes import Recipe
 
 __all__ = ["rotate", "RotationResult", "rotation_of", "apply_recipe_rotation", "check_rotated", "OnlineHadamard",
-           "remove_online", "online_modules", "refuse_online"]
+           "remove_online", "online_modules"]
 
 log = logging.getLogger(__name__)
 

@@ -378,6 +378,13 @@ def _scheme(name: str, fmt: str):
     return apply
 
 
+def _transform(location: str = "input", **scheme):
+    """A transform_config with one scheme ``u`` on q_proj's input (``scheme`` overrides its fields)."""
+    apply = [{"targets": [Q_PROJ], "location": location}]
+    return _set("quantization_config.transform_config",
+                {"config_groups": {"u": {"type": "hadamard", "apply": apply} | scheme}})
+
+
 def _drop(key: str):
     return lambda state: state.pop(key)
 
@@ -402,8 +409,20 @@ BAD = {   # id: (checkpoint, config mutation, tensors mutation, error, message)
     "marlin-24": ("w4a16-rtn", _set("*.format", "marlin-24"), None, UnsupportedError, r"format 'marlin-24'"),
     "sparse-24": ("w4a16-rtn", _set("quantization_config.sparsity_config", {"format": "sparse-24-bitmask"}), None,
                   UnsupportedError, r"sparsity_config.format='sparse-24-bitmask'"),
-    "transform": ("w4a16-rtn", _set("quantization_config.transform_config", {"config_groups": {"u": {}}}), None,
-                  UnsupportedError, r"transform_config is set"),
+    "transform-unparseable": ("w4a16-rtn", _set("quantization_config.transform_config", {"config_groups": {"u": {}}}),
+                              None, CheckpointError, r"transform_config does not parse as compressed-tensors' "
+                              r"TransformConfig"),
+    "transform-matrix": ("w4a16-rtn", _transform(type="random-matrix"), None, UnsupportedError,
+                         r"config_groups.u.type='random-matrix'; qcompiler applies \['hadamard', 'random-hadamard'\]"),
+    "transform-randomized": ("w4a16-rtn", _transform(randomize=True), None, UnsupportedError,
+                             r"config_groups.u.randomize=True permutes the stored matrix"),
+    "transform-output": ("w4a16-rtn", _transform(location="output"), None, UnsupportedError,
+                         rf"config_groups.u: location 'output' \(targets \['{Q_PROJ}'\]\)"),
+    "transform-missing-matrix": ("w4a16-rtn", _transform(), None, CheckpointError,
+                                 rf"no tensor holds the 64 x 64 matrix of transform scheme 'u' that '{Q_PROJ}' reads"),
+    "transform-matrix-shape": ("w4a16-rtn", _transform(), _put(f"{Q_PROJ}.u_input.weight", torch.ones(64, 32)),
+                               CheckpointError, rf"{Q_PROJ}.u_input.weight is torch.float32 \[64, 32\]; expected a "
+                               r"float 64 x 64 matrix"),
     "frozen": ("w4a16-rtn", _set("quantization_config.quantization_status", "frozen"), None, UnsupportedError,
                r"quantization_status='frozen'"),
     "actorder-group": ("w4a16-rtn", _set("*.weights.actorder", "group"), None, UnsupportedError,

@@ -3,8 +3,8 @@ inputs of the linears writing the residual stream go through ``qcompiler::hadama
 weights take ``D^T``. The float model computes the same logits (float64), the transform is in the traced
 graph on every target (the Triton target lowers it to its kernel), GPTQ / SmoothQuant / eager quantize see
 the rotated inputs, an outlier input channel of ``down_proj`` is spread, the ONNX export writes each transform
-as two float MatMuls, compressed-tensors (which cannot carry it) refuses the model; qcompiler's checkpoint
-records and restores it."""
+as two float MatMuls, compressed-tensors writes it as its ``transform_config`` (and the loader applies one);
+qcompiler's checkpoint records and restores it."""
 
 from __future__ import annotations
 
@@ -132,12 +132,88 @@ def test_qcompiler_checkpoint_keeps_the_online_transforms(tmp_path):
         assert torch.equal(loaded(input_ids=IDS).logits, ref)
 
 
-def test_outputs_that_cannot_carry_the_transform_refuse_the_model(tmp_path):
+def _quantized_online(recipe: str = "w4a16-rtn+rot-online"):
     model = tiny_model("llama")
-    qcompiler.quantize(model, "w8a16+rot-online", calibration=calibration_batches(), progress=False)
-    with pytest.raises(UnsupportedError, match="online Hadamard transform"):
-        qcompiler.save_compressed_tensors(model, tmp_path / "ct", "w8a16+rot-online")
-    assert not (tmp_path / "ct").exists()
+    qcompiler.quantize(model, recipe, calibration=calibration_batches(), progress=False)
+    with torch.inference_mode():
+        return model, model(input_ids=IDS).logits
+
+
+def _compressed_tensors_native(folder):
+    """The folder as compressed-tensors' own user runs it: transformers loads the quantized model (and drops
+    the transform matrices), ``apply_transform_config`` hooks the transforms on, and their stored matrices
+    are loaded into them (the tied ones share one tensor)."""
+    import json
+    import safetensors.torch
+    import transformers
+    from compressed_tensors.transform import TransformConfig, apply_transform_config
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]["transform_config"]
+    apply_transform_config(model, TransformConfig.model_validate(config))
+    matrices = {k: v for k, v in safetensors.torch.load_file(folder / "model.safetensors").items() if "_input." in k}
+    assert not model.load_state_dict(matrices, strict=False).unexpected_keys
+    return model
+
+
+def test_compressed_tensors_carries_the_online_transforms(tmp_path):
+    """The transforms go into ``transform_config`` (Sylvester's as ``hadamard``, H_12 x H_8 as
+    ``random-hadamard`` with its matrix); qcompiler's loader gives the saved model's logits bit for bit,
+    compressed-tensors' own transforms within float32 rounding; transformers alone drops them."""
+    import json
+    import transformers
+    from qcompiler.runtime.compressed_tensors_load import load_compressed_tensors
+    model, ref = _quantized_online()
+    folder = tmp_path / "ct"
+    qcompiler.save_compressed_tensors(model, folder, "w4a16-rtn+rot-online")
+    groups = json.loads((folder / "config.json").read_text())["quantization_config"]["transform_config"]["config_groups"]
+    assert {n: (g["type"], sorted(g["apply"][0]["targets"])) for n, g in groups.items()} == {
+        "online_sylvester": ("hadamard", [f"model.layers.{i}.self_attn.o_proj" for i in (0, 1)]),
+        "online_hadamard": ("random-hadamard", [f"model.layers.{i}.mlp.down_proj" for i in (0, 1)])}
+    loaded, _ = load_compressed_tensors(folder)
+    assert sorted(online_modules(loaded)) == sorted(online_modules(model))
+    assert all(isinstance(h, OnlineHadamard) for n in online_modules(loaded)
+               for h in loaded.get_submodule(n)._forward_pre_hooks.values())
+    with torch.inference_mode():
+        assert torch.equal(loaded(input_ids=IDS).logits, ref)
+        assert rel_err(_compressed_tensors_native(folder)(input_ids=IDS).logits, ref) < 1e-5    # measured 2.4e-7
+        plain = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        assert rel_err(plain(input_ids=IDS).logits, ref) > 0.1
+
+
+def test_a_checkpoints_transform_matrices_are_applied_as_stored(tmp_path):
+    """Matrices that are not qcompiler's (random signs, blocks of 32 by ``head_dim``, ``inverse``) are applied
+    as compressed-tensors applies them, and written again as they were read."""
+    import json
+    import safetensors.torch
+    from qcompiler.core.online_rotation import MatrixTransform, sylvester
+    from qcompiler.runtime.compressed_tensors_load import load_compressed_tensors
+    from qcompiler.runtime.serialization import save_quantized
+    model, _ = _quantized_online()
+    folder = tmp_path / "ct"
+    qcompiler.save_compressed_tensors(model, folder, "w4a16-rtn+rot-online")
+    config = json.loads((folder / "config.json").read_text())
+    groups = config["quantization_config"]["transform_config"]["config_groups"]
+    groups["online_sylvester"] |= {"type": "random-hadamard", "head_dim": 32}
+    groups["online_sylvester"]["apply"][0]["inverse"] = True
+    (folder / "config.json").write_text(json.dumps(config))
+    tensors = safetensors.torch.load_file(folder / "model.safetensors")
+    signs = torch.randint(0, 2, (96,), generator=torch.Generator().manual_seed(0)) * 2.0 - 1
+    down = "model.layers.0.mlp.down_proj.online_hadamard_input.weight"
+    tensors[down] = signs[:, None] * tensors[down]
+    o_proj = "model.layers.0.self_attn.o_proj.online_sylvester_input.weight"
+    tensors[o_proj] = signs[:32, None] * sylvester(32)
+    safetensors.torch.save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    loaded, recipe = load_compressed_tensors(folder)
+    hooks = [h for n in online_modules(loaded) for h in loaded.get_submodule(n)._forward_pre_hooks.values()]
+    assert len(hooks) == 4 and all(isinstance(h, MatrixTransform) for h in hooks)
+    with torch.inference_mode():
+        out = loaded(input_ids=IDS).logits
+        assert rel_err(out, _compressed_tensors_native(folder)(input_ids=IDS).logits) < 1e-5
+        qcompiler.save_compressed_tensors(loaded, tmp_path / "again", recipe)
+        again, _ = load_compressed_tensors(tmp_path / "again")
+        assert torch.equal(again(input_ids=IDS).logits, out)
+    with pytest.raises(UnsupportedError, match="compressed-tensors transform matrix"):
+        save_quantized(loaded, tmp_path / "q", recipe)
 
 
 @pytest.mark.parametrize("m,p", [(1, 16), (12, 8), (20, 4), (1, 1)])

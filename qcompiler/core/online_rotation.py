@@ -1,15 +1,16 @@
-"""The online Hadamard transform as a module hook (``qcompiler.rotate(..., online=True)`` puts one on
-each linear writing the residual stream), and the check that outputs which cannot carry it refuse a
-model holding one. Here, below the runtime and export layers, so that both can refuse."""
+"""Input transforms as module hooks: the online Hadamard transform (``qcompiler.rotate(..., online=True)`` puts
+one on each linear writing the residual stream), its plain-matmul form for exports, and a checkpoint's stored
+transform matrix (compressed-tensors' ``transform_config``). Here, below the runtime and export layers, so that
+both can read them."""
 
 from __future__ import annotations
 
 import torch
 
 from qcompiler.core import ops  # noqa: F401  (declares qcompiler::hadamard_transform)
-from qcompiler.errors import UnsupportedError
 
-__all__ = ["OnlineHadamard", "DenseHadamard", "online_modules", "refuse_online", "to_dense_hooks"]
+__all__ = ["OnlineHadamard", "DenseHadamard", "MatrixTransform", "INPUT_TRANSFORMS", "online_modules", "to_dense_hooks",
+           "input_transform"]
 
 
 class OnlineHadamard:
@@ -43,6 +44,42 @@ class DenseHadamard:
         return ((y * self.scale).flatten(-2).to(x.dtype), *args[1:])
 
 
+class MatrixTransform:
+    """Forward pre-hook: the module's first input times ``stored * scale`` in blocks of ``stored``'s size,
+    ``x.unflatten(-1, (-1, k)) @ (stored * scale)`` in float32: a compressed-tensors online input transform
+    (``transform_config``, location ``input``) as compressed-tensors and vLLM apply it, ``stored`` the
+    checkpoint's matrix and ``scale = 1 / sqrt(k)``."""
+
+    def __init__(self, stored: torch.Tensor, scale: float):
+        if stored.dim() != 2 or stored.shape[0] != stored.shape[1]:
+            raise ValueError(f"MatrixTransform: the matrix is {list(stored.shape)}; expected a square one")
+        self.stored, self.scale = stored.float(), scale
+        self.matrix = self.stored * scale
+
+    def __call__(self, module: torch.nn.Module, args: tuple) -> tuple:
+        x = args[0]
+        k = self.matrix.shape[0]
+        y = torch.matmul(x.float().unflatten(-1, (-1, k)), self.matrix.to(x.device)).flatten(-2)
+        return (y.to(x.dtype), *args[1:])
+
+
+#: the pre-hooks that transform a linear's input (``online_modules`` finds them)
+INPUT_TRANSFORMS = (OnlineHadamard, DenseHadamard, MatrixTransform)
+
+
+def input_transform(hook, in_features: int) -> tuple[torch.Tensor, float]:
+    """``(stored, scale)`` of an input-transform hook on a linear of ``in_features`` inputs: the input becomes
+    ``x.unflatten(-1, (-1, k)) @ (stored * scale)``, ``stored`` [k, k] float32 (compressed-tensors' convention,
+    ``xh = x V``); for the Hadamard hooks ``k = in_features``, ``stored = (h_block kron H_p)^T`` (+-1)."""
+    if isinstance(hook, MatrixTransform):
+        return hook.stored, hook.scale
+    if isinstance(hook, (OnlineHadamard, DenseHadamard)):
+        block = hook.h_block.float().cpu()
+        p = in_features // block.shape[0]
+        return torch.kron(block, sylvester(p)).T.contiguous(), float(hook.scale)
+    raise TypeError(f"input_transform: {type(hook).__name__} is not an input transform")
+
+
 def sylvester(p: int) -> torch.Tensor:
     """Sylvester's Hadamard matrix of order ``p`` (a power of two), float32, in the natural order that the
     fast Walsh-Hadamard butterflies of ``qcompiler::hadamard_transform`` apply."""
@@ -69,15 +106,4 @@ def to_dense_hooks(model: torch.nn.Module) -> int:
 def online_modules(model: torch.nn.Module) -> list[str]:
     """The modules of ``model`` whose input an online Hadamard pre-hook rotates (either form)."""
     return [name for name, m in model.named_modules()
-            if any(isinstance(h, (OnlineHadamard, DenseHadamard)) for h in m._forward_pre_hooks.values())]
-
-
-def refuse_online(model: torch.nn.Module, what: str) -> None:
-    """``UnsupportedError`` when ``model`` carries online transforms: ``what`` (a checkpoint or an export)
-    would hold weights ``W D^T`` without the transform ``D`` that their inputs need."""
-    names = online_modules(model)
-    if names:
-        raise UnsupportedError(f"{what}: {len(names)} linears of this model ({names[0]}, ...) read their input through "
-                               "an online Hadamard transform (rotation online=True) that the output cannot carry; "
-                               "their weights would compute something else without it. Use a rotation without "
-                               "online transforms ('+rot') for this")
+            if any(isinstance(h, INPUT_TRANSFORMS) for h in m._forward_pre_hooks.values())]

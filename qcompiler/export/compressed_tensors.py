@@ -32,7 +32,12 @@ What a quantized layer becomes:
   residual window becomes the config's ``kv_cache_scheme`` (strategy ``tensor`` / ``attn_head``) and
   each attention module's ``k_scale`` / ``v_scale`` ([1] / [kv heads, 1, 1], from the model's KV
   calibration by ``kv_format.static_scale``): what transformers applies to the keys (after RoPE) and
-  values entering its cache, and, for FP8 per tensor, vLLM's ``kv_cache_dtype=fp8`` scales.
+  values entering its cache, and, for FP8 per tensor, vLLM's ``kv_cache_dtype=fp8`` scales;
+- online Hadamard transforms (``rotate(..., online=True)``) become the config's ``transform_config``:
+  location ``input`` on each transformed linear, type ``hadamard`` for Sylvester's matrix and
+  ``random-hadamard`` for the others, each matrix stored once per scheme and size
+  (``<linear>.<scheme>_input.weight``). vLLM and compressed-tensors' ``apply_transform_config`` apply it;
+  transformers (5.25) ignores it and drops the matrices, so saving logs a warning.
 
 Refused with ``UnsupportedError`` before anything is written: a KV cache the scheme cannot express
 (INT4, asymmetric, per channel / per token / per group, a residual window, keys and values of
@@ -83,6 +88,7 @@ try:
     from compressed_tensors.config import CompressionFormat
     from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
                                                  QuantizationStatus)
+    from compressed_tensors.transform import TransformArgs, TransformConfig, TransformScheme
 except ImportError as e:   # an optional dependency: `pip install qcompiler[serving]`
     raise ImportError("qcompiler.export.compressed_tensors needs the compressed-tensors package: "
                       "pip install 'qcompiler[serving]' (or compressed-tensors==0.20.1)") from e
@@ -99,6 +105,10 @@ _INT = CompressionFormat.int_quantized.value
 ASYMMETRIC_FORMATS = (_PACKED, _INT)
 #: KV-cache granularities kv_cache_scheme expresses, as its strategies
 _KV_STRATEGIES = {Granularity.PER_TENSOR: "tensor", Granularity.PER_HEAD: "attn_head"}
+#: transform_config scheme names and types: Sylvester's matrix (compressed-tensors' deterministic ``hadamard``,
+#: which vLLM runs with its Hadamard kernel) and any other matrix (``random-hadamard``: vLLM multiplies by the
+#: stored matrix)
+_TRANSFORM_SCHEMES = {"hadamard": "online_sylvester", "random-hadamard": "online_hadamard"}
 
 
 @dataclass
@@ -132,6 +142,8 @@ class _Plan:
     column_scales: dict[str, torch.Tensor] = field(default_factory=dict)   # float linear fqn -> weight column factor
     kv_scheme: QuantizationArgs | None = None
     kv_tensors: dict[str, torch.Tensor] = field(default_factory=dict)      # attention fqn.k_scale / .v_scale
+    transforms: TransformConfig | None = None                              # online input transforms
+    transform_tensors: dict[str, torch.Tensor] = field(default_factory=dict)   # fqn.<scheme>_input.weight
 
 
 def save_compressed_tensors(model: torch.nn.Module, path: str | Path, recipe: Recipe | str, *, tokenizer=None,
@@ -154,9 +166,7 @@ def save_compressed_tensors(model: torch.nn.Module, path: str | Path, recipe: Re
         ValueError: the model has no ``QuantizedLinear``.
         FileExistsError: ``path`` exists, is not empty, and ``overwrite`` is False.
     """
-    from qcompiler.core.online_rotation import refuse_online
     from qcompiler.runtime.fused_experts import refuse_experts
-    refuse_online(model, "save_compressed_tensors")
     refuse_experts(model, "save_compressed_tensors")
     if asymmetric_format not in ASYMMETRIC_FORMATS:
         raise ValueError(f"save_compressed_tensors: asymmetric_format={asymmetric_format!r}; expected one of "
@@ -255,7 +265,54 @@ def _plan(model: torch.nn.Module, recipe: Recipe, report: CompileReport | None,
         log.warning("save_compressed_tensors: group size %s does not divide the input size of %s; written as "
                     "smaller groups with repeated scales (exact in transformers; vLLM's kernels may not take them)",
                     layers[odd[0]].module.group_size, odd)
-    return _Plan(layers, ignore, state_keys, norm_params, column_scales, kv_scheme, kv_tensors)
+    transforms, transform_tensors = _transform_config(model, skeleton)
+    return _Plan(layers, ignore, state_keys, norm_params, column_scales, kv_scheme, kv_tensors, transforms,
+                 transform_tensors)
+
+
+def _transform_config(model: torch.nn.Module, skeleton: torch.nn.Module
+                      ) -> tuple[TransformConfig | None, dict[str, torch.Tensor]]:
+    """The model's online input transforms (``rotate(..., online=True)``, or a loaded checkpoint's) as a
+    ``transform_config`` and its matrices: one scheme per type, each matrix ``V`` (the input becomes
+    ``x V / sqrt(k)``, compressed-tensors' and vLLM's rule) stored once per scheme and size, under the first
+    linear that reads it (``<linear>.<scheme>_input.weight``: compressed-tensors ties the others to it)."""
+    from qcompiler.core.online_rotation import INPUT_TRANSFORMS, input_transform, online_modules, sylvester
+    targets: dict[tuple[str, str, int | None], list[str]] = {}     # (scheme, type, head_dim) -> linears
+    tensors: dict[str, torch.Tensor] = {}
+    stored: dict[tuple[str, int], tuple[str, torch.Tensor]] = {}
+    for fqn in online_modules(model):
+        module = model.get_submodule(fqn)
+        hooks = [h for h in module._forward_pre_hooks.values() if isinstance(h, INPUT_TRANSFORMS)]
+        k_in = getattr(module, "in_features", None)
+        if len(hooks) != 1 or not isinstance(skeleton.get_submodule(fqn), torch.nn.Linear) or k_in is None:
+            raise UnsupportedError(f"save_compressed_tensors: {fqn} reads its input through {len(hooks)} online "
+                                   "transforms; compressed-tensors' transform_config applies one per torch.nn.Linear")
+        matrix, scale = input_transform(hooks[0], k_in)
+        k = matrix.shape[0]
+        if k_in % k or not math.isclose(scale, 1 / math.sqrt(k), rel_tol=1e-6):
+            raise UnsupportedError(f"save_compressed_tensors: {fqn}'s input transform ({k} x {k}, scale {scale:g}) is "
+                                   "not an orthogonal Hadamard-type transform scaled by 1 / sqrt(size) in blocks "
+                                   "dividing its input, which transform_config cannot express")
+        kind = "hadamard" if k & (k - 1) == 0 and torch.equal(matrix, sylvester(k)) else "random-hadamard"
+        name = _TRANSFORM_SCHEMES[kind] + ("" if k == k_in else f"_block{k}")
+        first = stored.setdefault((name, k), (fqn, matrix))
+        if first[0] == fqn:
+            tensors[f"{fqn}.{name}_input.weight"] = matrix.contiguous()
+        elif not torch.equal(first[1], matrix):
+            raise UnsupportedError(f"save_compressed_tensors: {fqn} and {first[0]} read their inputs through different "
+                                   f"{k} x {k} transforms; a transform_config scheme shares one matrix per size")
+        targets.setdefault((name, kind, None if k == k_in else k), []).append(fqn)
+    if not targets:
+        return None, {}
+    groups = {name: TransformScheme(type=kind, apply=[TransformArgs(targets=fqns, location="input")], head_dim=block,
+                                    precision=torch.float32)
+              for (name, kind, block), fqns in targets.items()}
+    log.warning("save_compressed_tensors: %d linears read their input through an online Hadamard transform, written "
+                "as quantization_config.transform_config with its matrices (%s); vLLM applies it, and so do "
+                "qcompiler.load_compressed_tensors and compressed-tensors' apply_transform_config. transformers "
+                "(5.25) does not: it drops those tensors with a warning and computes something else",
+                sum(len(v) for v in targets.values()), ", ".join(sorted(tensors)))
+    return TransformConfig(config_groups=groups), tensors
 
 
 def _kv_scheme(recipe: Recipe) -> QuantizationArgs | None:
@@ -442,6 +499,7 @@ def _write(model: torch.nn.Module, recipe: Recipe, plan: _Plan, folder: Path, to
         for name, t in _compress(lay, scheme).items():
             tensors[f"{lay.fqn}.{name}"] = t
     tensors.update(plan.kv_tensors)
+    tensors.update(plan.transform_tensors)
     safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                                 str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     model.config.to_json_file(str(folder / "config.json"))
@@ -450,7 +508,7 @@ def _write(model: torch.nn.Module, recipe: Recipe, plan: _Plan, folder: Path, to
                                 format=formats.pop() if len(formats) == 1 else CompressionFormat.mixed_precision.value,
                                 ignore=plan.ignore, kv_cache_scheme=plan.kv_scheme,
                                 quantization_status=QuantizationStatus.COMPRESSED)
-    ModelCompressor(quantization_config=config).update_config(str(folder))
+    ModelCompressor(quantization_config=config, transform_config=plan.transforms).update_config(str(folder))
     (folder / "recipe.json").write_text(recipe.to_json())
     generation = getattr(model, "generation_config", None)
     if generation is not None:

@@ -22,12 +22,18 @@ swaps in a ``QuantizedLinear`` holding the checkpoint's codes and scales:
   attention's ``k_scale`` / ``v_scale`` becomes ``Recipe.kv_cache`` and the model's KV calibration
   (``KV_STATS_ATTR``, and ``KV_PATHS_ATTR``): per KV head a range ``[-m, m]`` whose
   ``kv_format.static_scale`` is exactly the stored scale, so ``qcompiler.kv_cache(model)`` quantizes
-  with the checkpoint's scales (and ``save_compressed_tensors`` writes them again).
+  with the checkpoint's scales (and ``save_compressed_tensors`` writes them again);
+- ``transform_config``: online ``input`` transforms of the Hadamard types (``hadamard``, ``random-hadamard``;
+  ``head_dim`` blocks and ``inverse`` taken) become forward pre-hooks with the stored matrix
+  (``<linear>.<scheme>_input.weight``, shared per scheme and size): qcompiler's own online Hadamard when the
+  matrix is the one ``rotate(..., online=True)`` uses, a ``MatrixTransform`` otherwise. Weight locations
+  are already in the weights (vLLM applies online ones only).
 
 The returned ``Recipe`` describes the checkpoint: weights and activations of its most common scheme
 (layers of other schemes carry their own formats), the float linears in ``fallback.keep_modules``,
 the KV cache. Refused with ``UnsupportedError`` naming the layer or field: other formats (nvfp4,
-mxfp4, marlin-24, sparse or transformed checkpoints, uncompressed ``frozen`` ones), integer weights
+mxfp4, marlin-24, sparse checkpoints, uncompressed ``frozen`` ones), transforms on outputs, attention or
+the KV cache, of other types or permuted (``randomize``), integer weights
 of other than 4 or 8 bits, block / tensor-group strategies, asymmetric or per-tensor dynamic
 activations, dynamic ``actorder`` ('group': columns permuted across groups by ``weight_g_idx``) or
 a ``weight_g_idx`` other than column // group_size, weight and activation pairs no qcompiler GEMM
@@ -58,6 +64,7 @@ from qcompiler.runtime.loaded_report import attach_loaded_report
 try:
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+    from compressed_tensors.transform import TransformConfig
     from compressed_tensors.utils.match import match_named_modules, match_targets
     from pydantic import ValidationError
 except ImportError as e:   # an optional dependency: `pip install qcompiler[serving]`
@@ -89,9 +96,10 @@ def load_compressed_tensors(path: str | Path) -> tuple[torch.nn.Module, Recipe]:
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"load_compressed_tensors: {folder} is not a folder")
-    config, qconfig = _read_config(folder)
+    config, qconfig, tconfig = _read_config(folder)
     model = _skeleton(folder, config)
     layers = _layer_schemes(folder, model, qconfig)
+    transformed = _transform_targets(folder, model, tconfig)
     recipe = _recipe(folder, model, qconfig, layers)
     tensors = _read_tensors(folder)
     owned: dict[str, dict[str, torch.Tensor]] = {f: {} for f in layers}     # layer -> its tensors by local name
@@ -108,6 +116,7 @@ def load_compressed_tensors(path: str | Path) -> tuple[torch.nn.Module, Recipe]:
         parent, _, child = fqn.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
     kv = _kv_stats(folder, model, recipe.kv_cache, floats)        # takes the k_scale / v_scale tensors
+    _attach_transforms(folder, model, transformed, floats)       # takes the <linear>.<scheme>_input tensors
     _load_float_tensors(folder, model, floats, set(layers))
     if kv is not None:
         model.__dict__[KV_STATS_ATTR] = (recipe.kv_cache, kv[0])     # read by qcompiler.kv_cache(model)
@@ -119,7 +128,7 @@ def load_compressed_tensors(path: str | Path) -> tuple[torch.nn.Module, Recipe]:
 # ---- config ---------------------------------------------------------------------------------------
 
 def _read_config(folder: Path):
-    """``(transformers config without its quantization_config, QuantizationConfig)``."""
+    """``(transformers config without its quantization_config, QuantizationConfig, TransformConfig or None)``."""
     from transformers import AutoConfig
 
     file = folder / "config.json"
@@ -140,24 +149,28 @@ def _read_config(folder: Path):
     except (ValidationError, ValueError, TypeError) as e:
         raise CheckpointError(f"{file}: quantization_config does not parse as compressed-tensors' QuantizationConfig: "
                               f"{_one_line(e)}") from None
+    tconfig = None
+    if qc.get("transform_config"):
+        try:
+            tconfig = TransformConfig.model_validate(qc["transform_config"])
+        except (ValidationError, ValueError, TypeError) as e:
+            raise CheckpointError(f"{file}: quantization_config.transform_config does not parse as compressed-tensors' "
+                                  f"TransformConfig: {_one_line(e)}") from None
     try:
         config = AutoConfig.from_pretrained(str(folder))
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{file} is not a usable model config: {_one_line(e)}") from None
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")     # the loaded model runs qcompiler's modules, not transformers'
-    return config, qconfig
+    return config, qconfig, tconfig
 
 
 def _check_global_fields(file: Path, qc: dict) -> None:
-    """``UnsupportedError`` for what QuantizationConfig parses past: sparsity, transforms, an uncompressed status."""
+    """``UnsupportedError`` for what QuantizationConfig parses past: sparsity, an uncompressed status."""
     sparsity = qc.get("sparsity_config") or {}
     if sparsity and sparsity.get("format", "dense") != "dense":
         raise UnsupportedError(f"{file}: quantization_config.sparsity_config.format={sparsity.get('format')!r}; "
                                "qcompiler loads dense compressed-tensors checkpoints only (no 2:4 sparsity)")
-    if qc.get("transform_config"):
-        raise UnsupportedError(f"{file}: quantization_config.transform_config is set (rotations such as QuIP / "
-                               "SpinQuant); qcompiler has no transforms to apply them")
     for name, group in (qc.get("config_groups") or {}).items():
         order = ((group or {}).get("weights") or {}).get("actorder") if isinstance(group, dict) else None
         if order in _DYNAMIC_ORDER:
@@ -250,6 +263,82 @@ def _weight_dtype(w: QuantizationArgs) -> str:
 
 def _act_dtype(a: QuantizationArgs | None) -> str | None:
     return None if a is None else ("fp8_e4m3" if a.type == "float" else "int8")
+
+
+# ---- transforms -----------------------------------------------------------------------------------
+
+#: transform_config types read: Hadamard matrices (orthogonal: an inverse is the transpose), each stored in the
+#: checkpoint (``<linear>.<scheme>_input.weight``, shared per scheme and size)
+_TRANSFORM_TYPES = ("hadamard", "random-hadamard")
+_FUSED_LOCATIONS = ("weight_input", "weight_output")
+
+
+def _transform_targets(folder: Path, model: torch.nn.Module, tconfig: TransformConfig | None
+                       ) -> dict[str, tuple[str, object, bool]]:
+    """``{linear: (scheme name, scheme, inverse)}`` of the online input transforms of ``tconfig``, matched on the
+    float skeleton as compressed-tensors and vLLM match them. Weight locations were fused into the weights when
+    the checkpoint was written and are skipped (vLLM applies online ones only); other online locations, types
+    other than Hadamard ones and randomized (permuted) schemes are refused."""
+    if tconfig is None:
+        return {}
+    where = f"{folder / 'config.json'}: quantization_config.transform_config.config_groups"
+    out: dict[str, tuple[str, object, bool]] = {}
+    for name, scheme in tconfig.config_groups.items():
+        if scheme.type not in _TRANSFORM_TYPES:
+            raise UnsupportedError(f"{where}.{name}.type={scheme.type!r}; qcompiler applies {list(_TRANSFORM_TYPES)} "
+                                   "transforms (orthogonal matrices stored in the checkpoint)")
+        if scheme.randomize:
+            raise UnsupportedError(f"{where}.{name}.randomize=True permutes the stored matrix, which vLLM does not "
+                                   "read either; qcompiler applies unpermuted transforms")
+        for args in scheme.apply:
+            location = getattr(args.location, "value", args.location)
+            if location in _FUSED_LOCATIONS:
+                continue
+            if location != "input":
+                raise UnsupportedError(f"{where}.{name}: location {location!r} (targets {args.targets}); qcompiler "
+                                       "applies online transforms on linear inputs only")
+            for fqn, module in match_named_modules(model, args.targets, args.ignore):
+                if not isinstance(module, torch.nn.Linear):
+                    raise UnsupportedError(f"{where}.{name}: target {fqn!r} is a {type(module).__name__}; qcompiler "
+                                           "applies input transforms to torch.nn.Linear layers")
+                if fqn in out:
+                    raise UnsupportedError(f"{where}: {fqn!r} takes input transforms from {out[fqn][0]!r} and "
+                                           f"{name!r}; one per linear")
+                out[fqn] = (name, scheme, bool(args.inverse))
+    return out
+
+
+def _attach_transforms(folder: Path, model: torch.nn.Module, transformed: dict[str, tuple[str, object, bool]],
+                       floats: dict[str, torch.Tensor]) -> None:
+    """Put each transformed linear's input transform on it as a forward pre-hook, taking its matrix out of
+    ``floats``: qcompiler's own online Hadamard (``OnlineHadamard``, the model as it was saved) when the
+    matrix is the one ``rotate(..., online=True)`` uses for that size, a ``MatrixTransform`` otherwise."""
+    from qcompiler.algorithms.hadamard import online_factors, online_hadamard
+    from qcompiler.core.online_rotation import MatrixTransform, OnlineHadamard, input_transform
+    sizes = {fqn: scheme.head_dim or model.get_submodule(fqn).in_features
+             for fqn, (_, scheme, _) in transformed.items()}
+    own = {fqn: floats.pop(f"{fqn}.{name}_input.weight", None) for fqn, (name, _, _) in transformed.items()}
+    shared: dict[tuple[str, int], torch.Tensor] = {}
+    for fqn, t in own.items():
+        if t is not None:
+            shared.setdefault((transformed[fqn][0], sizes[fqn]), t)
+    for fqn, (name, scheme, inverse) in transformed.items():
+        k = sizes[fqn]
+        stored = own[fqn] if own[fqn] is not None else shared.get((name, k))
+        if stored is None:
+            raise CheckpointError(f"{folder}: no tensor holds the {k} x {k} matrix of transform scheme {name!r} that "
+                                  f"{fqn!r} reads (expected {fqn}.{name}_input.weight or another of its linears')")
+        if tuple(stored.shape) != (k, k) or not stored.is_floating_point():
+            raise CheckpointError(f"{folder}: {fqn}.{name}_input.weight is {stored.dtype} {list(stored.shape)}; "
+                                  f"expected a float {k} x {k} matrix")
+        stored = (stored.T if inverse else stored).float().contiguous()
+        hook = MatrixTransform(stored, 1.0 / math.sqrt(k))
+        if scheme.head_dim is None and online_factors(k) is not None:
+            block, _, scale = online_hadamard(k)
+            own_hook = OnlineHadamard(block, scale)
+            if torch.equal(input_transform(own_hook, k)[0], stored):
+                hook = own_hook
+        model.get_submodule(fqn).register_forward_pre_hook(hook)
 
 
 # ---- recipe ---------------------------------------------------------------------------------------

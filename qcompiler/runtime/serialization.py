@@ -52,7 +52,7 @@ from qcompiler.core.layer_quant import QuantizedWeight
 from qcompiler.core.packing import pack_int4, unpack_int4
 from qcompiler.passes.kv_cache import kv_rotation
 from qcompiler.pipeline import CompileReport
-from qcompiler.errors import CheckpointError, RecipeError
+from qcompiler.errors import CheckpointError, RecipeError, UnsupportedError
 from qcompiler.recipes import Granularity, KVCacheSpec, Recipe
 
 __all__ = ["save_quantized", "load_quantized", "saved_metadata", "WEIGHTS_FILE"]
@@ -199,10 +199,15 @@ def load_quantized(path: str | Path) -> tuple[torch.nn.Module, Recipe]:
 
 def _online_orders(model: torch.nn.Module) -> dict[str, int]:
     """{module: order} of the online Hadamard transforms on ``model``'s inputs (``rotate(..., online=True)``)."""
-    from qcompiler.core.online_rotation import OnlineHadamard, online_modules
+    from qcompiler.core.online_rotation import MatrixTransform, OnlineHadamard, online_modules
     orders = {}
     for name in online_modules(model):
-        hooks = [h for h in model.get_submodule(name)._forward_pre_hooks.values() if isinstance(h, OnlineHadamard)]
+        hooks = model.get_submodule(name)._forward_pre_hooks.values()
+        if any(isinstance(h, MatrixTransform) for h in hooks):
+            raise UnsupportedError(f"save_quantized: {name} reads its input through a compressed-tensors transform "
+                                   "matrix (a model from load_compressed_tensors); qcompiler's checkpoint records only "
+                                   "its own online Hadamard transforms: save it with save_compressed_tensors")
+        hooks = [h for h in hooks if isinstance(h, OnlineHadamard)]
         if len(hooks) != 1:
             raise ValueError(f"save_quantized: {name} has {len(hooks)} online Hadamard transforms; one is saved")
         m, scale = hooks[0].h_block.shape[0], hooks[0].scale
