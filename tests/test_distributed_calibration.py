@@ -120,11 +120,18 @@ def _calibrate(source: str, preset: str, ckpt: str | None = None) -> dict:
         return {"calls": calls, "computed": computed, "units": units, "quantized": sorted(cal.results),
                 "weights": {f: (r.qweight.q, r.qweight.scale, r.qweight.zero) for f, r in cal.results.items()}}
     if recipe.layerwise:
-        cal = LayerwiseCalibration(_batches(source), recipe, progress=False, replay_batch=4, checkpoint_dir=ckpt)
+        # rank 1 too short of memory to keep its float-stream inputs (the others have the default budget)
+        small = "rank1-small-budget" in options and torch.distributed.is_initialized() and \
+            torch.distributed.get_rank() == 1
+        cal = LayerwiseCalibration(_batches(source), recipe, progress=False, replay_batch=4, checkpoint_dir=ckpt,
+                                   **({"float_cache_bytes": 1} if small else {}))
         cal.collect(model)
         experts = {f"{key}[{e}]": (qw.q, qw.scale, qw.zero, note) for key, (qws, note) in cal.expert_results.items()
                    for e, qw in enumerate(qws)}
-        return {f: (r.qweight.q, r.qweight.scale, r.qweight.zero, r.scale) for f, r in cal.results.items()} | experts
+        # with a float-model target and levels: how many blocks kept their float-stream inputs (every rank the same)
+        kept = {"blocks keeping float inputs": (cal.kept_float_blocks,)} if "true-sequential" in options else {}
+        return {f: (r.qweight.q, r.qweight.scale, r.qweight.zero, r.scale) for f, r in cal.results.items()} | \
+            experts | kept
     cal = CalibrationCache(_batches(source), recipe.samples_per_layer, progress=False, hessian=True)
     return {f: (s.absmax, s.samples, s.tokens, s.absmean, s.hessian) for f, s in cal.collect(model).items()}
 
@@ -200,13 +207,16 @@ def _assert_identical(a: dict, b: dict) -> None:
     ("llama", "w4a16-gptq:one-pass", (2,)),    # GPTQ in the graph pass, linears spread over the ranks
     ("mixtral", "w4a16-gptq", (2,)),           # fused experts: per-expert Hessians all-reduced
     ("llama", "w4a16-gptq:float-model", (2,)),  # the float stream beside the quantized one, X_q^T X_f all-reduced
-    # levels found on the first rank with inputs and broadcast; each level's Hessians reduced and spread again
+    # levels found on the first rank with inputs and broadcast; each level's Hessians reduced and spread again; the
+    # float stream's linear inputs kept on every rank (the ranks agree on it)
     ("llama", "w4a16-gptq:float-model:true-sequential", (2,)),
 ])
 def test_results_are_bit_identical_at_any_number_of_ranks(tmp_path, source, preset, sizes):
     torch.set_num_threads(1)
     one_pass = preset.endswith(":one-pass")
     single = _calibrate(source, preset, str(tmp_path / "computed") if one_pass else None)
+    if preset.endswith(":true-sequential"):      # both blocks keep the float stream's inputs, at any rank count
+        assert single["blocks keeping float inputs"] == (2,)
     if source == "mixtral":
         notes = [v[3] for f, v in single.items() if f.endswith("]")]   # 2 layers x 2 fused weights x 4 experts
         assert len(notes) == 16 and all(n.startswith("per expert, from its routed tokens: gptq damp") for n in notes)
@@ -294,6 +304,17 @@ def test_two_ranks_resume_a_single_process_run_stopped_after_block_0(tmp_path):
     for got in _run_ranks(tmp_path, 2, "llama", "w4a16-gptq", ckpt=str(folder)):
         _assert_identical(single, got)
     assert len(list(folder.glob("block-*"))) == 2    # the tiny llama's 2 blocks, the second by rank 0
+
+
+def test_ranks_rerun_the_float_stream_together_when_one_cannot_keep_its_inputs(tmp_path):
+    """Rank 1's budget is below its kept inputs: the ranks agree on the largest estimate, so every rank reruns
+    the float stream per level (no rank waits in a collective the other skipped), with the same bits."""
+    preset = "w4a16-gptq:float-model:true-sequential"
+    single = _calibrate("llama", preset)
+    assert single.pop("blocks keeping float inputs") == (2,)
+    for got in _run_ranks(tmp_path, 2, "llama", preset + ":rank1-small-budget"):
+        assert got.pop("blocks keeping float inputs", got.get("error")) == (0,)
+        _assert_identical(single, got)
 
 
 def test_block_tuning_is_refused_under_a_process_group(tmp_path):

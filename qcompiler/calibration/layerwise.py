@@ -124,6 +124,7 @@ class LayerwiseCalibration:
         # this many bytes, estimated from its first call) so its level passes run the quantized stream only;
         # over it (or 0), each level pass reruns the float stream. The results are the same bits either way.
         self.float_cache_bytes = float_cache_bytes
+        self.kept_float_blocks = 0     # blocks whose float-stream inputs were kept (the others reran it)
         self.recipe = recipe
         self.samples_per_layer = recipe.samples_per_layer
         self.seed = seed
@@ -298,8 +299,9 @@ class LayerwiseCalibration:
         self.stats = stats
         self.seconds = time.perf_counter() - t0
         log.info("layer-by-layer calibration: %d blocks, %d linears quantized in %.1f s, peak state %.1f MB "
-                 "+ activations %.1f MB", len(blocks), len(self.results), self.seconds, self.peak_state_bytes / 1e6,
-                 self.activation_bytes / 1e6)
+                 "+ activations %.1f MB%s", len(blocks), len(self.results), self.seconds, self.peak_state_bytes / 1e6,
+                 self.activation_bytes / 1e6,
+                 f"; {self.kept_float_blocks} blocks kept their float-stream inputs" if self.kept_float_blocks else "")
         return stats
 
     def _spill_samples(self, index: int, block_stats: dict[str, LayerStats]) -> dict[str, LayerStats]:
@@ -395,10 +397,13 @@ class LayerwiseCalibration:
         """The block on the float stream alone, each call's linear inputs kept (``paired_linear_inputs.take``):
         ``(float outputs, input keys, [kept inputs per call], bytes kept)``; or None when the block has fused
         experts (their pass records expert inputs), under a process group, or when the kept inputs would exceed
-        ``float_cache_bytes`` (estimated from the first call, scaled by the calls' sizes)."""
-        if self.float_cache_bytes <= 0 or not float_inputs or self.world.active or \
-                block_fused_experts(block, prefix, self.recipe):
-            return None     # under a process group every rank must take one path: the one that needs no agreement
+        ``float_cache_bytes`` (estimated from the first call, scaled by the calls' sizes). Under a process group
+        the ranks agree (``_fits_everywhere``; a rank without inputs or budget votes no): every rank takes one path."""
+        if block_fused_experts(block, prefix, self.recipe):
+            return None     # the same on every rank: the model's
+        if self.float_cache_bytes <= 0 or not float_inputs:
+            self._fits_everywhere(math.inf, prefix)
+            return None
         keys: dict[str, torch.Tensor] = {}
         pairs = paired_linear_inputs(block, prefix)
         key_hooks = _record_input_keys(block, prefix, keys)
@@ -412,14 +417,23 @@ class LayerwiseCalibration:
                     if c == 0:
                         kept = _kept_bytes(recorded)
                         sizes = [_hidden(*call).numel() for call in float_inputs]
-                        if kept * sum(sizes) / max(sizes[0], 1) > self.float_cache_bytes:
+                        if not self._fits_everywhere(kept * sum(sizes) / max(sizes[0], 1), prefix):
                             return None
         finally:
             for hk in key_hooks:
                 hk.remove()
             pairs.__exit__(None, None, None)
         kept = _kept_bytes(recorded)
+        self.kept_float_blocks += 1
         return outputs, keys, recorded, kept
+
+    def _fits_everywhere(self, estimate: float, prefix: str) -> bool:
+        """Whether every rank's estimate of the bytes it would keep is within its own ``float_cache_bytes`` (the
+        largest ratio, all-reduced: one answer on every rank)."""
+        ratio = estimate / self.float_cache_bytes if self.float_cache_bytes > 0 else math.inf
+        worst = dd.all_reduce_(self.world, torch.tensor([ratio], dtype=torch.float64), "max",
+                               "the agreement on keeping the float stream's inputs", f"block {prefix}")
+        return float(worst) <= 1.0
 
     def _observe(self, block, prefix, inputs, hessian, keep_outputs: bool = False, n_calls: int | None = None,
                  call_offset: int = 0, float_inputs: list | None = None, only: set[str] | None = None,
