@@ -420,6 +420,8 @@ BAD = {   # id: (checkpoint, config mutation, tensors mutation, error, message)
                          rf"config_groups.u: location 'output' \(targets \['{Q_PROJ}'\]\)"),
     "transform-missing-matrix": ("w4a16-rtn", _transform(), None, CheckpointError,
                                  rf"no tensor holds the 64 x 64 matrix of transform scheme 'u' that '{Q_PROJ}' reads"),
+    "transform-head-dim": ("w4a16-rtn", _transform(head_dim=48), _put(f"{Q_PROJ}.u_input.weight", torch.ones(48, 48)),
+                           CheckpointError, rf"head_dim 48, which does not divide the 64 inputs of '{Q_PROJ}'"),
     "transform-matrix-shape": ("w4a16-rtn", _transform(), _put(f"{Q_PROJ}.u_input.weight", torch.ones(64, 32)),
                                CheckpointError, rf"{Q_PROJ}.u_input.weight is torch.float32 \[64, 32\]; expected a "
                                r"float 64 x 64 matrix"),

@@ -173,6 +173,7 @@ def test_compressed_tensors_carries_the_online_transforms(tmp_path):
     assert sorted(online_modules(loaded)) == sorted(online_modules(model))
     assert all(isinstance(h, OnlineHadamard) for n in online_modules(loaded)
                for h in loaded.get_submodule(n)._forward_pre_hooks.values())
+    assert str(qcompiler.report(loaded)).count("its input through an online transform") == 4
     with torch.inference_mode():
         assert torch.equal(loaded(input_ids=IDS).logits, ref)
         assert rel_err(_compressed_tensors_native(folder)(input_ids=IDS).logits, ref) < 1e-5    # measured 2.4e-7

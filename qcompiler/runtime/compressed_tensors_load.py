@@ -324,6 +324,9 @@ def _attach_transforms(folder: Path, model: torch.nn.Module, transformed: dict[s
             shared.setdefault((transformed[fqn][0], sizes[fqn]), t)
     for fqn, (name, scheme, inverse) in transformed.items():
         k = sizes[fqn]
+        if model.get_submodule(fqn).in_features % k:
+            raise CheckpointError(f"{folder}: transform scheme {name!r} has head_dim {k}, which does not divide the "
+                                  f"{model.get_submodule(fqn).in_features} inputs of {fqn!r}")
         stored = own[fqn] if own[fqn] is not None else shared.get((name, k))
         if stored is None:
             raise CheckpointError(f"{folder}: no tensor holds the {k} x {k} matrix of transform scheme {name!r} that "

@@ -18,12 +18,15 @@ __all__ = ["attach_loaded_report"]
 def attach_loaded_report(model: torch.nn.Module, recipe: Recipe, origin: str) -> CompileReport:
     """Describe ``model``'s linears (``QuantizedLinear`` quantized, ``nn.Linear`` kept in float) in a
     report on ``model`` (read by ``qcompiler.report``); ``origin`` names the checkpoint."""
+    from qcompiler.core.online_rotation import online_modules
     report = CompileReport(recipe=recipe.name, target="reference")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    transformed = set(online_modules(model))
     for fqn, m in model.named_modules():
         if isinstance(m, QuantizedLinear):
             d = LayerDecision(fqn, "linear", m.in_features, m.out_features, weight_format=m.weight_format,
-                              act_format=_act_format(m), note=f"loaded from {origin}",
+                              act_format=_act_format(m), note=f"loaded from {origin}"
+                              + ("; its input through an online transform" if fqn in transformed else ""),
                               smoothing="explicit" if m.inv_smooth is not None else "",
                               act_scale=None if m.act_scale is None else float(m.act_scale),
                               weight_bytes_fp=m.in_features * m.out_features * 4,
@@ -32,7 +35,8 @@ def attach_loaded_report(model: torch.nn.Module, recipe: Recipe, origin: str) ->
         elif isinstance(m, torch.nn.Linear):
             w = m.weight
             d = LayerDecision(fqn, "output_head" if m is head else "linear", m.in_features, m.out_features,
-                              quantize=False, reason=f"kept in float by the checkpoint ({origin})",
+                              quantize=False, reason=f"kept in float by the checkpoint ({origin})"
+                              + ("; its input through an online transform" if fqn in transformed else ""),
                               weight_bytes_fp=w.numel() * w.element_size())
         else:
             continue
