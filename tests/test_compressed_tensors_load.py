@@ -14,7 +14,8 @@ llm-compressor's checkpoints (the peer, ``benchmarks/peers/llmcompressor_ct_chec
 transformers' perplexity within ``PEER_W4A16`` = 0.1% (observed: equal); W8A8 dynamic differs because
 compressed-tensors' per-token INT8 scale is absmax / 127.5 and qcompiler's absmax / 127 (observed
 +0.056% on stories260K): asserted below 1%, and to 1e-6 against the same loaded codes run with the
-127.5 rule, which isolates the cause.
+127.5 rule, which isolates the cause. Its SpinQuant checkpoint (R4 an online transform): logits within 1e-5 of
+transformers' with compressed-tensors applying the online transforms (observed 9.6e-7: float32 against its float64).
 """
 
 from __future__ import annotations
@@ -593,6 +594,35 @@ def test_llmcompressor_w4a16_perplexity_matches_transformers():
         assert torch.equal(_qweight(m).dequantize(), reference.get_submodule(fqn).weight.detach().float()), fqn
     ours = perplexity(loaded, windows, progress=False)
     assert abs(ours - theirs) / theirs <= PEER_W4A16, (ours, theirs)
+
+
+def test_llmcompressor_spinquant_checkpoint_runs_its_online_transform():
+    """llm-compressor's SpinQuant checkpoint: R1 / R2 fused into the weights (their ``weight_*`` entries are
+    skipped), R4 an online transform on every down_proj's input, one stored matrix tied across the layers.
+    qcompiler's model equals transformers' with only the online part of the config applied, as vLLM applies
+    it (compressed-tensors computes it in float64, qcompiler in float32); without R4 it is another model."""
+    from compressed_tensors.transform import TransformConfig, apply_transform_config
+    from qcompiler.core.online_rotation import MatrixTransform, online_modules
+    folder = _peer("w4a16-spinquant")
+    loaded, _ = qcompiler.load_compressed_tensors(folder)
+    downs = [f"model.layers.{i}.mlp.down_proj" for i in range(5)]
+    assert sorted(online_modules(loaded)) == downs
+    assert all(isinstance(h, MatrixTransform) for f in downs for h in loaded.get_submodule(f)._forward_pre_hooks.values())
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]["transform_config"]
+    for scheme in config["config_groups"].values():
+        scheme["apply"] = [a for a in scheme["apply"] if a["location"] == "input"]
+    reference = _transformers(folder)
+    window = _peer_windows(folder)[0][None]
+    with torch.inference_mode():
+        without = reference(input_ids=window).logits
+        apply_transform_config(reference, TransformConfig.model_validate(config))
+        stored = safetensors.torch.load_file(folder / "model.safetensors")
+        assert [k for k in stored if "_input." in k] == ["model.layers.0.mlp.down_proj.R4_input.weight"]
+        reference.load_state_dict({k: v for k, v in stored.items() if "_input." in k}, strict=False)
+        theirs = reference(input_ids=window).logits
+        ours = loaded(input_ids=window).logits
+    print(f"qcompiler vs compressed-tensors: {rel_err(ours, theirs):.2e}; without R4: {rel_err(without, theirs):.2e}")
+    assert rel_err(ours, theirs) < 1e-5 and rel_err(without, theirs) > 0.05
 
 
 class _PerToken127_5(torch.nn.Module):

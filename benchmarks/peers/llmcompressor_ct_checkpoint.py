@@ -13,6 +13,9 @@ loads it (``qcompiler.tools.models.load_model``, float32). Schemes, every ``nn.L
           when saving or running forward") and its message says to ignore them
   w8a8    GPTQModifier with the ``W8A8`` preset: int8 weights per channel, symmetric; int8 activations
           dynamic per token (compressed-tensors' scale absmax / 127.5 at run time)
+  w4a16-spinquant  SpinQuantModifier (rotations R1, R2 and R4, ``random-hadamard``: R1 / R2 fused into the
+          weights, R4 an online transform on each down_proj's input, stored in the checkpoint's
+          ``transform_config``), then w4a16's GPTQ
 
 Calibration: ``--samples`` sequences of ``--seq`` tokens (BOS first) sampled with seed 0 by
 ``qcompiler.tools.data.calibration_batches`` from ``tinystories-calib`` (the paragraphs of
@@ -42,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-SCHEMES = ("w4a16", "w8a8")
+SCHEMES = ("w4a16", "w8a8", "w4a16-spinquant")
 MODEL = "stories260K"
 DEFAULT_OUT = Path.home() / ".cache" / "qcompiler" / "peers" / "llmcompressor"
 
@@ -52,6 +55,15 @@ log = logging.getLogger("llmcompressor_ct_checkpoint")
 def folder_for(out: Path, scheme: str) -> Path:
     """Where the checkpoint of ``scheme`` is written: ``<out>/stories260K-<scheme>``."""
     return out / f"{MODEL}-{scheme}"
+
+
+def modifiers(scheme: str) -> list:
+    """The llm-compressor modifiers that quantize with ``scheme`` (see the module docstring)."""
+    if scheme == "w4a16-spinquant":
+        from llmcompressor.modifiers.transform import SpinQuantModifier
+        return [SpinQuantModifier(rotations=["R1", "R2", "R4"], transform_type="random-hadamard"),
+                modifier("w4a16")]
+    return [modifier(scheme)]
 
 
 def modifier(scheme: str):
@@ -92,9 +104,9 @@ def write(scheme: str, out: Path, samples: int, seq: int) -> Path:
     target = folder_for(out, scheme)
     model, tokenizer = models.load_model(MODEL, dtype=torch.float32)
     calib = calibration(tokenizer, samples, seq)
-    recipe = modifier(scheme)
+    recipe = modifiers(scheme)
     t0 = time.perf_counter()
-    model = oneshot(model=model, tokenizer=tokenizer, recipe=[recipe], dataset=loader(calib),
+    model = oneshot(model=model, tokenizer=tokenizer, recipe=recipe, dataset=loader(calib),
                     num_calibration_samples=calib.shape[0], max_seq_length=calib.shape[1])
     oneshot_s = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
