@@ -130,8 +130,9 @@ def _calibrate(source: str, preset: str, ckpt: str | None = None) -> dict:
                    for e, qw in enumerate(qws)}
         # with a float-model target and levels: how many blocks kept their float-stream inputs (every rank the same)
         kept = {"blocks keeping float inputs": (cal.kept_float_blocks,)} if "true-sequential" in options else {}
+        computed = {"experts computed here": cal.experts_computed} if experts else {}    # this rank's share
         return {f: (r.qweight.q, r.qweight.scale, r.qweight.zero, r.scale) for f, r in cal.results.items()} | \
-            experts | kept
+            experts | kept | computed
     cal = CalibrationCache(_batches(source), recipe.samples_per_layer, progress=False, hessian=True)
     return {f: (s.absmax, s.samples, s.tokens, s.absmean, s.hessian) for f, s in cal.collect(model).items()}
 
@@ -205,7 +206,7 @@ def _assert_identical(a: dict, b: dict) -> None:
     ("llama", "w8a8-int8-sq", (2,)),           # one calibration pass (no layer-by-layer): statistics
     ("qwen2", "kv-int8", (2,)),                # a quantization target's observer, merged over the shards
     ("llama", "w4a16-gptq:one-pass", (2,)),    # GPTQ in the graph pass, linears spread over the ranks
-    ("mixtral", "w4a16-gptq", (2,)),           # fused experts: per-expert Hessians all-reduced
+    ("mixtral", "w4a16-gptq", (2,)),           # fused experts: per-expert Hessians all-reduced, experts spread
     ("llama", "w4a16-gptq:float-model", (2,)),  # the float stream beside the quantized one, X_q^T X_f all-reduced
     # levels found on the first rank with inputs and broadcast; each level's Hessians reduced and spread again; the
     # float stream's linear inputs kept on every rank (the ranks agree on it)
@@ -220,8 +221,12 @@ def test_results_are_bit_identical_at_any_number_of_ranks(tmp_path, source, pres
     if source == "mixtral":
         notes = [v[3] for f, v in single.items() if f.endswith("]")]   # 2 layers x 2 fused weights x 4 experts
         assert len(notes) == 16 and all(n.startswith("per expert, from its routed tokens: gptq damp") for n in notes)
+        assert single.pop("experts computed here") == 16
     for size in sizes:
         ranks = _run_ranks(tmp_path, size, source, preset, ckpt=str(tmp_path / "computed") if one_pass else None)
+        if source == "mixtral":      # each expert quantized on one rank, shared by broadcast
+            shares = [got.pop("experts computed here") for got in ranks]
+            assert sum(shares) == 16 and all(shares), shares
         for r, got in enumerate(ranks):
             _assert_identical(single, got)
         if one_pass:       # each linear's GPTQ ran on one rank only

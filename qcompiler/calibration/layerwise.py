@@ -125,6 +125,7 @@ class LayerwiseCalibration:
         # over it (or 0), each level pass reruns the float stream. The results are the same bits either way.
         self.float_cache_bytes = float_cache_bytes
         self.kept_float_blocks = 0     # blocks whose float-stream inputs were kept (the others reran it)
+        self.experts_computed = 0      # fused experts this rank quantized (under a process group: its share)
         self.recipe = recipe
         self.samples_per_layer = recipe.samples_per_layer
         self.seed = seed
@@ -597,26 +598,48 @@ class LayerwiseCalibration:
     def _quantize_experts(self, block, prefix, swaps, home) -> dict[str, LayerResult]:
         """The weight algorithm on each expert of the block's fused expert weights, from its own Hessian (an
         expert no calibration token reached: round to nearest, noted); their dequantized weights put in place
-        for the next blocks (recorded in ``swaps``). Every rank computes all experts (statistics all-reduced:
-        the same results). Returns the block's per-expert results, for the block checkpoint."""
+        for the next blocks (recorded in ``swaps``). Under a process group each expert is computed on one rank
+        (assigned by cost; statistics all-reduced, so any rank computes the same bits) and the results broadcast.
+        Returns the block's per-expert results, for the block checkpoint."""
         experts = block_fused_experts(block, prefix, self.recipe) if self._expert_stats else {}
         stats, self._expert_stats = self._expert_stats, {}
-        out = {}
+        units, costs = [], []
         for key, (module, name, transposed) in experts.items():
             p = getattr(module, name)
-            qws, unreached = [], []
+            n, k = (p.shape[2], p.shape[1]) if transposed else (p.shape[1], p.shape[2])
             for e in range(p.shape[0]):
-                w = (p[e].t() if transposed else p[e]).detach().float()
                 st = stats.get(expert_key(key, e))
-                if st is None or st.tokens == 0:
-                    qw, note = quantize_weight(w, self.recipe.weight), UNREACHED_EXPERT_NOTE
-                    unreached.append(e)
-                else:
-                    qw, note = self.linear_fn(expert_key(key, e), w, st, self.recipe)
-                qws.append(qw)
-                out[expert_key(key, e)] = LayerResult(qw, None, None, note)
+                units.append((key, e))
+                costs.append(_group_cost([p[e].t() if transposed else p[e]]) if st is not None and st.tokens
+                             else float(n) * k)
+        owners = dd.assign_by_cost(costs, self.world)
+        own = {}
+        for (key, e), owner in zip(units, owners):
+            if owner != self.world.rank:
+                continue
+            module, name, transposed = experts[key]
+            p = getattr(module, name)
+            w = (p[e].t() if transposed else p[e]).detach().float()
+            st = stats.get(expert_key(key, e))
+            if st is None or st.tokens == 0:
+                own[expert_key(key, e)] = (quantize_weight(w, self.recipe.weight), UNREACHED_EXPERT_NOTE)
+            else:
+                own[expert_key(key, e)] = self.linear_fn(expert_key(key, e), w, st, self.recipe)
+        self.experts_computed += len(own)
+        done = dict(own)
+        if self.world.active and units:
+            for r in range(self.world.size):
+                done.update(dd.broadcast_object(self.world, own if r == self.world.rank else None, r,
+                                                "broadcast of quantized experts", f"block {prefix}"))
+        out = {}
+        for key, (module, name, transposed) in experts.items():
+            count = getattr(module, name).shape[0]
+            qws = [done[expert_key(key, e)][0] for e in range(count)]
+            unreached = [e for e in range(count) if done[expert_key(key, e)][1] == UNREACHED_EXPERT_NOTE]
+            for e in range(count):
+                out[expert_key(key, e)] = LayerResult(qws[e], None, None, done[expert_key(key, e)][1])
             self._put_experts(module, name, transposed, qws, swaps)
-            self.expert_results[key] = ([qw.to(home) for qw in qws], _experts_note(out, key, len(qws), unreached))
+            self.expert_results[key] = ([qw.to(home) for qw in qws], _experts_note(out, key, count, unreached))
         return out
 
     def _put_experts(self, module, name, transposed, qws, swaps) -> None:
