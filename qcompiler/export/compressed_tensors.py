@@ -284,9 +284,13 @@ def _transform_config(model: torch.nn.Module, skeleton: torch.nn.Module
         module = model.get_submodule(fqn)
         hooks = [h for h in module._forward_pre_hooks.values() if isinstance(h, INPUT_TRANSFORMS)]
         k_in = getattr(module, "in_features", None)
-        if len(hooks) != 1 or not isinstance(skeleton.get_submodule(fqn), torch.nn.Linear) or k_in is None:
+        if not isinstance(skeleton.get_submodule(fqn), torch.nn.Linear) or k_in is None:
+            raise UnsupportedError(f"save_compressed_tensors: {fqn} reads its input through an online transform, and "
+                                   f"transformers builds it as a {type(skeleton.get_submodule(fqn)).__name__}; "
+                                   "transform_config transforms torch.nn.Linear inputs")
+        if len(hooks) != 1:
             raise UnsupportedError(f"save_compressed_tensors: {fqn} reads its input through {len(hooks)} online "
-                                   "transforms; compressed-tensors' transform_config applies one per torch.nn.Linear")
+                                   "transforms; transform_config applies one per linear")
         matrix, scale = input_transform(hooks[0], k_in)
         k = matrix.shape[0]
         if k_in % k or not math.isclose(scale, 1 / math.sqrt(k), rel_tol=1e-6):
