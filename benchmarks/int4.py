@@ -29,6 +29,13 @@ gptq,awq`` for every peer row):
     python benchmarks/int4.py --model smollm2-135m --methods w4a16-gptaq+rot-online,w4a16-gptaq --peers gptq \
         --autoround default --no-variants --no-memory --no-w8a16 --out benchmarks/results_int4_gptaq_peers_smollm2.md
 
+AutoRound's ``best`` setting beside our best preset and the cached peers (its oneshot: ~2.3 h on 2 Xeon cores, run
+alone first with ``python benchmarks/peers/autoround_peer.py --model smollm2-135m --setting best --threads 2``):
+
+    python benchmarks/int4.py --model smollm2-135m --methods w4a16-gptaq+rot-online --peers gptq \
+        --autoround default,best --no-variants --no-memory --no-w8a16 \
+        --out benchmarks/results_int4_autoround_best_smollm2.md
+
 The W4A8 INT8-activation table (issue 19's W4A8 row, beside the W4A16 GPTQ it starts from):
 
     python benchmarks/int4.py --model smollm2-135m --methods w4a16-gptq,w4a8-int8-sq-gptq --no-peers --no-memory \
