@@ -178,7 +178,9 @@ def test_compressed_tensors_carries_the_online_transforms(tmp_path):
         assert torch.equal(loaded(input_ids=IDS).logits, ref)
         assert rel_err(_compressed_tensors_native(folder)(input_ids=IDS).logits, ref) < 1e-5    # measured 2.4e-7
         plain = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        assert rel_err(plain(input_ids=IDS).logits, ref) > 0.1
+        dropped = rel_err(plain(input_ids=IDS).logits, ref)
+        print(f"transformers without the transforms: {dropped:.2f} relative error")     # measured 0.89
+        assert dropped > 0.1
 
 
 def test_a_checkpoints_transform_matrices_are_applied_as_stored(tmp_path):

@@ -322,6 +322,7 @@ def _attach_transforms(folder: Path, model: torch.nn.Module, transformed: dict[s
     for fqn, t in own.items():
         if t is not None:
             shared.setdefault((transformed[fqn][0], sizes[fqn]), t)
+    ours: dict[int, OnlineHadamard] = {}
     for fqn, (name, scheme, inverse) in transformed.items():
         k = sizes[fqn]
         if model.get_submodule(fqn).in_features % k:
@@ -337,10 +338,12 @@ def _attach_transforms(folder: Path, model: torch.nn.Module, transformed: dict[s
         stored = (stored.T if inverse else stored).float().contiguous()
         hook = MatrixTransform(stored, 1.0 / math.sqrt(k))
         if scheme.head_dim is None and online_factors(k) is not None:
-            block, _, scale = online_hadamard(k)
-            own_hook = OnlineHadamard(block, scale)
-            if torch.equal(input_transform(own_hook, k)[0], stored):
-                hook = own_hook
+            if k not in ours:          # qcompiler's transform of order k and its matrix, built once per size
+                block, _, scale = online_hadamard(k)
+                ours[k] = OnlineHadamard(block, scale)
+                ours[k].stored = input_transform(ours[k], k)[0]
+            if torch.equal(ours[k].stored, stored):
+                hook = OnlineHadamard(ours[k].h_block, ours[k].scale)
         model.get_submodule(fqn).register_forward_pre_hook(hook)
 
 
