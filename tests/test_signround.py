@@ -15,7 +15,7 @@ import qcompiler
 from qcompiler import recipes
 from qcompiler.algorithms import registry as weight_algorithms
 from qcompiler.algorithms.gptq import gptq_quantize
-from qcompiler.algorithms.signround import GPTQ_START, BlockLinear, LearnableRounding, signround_block
+from qcompiler.algorithms.signround import GPTAQ_START, GPTQ_START, BlockLinear, LearnableRounding, signround_block
 from qcompiler.core.layer_quant import quantize_weight
 from qcompiler.errors import RecipeError
 from qcompiler.recipes import (ActivationSpec, Calibrator, Granularity, QuantDtype, Recipe, SignRoundSpec,
@@ -127,6 +127,15 @@ def test_spec_rules_and_json_round_trip():
     with pytest.raises(RecipeError, match="weight-only"):
         dataclasses.replace(recipe, activation=ActivationSpec(QuantDtype.FP8_E4M3, Granularity.PER_TOKEN))
     assert weight_algorithms.needs_hessian(dataclasses.replace(recipe, weight_algorithm=SignRoundSpec(init="gptq")))
+    gptaq = dataclasses.replace(recipe, weight_algorithm=SignRoundSpec(init="gptaq", target="float-model"))
+    assert weight_algorithms.needs_hessian(gptaq) and weight_algorithms.true_sequential(gptaq)
+    assert weight_algorithms.start_fits_float_model(gptaq) and weight_algorithms.target_alpha(gptaq) == 0.25
+    assert Recipe.from_json(gptaq.to_json()) == gptaq
+    fm = dataclasses.replace(recipe, weight_algorithm=SignRoundSpec(init="gptq", target="float-model"))
+    assert weight_algorithms.fits_float_model(fm) and not weight_algorithms.start_fits_float_model(fm)
+    assert not weight_algorithms.true_sequential(fm)
+    with pytest.raises(RecipeError, match="target='float-model'"):
+        SignRoundSpec(init="gptaq")
     assert not weight_algorithms.needs_hessian(recipe)
     for bad, match in ((dict(init="awq"), "init"), (dict(iters=0), "iters"), (dict(lr=-1.0), "lr"), (dict(min_clip=0.0), "min_clip"),
                        (dict(batch_size=0), "batch_size"), (dict(seed=-1), "seed")):
@@ -134,17 +143,19 @@ def test_spec_rules_and_json_round_trip():
             SignRoundSpec(**bad)
 
 
-@pytest.mark.parametrize("arch,init", [("llama", "rtn"), ("gpt2", "rtn"), ("llama", "gptq")])
+@pytest.mark.parametrize("arch,init", [("llama", "rtn"), ("gpt2", "rtn"), ("llama", "gptq"), ("llama", "gptaq")])
 def test_signround_model_output_is_closer_to_float_than_its_start(arch, init):
     """Whole tiny model, layer by layer (GPT-2: Conv1D weights stored [K, N]); the output error on the
-    calibration batches is below that of the codes SignRound starts from (RTN), or no worse (GPTQ's)."""
+    calibration batches is below that of the codes SignRound starts from (RTN), or no worse (GPTQ's, GPTAQ's)."""
     model = tiny_model(arch)
     batches = calibration_batches()
     spec = WeightSpec(QuantDtype.INT4, Granularity.PER_GROUP, group_size=32)
-    sr = Recipe(name="sr", weight=spec, weight_algorithm=SignRoundSpec(init=init, iters=60, batch_size=2),
-                layerwise=True)
+    target = "float-model" if init == "gptaq" else "quantized-inputs"
+    sr = Recipe(name="sr", weight=spec, weight_algorithm=SignRoundSpec(init=init, iters=60, batch_size=2,
+                                                                       target=target), layerwise=True)
     rtn = (Recipe(name="rtn", weight=spec) if init == "rtn" else
-           Recipe(name="gptq", weight=spec, weight_algorithm=GPTQ_START, layerwise=True))
+           Recipe(name=init, weight=spec, weight_algorithm=SignRoundSpec(init=init, target=target).start,
+                  layerwise=True))
     x = torch.cat(batches)
     with torch.inference_mode():
         ref = model(input_ids=x).logits
@@ -190,3 +201,30 @@ def test_block_tuner_starts_from_the_float_weights(arch, monkeypatch):
         ref = floats[fqn + ".weight"]
         ref = ref.t() if arch == "gpt2" else ref          # Conv1D stores [K, N]; the tuner gets [N, K]
         assert torch.equal(w, ref.float()), fqn
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_start_from_gptaq_is_the_gptaq_presets_codes(arch, monkeypatch):
+    """``init="gptaq"``: the tuner starts from the codes GPTQ fitted to the float model (true sequential, a
+    quarter of the correction) computes on its own, bit for bit; a tuner that keeps its start gives GPTAQ's model."""
+    spec = WeightSpec(QuantDtype.INT4, Granularity.PER_GROUP, group_size=32, calibrator=Calibrator.MSE)
+    sr = SignRoundSpec(init="gptaq", iters=1, batch_size=1, target="float-model")
+    found = weight_algorithms.registered_algorithms()[SignRoundSpec]
+    calls = []
+
+    def keep_start(run, evaluate, linears, weight_spec, spec_sr):
+        calls.append(sorted(linears))
+        return {fqn: lin.init for fqn, lin in linears.items()}, "kept"
+
+    monkeypatch.setitem(weight_algorithms._ALGORITHMS, SignRoundSpec, dataclasses.replace(found, tune_block=keep_start))
+    batches = calibration_batches()
+    x = torch.cat(batches)
+    logits = {}
+    for name, algorithm in (("sr", sr), ("gptaq", GPTAQ_START)):
+        q = tiny_model(arch)
+        qcompiler.quantize(q, Recipe(name=name, weight=spec, weight_algorithm=algorithm, layerwise=True),
+                           calibration=batches, progress=False)
+        with torch.inference_mode():
+            logits[name] = q(input_ids=x).logits
+    assert calls and all(calls)
+    assert torch.equal(logits["sr"], logits["gptaq"])

@@ -23,7 +23,7 @@ from qcompiler.core.layer_quant import QuantizedWeight, quantize_weight
 from qcompiler.recipes import register_algorithm_spec
 
 __all__ = ["WeightAlgorithm", "register_weight_algorithm", "registered_algorithms", "algorithm_of",
-           "needs_hessian", "block_tuner", "fits_float_model", "dampening", "rows_separable", "has_input_scale", "input_scale", "quantize_linear", "scaled_stats"]
+           "needs_hessian", "block_tuner", "fits_float_model", "start_fits_float_model", "dampening", "rows_separable", "has_input_scale", "input_scale", "quantize_linear", "scaled_stats"]
 
 
 @dataclass(frozen=True)
@@ -126,25 +126,38 @@ def fits_float_model(recipe: Any) -> bool:
     return found is not None and getattr(found[1], "target", None) == FLOAT_MODEL_TARGET
 
 
+def _fitting_spec(recipe: Any) -> Any:
+    """The spec that fits each linear: the weight algorithm's own, or, for a block tuner that starts from
+    another algorithm's result (``SignRoundSpec.start``), that start's (None when there is none)."""
+    found = algorithm_of(recipe)
+    if found is None:
+        return None
+    return found[1].start if hasattr(found[1], "start") else found[1]
+
+
+def start_fits_float_model(recipe: Any) -> bool:
+    """Whether each linear's first weights are fitted to the float model's output (GPTAQ's correction
+    ``W*``, from the cross products of the quantized and float streams' inputs), not only the block tuning."""
+    from qcompiler.recipes.specs import FLOAT_MODEL_TARGET
+    return getattr(_fitting_spec(recipe), "target", None) == FLOAT_MODEL_TARGET
+
+
 def true_sequential(recipe: Any) -> bool:
     """Whether layer-by-layer calibration gives each linear of a block the inputs of a block whose linears it
-    depends on are already quantized (its spec's ``true_sequential``), rather than one float pass for all."""
-    found = algorithm_of(recipe)
-    return found is not None and bool(getattr(found[1], "true_sequential", False))
+    depends on are already quantized (its fitting spec's ``true_sequential``), rather than one float pass for all."""
+    return bool(getattr(_fitting_spec(recipe), "true_sequential", False))
 
 
 def target_alpha(recipe: Any) -> float:
     """With a float-model target: the fraction of the correction toward the float model's output that the
-    recipe's weight algorithm applies (its spec's ``target_alpha``; 1.0 when it has none)."""
-    found = algorithm_of(recipe)
-    return float(getattr(found[1], "target_alpha", 1.0)) if found is not None else 1.0
+    recipe's weight algorithm applies (its fitting spec's ``target_alpha``; 1.0 when it has none)."""
+    return float(getattr(_fitting_spec(recipe), "target_alpha", 1.0))
 
 
 def dampening(recipe: Any) -> float:
     """The fraction of the Hessian's mean diagonal the recipe's weight algorithm adds to it (GPTQ's
-    ``dampening``; 0.01 when its spec has none)."""
-    found = algorithm_of(recipe)
-    return float(getattr(found[1], "dampening", 0.01)) if found is not None else 0.01
+    ``dampening``, the start's for a block tuner; 0.01 when its spec has none)."""
+    return float(getattr(_fitting_spec(recipe), "dampening", 0.01))
 
 
 def rows_separable(recipe: Any) -> bool:

@@ -10,12 +10,13 @@ weight a rounding offset ``v`` in [-0.5, 0.5] and each scale two clipping factor
 minimizing ``|| block(x; w_hat) - block(x; w) ||^2`` on the calibration inputs ``x`` (the outputs of
 the blocks already quantized, GPTQ's sequential mode), with ``sign(grad)`` steps whose size decays
 linearly to zero (rounding through a straight-through estimator). The best step by mini-batch loss
-is kept. The start is round to nearest (AutoRound's) or GPTQ's result (``SignRoundSpec.init``): at
+is kept. The start is round to nearest (AutoRound's), GPTQ's or GPTAQ's result (``SignRoundSpec.init``): at
 ``v = 0`` and unit clipping factors the codes are the start's bit for bit, and the codes written are
 ordinary ONNX-layout integers with scales (and zero points), like GPTQ's.
 
 Where we differ from AutoRound: mini-batches of whole calibration sequences (``batch_size``), float32
-on CPU, and the weight spec's ``mse`` clipping (when chosen) as the starting clip factors.
+unless ``compute_dtype="bfloat16"`` (AutoRound's default), the weight spec's ``mse`` clipping (when chosen) as
+the starting clip factors, and a GPTQ or GPTAQ start when chosen.
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ import torch
 from qcompiler.core import numerics
 from qcompiler.core.layer_quant import QuantizedWeight, quantize_weight, weight_qdtype
 from qcompiler.errors import CalibrationError
-from qcompiler.recipes import GPTQSpec, Granularity, SignRoundSpec, WeightSpec
+from qcompiler.recipes import Granularity, SignRoundSpec, WeightSpec
+from qcompiler.recipes.specs import GPTAQ_START, GPTQ_START
 from qcompiler.algorithms.gptq import gptq_quantize
 from qcompiler.algorithms.registry import WeightAlgorithm, register_weight_algorithm
 
-__all__ = ["LearnableRounding", "BlockLinear", "signround_block"]
+__all__ = ["LearnableRounding", "BlockLinear", "signround_block", "GPTQ_START", "GPTAQ_START"]
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -161,10 +163,13 @@ def signround_block(run: Callable[[dict[str, torch.Tensor], int], tuple[torch.Te
             out[bl.param_name] = w.t() if bl.transposed else w
         return out
 
+    device = next(iter(linears.values())).weight.device.type
+    amp = torch.autocast(device, dtype=torch.bfloat16, enabled=sr.compute_dtype == "bfloat16")
     best_loss, best_state = math.inf, None
     for step in range(sr.iters):
         with torch.enable_grad():
-            out, target = run(overrides(), step)
+            with amp:
+                out, target = run(overrides(), step)
             loss = torch.nn.functional.mse_loss(out.float(), target.float())
             for p in params:
                 p.grad = None
@@ -192,31 +197,29 @@ def signround_block(run: Callable[[dict[str, torch.Tensor], int], tuple[torch.Te
     kept = tuned < start
     if not kept:
         loss_at(start_state)
-    note = (f"signround from {sr.init}, {sr.iters} steps x {sr.batch_size} seq, block loss {start:.3g} -> "
+    note = (f"signround from {sr.init}, {sr.iters} steps x {sr.batch_size} seq"
+            f"{' in bfloat16' if sr.compute_dtype == 'bfloat16' else ''}, block loss {start:.3g} -> "
             f"{tuned:.3g}{'' if kept else ' (start kept)'} ({time.perf_counter() - t0:.1f} s / block)")
     return {f: lr.quantized() for f, lr in learn.items()}, note
 
 
 def _initial(fqn: str, w: torch.Tensor, stats: Any, recipe: Any, spec: SignRoundSpec) -> tuple[QuantizedWeight, str]:
     """Where the rounding starts (and stays, outside the decoder blocks): round to nearest, or GPTQ."""
-    if spec.init == "rtn":
+    gptq = spec.start
+    if gptq is None:
         return quantize_weight(w, recipe.weight), "rtn (signround's start)"
-    gptq = GPTQ_START
     if stats is None or stats.hessian is None:
-        raise CalibrationError(f"{fqn}: signround from gptq needs the Hessian of this linear's inputs; no "
+        raise CalibrationError(f"{fqn}: signround from {spec.init} needs the Hessian of this linear's inputs; no "
                                "calibration statistics reached it")
     if stats.tokens < gptq.min_samples:
-        raise CalibrationError(f"{fqn}: signround from gptq needs at least {gptq.min_samples} calibration rows "
+        raise CalibrationError(f"{fqn}: signround from {spec.init} needs at least {gptq.min_samples} calibration rows "
                                f"(tokens) per linear, got {stats.tokens}; give more calibration data")
     qw, info = gptq_quantize(w, stats.hessian, recipe.weight, n_samples=stats.tokens, block_size=gptq.block_size,
                              dampening=gptq.dampening, act_order=gptq.act_order, static_groups=gptq.static_groups,
                              min_samples=gptq.min_samples, layer_name=fqn)
-    return qw, f"gptq damp {info.dampening:g} (signround's start)"
+    return qw, f"{spec.init} damp {info.dampening:g} (signround's start)"
 
-
-#: GPTQ as ``init="gptq"`` runs it: ``w4a16-gptq``'s settings
-GPTQ_START = GPTQSpec(act_order=True, static_groups=True)
 
 register_weight_algorithm(WeightAlgorithm(name="signround", spec_type=SignRoundSpec, quantize=_initial,
-                                          needs_hessian=lambda spec: spec.init == "gptq",
+                                          needs_hessian=lambda spec: spec.start is not None,
                                           tune_block=signround_block))

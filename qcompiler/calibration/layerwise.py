@@ -160,6 +160,7 @@ class LayerwiseCalibration:
         tuner = weight_algorithms.block_tuner(self.recipe)
         fits_float = weight_algorithms.fits_float_model(self.recipe)
         sequential = weight_algorithms.true_sequential(self.recipe)
+        start_fits = weight_algorithms.start_fits_float_model(self.recipe)
         world = self.world = dd.current_world()
         if world.active and tuner is not None:
             raise CalibrationError(f"recipe {self.recipe.name!r}: block tuning "
@@ -223,7 +224,7 @@ class LayerwiseCalibration:
                 # with a float-model target and levels: the float stream alone first, its linear inputs kept, and
                 # each level (the first too) observed on a quantized-stream pass of its own
                 kept = self._record_float_stream(block, prefix, float_inputs) \
-                    if float_inputs is not None and sequential and hessian and tuner is None else None
+                    if float_inputs is not None and sequential and hessian and start_fits else None
                 recorded = None
                 if kept is not None:
                     float_outputs, keys, recorded, cache_bytes = kept
@@ -456,10 +457,10 @@ class LayerwiseCalibration:
         observe = observe_linear_inputs(block, self.samples_per_layer, n_calls or len(inputs), self.seed, hessian,
                                         prefix, index_offset=call_offset, only=only)
         record = record_expert_inputs(experts)
-        # GPTQ fitted to the float model's output (W*); a block tuner fits the float stream's block outputs
-        # instead, from its algorithm's usual start
+        # GPTQ fitted to the float model's output (W*); a block tuner fits the float stream's block outputs,
+        # from its start (GPTQ's W* only when the start itself is fitted to the float model: SignRound from GPTAQ)
         pairs = paired_linear_inputs(block, prefix, only) if (float_inputs is not None or float_recorded is not None) \
-            and hessian and weight_algorithms.block_tuner(self.recipe) is None else None
+            and hessian and weight_algorithms.start_fits_float_model(self.recipe) else None
         outs, float_outs = [], []
         first_inputs = _record_input_keys(block, prefix, keys) if only is None else []
         stopper = stop_when_called(block, prefix, stop_after, _StopForward) if stop_after else None

@@ -342,6 +342,15 @@ class AWQSpec:
             raise RecipeError("recipe.awq and recipe.smoothquant both rescale input channels; choose one")
 
 
+#: GPTQ as ``SignRoundSpec(init="gptq")`` runs it: ``w4a16-gptq``'s settings
+GPTQ_START = GPTQSpec(act_order=True, static_groups=True)
+#: GPTQ as ``SignRoundSpec(init="gptaq")`` runs it: ``w4a16-gptaq``'s settings
+GPTAQ_START = GPTQSpec(act_order=True, static_groups=True, target=FLOAT_MODEL_TARGET, target_alpha=0.25,
+                       true_sequential=True)
+#: the starts ``SignRoundSpec.init`` names
+SIGNROUND_STARTS = ("rtn", "gptq", "gptaq")
+
+
 @dataclass(frozen=True)
 class SignRoundSpec:
     """SignRound (Cheng et al., "Optimize Weight Rounding via Signed Gradient Descent", the algorithm
@@ -352,8 +361,10 @@ class SignRoundSpec:
 
     Args:
         init: where the rounding starts: ``"rtn"`` (round to nearest with the weight spec's
-            clipping, AutoRound's start) or ``"gptq"`` (GPTQ's codes and scales, activation order with
-            static groups as ``w4a16-gptq``; the block tuning then refines them against the block's output).
+            clipping, AutoRound's start), ``"gptq"`` (GPTQ's codes and scales, activation order with
+            static groups as ``w4a16-gptq``) or ``"gptaq"`` (GPTQ fitted to the float model's output with each
+            block's linears in dependency order, as the ``w4a16-gptaq`` preset; needs ``target="float-model"``).
+            The block tuning then refines the start against the block's output (``start`` is the GPTQ spec).
         iters: optimizer steps per block.
         lr: step size of the signed updates, decayed linearly to zero (default ``1 / iters``:
             the offsets can cross their whole range once).
@@ -364,8 +375,13 @@ class SignRoundSpec:
         target: the block output the tuning fits: ``"quantized-inputs"``, the float block's on the
             quantized model's inputs; or ``"float-model"``, the float model's own (AutoRound's default:
             the block also corrects the error of the blocks before it). The start (``init``) is the same
-            either way: GPTQ's start stays fitted to the quantized inputs (``GPTQSpec.target``'s
-            ``"float-model"`` without ``true_sequential`` made SmolLM2 diverge, ``benchmarks/rotation_validation.py``).
+            either way: ``"gptq"``'s start stays fitted to the quantized inputs (``GPTQSpec.target``'s
+            ``"float-model"`` without ``true_sequential`` made SmolLM2 diverge, ``benchmarks/rotation_validation.py``);
+            ``"gptaq"``'s is fitted to the float model's.
+        compute_dtype: the dtype the block's forward and backward run in during the tuning steps:
+            ``"float32"``, or ``"bfloat16"`` (autocast, as AutoRound's default ``amp``; CPUs with AMX or
+            AVX-512 BF16 and GPUs run it several times faster). The offsets, clipping factors, loss and the
+            keep-the-start check stay float32.
     """
 
     init: str = "rtn"
@@ -376,10 +392,17 @@ class SignRoundSpec:
     min_clip: float = 0.5
     seed: int = 0
     target: str = "quantized-inputs"
+    compute_dtype: str = "float32"
 
     def __post_init__(self):
-        if self.init not in ("rtn", "gptq"):
-            raise RecipeError(f"signround.init={self.init!r} must be 'rtn' or 'gptq'")
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            raise RecipeError(f"signround.compute_dtype={self.compute_dtype!r} must be 'float32' or 'bfloat16'")
+        if self.init not in SIGNROUND_STARTS:
+            raise RecipeError(f"signround.init={self.init!r} must be one of {', '.join(map(repr, SIGNROUND_STARTS))}")
+        if self.init == "gptaq" and self.target != FLOAT_MODEL_TARGET:
+            raise RecipeError(f"signround.init='gptaq' fits GPTQ's start to the float model's output, which layer-by-layer "
+                              f"calibration computes for target='float-model': set signround.target='float-model' "
+                              f"(target is {self.target!r})")
         _positive_int("signround", "iters", self.iters)
         _positive_int("signround", "batch_size", self.batch_size)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
@@ -394,6 +417,11 @@ class SignRoundSpec:
     @property
     def step_size(self) -> float:
         return self.lr if self.lr is not None else 1.0 / self.iters
+
+    @property
+    def start(self) -> GPTQSpec | None:
+        """The GPTQ run that gives the tuning its first codes (None: round to nearest)."""
+        return {"gptq": GPTQ_START, "gptaq": GPTAQ_START}.get(self.init)
 
     def check(self, recipe: "Recipe") -> None:
         """The rules this spec sets on the rest of ``recipe`` (``RecipeError`` when one fails)."""
