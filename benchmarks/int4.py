@@ -68,18 +68,25 @@ from qcompiler.calibration.layerwise import LayerwiseCalibration
 HEADLINE = ["w4a16-rtn", "w4a16-awq", "w4a16-gptq", "w4a8-awq", "w4a8-int8-sq-gptq"]
 W4A8_INT8_TARGET = 20.0     # issue 19: a W4A8 with INT8 per-token activations within +20% of FP32
 W4A16_TARGETS = {"g64 sym": 7.0, "g128 sym": 9.0}    # issue 19: the best W4A16 preset at each group size
+W8A8_STATIC_ROT_TARGET = 1.5  # issue 19: w8a8-int8-sq (static activations) with a rotation
 
 
-def recipes_for(names: list[str], variants: bool, w8a16: bool = True, g128: bool = False) -> list:
+def recipes_for(names: list[str], variants: bool, w8a16: bool = True, g128: bool | set[str] = False) -> list:
+    """The table's recipes: each preset at group 64 symmetric, its group-32 asymmetric variant (``variants``) and its
+    group-128 row (``g128``: every preset, or the set named); a preset whose weights are not per group (W8A8) is
+    one row under its own name."""
     out = []
     for name in names:
         r = qcompiler.recipes.get(name)
+        if r.weight is None or r.weight.granularity is not qcompiler.recipes.Granularity.PER_GROUP:
+            out.append(r)
+            continue
         out.append(r.replace(name=f"{name} g64 sym"))
         if variants:
             # the same recipe (algorithm, calibrator) at group 32 with integer zero-points
             out.append(r.replace(name=f"{name} g32 asym", weight=dataclasses.replace(r.weight, group_size=32,
                                                                                        symmetric=False)))
-        if g128:
+        if g128 is True or (g128 and name in g128):
             out.append(r.replace(name=f"{name} g128 sym", weight=dataclasses.replace(r.weight, group_size=128)))
     if w8a16:
         out.append(qcompiler.recipes.get("w8a16-gptq"))
@@ -159,11 +166,15 @@ def main(argv=None) -> int:
                     "cached; SmolLM2 on 2 CPU cores: ~20 min (default), ~2 h (best)")
     ap.add_argument("--no-memory", action="store_true", help="skip the calibration-memory comparison")
     ap.add_argument("--no-w8a16", action="store_true", help="skip the w8a16-gptq row")
-    ap.add_argument("--g128", action="store_true", help="add each method's group-128 symmetric row")
+    ap.add_argument("--g128", nargs="?", const="all", default="",
+                    help="add each method's group-128 symmetric row (or only those of the comma-separated methods given)")
     ap.add_argument("--out", type=Path, help="write the markdown table here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     names = [m for m in args.methods.split(",") if m]
+    g128 = True if args.g128 == "all" else {m for m in args.g128.split(",") if m}
+    if g128 is not True and g128 - set(names):
+        ap.error(f"--g128: {sorted(g128 - set(names))} not among --methods")
     peers = [] if args.no_peers else [m for m in args.peers.split(",") if m]
     unknown = sorted(set(peers) - {"gptq", "awq"})
     if unknown:
@@ -171,7 +182,7 @@ def main(argv=None) -> int:
     extra = [llmcompressor_rows(peers)] if peers else []
     if args.autoround:
         extra.append(autoround_rows([x for x in args.autoround.split(",") if x]))
-    rows, facts = run_table(args.model, recipes_for(names, not args.no_variants, not args.no_w8a16, args.g128), prefill=False,
+    rows, facts = run_table(args.model, recipes_for(names, not args.no_variants, not args.no_w8a16, g128), prefill=False,
                             progress=sys.stderr.isatty(), extra_rows=extra)
     by_name = {r.name: r for r in rows}
     lines = []
@@ -188,6 +199,11 @@ def main(argv=None) -> int:
         verdict = "meets" if w4a8.delta_pct <= W4A8_INT8_TARGET else "misses"
         lines.append(f"\nW4A8 with INT8 per-token activations: w4a8-int8-sq-gptq g64 sym Δ {w4a8.delta_pct:+.2f}% "
                      f"({verdict} the ≤ +{W4A8_INT8_TARGET:.0f}% target)")
+    for r in rows:
+        if r.name.startswith("w8a8-int8-sq+rot"):
+            verdict = "meets" if r.delta_pct <= W8A8_STATIC_ROT_TARGET else "misses"
+            lines.append(f"\nW8A8 INT8 static with a rotation: {r.name} Δ {r.delta_pct:+.2f}% ({verdict} issue 19's "
+                         f"≤ +{W8A8_STATIC_ROT_TARGET}% target)")
     for group, target in W4A16_TARGETS.items():
         candidates = [r for r in rows if r.name.startswith("w4a16") and r.name.endswith(f" {group}")]
         if candidates:
