@@ -58,6 +58,15 @@ the rotation (2026-12-05, Intel Xeon AMX, frozen install of 0cbbf8f, idle cores)
 
 ``w4a16-gptaq`` **+5.52%** (quantize 843 s), against ``w4a16-gptq``'s +11.50% above: the float-model fit alone
 closes half of GPTQ's gap, and needs no online transform (compressed-tensors checkpoints carry it).
+
+SignRound from GPTAQ's codes (the ``w4a16-gptaq`` start, then 100 signed-gradient steps of 4 sequences per block in
+bfloat16 against the float stream's block outputs; 2026-12-06, Intel Xeon AMX, frozen install of f12ddd1, idle cores):
+
+    python benchmarks/rotation_validation.py --modes rot-online \
+        "sr-gptaq-100x4-bf16=R('w4a16-gptaq').replace(weight_algorithm=SignRoundSpec(init='gptaq', target='float-model', iters=100, batch_size=4, compute_dtype='bfloat16'))"
+
+``sr-gptaq-100x4-bf16+rot-online`` **+3.41%** (quantize 2,016 s) against ``w4a16-gptaq+rot-online``'s +3.28%: the block
+tuning does not improve GPTAQ's rounding end to end at this step count, and more than doubles the time.
 """
 import argparse
 import copy
