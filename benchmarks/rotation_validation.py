@@ -84,20 +84,28 @@ from qcompiler.tools.models import load_model
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("presets", nargs="+", help="presets to quantize with (no '+rot' suffix: the modes add it), or "
                                           "label=expr recipe expressions")
-ap.add_argument("--modes", default="none,rot", help="comma-separated: none, rot, rot-online (default: none,rot)")
+ap.add_argument("--modes", default="none,rot", help="comma-separated: none, rot, rot-online, rot-heads, rot-online-heads "
+                                                   "(-heads: per-head value rotations too; default: none,rot)")
 ap.add_argument("--calib-samples", type=int, default=128)
 args = ap.parse_args()
 namespace = {**vars(recipes), "R": recipes.get, "rep": dataclasses.replace}   # the recipe classes too
 
 
+def _spec(mode: str) -> "recipes.RotationSpec":
+    """rot, rot-online, rot-heads, rot-online-heads: the stream rotation, online transforms, per-head value rotations."""
+    return recipes.RotationSpec(seed=0, online=mode.startswith("rot-online"), per_head=mode.endswith("-heads"))
+
+
 def _variant(text: str, mode: str):
     """(name, what ``qcompiler.quantize`` takes) for a preset name or ``label=expr`` in ``mode``."""
     label, eq, expr = text.partition("=")
-    if not eq:
+    if not eq and mode in ("none", "rot", "rot-online"):
         return (text, text) if mode == "none" else (f"{text}+{mode}",) * 2
+    if not eq:
+        label, expr = text, f"R({text!r})"
     recipe = eval(expr, namespace)   # noqa: S307 (a developer's own expressions)
     if mode != "none":
-        recipe = recipe.replace(rotation=recipes.RotationSpec(seed=0, online=mode == "rot-online"))
+        recipe = recipe.replace(rotation=_spec(mode))
         label = f"{label}+{mode}"
     return label, recipe.replace(name=label)
 
@@ -113,7 +121,8 @@ print("fp32", fp, flush=True)
 for mode in args.modes.split(","):
     m, _ = load_model("smollm2-135m")
     if mode != "none":
-        r = qcompiler.rotate(m, seed=0, online=mode == "rot-online")
+        spec = _spec(mode)
+        r = qcompiler.rotate(m, seed=0, online=spec.online, per_head=spec.per_head)
         print(r.summary(), flush=True)
         p = perplexity(m, wins, progress=False)
         print(f"{mode} float", p, f"{100 * (p / fp - 1):+.3f}%", flush=True)

@@ -54,6 +54,9 @@ class RotationResult:
     untied: list[str] = field(default_factory=list)
     online: list[str] = field(default_factory=list)
     online_refused: dict[str, str] = field(default_factory=dict)
+    value_heads: list[str] = field(default_factory=list)
+    value_heads_refused: dict[str, str] = field(default_factory=dict)
+    per_head: bool = False
 
     @property
     def has_online(self) -> bool:
@@ -65,7 +68,9 @@ class RotationResult:
                 f"{len(self.readers)} reading linears, {len(self.norms_folded)} norm gains folded"
                 + (f", untied {self.untied}" if self.untied else "")
                 + (f"; online Hadamard on the inputs of {len(self.online)} writing linears" if self.online else "")
-                + (f"; no online transform for {self.online_refused}" if self.online_refused else ""))
+                + (f"; no online transform for {self.online_refused}" if self.online_refused else "")
+                + (f"; per-head rotation of {len(self.value_heads)} attention value paths" if self.value_heads else "")
+                + (f"; no per-head rotation for {self.value_heads_refused}" if self.value_heads_refused else ""))
 
 
 def remove_online(model: torch.nn.Module) -> None:
@@ -103,10 +108,13 @@ def _capture(model: torch.nn.Module, example_input):
 
 
 def rotate(model: torch.nn.Module, seed: int = 0, example_input: dict | torch.Tensor | None = None,
-           online: bool = False) -> RotationResult:
+           online: bool = False, per_head: bool = False) -> RotationResult:
     """Rotate ``model``'s residual stream in place (module docstring); returns what changed. ``online``:
     also an online Hadamard transform on each writing linear's input (a linear whose input size has no
     online transform, or whose weight is not its own module's, keeps its input as is: ``online_refused``).
+    ``per_head``: also a randomized Hadamard of the head size on each attention's values, folded into the
+    value projection's rows and the output linear's columns (SpinQuant's R2; ``passes/value_heads.py``;
+    paths it cannot prove: ``value_heads_refused``).
 
     Raises:
         UnsupportedError: the graph does not allow the fold (LayerNorm reading the stream, a norm writing
@@ -128,7 +136,8 @@ def rotate(model: torch.nn.Module, seed: int = 0, example_input: dict | torch.Te
         raise UnsupportedError(f"qcompiler.rotate: hidden size {stream.hidden} has no Hadamard matrix from Sylvester "
                                "and Paley-I blocks")
     q = random_hadamard(stream.hidden, seed)
-    result = RotationResult(stream.hidden, seed)
+    result = RotationResult(stream.hidden, seed, per_head=per_head)
+    heads = _HeadFold(gm, ann, seed, result) if per_head else None
     hooks: list[tuple[torch.nn.Module, OnlineHadamard]] = []
 
     def param(node):
@@ -157,6 +166,8 @@ def rotate(model: torch.nn.Module, seed: int = 0, example_input: dict | torch.Te
         weight, transposed = param(weight_node), ann.weights[w.meta[META_KEY].fqn].transposed
         w64 = weight.double().t() if transposed else weight.double()          # [d, K]
         out = q.t() @ w64
+        if heads is not None:
+            out = heads.columns(w, out)
         if online:
             out = _online_fold(model, ann.param_fqn[weight_node.name], out, result, hooks)
         put(ann.param_fqn[weight_node.name], weight, out.t() if transposed else out)
@@ -173,12 +184,16 @@ def rotate(model: torch.nn.Module, seed: int = 0, example_input: dict | torch.Te
             transposed = ann.weights[r.meta[META_KEY].fqn].transposed
             w64 = weight.double().t() if transposed else weight.double()      # [N, d]
             out = (w64 * gain[None, :]) @ q
+            if heads is not None:
+                out = heads.rows(r, out, put)
             name = _name_for(weight_node, r.meta[META_KEY].fqn, names, weight, fqn)
             put(name, weight, out.t() if transposed else out)
             result.readers.append(name)
         for name, tensor, value in _unit_gain(norm, gain_node, ann):
             put(name, tensor, value)
         result.norms_folded.append(norm.meta[META_KEY].fqn or norm.name)
+    if heads is not None:
+        heads.rest(put)
     _apply(model, new, owner, names, result)
     for module, hook in hooks:
         module.register_forward_pre_hook(hook)
@@ -205,6 +220,82 @@ def _online_fold(model, weight_name: str, w64: torch.Tensor, result: RotationRes
     return w64 @ dense.to(w64.device).t()
 
 
+class _HeadFold:
+    """The per-head rotations of ``rotate(per_head=True)``: each value path's ``R`` (a randomized Hadamard of the
+    head size) folded into the rows of its value projection (``rows``) and the columns of the linear reading the
+    attention (``columns``), on top of whatever the residual rotation made of those weights; ``rest`` folds the
+    ones no stream role reached, from their own weights."""
+
+    def __init__(self, gm, ann, seed: int, result: RotationResult):
+        from qcompiler.passes.value_heads import find_value_heads
+        self.ann, self.seed = ann, seed
+        paths, refused = find_value_heads(gm, ann)
+        self.by_producer, self.by_consumer = {}, {}
+        for p in paths:
+            if not has_hadamard(p.head_dim):
+                refused[p.consumer.meta[META_KEY].fqn] = f"head size {p.head_dim} has no Hadamard matrix here"
+                continue
+            self.by_producer.setdefault(p.producer.name, []).append(p)
+            self.by_consumer[p.consumer.name] = p
+            result.value_heads.append(f"{p.producer.meta[META_KEY].fqn} -> {p.consumer.meta[META_KEY].fqn} "
+                                      f"(head size {p.head_dim})")
+        result.value_heads_refused.update(refused)
+        self.nodes = {n.name: n for n in gm.graph.nodes}
+        self.done: set[str] = set()
+
+    def _r(self, d: int) -> torch.Tensor:
+        return random_hadamard(d, self.seed + 1)          # not the stream's Q (another seed, another order)
+
+    def _weight(self, linear):
+        node = self.nodes[self.ann.linear_weight[linear.name]]
+        return node, self.ann.values[node.name], self.ann.weights[linear.meta[META_KEY].fqn].transposed
+
+    def rows(self, linear, w64: torch.Tensor, put) -> torch.Tensor:
+        """``w64`` [N, K] of a value projection with ``R^T`` on each head's rows (its bias too, through ``put``)."""
+        paths = self.by_producer.get(linear.name)
+        if not paths:
+            return w64
+        self.done.add(linear.name)
+        starts = sorted({s for p in paths for s in p.producer_blocks})
+        d = paths[0].head_dim
+        r = self._r(d).to(w64)
+        out = w64.clone()
+        for s in starts:
+            out[s:s + d] = r.t() @ w64[s:s + d]
+        bias = _bias_node(linear)
+        if bias is not None:
+            b = self.ann.values[bias.name].double()
+            b_out = b.clone()
+            for s in starts:
+                b_out[s:s + d] = r.t() @ b[s:s + d]
+            put(self.ann.param_fqn[bias.name], self.ann.values[bias.name], b_out)
+        return out
+
+    def columns(self, linear, w64: torch.Tensor) -> torch.Tensor:
+        """``w64`` [N, K] of the linear reading an attention, with ``R`` on each head's columns."""
+        p = self.by_consumer.get(linear.name)
+        if p is None:
+            return w64
+        self.done.add(linear.name)
+        d = p.head_dim
+        r = self._r(d).to(w64)
+        out = w64.clone()
+        for b in range(len(p.blocks)):
+            out[:, b * d:(b + 1) * d] = w64[:, b * d:(b + 1) * d] @ r
+        return out
+
+    def rest(self, put) -> None:
+        """The value projections and output linears neither stream role folded, from their own weights."""
+        for name, linear in [(n, self.nodes[n]) for n in list(self.by_producer) + list(self.by_consumer)]:
+            if name in self.done:
+                continue
+            node, weight, transposed = self._weight(linear)
+            w64 = weight.double().t() if transposed else weight.double()
+            out = self.rows(linear, w64, put) if name in self.by_producer else w64
+            out = self.columns(linear, out) if name in self.by_consumer else out
+            put(self.ann.param_fqn[node.name], weight, out.t() if transposed else out)
+
+
 def rotation_of(model: torch.nn.Module) -> RotationResult | None:
     """What ``rotate`` did to ``model``, or None if it was never rotated."""
     return model.__dict__.get(ROTATION_ATTR)
@@ -221,7 +312,7 @@ def apply_recipe_rotation(model: torch.nn.Module, recipe: Recipe, example_input=
     if done is not None:
         _check_same(done, recipe)
         return done
-    return rotate(model, seed=spec.seed, example_input=example_input, online=spec.online)
+    return rotate(model, seed=spec.seed, example_input=example_input, online=spec.online, per_head=spec.per_head)
 
 
 def _warn_static_online(recipe: Recipe) -> None:
@@ -246,6 +337,10 @@ def _check_same(done: RotationResult, recipe: Recipe) -> None:
         raise UnsupportedError(f"recipe {recipe.name!r} rotates {'with' if spec.online else 'without'} online "
                                f"transforms, but the model was rotated {'with' if done.has_online else 'without'} "
                                f"them (qcompiler.rotate(model, online={spec.online}))")
+    if done.per_head != spec.per_head:
+        raise UnsupportedError(f"recipe {recipe.name!r} rotates {'with' if spec.per_head else 'without'} per-head "
+                               f"rotations of the values, but the model was rotated {'with' if done.per_head else 'without'} "
+                               f"them (qcompiler.rotate(model, per_head={spec.per_head}))")
 
 
 def check_rotated(model: torch.nn.Module | None, recipe: Recipe) -> None:
@@ -261,6 +356,7 @@ def check_rotated(model: torch.nn.Module | None, recipe: Recipe) -> None:
         raise UnsupportedError(f"recipe {recipe.name!r} rotates the residual stream, which changes the model's weights "
                                "before its graph is captured: call qcompiler.rotate(model, seed="
                                f"{recipe.rotation.seed}" + (", online=True" if recipe.rotation.online else "")
+                               + (", per_head=True" if recipe.rotation.per_head else "")
                                + ") before torch.compile, or use qcompiler.quantize(model, recipe)")
     _check_same(done, recipe)
 

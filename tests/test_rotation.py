@@ -61,6 +61,51 @@ def test_rotated_model_computes_the_same_logits(arch):
     assert any("embed" in k for k in changed) and len(changed) >= len(result.readers) + len(result.writers)
 
 
+@pytest.mark.parametrize("online", [False, True])
+@pytest.mark.parametrize("arch", ROTATABLE)
+def test_per_head_value_rotation_keeps_the_logits(arch, online):
+    """``per_head=True``: each attention's value rows and its output linear's columns take a Hadamard of the head
+    size (phi3: the value rows of the fused qkv_proj; qwen2: the value bias too), found from the graph; the
+    float model computes the same logits, and the value projection differs from the stream rotation's alone."""
+    model, plain = tiny_model(arch).double(), tiny_model(arch).double()
+    ref = _logits(model)
+    result = qcompiler.rotate(model, seed=1, online=online, per_head=True)
+    qcompiler.rotate(plain, seed=1, online=online)
+    assert rel_err(_logits(model), ref) < 1e-5
+    layers, head_dim = model.config.num_hidden_layers, model.config.hidden_size // model.config.num_attention_heads
+    assert len(result.value_heads) == layers and not result.value_heads_refused, result.value_heads_refused
+    assert all(f"(head size {head_dim})" in v for v in result.value_heads)
+    assert "per-head rotation of" in result.summary()
+    value, out = result.value_heads[0].split(" (")[0].split(" -> ")
+    ours, theirs = dict(model.named_parameters()), dict(plain.named_parameters())
+    for module in (value, out):
+        assert not torch.allclose(ours[module + ".weight"], theirs[module + ".weight"]), module
+
+
+def test_per_head_rotation_spreads_a_value_outlier_within_its_head():
+    """A value row with a large weight (an outlier value channel) is spread over its head's rows, not others'."""
+    model = tiny_model("llama").double()
+    layer = model.model.layers[0].self_attn
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    with torch.no_grad():
+        layer.v_proj.weight[head_dim + 3] *= 50.0          # head 1, channel 3
+    before = layer.v_proj.weight.detach().abs().amax(1).clone()
+    qcompiler.rotate(model, seed=0, per_head=True)
+    after = layer.v_proj.weight.detach().abs().amax(1)
+    head1 = slice(head_dim, 2 * head_dim)
+    assert after[head1].max() < 0.5 * before[head1].max()                        # spread within head 1
+    assert after[head1].min() > 2 * before[:head_dim].max()                         # over all of its rows
+    assert after[:head_dim].max() < 0.5 * after[head1].min()                        # and no other head's
+
+
+def test_per_head_rotation_must_match_the_recipe():
+    model = tiny_model("llama")
+    qcompiler.rotate(model, seed=0)
+    with pytest.raises(UnsupportedError, match="per_head=True"):
+        qcompiler.quantize(model, qcompiler.recipes.get("w8a16+rot").replace(
+            rotation=qcompiler.recipes.RotationSpec(per_head=True)), progress=False)
+
+
 def test_tied_head_is_untied():
     model = tiny_model("gemma").double()
     assert model.lm_head.weight is model.model.embed_tokens.weight
@@ -169,3 +214,42 @@ def test_rotated_quantized_model_saves_and_reloads(arch, tmp_path):
     ct = AutoModelForCausalLM.from_pretrained(folder).eval()
     with torch.inference_mode():
         assert rel_err(ct(input_ids=IDS).logits.double(), ref.double()) < 1e-4
+
+
+class _ToyAttention(torch.nn.Module):
+    """An attention whose output reaches the output linear through ``between`` (nothing, a relu, a per-channel
+    factor): only the first lets a per-head rotation of the values fold."""
+
+    def __init__(self, between: str, heads: int = 2, head_dim: int = 8):
+        super().__init__()
+        hidden = heads * head_dim
+        self.heads, self.between = heads, between
+        self.embed = torch.nn.Embedding(32, hidden)
+        self.q_proj, self.v_proj = torch.nn.Linear(hidden, hidden), torch.nn.Linear(hidden, hidden)
+        self.o_proj, self.head = torch.nn.Linear(hidden, hidden), torch.nn.Linear(hidden, 32)
+        self.factor = torch.nn.Parameter(torch.linspace(0.5, 2.0, hidden))
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        b, t, h = x.shape
+        split = lambda y: y.view(b, t, self.heads, -1).transpose(1, 2)   # noqa: E731
+        q, v = split(self.q_proj(x)), split(self.v_proj(x))
+        a = torch.nn.functional.scaled_dot_product_attention(q, q, v, is_causal=True).transpose(1, 2).reshape(b, t, h)
+        if self.between == "relu":
+            a = torch.relu(a)
+        elif self.between == "factor":
+            a = a * self.factor
+        return self.head(x + self.o_proj(a))
+
+
+@pytest.mark.parametrize("between", ["none", "relu", "factor"])
+def test_value_paths_are_found_from_the_graph_or_refused_with_the_reason(between):
+    from qcompiler.passes.value_heads import find_value_heads
+    from qcompiler.rotation import _capture
+    gm, ann, _ = _capture(_ToyAttention(between), {"input_ids": torch.arange(6)[None]})
+    found, refused = find_value_heads(gm, ann)
+    if between == "none":
+        assert [(p.producer.meta["qcompiler"].fqn, p.consumer.meta["qcompiler"].fqn, p.head_dim, p.blocks)
+                for p in found] == [("v_proj", "o_proj", 8, [0, 8])] and not refused
+    else:
+        assert not found and "do not commute with a rotation" in refused["o_proj"], refused

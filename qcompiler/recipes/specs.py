@@ -513,16 +513,23 @@ class RotationSpec:
             online Hadamard transform ``D`` (``qcompiler::hadamard_transform``, QuaRot's online rotation),
             its transpose folded into their weights' columns: their weights and inputs lose their outlier
             channels too, at the cost of one transform per call.
+        per_head: also rotate each attention's values by a randomized Hadamard of the head size, folded offline
+            into the value projection's rows and the output linear's columns (SpinQuant's R2; found from the graph,
+            ``passes/value_heads.py``): the value rows' (and, for a KV cache, the values') outliers spread within
+            each head. No transform at run time.
     """
 
     seed: int = 0
     online: bool = False
+    per_head: bool = False
 
     def __post_init__(self):
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise RecipeError(f"rotation.seed={self.seed!r} must be an integer >= 0")
         if not isinstance(self.online, bool):
             raise RecipeError(f"rotation.online={self.online!r} must be a bool")
+        if not isinstance(self.per_head, bool):
+            raise RecipeError(f"rotation.per_head={self.per_head!r} must be a bool")
 
 
 @dataclass(frozen=True)
