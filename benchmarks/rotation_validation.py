@@ -67,6 +67,14 @@ bfloat16 against the float stream's block outputs; 2026-12-06, Intel Xeon AMX, f
 
 ``sr-gptaq-100x4-bf16+rot-online`` **+3.41%** (quantize 2,016 s) against ``w4a16-gptaq+rot-online``'s +3.28%: the block
 tuning does not improve GPTAQ's rounding end to end at this step count, and more than doubles the time.
+
+Per-head value rotations on top (``RotationSpec(per_head=True)``, SpinQuant's R2; 2026-12-06, Intel Xeon AMX, frozen
+install of cf520ec, idle cores):
+
+    python benchmarks/rotation_validation.py --modes rot-online-heads w4a16-gptaq
+
+``w4a16-gptaq+rot-online-heads`` **+4.78%** (quantize 634 s; the rotated float model 24.571673 against 24.571675)
+against ``w4a16-gptaq+rot-online``'s +3.28%: worse for W4A16 here. No preset takes it.
 """
 import argparse
 import copy
