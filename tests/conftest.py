@@ -15,6 +15,12 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (the README's ``-n 2``) each worker computes on one thread, its subprocesses too: two
+# workers of two OpenMP threads each on two cores stall at each other's barriers.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 
 @pytest.fixture
 def fresh_dynamo():
