@@ -242,9 +242,12 @@ class _HeadFold:
         result.value_heads_refused.update(refused)
         self.nodes = {n.name: n for n in gm.graph.nodes}
         self.done: set[str] = set()
+        self.matrices: dict[int, torch.Tensor] = {}
 
     def _r(self, d: int) -> torch.Tensor:
-        return random_hadamard(d, self.seed + 1)          # not the stream's Q (another seed, another order)
+        if d not in self.matrices:                        # not the stream's Q (another seed, another order)
+            self.matrices[d] = random_hadamard(d, self.seed + 1)
+        return self.matrices[d]
 
     def _weight(self, linear):
         node = self.nodes[self.ann.linear_weight[linear.name]]
@@ -258,18 +261,19 @@ class _HeadFold:
         self.done.add(linear.name)
         starts = sorted({s for p in paths for s in p.producer_blocks})
         d = paths[0].head_dim
-        r = self._r(d).to(w64)
-        out = w64.clone()
-        for s in starts:
-            out[s:s + d] = r.t() @ w64[s:s + d]
+        rt = self._r(d).to(w64).t()
+
+        def head_rows(x: torch.Tensor) -> torch.Tensor:     # [N, K] weight or [N] bias
+            out = x.clone()
+            for s in starts:
+                out[s:s + d] = rt @ x[s:s + d]
+            return out
+
         bias = _bias_node(linear)
         if bias is not None:
-            b = self.ann.values[bias.name].double()
-            b_out = b.clone()
-            for s in starts:
-                b_out[s:s + d] = r.t() @ b[s:s + d]
-            put(self.ann.param_fqn[bias.name], self.ann.values[bias.name], b_out)
-        return out
+            b = self.ann.values[bias.name]
+            put(self.ann.param_fqn[bias.name], b, head_rows(b.double()))
+        return head_rows(w64)
 
     def columns(self, linear, w64: torch.Tensor) -> torch.Tensor:
         """``w64`` [N, K] of the linear reading an attention, with ``R`` on each head's columns."""

@@ -7,7 +7,7 @@ import dataclasses
 from typing import Callable
 
 from qcompiler.errors import RecipeError
-from .specs import (ActivationSpec, AWQSpec, Calibrator, FallbackSpec, GPTQSpec, Granularity, KVCacheSpec, QuantDtype,
+from .specs import (GPTAQ_START, GPTQ_START, ActivationSpec, AWQSpec, Calibrator, FallbackSpec, GPTQSpec, Granularity, KVCacheSpec, QuantDtype,
                     Recipe, RotationSpec, SignRoundSpec, SmoothQuantSpec, SparseGPTSpec, WeightSpec)
 
 __all__ = ["RECIPES", "register_recipe", "get", "names"]
@@ -171,7 +171,7 @@ def _w4a16_gptq() -> Recipe:
     # activation order with group scales fixed up front (llm-compressor's default actorder="static"),
     # each group's clipping chosen by Hessian-weighted error (on SmolLM2: +19.9% vs +29.7% with minmax scales)
     return Recipe(name="w4a16-gptq", weight=dataclasses.replace(_INT4_G64, calibrator=Calibrator.MSE),
-                  weight_algorithm=GPTQSpec(act_order=True, static_groups=True), layerwise=True)
+                  weight_algorithm=GPTQ_START, layerwise=True)
 
 
 @register_recipe("w4a16-gptaq")
@@ -184,8 +184,7 @@ def _w4a16_gptaq() -> Recipe:
     # +3.77%; true_sequential alone: +6.49%). About twice GPTQ's calibration time (the float stream).
     return _w4a16_gptq().replace(
         name="w4a16-gptaq",
-        weight_algorithm=GPTQSpec(act_order=True, static_groups=True, target="float-model", target_alpha=0.25,
-                                  true_sequential=True))
+        weight_algorithm=GPTAQ_START)
 
 
 @register_recipe("w4a16-signround")
