@@ -1,8 +1,9 @@
 """Mixture-of-experts models (tiny Mixtral- and Qwen2-MoE-shaped, random): the router, found from the
 graph (a linear whose output reaches a ``topk``), stays in float; experts held in fused 3-D parameters
-(transformers 5) are quantized per expert by ``qcompiler.quantize`` for weight-only recipes (in float with a
-warning for recipes that quantize activations, and under torch.compile); everything else is quantized and the
-model runs, eagerly, layer by layer and under torch.compile."""
+(transformers 5) are quantized per expert by ``qcompiler.quantize`` for weight-only recipes and recipes with
+dynamic per-token activations (their inputs quantized per token too; in float with a warning for recipes with
+static activation scales, and under torch.compile); everything else is quantized and the model runs, eagerly,
+layer by layer and under torch.compile."""
 
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ def _rel_to_float64(model, float_model, ids) -> float:
 
 
 @pytest.mark.parametrize("arch", sorted(_MOE))
-@pytest.mark.parametrize("preset,bound", [("w8a16", 0.02), ("w4a16-gptq", 0.15), ("w8a8-int8-sq-dynamic", 0.02)])
+@pytest.mark.parametrize("preset,bound", [("w8a16", 0.02), ("w4a16-gptq", 0.15), ("w8a8-int8-sq-dynamic", 0.02),
+                                          ("w8a8-int8-sq", 0.02)])
 def test_routers_stay_in_float_and_fused_experts_are_reported(arch, preset, bound):
     model, batches = _moe_model(arch), token_batches(4, 32, seed=1)
     float_model = copy.deepcopy(model)
@@ -62,8 +64,9 @@ def test_routers_stay_in_float_and_fused_experts_are_reported(arch, preset, boun
     experts = {f: d for f, d in rep.tensors.items() if d.kind == "experts"}
     assert sorted(experts) == [f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("down_proj", "gate_up_proj")]
     fused = [w for w in rep.warnings if "fused mixture-of-experts weights" in w]
-    if preset == "w8a8-int8-sq-dynamic":     # weight-only quantization of the experts would change the format
-        assert all(not d.quantize and "quantizes activations" in d.reason for d in experts.values())
+    if preset == "w8a8-int8-sq":     # static activation scales: none is calibrated for the experts' inputs
+        assert all(not d.quantize and "quantizes activations with static scales" in d.reason
+                   for d in experts.values())
         assert len(fused) == 1 and "experts.gate_up_proj" in fused[0]
         assert any("fused mixture-of-experts" in str(w.message) for w in caught)
         assert not quantized_experts(model)
@@ -73,6 +76,9 @@ def test_routers_stay_in_float_and_fused_experts_are_reported(arch, preset, boun
         assert sorted(quantized_experts(model)) == sorted(experts)
         if preset == "w4a16-gptq":     # few tokens per expert here: GPTQ's min_samples sends them to RTN, noted
             assert all(d.note.startswith("per expert, from its routed tokens: ") for d in experts.values())
+        dynamic = preset == "w8a8-int8-sq-dynamic"
+        assert all(("int8 per-token activations (dynamic)" in d.format) == dynamic for d in experts.values())
+        assert all((q.activation is not None) == dynamic for q in quantized_experts(model).values())
     assert _rel_to_float64(model, float_model, batches[0]) < bound
 
 
@@ -103,19 +109,68 @@ def test_quantized_fused_experts_compute_their_dequantized_weights(arch, impleme
     assert all(torch.equal(q.experts[e].q, quantize_weight(w[e], spec).q) for e in range(w.shape[0]))
     assert not torch.equal(q[2], w[2]) and torch.equal(q[2], q.experts[2].dequantize())
     calls = []
-    expert = QuantizedExperts.expert
-    QuantizedExperts.expert = lambda self, e: calls.append(e) or expert(self, e)
+    expert = QuantizedExperts._expert_dense     # each expert's dequantization
+    QuantizedExperts._expert_dense = lambda self, e: calls.append(e) or expert(self, e)
     try:
         with torch.no_grad():
             got = model(batches[0]).logits
     finally:
-        QuantizedExperts.expert = expert
+        QuantizedExperts._expert_dense = expert
     assert calls
     _densify_experts(model)
     assert not quantized_experts(model)
     with torch.no_grad():
         want = model(batches[0]).logits
     assert float((got - want).norm() / want.norm()) < 1e-6
+
+
+class _PerTokenExpertInputs(torch.overrides.TorchFunctionMode):
+    """The reference for dynamic activations: each ``F.linear`` whose weight is a slice of one of ``weights`` (the
+    eager loop's ``weight[e]``) takes its input quantized per token."""
+
+    def __init__(self, weights, spec):
+        super().__init__()
+        self.storages, self.spec, self.calls = {w.untyped_storage().data_ptr() for w in weights}, spec, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.linear and args[1].untyped_storage().data_ptr() in self.storages:
+            from qcompiler.core import numerics
+            q, s = numerics.quantize_per_token(args[0], self.spec.dtype.value)
+            args = (numerics.dequantize(q, s, None, args[0].dtype), *args[1:])
+            self.calls += 1
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("arch", sorted(_MOE))
+@pytest.mark.parametrize("preset", ["w8a8-int8-sq-dynamic", "fp8-dynamic"])
+def test_dynamic_activation_recipes_quantize_the_experts_inputs_per_token(arch, preset):
+    """With a dynamic-activation recipe every experts implementation computes what the eager loop computes over
+    the dequantized expert weights with each expert's input quantized per token (the reference, independent of
+    the wrapper); without that quantization the logits move by far more."""
+    model, batches = _moe_model(arch), token_batches(4, 32, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qcompiler.quantize(model, preset, calibration=batches, progress=False)
+    held = quantized_experts(model)
+    assert len(held) == 4 and all(q.activation == recipes.get(preset).activation for q in held.values())
+    got = {}
+    for implementation in ("eager", "grouped_mm", "batched_mm"):
+        model.config._experts_implementation = implementation
+        with torch.inference_mode():
+            got[implementation] = model(batches[0]).logits
+    _densify_experts(model)
+    model.config._experts_implementation = "eager"
+    dense = [p for n, p in model.named_parameters() if ".experts." in n]
+    with torch.no_grad():
+        weight_only = model(batches[0]).logits
+        with _PerTokenExpertInputs(dense, recipes.get(preset).activation) as mode:
+            want = model(batches[0]).logits
+    assert mode.calls > 0
+    for implementation, logits in got.items():
+        err = float((logits - want).norm() / want.norm())
+        assert err < 1e-5, (implementation, err)
+    assert float((weight_only - want).norm() / want.norm()) > 1e-3
 
 
 def test_fused_experts_follow_the_model_to_another_dtype_and_stay_quantized():
@@ -284,14 +339,15 @@ def test_layer_by_layer_calibration_keeps_the_router_in_float_as_the_graph_does(
 
 # --- quantized fused experts in checkpoints -------------------------------------------------------------------
 
-@pytest.mark.parametrize("preset", ["w4a16-rtn", "w8a16"])
+@pytest.mark.parametrize("preset", ["w4a16-rtn", "w8a16", "fp8-dynamic"])
 def test_quantized_fused_experts_save_and_load_bit_for_bit(preset, tmp_path):
     from qcompiler.runtime.serialization import load_quantized, save_quantized
-    model, batches = _moe_model("qwen2_moe"), token_batches(2, 16, seed=1)
+    model, batches = _moe_model("qwen2_moe"), token_batches(4, 32, seed=1)     # GPTQ's 128 rows for fp8-dynamic
     qcompiler.quantize(model, preset, calibration=batches, progress=False)
     save_quantized(model, tmp_path / "q", recipes.get(preset))
     loaded, _ = load_quantized(tmp_path / "q")
     assert sorted(quantized_experts(loaded)) == sorted(quantized_experts(model))
+    assert all(t.activation == recipes.get(preset).activation for t in quantized_experts(loaded).values())
     with torch.no_grad():
         assert torch.equal(loaded(batches[0]).logits, model(batches[0]).logits)
     rep = qcompiler.report(loaded)

@@ -40,9 +40,9 @@ def float_reason(module: torch.nn.Module, key: str, p: torch.Tensor, recipe) -> 
     if not reason and not isinstance(getattr(module, LAYOUT_ATTR, None), bool):
         reason = (f"its module ({type(module).__name__}) does not say its layout (no boolean "
                   f"{LAYOUT_ATTR!r}, set by transformers' experts interface)")
-    if not reason and recipe.activation is not None:
-        reason = (f"recipe {recipe.name!r} quantizes activations; fused experts are quantized weight-only "
-                  "(their inputs are not quantized), so they stay in float for it")
+    if not reason and recipe.activation is not None and not recipe.activation.dynamic:
+        reason = (f"recipe {recipe.name!r} quantizes activations with static scales, which calibration does not "
+                  "choose for fused experts (their inputs are quantized per token only), so they stay in float for it")
     return reason
 
 

@@ -53,6 +53,7 @@ from qcompiler.calibration.statistics import (LayerStats, StatsAccumulator, hess
 from qcompiler.errors import CalibrationError
 from qcompiler.core.layer_quant import QuantizedWeight, quantize_weight
 from qcompiler.calibration.expert_inputs import block_fused_experts, expert_key, record_expert_inputs
+from qcompiler.core.expert_activations import ActQuantWeight
 from qcompiler.calibration.float_reference import float_target_weight, paired_linear_inputs
 from qcompiler.calibration.sequential import called_once, dependency_levels, stop_when_called
 from torch.utils._pytree import tree_leaves, tree_map_only
@@ -648,7 +649,9 @@ class LayerwiseCalibration:
         dense = torch.stack([(qw.to(p.device).dequantize(p.dtype).t() if transposed else
                               qw.to(p.device).dequantize(p.dtype)) for qw in qws])
         swaps.append((module, name, p))
-        _assign(module, name, torch.nn.Parameter(dense, requires_grad=False))
+        act = self.recipe.activation     # dynamic here (block_fused_experts): the next blocks see it as the model will
+        _assign(module, name, torch.nn.Parameter(dense, requires_grad=False) if act is None else
+                ActQuantWeight(dense, act))
 
     def _restore_experts(self, block, prefix, results: dict, swaps: list) -> dict:
         """Put a completed block's saved per-expert results in place (as ``_quantize_experts`` did); the other

@@ -17,9 +17,15 @@ Hessian, over the tokens the router sent to it (``record_expert_inputs`` follows
 ``LayerwiseCalibration``): an expert no calibration token reaches is rounded to nearest from its weights, and the
 report note names it. Otherwise (no algorithm, AWQ, one-pass calibration) round to nearest from the weights.
 
-Limits (said, not silent): weight-only recipes (a recipe that quantizes activations keeps the experts in float
-with a warning); experts modules without transformers' layout attribute stay in float; graphs compiled by
-``qcompiler.backend`` keep them in float (its passes quantize 2-D linears).
+A recipe with dynamic per-token activations (``w8a8-int8-sq-dynamic``, ``fp8-dynamic``, ``w4a8-int8-sq-gptq``)
+quantizes the experts' inputs too: the tensor then carries the activation spec, and what reads it is an
+``ActQuantWeight`` (``qcompiler.core.expert_activations``), whose matrix products quantize their other operand
+per token first.
+
+Limits (said, not silent): a recipe with static activation scales keeps the experts in float with a warning (no
+scale is calibrated for them); SmoothQuant does not smooth the experts' inputs; experts modules without
+transformers' layout attribute stay in float; graphs compiled by ``qcompiler.backend`` keep them in float (its
+passes quantize 2-D linears).
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from torch.utils._pytree import tree_map_only
 
 from qcompiler.calibration.expert_inputs import LAYOUT_ATTR, float_reason, fused_expert_weights
 from qcompiler.core.layer_quant import QuantizedWeight, quantize_weight
+from qcompiler.recipes import ActivationSpec, Granularity, QuantDtype
+from qcompiler.core.expert_activations import ActQuantWeight
 
 __all__ = ["QuantizedExperts", "fused_expert_weights", "quantize_fused_experts", "quantized_experts", "refuse_experts"]
 
@@ -37,39 +45,62 @@ _aten = torch.ops.aten
 
 class QuantizedExperts(torch.Tensor):
     """``[E, N, K]`` (or ``[E, K, N]`` when ``transposed``) expert weights held as one ``QuantizedWeight`` per
-    expert; reads as the dequantized float tensor of dtype ``dtype``."""
+    expert; reads as the dequantized float tensor of dtype ``dtype`` (wrapped in an ``ActQuantWeight`` when
+    ``activation``, a dynamic activation spec, says the experts' inputs are quantized too)."""
 
     experts: list[QuantizedWeight]
     transposed: bool
+    activation: ActivationSpec | None
 
     @staticmethod
-    def __new__(cls, experts: list[QuantizedWeight], transposed: bool, dtype: torch.dtype):
+    def __new__(cls, experts: list[QuantizedWeight], transposed: bool, dtype: torch.dtype,
+                activation: ActivationSpec | None = None):
         n, k = experts[0].shape
         shape = (len(experts), k, n) if transposed else (len(experts), n, k)
         return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=experts[0].q.device,
                                                    requires_grad=False)
 
-    def __init__(self, experts: list[QuantizedWeight], transposed: bool, dtype: torch.dtype):
-        self.experts, self.transposed = experts, transposed
+    def __init__(self, experts: list[QuantizedWeight], transposed: bool, dtype: torch.dtype,
+                 activation: ActivationSpec | None = None):
+        if activation is not None and not activation.dynamic:
+            raise ValueError("fused experts quantize their inputs per token at run time only; got static "
+                             f"activations {activation}")
+        self.experts, self.transposed, self.activation = experts, transposed, activation
 
     def __repr__(self) -> str:
-        return (f"QuantizedExperts({len(self.experts)} x {self.experts[0].describe()}, shape={tuple(self.shape)}, "
+        act = "" if self.activation is None else f", activations {self.activation.dtype.value} per token"
+        return (f"QuantizedExperts({len(self.experts)} x {self.experts[0].describe()}{act}, shape={tuple(self.shape)}, "
                 f"dtype={self.dtype})")
 
-    def expert(self, e: int) -> torch.Tensor:
-        """Expert ``e``'s dequantized weight, in the layout of the float parameter's slice."""
+    def describe(self) -> str:
+        """The format, as the report says it."""
+        act = "" if self.activation is None else f", {self.activation.dtype.value} per-token activations (dynamic)"
+        return f"{self.experts[0].describe()}{act}, {len(self.experts)} experts"
+
+    def _read(self, dense: torch.Tensor) -> torch.Tensor:
+        if self.activation is None:
+            return dense
+        with torch.inference_mode(self.is_inference()):    # what a select or index of this tensor may return
+            return ActQuantWeight(dense, self.activation)
+
+    def _expert_dense(self, e: int) -> torch.Tensor:
         w = self.experts[e].dequantize(self.dtype)
         return w.t() if self.transposed else w
 
+    def expert(self, e: int) -> torch.Tensor:
+        """Expert ``e``'s dequantized weight, in the layout of the float parameter's slice."""
+        return self._read(self._expert_dense(e))
+
     def dequantize(self) -> torch.Tensor:
-        return torch.stack([self.expert(e) for e in range(len(self.experts))])
+        """The whole dequantized float tensor (plain, without the activation quantization)."""
+        return torch.stack([self._expert_dense(e) for e in range(len(self.experts))])
 
     def nbytes_quantized(self) -> int:
         return sum(qw.nbytes() for qw in self.experts)
 
     def _moved(self, device: torch.device | None, dtype: torch.dtype | None) -> "QuantizedExperts":
         experts = self.experts if device is None else [qw.to(device) for qw in self.experts]
-        return QuantizedExperts(experts, self.transposed, dtype or self.dtype)
+        return QuantizedExperts(experts, self.transposed, dtype or self.dtype, self.activation)
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 
@@ -85,14 +116,14 @@ class QuantizedExperts(torch.Tensor):
                     and args[1][0].dtype in (torch.int64, torch.int32):
                 index = args[1][0] % count
                 used, where = index.unique(return_inverse=True)      # each expert dequantized once
-                return torch.stack([this.expert(int(e)) for e in used.tolist()])[where]
+                return this._read(torch.stack([this._expert_dense(int(e)) for e in used.tolist()])[where])
             if func in (_aten.detach.default, _aten.alias.default):
                 return this
             if func is _aten._to_copy.default and set(kwargs) <= {"dtype", "device", "layout", "memory_format",
                                                                   "non_blocking"}:
                 device = kwargs.get("device")
                 return this._moved(None if device is None else torch.device(device), kwargs.get("dtype"))
-        dense_args, dense_kwargs = tree_map_only(cls, lambda t: t.dequantize(), (args, kwargs))
+        dense_args, dense_kwargs = tree_map_only(cls, lambda t: t._read(t.dequantize()), (args, kwargs))
         return func(*dense_args, **dense_kwargs)
 
 
@@ -153,9 +184,11 @@ def quantize_fused_experts(model: torch.nn.Module, recipe, report, results: dict
             d.note = "round to nearest from its weights, expert by expert" + (
                 f" ({type(algorithm).__name__.removesuffix('Spec')} takes per-expert statistics from layer-by-layer "
                 "calibration of Hessian-based algorithms only)" if algorithm is not None else "")
-        q = QuantizedExperts(experts, transposed, p.dtype)
+        q = QuantizedExperts(experts, transposed, p.dtype, recipe.activation)
         put_quantized_experts(module, name, q)
-        d.format = f"{experts[0].describe()}, {len(experts)} experts"
+        d.format = q.describe()
+        if recipe.activation is not None and recipe.smoothquant is not None:
+            d.note += "; inputs not smoothed (SmoothQuant folds into linear modules only)"
         d.bytes_q = q.nbytes_quantized()
         done += 1
     if kept:
@@ -186,7 +219,8 @@ def experts_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], di
             tensors[f"{key}.zero"] = torch.stack([qw.zero for qw in t.experts]).contiguous()
         meta[key] = {"weight_dtype": first.dtype, "group_size": first.group_size, "reduce_range": first.reduce_range,
                      "in_features": first.shape[1], "transposed": t.transposed,
-                     "dtype": str(t.dtype).removeprefix("torch.")}
+                     "dtype": str(t.dtype).removeprefix("torch."),
+                     "activation_dtype": None if t.activation is None else t.activation.dtype.value}
     return tensors, meta
 
 
@@ -218,8 +252,10 @@ def restore_experts(model: torch.nn.Module, meta: dict[str, dict], tensors: dict
                        for e in range(q.shape[0])]
             for qw in experts:
                 qw.reduce_range = bool(spec.get("reduce_range", False))
-            t = QuantizedExperts(experts, bool(spec["transposed"]), getattr(torch, spec["dtype"]))
-        except (KeyError, TypeError, AttributeError, RuntimeError) as e:
+            act = spec.get("activation_dtype")
+            activation = None if act is None else ActivationSpec(QuantDtype(act), Granularity.PER_TOKEN)
+            t = QuantizedExperts(experts, bool(spec["transposed"]), getattr(torch, spec["dtype"]), activation)
+        except (KeyError, TypeError, AttributeError, RuntimeError, ValueError) as e:
             raise ValueError(f"{where}: fused experts {key!r} do not read back: {type(e).__name__}: {e}") from None
         if tuple(t.shape) != tuple(p.shape):
             raise ValueError(f"{where}: fused experts {key!r} hold {list(t.shape)}, the model's parameter is "

@@ -42,7 +42,7 @@ def attach_loaded_report(model: torch.nn.Module, recipe: Recipe, origin: str) ->
             continue
         report.layers[fqn] = d
     for key, t in quantized_experts(model).items():
-        report.tensors[key] = TensorDecision(key, "experts", format=f"{t.experts[0].describe()}, {len(t.experts)} experts",
+        report.tensors[key] = TensorDecision(key, "experts", format=t.describe(),
                                              bytes_fp=t.numel() * t.element_size(), bytes_q=t.nbytes_quantized(),
                                              note=f"loaded from {origin}")
     model.__dict__[REPORT_ATTR] = report
