@@ -95,6 +95,7 @@ ap.add_argument("presets", nargs="+", help="presets to quantize with (no '+rot' 
 ap.add_argument("--modes", default="none,rot", help="comma-separated: none, rot, rot-online, rot-heads, rot-online-heads "
                                                    "(-heads: per-head value rotations too; default: none,rot)")
 ap.add_argument("--calib-samples", type=int, default=128)
+ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
 args = ap.parse_args()
 namespace = {**vars(recipes), "R": recipes.get, "rep": dataclasses.replace}   # the recipe classes too
 
@@ -118,7 +119,7 @@ def _variant(text: str, mode: str):
     return label, recipe.replace(name=label)
 
 
-torch.set_num_threads(2)
+torch.set_num_threads(args.threads)
 model, tok = load_model("smollm2-135m")
 ids = data.tokenize_text(tok, open(texts.text_path("wikitext-valid")).read())
 half = ids.numel() // 2

@@ -129,7 +129,7 @@ def test_spec_rules_and_json_round_trip():
     assert weight_algorithms.needs_hessian(dataclasses.replace(recipe, weight_algorithm=SignRoundSpec(init="gptq")))
     gptaq = dataclasses.replace(recipe, weight_algorithm=SignRoundSpec(init="gptaq", target="float-model"))
     assert weight_algorithms.needs_hessian(gptaq) and weight_algorithms.true_sequential(gptaq)
-    assert weight_algorithms.start_fits_float_model(gptaq) and weight_algorithms.target_alpha(gptaq) == 0.25
+    assert weight_algorithms.start_fits_float_model(gptaq) and weight_algorithms.target_alpha(gptaq) == 0.75
     assert Recipe.from_json(gptaq.to_json()) == gptaq
     fm = dataclasses.replace(recipe, weight_algorithm=SignRoundSpec(init="gptq", target="float-model"))
     assert weight_algorithms.fits_float_model(fm) and not weight_algorithms.start_fits_float_model(fm)
