@@ -75,6 +75,17 @@ install of cf520ec, idle cores):
 
 ``w4a16-gptaq+rot-online-heads`` **+4.78%** (quantize 634 s; the rotated float model 24.571673 against 24.571675)
 against ``w4a16-gptaq+rot-online``'s +3.28%: worse for W4A16 here. No preset takes it.
+
+GPTAQ's ``target_alpha`` swept and more calibration data (2026-12-06, Intel Xeon AMX, frozen install of 7c5405f,
+two runs at a time with ``--threads 1``, so each quantize time is about 1.7x an idle 2-thread run's):
+
+    python benchmarks/rotation_validation.py --threads 1 --modes rot-online \
+        "gptaq-a75=R('w4a16-gptaq').replace(weight_algorithm=rep(R('w4a16-gptaq').weight_algorithm_spec, target_alpha=0.75))"
+    python benchmarks/rotation_validation.py --threads 1 --modes rot-online --calib-samples 256 "gptaq-256=R('w4a16-gptaq')"
+
+(and the same with ``target_alpha`` 0.4, 0.5, 1.0). With online rotations: alpha 0.25 (the preset then) +3.28%,
+0.4 +3.11%, 0.5 +2.87%, **0.75 +2.62%**, 1.0 +3.75% (quantize 1,045-1,221 s at one thread); 256 calibration
+sequences instead of 128 at alpha 0.25: +3.32% (2,176 s), no gain. ``w4a16-gptaq`` now takes alpha 0.75.
 """
 import argparse
 import copy

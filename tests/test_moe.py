@@ -454,6 +454,27 @@ def test_gptq_runs_per_expert_on_the_tokens_routed_to_it(arch):
     assert "experts [3] reached by no calibration token: round to nearest from their weights" in note
 
 
+@pytest.mark.parametrize("preset,quantized_inputs", [("fp8-dynamic", True), ("w4a16-gptq", False)])
+def test_layer_by_layer_calibration_shows_the_next_blocks_the_experts_inputs_quantized(preset, quantized_inputs,
+                                                                                         monkeypatch):
+    """Once a block's experts are quantized, the blocks after it are calibrated on what the quantized model
+    computes: with dynamic activations, the experts' inputs quantized per token (block 0's experts quantize
+    their inputs while block 1 is calibrated); weight-only recipes quantize none."""
+    from qcompiler.calibration.layerwise import LayerwiseCalibration
+    from qcompiler.core import expert_activations
+    seen = []
+    quantize_rows = expert_activations.quantize_rows
+    monkeypatch.setattr(expert_activations, "quantize_rows", lambda x, spec, dim=-1: seen.append(spec.dtype.value)
+                        or quantize_rows(x, spec, dim))
+    model, batches = _moe_model("mixtral", experts_implementation="eager"), token_batches(8, 64, seed=1)
+    cal = LayerwiseCalibration(batches, recipes.get(preset), progress=False)
+    cal.collect(model)
+    assert sorted(cal.expert_results) == [f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1)
+                                          for p in ("down_proj", "gate_up_proj")]
+    assert (set(seen) == {"fp8_e4m3"}) if quantized_inputs else not seen
+    assert isinstance(model.model.layers[0].mlp.experts.down_proj, torch.nn.Parameter)   # put back afterwards
+
+
 def test_per_expert_results_resume_from_block_checkpoints(tmp_path):
     """A rerun that resumes after the saved blocks puts back their per-expert results: same weights."""
     from qcompiler.calibration.layerwise import LayerwiseCalibration
