@@ -475,6 +475,24 @@ def test_layer_by_layer_calibration_shows_the_next_blocks_the_experts_inputs_qua
     assert isinstance(model.model.layers[0].mlp.experts.down_proj, torch.nn.Parameter)   # put back afterwards
 
 
+def test_sparse_fp8_dynamic_prunes_each_expert_to_2_of_4_and_quantizes_its_inputs():
+    """llm-compressor's 2:4 + FP8 scheme on fused experts: SparseGPT per expert from its routed tokens, at most two
+    non-zeros in each run of four input channels, FP8 weights and per-token FP8 inputs."""
+    model, batches = _moe_model("mixtral", experts_implementation="eager"), token_batches(8, 64, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qcompiler.quantize(model, "sparse24-fp8-dynamic", calibration=batches, progress=False)
+    rep = qcompiler.report(model)
+    held = quantized_experts(model)
+    assert len(held) == 4
+    for key, q in held.items():
+        w = q.dequantize()
+        w = w.transpose(-2, -1) if q.transposed else w
+        assert int((w.reshape(-1, 4) != 0).sum(-1).max()) == 2 and (w == 0).float().mean() >= 0.5
+        assert q.activation == recipes.get("sparse24-fp8-dynamic").activation
+        assert "sparsegpt 2:4" in rep.tensors[key].note and "per-token activations" in rep.tensors[key].format
+
+
 def test_per_expert_results_resume_from_block_checkpoints(tmp_path):
     """A rerun that resumes after the saved blocks puts back their per-expert results: same weights."""
     from qcompiler.calibration.layerwise import LayerwiseCalibration
