@@ -41,6 +41,7 @@ def test_every_product_quantizes_the_tokens_of_its_other_operand(spec):
     # the batched GEMM, transposed layout (x as [T, 1, K]) and plain layout (W @ x as [T, K, 1])
     assert torch.equal(torch.bmm(x[:, None], aw[idx].transpose(1, 2)), torch.bmm(xq[:, None], w[idx].transpose(1, 2)))
     assert torch.equal(torch.bmm(aw[idx], x[:, :, None]), torch.bmm(w[idx], xq[:, :, None]))
+    assert torch.equal(aw[2] @ x[0], w[2] @ _per_token(x[0], spec))                    # one token, as a vector
     # the grouped GEMM over rows sorted by expert
     offs = torch.tensor([2, 5, 7, 10], dtype=torch.int32)
     got = torch._grouped_mm(x, aw.transpose(-2, -1), offs=offs)

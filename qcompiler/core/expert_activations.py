@@ -33,7 +33,7 @@ _VIEWS = {_aten.t.default, _aten.transpose.int, _aten.permute.default, _aten.vie
 #: first's is its last (``linear(x, W)`` reduces both factors' last dimensions)
 _PRODUCTS = {_aten.linear.default: (0, 1, -1), _aten.matmul.default: (0, 1, -2), _aten.mm.default: (0, 1, -2),
              _aten.bmm.default: (0, 1, -2), _aten.addmm.default: (1, 2, -2), _aten.baddbmm.default: (1, 2, -2),
-             _aten._grouped_mm.default: (0, 1, -2)}
+             _aten._grouped_mm.default: (0, 1, -2), _aten.mv.default: (0, 1, -1)}
 
 
 def quantize_rows(x: torch.Tensor, spec: ActivationSpec, dim: int = -1) -> torch.Tensor:
@@ -77,7 +77,8 @@ class ActQuantWeight(torch.Tensor):
             if isinstance(b, cls) and not isinstance(a, cls):     # x @ W: x's rows are the tokens
                 args = (*args[:first], quantize_rows(a, b.activation, -1), *args[first + 1:])
             elif isinstance(a, cls) and not isinstance(b, cls):   # W @ x: x's columns are (its rows, for linear)
-                args = (*args[:second], quantize_rows(b, a.activation, reduced), *args[second + 1:])
+                dim = reduced if b.dim() > 1 else -1                # a vector: one token
+                args = (*args[:second], quantize_rows(b, a.activation, dim), *args[second + 1:])
         this = args[0] if args and isinstance(args[0], cls) else None
         plain_args, plain_kwargs = tree_map_only(cls, lambda t: t.dense, (args, kwargs))
         out = func(*plain_args, **plain_kwargs)
