@@ -85,7 +85,9 @@ two runs at a time with ``--threads 1``, so each quantize time is about 1.7x an 
 
 (and the same with ``target_alpha`` 0.4, 0.5, 1.0). With online rotations: alpha 0.25 (the preset then) +3.28%,
 0.4 +3.11%, 0.5 +2.87%, **0.75 +2.62%**, 1.0 +3.75% (quantize 1,045-1,221 s at one thread); 256 calibration
-sequences instead of 128 at alpha 0.25: +3.32% (2,176 s), no gain. ``w4a16-gptaq`` now takes alpha 0.75.
+sequences instead of 128 at alpha 0.25: +3.32% (2,176 s), no gain. ``w4a16-gptaq`` now takes alpha 0.75. Around it
+(frozen install of 10bb677, same conditions): 0.65 +3.02%, 0.85 +3.17% (1,049-1,061 s): 0.75 stays, and the
+neighbours' spread (0.4-0.5 points) is the size of one run's noise here.
 """
 import argparse
 import copy
