@@ -181,8 +181,8 @@ def _w4a16_gptaq() -> Recipe:
     # calibrated in dependency order (true_sequential; without it the float-model target diverges, +606%).
     # Chosen on WikiText-2 validation text with online rotations (SmolLM2, g64,
     # benchmarks/rotation_validation.py): +2.62% against +6.53% for w4a16-gptq+rot-online (target_alpha
-    # 0.25, GPTAQ's reference code: +3.28%; 0.4: +3.11%; 0.5: +2.87%; 1.0: +3.75%; true_sequential alone:
-    # +6.49%). About twice GPTQ's calibration time (the float stream).
+    # 0.25, GPTAQ's reference code: +3.28%; 0.4: +3.11%; 0.5: +2.87%; 0.65: +3.02%; 0.85: +3.17%; 1.0: +3.75%;
+    # true_sequential alone: +6.49%). About twice GPTQ's calibration time (the float stream).
     return _w4a16_gptq().replace(
         name="w4a16-gptaq",
         weight_algorithm=GPTAQ_START)

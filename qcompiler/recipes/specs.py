@@ -255,7 +255,7 @@ class GPTQSpec:
             ``w4a16-gptaq`` preset).
         target_alpha: with ``target="float-model"``, the fraction of the correction ``W* - W`` toward the float
             model's output that GPTQ starts from, in (0, 1] (GPTAQ's reference code scales its correction by
-            0.25; on SmolLM2 validation text 0.75 is best of 0.25 / 0.4 / 0.5 / 0.75 / 1.0); must stay 1.0 with
+            0.25; on SmolLM2 validation text 0.75 is best of 0.25 / 0.4 / 0.5 / 0.65 / 0.75 / 0.85 / 1.0); must stay 1.0 with
             the default target.
         true_sequential: within each decoder block, each linear's statistics come from a pass in which the
             linears it depends on are already quantized (GPTQ's ``--true-sequential``: q/k/v, then ``o_proj``
