@@ -109,26 +109,27 @@ ap.add_argument("--modes", default="none,rot", help="comma-separated: none, rot,
                                                    "(-heads: per-head value rotations too; default: none,rot)")
 ap.add_argument("--calib-samples", type=int, default=128)
 ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+ap.add_argument("--seed", type=int, default=0, help="the rotation's seed (default 0, the presets')")
 args = ap.parse_args()
 namespace = {**vars(recipes), "R": recipes.get, "rep": dataclasses.replace}   # the recipe classes too
 
 
 def _spec(mode: str) -> "recipes.RotationSpec":
     """rot, rot-online, rot-heads, rot-online-heads: the stream rotation, online transforms, per-head value rotations."""
-    return recipes.RotationSpec(seed=0, online=mode.startswith("rot-online"), per_head=mode.endswith("-heads"))
+    return recipes.RotationSpec(seed=args.seed, online=mode.startswith("rot-online"), per_head=mode.endswith("-heads"))
 
 
 def _variant(text: str, mode: str):
     """(name, what ``qcompiler.quantize`` takes) for a preset name or ``label=expr`` in ``mode``."""
     label, eq, expr = text.partition("=")
-    if not eq and mode in ("none", "rot", "rot-online"):
+    if not eq and mode in ("none", "rot", "rot-online") and args.seed == 0:
         return (text, text) if mode == "none" else (f"{text}+{mode}",) * 2
     if not eq:
         label, expr = text, f"R({text!r})"
     recipe = eval(expr, namespace)   # noqa: S307 (a developer's own expressions)
     if mode != "none":
         recipe = recipe.replace(rotation=_spec(mode))
-        label = f"{label}+{mode}"
+        label = f"{label}+{mode}" + (f"-seed{args.seed}" if args.seed else "")
     return label, recipe.replace(name=label)
 
 
@@ -144,7 +145,7 @@ for mode in args.modes.split(","):
     m, _ = load_model("smollm2-135m")
     if mode != "none":
         spec = _spec(mode)
-        r = qcompiler.rotate(m, seed=0, online=spec.online, per_head=spec.per_head)
+        r = qcompiler.rotate(m, seed=args.seed, online=spec.online, per_head=spec.per_head)
         print(r.summary(), flush=True)
         p = perplexity(m, wins, progress=False)
         print(f"{mode} float", p, f"{100 * (p / fp - 1):+.3f}%", flush=True)
