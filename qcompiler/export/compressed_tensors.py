@@ -27,6 +27,11 @@ What a quantized layer becomes:
 - a SmoothQuant / AWQ input scale that qcompiler folded into a norm (report ``smoothing``
   ``norm:<fqn>``; eager modules apply it as ``inv_smooth``) goes into that norm's weight and bias,
   checked on a probe input; a float linear reading the same norm gets the inverse on its columns;
+- fused mixture-of-experts weights (``QuantizedExperts``) are written expert by expert as the per-expert linears
+  of the architecture's published checkpoints (Mixtral's ``block_sparse_moe.experts.3.w1``; found from
+  transformers' reverse conversion, ``qcompiler.runtime.expert_checkpoint_names``), in the checkpoint's one
+  scheme (transformers reads every expert with one); transformers 5.25 loads pack-quantized and FP8 experts
+  (dequantized into its fused parameters), not int-quantized ones (saving warns);
 - linears kept in float are listed in ``ignore`` by module name, as transformers builds the model;
 - a KV cache (``Recipe.kv_cache``) with static symmetric 8-bit scales per tensor or per KV head and no
   residual window becomes the config's ``kv_cache_scheme`` (strategy ``tensor`` / ``attn_head``) and
@@ -39,7 +44,8 @@ What a quantized layer becomes:
   (``<linear>.<scheme>_input.weight``). vLLM and compressed-tensors' ``apply_transform_config`` apply it;
   transformers (5.25) ignores it and drops the matrices, so saving logs a warning.
 
-Refused with ``UnsupportedError`` before anything is written: a KV cache the scheme cannot express
+Refused with ``UnsupportedError`` before anything is written: fused experts the architecture's checkpoints keep
+fused (GPT-OSS) or that would need a scheme of their own, a KV cache the scheme cannot express
 (INT4, asymmetric, per channel / per token / per group, a residual window, keys and values of
 different granularities), quantized embeddings, an input scale no norm absorbed (report smoothing ``explicit``), a layer
 transformers does not build as ``torch.nn.Linear`` (GPT-2's ``Conv1D``), a quantized weight that
@@ -64,7 +70,7 @@ import logging
 import math
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import safetensors.torch
@@ -78,6 +84,8 @@ from qcompiler.errors import UnsupportedError
 from qcompiler.pipeline import CompileReport
 from qcompiler.recipes import Granularity, QuantDtype, Recipe
 from qcompiler.runtime.eager import QuantizedEmbedding, QuantizedLinear
+from qcompiler.runtime.expert_checkpoint_names import checkpoint_slices
+from qcompiler.runtime.fused_experts import QuantizedExperts, quantized_experts
 from qcompiler.runtime.norm_fold import folded_norm_params
 
 try:
@@ -113,13 +121,16 @@ _TRANSFORM_SCHEMES = {"hadamard": "online_sylvester", "random-hadamard": "online
 
 @dataclass
 class _Layer:
-    """One quantized linear as compressed-tensors writes it."""
+    """One quantized linear as compressed-tensors writes it: a ``QuantizedLinear``, or rows of one expert of
+    a fused experts weight (``QuantizedExperts``), written as the linear the checkpoint layout names."""
 
     fqn: str
-    module: QuantizedLinear
+    qw: QuantizedWeight              # its codes and scales
     weights: QuantizationArgs
     inputs: QuantizationArgs | None
     group_size: int | None           # the group size written (gcd(g, K) for a g not dividing K)
+    bias: torch.Tensor | None = None
+    input_scale: torch.Tensor | None = None   # a static activation scale
     format: str = field(init=False)  # the compressed-tensors format its scheme gets
 
     def __post_init__(self):
@@ -166,8 +177,6 @@ def save_compressed_tensors(model: torch.nn.Module, path: str | Path, recipe: Re
         ValueError: the model has no ``QuantizedLinear``.
         FileExistsError: ``path`` exists, is not empty, and ``overwrite`` is False.
     """
-    from qcompiler.runtime.fused_experts import refuse_experts
-    refuse_experts(model, "save_compressed_tensors")
     if asymmetric_format not in ASYMMETRIC_FORMATS:
         raise ValueError(f"save_compressed_tensors: asymmetric_format={asymmetric_format!r}; expected one of "
                          f"{list(ASYMMETRIC_FORMATS)}")
@@ -212,7 +221,8 @@ def _plan(model: torch.nn.Module, recipe: Recipe, report: CompileReport | None,
                                "vLLM loads compressed-tensors quantization for linear layers, not embedding tables: "
                                "keep them in float (recipe.embedding=None)")
     quantized = {f: m for f, m in model.named_modules() if isinstance(m, QuantizedLinear)}
-    if not quantized and recipe.kv_cache is None:
+    experts = quantized_experts(model)
+    if not quantized and not experts and recipe.kv_cache is None:
         raise ValueError("save_compressed_tensors: the model has no QuantizedLinear; "
                          "run qcompiler.quantize(model, ...) first")
     skeleton = _skeleton(model)
@@ -233,6 +243,13 @@ def _plan(model: torch.nn.Module, recipe: Recipe, report: CompileReport | None,
                                f"{[tied[n] for n in tied_quantized]} in transformers (tie_word_embeddings), which "
                                "would overwrite them on load: keep the layer in float (fallback.keep_op_kinds)")
     layers = {f: _layer(f, m) for f, m in quantized.items()}
+    layers.update(_expert_layers(skeleton, experts))
+    if experts:
+        _one_scheme_with_experts(layers)
+        if next(iter(layers.values())).format == _INT:
+            log.warning("save_compressed_tensors: the fused experts %s are written int-quantized (int8 codes); "
+                        "transformers (5.25) cannot load such experts (its experts reader takes pack-quantized and "
+                        "FP8 experts only); vLLM and qcompiler.load_compressed_tensors read them", _names(sorted(experts)))
     packed_zero = sorted(f for f, lay in layers.items() if not lay.weights.symmetric and lay.format == _PACKED)
     if packed_zero and asymmetric_format == _INT:
         for f in packed_zero:
@@ -254,17 +271,17 @@ def _plan(model: torch.nn.Module, recipe: Recipe, report: CompileReport | None,
                                f"to {[tied[n] for n in tied_columns]}")
     ignore = [f for f, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear) and f not in quantized]
     owned = tuple(f + "." for f in quantized)
-    state_keys = [k for k in skeleton.state_dict() if not k.startswith(owned) and k not in tied]
+    state_keys = [k for k in skeleton.state_dict() if not k.startswith(owned) and k not in tied and k not in experts]
     live = model.state_dict()
     missing = [k for k in state_keys if k not in live]
     if missing:
         raise ValueError(f"save_compressed_tensors: the model lacks tensors that transformers builds from its config: "
                          f"{missing[:5]}")
-    odd = [f for f, lay in layers.items() if lay.module.group_size and lay.group_size != lay.module.group_size]
+    odd = [f for f, lay in layers.items() if lay.qw.group_size and lay.group_size != lay.qw.group_size]
     if odd:
         log.warning("save_compressed_tensors: group size %s does not divide the input size of %s; written as "
                     "smaller groups with repeated scales (exact in transformers; vLLM's kernels may not take them)",
-                    layers[odd[0]].module.group_size, odd)
+                    layers[odd[0]].qw.group_size, odd)
     transforms, transform_tensors = _transform_config(model, skeleton)
     return _Plan(layers, ignore, state_keys, norm_params, column_scales, kv_scheme, kv_tensors, transforms,
                  transform_tensors)
@@ -411,30 +428,86 @@ def _tied_names(skeleton: torch.nn.Module) -> dict[str, str]:
 
 
 def _layer(fqn: str, m: QuantizedLinear) -> _Layer:
-    dtype = m.weight_dtype
+    qw = QuantizedWeight.from_storage(m.w_q, m.w_scale, m.w_zero, m.weight_dtype, m.group_size or None, m.in_features)
+    return _quantized_layer(fqn, qw, m.act_dtype, bool(m.act_dynamic), m.bias,
+                            None if m.act_dtype is None or m.act_dynamic else m.act_scale)
+
+
+def _quantized_layer(fqn: str, qw: QuantizedWeight, act_dtype: str | None, act_dynamic: bool,
+                     bias: torch.Tensor | None = None, input_scale: torch.Tensor | None = None) -> _Layer:
+    dtype = qw.dtype
     if dtype not in _BITS:
         raise UnsupportedError(f"save_compressed_tensors: layer {fqn!r} has weight dtype {dtype!r}; "
                                f"compressed-tensors export takes {sorted(_BITS)}")
     is_float = dtype == "fp8_e4m3"
     kind = "float" if is_float else "int"
     group_size = None
-    if m.w_scale.dim() == 0:
+    if qw.scale.dim() == 0:
         # per-tensor weight-only integers as per-channel (the scale repeated): vLLM's WNA16 takes no tensor strategy
-        strategy = "channel" if m.act_dtype is None and not is_float else "tensor"
-    elif m.group_size:
-        strategy, group_size = "group", math.gcd(m.group_size, m.in_features)
+        strategy = "channel" if act_dtype is None and not is_float else "tensor"
+    elif qw.group_size:
+        strategy, group_size = "group", math.gcd(qw.group_size, qw.shape[1])
     else:
         strategy = "channel"
-    weights = QuantizationArgs(num_bits=_BITS[dtype], type=kind, symmetric=m.w_zero is None, strategy=strategy,
+    weights = QuantizationArgs(num_bits=_BITS[dtype], type=kind, symmetric=qw.zero is None, strategy=strategy,
                                group_size=group_size)
     inputs = None
-    if m.act_dtype is not None:
-        if m.act_dtype not in ("int8", "fp8_e4m3"):
-            raise UnsupportedError(f"save_compressed_tensors: layer {fqn!r} quantizes its input to {m.act_dtype!r}; "
+    if act_dtype is not None:
+        if act_dtype not in ("int8", "fp8_e4m3"):
+            raise UnsupportedError(f"save_compressed_tensors: layer {fqn!r} quantizes its input to {act_dtype!r}; "
                                    "compressed-tensors export takes int8 or fp8_e4m3 activations")
-        inputs = QuantizationArgs(num_bits=8, type="float" if m.act_dtype == "fp8_e4m3" else "int", symmetric=True,
-                                  strategy="token" if m.act_dynamic else "tensor", dynamic=bool(m.act_dynamic))
-    return _Layer(fqn, m, weights, inputs, group_size)
+        inputs = QuantizationArgs(num_bits=8, type="float" if act_dtype == "fp8_e4m3" else "int", symmetric=True,
+                                  strategy="token" if act_dynamic else "tensor", dynamic=act_dynamic)
+    return _Layer(fqn, qw, weights, inputs, group_size, bias, input_scale)
+
+
+def _expert_layers(skeleton: torch.nn.Module, experts: dict[str, QuantizedExperts]) -> dict[str, _Layer]:
+    """The quantized fused experts as the per-expert linears of the architecture's checkpoint layout
+    (``expert_checkpoint_names``: Mixtral's ``block_sparse_moe.experts.3.w1``, Qwen2-MoE's
+    ``mlp.experts.3.gate_proj``), which vLLM and transformers' compressed-tensors loading read."""
+    layers = {}
+    for key, t in experts.items():
+        try:
+            slices = checkpoint_slices(skeleton, key, tuple(t.shape), t.transposed)
+        except UnsupportedError as e:
+            raise UnsupportedError(f"save_compressed_tensors: {e}; save with save_quantized, or keep the experts "
+                                   "in float (fallback.keep_op_kinds += ('experts',))") from None
+        act = None if t.activation is None else t.activation.dtype.value
+        for piece in slices:
+            qw = _rows(t.experts[piece.expert], piece.start, piece.stop)
+            layers[piece.name] = _quantized_layer(piece.name, qw, act, act is not None)
+    return layers
+
+
+def _one_scheme_with_experts(layers: dict[str, _Layer]) -> None:
+    """``UnsupportedError`` unless every quantized layer takes one scheme: transformers (5.25) reads a checkpoint's
+    experts with a single scheme (the config group whose targets are classes) and vLLM's fused MoE takes one per
+    layer's experts, so experts in a group of their own, or split over two, would load with the wrong scales."""
+    members: dict[str, list[str]] = {}
+    for f, lay in layers.items():
+        members.setdefault(lay.key(), []).append(f)
+    if len(members) < 2:
+        return
+    def say(names: list[str]) -> str:
+        w, a = layers[names[0]].weights, layers[names[0]].inputs
+        fmt = f"{w.num_bits}-bit {w.type} {w.strategy}" + (f" {w.group_size}" if w.group_size else "")
+        fmt += "" if a is None else f", {a.num_bits}-bit {a.type} {a.strategy} activations"
+        return f"{fmt}: {len(names)} layers, e.g. {names[0]!r}"
+    raise UnsupportedError("save_compressed_tensors: the model's fused experts and linears would need "
+                           f"{len(members)} compressed-tensors schemes ({'; '.join(say(n) for n in members.values())}); "
+                           "with mixture-of-experts weights every quantized layer must take one (transformers reads "
+                           "all experts with one scheme). A group size that does not divide a layer's input size is "
+                           "written as a smaller group: pick a group size dividing every input size, keep the odd "
+                           "layers in float, or save with save_quantized")
+
+
+def _rows(qw: QuantizedWeight, start: int, stop: int) -> QuantizedWeight:
+    """Rows ``[start, stop)`` of ``qw`` (scales and zero points are per row, or one per tensor)."""
+    def rows(t: torch.Tensor | None) -> torch.Tensor | None:
+        return t if t is None or t.dim() == 0 else t[start:stop]
+    if (start, stop) == (0, qw.shape[0]):
+        return qw
+    return replace(qw, q=qw.q[start:stop], scale=rows(qw.scale), zero=rows(qw.zero))
 
 
 def _smoothing_folds(model: torch.nn.Module, quantized: dict[str, QuantizedLinear], report: CompileReport | None
@@ -541,19 +614,18 @@ def _config_groups(layers: dict[str, _Layer]) -> dict[str, QuantizationScheme]:
 
 def _compress(lay: _Layer, scheme: QuantizationScheme) -> dict[str, torch.Tensor]:
     """The layer's tensors as ``scheme``'s compressor writes them, its codes checked against qcompiler's."""
-    m = lay.module
-    qw = QuantizedWeight.from_storage(m.w_q, m.w_scale, m.w_zero, m.weight_dtype, m.group_size or None, m.in_features)
-    offset = 2 ** (_BITS[m.weight_dtype] - 1) if m.weight_dtype in _UNSIGNED else 0
+    qw = lay.qw
+    offset = 2 ** (_BITS[qw.dtype] - 1) if qw.dtype in _UNSIGNED else 0
     state = {"weight": qw.dequantize(torch.float32), "weight_scale": _layout(qw.scale.float(), lay)}
     if qw.zero is not None:
         state["weight_zero_point"] = _layout(qw.zero.to(torch.int16) - offset, lay).to(torch.int8)
-    if m.bias is not None:
-        state["bias"] = m.bias
-    if lay.inputs is not None and not lay.inputs.dynamic:
-        state["input_scale"] = m.act_scale.detach().float().reshape(1)
+    if lay.bias is not None:
+        state["bias"] = lay.bias
+    if lay.input_scale is not None:
+        state["input_scale"] = lay.input_scale.detach().float().reshape(1)
     compressor = BaseCompressor.get_value_from_registry(lay.format)
     out = compressor.compress(state, scheme)
-    codes = qw.q if m.weight_dtype == "fp8_e4m3" else (qw.q.to(torch.int16) - offset).to(torch.int8)
+    codes = qw.q if qw.dtype == "fp8_e4m3" else (qw.q.to(torch.int16) - offset).to(torch.int8)
     _check_codes(lay, out, codes, state.get("weight_zero_point"))
     return out
 
@@ -561,13 +633,13 @@ def _compress(lay: _Layer, scheme: QuantizationScheme) -> dict[str, torch.Tensor
 def _layout(t: torch.Tensor, lay: _Layer) -> torch.Tensor:
     """A scale or zero point of qcompiler's layout in the written strategy's: ``[1]``, ``[N, 1]`` or
     ``[N, K / group]`` (qcompiler's groups repeated when the written group is smaller)."""
-    n, k = lay.module.out_features, lay.module.in_features
+    n, k = lay.qw.shape
     strategy = lay.weights.strategy
     if strategy == "tensor":
         return t.reshape(1)
     if strategy == "channel":
         return t.reshape(-1, 1).expand(n, 1).contiguous() if t.dim() == 0 else t.reshape(n, 1)
-    index = torch.arange(0, k, lay.group_size, device=t.device) // lay.module.group_size
+    index = torch.arange(0, k, lay.group_size, device=t.device) // lay.qw.group_size
     return t.index_select(1, index).contiguous()
 
 

@@ -18,6 +18,9 @@ swaps in a ``QuantizedLinear`` holding the checkpoint's codes and scales:
 - activations: a static per-tensor ``input_scale`` becomes ``act_scale``; dynamic per token becomes
   ``act_dynamic`` (qcompiler's rule: INT8 scale absmax / 127, where compressed-tensors uses
   absmax / 127.5; FP8 absmax / 448 in both);
+- mixture-of-experts weights stored per expert (the per-expert linears of the architecture's checkpoints,
+  ``qcompiler.runtime.expert_checkpoint_names``) become the model's fused expert parameters as
+  ``QuantizedExperts`` (weight-only, or dynamic per-token activations);
 - ``kv_cache_scheme`` (8-bit, symmetric, static, strategy ``tensor`` or ``attn_head``) with each
   attention's ``k_scale`` / ``v_scale`` becomes ``Recipe.kv_cache`` and the model's KV calibration
   (``KV_STATS_ATTR``, and ``KV_PATHS_ATTR``): per KV head a range ``[-m, m]`` whose
@@ -115,6 +118,7 @@ def load_compressed_tensors(path: str | Path) -> tuple[torch.nn.Module, Recipe]:
         new = _quantized_linear(where, fqn, model.get_submodule(fqn), scheme, fmt, owned[fqn], recipe.weight.group_size)
         parent, _, child = fqn.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
+    _load_experts(folder, model, qconfig, floats, recipe.weight.group_size if recipe.weight else None)
     kv = _kv_stats(folder, model, recipe.kv_cache, floats)        # takes the k_scale / v_scale tensors
     _attach_transforms(folder, model, transformed, floats)       # takes the <linear>.<scheme>_input tensors
     _load_float_tensors(folder, model, floats, set(layers))
@@ -425,12 +429,24 @@ def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
 def _quantized_linear(where: str, fqn: str, module: torch.nn.Linear, scheme: QuantizationScheme, fmt: str,
                       t: dict[str, torch.Tensor], main_group: int | None) -> QuantizedLinear:
     """The ``QuantizedLinear`` holding layer ``fqn``'s codes and scales as stored (``t``: its tensors by local name)."""
+    a = scheme.input_activations
+    qw, act_scale = _quantized_weight(where, fqn, module.out_features, module.in_features, module.bias is not None,
+                                      scheme, fmt, t, main_group)
+    bias = None if module.bias is None else _float_like(where, "bias", t["bias"], module.bias)
+    return QuantizedLinear(qw, bias, _act_dtype(a), bool(a is not None and a.dynamic),
+                           None if act_scale is None else float(act_scale), None, fqn)
+
+
+def _quantized_weight(where: str, fqn: str, n: int, k: int, has_bias: bool, scheme: QuantizationScheme, fmt: str,
+                      t: dict[str, torch.Tensor], main_group: int | None
+                      ) -> tuple[QuantizedWeight, torch.Tensor | None]:
+    """The ``[n, k]`` weight of layer ``fqn`` as stored (``t``: its tensors by local name), and its static input
+    scale (None for weight-only or dynamic activations)."""
     w, a = scheme.weights, scheme.input_activations
-    n, k = module.out_features, module.in_features
     needed = (["weight_packed", "weight_shape"] if fmt == _PACKED else ["weight"]) + ["weight_scale"]
     needed += [] if w.symmetric else ["weight_zero_point"]
     needed += ["input_scale"] if a is not None and not a.dynamic else []
-    needed += [] if module.bias is None else ["bias"]
+    needed += ["bias"] if has_bias else []
     lacking = [f"{fqn}.{name}" for name in needed if name not in t]
     if lacking:
         raise CheckpointError(f"{where} lacks tensors {lacking}")
@@ -452,10 +468,87 @@ def _quantized_linear(where: str, fqn: str, module: torch.nn.Linear, scheme: Qua
     unexpected = sorted(set(t) - set(needed) - {"weight_zero_point", "weight_g_idx"})
     if unexpected:
         raise CheckpointError(f"{where} has tensors its scheme does not use: {[f'{fqn}.{u}' for u in unexpected]}")
-    bias = None if module.bias is None else _float_like(where, "bias", t["bias"], module.bias)
-    qw = QuantizedWeight(codes, scale, zero, dtype, group)
-    return QuantizedLinear(qw, bias, _act_dtype(a), bool(a is not None and a.dynamic),
-                           None if act_scale is None else float(act_scale), None, fqn)
+    return QuantizedWeight(codes, scale, zero, dtype, group), act_scale
+
+
+def _load_experts(folder: Path, model: torch.nn.Module, qconfig: QuantizationConfig, floats: dict[str, torch.Tensor],
+                  main_group: int | None) -> None:
+    """Quantized experts stored per expert (the architecture's checkpoint layout: Mixtral's
+    ``block_sparse_moe.experts.3.w1``; ``expert_checkpoint_names``) become the model's fused expert parameters as
+    ``QuantizedExperts``, one ``QuantizedWeight`` per expert; their tensors are taken out of ``floats``. Experts
+    stored fused and in float stay in ``floats``."""
+    from qcompiler.runtime.expert_checkpoint_names import checkpoint_slices
+    from qcompiler.runtime.fused_experts import QuantizedExperts, fused_expert_weights, put_quantized_experts
+
+    targets: OrderedDict[str, QuantizationScheme] = OrderedDict()
+    for scheme in qconfig.config_groups.values():
+        for target in scheme.targets:
+            targets[target] = scheme
+    for fqn, module, name, p in list(fused_expert_weights(model)):
+        key = f"{fqn}.{name}" if fqn else name
+        transposed = getattr(module, "is_transposed", None)
+        if key in floats or p.dim() != 3 or not isinstance(transposed, bool):
+            continue                           # stored fused (float), or no per-expert layout to read
+        try:
+            slices = checkpoint_slices(model, key, tuple(p.shape), transposed)
+        except UnsupportedError:
+            continue
+        stored = [sl for sl in slices if any(k.startswith(sl.name + ".") for k in floats)]
+        if not stored:
+            continue
+        pieces: dict[int, list] = {}
+        act = None
+        for sl in slices:
+            where = f"{folder}: expert {sl.expert} of {key!r}, stored as {sl.name!r}"
+            t = {k.removeprefix(sl.name + "."): floats.pop(k) for k in list(floats) if k.startswith(sl.name + ".")}
+            if not t:
+                raise CheckpointError(f"{where}: the checkpoint lacks its tensors (other experts of {key!r} are there)")
+            k_in = p.shape[1] if transposed else p.shape[2]
+            probe = torch.nn.Linear(k_in, sl.stop - sl.start, bias=False, device="meta")
+            matched = [] if sl.name in qconfig.ignore else match_targets(sl.name, probe, targets)
+            if not matched:
+                raise UnsupportedError(f"{where}: no quantization_config group quantizes it, but its tensors are "
+                                       f"stored per expert ({sorted(t)}); qcompiler reads per-expert experts only quantized")
+            scheme = targets[matched[0]]
+            fmt = scheme.format or qconfig.format
+            _check_scheme(where, scheme, fmt)
+            a = scheme.input_activations
+            if a is not None and not a.dynamic:
+                raise UnsupportedError(f"{where}: static input scales on experts; qcompiler quantizes the inputs of "
+                                       "fused experts per token (dynamic) only")
+            here = None if a is None else _act_dtype(a)
+            if sl is not slices[0] and here != act:
+                raise UnsupportedError(f"{where}: its activations ({here}) differ from the other experts' ({act})")
+            act = here
+            qw, _ = _quantized_weight(where, sl.name, sl.stop - sl.start, k_in, False, scheme, fmt, t, main_group)
+            pieces.setdefault(sl.expert, []).append(qw)
+        experts = [_joined_rows(f"{folder}: {key!r} expert {e}", pieces[e]) for e in sorted(pieces)]
+        activation = None if act is None else ActivationSpec(QuantDtype(act), Granularity.PER_TOKEN)
+        q = QuantizedExperts(experts, transposed, p.dtype, activation)
+        if tuple(q.shape) != tuple(p.shape):
+            raise CheckpointError(f"{folder}: experts of {key!r} read back as {list(q.shape)}, the model's parameter "
+                                  f"is {list(p.shape)}")
+        put_quantized_experts(module, name, q)
+
+
+def _joined_rows(where: str, parts: list[QuantizedWeight]) -> QuantizedWeight:
+    """One expert's weight from its row slices (gate and up halves), in order."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    same = all(qw.dtype == first.dtype and qw.group_size == first.group_size
+               and qw.scale.dim() == first.scale.dim() and (qw.zero is None) == (first.zero is None) for qw in parts)
+    if not same:
+        raise UnsupportedError(f"{where}: its stored parts have different formats")
+    if first.scale.dim() == 0:
+        if not all(torch.equal(qw.scale, first.scale) for qw in parts):
+            raise UnsupportedError(f"{where}: its parts have different per-tensor scales; one fused expert takes one")
+        scale = first.scale
+        zero = first.zero
+    else:
+        scale = torch.cat([qw.scale for qw in parts])
+        zero = None if first.zero is None else torch.cat([qw.zero for qw in parts])
+    return QuantizedWeight(torch.cat([qw.q for qw in parts]), scale, zero, first.dtype, first.group_size)
 
 
 def _codes(where: str, w: QuantizationArgs, fmt: str, t: dict, n: int, k: int) -> torch.Tensor:
