@@ -492,6 +492,8 @@ def _quantize_planned(model: torch.nn.Module, recipe: Recipe | str, calibration:
     qb._experts_warned = True      # quantize_fused_experts reports the fused experts itself
     if qb.calibration is not None:
         qb.calibration.check_vocabulary(model)
+    if isinstance(qb.calibration, CalibrationCache):
+        qb.calibration.experts_recipe = qb.recipe    # its pass calibrates the fused experts too (Hessian algorithms)
     rotated = apply_recipe_rotation(model, qb.recipe)
     qb._adopt_root(model)
     if rotated is not None:

@@ -91,7 +91,10 @@ def _calibrate(source: str, preset: str, ckpt: str | None = None) -> dict:
             registry.quantize_linear = real
         if ckpt:     # where this process writes the linears it computed itself
             torch.save(computed, ckpt)
-        return {n: (m.w_q, m.w_scale, m.w_zero) for n, m in model.named_modules() if hasattr(m, "w_q")}
+        from qcompiler.runtime.fused_experts import quantized_experts
+        experts = {f"{key}[{e}]": (qw.q, qw.scale, qw.zero) for key, t in quantized_experts(model).items()
+                   for e, qw in enumerate(t.experts)}
+        return {n: (m.w_q, m.w_scale, m.w_zero) for n, m in model.named_modules() if hasattr(m, "w_q")} | experts
     if preset.startswith("kv-"):       # a quantization target's observer (the KV cache's key/value ranges)
         from qcompiler.calibration.statistics import observe_tensors
         from qcompiler.passes.kv_cache import KVObserver
@@ -207,6 +210,7 @@ def _assert_identical(a: dict, b: dict) -> None:
     ("qwen2", "kv-int8", (2,)),                # a quantization target's observer, merged over the shards
     ("llama", "w4a16-gptq:one-pass", (2,)),    # GPTQ in the graph pass, linears spread over the ranks
     ("mixtral", "w4a16-gptq", (2,)),           # fused experts: per-expert Hessians all-reduced, experts spread
+    ("mixtral", "w4a16-gptq:one-pass", (2,)),  # the same in the one calibration pass of the float model
     ("llama", "w4a16-gptq:float-model", (2,)),  # the float stream beside the quantized one, X_q^T X_f all-reduced
     # levels found on the first rank with inputs and broadcast; each level's Hessians reduced and spread again; the
     # float stream's linear inputs kept on every rank (the ranks agree on it)
@@ -218,13 +222,16 @@ def test_results_are_bit_identical_at_any_number_of_ranks(tmp_path, source, pres
     single = _calibrate(source, preset, str(tmp_path / "computed") if one_pass else None)
     if preset.endswith(":true-sequential"):      # both blocks keep the float stream's inputs, at any rank count
         assert single["blocks keeping float inputs"] == (2,)
-    if source == "mixtral":
+    if source == "mixtral" and one_pass:      # 2 layers x 2 fused weights x 4 experts, each by GPTQ on one rank
+        assert sum(f.endswith("]") for f in single) == 16
+        assert sum(f.endswith("]") for f in torch.load(tmp_path / "computed")) == 16
+    elif source == "mixtral":
         notes = [v[3] for f, v in single.items() if f.endswith("]")]   # 2 layers x 2 fused weights x 4 experts
         assert len(notes) == 16 and all(n.startswith("per expert, from its routed tokens: gptq damp") for n in notes)
         assert single.pop("experts computed here") == 16
     for size in sizes:
         ranks = _run_ranks(tmp_path, size, source, preset, ckpt=str(tmp_path / "computed") if one_pass else None)
-        if source == "mixtral":      # each expert quantized on one rank, shared by broadcast
+        if source == "mixtral" and not one_pass:      # each expert quantized on one rank, shared by broadcast
             shares = [got.pop("experts computed here") for got in ranks]
             assert sum(shares) == 16 and all(shares), shares
         for r, got in enumerate(ranks):

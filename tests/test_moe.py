@@ -452,6 +452,42 @@ def test_gptq_runs_per_expert_on_the_tokens_routed_to_it(arch):
     assert "experts [3] reached by no calibration token: round to nearest from their weights" in note
 
 
+def test_one_pass_calibration_runs_gptq_per_expert_on_the_float_models_routed_tokens():
+    """Without layer-by-layer calibration (one pass of the float model, as ``w4a8-int8-sq-gptq`` calibrates), the
+    same pass records each expert's routed tokens: every expert gets GPTQ from the float model's inputs, in every
+    block (block 1 here: its inputs are the float model's, not the quantized blocks')."""
+    from qcompiler.algorithms.gptq import gptq_quantize
+    model, batches = _moe_model("mixtral", experts_implementation="eager"), token_batches(8, 64, seed=1)
+    float_model = copy.deepcopy(model)
+    recipe = recipes.get("w4a16-gptq").replace(layerwise=False)
+    gptq = recipe.weight_algorithm
+    qcompiler.quantize(model, recipe, calibration=batches, progress=False)
+    up_rows, down_rows = _expert_inputs(float_model, torch.cat(batches), 1)
+    for name, rows_by_expert in (("gate_up_proj", up_rows), ("down_proj", down_rows)):
+        q = getattr(model.model.layers[1].mlp.experts, name)
+        w = getattr(float_model.model.layers[1].mlp.experts, name).detach()
+        assert isinstance(q, QuantizedExperts) and sorted(rows_by_expert) == [0, 1, 2, 3]
+        for e, rows in rows_by_expert.items():
+            rows = rows.float()
+            xtx = (rows.t() @ rows).double()
+            want, _ = gptq_quantize(w[e].float(), (xtx * (2.0 / rows.shape[0])).float(), recipe.weight,
+                                    n_samples=rows.shape[0], block_size=gptq.block_size, dampening=gptq.dampening,
+                                    act_order=gptq.act_order, static_groups=gptq.static_groups,
+                                    min_samples=gptq.min_samples)
+            assert torch.equal(q.experts[e].q, want.q), f"{name} expert {e}"
+        note = qcompiler.report(model).tensors[f"model.layers.1.mlp.experts.{name}"].note
+        assert note == "per expert, from its routed tokens: gptq damp 0.01"
+
+
+def test_one_pass_calibration_of_a_compiled_graph_leaves_the_experts_alone():
+    """``qcompiler.backend`` graphs keep fused experts in float: their calibration pass records no expert."""
+    from qcompiler.calibration.statistics import CalibrationCache
+    model, batches = _moe_model("mixtral"), token_batches(4, 32, seed=1)
+    cal = CalibrationCache(batches, hessian=True)
+    cal.collect(model)
+    assert cal.expert_results == {} and cal.stats
+
+
 @pytest.mark.parametrize("preset,quantized_inputs", [("fp8-dynamic", True), ("w4a16-gptq", False)])
 def test_layer_by_layer_calibration_shows_the_next_blocks_the_experts_inputs_quantized(preset, quantized_inputs,
                                                                                          monkeypatch):

@@ -8,13 +8,17 @@ from typing import Iterator
 
 import torch
 
+from qcompiler.calibration import distributed as dd
 from qcompiler.calibration.statistics import StatsAccumulator
+from qcompiler.core.layer_quant import QuantizedWeight, quantize_weight
 
-__all__ = ["LAYOUT_ATTR", "fused_expert_weights", "float_reason", "expert_key", "block_fused_experts",
-           "record_expert_inputs"]
+__all__ = ["LAYOUT_ATTR", "UNREACHED_EXPERT_NOTE", "fused_expert_weights", "float_reason", "expert_key",
+           "block_fused_experts", "record_expert_inputs", "quantize_experts", "experts_note"]
 
 #: the attribute transformers' experts interface sets on an experts module: its weights are [E, K, N] when True
 LAYOUT_ATTR = "is_transposed"
+#: the note of an expert no calibration token reached (rounded to nearest from its weights)
+UNREACHED_EXPERT_NOTE = "round to nearest: no calibration token reached it"
 
 
 def fused_expert_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module, str, torch.Tensor]]:
@@ -53,7 +57,7 @@ def block_fused_experts(block: torch.nn.Module, prefix: str, recipe) -> dict[str
         return {}
     return {key: (module, name, getattr(module, LAYOUT_ATTR))
             for fqn, module, name, p in fused_expert_weights(block)
-            for key in [f"{prefix}.{fqn}.{name}" if fqn else f"{prefix}.{name}"]
+            for key in [".".join(part for part in (prefix, fqn, name) if part)]
             if not float_reason(module, key, p, recipe)}
 
 
@@ -123,3 +127,51 @@ class record_expert_inputs(torch.overrides.TorchFunctionMode):
         return out
 
 
+
+
+def quantize_experts(experts: dict[str, tuple[torch.nn.Module, str, bool]], stats: dict, recipe, linear_fn,
+                     world, where: str) -> tuple[dict[str, tuple[QuantizedWeight, str]], int]:
+    """``({expert_key: (quantized weight, note)}, experts computed on this rank)`` for every expert of ``experts``
+    (``block_fused_experts``), each by ``linear_fn`` (the weight algorithm, as for a linear) from its own
+    statistics (``stats``: ``expert_key`` -> ``LayerStats``, the same on every rank); an expert no calibration
+    token reached is rounded to nearest from its weights (``UNREACHED_EXPERT_NOTE``). Under a process group
+    (``world``) each expert is computed on one rank, assigned by cost, and the results broadcast."""
+    units, costs = [], []
+    for key, (module, name, transposed) in experts.items():
+        p = getattr(module, name)
+        n, k = (p.shape[2], p.shape[1]) if transposed else (p.shape[1], p.shape[2])
+        for e in range(p.shape[0]):
+            st = stats.get(expert_key(key, e))
+            units.append((key, e))
+            # GPTQ's cost: a K x K factorization and a sweep over N x K weights (rounding alone: N x K)
+            costs.append(float(k) ** 3 + float(n) * k * k if st is not None and st.tokens else float(n) * k)
+    owners = dd.assign_by_cost(costs, world)
+    own = {}
+    for (key, e), owner in zip(units, owners):
+        if owner != world.rank:
+            continue
+        module, name, transposed = experts[key]
+        p = getattr(module, name)
+        w = (p[e].t() if transposed else p[e]).detach().float()
+        st = stats.get(expert_key(key, e))
+        if st is None or st.tokens == 0:
+            own[expert_key(key, e)] = (quantize_weight(w, recipe.weight), UNREACHED_EXPERT_NOTE)
+        else:
+            own[expert_key(key, e)] = linear_fn(expert_key(key, e), w, st, recipe)
+    done = dict(own)
+    if world.active and units:
+        for r in range(world.size):
+            done.update(dd.broadcast_object(world, own if r == world.rank else None, r,
+                                            "broadcast of quantized experts", where))
+    return done, len(own)
+
+
+def experts_note(notes: dict[str, str], key: str, count: int) -> str:
+    """One report note for the fused expert weight ``key`` calibrated expert by expert (``notes``: each
+    ``expert_key``'s note)."""
+    unreached = [e for e in range(count) if notes[expert_key(key, e)] == UNREACHED_EXPERT_NOTE]
+    reached = sorted({notes[expert_key(key, e)] for e in range(count) if e not in unreached})
+    note = f"per expert, from its routed tokens: {'; '.join(reached) or '-'}"
+    if unreached:
+        note += f"; experts {unreached} reached by no calibration token: round to nearest from their weights"
+    return note

@@ -51,8 +51,9 @@ from qcompiler.calibration.offload import release_free_memory, write_mapped
 from qcompiler.calibration.statistics import (LayerStats, StatsAccumulator, hessian_from, observe_linear_inputs,
                                               reduce_accumulators, run_batches, validate_batches)
 from qcompiler.errors import CalibrationError
-from qcompiler.core.layer_quant import QuantizedWeight, quantize_weight
-from qcompiler.calibration.expert_inputs import block_fused_experts, expert_key, record_expert_inputs
+from qcompiler.core.layer_quant import QuantizedWeight
+from qcompiler.calibration.expert_inputs import (block_fused_experts, expert_key, experts_note, quantize_experts,
+                                                 record_expert_inputs)
 from qcompiler.core.expert_activations import ActQuantWeight
 from qcompiler.calibration.float_reference import float_target_weight, paired_linear_inputs
 from qcompiler.calibration.sequential import called_once, dependency_levels, stop_when_called
@@ -89,11 +90,6 @@ def find_decoder_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleLis
         raise CalibrationError("layer-by-layer calibration found no list of repeated blocks in the model "
                                "(a torch.nn.ModuleList of same-typed modules); set recipe.layerwise=False")
     return best
-
-
-# the result note of an expert no calibration token reached (quantized from its weights alone); a resumed block
-# reads it back from its checkpoint to report those experts again
-UNREACHED_EXPERT_NOTE = "round to nearest: no calibration token reached it"
 
 
 class _StopForward(Exception):
@@ -601,47 +597,20 @@ class LayerwiseCalibration:
         """The weight algorithm on each expert of the block's fused expert weights, from its own Hessian (an
         expert no calibration token reached: round to nearest, noted); their dequantized weights put in place
         for the next blocks (recorded in ``swaps``). Under a process group each expert is computed on one rank
-        (assigned by cost; statistics all-reduced, so any rank computes the same bits) and the results broadcast.
-        Returns the block's per-expert results, for the block checkpoint."""
+        (``quantize_experts``). Returns the block's per-expert results, for the block checkpoint."""
         experts = block_fused_experts(block, prefix, self.recipe) if self._expert_stats else {}
         stats, self._expert_stats = self._expert_stats, {}
-        units, costs = [], []
-        for key, (module, name, transposed) in experts.items():
-            p = getattr(module, name)
-            n, k = (p.shape[2], p.shape[1]) if transposed else (p.shape[1], p.shape[2])
-            for e in range(p.shape[0]):
-                st = stats.get(expert_key(key, e))
-                units.append((key, e))
-                costs.append(_group_cost([p[e].t() if transposed else p[e]]) if st is not None and st.tokens
-                             else float(n) * k)
-        owners = dd.assign_by_cost(costs, self.world)
-        own = {}
-        for (key, e), owner in zip(units, owners):
-            if owner != self.world.rank:
-                continue
-            module, name, transposed = experts[key]
-            p = getattr(module, name)
-            w = (p[e].t() if transposed else p[e]).detach().float()
-            st = stats.get(expert_key(key, e))
-            if st is None or st.tokens == 0:
-                own[expert_key(key, e)] = (quantize_weight(w, self.recipe.weight), UNREACHED_EXPERT_NOTE)
-            else:
-                own[expert_key(key, e)] = self.linear_fn(expert_key(key, e), w, st, self.recipe)
-        self.experts_computed += len(own)
-        done = dict(own)
-        if self.world.active and units:
-            for r in range(self.world.size):
-                done.update(dd.broadcast_object(self.world, own if r == self.world.rank else None, r,
-                                                "broadcast of quantized experts", f"block {prefix}"))
+        done, computed = quantize_experts(experts, stats, self.recipe, self.linear_fn, self.world, f"block {prefix}")
+        self.experts_computed += computed
         out = {}
         for key, (module, name, transposed) in experts.items():
             count = getattr(module, name).shape[0]
             qws = [done[expert_key(key, e)][0] for e in range(count)]
-            unreached = [e for e in range(count) if done[expert_key(key, e)][1] == UNREACHED_EXPERT_NOTE]
             for e in range(count):
                 out[expert_key(key, e)] = LayerResult(qws[e], None, None, done[expert_key(key, e)][1])
             self._put_experts(module, name, transposed, qws, swaps)
-            self.expert_results[key] = ([qw.to(home) for qw in qws], _experts_note(out, key, count, unreached))
+            self.expert_results[key] = ([qw.to(home) for qw in qws],
+                                        experts_note({f: r.note for f, r in out.items()}, key, count))
         return out
 
     def _put_experts(self, module, name, transposed, qws, swaps) -> None:
@@ -665,9 +634,8 @@ class LayerwiseCalibration:
                                        f"{key}: written by another version? Remove the checkpoint folder")
             qws = [r.qweight for r in found]
             self._put_experts(module, name, transposed, qws, swaps)
-            unreached = [e for e, r in enumerate(found) if r.note == UNREACHED_EXPERT_NOTE]
-            self.expert_results[key] = (qws, _experts_note({expert_key(key, e): r for e, r in enumerate(found)},
-                                                           key, count, unreached))
+            self.expert_results[key] = (qws, experts_note({expert_key(key, e): r.note for e, r in enumerate(found)},
+                                                          key, count))
         return {f: r for f, r in results.items() if not f.endswith("]")}
 
     def _units(self, group_list: list, weights: dict) -> list[tuple[int, int, int]]:
@@ -836,15 +804,6 @@ def _kept_bytes(recorded: Iterable[dict]) -> int:
                 copied = x.dtype != rows.dtype or not x.is_contiguous()
                 seen[id(x)] = x.numel() * x.element_size() + (rows.numel() * rows.element_size() if copied else 0)
     return sum(seen.values())
-
-
-def _experts_note(results: dict, key: str, count: int, unreached: list[int]) -> str:
-    """One report note for a fused expert weight calibrated expert by expert."""
-    notes = sorted({results[expert_key(key, e)].note for e in range(count) if e not in unreached})
-    note = f"per expert, from its routed tokens: {'; '.join(notes) or '-'}"
-    if unreached:
-        note += (f"; experts {unreached} reached by no calibration token: round to nearest from their weights")
-    return note
 
 
 def _assign(module: torch.nn.Module, name: str, tensor) -> None:

@@ -178,6 +178,11 @@ class CalibrationCache:
         self.progress = progress
         self.stats: dict[str, LayerStats] | None = None
         self.seconds = 0.0
+        # the recipe whose fused mixture-of-experts weights the same pass calibrates expert by expert (set by
+        # qcompiler.quantize for a Hessian-based weight algorithm; None: linears only); their results:
+        # {key: ([QuantizedWeight per expert], note)}, as layer-by-layer calibration gives them
+        self.experts_recipe = None
+        self.expert_results: dict[str, tuple[list, str]] = {}
 
     def check_vocabulary(self, model: torch.nn.Module) -> None:
         """Refuse token ids outside the model's input embedding (clear error before any forward)."""
@@ -199,15 +204,34 @@ class CalibrationCache:
         t0 = time.perf_counter()
         world = current_world()
         local, offset = shard_batches(self.batches, world)   # all of them without a process group
+        from qcompiler.calibration.expert_inputs import block_fused_experts, record_expert_inputs
+        experts = block_fused_experts(model, "", self.experts_recipe) \
+            if self.hessian and self.experts_recipe is not None else {}
         with observe_linear_inputs(model, self.samples_per_layer, len(self.batches), self.seed, self.hessian,
-                                   index_offset=offset) as acc:
+                                   index_offset=offset) as acc, record_expert_inputs(experts) as expert_acc:
             run_batches(model, local, self.progress and world.is_writer)
         acc = reduce_accumulators(acc, world, "calibration", self.hessian)
         self.stats = {path: a.finish(self.samples_per_layer) for path, a in acc.items()}
+        if experts:
+            self._quantize_experts(experts, reduce_accumulators(expert_acc, world, "calibration (experts)", True),
+                                   world)
         self.seconds = time.perf_counter() - t0
         log.info("calibration: %d batches, %d modules observed in %.1f s", len(self.batches), len(self.stats),
                  self.seconds)
         return self.stats
+
+    def _quantize_experts(self, experts: dict, acc: dict, world) -> None:
+        """Each fused expert by the recipe's weight algorithm from its routed tokens in the float model (one pass:
+        the experts, like the linears, see the float model's inputs), into ``expert_results``."""
+        from qcompiler.algorithms import registry as weight_algorithms
+        from qcompiler.calibration.expert_inputs import expert_key, experts_note, quantize_experts
+        stats = {k: a.finish(0) for k, a in acc.items()}
+        done, _ = quantize_experts(experts, stats, self.experts_recipe, weight_algorithms.quantize_linear, world,
+                                   "calibration")
+        for key, (module, name, _) in experts.items():
+            count = getattr(module, name).shape[0]
+            self.expert_results[key] = ([done[expert_key(key, e)][0] for e in range(count)],
+                                        experts_note({f: r[1] for f, r in done.items()}, key, count))
 
 
 def run_batches(model: torch.nn.Module, batches: list, progress: bool, desc: str = "calibrating") -> None:

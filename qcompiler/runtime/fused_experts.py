@@ -12,10 +12,11 @@ float parameter's shape and dtype, that every experts implementation reads uncha
 (``weights[e]``: the eager loop) dequantizes that expert only; any other use (a transpose for the grouped GEMM,
 an index for the batched one) sees the whole dequantized tensor. The module's code is not touched.
 
-How: layer by layer with a Hessian-based algorithm (GPTQ; SignRound's GPTQ start), each expert from its own
-Hessian, over the tokens the router sent to it (``record_expert_inputs`` follows the experts' eager loop;
-``LayerwiseCalibration``): an expert no calibration token reaches is rounded to nearest from its weights, and the
-report note names it. Otherwise (no algorithm, AWQ, one-pass calibration) round to nearest from the weights.
+How: with a Hessian-based algorithm (GPTQ; SignRound's GPTQ start), each expert from its own Hessian, over the
+tokens the router sent to it (``record_expert_inputs`` follows the experts' eager loop): layer by layer
+(``LayerwiseCalibration``, on the quantized model's inputs) or in the one calibration pass of the float model
+(``CalibrationCache``, as its linears); an expert no calibration token reaches is rounded to nearest from its
+weights, and the report note names it. Otherwise (no algorithm, AWQ) round to nearest from the weights.
 
 A recipe with dynamic per-token activations (``w8a8-int8-sq-dynamic``, ``fp8-dynamic``, ``w4a8-int8-sq-gptq``)
 quantizes the experts' inputs too: the tensor then carries the activation spec, and what reads it is an
@@ -182,8 +183,8 @@ def quantize_fused_experts(model: torch.nn.Module, recipe, report, results: dict
             experts = [quantize_weight(w[e].t() if transposed else w[e], recipe.weight) for e in range(w.shape[0])]
             algorithm = recipe.weight_algorithm
             d.note = "round to nearest from its weights, expert by expert" + (
-                f" ({type(algorithm).__name__.removesuffix('Spec')} takes per-expert statistics from layer-by-layer "
-                "calibration of Hessian-based algorithms only)" if algorithm is not None else "")
+                f" ({type(algorithm).__name__.removesuffix('Spec')} runs per expert for Hessian-based algorithms "
+                "only)" if algorithm is not None else "")
         q = QuantizedExperts(experts, transposed, p.dtype, recipe.activation)
         put_quantized_experts(module, name, q)
         d.format = q.describe()
