@@ -3,7 +3,9 @@
 ``sparsify`` runs layer-by-layer calibration (``qcompiler.calibration.layerwise``: each decoder block
 sees the outputs of the blocks already pruned before it, its linears found as the quantizing passes find
 them, routers and the output head left dense) with SparseGPT or magnitude pruning in place of a
-quantizer, then writes the pruned float weights into the model. To prune and quantize in one sweep use a
+quantizer, then writes the pruned float weights into the model. Fused mixture-of-experts weights (transformers 5's
+3-D experts) are pruned expert by expert: SparseGPT from each expert's routed tokens (an expert no token reaches:
+by magnitude), magnitude pruning from the weights. To prune and quantize in one sweep use a
 recipe whose weight algorithm is a ``SparseGPTSpec`` (the ``sparse24-*`` presets) with ``qcompiler.quantize``
 instead: quantizing a model pruned here with another weight algorithm (GPTQ, AWQ) refills the zeros.
 """
@@ -16,7 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qcompiler.algorithms.sparsegpt import is_semi_structured, prune_linear
+from qcompiler.algorithms.sparsegpt import check_prunable, is_semi_structured, magnitude_prune, prune_linear
+from qcompiler.calibration.expert_inputs import LAYOUT_ATTR, float_reason, fused_expert_weights
 from qcompiler.core.linear_probe import linear_orientation
 from qcompiler.errors import CalibrationError
 from qcompiler.recipes import FallbackSpec, Recipe, SparseGPTSpec, WeightSpec
@@ -111,6 +114,35 @@ def sparsify(model: torch.nn.Module, calibration: Iterable, spec: SparseGPTSpec 
             report.pruned[fqn] = result.note
             zeros += int((weight == 0).sum())
             total += weight.numel()
+        for key, weights, note in _pruned_experts(model, recipe, spec, cal.expert_results):
+            module, name = model.get_submodule(key.rpartition(".")[0]), key.rpartition(".")[2]
+            param = getattr(module, name)
+            transposed = getattr(module, LAYOUT_ATTR)
+            dense = torch.stack([w.t() if transposed else w for w in weights]).to(param.dtype)
+            if not all(is_semi_structured(w.to(param.dtype).float(), spec.n, spec.m) for w in weights):
+                raise CalibrationError(f"sparsify: {key} lost its {spec.pattern} pattern when written back in "
+                                       f"{param.dtype}")
+            param.copy_(dense)
+            report.pruned[key] = note
+            zeros += sum(int((w == 0).sum()) for w in weights)
+            total += sum(w.numel() for w in weights)
     report.zeros = zeros / max(total, 1)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _pruned_experts(model: torch.nn.Module, recipe: Recipe, spec: SparseGPTSpec, results: dict):
+    """``(key, [pruned [N, K] weight per expert], note)`` for each fused expert weight ``recipe`` takes: SparseGPT's
+    per-expert results from layer-by-layer calibration (``results``), or each expert pruned by magnitude."""
+    for fqn, module, name, p in fused_expert_weights(model):
+        key = f"{fqn}.{name}" if fqn else name
+        if float_reason(module, key, p, recipe):
+            continue
+        transposed = getattr(module, LAYOUT_ATTR)
+        if key in results:
+            weights, note = results[key]
+            yield key, [pw.weight.float() for pw in weights], note
+            continue
+        experts = [(p[e].t() if transposed else p[e]).detach().float() for e in range(p.shape[0])]
+        check_prunable(key, experts[0].shape[1], spec)
+        yield key, [magnitude_prune(w, spec.n, spec.m)[0] for w in experts], f"magnitude {spec.pattern}, expert by expert"

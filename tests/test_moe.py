@@ -449,7 +449,8 @@ def test_gptq_runs_per_expert_on_the_tokens_routed_to_it(arch):
             assert not torch.equal(want.q, quantize_weight(w[e], recipe.weight).q)   # GPTQ is not RTN here
     note = qcompiler.report(model).tensors["model.layers.1.mlp.experts.down_proj"].note
     assert note.startswith("per expert, from its routed tokens: gptq damp")
-    assert "experts [3] reached by no calibration token: round to nearest from their weights" in note
+    assert note.endswith("; experts [3] reached by no calibration token, from their weights alone: round to nearest: "
+                         "only 0 calibration rows reached it (GPTQ needs gptq.min_samples=128)"), note
 
 
 def test_one_pass_calibration_runs_gptq_per_expert_on_the_float_models_routed_tokens():
@@ -511,8 +512,10 @@ def test_layer_by_layer_calibration_shows_the_next_blocks_the_experts_inputs_qua
 
 def test_sparse_fp8_dynamic_prunes_each_expert_to_2_of_4_and_quantizes_its_inputs():
     """llm-compressor's 2:4 + FP8 scheme on fused experts: SparseGPT per expert from its routed tokens, at most two
-    non-zeros in each run of four input channels, FP8 weights and per-token FP8 inputs."""
+    non-zeros in each run of four input channels, FP8 weights and per-token FP8 inputs; an expert no calibration
+    token reaches is pruned by magnitude, not left dense."""
     model, batches = _moe_model("mixtral", experts_implementation="eager"), token_batches(8, 64, seed=1)
+    _blocked_router(model, 3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         qcompiler.quantize(model, "sparse24-fp8-dynamic", calibration=batches, progress=False)
@@ -525,6 +528,35 @@ def test_sparse_fp8_dynamic_prunes_each_expert_to_2_of_4_and_quantizes_its_input
         assert int((w.reshape(-1, 4) != 0).sum(-1).max()) == 2 and (w == 0).float().mean() >= 0.5
         assert q.activation == recipes.get("sparse24-fp8-dynamic").activation
         assert "sparsegpt 2:4" in rep.tensors[key].note and "per-token activations" in rep.tensors[key].format
+        assert "experts [3] reached by no calibration token, from their weights alone: magnitude 2:4" \
+            in rep.tensors[key].note
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "magnitude"])
+def test_sparsify_prunes_fused_experts_expert_by_expert_in_float(method):
+    """``qcompiler.sparsify`` (float) prunes the fused experts too, each expert 2:4 (SparseGPT from its routed
+    tokens, an expert no token reaches by magnitude; magnitude from the weights); routers stay dense."""
+    from qcompiler.algorithms.sparsegpt import magnitude_prune
+    from qcompiler.recipes import SparseGPTSpec
+    model, batches = _moe_model("mixtral", experts_implementation="eager"), token_batches(8, 64, seed=1)
+    _blocked_router(model, 3)
+    before = copy.deepcopy(model)
+    rep = qcompiler.sparsify(model, batches, SparseGPTSpec(method=method), progress=False)
+    for i in (0, 1):
+        mlp, old = model.model.layers[i].mlp, before.model.layers[i].mlp
+        assert torch.equal(mlp.gate.weight, old.gate.weight)
+        for name in ("gate_up_proj", "down_proj"):
+            w, w0 = getattr(mlp.experts, name).detach(), getattr(old.experts, name).detach()
+            assert not isinstance(w, QuantizedExperts)
+            assert int((w.reshape(-1, 4) != 0).sum(-1).max()) == 2
+            note = rep.pruned[f"model.layers.{i}.mlp.experts.{name}"]
+            by_magnitude = torch.stack([magnitude_prune(w0[e], 2, 4)[0] for e in range(4)])
+            if method == "magnitude":
+                assert torch.equal(w, by_magnitude) and note == "magnitude 2:4, expert by expert"
+            else:
+                assert note.startswith("per expert, from its routed tokens: sparsegpt 2:4") and \
+                    "experts [3] reached by no calibration token, from their weights alone: magnitude 2:4" in note
+                assert torch.equal(w[3], by_magnitude[3]) and not torch.equal(w[:3], by_magnitude[:3])
 
 
 def test_per_expert_results_resume_from_block_checkpoints(tmp_path):

@@ -9,16 +9,16 @@ from typing import Iterator
 import torch
 
 from qcompiler.calibration import distributed as dd
-from qcompiler.calibration.statistics import StatsAccumulator
-from qcompiler.core.layer_quant import QuantizedWeight, quantize_weight
+from qcompiler.calibration.statistics import LayerStats, StatsAccumulator
+from qcompiler.core.layer_quant import QuantizedWeight
 
 __all__ = ["LAYOUT_ATTR", "UNREACHED_EXPERT_NOTE", "fused_expert_weights", "float_reason", "expert_key",
            "block_fused_experts", "record_expert_inputs", "quantize_experts", "experts_note"]
 
 #: the attribute transformers' experts interface sets on an experts module: its weights are [E, K, N] when True
 LAYOUT_ATTR = "is_transposed"
-#: the note of an expert no calibration token reached (rounded to nearest from its weights)
-UNREACHED_EXPERT_NOTE = "round to nearest: no calibration token reached it"
+#: how the note of an expert no calibration token reached starts (the algorithm's own note follows)
+UNREACHED_EXPERT_NOTE = "no calibration token reached it"
 
 
 def fused_expert_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module, str, torch.Tensor]]:
@@ -134,7 +134,8 @@ def quantize_experts(experts: dict[str, tuple[torch.nn.Module, str, bool]], stat
     """``({expert_key: (quantized weight, note)}, experts computed on this rank)`` for every expert of ``experts``
     (``block_fused_experts``), each by ``linear_fn`` (the weight algorithm, as for a linear) from its own
     statistics (``stats``: ``expert_key`` -> ``LayerStats``, the same on every rank); an expert no calibration
-    token reached is rounded to nearest from its weights (``UNREACHED_EXPERT_NOTE``). Under a process group
+    token reached gets statistics of zero tokens, so the algorithm's own rule for too few rows decides (GPTQ
+    rounds it to nearest, SparseGPT prunes it by magnitude), and its note starts ``UNREACHED_EXPERT_NOTE``. Under a process group
     (``world``) each expert is computed on one rank, assigned by cost, and the results broadcast."""
     units, costs = [], []
     for key, (module, name, transposed) in experts.items():
@@ -155,7 +156,8 @@ def quantize_experts(experts: dict[str, tuple[torch.nn.Module, str, bool]], stat
         w = (p[e].t() if transposed else p[e]).detach().float()
         st = stats.get(expert_key(key, e))
         if st is None or st.tokens == 0:
-            own[expert_key(key, e)] = (quantize_weight(w, recipe.weight), UNREACHED_EXPERT_NOTE)
+            qw, note = linear_fn(expert_key(key, e), w, _no_tokens(w.shape[1]), recipe)
+            own[expert_key(key, e)] = (qw, f"{UNREACHED_EXPERT_NOTE}: {note}")
         else:
             own[expert_key(key, e)] = linear_fn(expert_key(key, e), w, st, recipe)
     done = dict(own)
@@ -169,9 +171,15 @@ def quantize_experts(experts: dict[str, tuple[torch.nn.Module, str, bool]], stat
 def experts_note(notes: dict[str, str], key: str, count: int) -> str:
     """One report note for the fused expert weight ``key`` calibrated expert by expert (``notes``: each
     ``expert_key``'s note)."""
-    unreached = [e for e in range(count) if notes[expert_key(key, e)] == UNREACHED_EXPERT_NOTE]
+    unreached = [e for e in range(count) if notes[expert_key(key, e)].startswith(UNREACHED_EXPERT_NOTE)]
     reached = sorted({notes[expert_key(key, e)] for e in range(count) if e not in unreached})
     note = f"per expert, from its routed tokens: {'; '.join(reached) or '-'}"
     if unreached:
-        note += f"; experts {unreached} reached by no calibration token: round to nearest from their weights"
+        how = sorted({notes[expert_key(key, e)].removeprefix(UNREACHED_EXPERT_NOTE + ": ") for e in unreached})
+        note += f"; experts {unreached} reached by no calibration token, from their weights alone: {'; '.join(how)}"
     return note
+
+
+def _no_tokens(k: int) -> LayerStats:
+    """The statistics of an input no calibration token reached (``k`` channels)."""
+    return LayerStats(torch.zeros(k), torch.zeros(0, k), 0, torch.zeros(k), torch.zeros(k, k))
