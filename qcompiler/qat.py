@@ -17,7 +17,8 @@ either way ``convert(prepare_qat(m))`` equals ``quantize(m)`` bit for bit before
 (``SparseGPTSpec``) pruned weights stay 0 through training, so the N:M pattern survives ``convert``.
 SmoothQuant / AWQ input scales are not trained: they stay where the plan put them (in the norms, or at the
 linear's input as ``inv_smooth``) and the latent weights are the scaled ones.
-``distillation_loss`` is the KL divergence to a float teacher's logits.
+Fused mixture-of-experts weights (``QuantizedExperts``) keep the plan's codes and are not trained (a warning
+says so). ``distillation_loss`` is the KL divergence to a float teacher's logits.
 """
 
 from __future__ import annotations
@@ -205,6 +206,7 @@ def prepare_qat(model: torch.nn.Module, recipe: Recipe | str, calibration: Itera
         init = "ptq" if recipe.weight_algorithm is not None else "float"
     before = dict(model.named_modules())
     contexts = _quantize_planned(model, recipe, calibration, progress=progress, kernels=kernels)
+    _warn_frozen_experts(model)
     # the float weights the plan quantized: smoothing (W * s) and producer row scales already applied
     planned_float = {}
     for ctx in contexts if init == "float" else ():
@@ -236,6 +238,19 @@ def prepare_qat(model: torch.nn.Module, recipe: Recipe | str, calibration: Itera
         parent_name, _, child = fqn.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, fq)
     return model
+
+
+def _warn_frozen_experts(model: torch.nn.Module) -> None:
+    """Fused mixture-of-experts weights stay as the plan quantized them (``QuantizedExperts``): say so."""
+    import warnings
+
+    from qcompiler.runtime.fused_experts import quantized_experts
+    held = sorted(quantized_experts(model))
+    if held:
+        warnings.warn(f"prepare_qat: {len(held)} fused mixture-of-experts weights (e.g. {held[0]}) keep the codes the "
+                      "post-training plan gave them and are not trained: QAT trains the linears' latent weights only "
+                      "(keep the experts in float with fallback.keep_op_kinds += ('experts',) to train them in float)",
+                      stacklevel=3)
 
 
 def _pruned(weight: torch.Tensor, spec: SparseGPTSpec) -> torch.Tensor:

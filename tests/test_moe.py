@@ -574,3 +574,10 @@ def test_per_expert_results_resume_from_block_checkpoints(tmp_path):
         assert again.expert_results[key][1] == note
         assert all(torch.equal(a.q, b.q) and torch.equal(a.scale, b.scale)
                    for a, b in zip(qws, again.expert_results[key][0]))
+
+
+def test_qat_says_the_fused_experts_are_not_trained():
+    model = _moe_model("mixtral")
+    with pytest.warns(UserWarning, match=r"prepare_qat: 4 fused mixture-of-experts weights .* not trained"):
+        qcompiler.prepare_qat(model, "w8a16", calibration=token_batches(2, 16, seed=1), progress=False)
+    assert len(quantized_experts(model)) == 4
