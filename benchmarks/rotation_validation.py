@@ -88,6 +88,17 @@ two runs at a time with ``--threads 1``, so each quantize time is about 1.7x an 
 sequences instead of 128 at alpha 0.25: +3.32% (2,176 s), no gain. ``w4a16-gptaq`` now takes alpha 0.75. Around it
 (frozen install of 10bb677, same conditions): 0.65 +3.02%, 0.85 +3.17% (1,049-1,061 s): 0.75 stays, and the
 neighbours' spread (0.4-0.5 points) is the size of one run's noise here.
+
+Around the 0.75 preset (2026-12-06, Intel Xeon AMX, frozen install of b42cd90, two runs at a
+time with ``--threads 1``): the rotation's seed and GPTQ's group scales chosen as GPTQ reaches them:
+
+    python benchmarks/rotation_validation.py --threads 1 --seed 1 --modes rot-online w4a16-gptaq
+    python benchmarks/rotation_validation.py --threads 1 --modes rot-online \
+        "gptaq-dyn=R('w4a16-gptaq').replace(weight_algorithm=rep(R('w4a16-gptaq').weight_algorithm_spec, static_groups=False))"
+
+seed 1 +2.64% against seed 0's +2.62% (so the seed moves this figure by hundredths, not tenths); group scales from
+the error-updated weights (``static_groups=False``) +3.31% (quantize 1,409-1,418 s at one thread): seed 0 and static
+groups stay.
 """
 import argparse
 import copy
