@@ -98,7 +98,12 @@ time with ``--threads 1``): the rotation's seed and GPTQ's group scales chosen a
 
 seed 1 +2.64% against seed 0's +2.62% (so the seed moves this figure by hundredths, not tenths); group scales from
 the error-updated weights (``static_groups=False``) +3.31% (quantize 1,409-1,418 s at one thread): seed 0 and static
-groups stay.
+groups stay. GPTQ's dampening (same conditions, the unit-test suite sharing the cores, so quantize ~2,150 s):
+
+    python benchmarks/rotation_validation.py --threads 1 --modes rot-online \
+        "gptaq-d03=R('w4a16-gptaq').replace(weight_algorithm=rep(R('w4a16-gptaq').weight_algorithm_spec, dampening=0.03))"
+
+0.003 +3.66%, **0.01 (the preset) +2.62%**, 0.03 +2.94%: 0.01 stays.
 """
 import argparse
 import copy
