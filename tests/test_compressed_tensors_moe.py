@@ -1,6 +1,6 @@
 """Fused mixture-of-experts weights in compressed-tensors checkpoints: ``save_compressed_tensors`` writes each
 quantized expert as the per-expert linears of the architecture's own checkpoint layout (found from
-transformers' reverse conversion, ``qcompiler.runtime.expert_checkpoint_names``), which transformers (5.25,
+transformers' reverse conversion, ``qcompiler.runtime.checkpoint_names``), which transformers (5.25,
 compressed-tensors 0.20.1) reads back into its fused parameters and ``load_compressed_tensors`` into
 ``QuantizedExperts`` with the same codes; what the layout or the loaders cannot hold is refused by name."""
 
@@ -17,7 +17,7 @@ pytest.importorskip("compressed_tensors")
 
 import qcompiler  # noqa: E402
 from qcompiler.errors import CheckpointError, UnsupportedError  # noqa: E402
-from qcompiler.runtime.expert_checkpoint_names import ExpertSlice, _slice_of, checkpoint_slices  # noqa: E402
+from qcompiler.runtime.checkpoint_names import ExpertSlice, _slice_of, checkpoint_slices  # noqa: E402
 from qcompiler.runtime.fused_experts import quantized_experts  # noqa: E402
 from tiny_models import token_batches  # noqa: E402
 
@@ -164,3 +164,56 @@ def test_a_checkpoint_missing_one_experts_tensors_is_refused_by_name(tmp_path):
     with pytest.raises(CheckpointError, match=r"expert 2 of 'model\.layers\.1\.mlp\.experts\.gate_up_proj', stored as "
                                               r"'model\.layers\.1\.mlp\.experts\.2\.up_proj': the checkpoint lacks"):
         qcompiler.load_compressed_tensors(path)
+
+
+def test_tensors_take_the_architectures_published_names(tmp_path):
+    """transformers 5 calls Mixtral's ``block_sparse_moe`` ``mlp``; the checkpoint uses the published name (what
+    vLLM's Mixtral loads, what ``save_pretrained`` writes) and both loaders read it back."""
+    model = _quantized("mixtral", "w4a16-rtn")
+    path = qcompiler.save_compressed_tensors(model, tmp_path / "ct", "w4a16-rtn")
+    keys = set(safetensors.torch.load_file(str(path / "model.safetensors")))
+    assert "model.layers.0.block_sparse_moe.gate.weight" in keys
+    assert not any(".mlp." in k for k in keys)
+    model.save_pretrained(tmp_path / "float-names")      # transformers' own names for the float tensors
+    theirs = set(safetensors.torch.load_file(str(tmp_path / "float-names" / "model.safetensors")))
+    assert {k for k in keys if k.endswith(("norm.weight", "gate.weight"))} == \
+        {k for k in theirs if k.endswith(("norm.weight", "gate.weight"))}
+
+
+def test_float_experts_are_written_per_expert_and_ignored(tmp_path, caplog):
+    """A recipe with static activation scales keeps the experts in float: the checkpoint stores them per expert,
+    as ``save_pretrained`` and llm-compressor do, lists those linears in ``ignore`` (vLLM's layout), and
+    ``load_compressed_tensors`` gives the same logits; transformers 5.25 cannot load that layout (a warning says
+    so)."""
+    import json
+    model = _model("mixtral")
+    qcompiler.quantize(model, "w8a8-int8-sq", calibration=token_batches(4, 32, seed=1), progress=False)
+    assert not quantized_experts(model)
+    ids = token_batches(1, 16, seed=5)[0]
+    with torch.no_grad():
+        want = model(ids).logits
+    with caplog.at_level(logging.WARNING, logger="qcompiler.export.compressed_tensors"):
+        path = qcompiler.save_compressed_tensors(model, tmp_path / "ct", "w8a8-int8-sq")
+    assert any("fused experts kept in float are written per expert" in r.message for r in caplog.records)
+    keys = set(safetensors.torch.load_file(str(path / "model.safetensors")))
+    assert "model.layers.1.block_sparse_moe.experts.3.w2.weight" in keys
+    ignore = json.loads((path / "config.json").read_text())["quantization_config"]["ignore"]
+    assert "model.layers.1.block_sparse_moe.experts.3.w2" in ignore
+    with pytest.raises(RuntimeError):
+        AutoModelForCausalLM.from_pretrained(str(path))
+    loaded, _ = qcompiler.load_compressed_tensors(path)
+    with torch.no_grad():
+        got = loaded(ids).logits
+    assert float((got - want).norm() / want.norm()) < 1e-4
+    assert torch.equal(loaded.model.layers[1].mlp.experts.down_proj, model.model.layers[1].mlp.experts.down_proj)
+
+
+def test_config_names_the_architecture_for_a_model_built_from_its_config(tmp_path):
+    """vLLM picks its model class by ``architectures``, which ``save_pretrained`` sets: a model built with
+    ``from_config`` (none set) gets it too."""
+    import json
+    model = _quantized("qwen2_moe", "w8a16")
+    assert not model.config.architectures
+    path = qcompiler.save_compressed_tensors(model, tmp_path / "ct", "w8a16")
+    assert json.loads((path / "config.json").read_text())["architectures"] == ["Qwen2MoeForCausalLM"]
+    assert not model.config.architectures        # the model's own config is left as it was

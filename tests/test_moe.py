@@ -581,3 +581,31 @@ def test_qat_says_the_fused_experts_are_not_trained():
     with pytest.warns(UserWarning, match=r"prepare_qat: 4 fused mixture-of-experts weights .* not trained"):
         qcompiler.prepare_qat(model, "w8a16", calibration=token_batches(2, 16, seed=1), progress=False)
     assert len(quantized_experts(model)) == 4
+
+
+@pytest.mark.parametrize("preset", ["w4a16-rtn", "fp8-dynamic"])
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def test_quantized_experts_run_under_inference_mode(arch, preset):
+    """Every experts implementation runs the quantized experts under ``torch.inference_mode`` (the views they take,
+    a transpose for the grouped GEMM or an expert's select, must match the tensor's inference-ness), giving what
+    ``torch.no_grad`` gives; GPT-OSS's are stored transposed."""
+    if arch == "gpt_oss":
+        cfg = AutoConfig.for_model("gpt_oss", vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                   num_experts_per_tok=2, head_dim=16)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg).eval()
+    else:
+        model = _moe_model(arch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qcompiler.quantize(model, preset, calibration=token_batches(4, 64, seed=1), progress=False)
+    assert quantized_experts(model)
+    ids = token_batches(2, 16, seed=5)[0].reshape(2, -1)
+    for implementation in ("eager", "grouped_mm", "batched_mm"):
+        model.config._experts_implementation = implementation
+        with torch.no_grad():
+            want = model(ids).logits
+        with torch.inference_mode():
+            got = model(ids).logits
+        assert torch.equal(got, want), implementation

@@ -29,7 +29,7 @@ What a quantized layer becomes:
   checked on a probe input; a float linear reading the same norm gets the inverse on its columns;
 - fused mixture-of-experts weights (``QuantizedExperts``) are written expert by expert as the per-expert linears
   of the architecture's published checkpoints (Mixtral's ``block_sparse_moe.experts.3.w1``; found from
-  transformers' reverse conversion, ``qcompiler.runtime.expert_checkpoint_names``), in the checkpoint's one
+  transformers' reverse conversion, ``qcompiler.runtime.checkpoint_names``), in the checkpoint's one
   scheme (transformers reads every expert with one); transformers 5.25 loads pack-quantized and FP8 experts
   (dequantized into its fused parameters), not int-quantized ones (saving warns);
 - linears kept in float are listed in ``ignore`` by module name, as transformers builds the model;
@@ -84,7 +84,7 @@ from qcompiler.errors import UnsupportedError
 from qcompiler.pipeline import CompileReport
 from qcompiler.recipes import Granularity, QuantDtype, Recipe
 from qcompiler.runtime.eager import QuantizedEmbedding, QuantizedLinear
-from qcompiler.runtime.expert_checkpoint_names import checkpoint_slices
+from qcompiler.runtime.checkpoint_names import CheckpointNames, checkpoint_slices
 from qcompiler.runtime.fused_experts import QuantizedExperts, quantized_experts
 from qcompiler.runtime.norm_fold import folded_norm_params
 
@@ -131,6 +131,7 @@ class _Layer:
     group_size: int | None           # the group size written (gcd(g, K) for a g not dividing K)
     bias: torch.Tensor | None = None
     input_scale: torch.Tensor | None = None   # a static activation scale
+    written_as: str | None = None    # its module name in the checkpoint (the architecture's published names)
     format: str = field(init=False)  # the compressed-tensors format its scheme gets
 
     def __post_init__(self):
@@ -155,6 +156,7 @@ class _Plan:
     kv_tensors: dict[str, torch.Tensor] = field(default_factory=dict)      # attention fqn.k_scale / .v_scale
     transforms: TransformConfig | None = None                              # online input transforms
     transform_tensors: dict[str, torch.Tensor] = field(default_factory=dict)   # fqn.<scheme>_input.weight
+    names: CheckpointNames | None = None                                   # model names -> the checkpoint's
 
 
 def save_compressed_tensors(model: torch.nn.Module, path: str | Path, recipe: Recipe | str, *, tokenizer=None,
@@ -283,8 +285,24 @@ def _plan(model: torch.nn.Module, recipe: Recipe, report: CompileReport | None,
                     "smaller groups with repeated scales (exact in transformers; vLLM's kernels may not take them)",
                     layers[odd[0]].qw.group_size, odd)
     transforms, transform_tensors = _transform_config(model, skeleton)
+    # every name written as the architecture's published checkpoints have it (what vLLM's model classes load)
+    names = CheckpointNames(skeleton)
+    for f, lay in layers.items():
+        lay.written_as = lay.written_as or names.checkpoint_module(f)
+    float_experts = _float_expert_linears(skeleton, state_keys)
+    if float_experts:
+        log.warning("save_compressed_tensors: fused experts kept in float are written per expert as %s..., listed in "
+                    "ignore (the layout vLLM's model classes and llm-compressor use); transformers (5.25) cannot load "
+                    "float experts in that layout from a compressed-tensors checkpoint (its experts reader expects them "
+                    "quantized); qcompiler.load_compressed_tensors reads them", float_experts[0])
+    ignore = [names.checkpoint_module(f) for f in ignore] + float_experts
+    kv_tensors = {names.checkpoint_key(k): v for k, v in kv_tensors.items()}
+    transform_tensors = {names.checkpoint_key(k): v for k, v in transform_tensors.items()}
+    for scheme in (transforms.config_groups.values() if transforms is not None else ()):
+        for args in scheme.apply:
+            args.targets = [names.checkpoint_module(t) for t in args.targets]
     return _Plan(layers, ignore, state_keys, norm_params, column_scales, kv_scheme, kv_tensors, transforms,
-                 transform_tensors)
+                 transform_tensors, names)
 
 
 def _transform_config(model: torch.nn.Module, skeleton: torch.nn.Module
@@ -463,7 +481,7 @@ def _quantized_layer(fqn: str, qw: QuantizedWeight, act_dtype: str | None, act_d
 
 def _expert_layers(skeleton: torch.nn.Module, experts: dict[str, QuantizedExperts]) -> dict[str, _Layer]:
     """The quantized fused experts as the per-expert linears of the architecture's checkpoint layout
-    (``expert_checkpoint_names``: Mixtral's ``block_sparse_moe.experts.3.w1``, Qwen2-MoE's
+    (``checkpoint_names``: Mixtral's ``block_sparse_moe.experts.3.w1``, Qwen2-MoE's
     ``mlp.experts.3.gate_proj``), which vLLM and transformers' compressed-tensors loading read."""
     layers = {}
     for key, t in experts.items():
@@ -476,7 +494,26 @@ def _expert_layers(skeleton: torch.nn.Module, experts: dict[str, QuantizedExpert
         for piece in slices:
             qw = _rows(t.experts[piece.expert], piece.start, piece.stop)
             layers[piece.name] = _quantized_layer(piece.name, qw, act, act is not None)
+            layers[piece.name].written_as = piece.name       # already the checkpoint's name
     return layers
+
+
+def _float_expert_linears(skeleton: torch.nn.Module, state_keys: list[str]) -> list[str]:
+    """The per-expert linears (checkpoint names) of the fused experts written in float: listed in ``ignore``, since
+    the checkpoint stores them per expert like the quantized ones and a ``Linear`` target would claim them."""
+    from qcompiler.calibration.expert_inputs import LAYOUT_ATTR, fused_expert_weights
+    keep = set(state_keys)
+    out = []
+    for fqn, module, name, p in fused_expert_weights(skeleton):
+        key = f"{fqn}.{name}" if fqn else name
+        transposed = getattr(module, LAYOUT_ATTR, None)
+        if key not in keep or p.dim() != 3 or not isinstance(transposed, bool):
+            continue
+        try:
+            out += [piece.name for piece in checkpoint_slices(skeleton, key, tuple(p.shape), transposed)]
+        except UnsupportedError:       # written fused: no linear to claim
+            pass
+    return out
 
 
 def _one_scheme_with_experts(layers: dict[str, _Layer]) -> None:
@@ -570,16 +607,20 @@ def _write(model: torch.nn.Module, recipe: Recipe, plan: _Plan, folder: Path, to
     for f, col in plan.column_scales.items():
         w = tensors[f"{f}.weight"]
         tensors[f"{f}.weight"] = (w.float() * col[None, :]).to(w.dtype)
+    tensors = plan.names.checkpoint_state(tensors)
     groups = _config_groups(plan.layers)
     for lay in plan.layers.values():
         scheme = groups[lay.key()]
         for name, t in _compress(lay, scheme).items():
-            tensors[f"{lay.fqn}.{name}"] = t
+            tensors[f"{lay.written_as}.{name}"] = t
     tensors.update(plan.kv_tensors)
     tensors.update(plan.transform_tensors)
     safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                                 str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
-    model.config.to_json_file(str(folder / "config.json"))
+    hf_config = copy.deepcopy(model.config)
+    if not getattr(hf_config, "architectures", None):     # set by save_pretrained; vLLM picks its model class by it
+        hf_config.architectures = [type(model).__name__]
+    hf_config.to_json_file(str(folder / "config.json"))
     formats = {lay.format for lay in plan.layers.values()} or {CompressionFormat.dense.value}
     config = QuantizationConfig(config_groups={f"group_{i}": s for i, s in enumerate(groups.values())},
                                 format=formats.pop() if len(formats) == 1 else CompressionFormat.mixed_precision.value,
@@ -607,8 +648,9 @@ def _config_groups(layers: dict[str, _Layer]) -> dict[str, QuantizationScheme]:
     groups = {}
     for key in sorted(members, key=lambda k: k == main):
         lay = layers[members[key][0]]
-        groups[key] = QuantizationScheme(targets=["Linear"] if key == main else members[key], weights=lay.weights,
-                                         input_activations=lay.inputs, format=lay.format)
+        targets = ["Linear"] if key == main else [layers[f].written_as for f in members[key]]
+        groups[key] = QuantizationScheme(targets=targets, weights=lay.weights, input_activations=lay.inputs,
+                                         format=lay.format)
     return groups
 
 

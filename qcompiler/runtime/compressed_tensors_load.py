@@ -19,7 +19,7 @@ swaps in a ``QuantizedLinear`` holding the checkpoint's codes and scales:
   ``act_dynamic`` (qcompiler's rule: INT8 scale absmax / 127, where compressed-tensors uses
   absmax / 127.5; FP8 absmax / 448 in both);
 - mixture-of-experts weights stored per expert (the per-expert linears of the architecture's checkpoints,
-  ``qcompiler.runtime.expert_checkpoint_names``) become the model's fused expert parameters as
+  ``qcompiler.runtime.checkpoint_names``) become the model's fused expert parameters as
   ``QuantizedExperts`` (weight-only, or dynamic per-token activations);
 - ``kv_cache_scheme`` (8-bit, symmetric, static, strategy ``tensor`` or ``attn_head``) with each
   attention's ``k_scale`` / ``v_scale`` becomes ``Recipe.kv_cache`` and the model's KV calibration
@@ -61,6 +61,7 @@ from qcompiler.core.layer_quant import QuantizedWeight
 from qcompiler.errors import CheckpointError, RecipeError, UnsupportedError
 from qcompiler.recipes import (ActivationSpec, FallbackSpec, Granularity, KVCacheSpec, QuantDtype, Recipe,
                                WeightSpec)
+from qcompiler.runtime.checkpoint_names import CheckpointNames
 from qcompiler.runtime.eager import QuantizedLinear
 from qcompiler.runtime.loaded_report import attach_loaded_report
 
@@ -101,10 +102,12 @@ def load_compressed_tensors(path: str | Path) -> tuple[torch.nn.Module, Recipe]:
         raise FileNotFoundError(f"load_compressed_tensors: {folder} is not a folder")
     config, qconfig, tconfig = _read_config(folder)
     model = _skeleton(folder, config)
+    names = CheckpointNames(model)
+    _to_model_names(names, qconfig, tconfig)
     layers = _layer_schemes(folder, model, qconfig)
     transformed = _transform_targets(folder, model, tconfig)
     recipe = _recipe(folder, model, qconfig, layers)
-    tensors = _read_tensors(folder)
+    tensors = {names.model_key(k): t for k, t in _read_tensors(folder).items()}
     owned: dict[str, dict[str, torch.Tensor]] = {f: {} for f in layers}     # layer -> its tensors by local name
     floats = {}
     for name, t in tensors.items():
@@ -118,7 +121,7 @@ def load_compressed_tensors(path: str | Path) -> tuple[torch.nn.Module, Recipe]:
         new = _quantized_linear(where, fqn, model.get_submodule(fqn), scheme, fmt, owned[fqn], recipe.weight.group_size)
         parent, _, child = fqn.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
-    _load_experts(folder, model, qconfig, floats, recipe.weight.group_size if recipe.weight else None)
+    _load_experts(folder, model, qconfig, floats, recipe.weight.group_size if recipe.weight else None, names)
     kv = _kv_stats(folder, model, recipe.kv_cache, floats)        # takes the k_scale / v_scale tensors
     _attach_transforms(folder, model, transformed, floats)       # takes the <linear>.<scheme>_input tensors
     _load_float_tensors(folder, model, floats, set(layers))
@@ -130,6 +133,21 @@ def load_compressed_tensors(path: str | Path) -> tuple[torch.nn.Module, Recipe]:
 
 
 # ---- config ---------------------------------------------------------------------------------------
+
+def _to_model_names(names: CheckpointNames, qconfig: QuantizationConfig, tconfig: TransformConfig | None) -> None:
+    """The config's module names (``ignore``, targets that name modules) renamed as the model names them
+    (checkpoints carry the architecture's published names: Mixtral's ``block_sparse_moe``, transformers 5's
+    ``mlp``); class names and ``re:`` patterns are left as written."""
+    def rename(targets: list[str]) -> list[str]:
+        return [t if t.startswith("re:") or "." not in t else names.model_module(t) for t in targets]
+    qconfig.ignore = rename(list(qconfig.ignore or []))
+    for scheme in qconfig.config_groups.values():
+        scheme.targets = rename(list(scheme.targets))
+    for scheme in (tconfig.config_groups.values() if tconfig is not None else ()):
+        for args in scheme.apply:
+            args.targets = rename(list(args.targets))
+            args.ignore = rename(list(args.ignore))
+
 
 def _read_config(folder: Path):
     """``(transformers config without its quantization_config, QuantizationConfig, TransformConfig or None)``."""
@@ -472,12 +490,12 @@ def _quantized_weight(where: str, fqn: str, n: int, k: int, has_bias: bool, sche
 
 
 def _load_experts(folder: Path, model: torch.nn.Module, qconfig: QuantizationConfig, floats: dict[str, torch.Tensor],
-                  main_group: int | None) -> None:
-    """Quantized experts stored per expert (the architecture's checkpoint layout: Mixtral's
-    ``block_sparse_moe.experts.3.w1``; ``expert_checkpoint_names``) become the model's fused expert parameters as
-    ``QuantizedExperts``, one ``QuantizedWeight`` per expert; their tensors are taken out of ``floats``. Experts
-    stored fused and in float stay in ``floats``."""
-    from qcompiler.runtime.expert_checkpoint_names import checkpoint_slices
+                  main_group: int | None, names: CheckpointNames) -> None:
+    """Experts stored per expert (the architecture's checkpoint layout: Mixtral's ``block_sparse_moe.experts.3.w1``;
+    ``checkpoint_names``) become the model's fused expert parameters: quantized ones a ``QuantizedExperts``, one
+    ``QuantizedWeight`` per expert; float ones (listed in ``ignore``) the float parameter again. Their tensors are
+    taken out of ``floats`` (model names). Experts stored fused stay in ``floats``."""
+    from qcompiler.runtime.checkpoint_names import checkpoint_slices
     from qcompiler.runtime.fused_experts import QuantizedExperts, fused_expert_weights, put_quantized_experts
 
     targets: OrderedDict[str, QuantizationScheme] = OrderedDict()
@@ -493,22 +511,27 @@ def _load_experts(folder: Path, model: torch.nn.Module, qconfig: QuantizationCon
             slices = checkpoint_slices(model, key, tuple(p.shape), transposed)
         except UnsupportedError:
             continue
-        stored = [sl for sl in slices if any(k.startswith(sl.name + ".") for k in floats)]
-        if not stored:
+        stored = {sl: names.model_module(sl.name) for sl in slices}
+        if not any(k.startswith(f + ".") for f in stored.values() for k in floats):
             continue
+        k_in = p.shape[1] if transposed else p.shape[2]
         pieces: dict[int, list] = {}
+        plain: dict[int, list] = {}
         act = None
-        for sl in slices:
+        for sl, local in stored.items():
             where = f"{folder}: expert {sl.expert} of {key!r}, stored as {sl.name!r}"
-            t = {k.removeprefix(sl.name + "."): floats.pop(k) for k in list(floats) if k.startswith(sl.name + ".")}
+            t = {k.removeprefix(local + "."): floats.pop(k) for k in list(floats) if k.startswith(local + ".")}
             if not t:
                 raise CheckpointError(f"{where}: the checkpoint lacks its tensors (other experts of {key!r} are there)")
-            k_in = p.shape[1] if transposed else p.shape[2]
             probe = torch.nn.Linear(k_in, sl.stop - sl.start, bias=False, device="meta")
-            matched = [] if sl.name in qconfig.ignore else match_targets(sl.name, probe, targets)
-            if not matched:
-                raise UnsupportedError(f"{where}: no quantization_config group quantizes it, but its tensors are "
-                                       f"stored per expert ({sorted(t)}); qcompiler reads per-expert experts only quantized")
+            matched = [] if local in qconfig.ignore else match_targets(local, probe, targets)
+            if not matched:                      # a float expert
+                if set(t) != {"weight"}:
+                    raise CheckpointError(f"{where}: no quantization_config group quantizes it, but it holds "
+                                          f"{sorted(t)}; a float expert holds 'weight' only")
+                plain.setdefault(sl.expert, []).append(_float_like(where, "weight", t["weight"],
+                                                                   torch.empty(sl.stop - sl.start, k_in, dtype=p.dtype)))
+                continue
             scheme = targets[matched[0]]
             fmt = scheme.format or qconfig.format
             _check_scheme(where, scheme, fmt)
@@ -517,11 +540,20 @@ def _load_experts(folder: Path, model: torch.nn.Module, qconfig: QuantizationCon
                 raise UnsupportedError(f"{where}: static input scales on experts; qcompiler quantizes the inputs of "
                                        "fused experts per token (dynamic) only")
             here = None if a is None else _act_dtype(a)
-            if sl is not slices[0] and here != act:
+            if pieces and here != act:
                 raise UnsupportedError(f"{where}: its activations ({here}) differ from the other experts' ({act})")
             act = here
             qw, _ = _quantized_weight(where, sl.name, sl.stop - sl.start, k_in, False, scheme, fmt, t, main_group)
             pieces.setdefault(sl.expert, []).append(qw)
+        if pieces and plain:
+            raise UnsupportedError(f"{folder}: the experts of {key!r} are stored partly quantized, partly in float; "
+                                   "qcompiler holds one fused weight in one form")
+        if plain:
+            dense = torch.stack([torch.cat(plain[e]) for e in sorted(plain)])
+            with torch.no_grad():
+                p.copy_(dense.transpose(1, 2) if transposed else dense)
+            floats[key] = p.detach().clone()     # loaded as the float tensor it is, with the other floats
+            continue
         experts = [_joined_rows(f"{folder}: {key!r} expert {e}", pieces[e]) for e in sorted(pieces)]
         activation = None if act is None else ActivationSpec(QuantDtype(act), Granularity.PER_TOKEN)
         q = QuantizedExperts(experts, transposed, p.dtype, activation)

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import torch
-from torch.utils._pytree import tree_map_only
+from torch.utils._pytree import tree_leaves, tree_map_only
 
 from qcompiler.calibration.expert_inputs import LAYOUT_ATTR, float_reason, fused_expert_weights
 from qcompiler.core.layer_quant import QuantizedWeight, quantize_weight
@@ -107,7 +107,14 @@ class QuantizedExperts(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+        held = next((t for t in tree_leaves((args, kwargs)) if isinstance(t, cls)), None)
+        # a view of this tensor (a transpose for the grouped GEMM, an expert's select) is an inference tensor exactly
+        # when this one is: autograd gives the view this tensor's version counter, which an inference tensor lacks
+        with torch.inference_mode(held is not None and held.is_inference()):
+            return cls._dispatch(func, args, kwargs or {})
+
+    @classmethod
+    def _dispatch(cls, func, args, kwargs):
         this = args[0] if args and isinstance(args[0], cls) else None
         if this is not None:
             count = len(this.experts)

@@ -1,4 +1,10 @@
-"""Where each expert of a fused mixture-of-experts weight lives in the model's original checkpoint layout.
+"""The names a model's tensors take in its architecture's published checkpoints, and where each expert of a fused
+mixture-of-experts weight lives there.
+
+transformers 5 renames some modules when it loads a checkpoint (Mixtral's ``block_sparse_moe`` becomes ``mlp``) and
+names them back when it saves one (``save_pretrained``). ``CheckpointNames`` applies those renamings (transformers'
+own ``conversion_mapping``, no architecture named here) both ways: ``to_checkpoint`` for a checkpoint serving
+runtimes read (vLLM's Mixtral loads ``block_sparse_moe.gate``, not ``mlp.gate``), ``to_model`` to read one back.
 
 transformers 5 holds a model's experts as one 3-D parameter per projection (``mlp.experts.gate_up_proj``
 ``[experts, 2 x intermediate, hidden]``) and converts the per-expert tensors of the checkpoints published for
@@ -27,7 +33,55 @@ import torch
 
 from qcompiler.errors import UnsupportedError
 
-__all__ = ["ExpertSlice", "checkpoint_slices"]
+__all__ = ["CheckpointNames", "ExpertSlice", "checkpoint_slices"]
+
+
+class CheckpointNames:
+    """The renamings between ``model``'s tensor names and its architecture's checkpoint names (transformers'
+    ``WeightRenaming`` entries of its default conversion mapping; converters that merge tensors, such as fused
+    experts, are ``checkpoint_slices``' part)."""
+
+    def __init__(self, model: torch.nn.Module):
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import PrefixChange, WeightRenaming
+        try:
+            conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False)
+                           if not isinstance(c, PrefixChange)]
+        except (AttributeError, TypeError):     # not a transformers model: no renaming
+            conversions = []
+        self.model = model
+        self._forward = [c for c in conversions if isinstance(c, WeightRenaming)]
+        self._reverse = [r for r in (c.reverse_transform() for c in conversions[::-1]) if isinstance(r, WeightRenaming)]
+
+    def checkpoint_key(self, key: str) -> str:
+        """The checkpoint name of the model's tensor ``key``."""
+        return _renamed(key, self._reverse)
+
+    def checkpoint_state(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The float tensors ``tensors`` (model names) as the checkpoint holds them: renamed, and split or merged
+        by transformers' reverse converters (fused float experts become per-expert weights), as ``save_pretrained``
+        writes them."""
+        from transformers.core_model_loading import revert_weight_conversion
+        if not tensors:
+            return {}
+        return revert_weight_conversion(_without_load_history(self.model), tensors)
+
+    def checkpoint_module(self, fqn: str) -> str:
+        """The checkpoint name of the model's module ``fqn`` (renamed as its ``.weight`` is)."""
+        return _renamed(fqn + ".weight", self._reverse).removesuffix(".weight")
+
+    def model_key(self, key: str) -> str:
+        """The model's name of the checkpoint tensor ``key``."""
+        return _renamed(key, self._forward)
+
+    def model_module(self, fqn: str) -> str:
+        """The model's name of the checkpoint's module ``fqn``."""
+        return _renamed(fqn + ".weight", self._forward).removesuffix(".weight")
+
+
+def _renamed(key: str, renamings: list) -> str:
+    from transformers.core_model_loading import apply_renamings
+    return apply_renamings(key, renamings) if renamings else key
 
 
 @dataclass(frozen=True)
