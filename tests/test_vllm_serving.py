@@ -88,6 +88,19 @@ def _with_transforms(model: torch.nn.Module, folder: Path) -> torch.nn.Module:
     return model
 
 
+def _vllm_logprobs(folder: Path, prompts: torch.Tensor, tmp_path: Path) -> torch.Tensor:
+    """vLLM's prompt log-probs (float64) serving ``folder`` in DTYPE, from the venv's python."""
+    (tmp_path / "ids.json").write_text(json.dumps(prompts.tolist()))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "TRITON_INTERPRET"))}
+    run = subprocess.run([str(VENV_PYTHON), str(ROOT / "benchmarks/peers/vllm_prompt_logprobs.py"), str(folder),
+                          "--ids", str(tmp_path / "ids.json"), "--out", str(tmp_path / "out.json"),
+                          "--dtype", str(DTYPE).removeprefix("torch.")],
+                         env=env | {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"},
+                         capture_output=True, text=True, timeout=1800)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return torch.tensor(json.loads((tmp_path / "out.json").read_text())["logprobs"], dtype=torch.float64)
+
+
 @pytest.mark.parametrize("recipe", ["w4a16-rtn", "w4a16-rtn+rot-online"])
 def test_vllm_serves_the_written_checkpoint(tmp_path, recipe):
     """``+rot-online``: the online transforms are the checkpoint's ``transform_config`` (dense matrices:
@@ -102,15 +115,7 @@ def test_vllm_serves_the_written_checkpoint(tmp_path, recipe):
         ours = _logprobs(model(input_ids=prompts).logits, prompts)
         half = _with_transforms(AutoModelForCausalLM.from_pretrained(str(folder), dtype=DTYPE).eval(), folder)
         spread = (_logprobs(half(input_ids=prompts).logits.float(), prompts) - ours).abs()
-    (tmp_path / "ids.json").write_text(json.dumps(prompts.tolist()))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "TRITON_INTERPRET"))}
-    run = subprocess.run([str(VENV_PYTHON), str(ROOT / "benchmarks/peers/vllm_prompt_logprobs.py"), str(folder),
-                          "--ids", str(tmp_path / "ids.json"), "--out", str(tmp_path / "out.json"),
-                          "--dtype", str(DTYPE).removeprefix("torch.")],
-                         env=env | {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"},
-                         capture_output=True, text=True, timeout=1800)
-    assert run.returncode == 0, run.stderr[-4000:]
-    theirs = torch.tensor(json.loads((tmp_path / "out.json").read_text())["logprobs"], dtype=torch.float64)
+    theirs = _vllm_logprobs(folder, prompts, tmp_path)
     diff = (theirs - ours).abs()
     print(f"vLLM vs qcompiler |Δ log-prob|: mean {diff.mean():.4f}, p99 {diff.quantile(0.99):.4f}, max "
           f"{diff.max():.4f}; transformers {DTYPE} vs qcompiler: mean {spread.mean():.4f}, p99 "
@@ -153,15 +158,7 @@ def test_vllm_serves_quantized_fused_experts(tmp_path, arch):
         ours = _logprobs(model(input_ids=prompts).logits, prompts)
         half = AutoModelForCausalLM.from_pretrained(str(folder), dtype=DTYPE).eval()
         spread = (_logprobs(half(input_ids=prompts).logits.float(), prompts) - ours).abs()
-    (tmp_path / "ids.json").write_text(json.dumps(prompts.tolist()))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "TRITON_INTERPRET"))}
-    run = subprocess.run([str(VENV_PYTHON), str(ROOT / "benchmarks/peers/vllm_prompt_logprobs.py"), str(folder),
-                          "--ids", str(tmp_path / "ids.json"), "--out", str(tmp_path / "out.json"),
-                          "--dtype", str(DTYPE).removeprefix("torch.")],
-                         env=env | {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"},
-                         capture_output=True, text=True, timeout=1800)
-    assert run.returncode == 0, run.stderr[-4000:]
-    theirs = torch.tensor(json.loads((tmp_path / "out.json").read_text())["logprobs"], dtype=torch.float64)
+    theirs = _vllm_logprobs(folder, prompts, tmp_path)
     diff, moved = (theirs - ours).abs(), (float_lp - ours).abs()
     print(f"{arch}: vLLM vs qcompiler |Δ log-prob| mean {diff.mean():.5f}, max {diff.max():.5f}; transformers "
           f"{DTYPE} {spread.mean():.5f}; quantization itself {moved.mean():.5f}", file=sys.stderr)
