@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from qcompiler.core.linear_probe import ROUTE_STOPS, ROUTER_DEPTH
+from qcompiler.core.linear_probe import ROUTE_STOPS, ROUTER_DEPTH, is_scalar_gate
 from qcompiler.pipeline import META_KEY, Analysis, LayerDecision, PassContext, PassResult
 
 __all__ = ["NodeInfo", "LinearParts", "LinearWeights", "GraphAnnotation", "Annotate", "linear_parts", "eval_param_node"]
@@ -204,7 +204,8 @@ class Annotate:
         heads = self._output_heads(gm)
         for fqn, node_names in ann.linears.items():
             node = next(n for n in gm.graph.nodes if n.name == node_names[0])
-            kind = "output_head" if any(n in heads for n in node_names) else "router" if _routes(node) else "linear"
+            kind = "output_head" if any(n in heads for n in node_names) else \
+                "router" if _routes(node) or _scalar_gate(node) else "linear"
             if kind == "output_head":
                 for n in gm.graph.nodes:
                     if n.name in node_names:
@@ -297,6 +298,12 @@ class Annotate:
         if candidates:
             return candidates[0]
         return stack_path or ann.param_fqn[weight.name].rsplit(".", 1)[0]
+
+
+def _scalar_gate(linear: Node) -> bool:
+    """A linear with one output channel (``is_scalar_gate``): op kind ``router`` too."""
+    out = linear.meta.get("val", linear.meta.get("example_value"))
+    return isinstance(out, torch.Tensor) and is_scalar_gate(out.shape)
 
 
 def _routes(linear: Node) -> bool:

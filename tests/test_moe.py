@@ -58,7 +58,8 @@ def test_routers_stay_in_float_and_fused_experts_are_reported(arch, preset, boun
         qcompiler.quantize(model, preset, calibration=batches, progress=False)
     rep = qcompiler.report(model)
     routers = {f: d for f, d in rep.layers.items() if d.op_kind == "router"}
-    assert sorted(routers) == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
+    gates = [f"model.layers.{i}.mlp.shared_expert_gate" for i in (0, 1)] if arch == "qwen2_moe" else []
+    assert sorted(routers) == sorted(["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"] + gates)  # + scalar gates
     assert all(not d.quantize and "'router' is in fallback.keep_op_kinds" in d.reason for d in routers.values())
     assert all(rep.layers[f"model.layers.{i}.self_attn.{p}_proj"].quantize for i in (0, 1) for p in "qkvo")
     experts = {f: d for f, d in rep.tensors.items() if d.kind == "experts"}
@@ -609,3 +610,15 @@ def test_quantized_experts_run_under_inference_mode(arch, preset):
         with torch.inference_mode():
             got = model(ids).logits
         assert torch.equal(got, want), implementation
+
+
+def test_a_one_output_linear_is_a_scalar_gate_kept_in_float_on_every_path():
+    """Qwen2-MoE's ``shared_expert_gate`` (one output channel, a sigmoid scaling the shared expert) is op kind
+    ``router`` and stays float: in the graph pass (one-pass recipes) and layer by layer."""
+    for preset in ("w8a8-int8-sq-dynamic", "w4a16-gptq"):
+        model = _moe_model("qwen2_moe")
+        qcompiler.quantize(model, preset, calibration=token_batches(8, 64, seed=1), progress=False)
+        for i in (0, 1):
+            d = qcompiler.report(model).layers[f"model.layers.{i}.mlp.shared_expert_gate"]
+            assert d.op_kind == "router" and not d.quantize, (preset, d)
+            assert type(model.model.layers[i].mlp.shared_expert_gate) is torch.nn.Linear

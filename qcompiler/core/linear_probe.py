@@ -49,10 +49,17 @@ ROUTER_DEPTH = 4
 ROUTE_STOPS = frozenset({"linear", "matmul", "mm", "bmm", "addmm", "scaled_dot_product_attention"})
 
 
+def is_scalar_gate(out_shape) -> bool:
+    """Whether a linear with output shape ``out_shape`` is a scalar gate: one output channel (Qwen2-MoE's
+    ``shared_expert_gate``, whose sigmoid scales the shared expert's output). Like a router it stays in float with
+    op kind ``router``: quantizing one row saves nothing, and serving runtimes (vLLM) build it unquantized."""
+    return len(out_shape) >= 1 and out_shape[-1] == 1
+
+
 def find_routers(run: Callable[[], Any], modules: Mapping[str, torch.nn.Module]) -> set[str]:
     """The modules among ``modules`` whose output reaches a ``topk`` within a few ops while ``run()`` runs
     a forward (mixture-of-experts routers), found by following their output tensors through every torch op
-    (a ``TorchFunctionMode``), not by names."""
+    (a ``TorchFunctionMode``), not by names; and those with one output channel (scalar gates, ``is_scalar_gate``)."""
     from torch.overrides import TorchFunctionMode
     from torch.utils._pytree import tree_leaves
     taint: dict[int, tuple[str, int]] = {}
@@ -78,6 +85,8 @@ def find_routers(run: Callable[[], Any], modules: Mapping[str, torch.nn.Module])
     def mark(fqn):
         def hook(module, args, out):
             for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor) and is_scalar_gate(t.shape):
+                    routers.add(fqn)
                 if isinstance(t, torch.Tensor):
                     taint[id(t)] = (fqn, 0)
                     alive.append(t)
