@@ -3,8 +3,9 @@ mixture-of-experts weight lives there.
 
 transformers 5 renames some modules when it loads a checkpoint (Mixtral's ``block_sparse_moe`` becomes ``mlp``) and
 names them back when it saves one (``save_pretrained``). ``CheckpointNames`` applies those renamings (transformers'
-own ``conversion_mapping``, no architecture named here) both ways: ``to_checkpoint`` for a checkpoint serving
-runtimes read (vLLM's Mixtral loads ``block_sparse_moe.gate``, not ``mlp.gate``), ``to_model`` to read one back.
+own ``conversion_mapping``, no architecture named here) both ways: ``checkpoint_key`` / ``checkpoint_module`` /
+``checkpoint_state`` for a checkpoint serving runtimes read (vLLM's Mixtral loads ``block_sparse_moe.gate``, not
+``mlp.gate``), ``model_key`` / ``model_module`` to read one back.
 
 transformers 5 holds a model's experts as one 3-D parameter per projection (``mlp.experts.gate_up_proj``
 ``[experts, 2 x intermediate, hidden]``) and converts the per-expert tensors of the checkpoints published for
