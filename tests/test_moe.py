@@ -406,6 +406,17 @@ def _expert_inputs(float_model, batch, layer: int):
     return up_rows, down_rows
 
 
+def _gptq_reference(w: torch.Tensor, rows: torch.Tensor, recipe):
+    """GPTQ of one expert's weight ``w`` run here on its input ``rows`` (the Hessian 2/n X^T X)."""
+    from qcompiler.algorithms.gptq import gptq_quantize
+    gptq = recipe.weight_algorithm
+    xtx = (rows.t() @ rows).double()
+    want, _ = gptq_quantize(w.float(), (xtx * (2.0 / rows.shape[0])).float(), recipe.weight, n_samples=rows.shape[0],
+                            block_size=gptq.block_size, dampening=gptq.dampening, act_order=gptq.act_order,
+                            static_groups=gptq.static_groups, min_samples=gptq.min_samples)
+    return want
+
+
 def _blocked_router(model, expert: int) -> list:
     """Forward hooks on every router so that ``expert`` is never chosen (its slots go to expert 0)."""
     def hook(module, args, out):
@@ -420,7 +431,6 @@ def test_gptq_runs_per_expert_on_the_tokens_routed_to_it(arch):
     here on the inputs recomputed from the float model for the tokens its router sent to it (block 0, where
     the calibration inputs are the float model's); an expert no token reaches is rounded to nearest from its
     weights, and the report says which."""
-    from qcompiler.algorithms.gptq import gptq_quantize
     from qcompiler.core.layer_quant import quantize_weight
     model, batches = _moe_model(arch, experts_implementation="eager"), token_batches(8, 64, seed=1)
     float_model = copy.deepcopy(model)
@@ -441,11 +451,7 @@ def test_gptq_runs_per_expert_on_the_tokens_routed_to_it(arch):
                 continue
             rows = rows_by_expert[e].float()
             assert rows.shape[0] >= gptq.min_samples
-            xtx = (rows.t() @ rows).double()
-            want, _ = gptq_quantize(w[e].float(), (xtx * (2.0 / rows.shape[0])).float(), recipe.weight,
-                                    n_samples=rows.shape[0], block_size=gptq.block_size, dampening=gptq.dampening,
-                                    act_order=gptq.act_order, static_groups=gptq.static_groups,
-                                    min_samples=gptq.min_samples)
+            want = _gptq_reference(w[e], rows, recipe)
             assert torch.equal(q.experts[e].q, want.q), f"{name} expert {e}"
             assert not torch.equal(want.q, quantize_weight(w[e], recipe.weight).q)   # GPTQ is not RTN here
     note = qcompiler.report(model).tensors["model.layers.1.mlp.experts.down_proj"].note
@@ -458,11 +464,9 @@ def test_one_pass_calibration_runs_gptq_per_expert_on_the_float_models_routed_to
     """Without layer-by-layer calibration (one pass of the float model, as ``w4a8-int8-sq-gptq`` calibrates), the
     same pass records each expert's routed tokens: every expert gets GPTQ from the float model's inputs, in every
     block (block 1 here: its inputs are the float model's, not the quantized blocks')."""
-    from qcompiler.algorithms.gptq import gptq_quantize
     model, batches = _moe_model("mixtral", experts_implementation="eager"), token_batches(8, 64, seed=1)
     float_model = copy.deepcopy(model)
     recipe = recipes.get("w4a16-gptq").replace(layerwise=False)
-    gptq = recipe.weight_algorithm
     qcompiler.quantize(model, recipe, calibration=batches, progress=False)
     up_rows, down_rows = _expert_inputs(float_model, torch.cat(batches), 1)
     for name, rows_by_expert in (("gate_up_proj", up_rows), ("down_proj", down_rows)):
@@ -471,11 +475,7 @@ def test_one_pass_calibration_runs_gptq_per_expert_on_the_float_models_routed_to
         assert isinstance(q, QuantizedExperts) and sorted(rows_by_expert) == [0, 1, 2, 3]
         for e, rows in rows_by_expert.items():
             rows = rows.float()
-            xtx = (rows.t() @ rows).double()
-            want, _ = gptq_quantize(w[e].float(), (xtx * (2.0 / rows.shape[0])).float(), recipe.weight,
-                                    n_samples=rows.shape[0], block_size=gptq.block_size, dampening=gptq.dampening,
-                                    act_order=gptq.act_order, static_groups=gptq.static_groups,
-                                    min_samples=gptq.min_samples)
+            want = _gptq_reference(w[e], rows, recipe)
             assert torch.equal(q.experts[e].q, want.q), f"{name} expert {e}"
         note = qcompiler.report(model).tensors[f"model.layers.1.mlp.experts.{name}"].note
         assert note == "per expert, from its routed tokens: gptq damp 0.01"
