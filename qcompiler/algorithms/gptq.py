@@ -125,7 +125,8 @@ class GPTQInfo:
         n_samples: calibration rows behind H.
         dampening: fraction of ``mean(diag(H))`` added to H's diagonal (after retries).
         loss: GPTQ's objective ``sum_n (w_n - w_hat_n) H_damped (w_n - w_hat_n)^T`` over the
-            output rows (``= sum err_i^2``), with H on the accumulator's 2/n scale.
+            output rows (``= sum err_i^2``), with H on the accumulator's 2/n scale; with ``scale_refit``, the
+            same sum with the undamped H, of the weight returned.
         dead_columns: inputs that were zero on every calibration row (quantized to 0).
         seconds: wall time.
     """
@@ -148,7 +149,7 @@ class _GPTQResult:
 def gptq_quantize(w: torch.Tensor, hessian: HessianAccumulator | torch.Tensor, spec: WeightSpec, *,
                   n_samples: int | None = None, block_size: int = 128, dampening: float = 0.01,
                   max_dampening: float = 1.0, act_order: bool = False, static_groups: bool = False,
-                  min_samples: int | None = None, layer_name: str = "?"
+                  min_samples: int | None = None, layer_name: str = "?", scale_refit: int = 0
                   ) -> tuple[QuantizedWeight, GPTQInfo]:
     """Quantize ``w`` [N, K] with GPTQ against ``hessian`` [K, K].
 
@@ -168,6 +169,9 @@ def gptq_quantize(w: torch.Tensor, hessian: HessianAccumulator | torch.Tensor, s
             error-updated weight when GPTQ reaches each group.
         min_samples: fewest rows accepted (default ``default_min_samples(K)``).
         layer_name: used in errors and ``GPTQInfo``.
+        scale_refit: rounds of refitting the scales to H with the codes fixed (``scale_refit.refit_scales``),
+            each after the first followed by a new sweep at the refitted scales (static from then on);
+            0: GPTQ's scales as chosen. Per-channel and per-group weights only.
 
     Returns:
         ``(QuantizedWeight, GPTQInfo)``; ``QuantizedWeight.dequantize()`` equals the values
@@ -201,11 +205,36 @@ def gptq_quantize(w: torch.Tensor, hessian: HessianAccumulator | torch.Tensor, s
     with _one_thread():
         u, used = _inverse_hessian_factor(h, dampening, max_dampening, layer_name)
         result = _gptq_columns(w, u, spec, perm, block_size, static_groups, torch.diagonal(h).float())
-    info = GPTQInfo(layer_name, int(n_samples), used, result.loss, int(dead.sum()),
+        qweight, loss = result.qweight, result.loss
+        if scale_refit:
+            qweight, loss = _refit_rounds(qweight, w, h, u, spec, perm, block_size, scale_refit, layer_name)
+    info = GPTQInfo(layer_name, int(n_samples), used, loss, int(dead.sum()),
                     time.perf_counter() - start)
     log.debug("gptq %s: %dx%d %s loss %.4g damp %g (%.2fs)", layer_name, n_out, k,
-              result.qweight.describe(), info.loss, used, info.seconds)
-    return result.qweight, info
+              qweight.describe(), info.loss, used, info.seconds)
+    return qweight, info
+
+
+def _refit_rounds(qweight: QuantizedWeight, w: torch.Tensor, h: torch.Tensor, u: torch.Tensor, spec: WeightSpec,
+                  perm: torch.Tensor | None, block_size: int, rounds: int, layer_name: str
+                  ) -> tuple[QuantizedWeight, float]:
+    """``rounds`` scale refits (``h`` in original column order), a GPTQ sweep at the refitted scales between
+    two; the best weight by ``h``'s error, and that error."""
+    from qcompiler.algorithms.scale_refit import refit_scales, row_errors
+    if spec.granularity is Granularity.PER_TENSOR:
+        raise ValueError(f"gptq_quantize: {layer_name}: scale_refit needs per-channel or per-group weights")
+    best, best_error = qweight, float(row_errors(qweight, w, h).sum())
+    hp = h if perm is None else h[torch.argsort(perm)][:, torch.argsort(perm)]   # back to original order
+    current = qweight
+    for r in range(rounds):
+        if r:
+            zero = None if current.zero is None else current.zero.float()
+            current = _gptq_columns(w, u, spec, perm, block_size, True, None, fixed=(current.scale, zero)).qweight
+        current, _ = refit_scales(current, w, hp)
+        error = float(row_errors(current, w, hp).sum())
+        if error < best_error:
+            best, best_error = current, error
+    return best, best_error
 
 
 def prepared_problem(w: torch.Tensor, h: torch.Tensor, n_samples: int, min_samples: int | None, layer_name: str,
@@ -253,11 +282,13 @@ def _inverse_hessian_factor(h: torch.Tensor, dampening: float, max_dampening: fl
 
 
 def _gptq_columns(w: torch.Tensor, u: torch.Tensor, spec: WeightSpec, perm: torch.Tensor | None,
-                  block_size: int, static_groups: bool, h_diag: torch.Tensor) -> _GPTQResult:
+                  block_size: int, static_groups: bool, h_diag: torch.Tensor | None,
+                  fixed: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> _GPTQResult:
     """The GPTQ sweep over (permuted) columns with lazy block updates; see the module docstring.
 
     ``h_diag``: the (permuted) Hessian diagonal, each column's weight in the ``mse`` calibrator's
     clipping search (the expected output error of a column's rounding error is ``H_ii e^2``).
+    ``fixed``: (scale, zero) to quantize at instead of choosing them (then ``h_diag`` is unused).
 
     Works on ``w`` transposed ([K, N], a column is a contiguous row) in ``w``'s float dtype;
     each column is quantized with exactly ``numerics.quantize`` / ``dequantize``'s arithmetic.
@@ -266,8 +297,11 @@ def _gptq_columns(w: torch.Tensor, u: torch.Tensor, spec: WeightSpec, perm: torc
     qdtype = weight_qdtype(spec)      # its range: int7 / uint7 for reduce_range weights
     grouped = spec.granularity is Granularity.PER_GROUP
     g = spec.group_size if grouped else None
-    lazy = grouped and not static_groups
-    if not lazy:
+    lazy = grouped and not static_groups and fixed is None
+    if fixed is not None:
+        scale, zero = fixed[0].clone(), fixed[1]
+        pending: list[torch.Tensor | None] = []
+    elif not lazy:
         # per-tensor / per-channel scales (as the reference) or static group scales: from the
         # original weight up front; exactly round-to-nearest's.
         rtn = quantize_weight(w, spec, h_diag if perm is None else h_diag[torch.argsort(perm)])
@@ -409,10 +443,12 @@ def _quantize_linear(fqn: str, w: torch.Tensor, st, recipe: Recipe, spec: GPTQSp
                                                    f"(GPTQ needs gptq.min_samples={spec.min_samples})")
     qw, info = gptq_quantize(w, st.hessian, recipe.weight, n_samples=st.tokens, block_size=spec.block_size,
                              dampening=spec.dampening, act_order=spec.act_order, static_groups=spec.static_groups,
-                             min_samples=spec.min_samples, layer_name=fqn)
+                             min_samples=spec.min_samples, layer_name=fqn, scale_refit=spec.scale_refit)
     note = f"gptq damp {info.dampening:g}"
     if info.dampening > spec.dampening:
         note += f" (raised from {spec.dampening:g}: Hessian not positive definite)"
+    if spec.scale_refit:
+        note += f", scales refit x{spec.scale_refit}"
     return qw, note
 
 

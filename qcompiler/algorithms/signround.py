@@ -216,7 +216,7 @@ def _initial(fqn: str, w: torch.Tensor, stats: Any, recipe: Any, spec: SignRound
                                f"(tokens) per linear, got {stats.tokens}; give more calibration data")
     qw, info = gptq_quantize(w, stats.hessian, recipe.weight, n_samples=stats.tokens, block_size=gptq.block_size,
                              dampening=gptq.dampening, act_order=gptq.act_order, static_groups=gptq.static_groups,
-                             min_samples=gptq.min_samples, layer_name=fqn)
+                             min_samples=gptq.min_samples, layer_name=fqn, scale_refit=gptq.scale_refit)
     return qw, f"{spec.init} damp {info.dampening:g} (signround's start)"
 
 

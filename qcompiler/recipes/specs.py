@@ -262,6 +262,9 @@ class GPTQSpec:
             on their quantized outputs, then the MLP); else every linear of the block is calibrated on one pass
             of the float block. One more pass of the block per dependency level found (linears that do not
             feed each other share one). Needs ``recipe.layerwise``.
+        scale_refit: rounds of refitting each output row's scales to the Hessian by least squares with the codes
+            fixed, after the sweep (``qcompiler.algorithms.scale_refit``); each round after the first sweeps
+            again at the refitted scales. 0 (default): GPTQ's scales. Needs per-channel or per-group weights.
     """
 
     block_size: int = 128
@@ -273,9 +276,12 @@ class GPTQSpec:
     target: str = "quantized-inputs"
     target_alpha: float = 1.0
     true_sequential: bool = False
+    scale_refit: int = 0
 
     def __post_init__(self):
         _positive_int("gptq", "block_size", self.block_size)
+        if not isinstance(self.scale_refit, int) or isinstance(self.scale_refit, bool) or self.scale_refit < 0:
+            raise RecipeError(f"gptq.scale_refit={self.scale_refit!r} must be a non-negative integer")
         _positive_int("gptq", "min_samples", self.min_samples)
         if not 0.0 < _number("gptq", "dampening", self.dampening) < 1.0:
             raise RecipeError(f"gptq.dampening={self.dampening!r} must be in (0, 1)")
@@ -291,6 +297,9 @@ class GPTQSpec:
     def check(self, recipe: "Recipe") -> None:
         """The rules this spec sets on the rest of ``recipe`` (``RecipeError`` when one fails)."""
         _target_needs_layerwise("gptq", self.target, recipe)
+        if self.scale_refit and recipe.weight.granularity is Granularity.PER_TENSOR:
+            raise RecipeError("recipe.gptq.scale_refit refits each output row's scales: it needs per_channel or "
+                              "per_group weights, not per_tensor")
         if self.true_sequential and not recipe.layerwise:
             raise RecipeError("recipe.gptq.true_sequential=True calibrates each block's linears in dependency order, "
                               "block by block: it needs recipe.layerwise=True")
