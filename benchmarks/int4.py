@@ -40,7 +40,7 @@ Issue 19's single table (one run: the best W4A16 preset at group 64 and 128, W8A
 W4A8 with INT8 per-token activations, and the cached peers; ~80 min on 2 idle Xeon cores once the peers are cached):
 
     python benchmarks/int4.py --model smollm2-135m --methods w4a16-gptaq+rot-online,w8a8-int8-sq+rot,w4a8-int8-sq-gptq \
-        --g128 w4a16-gptaq+rot-online --peers gptq --autoround default,best --no-variants --no-memory --no-w8a16 \
+        --g128 w4a16-gptaq+rot-online --peers gptq,awq --autoround default,best --no-variants --no-memory --no-w8a16 \
         --out benchmarks/results_issue19_smollm2.md
 
 The W4A8 INT8-activation table (issue 19's W4A8 row, beside the W4A16 GPTQ it starts from):

@@ -104,6 +104,17 @@ groups stay. GPTQ's dampening (same conditions, the unit-test suite sharing the 
         "gptaq-d03=R('w4a16-gptaq').replace(weight_algorithm=rep(R('w4a16-gptaq').weight_algorithm_spec, dampening=0.03))"
 
 0.003 +3.66%, **0.01 (the preset) +2.62%**, 0.03 +2.94%: 0.01 stays.
+
+Group scales refitted to each linear's Hessian with the codes fixed (``GPTQSpec.scale_refit``, rounds alternating
+with GPTQ sweeps at the refitted scales; 2026-12-06, Intel Xeon AMX, frozen installs of the working tree before
+5224d87, two runs at a time with ``--threads 1``, idle otherwise):
+
+    python benchmarks/rotation_validation.py --threads 1 --modes rot-online \
+        "gptaq-refit3=R('w4a16-gptaq').replace(weight_algorithm=rep(R('w4a16-gptaq').weight_algorithm_spec, scale_refit=3))"
+
+rounds 0 (the preset) +2.62%, 1 +2.91%, 2 +3.47%, 3 +2.51%, 5 +2.81% (quantize 1,094-1,191 s): each round lowers
+every linear's Hessian error, yet end to end the figures scatter by the size of this 8-window evaluation's spread
+with no trend.
 """
 import argparse
 import copy
@@ -126,6 +137,8 @@ ap.add_argument("--modes", default="none,rot", help="comma-separated: none, rot,
 ap.add_argument("--calib-samples", type=int, default=128)
 ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
 ap.add_argument("--seed", type=int, default=0, help="the rotation's seed (default 0, the presets')")
+ap.add_argument("--eval-tokens", type=int, default=8192,
+                help="tokens of the second half evaluated, in windows of 1,024 (default 8,192: 8 windows)")
 args = ap.parse_args()
 namespace = {**vars(recipes), "R": recipes.get, "rep": dataclasses.replace}   # the recipe classes too
 
@@ -153,7 +166,8 @@ torch.set_num_threads(args.threads)
 model, tok = load_model("smollm2-135m")
 ids = data.tokenize_text(tok, open(texts.text_path("wikitext-valid")).read())
 half = ids.numel() // 2
-wins = data.eval_windows(ids[half:], 8192, 1024)
+wins = data.eval_windows(ids[half:], args.eval_tokens, 1024)
+print(f"evaluating {len(wins)} windows of 1,024 of {ids.numel() - half:,} second-half tokens", flush=True)
 calib = data.calibration_batches(ids[:half], args.calib_samples, 512, seed=0)
 fp = perplexity(model, wins, progress=False)
 print("fp32", fp, flush=True)

@@ -356,7 +356,7 @@ class AWQSpec:
 GPTQ_START = GPTQSpec(act_order=True, static_groups=True)
 #: GPTQ as ``SignRoundSpec(init="gptaq")`` runs it: ``w4a16-gptaq``'s settings
 GPTAQ_START = GPTQSpec(act_order=True, static_groups=True, target=FLOAT_MODEL_TARGET, target_alpha=0.75,
-                       true_sequential=True)
+                       true_sequential=True, scale_refit=3)
 #: the starts ``SignRoundSpec.init`` names
 SIGNROUND_STARTS = ("rtn", "gptq", "gptaq")
 
