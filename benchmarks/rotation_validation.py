@@ -112,9 +112,15 @@ with GPTQ sweeps at the refitted scales; 2026-12-06, Intel Xeon AMX, frozen inst
     python benchmarks/rotation_validation.py --threads 1 --modes rot-online \
         "gptaq-refit3=R('w4a16-gptaq').replace(weight_algorithm=rep(R('w4a16-gptaq').weight_algorithm_spec, scale_refit=3))"
 
-rounds 0 (the preset) +2.62%, 1 +2.91%, 2 +3.47%, 3 +2.51%, 5 +2.81% (quantize 1,094-1,191 s): each round lowers
-every linear's Hessian error, yet end to end the figures scatter by the size of this 8-window evaluation's spread
-with no trend.
+rounds 0 (the preset then) +2.62%, 1 +2.91%, 2 +3.47%, 3 +2.51%, 5 +2.81% (quantize 1,094-1,191 s): each round
+lowers every linear's Hessian error, yet end to end the figures scatter by the size of this 8-window evaluation's
+spread. The two best again on 64 windows of the second half (``--eval-tokens 65536``, frozen install of 5224d87
+plus the option, same conditions; float 24.031):
+
+    python benchmarks/rotation_validation.py --threads 1 --eval-tokens 65536 --modes rot-online \
+        "gptaq-refit3=R('w4a16-gptaq').replace(weight_algorithm=rep(R('w4a16-gptaq').weight_algorithm_spec, scale_refit=3))"
+
+rounds 0 +3.77% (quantize 1,100 s), **3 +3.31%** (1,171 s): ``w4a16-gptaq`` now takes ``scale_refit=3``.
 """
 import argparse
 import copy

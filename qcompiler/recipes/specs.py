@@ -265,6 +265,8 @@ class GPTQSpec:
         scale_refit: rounds of refitting each output row's scales to the Hessian by least squares with the codes
             fixed, after the sweep (``qcompiler.algorithms.scale_refit``); each round after the first sweeps
             again at the refitted scales. 0 (default): GPTQ's scales. Needs per-channel or per-group weights.
+            ``w4a16-gptaq`` takes 3 (SmolLM2 validation text with online rotations, 64 windows: +3.31% against
+            +3.77%).
     """
 
     block_size: int = 128
