@@ -127,3 +127,17 @@ def test_layer_by_layer_gptq_with_refit_lowers_each_linears_hessian_error():
     first = next(f for f in sorted(plain) if ".0." in f)    # block 0 reads the same inputs in both runs
     assert torch.equal(plain[first].qweight.q, refit[first].qweight.q)
     assert not torch.equal(plain[first].qweight.scale, refit[first].qweight.scale)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_one_round_returns_the_refit_of_gptqs_own_result(act_order):
+    """Round 1 never raises the error, so it is what comes back, with or without activation order (the baseline
+    error is taken with H in the weight's own column order)."""
+    x, w, h = _problem(n=32, rows=1000)
+    spec = dataclasses.replace(SPECS[0], calibrator=Calibrator.MSE)
+    kw = dict(n_samples=1000, act_order=act_order, static_groups=True)
+    plain, _ = gptq_quantize(w, h.float(), spec, **kw)
+    once, _ = gptq_quantize(w, h.float(), spec, scale_refit=1, **kw)
+    expected, _ = refit_scales(plain, w, h.float().double())
+    assert torch.equal(once.q, plain.q)
+    assert torch.equal(once.scale, expected.scale)

@@ -223,8 +223,9 @@ def _refit_rounds(qweight: QuantizedWeight, w: torch.Tensor, h: torch.Tensor, u:
     from qcompiler.algorithms.scale_refit import refit_scales, row_errors
     if spec.granularity is Granularity.PER_TENSOR:
         raise ValueError(f"gptq_quantize: {layer_name}: scale_refit needs per-channel or per-group weights")
-    best, best_error = qweight, float(row_errors(qweight, w, h).sum())
-    hp = h if perm is None else h[torch.argsort(perm)][:, torch.argsort(perm)]   # back to original order
+    inverse = None if perm is None else torch.argsort(perm)
+    hp = h if inverse is None else h[inverse][:, inverse]          # back to w's (original) column order
+    best, best_error = qweight, float(row_errors(qweight, w, hp).sum())
     current = qweight
     for r in range(rounds):
         if r:
