@@ -37,11 +37,18 @@ alone first with ``python benchmarks/peers/autoround_peer.py --model smollm2-135
         --out benchmarks/results_int4_autoround_best_smollm2.md
 
 Issue 19's single table (one run: the best W4A16 preset at group 64 and 128, W8A8 static with the rotation, the
-W4A8 with INT8 per-token activations, and the cached peers; ~46 min on 2 idle Xeon cores once the peers are cached):
+W4A8 with INT8 per-token activations, and the cached peers). With ``w4a16-gptaq`` (2026-12-06, ~46 min on 2 idle Xeon
+cores once the peers are cached):
 
     python benchmarks/int4.py --model smollm2-135m --methods w4a16-gptaq+rot-online,w8a8-int8-sq+rot,w4a8-int8-sq-gptq \
         --g128 w4a16-gptaq+rot-online --peers gptq,awq --autoround default,best --no-variants --no-memory --no-w8a16 \
-        --out benchmarks/results_issue19_smollm2.md
+        --out benchmarks/results_issue19_gptaq_smollm2.md
+
+and with its scales tuned end to end (``w4a16-gptaq-e2e``), the current single table:
+
+    python benchmarks/int4.py --model smollm2-135m --methods w4a16-gptaq-e2e+rot-online,w8a8-int8-sq+rot,w4a8-int8-sq-gptq \
+        --g128 w4a16-gptaq-e2e+rot-online --peers gptq,awq --autoround default,best --no-variants --no-memory \
+        --no-w8a16 --out benchmarks/results_issue19_smollm2.md
 
 The W4A8 INT8-activation table (issue 19's W4A8 row, beside the W4A16 GPTQ it starts from):
 

@@ -311,6 +311,9 @@ class QCompilerBackend:
                                    "or use qcompiler.quantize(model, ...)")
         stats = self.calibration.collect(self.root)
         self.report.calibration_s = self.calibration.seconds
+        tuned = getattr(self.calibration, "end_to_end", None)
+        if tuned is not None:
+            self.report.end_to_end = tuned.text()
         return stats
 
     def _target_stats(self) -> dict:

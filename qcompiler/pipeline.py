@@ -132,6 +132,7 @@ class CompileReport:
     runtime_fallbacks: dict[str, int] = field(default_factory=dict)   # "op ran ... : reason" -> calls
     tensors: dict[str, TensorDecision] = field(default_factory=dict)  # quantization targets beyond linears
     rotation: str = ""           # what the recipe's rotation changed in the model (RotationResult.summary)
+    end_to_end: str = ""         # what the end-to-end scale tuning did (EndToEndSummary.text)
 
     def note_runtime_fallback(self, what: str) -> None:
         """Count a call in which a lowered kernel refused its arguments and another kernel ran."""
@@ -157,7 +158,7 @@ class CompileReport:
         return {"recipe": self.recipe, "target": self.target, "graphs": self.graphs,
                 "graph_runs": self.graph_runs, "bypassed_calls": self.bypassed_calls,
                 "calibration_s": self.calibration_s, "tensor_calibration_s": self.tensor_calibration_s,
-                "rotation": self.rotation, "warnings": list(self.warnings),
+                "rotation": self.rotation, "end_to_end": self.end_to_end, "warnings": list(self.warnings),
                 "passes": list(self.passes), "kernel_choices": list(self.kernel_choices),
                 "runtime_fallbacks": dict(self.runtime_fallbacks),
                 "layers": {k: asdict(v) for k, v in self.layers.items()},
@@ -180,6 +181,8 @@ class CompileReport:
             lines.append(f"  {self.rotation}")
         if self.calibration_s:
             lines.append(f"  calibration: {self.calibration_s:.1f} s")
+        if self.end_to_end:
+            lines.append(f"  {self.end_to_end}")
         if self.tensor_calibration_s:
             lines.append(f"  calibration of other tensors (KV-cache scales): {self.tensor_calibration_s:.1f} s")
         for w in self.warnings:

@@ -108,9 +108,10 @@ def test_algorithms_run_with_weights_on_the_gpu(preset):
 
 GPU = "cuda"
 LAYERWISE = tuple(n for n in recipes.names() if recipes.get(n).layerwise)
-#: presets whose calibration runs autograd (SignRound's block tuning): the shadow device, a CPU tensor
-#: subclass, aborts the process in backward (checked: ``(x * 2).sum().backward()`` on a shadow tensor)
-BACKWARD = tuple(n for n in recipes.names() if type(recipes.get(n).weight_algorithm).__name__ == "SignRoundSpec")
+#: presets whose calibration runs autograd (SignRound's block tuning, end-to-end scale tuning): the shadow device, a
+#: CPU tensor subclass, aborts the process in backward (checked: ``(x * 2).sum().backward()`` on a shadow tensor)
+BACKWARD = tuple(n for n in recipes.names() if type(recipes.get(n).weight_algorithm).__name__ == "SignRoundSpec"
+                 or recipes.get(n).end_to_end is not None)
 
 
 def _no_backward(preset: str) -> None:

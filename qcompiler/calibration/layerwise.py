@@ -142,6 +142,7 @@ class LayerwiseCalibration:
         # with a float-model target: the block's 2/n X_q^T X_f per linear (float_reference)
         self._float_cross: dict[str, torch.Tensor] = {}
         self._float_stream = [False]    # set while a block runs the float stream (_float_pass)
+        self.end_to_end = None          # EndToEndSummary when recipe.end_to_end tuned the scales
 
     def check_vocabulary(self, model: torch.nn.Module) -> None:
         from qcompiler.calibration.statistics import CalibrationCache
@@ -163,6 +164,9 @@ class LayerwiseCalibration:
             raise CalibrationError(f"recipe {self.recipe.name!r}: block tuning "
                                    f"({type(tuner[1]).__name__}) does not run under torch.distributed yet "
                                    f"({world.size} ranks); run it in one process")
+        if world.active and self.recipe.end_to_end is not None:
+            raise CalibrationError(f"recipe {self.recipe.name!r}: end-to-end scale tuning (recipe.end_to_end) does "
+                                   f"not run under torch.distributed yet ({world.size} ranks); run it in one process")
         # whole replay groups per rank: every block call computes on the same tensors at any rank count
         local, offset = dd.shard_batches(self.batches, world, self.replay_batch)
         progress = self.progress and world.is_writer
@@ -288,6 +292,8 @@ class LayerwiseCalibration:
                     _assign(module, name, tensor)
                 del swaps
                 release_free_memory()   # the block's transient tensors: back to the OS, not kept as heap
+        if self.recipe.end_to_end is not None and self.results:
+            self._tune_end_to_end(model, progress)
         if "output_head" not in self.recipe.fallback.keep_op_kinds:
             # the output head is quantized: its inputs (after the last block) come from one float pass
             with observe_linear_inputs(model, self.samples_per_layer, len(self.batches), self.seed, hessian,
@@ -302,6 +308,20 @@ class LayerwiseCalibration:
                  self.activation_bytes / 1e6,
                  f"; {self.kept_float_blocks} blocks kept their float-stream inputs" if self.kept_float_blocks else "")
         return stats
+
+    def _tune_end_to_end(self, model: torch.nn.Module, progress: bool) -> None:
+        """The blocks' quantized scales tuned together against the float model's outputs (``recipe.end_to_end``,
+        ``qcompiler.calibration.end_to_end``); the model holds its float weights again here: it is the teacher."""
+        from qcompiler.calibration.end_to_end import tune_scales_end_to_end
+        qweights = {f: (r.qweight, r.scale) for f, r in self.results.items()}
+        tuned, summary = tune_scales_end_to_end(model, qweights, self.batches, self.recipe.end_to_end,
+                                                progress)
+        what = "scales tuned end to end" if summary.kept else "end-to-end scale tuning not kept (probe KL rose)"
+        for f, qw in tuned.items():
+            r = self.results[f]
+            self.results[f] = dataclasses.replace(r, qweight=qw, note=f"{r.note}; {what}")
+        self.end_to_end = summary
+        log.info("layer-by-layer calibration: %s", summary.text())
 
     def _spill_samples(self, index: int, block_stats: dict[str, LayerStats]) -> dict[str, LayerStats]:
         """With ``samples_dir``: the block's statistics with their sampled rows (CPU) written to

@@ -12,13 +12,13 @@ Presets (``presets``) are registered by name with ``@register_recipe`` and fetch
 
 from .presets import RECIPES, get, names, register_recipe, resolve
 from .specs import (ALGORITHM_SPECS, OP_KINDS, ActivationSpec, AWQSpec, Calibrator, FallbackSpec, GPTQSpec,
-                    Granularity, KVCacheSpec, QuantDtype, Recipe, RotationSpec, SignRoundSpec, SmoothQuantSpec, SparseGPTSpec,
+                    Granularity, KVCacheSpec, QuantDtype, Recipe, RotationSpec, EndToEndSpec, SignRoundSpec, SmoothQuantSpec, SparseGPTSpec,
                     WeightSpec,
                     register_algorithm_spec)
 
 __all__ = [
     "resolve",
     "QuantDtype", "Granularity", "Calibrator", "WeightSpec", "ActivationSpec",
-    "SmoothQuantSpec", "GPTQSpec", "AWQSpec", "SignRoundSpec", "SparseGPTSpec", "RotationSpec", "KVCacheSpec", "FallbackSpec", "Recipe", "register_recipe", "get", "names", "RECIPES",
+    "SmoothQuantSpec", "GPTQSpec", "AWQSpec", "SignRoundSpec", "SparseGPTSpec", "RotationSpec", "EndToEndSpec", "KVCacheSpec", "FallbackSpec", "Recipe", "register_recipe", "get", "names", "RECIPES",
     "OP_KINDS", "ALGORITHM_SPECS", "register_algorithm_spec",
 ]

@@ -16,7 +16,7 @@ from qcompiler.errors import RecipeError
 
 __all__ = [
     "QuantDtype", "Granularity", "Calibrator", "WeightSpec", "ActivationSpec",
-    "SmoothQuantSpec", "GPTQSpec", "AWQSpec", "SignRoundSpec", "RotationSpec", "KVCacheSpec", "FallbackSpec", "Recipe", "OP_KINDS", "ALGORITHM_SPECS",
+    "SmoothQuantSpec", "GPTQSpec", "AWQSpec", "SignRoundSpec", "RotationSpec", "EndToEndSpec", "KVCacheSpec", "FallbackSpec", "Recipe", "OP_KINDS", "ALGORITHM_SPECS",
     "register_algorithm_spec",
 ]
 
@@ -545,6 +545,44 @@ class RotationSpec:
 
 
 @dataclass(frozen=True)
+class EndToEndSpec:
+    """After layer-by-layer calibration, tune the quantized linears' scales end to end, their codes and zero
+    points fixed (``qcompiler.calibration.end_to_end``; EfficientQAT's E2E-QP with the float model as teacher):
+    Adam on each scale's relative change against the KL divergence of the whole quantized model's next-token
+    distribution from the float model's, over the calibration sequences. Kept only when it lowers the KL on a
+    probe of those sequences. Weight-only recipes with ``layerwise=True``.
+
+    Args:
+        epochs: passes over the calibration sequences (one optimizer step per sequence batch); may be
+            fractional (0.5: half of them, in a seeded order).
+        lr: Adam's learning rate on the relative scale changes ``d`` (``s = s0 (1 + d)``), cosine-decayed
+            to zero.
+        compute_dtype: the quantized model's forward and backward during the steps: ``"bfloat16"`` (autocast;
+            CPUs with AMX or AVX-512 BF16 and GPUs run it several times faster) or ``"float32"``. The teacher,
+            the scales, the loss and the probe stay float32.
+        probe: calibration batches (spread over the set) whose mean KL decides whether the tuned scales are kept.
+        seed: the order of the sequences.
+    """
+
+    epochs: float = 1.0
+    lr: float = 1e-3
+    compute_dtype: str = "bfloat16"
+    probe: int = 8
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0.0 < _number("end_to_end", "epochs", self.epochs) <= 100.0:
+            raise RecipeError(f"end_to_end.epochs={self.epochs!r} must be in (0, 100]")
+        if not 0.0 < _number("end_to_end", "lr", self.lr) < 1.0:
+            raise RecipeError(f"end_to_end.lr={self.lr!r} must be in (0, 1)")
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            raise RecipeError(f"end_to_end.compute_dtype={self.compute_dtype!r} must be 'float32' or 'bfloat16'")
+        _positive_int("end_to_end", "probe", self.probe)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise RecipeError(f"end_to_end.seed={self.seed!r} must be an integer >= 0")
+
+
+@dataclass(frozen=True)
 class KVCacheSpec:
     """How the attention's key / value cache is quantized: the keys and values each attention writes
     are quantized where they enter the cache (after RoPE), so every later read sees what a cache
@@ -709,6 +747,9 @@ class Recipe:
         rotation: rotate the residual stream first (``RotationSpec``; ``qcompiler.quantize`` applies it
             to the model's weights before calibrating; a ``torch.compile`` backend needs the model
             rotated beforehand with ``qcompiler.rotate``). None: no rotation.
+        end_to_end: after layer-by-layer calibration, tune the quantized weights' scales against the float
+            model's next-token distribution (``EndToEndSpec``); weight-only recipes with ``layerwise=True``.
+            None: the layer-by-layer scales stay.
     """
 
     VERSION: ClassVar[int] = 2     # 2: GPTQ / AWQ in weight_algorithm (version 1's "gptq" / "awq" keys still read)
@@ -724,6 +765,7 @@ class Recipe:
     embedding: WeightSpec | None = None
     kv_cache: KVCacheSpec | None = None
     rotation: RotationSpec | None = None
+    end_to_end: EndToEndSpec | None = None
 
     def __post_init__(self):
         spec = self.weight_algorithm
@@ -755,6 +797,15 @@ class Recipe:
         if self.rotation is not None and not isinstance(self.rotation, RotationSpec):
             raise RecipeError(f"recipe.rotation must be a RotationSpec or None, got {type(self.rotation).__name__}")
         _bool("recipe", "layerwise", self.layerwise)
+        if self.end_to_end is not None:
+            if not isinstance(self.end_to_end, EndToEndSpec):
+                raise RecipeError(f"recipe.end_to_end must be an EndToEndSpec or None, got {type(self.end_to_end).__name__}")
+            if not self.layerwise:
+                raise RecipeError("recipe.end_to_end tunes the scales layer-by-layer calibration chose: it needs "
+                                  "recipe.layerwise=True (and a weight algorithm)")
+            if self.activation is not None:
+                raise RecipeError("recipe.end_to_end is weight-only here (W4A16 / W8A16): the tuning does not model "
+                                  "quantized activations; set recipe.activation=None or end_to_end=None")
         if self.layerwise and self.weight_algorithm_spec is None:
             raise RecipeError("recipe.layerwise=True needs a weight algorithm (recipe.weight_algorithm: GPTQ, AWQ or "
                               "a registered one; RTN and SmoothQuant do not propagate quantized outputs)")
