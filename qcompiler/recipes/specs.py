@@ -581,6 +581,14 @@ class EndToEndSpec:
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise RecipeError(f"end_to_end.seed={self.seed!r} must be an integer >= 0")
 
+    def check(self, recipe: "Recipe") -> None:
+        if not recipe.layerwise:
+            raise RecipeError("recipe.end_to_end tunes the scales layer-by-layer calibration chose: it needs "
+                              "recipe.layerwise=True (and a weight algorithm)")
+        if recipe.activation is not None:
+            raise RecipeError("recipe.end_to_end is weight-only here (W4A16 / W8A16): the tuning does not model "
+                              "quantized activations; set recipe.activation=None or end_to_end=None")
+
 
 @dataclass(frozen=True)
 class KVCacheSpec:
@@ -797,15 +805,8 @@ class Recipe:
         if self.rotation is not None and not isinstance(self.rotation, RotationSpec):
             raise RecipeError(f"recipe.rotation must be a RotationSpec or None, got {type(self.rotation).__name__}")
         _bool("recipe", "layerwise", self.layerwise)
-        if self.end_to_end is not None:
-            if not isinstance(self.end_to_end, EndToEndSpec):
-                raise RecipeError(f"recipe.end_to_end must be an EndToEndSpec or None, got {type(self.end_to_end).__name__}")
-            if not self.layerwise:
-                raise RecipeError("recipe.end_to_end tunes the scales layer-by-layer calibration chose: it needs "
-                                  "recipe.layerwise=True (and a weight algorithm)")
-            if self.activation is not None:
-                raise RecipeError("recipe.end_to_end is weight-only here (W4A16 / W8A16): the tuning does not model "
-                                  "quantized activations; set recipe.activation=None or end_to_end=None")
+        if self.end_to_end is not None and not isinstance(self.end_to_end, EndToEndSpec):
+            raise RecipeError(f"recipe.end_to_end must be an EndToEndSpec or None, got {type(self.end_to_end).__name__}")
         if self.layerwise and self.weight_algorithm_spec is None:
             raise RecipeError("recipe.layerwise=True needs a weight algorithm (recipe.weight_algorithm: GPTQ, AWQ or "
                               "a registered one; RTN and SmoothQuant do not propagate quantized outputs)")
@@ -818,7 +819,7 @@ class Recipe:
         if not isinstance(self.name, str):
             raise RecipeError(f"recipe.name={self.name!r} must be a string")
         # each spec's rules on the rest of the recipe live beside it (a registered spec may define one too)
-        for spec in (self.smoothquant, self.weight_algorithm):
+        for spec in (self.smoothquant, self.weight_algorithm, self.end_to_end):
             check = getattr(spec, "check", None)
             if callable(check):
                 check(self)
