@@ -120,11 +120,13 @@ def _kl(teacher_logp: torch.Tensor, student_logits: torch.Tensor, mask: torch.Te
     return (kl * m).sum() / m.sum().clamp(min=1.0)
 
 
-def _call(model, kwargs: dict):
+def _call(model, kwargs: dict, overrides: dict[str, torch.Tensor] | None = None):
+    """``model(**kwargs)`` without a KV cache where it takes ``use_cache``, with ``overrides`` in place of its
+    parameters of those names (``torch.func.functional_call``; the module's own tensors are never written)."""
     try:
-        return model(**kwargs, use_cache=False)
+        return torch.func.functional_call(model, overrides or {}, (), {**kwargs, "use_cache": False})
     except TypeError:
-        return model(**kwargs)
+        return torch.func.functional_call(model, overrides or {}, (), kwargs)
 
 
 def tune_scales_end_to_end(model: torch.nn.Module, qweights: dict[str, tuple[QuantizedWeight, torch.Tensor | None]],
@@ -167,7 +169,7 @@ def tune_scales_end_to_end(model: torch.nn.Module, qweights: dict[str, tuple[Qua
                     for i in probe_idx:
                         kwargs, mask = _inputs(batches[i], device)
                         target = F.log_softmax(_logits(_call(model, kwargs)).float(), dim=-1)
-                        total += float(_kl(target, _logits(_call_with(model, ov, kwargs)), mask))
+                        total += float(_kl(target, _logits(_call(model, kwargs, ov)), mask))
                 return total / len(probe_idx)
 
             before = probe_kl()
@@ -187,7 +189,7 @@ def tune_scales_end_to_end(model: torch.nn.Module, qweights: dict[str, tuple[Qua
                     group["lr"] = spec.lr * 0.5 * (1.0 + math.cos(math.pi * step / steps))
                 with torch.enable_grad():
                     with amp:
-                        logits = _logits(_call_with(model, overrides(), kwargs))
+                        logits = _logits(_call(model, kwargs, overrides()))
                     loss = _kl(target, logits, mask)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
@@ -205,9 +207,3 @@ def tune_scales_end_to_end(model: torch.nn.Module, qweights: dict[str, tuple[Qua
     out = {f: t.tuned() if kept else t.qweight for f, t in tunings.items()}
     return out, EndToEndSummary(len(tunings), steps, before, after, kept, time.perf_counter() - t0)
 
-
-def _call_with(model, overrides: dict[str, torch.Tensor], kwargs: dict):
-    try:
-        return torch.func.functional_call(model, overrides, (), {**kwargs, "use_cache": False})
-    except TypeError:
-        return torch.func.functional_call(model, overrides, (), kwargs)
